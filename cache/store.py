@@ -1,0 +1,106 @@
+"""The HDF5 feature store: its schema, and FeatureCache, the read side that training and evaluation use.
+
+Layout (schema 1), readable with h5py alone:
+    attrs: schema_version, complete, model, pretrained, open_clip_version, preprocessing (JSON),
+           classnames (JSON list), dataset_fingerprint, splits (JSON list), views
+    /<split>/features  float16 (views, N, D): view 0 is the eval transform, views 1.. are augmented (train only)
+    /<split>/labels    int64 (N,)
+    /<split>/paths     utf-8 strings (N,)
+    /train/subsets/shots<S>_seed<R>  int64 row indices into /train, in the published sampler's order
+    /skipped           utf-8 strings: images that could not be decoded (with --skip-bad)
+"""
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from fastcoop.errors import FastCoopError
+from fastcoop.fewshot import subset_key
+
+SCHEMA_VERSION = 1
+IDENTITY_ATTRS = ("model", "pretrained", "preprocessing", "dataset_fingerprint", "splits", "subsets_requested")
+
+
+def identity(attrs) -> dict:
+    """What makes two caches interchangeable: model, weights, preprocessing, images and the subsets asked for."""
+    return {key: attrs.get(key) for key in IDENTITY_ATTRS}
+
+
+class FeatureCache:
+    """A finished feature file, opened read-only; arrays come back as torch tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            partial = self.path.with_name(self.path.name + ".partial")
+            hint = " (an unfinished extraction exists: rerun `fastcoop cache` to finish it)" if partial.exists() else ""
+            raise FastCoopError(f"feature cache {self.path} does not exist{hint}")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise FastCoopError(f"{self.path} is not a readable HDF5 feature cache ({exc})") from exc
+        attrs = self.file.attrs
+        if attrs.get("schema_version") != SCHEMA_VERSION or not attrs.get("complete"):
+            raise FastCoopError(f"{self.path} is not a complete fastcoop feature cache (schema {SCHEMA_VERSION})")
+        self.classnames: list[str] = json.loads(attrs["classnames"])
+        self.model: str = attrs["model"]
+        self.pretrained: str = attrs["pretrained"]
+        self.preprocessing: dict = json.loads(attrs["preprocessing"])
+        self.dataset_fingerprint: str = attrs["dataset_fingerprint"]
+        self.splits: list[str] = json.loads(attrs["splits"])
+
+    def identity(self) -> dict:
+        return identity(self.file.attrs)
+
+    def subsets(self) -> list[tuple[int, int]]:
+        """The (shots, seed) pairs this cache holds."""
+        group = self.file.get("train/subsets", {})
+        pairs = [tuple(int(p) for p in key.removeprefix("shots").split("_seed")) for key in group]
+        return sorted(pairs)
+
+    def rows(self, split: str, shots: int | None = None, seed: int | None = None) -> np.ndarray:
+        """Row indices of a split, or of a few-shot subset of the train split."""
+        group = self._split(split)
+        if shots is None:
+            return np.arange(group["labels"].shape[0])
+        key = subset_key(shots, seed)
+        if split != "train" or key not in group.get("subsets", {}):
+            held = ", ".join(f"{s} shots seed {r}" for s, r in self.subsets()) or "only the full split (--shots all)"
+            raise FastCoopError(f"{self.path} has no {shots}-shot subset for seed {seed} (it has {held}); "
+                                f"rerun `fastcoop cache` with --shots {shots} --seeds {seed}")
+        return group["subsets"][key][()]
+
+    def num_views(self, split: str) -> int:
+        return self._split(split)["features"].shape[0]
+
+    def features(self, split: str, rows: np.ndarray | None = None, view: int | None = None) -> torch.Tensor:
+        """float16 features: (views, n, D), or (n, D) for one view; rows default to the whole split."""
+        data = self._split(split)["features"]
+        block = data[()] if view is None else data[view]
+        if rows is not None:
+            block = block[..., rows, :]
+        return torch.from_numpy(np.ascontiguousarray(block))
+
+    def labels(self, split: str, rows: np.ndarray | None = None) -> torch.Tensor:
+        labels = self._split(split)["labels"][()]
+        return torch.from_numpy(labels if rows is None else labels[rows])
+
+    def paths(self, split: str) -> list[str]:
+        return [p.decode() if isinstance(p, bytes) else p for p in self._split(split)["paths"][()]]
+
+    def _split(self, split: str) -> h5py.Group:
+        if split not in self.splits:
+            raise FastCoopError(f"{self.path} has no '{split}' split (it has {', '.join(self.splits)})")
+        return self.file[split]
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

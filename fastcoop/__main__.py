@@ -1,0 +1,3 @@
+from fastcoop.cli import main
+
+main()

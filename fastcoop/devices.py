@@ -1,0 +1,25 @@
+"""Device and precision choices shared by every command."""
+
+import torch
+
+from fastcoop.errors import FastCoopError
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → cuda when a GPU is visible, else cpu; an explicit cuda without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FastCoopError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: str, gpu_default: str) -> str:
+    """'auto' → `gpu_default` on a GPU and fp32 on CPU (CPU autocast would only add rounding)."""
+    if precision == "auto":
+        return gpu_default if device.startswith("cuda") else "fp32"
+    return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

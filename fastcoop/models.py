@@ -1,0 +1,91 @@
+"""Frozen CLIP-like models from open_clip: architecture by name (or a JSON config), weights by tag, path or none."""
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+
+from fastcoop.errors import FastCoopError
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with its eval transform and tokenizer, and the names that identify its weights."""
+
+    model: torch.nn.Module
+    preprocess: object
+    tokenizer: object
+    name: str
+    pretrained: str  # "none", an open_clip tag, or an absolute checkpoint path
+
+    @property
+    def random_init(self) -> bool:
+        return self.pretrained == "none"
+
+
+def resolve_model_name(model: str) -> str:
+    """Accept an open_clip architecture name, or a path to an open_clip-style JSON config (registered on the fly)."""
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise FastCoopError(f"model config {model} does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise FastCoopError(f"unknown model '{model}'{hint}; see open_clip.list_models() or pass a JSON config path")
+    return model
+
+
+def resolve_pretrained(model_name: str, pretrained: str | None) -> str:
+    """Normalise --pretrained to 'none', an absolute checkpoint path, or a tag open_clip knows for this model."""
+    if pretrained is None or pretrained.lower() == "none":
+        return "none"
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if any(sep in pretrained for sep in "/\\") or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise FastCoopError(f"checkpoint file {pretrained} does not exist")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        known = ", ".join(tags) if tags else "none are published"
+        raise FastCoopError(
+            f"'{pretrained}' is not an open_clip weight tag for {model_name} (known: {known}); "
+            "pass a local checkpoint path or 'none'")
+    return pretrained
+
+
+def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
+               ) -> LoadedModel:
+    """Create the model in fp32 with every parameter frozen; mixed precision is applied by autocast where used."""
+    name = resolve_model_name(model)
+    tag = resolve_pretrained(name, pretrained)
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if tag == "none" else tag, device=device)
+    except Exception as exc:  # any failure to fetch or parse weights becomes one clear line
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        if Path(tag).exists():
+            raise FastCoopError(f"could not read checkpoint {tag} for {name}: {reason}") from exc
+        raise FastCoopError(
+            f"could not load weights '{tag}' for {name} ({reason}); without network access, "
+            "download the checkpoint elsewhere and pass its path with --pretrained") from exc
+    net.eval().requires_grad_(False)
+    return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), name, tag)
+
+
+def preprocess_config(model: torch.nn.Module) -> dict:
+    """Image size, mean, std, interpolation and resize mode of the model's eval transform, as plain JSON values."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", 224)
+    size = list(size) if isinstance(size, (tuple, list)) else [size, size]
+    return {
+        "size": size,
+        "mean": list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        "std": list(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+    }

@@ -1,0 +1,41 @@
+import logging
+from pathlib import Path
+
+import pytest
+
+from fastcoop.cli import main
+from fastcoop.example import make_example_images
+from fastcoop.models import load_model
+
+CONFIGS = Path(__file__).parent / "configs"
+TINY_VIT = str(CONFIGS / "tiny-vit.json")
+TINY_RN = str(CONFIGS / "tiny-rn.json")
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip logs a warning for every random-init model
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    return load_model(TINY_VIT, "none")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn():
+    return load_model(TINY_RN, "none")
+
+
+@pytest.fixture(scope="session")
+def example_images(tmp_path_factory):
+    """12 classes, 6 train and 3 test JPEGs each."""
+    return make_example_images(tmp_path_factory.mktemp("example"), train_per_class=6, test_per_class=3, size=48)
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process like the console script; returns (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

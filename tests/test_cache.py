@@ -1,0 +1,144 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_VIT, run_cli
+from fastcoop.cache import FeatureCache, extract_features
+from fastcoop.cache.extract import ImageViews, augment_transform
+from fastcoop.data import read_dataset
+from fastcoop.errors import FastCoopError
+from fastcoop.fewshot import sample_few_shot
+from fastcoop.models import load_model, preprocess_config
+
+OPTS = dict(shots=2, seeds=[1, 2], views=2, batch_size=5, workers=0, progress=False)
+
+
+def _contents(path):
+    """Every dataset and attribute of an HDF5 file, for whole-file equality."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["attrs"] = dict(f.attrs)
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _assert_same_file(a, b):
+    ca, cb = _contents(a), _contents(b)
+    assert ca.keys() == cb.keys() and ca["attrs"].keys() == cb["attrs"].keys()
+    for key in ca:
+        if key == "attrs":
+            assert all(ca[key][k] == cb[key][k] for k in ca[key])
+        else:
+            np.testing.assert_array_equal(ca[key], cb[key])
+
+
+def test_features_equal_direct_encoding(tmp_path, tiny_vit, example_images):
+    data = read_dataset(example_images)
+    path = extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS)
+    with FeatureCache(path) as cache:
+        assert cache.classnames == data.classnames and cache.model == "tiny-vit" and cache.pretrained == "none"
+        assert cache.subsets() == [(2, 1), (2, 2)]
+        paths = cache.paths("train")
+        labels = [label for _, label in data.split("train")]
+        for seed in (1, 2):  # the subset rows are exactly the published sampler's images, in its order
+            rows = cache.rows("train", 2, seed)
+            expected = [data.split("train")[i][0] for i in sample_few_shot(labels, 2, seed)]
+            assert [paths[r] for r in rows] == expected
+        feats = cache.features("train")
+        assert feats.shape == (3, len(paths), 32) and feats.dtype == torch.float16
+        pre = preprocess_config(tiny_vit.model)
+        views = ImageViews(paths, tiny_vit.preprocess, augment_transform(pre), 2, "train", 0, pre["size"])
+        for row in (0, len(paths) - 1):
+            with Image.open(paths[row]) as image:
+                eval_view = tiny_vit.preprocess(image.convert("RGB"))
+            stacked, _, error = views[row]
+            assert not error and torch.equal(stacked[0], eval_view)
+            assert not torch.equal(stacked[1], stacked[2])  # augmented views differ from each other
+            with torch.no_grad():
+                direct = tiny_vit.model.encode_image(stacked).half()
+            torch.testing.assert_close(feats[:, row], direct, atol=1e-3, rtol=1e-3)
+        assert cache.features("test").shape[0] == 1 and cache.labels("test").numel() == 36
+
+
+def test_interrupted_run_resumes_to_identical_file(tmp_path, tiny_vit, example_images, monkeypatch):
+    data = read_dataset(example_images)
+    whole = extract_features(data, tmp_path / "whole.h5", tiny_vit, **OPTS)
+    calls = {"n": 0}
+    encode = tiny_vit.model.encode_image
+
+    def dying_encode(x):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return encode(x)
+
+    monkeypatch.setattr(tiny_vit.model, "encode_image", dying_encode)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(data, tmp_path / "resumed.h5", tiny_vit, **OPTS)
+    assert not (tmp_path / "resumed.h5").exists() and (tmp_path / "resumed.h5.partial").exists()
+    with pytest.raises(FastCoopError, match="unfinished"):
+        FeatureCache(tmp_path / "resumed.h5")
+    monkeypatch.setattr(tiny_vit.model, "encode_image", encode)
+    with h5py.File(tmp_path / "resumed.h5.partial", "r") as f:
+        assert 0 < f["train"].attrs["done"] < f["train/labels"].shape[0]
+    extract_features(data, tmp_path / "resumed.h5", tiny_vit, **OPTS)
+    assert not (tmp_path / "resumed.h5.partial").exists()
+    _assert_same_file(whole, tmp_path / "resumed.h5")
+
+
+def test_corrupt_image_exit_2_or_skipped(tmp_path, capsys, example_images):
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(example_images, root)
+    bad = root / "train" / "red_circle" / "001.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated JPEG
+    args = [root, "--out", tmp_path / "f.h5", "--model", TINY_VIT, "--pretrained", "none", "--shots", "all",
+            "--workers", "0", "--batch-size", "8"]
+    code, _, err = run_cli(capsys, "cache", *args)
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(error_lines) == 1 and str(bad) in error_lines[0] and "Traceback" not in err
+    assert not (tmp_path / "f.h5").exists()
+    code, out, _ = run_cli(capsys, "cache", *args, "--skip-bad")
+    assert code == 0 and "skipped 1" in out
+    with FeatureCache(tmp_path / "f.h5") as cache:
+        assert str(bad) not in cache.paths("train") and len(cache.paths("train")) == 71
+        assert [p.decode() for p in cache.file["skipped"][()]] == [str(bad)]
+
+
+def test_mismatched_existing_file_is_refused(tmp_path, capsys, example_images):
+    out = tmp_path / "f.h5"
+    base = ["cache", example_images, "--out", out, "--model", TINY_VIT, "--pretrained", "none", "--shots", "1",
+            "--seeds", "1", "--workers", "0"]
+    assert run_cli(capsys, *base)[0] == 0
+    before = _contents(out)
+    code, _, err = run_cli(capsys, *base[:-2], "--views", "1", "--workers", "0")
+    assert code == 2 and "--overwrite" in err
+    assert _contents(out).keys() == before.keys()  # untouched
+    assert run_cli(capsys, *base)[0] == 0  # same settings: reused
+    code, _, _ = run_cli(capsys, *base, "--views", "1", "--overwrite")
+    assert code == 0 and FeatureCache(out).num_views("train") == 2
+
+
+def test_missing_subset_is_a_clear_error(tmp_path, tiny_vit, example_images):
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, **OPTS)
+    with pytest.raises(FastCoopError, match="--shots 4 --seeds 1"):
+        FeatureCache(path).rows("train", 4, 1)
+
+
+def test_local_checkpoint_and_bad_weights(tmp_path, capsys, tiny_vit, example_images):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_vit.model.state_dict(), ckpt)
+    loaded = load_model(TINY_VIT, str(ckpt))
+    assert loaded.pretrained == str(ckpt.resolve())
+    for name, p in tiny_vit.model.state_dict().items():
+        assert torch.equal(p, loaded.model.state_dict()[name]), name
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FastCoopError, match="could not read checkpoint"):
+        load_model(TINY_VIT, str(tmp_path / "junk.pt"))
+    with pytest.raises(FastCoopError, match="not an open_clip weight tag"):
+        load_model("ViT-B-32", "no-such-tag")
+    code, _, err = run_cli(capsys, "cache", example_images, "--out", tmp_path / "x.h5", "--model", "ViT-B-99")
+    assert code == 2 and "unknown model 'ViT-B-99'" in err
