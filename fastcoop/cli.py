@@ -1,5 +1,6 @@
 """The `fastcoop` command line: a thin layer over the Python API; bad input is one line on stderr and exit code 2."""
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,136 @@ def _describe_cache(path, seconds):
 
 
 @cli.command()
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--shots", default="16", show_default=True, help="Few-shot subset to train on, or 'all'.")
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--n-ctx", default=16, show_default=True, type=int, help="Context vectors M.")
+@click.option("--csc", is_flag=True, help="Class-specific context (one context per class).")
+@click.option("--position", default="end", show_default=True, type=click.Choice(["end", "middle", "front"]),
+              help="Where the class name goes.")
+@click.option("--init", default=None, help="Initialise the context from words, e.g. 'a photo of a' (sets M).")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.002, show_default=True, type=float)
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Autocast on GPU (auto: bf16); CPU runs fp32.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--text-path", default="fast", show_default=True, type=click.Choice(["fast", "reference"]),
+              help="reference: the published 77-token text computation (slow; for comparison).")
+def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
+          text_path):
+    """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR."""
+    from fastcoop import fewshot
+    from fastcoop.cache import FeatureCache
+    from fastcoop.devices import resolve_device
+    from fastcoop.evaluate import evaluate_split, prompt_text_features
+    from fastcoop.models import load_model
+    from fastcoop.run import check_run_dir, plot_curve, save_results, save_run
+    from fastcoop.train import NonFiniteLoss, TrainConfig, train as train_prompts
+
+    try:
+        n_shots = fewshot.parse_shots(shots)
+    except ValueError as exc:
+        raise FastCoopError(str(exc)) from None
+    if n_ctx < 1:
+        raise FastCoopError(f"--n-ctx must be at least 1, not {n_ctx}")
+    device = resolve_device(device)
+    cache = FeatureCache(cache_file)
+    cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
+    check_run_dir(run_dir, cache)
+    loaded = load_model(cache.model, cache.pretrained, device)
+    _say_weights(loaded)
+    config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
+                         epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
+                         text_path=text_path)
+    try:
+        result = train_prompts(cache, loaded, config, on_epoch=lambda r: save_run(run_dir, r, cache, loaded))
+    except NonFiniteLoss as exc:
+        save_run(run_dir, exc.result, cache, loaded)
+        raise
+    plot_curve(run_dir, result.history)
+    last = result.history[-1]
+    results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
+               "epochs": config.epochs, "steps": sum(r["steps"] for r in result.history)}
+    if "test" in cache.splits:
+        results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner))
+    save_results(run_dir, results)
+    click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"
+               + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "") + f" → {run_dir}")
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--split", default="test", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def evaluate(run_dir, cache_file, split, device):
+    """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
+    from fastcoop.cache import FeatureCache
+    from fastcoop.devices import resolve_device
+    from fastcoop.evaluate import check_same_model, evaluate_split, run_text_features
+    from fastcoop.run import load_run
+
+    device = resolve_device(device)
+    cache = FeatureCache(cache_file)
+    run = load_run(run_dir, device)
+    check_same_model(cache, run.loaded.name, run.loaded.pretrained)
+    if run.learner.classnames != cache.classnames:
+        raise FastCoopError(f"{cache_file} has other class names than the prompt in {run_dir}")
+    scores = evaluate_split(cache, run_text_features(run), split)
+    click.echo(f"{split}: top-1 {scores['top1']:.2%}, mean per-class {scores['mean_per_class']:.2%} "
+               f"({scores['images']} images)")
+
+
+@cli.command()
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--template", default=None, help="One prompt template with {} for the class name.")
+@click.option("--templates", default=None, help="Template ensemble: a built-in set (e.g. imagenet) or a file.")
+@click.option("--cupl", type=click.Path(path_type=Path), help="CuPL descriptions JSON {class: [texts]}.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def zeroshot(cache_file, template, templates, cupl, split, device):
+    """Zero-shot accuracy: a hand-written prompt (default 'a photo of a {}.'), an ensemble, or CuPL."""
+    from fastcoop.cache import FeatureCache
+    from fastcoop.devices import resolve_device
+    from fastcoop.evaluate import evaluate_split
+    from fastcoop.models import load_model
+    from fastcoop.zeroshot import check_templates, read_templates, zeroshot_classifier
+
+    if sum(x is not None for x in (template, templates, cupl)) > 1:
+        raise FastCoopError("give one of --template, --templates, --cupl")
+    chosen = read_templates(templates) if templates else [template] if template else None
+    if chosen:
+        check_templates(chosen)
+    device = resolve_device(device)
+    cache = FeatureCache(cache_file)
+    loaded = load_model(cache.model, cache.pretrained, device)
+    text = zeroshot_classifier(loaded, cache.classnames, chosen, cupl, device)
+    scores = evaluate_split(cache, text, split)
+    what = "CuPL" if cupl else f"{len(chosen)} templates" if chosen and len(chosen) > 1 else "one template"
+    click.echo(f"zero-shot ({what}) {split}: top-1 {scores['top1']:.2%}, "
+               f"mean per-class {scores['mean_per_class']:.2%}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True)
+def predict(run_dir, images, top_k, device):
+    """Classify image files with a trained prompt."""
+    from fastcoop.devices import resolve_device
+    from fastcoop.predict import predict_images
+    from fastcoop.run import load_run
+
+    device = resolve_device(device)
+    run = load_run(run_dir, device)
+    for path, top in zip(images, predict_images(run, [str(p) for p in images], top_k, device)):
+        click.echo(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+
+
+@cli.command()
 @click.option("--dir", "folder", default="demo-output", show_default=True, type=click.Path(path_type=Path),
               help="Where the example images and outputs go.")
 @click.option("--model", default="ViT-B-32", show_default=True)
@@ -105,6 +236,7 @@ def demo(folder, model, pretrained, device):
 
 def main(argv: list[str] | None = None):
     """Entry point: FastCoopError → 'error: …' and exit 2; Ctrl-C → exit 130 with a resume hint."""
+    logging.basicConfig(level=logging.ERROR)  # our own lines say what open_clip's warnings would
     try:
         cli.main(args=argv, prog_name="fastcoop", standalone_mode=False)
     except FastCoopError as exc:

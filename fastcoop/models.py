@@ -17,7 +17,7 @@ class LoadedModel:
     model: torch.nn.Module
     preprocess: object
     tokenizer: object
-    name: str
+    name: str  # open_clip architecture name, or the absolute path of its JSON config
     pretrained: str  # "none", an open_clip tag, or an absolute checkpoint path
 
     @property
@@ -63,9 +63,12 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
     """Create the model in fp32 with every parameter frozen; mixed precision is applied by autocast where used."""
     name = resolve_model_name(model)
     tag = resolve_pretrained(name, pretrained)
+    spec = str(Path(model).resolve()) if model.endswith(".json") else name
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if tag == "none" else tag, device=device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random init is reproducible: a cache and a run made with 'none' agree
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None if tag == "none" else tag, device=device)
     except Exception as exc:  # any failure to fetch or parse weights becomes one clear line
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if Path(tag).exists():
@@ -74,7 +77,7 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
             f"could not load weights '{tag}' for {name} ({reason}); without network access, "
             "download the checkpoint elsewhere and pass its path with --pretrained") from exc
     net.eval().requires_grad_(False)
-    return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), name, tag)
+    return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), spec, tag)
 
 
 def preprocess_config(model: torch.nn.Module) -> dict:

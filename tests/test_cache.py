@@ -38,7 +38,7 @@ def test_features_equal_direct_encoding(tmp_path, tiny_vit, example_images):
     data = read_dataset(example_images)
     path = extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS)
     with FeatureCache(path) as cache:
-        assert cache.classnames == data.classnames and cache.model == "tiny-vit" and cache.pretrained == "none"
+        assert cache.classnames == data.classnames and cache.model == TINY_VIT and cache.pretrained == "none"
         assert cache.subsets() == [(2, 1), (2, 2)]
         paths = cache.paths("train")
         labels = [label for _, label in data.split("train")]

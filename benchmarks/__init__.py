@@ -1,0 +1,1 @@
+"""Benchmarks of fastcoop against the published CoOp computation (run as `python -m benchmarks`)."""

@@ -1,0 +1,55 @@
+"""Accuracy of text classifiers (learned prompts or zero-shot prompts) on cached image features."""
+
+import torch
+import torch.nn.functional as F
+
+from fastcoop.cache import FeatureCache
+from fastcoop.errors import FastCoopError
+from fastcoop.kernels import cosine_ce
+from fastcoop.run import Run
+from fastcoop.text_encoder import encode_prompts
+
+
+def prompt_text_features(model, learner) -> torch.Tensor:
+    """K × D text features of learned prompts, fp32, no graph."""
+    with torch.no_grad():
+        return encode_prompts(model, learner, "fast").float()
+
+
+def run_text_features(run: Run) -> torch.Tensor:
+    return prompt_text_features(run.loaded.model, run.learner)
+
+
+def check_same_model(cache: FeatureCache, model: str, pretrained: str) -> None:
+    if (cache.model, cache.pretrained) != (model, pretrained):
+        raise FastCoopError(f"{cache.path} was made with {cache.model} '{cache.pretrained}', the prompt with "
+                            f"{model} '{pretrained}': image and text features would not match")
+
+
+def accuracy(image_features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor,
+             chunk: int = 65536) -> dict:
+    """Top-1 accuracy and mean per-class accuracy (balanced accuracy), computed in chunks of images."""
+    dummy_scale = torch.ones((), device=text_features.device)
+    predicted = torch.cat([
+        cosine_ce(image_features[i:i + chunk].to(text_features.device), text_features, dummy_scale,
+                  labels[i:i + chunk].to(text_features.device), return_argmax=True)[1].cpu()
+        for i in range(0, len(labels), chunk)])
+    correct = (predicted == labels).float()
+    num_classes = text_features.shape[0]
+    per_class = torch.zeros(num_classes).index_add_(0, labels, correct)
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    present = counts > 0
+    return {"top1": correct.mean().item(), "mean_per_class": (per_class[present] / counts[present]).mean().item(),
+            "images": len(labels)}
+
+
+def evaluate_split(cache: FeatureCache, text_features: torch.Tensor, split: str = "test") -> dict:
+    if len(text_features) != len(cache.classnames):
+        raise FastCoopError(f"the prompt has {len(text_features)} classes, {cache.path} has "
+                            f"{len(cache.classnames)}")
+    return accuracy(cache.features(split, view=0).float(), cache.labels(split), text_features)
+
+
+def normalized_mean(features: torch.Tensor) -> torch.Tensor:
+    """CLIP's ensembling: mean of L2-normalised features (renormalised later by the cosine)."""
+    return F.normalize(features.float(), dim=-1).mean(dim=0)

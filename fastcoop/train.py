@@ -1,0 +1,129 @@
+"""CoOp training on cached image features: only the context vectors learn, every CLIP weight stays frozen.
+
+The loop, per epoch: a permutation of the few-shot rows, one view per row, batches of 32 (the last partial batch
+dropped, as published), the K prompts through the text encoder every step, cosine cross-entropy, SGD.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastcoop.cache import FeatureCache
+from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
+from fastcoop.errors import FastCoopError
+from fastcoop.kernels import cosine_ce
+from fastcoop.models import LoadedModel
+from fastcoop.prompts import PromptLearner
+from fastcoop.schedule import lr_at, published_epochs
+from fastcoop.text_encoder import encode_prompts
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run; the defaults are the published recipe."""
+
+    shots: int | None = 16  # None: the whole cached train split
+    seed: int = 1
+    n_ctx: int = 16
+    csc: bool = False
+    position: str = "end"
+    init: str | None = None
+    epochs: int | None = None  # None: the published count for the shot count
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    precision: str = "auto"  # GPU: bf16 autocast by default; CPU: fp32
+    device: str = "auto"
+    text_path: str = "fast"  # or "reference": the published text computation
+
+
+@dataclass
+class TrainResult:
+    learner: PromptLearner
+    config: TrainConfig
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """The published loader drops the last partial batch, unless the data is smaller than one batch."""
+    return n // batch_size if n >= batch_size else 1
+
+
+def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progress: bool = True,
+          on_epoch=None) -> TrainResult:
+    """Learn the context on `cache`'s (shots, seed) subset. `on_epoch(result)` is called after every good epoch."""
+    device = resolve_device(config.device)
+    dtype = autocast_dtype(resolve_precision(config.precision, device, "bf16"))
+    if config.batch_size < 1 or config.lr <= 0:
+        raise FastCoopError("--batch-size must be ≥ 1 and --lr > 0")
+    rows = cache.rows("train", config.shots, config.seed if config.shots else None)
+    views = cache.num_views("train")
+    features = cache.features("train", rows)[1:] if views > 1 else cache.features("train", rows)
+    features, labels = features.to(device).float(), cache.labels("train", rows).to(device)
+    config.epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
+
+    model = loaded.model.to(device)
+    torch.manual_seed(config.seed)
+    learner = PromptLearner(model, loaded.tokenizer, cache.classnames, config.n_ctx, config.csc, config.position,
+                            config.init).to(device)
+    config.n_ctx = learner.n_ctx
+    optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    logit_scale = model.logit_scale.exp().detach()
+    generator = torch.Generator().manual_seed(config.seed)
+    n, steps = len(labels), batches_per_epoch(len(labels), config.batch_size)
+    result = TrainResult(learner, config)
+    start = time.perf_counter()
+    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(n, generator=generator).to(device)
+        view = torch.randint(len(features), (n,), generator=generator).to(device)
+        good_ctx = learner.ctx.detach().clone()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        epoch_start = time.perf_counter()
+        for step in range(steps):
+            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+            with torch.autocast(device_type=device.split(":")[0], dtype=dtype or torch.float32, enabled=bool(dtype)):
+                text = encode_prompts(model, learner, config.text_path)
+            loss, predicted = cosine_ce(features[view[batch], batch], text, logit_scale, labels[batch],
+                                        return_argmax=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            correct += (predicted == labels[batch]).sum()
+        seen = min(n, steps * config.batch_size)
+        mean_loss = loss_sum.item() / steps
+        if not torch.isfinite(torch.tensor(mean_loss)):
+            with torch.no_grad():
+                learner.ctx.copy_(good_ctx)
+            raise NonFiniteLoss(epoch, result)
+        seconds = time.perf_counter() - epoch_start
+        record = {"epoch": epoch + 1, "lr": lr, "loss": mean_loss, "train_acc": correct.item() / seen,
+                  "steps": steps, "seconds": seconds}
+        result.history.append(record)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{record['train_acc']:.1%}", steps_s=f"{steps / seconds:.0f}")
+        if on_epoch:
+            on_epoch(result)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+class NonFiniteLoss(FastCoopError):
+    """The loss became NaN or infinite; `result.learner` holds the context of the last good epoch."""
+
+    def __init__(self, epoch: int, result: TrainResult):
+        super().__init__(f"the loss became non-finite in epoch {epoch + 1}; the last good context "
+                         f"(after epoch {epoch}) is kept — try a lower --lr or --precision fp32")
+        self.result = result

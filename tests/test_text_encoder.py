@@ -1,0 +1,90 @@
+"""The fast text path gives the reference (published) text features and context gradients."""
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import CONFIGS
+from fastcoop.models import load_model
+from fastcoop.prompts import PromptLearner
+from fastcoop.text_encoder import encode_prompts
+
+# 1 to 10+ tokens, including names whose last token merges with the '.' in BPE
+CLASSNAMES = ["dog", "sea_lion", "kite (bird of prey)", "Yorkshire terrier",
+              "a remarkably long class name made of a dozen or more distinct word tokens"]
+MATRIX = list(itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"]))
+
+
+def features_and_grad(model, learner, mode):
+    features = encode_prompts(model, learner, mode)
+    weights = torch.linspace(-1, 1, features.numel()).view_as(features)  # a loss that reads every element
+    grad, = torch.autograd.grad((features * weights).sum(), learner.ctx)
+    return features.detach(), grad
+
+
+def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAMES):
+    torch.manual_seed(0)
+    learner = PromptLearner(model, tokenizer, names, n_ctx=n_ctx, csc=csc, position=position, init=init)
+    ref, ref_grad = features_and_grad(model, learner, "reference")
+    fast, fast_grad = features_and_grad(model, learner, "fast")
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (fast_grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
+    assert ref_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("csc, position, init", MATRIX)
+def test_fast_equals_reference_vit_tower(tiny_vit, csc, position, init):
+    assert_exact(tiny_vit.model, tiny_vit.tokenizer, csc, position, init)
+
+
+@pytest.mark.parametrize("csc, position, init", MATRIX)
+def test_fast_equals_reference_quickgelu_resnet_model(tiny_rn, csc, position, init):
+    assert_exact(tiny_rn.model, tiny_rn.tokenizer, csc, position, init)
+
+
+@pytest.fixture(scope="module")
+def rn50():
+    return load_model("RN50-quickgelu", "none")
+
+
+@pytest.mark.parametrize("csc, position, init", MATRIX)
+def test_fast_equals_reference_real_rn50_text_tower(rn50, csc, position, init):
+    """RN50's real text tower (12 blocks, width 512, QuickGELU), M = 16."""
+    assert_exact(rn50.model, rn50.tokenizer, csc, position, init, n_ctx=16)
+
+
+def test_reference_equals_open_clip_encode_text_for_hand_written_words(tiny_vit):
+    """With the context set to the embeddings of 'a photo of a', the prompt is that sentence: CLIP's own
+    encode_text must give the same features as both paths."""
+    learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, CLASSNAMES, init="a photo of a")
+    expected = tiny_vit.model.encode_text(tiny_vit.tokenizer([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES]))
+    for mode in ("reference", "fast"):
+        torch.testing.assert_close(encode_prompts(tiny_vit.model, learner, mode), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_tower_falls_back_to_exact_path():
+    loaded = load_model(str(CONFIGS / "tiny-bidirectional.json"), "none")
+    learner = PromptLearner(loaded.model, loaded.tokenizer, CLASSNAMES, n_ctx=4)
+    with pytest.warns(UserWarning, match="bidirectional"):
+        fast = encode_prompts(loaded.model, learner, "fast")
+    torch.testing.assert_close(fast, encode_prompts(loaded.model, learner, "reference"))
+
+
+def test_layouts_place_the_class_tokens(tiny_vit):
+    learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, ["sea_lion"], n_ctx=4, position="middle")
+    prompts = learner()
+    ctx, prefix, suffix = learner.ctx, learner.token_prefix, learner.token_suffix
+    assert learner.name_lens == [2] and learner.classnames == ["sea lion"]
+    torch.testing.assert_close(prompts[0, 1:3], ctx[:2])
+    torch.testing.assert_close(prompts[0, 3:5], suffix[0, :2])  # 'sea', 'lion' between the halves
+    torch.testing.assert_close(prompts[0, 5:7], ctx[2:])
+    learner.position = "front"
+    torch.testing.assert_close(learner()[0, 1:3], suffix[0, :2])
+    torch.testing.assert_close(learner()[0, 0], prefix[0, 0])
+
+
+@pytest.mark.parametrize("csc, position, init", [(False, "end", None), (True, "middle", "a photo of a")])
+def test_fast_equals_reference_real_vit_b16_text_tower(csc, position, init):
+    vit = load_model("ViT-B-16", "none")
+    assert_exact(vit.model, vit.tokenizer, csc, position, init, n_ctx=16)

@@ -1,0 +1,142 @@
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_VIT, run_cli
+from fastcoop.cache import FeatureCache, extract_features
+from fastcoop.data import read_dataset
+from fastcoop.evaluate import run_text_features
+from fastcoop.predict import predict_images
+from fastcoop.run import load_run
+from fastcoop.schedule import lr_at, published_epochs
+from fastcoop.train import TrainConfig, batches_per_epoch, train
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory, tiny_vit, example_images):
+    out = tmp_path_factory.mktemp("cache") / "f.h5"
+    return extract_features(read_dataset(example_images), out, tiny_vit, shots=4, seeds=[1, 2], views=2,
+                            batch_size=32, workers=0, progress=False)
+
+
+def test_published_schedule():
+    assert [published_epochs(s, 100) for s in (1, 2, 4, 8, 16)] == [50, 50, 100, 100, 200]
+    assert published_epochs(16, 1000) == 50
+    assert lr_at(0, 200, 0.002) == 1e-5
+    assert lr_at(1, 200, 0.002) == pytest.approx(0.002)
+    assert lr_at(101, 200, 0.002) == pytest.approx(0.001)
+    assert batches_per_epoch(100, 32) == 3 and batches_per_epoch(20, 32) == 1
+
+
+@pytest.mark.parametrize("csc, position", [(False, "end"), (True, "front")])
+def test_fast_and_reference_training_end_with_the_same_context(cache_path, tiny_vit, csc, position):
+    """50 steps (48 train images / batch 16 = 3 steps × 17 epochs), same seed and batches, fp32."""
+    contexts = {}
+    for path in ("fast", "reference"):
+        config = TrainConfig(shots=4, seed=1, n_ctx=4, csc=csc, position=position, epochs=17, batch_size=16,
+                             lr=0.05, device="cpu", text_path=path)
+        with FeatureCache(cache_path) as cache:
+            result = train(cache, tiny_vit, config, progress=False)
+        assert sum(r["steps"] for r in result.history) == 51
+        contexts[path] = result.learner.ctx.detach()
+    fast, ref = contexts["fast"], contexts["reference"]
+    assert (fast - ref).norm() <= 1e-4 * ref.norm()
+
+
+def test_training_learns(cache_path, tiny_vit):
+    config = TrainConfig(shots=4, seed=2, n_ctx=4, csc=True, epochs=60, batch_size=16, device="cpu")
+    with FeatureCache(cache_path) as cache:
+        result = train(cache, tiny_vit, config, progress=False)
+    first, last = result.history[0], result.history[-1]
+    assert last["loss"] < first["loss"]
+    assert last["train_acc"] > 3 / 12  # chance is 1/12
+
+
+def test_cli_train_eval_predict_roundtrip(tmp_path, capsys, cache_path, example_images):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", cache_path, "--out", run_dir, "--shots", "4", "--seed", "1",
+                             "--n-ctx", "4", "--epochs", "3", "--device", "cpu")
+    assert code == 0, err
+    assert {p.name for p in run_dir.iterdir()} == {"prompt.safetensors", "config.json", "metrics.jsonl",
+                                                    "results.json", "curve.png"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["epochs"] == 3 and config["model"] == TINY_VIT and len(config["classnames"]) == 12
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    results = json.loads((run_dir / "results.json").read_text())
+    code, out, _ = run_cli(capsys, "eval", run_dir, cache_path)
+    assert code == 0 and f"top-1 {results['test']['top1']:.2%}" in out
+    # a saved run reloads to identical predictions
+    run_a, run_b = load_run(run_dir), load_run(run_dir)
+    torch.testing.assert_close(run_text_features(run_a), run_text_features(run_b), rtol=0, atol=0)
+    image = str(next((example_images / "test" / "red_circle").iterdir()))
+    assert predict_images(run_a, [image]) == predict_images(run_b, [image])
+    code, out, _ = run_cli(capsys, "predict", run_dir, image, "--top-k", "2")
+    assert code == 0 and out.count("%") == 2
+
+
+def test_zeroshot_cli(capsys, cache_path, tmp_path):
+    code, out, _ = run_cli(capsys, "zeroshot", cache_path)
+    assert code == 0 and "one template" in out
+    code, out, _ = run_cli(capsys, "zeroshot", cache_path, "--templates", "imagenet")
+    assert code == 0 and "80 templates" in out
+    cupl = tmp_path / "cupl.json"
+    with FeatureCache(cache_path) as cache:
+        cupl.write_text(json.dumps({name: [f"a {name}.", f"a picture of a {name}"] for name in cache.classnames}))
+    code, out, _ = run_cli(capsys, "zeroshot", cache_path, "--cupl", cupl)
+    assert code == 0 and "CuPL" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "{cache}", "--out", "{tmp}/r", "--shots", "8"], "no 8-shot subset"),
+    (["train", "{cache}", "--out", "{tmp}/r", "--n-ctx", "0"], "--n-ctx"),
+    (["train", "{cache}", "--out", "{tmp}/r", "--shots", "4", "--init", " ".join(["word"] * 75)], "tokens"),
+    (["zeroshot", "{cache}", "--template", "a photo"], "must contain '{}'"),
+    (["eval", "{tmp}", "{cache}"], "not a fastcoop run directory"),
+    (["train", "{tmp}/missing.h5", "--out", "{tmp}/r"], "does not exist"),
+])
+def test_cli_errors(capsys, tmp_path, cache_path, args, message):
+    code, _, err = run_cli(capsys, *[a.format(cache=cache_path, tmp=tmp_path) for a in args])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_run_dir_from_another_cache_is_refused(capsys, tmp_path, tiny_vit, example_images, cache_path):
+    other = extract_features(read_dataset(example_images), tmp_path / "other.h5", tiny_vit, shots=4, seeds=[1],
+                             batch_size=32, workers=0, progress=False)
+    run_dir = tmp_path / "run"
+    base = ["--out", run_dir, "--shots", "4", "--n-ctx", "2", "--epochs", "1"]
+    assert run_cli(capsys, "train", cache_path, *base)[0] == 0
+    code, _, err = run_cli(capsys, "train", other, *base)
+    assert code == 2 and "another feature cache" in err
+
+
+def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_vit):
+    """One epoch of fastcoop on cached views against the published step re-encoding the same augmented images
+    (same batches and views); they differ only by the float16 rounding of the cached features."""
+    from fastcoop.cache.extract import ImageViews, augment_transform
+    from fastcoop.models import preprocess_config
+    from fastcoop.prompts import PromptLearner
+    from fastcoop.reference import published_step
+
+    config = TrainConfig(shots=4, seed=1, n_ctx=4, epochs=2, batch_size=16, warmup_epochs=0, device="cpu")
+    with FeatureCache(cache_path) as cache:
+        result = train(cache, tiny_vit, config, progress=False)
+        rows = cache.rows("train", 4, 1)
+        paths, labels = cache.paths("train"), cache.labels("train", rows)
+        classnames = cache.classnames
+    pre = preprocess_config(tiny_vit.model)
+    views = ImageViews(paths, tiny_vit.preprocess, augment_transform(pre), 2, "train", 0, pre["size"])
+    torch.manual_seed(1)
+    learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, classnames, n_ctx=4)
+    optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(1)  # the loop's batch order: a permutation, then a view per row
+    for epoch in range(2):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, 2, 0.002, warmup_epochs=0)
+        order, view = torch.randperm(48, generator=generator), torch.randint(2, (48,), generator=generator)
+        for step in range(3):
+            batch = order[step * 16:(step + 1) * 16]
+            images = torch.stack([views[int(rows[r])][0][1 + view[r]] for r in batch])
+            published_step(tiny_vit.model, learner, images, labels[batch], optimizer)
+    ours, theirs = result.learner.ctx.detach(), learner.ctx.detach()
+    assert (ours - theirs).norm() <= 1e-3 * theirs.norm()
