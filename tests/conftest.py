@@ -1,3 +1,7 @@
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors; must precede their import
+
 import logging
 from pathlib import Path
 

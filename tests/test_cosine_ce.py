@@ -1,0 +1,102 @@
+"""The fused Triton cosine cross-entropy against its plain-PyTorch reference (on CPU under TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+from fastcoop import kernels
+from fastcoop.kernels import cosine_ce, cosine_ce_reference, cosine_ce_triton
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def relative(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False, labels=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=gen).to(dtype)
+    w = torch.randn(K, D, generator=gen)
+    if near_duplicates:  # classes that differ by a hair: the softmax is nearly flat, then sharp at scale 100
+        w = w[:1] + 1e-3 * w
+    w = w.to(dtype)
+    y = labels if labels is not None else torch.randint(K, (B,), generator=gen)
+    results = []
+    for fn in (cosine_ce_triton, cosine_ce_reference):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        si = torch.tensor(scale, requires_grad=True)
+        loss, argmax = fn(xi, wi, si, y, reduction=reduction, return_argmax=True)
+        upstream = torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)
+        grads = torch.autograd.grad((loss * upstream).sum(), [xi, wi, si])
+        results.append((loss.detach(), argmax, grads))
+    (loss, argmax, grads), (ref_loss, ref_argmax, ref_grads) = results
+    tol = TOLERANCE[dtype]
+    assert relative(loss, ref_loss) <= tol
+    assert (argmax == ref_argmax).float().mean() >= (1.0 if dtype == torch.float32 else 0.97)
+    for name, g, r in zip(("x", "w", "scale"), grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert relative(g, r) <= tol, name
+
+
+@pytest.mark.parametrize("B, K, D", [(1, 1, 64), (5, 7, 33), (32, 100, 512), (70, 45, 100), (33, 130, 65),
+                                     (130, 17, 1280)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference(B, K, D, dtype):
+    compare(B, K, D, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(reduction):
+    compare(40, 50, 64, torch.float32, reduction=reduction)
+
+
+def test_large_scale_near_duplicates():
+    """Scale 100 with classes that differ by 1e-3: the gradients are differences of nearly equal terms, so both
+    fp32 implementations are judged against float64 truth, the kernel within a few times the reference's error."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(48, 128, generator=gen), torch.randn(40, 128, generator=gen)
+    w = w[:1] + 1e-3 * w
+    y = torch.randint(40, (48,), generator=gen)
+    out = {}
+    for name, fn, dtype in (("kernel", cosine_ce_triton, torch.float32), ("ref32", cosine_ce_reference, torch.float32),
+                            ("truth", cosine_ce_reference, torch.float64)):
+        xi, wi = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        si = torch.tensor(100.0, dtype=dtype, requires_grad=True)
+        if dtype == torch.float64:
+            logits = si * torch.nn.functional.normalize(xi, dim=-1) @ torch.nn.functional.normalize(wi, dim=-1).T
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        else:
+            loss = fn(xi, wi, si, y)
+        out[name] = [loss.detach(), *torch.autograd.grad(loss, [xi, wi, si])]
+    for kernel, ref, truth in zip(out["kernel"], out["ref32"], out["truth"]):
+        assert relative(kernel.double(), truth) <= 5 * relative(ref.double(), truth) + 1e-6
+
+
+def test_first_and_last_labels():
+    labels = torch.tensor([0, 36, 0, 36] * 8)
+    compare(32, 37, 96, torch.float32, labels=labels)
+
+
+def test_dispatch_uses_kernel_under_interpreter_and_never_logits_sized_buffers(monkeypatch):
+    assert kernels.INTERPRET
+    calls = []
+    monkeypatch.setattr(kernels, "cosine_ce_triton", lambda *a, **k: calls.append(a) or cosine_ce_triton(*a, **k))
+    x, w = torch.randn(8, 32), torch.randn(5, 32)
+    cosine_ce(x, w, torch.tensor(10.0), torch.zeros(8, dtype=torch.long))
+    assert len(calls) == 1
+
+
+def test_reference_gradcheck_float64():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(5, (6,), generator=gen)
+
+    def f(x, w, s):
+        logits = s * torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(w, dim=-1).T
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    assert torch.autograd.gradcheck(f, (x, w, s))
+    # the reference computes exactly that function (in fp32)
+    torch.testing.assert_close(cosine_ce_reference(x, w, s, y).double(), f(x, w, s), rtol=1e-6, atol=1e-6)
