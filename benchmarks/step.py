@@ -1,4 +1,4 @@
-"""Per-step time of CoOp: the published step (pixels + 77-token text), cached features + 77-token text, fastcoop.
+"""Per-step time and peak memory of CoOp: the published step, the same on cached features, and fastcoop.
 
     python -m benchmarks.step --device cpu --classes 100 --model ViT-B-16 --repeats 3
 """
@@ -10,43 +10,53 @@ import logging
 import torch
 
 from benchmarks.common import median_ms, peak_memory_gb, real_classnames
-from fastcoop.kernels import cosine_ce
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
-from fastcoop.text_encoder import encode_prompts
+from fastcoop.step import CudaGraphStep, TrainStep
+from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.text_tower import TextTower
 
 
-def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, autocast_dtype=None):
-    """The three steps as closures over one learner and one random batch (speed does not depend on values)."""
+def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, precision=None, graph=True):
+    """name → a function running one step; all share one learner and random batch (speed ignores values).
+    precision: the autocast dtype (None: fp32). The published step always runs fp16 autocast on GPU."""
     model = loaded.model.to(device)
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx, csc=csc).to(device)
-    optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
-    size = loaded.preprocess.transforms[0].size
+    size = loaded.model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(len(classnames), (batch,), device=device)
     with torch.no_grad():
-        features = model.encode_image(images)
+        features = model.encode_image(images)[None].float()  # 1 view × batch × D
     scale = model.logit_scale.exp().detach()
-    autocast = torch.autocast(device.split(":")[0], dtype=autocast_dtype or torch.float32,
-                              enabled=autocast_dtype is not None)
-
-    def cached(mode):
-        def step():
-            with autocast:
-                text = encode_prompts(model, learner, mode)
-            loss = cosine_ce(features, text, scale, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return step
+    optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    published_dtype = torch.float16 if device.startswith("cuda") else None
+    tower = TextTower.of(model)
 
     def published():
-        with autocast:
+        with torch.autocast(device.split(":")[0], dtype=published_dtype or torch.float32,
+                            enabled=published_dtype is not None):
             published_step(model, learner, images, labels, optimizer)
 
-    return {"published": published, "cached_77_tokens": cached("reference"), "fastcoop_eager": cached("fast")}
+    def make(encode_text, dtype):
+        step = TrainStep(learner, encode_text, features, labels, scale, batch, 1, 0.9, 5e-4, dtype)
+        step.start_epoch(torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device),
+                         0.002)
+
+        def run():
+            step.step.zero_()
+            step()
+        return step, run
+
+    variants = {"published": published,
+                "cached_77_tokens": make(lambda: reference_text_features(tower, learner), published_dtype)[1]}
+    step, eager = make(FastTextEncoder(model, learner), precision)
+    variants["fastcoop_eager"] = eager
+    if graph and device.startswith("cuda"):
+        graphed = CudaGraphStep(step)
+        variants["fastcoop_graph"] = lambda: (step.step.zero_(), graphed())
+    return variants
 
 
 def main():
@@ -59,7 +69,8 @@ def main():
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
     loaded = load_model(args.model, "none", args.device)
-    steps = step_variants(loaded, real_classnames(args.classes), args.device)
+    precision = torch.bfloat16 if args.device.startswith("cuda") else None
+    steps = step_variants(loaded, real_classnames(args.classes), args.device, precision=precision)
     rows = {name: {"median_ms": median_ms(fn, args.device, args.repeats), "peak_gb": peak_memory_gb(fn, args.device)}
             for name, fn in steps.items()}
     base = rows["published"]["median_ms"]

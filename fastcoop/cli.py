@@ -108,8 +108,9 @@ def _describe_cache(path, seconds):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--text-path", default="fast", show_default=True, type=click.Choice(["fast", "reference"]),
               help="reference: the published 77-token text computation (slow; for comparison).")
+@click.option("--no-graph", is_flag=True, help="On GPU, run the step eagerly instead of replaying a CUDA graph.")
 def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
-          text_path):
+          text_path, no_graph):
     """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR."""
     from fastcoop import fewshot
     from fastcoop.cache import FeatureCache
@@ -133,7 +134,7 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     _say_weights(loaded)
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
-                         text_path=text_path)
+                         text_path=text_path, graph=not no_graph)
     try:
         result = train_prompts(cache, loaded, config, on_epoch=lambda r: save_run(run_dir, r, cache, loaded))
     except NonFiniteLoss as exc:

@@ -52,35 +52,50 @@ class PromptLearner(nn.Module):
                 ctx = torch.empty(len(names), n_ctx, embedded.shape[-1]) if csc else torch.empty(n_ctx, embedded.shape[-1])
                 nn.init.normal_(ctx, std=0.02)
         self.ctx = nn.Parameter(ctx.to(device))
-        self.register_buffer("token_prefix", embedded[:, :1], persistent=False)  # SOS
-        self.register_buffer("token_suffix", embedded[:, 1 + n_ctx:], persistent=False)  # name . EOS pad
-        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        self.classnames, self.n_ctx, self.csc, self.position, self.init = names, n_ctx, csc, position, init
         # class-name token counts, as the published code counts them (the name tokenized on its own)
         self.name_lens = [len(tokenizer.encode(name)) for name in names]
-        self.classnames, self.n_ctx, self.csc, self.position, self.init = names, n_ctx, csc, position, init
+        token_index, ctx_slot = self._layout(tokens.shape[1])
+        base = embedded.gather(1, token_index.to(device)[..., None].expand(-1, -1, embedded.shape[-1]))
+        base[ctx_slot >= 0] = 0
+        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        self.register_buffer("base", base, persistent=False)  # frozen token embeddings, in prompt order
+        self.register_buffer("ctx_slot", ctx_slot.to(device), persistent=False)  # which ctx vector, or -1
+
+    def _layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class and position: which token of "[SOS] X.. name . [EOS]" goes there, and which context vector
+        (-1: a frozen token). end: [SOS] V.. name . ; middle: [SOS] V..(M/2) name V.. . ; front: [SOS] name V.. ."""
+        M, half = self.n_ctx, self.n_ctx // 2
+        token_rows, slot_rows = [], []
+        for n in self.name_lens:
+            name = [(i, -1) for i in range(1 + M, 1 + M + n)]
+            ctx = [(1 + j, j) for j in range(M)]  # the placeholder's own position, for a consistent index
+            order = {"end": ctx + name, "middle": ctx[:half] + name + ctx[half:], "front": name + ctx}[self.position]
+            rest = [(i, -1) for i in range(1 + M + n, length)]
+            sources = [(0, -1)] + order + rest
+            token_rows.append([i for i, _ in sources])
+            slot_rows.append([j for _, j in sources])
+        return torch.tensor(token_rows), torch.tensor(slot_rows)
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
 
-    def class_ctx(self) -> torch.Tensor:
-        """K × M × D context (a broadcast view when unified)."""
-        return self.ctx if self.csc else self.ctx.expand(self.num_classes, -1, -1)
+    def flat_ctx(self) -> torch.Tensor:
+        """The context as rows that ctx indices address: M × D (unified) or K·M × D (class-specific)."""
+        return self.ctx.reshape(-1, self.ctx.shape[-1])
+
+    def ctx_index(self, classes: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Row of flat_ctx() for (class, slot) pairs (slot ≥ 0)."""
+        return classes * self.n_ctx + slots if self.csc else slots
 
     def forward(self) -> torch.Tensor:
         """K × 77 × D prompt embeddings, exactly the published layout."""
-        ctx, prefix, suffix = self.class_ctx(), self.token_prefix, self.token_suffix
-        if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1)
-        rows = []
-        half = self.n_ctx // 2
-        for k, n in enumerate(self.name_lens):
-            name, rest = suffix[k:k + 1, :n], suffix[k:k + 1, n:]
-            if self.position == "middle":
-                rows.append(torch.cat([prefix[k:k + 1], ctx[k:k + 1, :half], name, ctx[k:k + 1, half:], rest], 1))
-            else:
-                rows.append(torch.cat([prefix[k:k + 1], name, ctx[k:k + 1], rest], 1))
-        return torch.cat(rows, dim=0)
+        K, L = self.ctx_slot.shape
+        classes = torch.arange(K, device=self.ctx_slot.device)[:, None].expand(K, L)
+        slot = self.ctx_slot
+        ctx = self.flat_ctx()[self.ctx_index(classes, slot.clamp(min=0))]
+        return torch.where((slot >= 0)[..., None], ctx, self.base)
 
     def shared_prefix_length(self) -> int:
         """Tokens every prompt shares (SOS + context before the class name); 0 when prompts differ from token 1."""

@@ -2,11 +2,12 @@
 
 reference: all K prompts, 77 tokens each, through the text transformer with its causal mask, pooled at EOS.
 fast: the same numbers with less work, exact because the mask is causal and the output is read at EOS only:
-  1. tokens after the longest prompt's EOS cannot reach any pooled output: cut every prompt there;
+  1. tokens after a prompt's EOS cannot reach its pooled output: each prompt is cut after its own EOS and the
+     prompts are packed (no padding) for every per-token operation (layer norms, projections, MLP);
   2. with one shared context and the class name after it (end/middle), every prompt starts with the same
      [SOS][V]_1..: its hidden states are the same for every class, so they are computed once and each class's
-     few remaining tokens attend to the shared keys and values (no per-class copies);
-  3. the last block runs only for the pooled rows.
+     few remaining tokens attend to the shared keys and values (broadcast, never copied);
+  3. the last block runs only for the EOS rows.
 Towers for which this is not exact (no causal mask, other pooling, custom blocks) fall back to `reference`.
 """
 
@@ -23,109 +24,119 @@ _warned: set[str] = set()
 
 
 def encode_prompts(model, learner: PromptLearner, mode: str = "fast") -> torch.Tensor:
-    """K × D text features as CLIP's encode_text returns them (before normalisation), differentiable in ctx."""
-    tower = TextTower.of(model)
+    """K × D text features as CLIP's encode_text returns them (before normalisation), differentiable in ctx.
+    In a loop, build a FastTextEncoder once instead: it prepares the packing once."""
     if mode == "reference":
-        return _reference(tower, learner)
+        return reference_text_features(TextTower.of(model), learner)
     if mode != "fast":
         raise ValueError(f"mode must be 'fast' or 'reference', not '{mode}'")
-    problem = tower.fast_path_problem()
-    if problem:
-        if problem not in _warned:
-            _warned.add(problem)
-            warnings.warn(f"fast text path is not exact for this model ({problem}): using the reference path")
-        return _reference(tower, learner)
-    eos = tower.pool_positions(learner.tokens)
-    if learner.shared_prefix_length():
-        return _shared_prefix(tower, learner, eos)
-    return _cut_at_eos(tower, learner, eos)
+    return FastTextEncoder(model, learner)()
 
 
-def _reference(tower: TextTower, learner: PromptLearner) -> torch.Tensor:
+def reference_text_features(tower: TextTower, learner: PromptLearner) -> torch.Tensor:
+    """The published computation: K × 77 tokens through every block, pooled at EOS, projected."""
     x = learner() + tower.positional_embedding
-    mask = tower.attn_mask
     for block in tower.blocks:
-        x = block(x, attn_mask=mask)
+        x = block(x, attn_mask=tower.attn_mask)
     x = tower.ln_final(x)
     rows = torch.arange(len(x), device=x.device)
-    return tower.project(x[rows, tower.pool_positions(learner.tokens).to(x.device)])
+    return tower.project(x[rows, tower.pool_positions(learner.tokens)])
 
 
-def _cut_at_eos(tower: TextTower, learner: PromptLearner, eos: torch.Tensor) -> torch.Tensor:
-    length = int(eos.max()) + 1
-    x = learner()[:, :length] + tower.positional_embedding[:length]
-    causal = tower.attn_mask[:length, :length]
-    blocks = list(tower.blocks)
-    for block in blocks[:-1]:
-        x = block(x, attn_mask=causal)
-    rows = torch.arange(len(x), device=x.device)
-    eos = eos.to(x.device)
-    x = _block_at_rows(blocks[-1], x, eos, causal)  # last block: only the pooled rows
-    return tower.project(tower.ln_final(x))
+class FastTextEncoder:
+    """The exact fast path for one learner. Everything static (packing, positions, masks) is prepared here once,
+    so a call is device work only: no host synchronisation, safe to capture in a CUDA graph."""
 
+    def __init__(self, model, learner: PromptLearner):
+        self.tower, self.learner = TextTower.of(model), learner
+        self.problem = self.tower.fast_path_problem()
+        if self.problem:
+            if self.problem not in _warned:
+                _warned.add(self.problem)
+                warnings.warn(f"fast text path is not exact for this model ({self.problem}): using the reference path")
+            return
+        device = learner.ctx.device
+        eos = self.tower.pool_positions(learner.tokens).cpu()
+        P = learner.shared_prefix_length()
+        lengths = eos - P + 1  # tokens per class after the shared prefix, EOS included
+        K, S = len(lengths), int(lengths.max())
+        classes = torch.repeat_interleave(torch.arange(K), lengths)
+        offsets = torch.cat([torch.arange(n) for n in lengths.tolist()])
+        positions = P + offsets
+        self.K, self.S, self.P = K, S, P
+        self.pack = self._sources(classes, positions, device)
+        self.prefix = self._sources(torch.zeros(P, dtype=torch.long), torch.arange(P), device) if P else None
+        self.padded_index = (classes * S + offsets).to(device)  # packed row → row of the K × S grid
+        self.eos_rows = (lengths.cumsum(0) - 1).to(device)  # packed row of each class's EOS
+        causal = self.tower.attn_mask
+        self.causal = causal[P:P + S, P:P + S].to(device)
+        self.eos_mask = self.causal[(lengths - 1).to(device)][:, None, None, :]  # K × 1 × 1 × S
+        self.prefix_mask = causal[:P, :P].to(device)
 
-def _block_at_rows(block, x: torch.Tensor, rows_at: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-    """One block's output at position rows_at[k] of sequence k (keys and values still from the whole prefix)."""
-    k_index = torch.arange(len(x), device=x.device)
-    h = block.ln_1(x)
-    q, k, v = _qkv(block, h)
-    q_rows = q[k_index, :, rows_at].unsqueeze(2)  # K × H × 1 × dh
-    mask = causal[rows_at].unsqueeze(1).unsqueeze(1)  # K × 1 × 1 × T
-    attn = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask).squeeze(2)
-    y = x[k_index, rows_at] + block.ls_1(block.attn.out_proj(attn.flatten(1)))
-    return y + block.ls_2(block.mlp(block.ln_2(y)))
+    def _sources(self, classes, positions, device):
+        """For each packed token: its frozen embedding + positional embedding, and where its context vector is."""
+        learner = self.learner
+        slot = learner.ctx_slot[classes, positions].cpu()
+        return {
+            "frozen": (learner.base[classes, positions] + self.tower.positional_embedding[positions]).detach(),
+            "is_ctx": (slot >= 0)[:, None].to(device),
+            "ctx_index": learner.ctx_index(classes, slot.clamp(min=0)).to(device),
+        }
+
+    def _embed(self, sources) -> torch.Tensor:
+        ctx = self.learner.flat_ctx()[sources["ctx_index"]]
+        return sources["frozen"] + torch.where(sources["is_ctx"], ctx, torch.zeros_like(ctx))
+
+    def __call__(self) -> torch.Tensor:
+        if self.problem:
+            return reference_text_features(self.tower, self.learner)
+        x = self._embed(self.pack)  # N packed tokens × D
+        prefix = self._embed(self.prefix)[None] if self.P else None  # 1 × P × D
+        blocks = list(self.tower.blocks)
+        for i, block in enumerate(blocks):
+            last = i == len(blocks) - 1
+            q, k, v = _qkv(block, block.ln_1(x))  # each N × H × dh
+            kp = vp = None
+            if prefix is not None:
+                qp, kp, vp = (t[0] for t in _qkv(block, block.ln_1(prefix)))  # each P × H × dh
+            k_grid, v_grid = self._to_grid(k), self._to_grid(v)  # K × H × S × dh
+            if last:  # only each class's EOS row is read after the last block
+                q_grid = q[self.eos_rows][:, :, None]  # K × H × 1 × dh
+                x = x[self.eos_rows]
+                attn = _attend(q_grid, kp, vp, k_grid, v_grid, self.eos_mask)[:, :, 0].flatten(1)
+            else:
+                attn = _attend(self._to_grid(q), kp, vp, k_grid, v_grid, self.causal)
+                attn = attn.transpose(1, 2).reshape(self.K * self.S, -1)[self.padded_index]
+            x = x + block.ls_1(block.attn.out_proj(attn))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            if prefix is not None and not last:
+                out = F.scaled_dot_product_attention(qp.transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1),
+                                                     attn_mask=self.prefix_mask)
+                prefix = prefix + block.ls_1(block.attn.out_proj(out.transpose(0, 1).flatten(1)))[None]
+                prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+        return self.tower.project(self.tower.ln_final(x))
+
+    def _to_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """Packed N × H × dh → K × H × S × dh, zeros after each class's EOS (never attended: causal mask)."""
+        grid = t.new_zeros(self.K * self.S, *t.shape[1:]).index_copy(0, self.padded_index, t)
+        return grid.view(self.K, self.S, *t.shape[1:]).transpose(1, 2)
 
 
 def _qkv(block, h: torch.Tensor):
-    """Split nn.MultiheadAttention's packed projection into per-head q, k, v: each (..., H, T, dh)."""
-    heads = block.attn.num_heads
+    """nn.MultiheadAttention's packed input projection split into q, k, v, each (..., H, dh)."""
     qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
-    q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(-3)
-    return q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)
+    return qkv.unflatten(-1, (3, block.attn.num_heads, -1)).unbind(-3)
 
 
-def _shared_prefix(tower: TextTower, learner: PromptLearner, eos: torch.Tensor) -> torch.Tensor:
-    """Shared [SOS][V].. computed once (1 sequence); each class's suffix attends to it and to itself."""
-    P = learner.shared_prefix_length()
-    length = int(eos.max()) + 1
-    prompts = learner()
-    pos = tower.positional_embedding
-    prefix = prompts[:1, :P] + pos[:P]  # identical for every class
-    suffix = prompts[:, P:length] + pos[P:length]
-    causal = tower.attn_mask[P:length, P:length]
-    prefix_mask = tower.attn_mask[:P, :P]
-    blocks = list(tower.blocks)
-    for i, block in enumerate(blocks):
-        hp, hs = block.ln_1(prefix), block.ln_1(suffix)
-        qp, kp, vp = _qkv(block, hp)  # 1 × H × P × dh
-        qs, ks, vs = _qkv(block, hs)  # K × H × S × dh
-        last = i == len(blocks) - 1
-        if last:  # only the pooled row of each class is read after the last block
-            k_index = torch.arange(len(suffix), device=suffix.device)
-            at = (eos.to(suffix.device) - P)
-            qs = qs[k_index, :, at].unsqueeze(2)
-            mask = causal[at].unsqueeze(1).unsqueeze(1)
-            suffix = suffix[k_index, at].unsqueeze(1)
-        else:
-            mask = causal
-        attn = _attend_prefix_and_self(qs, kp[0], vp[0], ks, vs, mask)
-        suffix = suffix + block.ls_1(block.attn.out_proj(attn.transpose(1, 2).flatten(2)))
-        suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
-        if not last:
-            prefix_attn = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=prefix_mask)
-            prefix = prefix + block.ls_1(block.attn.out_proj(prefix_attn.transpose(1, 2).flatten(2)))
-            prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
-    return tower.project(tower.ln_final(suffix[:, 0]))
+def _attend(q, k_prefix, v_prefix, k_self, v_self, mask):
+    """softmax([q·k_prefix, q·k_self + mask] / √dh) @ [v_prefix; v_self], the prefix broadcast, never copied.
 
-
-def _attend_prefix_and_self(q, k_prefix, v_prefix, k_self, v_self, mask):
-    """softmax([q·k_prefix, q·k_self + mask]) @ [v_prefix; v_self], with the prefix broadcast, never copied.
-
-    q, k_self, v_self: K × H × S × dh; k_prefix, v_prefix: H × P × dh; mask: additive, broadcastable to K×H×S×S.
-    """
+    q: K × H × Q × dh; k_self, v_self: K × H × S × dh; k_prefix, v_prefix: P × H × dh or None; mask: additive."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores_prefix = torch.einsum("khsd,hpd->khsp", q, k_prefix) * scale
-    scores_self = (q @ k_self.transpose(-1, -2)) * scale + mask
-    probs = torch.softmax(torch.cat([scores_prefix, scores_self], dim=-1), dim=-1)
-    P = k_prefix.shape[1]
-    return torch.einsum("khsp,hpd->khsd", probs[..., :P], v_prefix) + probs[..., P:] @ v_self
+    scores = (q @ k_self.transpose(-1, -2)) * scale + mask
+    if k_prefix is None:
+        return torch.softmax(scores, dim=-1) @ v_self
+    scores_prefix = torch.einsum("khqd,phd->khqp", q, k_prefix) * scale
+    probs = torch.softmax(torch.cat([scores_prefix, scores], dim=-1), dim=-1)
+    P = k_prefix.shape[0]
+    return torch.einsum("khqp,phd->khqd", probs[..., :P], v_prefix) + probs[..., P:] @ v_self

@@ -4,6 +4,7 @@ The loop, per epoch: a permutation of the few-shot rows, one view per row, batch
 dropped, as published), the K prompts through the text encoder every step, cosine cross-entropy, SGD.
 """
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,12 @@ from tqdm import tqdm
 from fastcoop.cache import FeatureCache
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
-from fastcoop.kernels import cosine_ce
 from fastcoop.models import LoadedModel
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
-from fastcoop.text_encoder import encode_prompts
+from fastcoop.step import CudaGraphStep, TrainStep
+from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.text_tower import TextTower
 
 
 @dataclass
@@ -41,6 +43,7 @@ class TrainConfig:
     precision: str = "auto"  # GPU: bf16 autocast by default; CPU: fp32
     device: str = "auto"
     text_path: str = "fast"  # or "reference": the published text computation
+    graph: bool = True  # on GPU, capture the whole step once in a CUDA graph and replay it
 
 
 @dataclass
@@ -74,44 +77,40 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     learner = PromptLearner(model, loaded.tokenizer, cache.classnames, config.n_ctx, config.csc, config.position,
                             config.init).to(device)
     config.n_ctx = learner.n_ctx
-    optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    logit_scale = model.logit_scale.exp().detach()
+    n = len(labels)
+    batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
+    if config.text_path == "fast":
+        encode_text = FastTextEncoder(model, learner)
+    else:
+        tower = TextTower.of(model)
+        encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731
+    step = TrainStep(learner, encode_text, features, labels, model.logit_scale.exp().detach(), batch_size, steps,
+                     config.momentum, config.weight_decay, dtype)
+    use_graph = config.graph and device.startswith("cuda")
+    run_step = None  # the graph is captured at the first epoch, once the static tensors hold real data
     generator = torch.Generator().manual_seed(config.seed)
-    n, steps = len(labels), batches_per_epoch(len(labels), config.batch_size)
     result = TrainResult(learner, config)
     start = time.perf_counter()
     bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = torch.randperm(n, generator=generator).to(device)
-        view = torch.randint(len(features), (n,), generator=generator).to(device)
+        order = torch.randperm(n, generator=generator)
+        view = torch.randint(len(features), (n,), generator=generator)
+        step.start_epoch(order.to(device), view.to(device), lr)
+        if run_step is None:
+            run_step = CudaGraphStep(step) if use_graph else step
         good_ctx = learner.ctx.detach().clone()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
         epoch_start = time.perf_counter()
-        for step in range(steps):
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
-            with torch.autocast(device_type=device.split(":")[0], dtype=dtype or torch.float32, enabled=bool(dtype)):
-                text = encode_prompts(model, learner, config.text_path)
-            loss, predicted = cosine_ce(features[view[batch], batch], text, logit_scale, labels[batch],
-                                        return_argmax=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            correct += (predicted == labels[batch]).sum()
-        seen = min(n, steps * config.batch_size)
-        mean_loss = loss_sum.item() / steps
-        if not torch.isfinite(torch.tensor(mean_loss)):
+        for _ in range(steps):
+            run_step()
+        mean_loss = step.loss_sum.item() / steps
+        if not math.isfinite(mean_loss):
             with torch.no_grad():
                 learner.ctx.copy_(good_ctx)
             raise NonFiniteLoss(epoch, result)
         seconds = time.perf_counter() - epoch_start
-        record = {"epoch": epoch + 1, "lr": lr, "loss": mean_loss, "train_acc": correct.item() / seen,
-                  "steps": steps, "seconds": seconds}
+        record = {"epoch": epoch + 1, "lr": lr, "loss": mean_loss,
+                  "train_acc": step.correct.item() / (steps * batch_size), "steps": steps, "seconds": seconds}
         result.history.append(record)
         bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{record['train_acc']:.1%}", steps_s=f"{steps / seconds:.0f}")
         if on_epoch:

@@ -72,16 +72,16 @@ def test_bidirectional_tower_falls_back_to_exact_path():
 
 
 def test_layouts_place_the_class_tokens(tiny_vit):
-    learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, ["sea_lion"], n_ctx=4, position="middle")
-    prompts = learner()
-    ctx, prefix, suffix = learner.ctx, learner.token_prefix, learner.token_suffix
-    assert learner.name_lens == [2] and learner.classnames == ["sea lion"]
-    torch.testing.assert_close(prompts[0, 1:3], ctx[:2])
-    torch.testing.assert_close(prompts[0, 3:5], suffix[0, :2])  # 'sea', 'lion' between the halves
-    torch.testing.assert_close(prompts[0, 5:7], ctx[2:])
-    learner.position = "front"
-    torch.testing.assert_close(learner()[0, 1:3], suffix[0, :2])
-    torch.testing.assert_close(learner()[0, 0], prefix[0, 0])
+    """[SOS] V1 V2 sea lion V3 V4 . [EOS] (middle) and [SOS] sea lion V1..V4 . [EOS] (front), M = 4."""
+    words = tiny_vit.model.token_embedding(tiny_vit.tokenizer(["X X X X sea lion."]))[0]  # SOS X X X X sea lion . EOS
+    for position, ctx_at, name_at in (("middle", [1, 2, 5, 6], [3, 4]), ("front", [3, 4, 5, 6], [1, 2]),
+                                      ("end", [1, 2, 3, 4], [5, 6])):
+        learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, ["sea_lion"], n_ctx=4, position=position)
+        prompt = learner()[0]
+        assert learner.name_lens == [2] and learner.classnames == ["sea lion"]
+        torch.testing.assert_close(prompt[ctx_at], learner.ctx)
+        torch.testing.assert_close(prompt[name_at], words[5:7])
+        torch.testing.assert_close(prompt[[0, 7, 8]], words[[0, 7, 8]])
 
 
 @pytest.mark.parametrize("csc, position, init", [(False, "end", None), (True, "middle", "a photo of a")])

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from fastcoop.cache import FeatureCache, extract_features
+from fastcoop.data import read_dataset
+from fastcoop.step import sgd_update_
+from fastcoop.train import TrainConfig, train
+
+
+def test_sgd_update_equals_torch_sgd():
+    torch.manual_seed(0)
+    ours = torch.randn(5, 7)
+    theirs = torch.nn.Parameter(ours.clone())
+    optimizer = torch.optim.SGD([theirs], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    buffer = torch.zeros_like(ours)
+    for i in range(20):
+        grad = torch.randn(5, 7)
+        lr = 0.01 * (1 + i % 3)
+        optimizer.param_groups[0]["lr"] = lr
+        theirs.grad = grad.clone()
+        optimizer.step()
+        sgd_update_(ours, grad, buffer, torch.tensor(lr), 0.9, 5e-4)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("csc, position", [(False, "end"), (True, "front")])
+def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, position):
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1], views=2,
+                            batch_size=32, workers=0, progress=False)
+    contexts = []
+    for graph in (False, True):
+        config = TrainConfig(shots=4, seed=1, n_ctx=4, csc=csc, position=position, epochs=5, batch_size=16,
+                             precision="fp32", device="cuda", graph=graph)
+        with FeatureCache(path) as cache:
+            contexts.append(train(cache, tiny_vit, config, progress=False).learner.ctx.detach().cpu())
+    torch.testing.assert_close(contexts[1], contexts[0], rtol=1e-5, atol=1e-6)
