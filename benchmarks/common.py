@@ -52,3 +52,41 @@ def peak_memory_gb(fn, device: str) -> float | None:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 1e9
+
+
+def environment(device: str) -> dict:
+    """Device, driver, versions, date and commit: every result file carries them."""
+    import datetime
+    import platform
+    import subprocess
+
+    import open_clip
+
+    info = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "open_clip": open_clip.__version__, "python": platform.python_version(), "cpu": platform.processor(),
+            "cpu_count": torch.get_num_threads()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["driver"] = None
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    return info
+
+
+def device_slug(env: dict) -> str:
+    """A file name for a device's results: the GPU's name, or cpu."""
+    name = env.get("gpu") or "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")

@@ -53,10 +53,69 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
                 "cached_77_tokens": make(lambda: reference_text_features(tower, learner), published_dtype)[1]}
     step, eager = make(FastTextEncoder(model, learner), precision)
     variants["fastcoop_eager"] = eager
-    if graph and device.startswith("cuda"):
-        graphed = CudaGraphStep(step)
-        variants["fastcoop_graph"] = lambda: (step.step.zero_(), graphed())
+    if graph and device.startswith("cuda"):  # the grid and the FlexAttention attention, each in a CUDA graph
+        for name, attention in (("fastcoop_graph", "grid"), ("fastcoop_flex_graph", "flex")):
+            step, _ = make(FastTextEncoder(model, learner, attention), precision)
+            graphed = CudaGraphStep(step)
+            variants[name] = lambda step=step, graphed=graphed: (step.step.zero_(), graphed())
     return variants
+
+
+def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 16) -> dict:
+    """Where a step's time goes: each component timed alone, for the published step and for fastcoop."""
+    from fastcoop.kernels import cosine_ce
+    from fastcoop.step import sgd_update_
+
+    model = loaded.model.to(device)
+    learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx).to(device)
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    images = torch.randn(32, 3, size, size, device=device)
+    labels = torch.randint(len(classnames), (32,), device=device)
+    with torch.no_grad():
+        features = model.encode_image(images).float()
+    tower, fast = TextTower.of(model), FastTextEncoder(model, learner)
+    text = fast().detach().requires_grad_()
+    scale = model.logit_scale.exp().detach()
+    buffer, lr = torch.zeros_like(learner.ctx), torch.tensor(0.002, device=device)
+
+    def text_fwd_bwd(encode):
+        return lambda: torch.autograd.grad(encode().float().square().sum(), learner.ctx)
+
+    def image_encoder():
+        with torch.no_grad():
+            model.encode_image(images)
+
+    def update():
+        with torch.no_grad():
+            sgd_update_(learner.ctx, learner.ctx, buffer, lr, 0.9, 5e-4)
+
+    parts = {"image encoder (32 images)": image_encoder,
+             "text 77 tokens fwd+bwd": text_fwd_bwd(lambda: reference_text_features(tower, learner)),
+             "text fast fwd+bwd": text_fwd_bwd(fast),
+             "loss fwd+bwd": lambda: torch.autograd.grad(cosine_ce(features, text, scale, labels), text),
+             "SGD update": update}
+    return {name: median_ms(fn, device, repeats) for name, fn in parts.items()}
+
+
+def run_step_section(configs, device: str, repeats: int) -> list[dict]:
+    """Time every step variant for each (model, K, M, csc) configuration; one model load per architecture."""
+    rows = []
+    precision = torch.bfloat16 if device.startswith("cuda") else None
+    loaded = {}
+    for model_name, k, n_ctx, csc in configs:
+        if model_name not in loaded:
+            loaded = {model_name: load_model(model_name, "none", device)}  # keep one model in memory
+        torch.manual_seed(0)
+        variants = step_variants(loaded[model_name], real_classnames(k), device, n_ctx=n_ctx, csc=csc,
+                                 precision=precision)
+        for name, fn in variants.items():
+            rows.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "csc": csc, "variant": name,
+                         "median_ms": median_ms(fn, device, repeats), "peak_gb": peak_memory_gb(fn, device)})
+            print(f"  step {model_name} K={k} M={n_ctx} {'CSC' if csc else 'unified'} {name}: "
+                  f"{rows[-1]['median_ms']:.2f} ms", flush=True)
+        del variants
+    return rows
 
 
 def main():

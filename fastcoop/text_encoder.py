@@ -11,6 +11,7 @@ fast: the same numbers with less work, exact because the mask is causal and the 
 Towers for which this is not exact (no causal mask, other pooling, custom blocks) fall back to `reference`.
 """
 
+import functools
 import math
 import warnings
 
@@ -45,10 +46,16 @@ def reference_text_features(tower: TextTower, learner: PromptLearner) -> torch.T
 
 class FastTextEncoder:
     """The exact fast path for one learner. Everything static (packing, positions, masks) is prepared here once,
-    so a call is device work only: no host synchronisation, safe to capture in a CUDA graph."""
+    so a call is device work only: no host synchronisation, safe to capture in a CUDA graph.
 
-    def __init__(self, model, learner: PromptLearner):
-        self.tower, self.learner = TextTower.of(model), learner
+    attention="grid": each class's packed tokens are scattered into a K × S grid for attention (plain PyTorch);
+    attention="flex": one FlexAttention call over [prefix; packed tokens] with a block mask (prefix for everyone,
+    causal within a class), no grid at all; compiled on GPU."""
+
+    def __init__(self, model, learner: PromptLearner, attention: str = "grid"):
+        if attention not in ("grid", "flex"):
+            raise ValueError(f"attention must be 'grid' or 'flex', not '{attention}'")
+        self.tower, self.learner, self.attention = TextTower.of(model), learner, attention
         self.problem = self.tower.fast_path_problem()
         if self.problem:
             if self.problem not in _warned:
@@ -72,6 +79,8 @@ class FastTextEncoder:
         self.causal = causal[P:P + S, P:P + S].to(device)
         self.eos_mask = self.causal[(lengths - 1).to(device)][:, None, None, :]  # K × 1 × 1 × S
         self.prefix_mask = causal[:P, :P].to(device)
+        if attention == "flex":
+            self.block_mask = _prefix_and_class_mask(torch.cat([torch.full((P,), -1), classes]).to(device))
 
     def _sources(self, classes, positions, device):
         """For each packed token: its frozen embedding + positional embedding, and where its context vector is."""
@@ -90,6 +99,8 @@ class FastTextEncoder:
     def __call__(self) -> torch.Tensor:
         if self.problem:
             return reference_text_features(self.tower, self.learner)
+        if self.attention == "flex":
+            return self._forward_flex()
         x = self._embed(self.pack)  # N packed tokens × D
         prefix = self._embed(self.prefix)[None] if self.P else None  # 1 × P × D
         blocks = list(self.tower.blocks)
@@ -116,6 +127,22 @@ class FastTextEncoder:
                 prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
         return self.tower.project(self.tower.ln_final(x))
 
+    def _forward_flex(self) -> torch.Tensor:
+        """All tokens as one sequence [prefix; class 0 tokens; class 1 tokens; ...], attention by block mask."""
+        x = self._embed(self.pack)
+        if self.P:
+            x = torch.cat([self._embed(self.prefix), x])
+        eos = self.eos_rows + self.P
+        blocks = list(self.tower.blocks)
+        for i, block in enumerate(blocks):
+            q, k, v = (t.transpose(0, 1)[None] for t in _qkv(block, block.ln_1(x)))  # 1 × H × T × dh
+            attn = _flex_attention(q, k, v, block_mask=self.block_mask)[0].transpose(0, 1).flatten(1)
+            if i == len(blocks) - 1:  # only the EOS rows are read after the last block
+                x, attn = x[eos], attn[eos]
+            x = x + block.ls_1(block.attn.out_proj(attn))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return self.tower.project(self.tower.ln_final(x))
+
     def _to_grid(self, t: torch.Tensor) -> torch.Tensor:
         """Packed N × H × dh → K × H × S × dh, zeros after each class's EOS (never attended: causal mask)."""
         grid = t.new_zeros(self.K * self.S, *t.shape[1:]).index_copy(0, self.padded_index, t)
@@ -140,3 +167,30 @@ def _attend(q, k_prefix, v_prefix, k_self, v_self, mask):
     probs = torch.softmax(torch.cat([scores_prefix, scores], dim=-1), dim=-1)
     P = k_prefix.shape[0]
     return torch.einsum("khqp,phd->khqd", probs[..., :P], v_prefix) + probs[..., P:] @ v_self
+
+
+def _prefix_and_class_mask(doc: torch.Tensor):
+    """FlexAttention block mask over [prefix (doc −1); packed classes (doc k)]: a token sees earlier tokens that
+    are in the shared prefix or in its own class."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & ((doc[kv] == doc[q]) | (doc[kv] < 0))
+
+    return create_block_mask(mask_mod, None, None, len(doc), len(doc), device=doc.device)
+
+
+def _flex_attention(q, k, v, block_mask):
+    """FlexAttention: compiled on GPU (its fused kernel); eager elsewhere (a dense reference, for tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)

@@ -7,6 +7,10 @@ from fastcoop import kernels
 from fastcoop.kernels import cosine_ce, cosine_ce_reference, cosine_ce_triton
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# the kernel runs on a GPU, or on CPU tensors under TRITON_INTERPRET=1 (set by conftest unless overridden)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
+                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 
 
 def relative(a, b):
@@ -20,13 +24,14 @@ def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False,
     if near_duplicates:  # classes that differ by a hair: the softmax is nearly flat, then sharp at scale 100
         w = w[:1] + 1e-3 * w
     w = w.to(dtype)
-    y = labels if labels is not None else torch.randint(K, (B,), generator=gen)
+    y = (labels if labels is not None else torch.randint(K, (B,), generator=gen)).to(DEVICE)
+    x, w = x.to(DEVICE), w.to(DEVICE)
     results = []
     for fn in (cosine_ce_triton, cosine_ce_reference):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        si = torch.tensor(scale, requires_grad=True)
+        si = torch.tensor(scale, requires_grad=True, device=DEVICE)
         loss, argmax = fn(xi, wi, si, y, reduction=reduction, return_argmax=True)
-        upstream = torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)
+        upstream = torch.linspace(0.5, 1.5, loss.numel(), device=DEVICE).view_as(loss)
         grads = torch.autograd.grad((loss * upstream).sum(), [xi, wi, si])
         results.append((loss.detach(), argmax, grads))
     (loss, argmax, grads), (ref_loss, ref_argmax, ref_grads) = results
@@ -38,6 +43,7 @@ def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False,
         assert relative(g, r) <= tol, name
 
 
+@needs_kernel
 @pytest.mark.parametrize("B, K, D", [(1, 1, 64), (5, 7, 33), (32, 100, 512), (70, 45, 100), (33, 130, 65),
                                      (130, 17, 1280)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -45,11 +51,13 @@ def test_matches_reference(B, K, D, dtype):
     compare(B, K, D, dtype)
 
 
+@needs_kernel
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions(reduction):
     compare(40, 50, 64, torch.float32, reduction=reduction)
 
 
+@needs_kernel
 def test_large_scale_near_duplicates():
     """Scale 100 with classes that differ by 1e-3: the gradients are differences of nearly equal terms, so both
     fp32 implementations are judged against float64 truth, the kernel within a few times the reference's error."""
@@ -57,11 +65,12 @@ def test_large_scale_near_duplicates():
     x, w = torch.randn(48, 128, generator=gen), torch.randn(40, 128, generator=gen)
     w = w[:1] + 1e-3 * w
     y = torch.randint(40, (48,), generator=gen)
+    x, w, y = x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
     out = {}
     for name, fn, dtype in (("kernel", cosine_ce_triton, torch.float32), ("ref32", cosine_ce_reference, torch.float32),
                             ("truth", cosine_ce_reference, torch.float64)):
         xi, wi = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-        si = torch.tensor(100.0, dtype=dtype, requires_grad=True)
+        si = torch.tensor(100.0, dtype=dtype, requires_grad=True, device=DEVICE)
         if dtype == torch.float64:
             logits = si * torch.nn.functional.normalize(xi, dim=-1) @ torch.nn.functional.normalize(wi, dim=-1).T
             loss = torch.nn.functional.cross_entropy(logits, y)
@@ -72,17 +81,18 @@ def test_large_scale_near_duplicates():
         assert relative(kernel.double(), truth) <= 5 * relative(ref.double(), truth) + 1e-6
 
 
+@needs_kernel
 def test_first_and_last_labels():
     labels = torch.tensor([0, 36, 0, 36] * 8)
     compare(32, 37, 96, torch.float32, labels=labels)
 
 
-def test_dispatch_uses_kernel_under_interpreter_and_never_logits_sized_buffers(monkeypatch):
-    assert kernels.INTERPRET
+@needs_kernel
+def test_dispatch_uses_the_kernel_where_it_runs(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "cosine_ce_triton", lambda *a, **k: calls.append(a) or cosine_ce_triton(*a, **k))
-    x, w = torch.randn(8, 32), torch.randn(5, 32)
-    cosine_ce(x, w, torch.tensor(10.0), torch.zeros(8, dtype=torch.long))
+    x, w = torch.randn(8, 32, device=DEVICE), torch.randn(5, 32, device=DEVICE)
+    cosine_ce(x, w, torch.tensor(10.0, device=DEVICE), torch.zeros(8, dtype=torch.long, device=DEVICE))
     assert len(calls) == 1
 
 

@@ -1,5 +1,6 @@
 """The fast text path gives the reference (published) text features and context gradients."""
 
+import copy
 import itertools
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from conftest import CONFIGS
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.text_encoder import encode_prompts
+from fastcoop.text_encoder import FastTextEncoder, encode_prompts
 
 # 1 to 10+ tokens, including names whose last token merges with the '.' in BPE
 CLASSNAMES = ["dog", "sea_lion", "kite (bird of prey)", "Yorkshire terrier",
@@ -16,18 +17,18 @@ CLASSNAMES = ["dog", "sea_lion", "kite (bird of prey)", "Yorkshire terrier",
 MATRIX = list(itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"]))
 
 
-def features_and_grad(model, learner, mode):
-    features = encode_prompts(model, learner, mode)
-    weights = torch.linspace(-1, 1, features.numel()).view_as(features)  # a loss that reads every element
+def features_and_grad(model, learner, mode, attention="grid"):
+    features = FastTextEncoder(model, learner, attention)() if mode == "fast" else encode_prompts(model, learner, mode)
+    weights = torch.linspace(-1, 1, features.numel(), device=features.device).view_as(features)  # reads every element
     grad, = torch.autograd.grad((features * weights).sum(), learner.ctx)
     return features.detach(), grad
 
 
-def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAMES):
+def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAMES, attention="grid"):
     torch.manual_seed(0)
     learner = PromptLearner(model, tokenizer, names, n_ctx=n_ctx, csc=csc, position=position, init=init)
     ref, ref_grad = features_and_grad(model, learner, "reference")
-    fast, fast_grad = features_and_grad(model, learner, "fast")
+    fast, fast_grad = features_and_grad(model, learner, "fast", attention)
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (fast_grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
     assert ref_grad.abs().sum() > 0
@@ -36,6 +37,26 @@ def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAME
 @pytest.mark.parametrize("csc, position, init", MATRIX)
 def test_fast_equals_reference_vit_tower(tiny_vit, csc, position, init):
     assert_exact(tiny_vit.model, tiny_vit.tokenizer, csc, position, init)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_on_device(tiny_vit):
+    return copy.deepcopy(tiny_vit.model).to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("csc, position, init", MATRIX)
+def test_flex_attention_fast_path_equals_reference(tiny_vit, tiny_vit_on_device, csc, position, init):
+    """FlexAttention's backward exists only on GPU: on CPU the features alone are compared."""
+    model = tiny_vit_on_device
+    if model.logit_scale.is_cuda:
+        with torch.autocast("cuda", enabled=False):
+            assert_exact(model, tiny_vit.tokenizer, csc, position, init, attention="flex")
+        return
+    learner = PromptLearner(model, tiny_vit.tokenizer, CLASSNAMES, n_ctx=6, csc=csc, position=position, init=init)
+    with torch.no_grad():
+        ref = encode_prompts(model, learner, "reference")
+        flex = FastTextEncoder(model, learner, "flex")()
+    assert (flex - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("csc, position, init", MATRIX)

@@ -1,0 +1,107 @@
+"""python -m benchmarks [--device cuda|cpu] [--quick] [--out benchmarks/results] [--sections ...]
+
+Runs the step, full-run, kernel and exactness sections, writes results/<device>.json, and regenerates
+benchmarks/README.md (tables) and the plots from every result file present.
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import device_slug, environment, median_ms, real_classnames
+from benchmarks.exactness import run_exactness_section
+from benchmarks.full_run import DATASETS, run_fastcoop_train, schedule
+from benchmarks.kernel import run_kernel_section
+from benchmarks.report import write_report
+from benchmarks.step import run_step_section, step_variants, time_breakdown
+from fastcoop.models import load_model
+
+SECTIONS = ("step", "full_run", "kernel", "exactness")
+
+
+def plan(name: str, device: str) -> dict:
+    """What each section runs: the issue's full grid; `quick`, a subset that finishes on a CPU in minutes;
+    `lease`, a GPU subset that fits one call of a 15-minute device lease."""
+    if name == "lease":
+        return {"step": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 1000, 16, False), ("ViT-B-16", 1000, 16, True),
+                         ("ViT-B-16", 37, 4, False), ("RN50", 100, 16, False)], "repeats": 20,
+                "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat"],
+                "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)],
+                "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100}
+    if name == "quick":
+        return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
+                "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
+                "kernel": [(32, 100), (1024, 100), (1024, 1000)],
+                "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10}
+    grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
+            for csc in (False, True)]
+    return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
+            "datasets": list(DATASETS), "kernel": [(b, k) for b in (32, 1024, 16384, 131072) for k in (100, 1000)],
+            "exactness": grid, "exact_steps": 100}
+
+
+def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> float:
+    variants = step_variants(loaded, real_classnames(dataset_k), device, graph=False)
+    return median_ms(variants["published"], device, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a CPU-sized subset (a few minutes)")
+    parser.add_argument("--plan", choices=["full", "quick", "lease"], default=None,
+                        help="what to run (default: full, or quick with --quick)")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate README.md and plots")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--datasets", default=None, help="full-run datasets (default: by mode)")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    readme = Path(__file__).parent / "README.md"
+    if args.report_only:
+        write_report(args.out, readme)
+        return
+    sections = args.sections.split(",")
+    mode = args.plan or ("quick" if args.quick else "full")
+    todo = plan(mode, args.device)
+    if args.datasets:
+        todo["datasets"] = args.datasets.split(",")
+    env = environment(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{device_slug(env)}.json"
+    result = {"environment": env, "plan": mode, "notes": []}
+    print(f"benchmarks on {env.get('gpu') or 'CPU'} ({mode})", flush=True)
+    if "step" in sections:
+        result["step"] = run_step_section(todo["step"], args.device, todo["repeats"])
+        model, k = todo["breakdown"]
+        result["breakdown"] = {"model": model, "classes": k, "ms": time_breakdown(
+            load_model(model, "none", args.device), real_classnames(k), args.device, todo["repeats"])}
+    if "full_run" in sections:
+        result["full_run"] = []
+        loaded = load_model("ViT-B-16", "none", args.device)
+        for dataset in todo["datasets"]:
+            row = run_fastcoop_train(dataset, args.device)
+            row["published_step_ms"] = published_step_ms(row["classes"], args.device, todo["repeats"], loaded)
+            row["published_estimate_seconds"] = row["published_step_ms"] * schedule(dataset)[1] / 1000
+            result["full_run"].append(row)
+            print(f"  full run {dataset}: {row['process_seconds']:.1f} s (loop {row['loop_seconds']:.1f} s), "
+                  f"published ≈ {row['published_estimate_seconds']:.0f} s", flush=True)
+        result["notes"].append("Published full-run times are estimates: the published step time (no data loading) "
+                               "× the schedule's steps; fastcoop's are measured whole processes.")
+    if "kernel" in sections:
+        result["kernel"] = run_kernel_section(todo["kernel"], args.device, todo["repeats"])
+        if not args.device.startswith("cuda"):
+            result["notes"].append("No GPU: the Triton kernel is not timed on CPU (it runs there only under the "
+                                   "interpreter, for correctness); cosine_ce on CPU is the PyTorch reference.")
+    if "exactness" in sections:
+        result["exactness"] = run_exactness_section(todo["exactness"], args.device, todo["exact_steps"])
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.out, readme)
+    print(f"wrote {path} and {readme}")
+
+
+if __name__ == "__main__":
+    main()

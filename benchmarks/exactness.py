@@ -1,0 +1,48 @@
+"""Exactness beside speed: fastcoop against the published computation, for each step configuration (fp32)."""
+
+import torch
+
+from benchmarks.common import real_classnames
+from fastcoop.models import load_model
+from fastcoop.prompts import PromptLearner
+from fastcoop.step import TrainStep
+from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.text_tower import TextTower
+
+
+def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
+    """Max |Δ| of the text features (relative to their max magnitude), and of the context after `steps` SGD
+    steps on the same random batches, fast path against the 77-token reference."""
+    rows, loaded = [], {}
+    for model_name, k, n_ctx, csc in configs:
+        if model_name not in loaded:
+            loaded = {model_name: load_model(model_name, "none", device)}
+        model, tokenizer = loaded[model_name].model, loaded[model_name].tokenizer
+        tower = TextTower.of(model)
+        gen = torch.Generator().manual_seed(0)
+        features = torch.randn(1, 4 * 32, model.text_projection.shape[-1], generator=gen).to(device)
+        labels = torch.randint(k, (4 * 32,), generator=gen).to(device)
+        contexts, texts = [], []
+        for fast in (True, False):
+            torch.manual_seed(0)
+            learner = PromptLearner(model, tokenizer, real_classnames(k), n_ctx=n_ctx, csc=csc).to(device)
+            encode = FastTextEncoder(model, learner) if fast else (lambda l=learner: reference_text_features(tower, l))
+            with torch.no_grad():
+                texts.append(encode().float())
+            step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach(), 32, 4, 0.9, 5e-4)
+            order = torch.Generator().manual_seed(1)
+            for i in range(steps):
+                if i % 4 == 0:
+                    step.start_epoch(torch.randperm(128, generator=order).to(device),
+                                     torch.zeros(128, dtype=torch.long, device=device), 0.002)
+                step()
+            contexts.append(learner.ctx.detach().float())
+        (fast_text, ref_text), (fast_ctx, ref_ctx) = texts, contexts
+        rows.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "csc": csc, "steps": steps,
+                     "text_max_abs_diff_rel": ((fast_text - ref_text).abs().max() / ref_text.abs().max()).item(),
+                     "ctx_max_abs_diff": (fast_ctx - ref_ctx).abs().max().item(),
+                     "ctx_rel_norm_diff": ((fast_ctx - ref_ctx).norm() / ref_ctx.norm()).item()})
+        print(f"  exactness {model_name} K={k} M={n_ctx} {'CSC' if csc else 'unified'}: "
+              f"text {rows[-1]['text_max_abs_diff_rel']:.1e}, ctx after {steps} steps "
+              f"{rows[-1]['ctx_rel_norm_diff']:.1e}", flush=True)
+    return rows

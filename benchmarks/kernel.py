@@ -1,0 +1,40 @@
+"""cosine_ce (fused Triton kernel) against PyTorch eager and torch.compile, forward + backward."""
+
+import torch
+
+from benchmarks.common import median_ms, peak_memory_gb
+from fastcoop.kernels import cosine_ce_reference
+
+try:
+    from fastcoop.kernels.cosine_ce import cosine_ce_triton
+except ImportError:
+    cosine_ce_triton = None
+
+
+def run_kernel_section(shapes, device: str, repeats: int, dim: int = 512, dtype=None) -> list[dict]:
+    """One row per (B, K, implementation): median forward+backward time and peak memory."""
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    compiled = torch.compile(cosine_ce_reference)
+    implementations = {"pytorch_eager": cosine_ce_reference, "torch_compile": compiled}
+    if device.startswith("cuda") and cosine_ce_triton is not None:
+        implementations["fastcoop_triton"] = cosine_ce_triton
+    rows = []
+    for b, k in shapes:
+        x = torch.randn(b, dim, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(k, dim, device=device, dtype=dtype, requires_grad=True)
+        scale = torch.tensor(100.0, device=device)
+        labels = torch.randint(k, (b,), device=device)
+        for name, fn in implementations.items():
+            def step(fn=fn):
+                torch.autograd.grad(fn(x, w, scale, labels), [x, w])
+            try:
+                ms = median_ms(step, device, repeats, warmup=2)
+                peak = peak_memory_gb(step, device)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. compile unavailable, or out of memory
+                ms, peak = None, None
+                print(f"  kernel {name} B={b} K={k}: failed ({str(exc).splitlines()[0][:120]})")
+            rows.append({"batch": b, "classes": k, "dim": dim, "dtype": str(dtype).removeprefix("torch."),
+                         "implementation": name, "median_ms": ms, "peak_gb": peak})
+            if ms is not None:
+                print(f"  kernel B={b} K={k} {name}: {ms:.3f} ms", flush=True)
+    return rows

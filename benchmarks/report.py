@@ -1,0 +1,165 @@
+"""Tables (benchmarks/README.md) and plots from the per-device result files."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+INTRO = """# Benchmarks: fastcoop against the published CoOp computation
+
+Made by `python -m benchmarks` (all sections; `--quick`: a CPU-sized subset; `--plan lease`: a GPU subset that fits
+one device call, see `gpu_check.sh`); each device
+writes `results/<device>.json` and this page is regenerated from every result file present. Random-init weights
+(speed does not depend on weight values); real class names from the paper's datasets, so real prompt lengths.
+The published step runs the image encoder on 32 images and all K prompts × 77 tokens through the text encoder,
+forward and backward (fp16 autocast on GPU, as published; fp32 on CPU); it leaves out JPEG decoding and
+augmentation, so it flatters the published code. fastcoop steps run bf16 autocast on GPU, fp32 on CPU.
+"""
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def device_title(env: dict) -> str:
+    what = env.get("gpu") or f"CPU ({env.get('cpu_count')} threads)"
+    extra = f", driver {env['driver']}, CUDA {env['cuda']}" if env.get("gpu") else ""
+    return (f"{what} — {env['date']}, torch {env['torch']}, triton {env.get('triton')}, open_clip "
+            f"{env['open_clip']}{extra}, commit {env.get('commit')}")
+
+
+def step_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms | fastcoop graph ms "
+             "| fastcoop flex graph ms | speed-up | peak GB (published → fastcoop) |", "|" + " --- |" * 11]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["classes"], r["n_ctx"], r["csc"]), {})[r["variant"]] = r
+    for (model, k, m, csc), v in groups.items():
+        best = min(x["median_ms"] for name, x in v.items() if name.startswith("fastcoop"))
+        pub = v["published"]
+        fast_peak = min((x["peak_gb"] for n, x in v.items() if n.startswith("fastcoop") and x["peak_gb"]), default=None)
+        lines.append(f"| {model} | {k} | {m} | {'CSC' if csc else 'unified'} | {fmt(pub['median_ms'])} | "
+                     f"{fmt(v['cached_77_tokens']['median_ms'])} | {fmt(v['fastcoop_eager']['median_ms'], 2)} | "
+                     f"{fmt(v.get('fastcoop_graph', {}).get('median_ms'), 2)} | "
+                     f"{fmt(v.get('fastcoop_flex_graph', {}).get('median_ms'), 2)} | {pub['median_ms'] / best:.1f}× | "
+                     f"{fmt(pub['peak_gb'], 2)} → {fmt(fast_peak, 2)} |")
+    return lines
+
+
+def full_run_table(rows: list[dict]) -> list[str]:
+    lines = ["| dataset | K | epochs | steps | fastcoop process s | fastcoop loop s | published estimate s | ratio |",
+             "|" + " --- |" * 8]
+    for r in rows:
+        est = r.get("published_estimate_seconds")
+        ratio = "–" if est is None else f"{est / r['process_seconds']:.1f}×"
+        lines.append(f"| {r['dataset']} | {r['classes']} | {r['epochs']} | {r['steps']} | {fmt(r['process_seconds'])}"
+                     f" | {fmt(r['loop_seconds'])} | {fmt(est)} | {ratio} |")
+    return lines
+
+
+def kernel_table(rows: list[dict]) -> list[str]:
+    names = sorted({r["implementation"] for r in rows})
+    lines = ["| B | K | D | dtype | " + " | ".join(f"{n} ms" for n in names) + " |", "|" + " --- |" * (4 + len(names))]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["batch"], r["classes"], r["dim"], r["dtype"]), {})[r["implementation"]] = r
+    for (b, k, d, dt), v in groups.items():
+        lines.append(f"| {b} | {k} | {d} | {dt} | " + " | ".join(fmt(v.get(n, {}).get("median_ms"), 3) for n in names)
+                     + " |")
+    return lines
+
+
+def exactness_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | K | M | context | text max abs diff / max | steps | context max abs diff | context rel. diff |",
+             "|" + " --- |" * 8]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['classes']} | {r['n_ctx']} | {'CSC' if r['csc'] else 'unified'} | "
+                     f"{r['text_max_abs_diff_rel']:.1e} | {r['steps']} | {r['ctx_max_abs_diff']:.1e} | "
+                     f"{r['ctx_rel_norm_diff']:.1e} |")
+    return lines
+
+
+def plots(result: dict, out: Path, slug: str) -> list[str]:
+    """speed-up vs K, where a step's time goes, peak memory vs K (GPU only); returns the file names."""
+    made = []
+    steps = result.get("step", [])
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        series = {}
+        for r in steps:
+            series.setdefault((r["model"], r["n_ctx"], r["csc"]), {}).setdefault(r["classes"], {})[r["variant"]] = r
+        for (model, m, csc), by_k in series.items():
+            ks = sorted(by_k)
+            speedups = [by_k[k]["published"]["median_ms"] / min(v["median_ms"] for n, v in by_k[k].items()
+                                                                if n.startswith("fastcoop")) for k in ks]
+            ax.plot(ks, speedups, marker="o", label=f"{model} M={m} {'CSC' if csc else 'unified'}")
+        ax.set_xscale("log")
+        ax.set_xlabel("classes K")
+        ax.set_ylabel("speed-up over the published step")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(_save(fig, out / f"speedup_vs_k_{slug}.png"))
+        peaks = [r for r in steps if r["peak_gb"]]
+        if peaks:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for variant in ("published", "cached_77_tokens", "fastcoop_eager", "fastcoop_graph", "fastcoop_flex_graph"):
+                pts = sorted((r["classes"], r["peak_gb"]) for r in peaks if r["variant"] == variant
+                             and r["n_ctx"] == 16 and not r["csc"] and r["model"] == peaks[0]["model"])
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=variant)
+            ax.set_xscale("log")
+            ax.set_xlabel("classes K")
+            ax.set_ylabel("peak memory (GB)")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            made.append(_save(fig, out / f"memory_vs_k_{slug}.png"))
+    if result.get("breakdown"):
+        b = result["breakdown"]
+        fig, ax = plt.subplots(figsize=(7, 3))
+        published = ["image encoder (32 images)", "text 77 tokens fwd+bwd", "loss fwd+bwd", "SGD update"]
+        fast = ["text fast fwd+bwd", "loss fwd+bwd", "SGD update"]
+        colours = {part: f"C{i}" for i, part in enumerate(published + fast[:1])}
+        for y, parts in ((1, published), (0, fast)):
+            left = 0.0
+            for part in parts:
+                ax.barh(y, b["ms"][part], left=left, color=colours[part],
+                        label=part if y == 1 or part == fast[0] else None)
+                left += b["ms"][part]
+        ax.set_yticks([0, 1], ["fastcoop", "published"])
+        ax.set_xlabel(f"ms per step (components timed alone; {b['model']}, K = {b['classes']})")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        made.append(_save(fig, out / f"breakdown_{slug}.png"))
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def write_report(results_dir: Path, readme: Path) -> None:
+    lines = [INTRO]
+    for path in sorted(results_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        env, slug = result["environment"], path.stem
+        lines += [f"## {device_title(env)}", "", f"Plan: {result.get('plan')}; "
+                  f"raw numbers in `results/{path.name}`.", ""]
+        for title, key, table in (("Step time", "step", step_table), ("Full 16-shot runs", "full_run", full_run_table),
+                                  ("cosine_ce forward + backward", "kernel", kernel_table),
+                                  ("Exactness (fp32, fast path vs published computation)", "exactness",
+                                   exactness_table)):
+            if result.get(key):
+                lines += [f"### {title}", "", *table(result[key]), ""]
+        for name in plots(result, results_dir, slug):
+            lines += [f"![{name}](results/{name})", ""]
+        for note in result.get("notes", []):
+            lines.append(f"- {note}")
+        lines.append("")
+    readme.write_text("\n".join(lines))
