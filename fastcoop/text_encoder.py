@@ -78,7 +78,6 @@ class FastTextEncoder:
         causal = self.tower.attn_mask
         self.causal = causal[P:P + S, P:P + S].to(device)
         self.eos_mask = self.causal[(lengths - 1).to(device)][:, None, None, :]  # K × 1 × 1 × S
-        self.prefix_mask = causal[:P, :P].to(device)
         if attention == "flex":
             self.block_mask = _prefix_and_class_mask(torch.cat([torch.full((P,), -1), classes]).to(device))
 
@@ -122,7 +121,7 @@ class FastTextEncoder:
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
             if prefix is not None and not last:
                 out = F.scaled_dot_product_attention(qp.transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1),
-                                                     attn_mask=self.prefix_mask)
+                                                     is_causal=True)
                 prefix = prefix + block.ls_1(block.attn.out_proj(out.transpose(0, 1).flatten(1)))[None]
                 prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
         return self.tower.project(self.tower.ln_final(x))

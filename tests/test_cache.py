@@ -142,3 +142,12 @@ def test_local_checkpoint_and_bad_weights(tmp_path, capsys, tiny_vit, example_im
         load_model("ViT-B-32", "no-such-tag")
     code, _, err = run_cli(capsys, "cache", example_images, "--out", tmp_path / "x.h5", "--model", "ViT-B-99")
     assert code == 2 and "unknown model 'ViT-B-99'" in err
+
+
+def test_unreadable_partial_file_is_started_over(tmp_path, tiny_vit, example_images):
+    """A kill -9 can leave the .partial file unreadable: the next run starts it over and still ends right."""
+    data = read_dataset(example_images)
+    whole = extract_features(data, tmp_path / "whole.h5", tiny_vit, **OPTS)
+    (tmp_path / "again.h5.partial").write_bytes(b"\x89HDF\r\n" + bytes(300))
+    extract_features(data, tmp_path / "again.h5", tiny_vit, **OPTS)
+    _assert_same_file(whole, tmp_path / "again.h5")

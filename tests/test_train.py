@@ -94,6 +94,8 @@ def test_zeroshot_cli(capsys, cache_path, tmp_path):
     (["zeroshot", "{cache}", "--template", "a photo"], "must contain '{}'"),
     (["eval", "{tmp}", "{cache}"], "not a fastcoop run directory"),
     (["train", "{tmp}/missing.h5", "--out", "{tmp}/r"], "does not exist"),
+    (["zeroshot", "{cache}", "--templates", "no-such-set"], "no built-in templates"),
+    (["zeroshot", "{cache}", "--cupl", "{tmp}/missing.json"], "cannot read CuPL file"),
 ])
 def test_cli_errors(capsys, tmp_path, cache_path, args, message):
     code, _, err = run_cli(capsys, *[a.format(cache=cache_path, tmp=tmp_path) for a in args])
@@ -140,3 +142,26 @@ def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_
             published_step(tiny_vit.model, learner, images, labels[batch], optimizer)
     ours, theirs = result.learner.ctx.detach(), learner.ctx.detach()
     assert (ours - theirs).norm() <= 1e-3 * theirs.norm()
+
+
+def test_predict_and_eval_refuse_bad_input(capsys, tmp_path, cache_path, tiny_rn, example_images):
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", cache_path, "--out", run_dir, "--shots", "4", "--n-ctx", "2", "--epochs", "1")[0] == 0
+    code, _, err = run_cli(capsys, "predict", run_dir, tmp_path / "nope.jpg")
+    assert code == 2 and "cannot read image" in err and "nope.jpg" in err
+    other_model = extract_features(read_dataset(example_images), tmp_path / "rn.h5", tiny_rn, shots=4, seeds=[1],
+                                   batch_size=32, workers=0, progress=False)
+    code, _, err = run_cli(capsys, "eval", run_dir, other_model)
+    assert code == 2 and "would not match" in err
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_context(capsys, tmp_path, cache_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", cache_path, "--out", run_dir, "--shots", "4", "--n-ctx", "2",
+                           "--epochs", "5", "--lr", "1e38")
+    assert code == 2 and "non-finite" in err
+    from safetensors.torch import load_file
+
+    ctx = load_file(run_dir / "prompt.safetensors")["ctx"]
+    assert torch.isfinite(ctx).all()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 1
