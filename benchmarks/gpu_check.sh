@@ -19,6 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-timeout 170 python3 -m pytest -q tests/test_cosine_ce.py tests/test_step.py tests/test_text_encoder.py \
+timeout 170 python3 -m pytest -q tests/test_cosine_ce.py tests/test_prefix_attention.py tests/test_step.py \
+  tests/test_text_encoder.py \
   -k "not real_rn50 and not real_vit_b16" 2>&1 | tee "$OUT/tests.log"
 timeout 330 python3 -m benchmarks --device cuda --plan lease --out "$OUT/results" 2>&1 | tee "$OUT/bench.log"

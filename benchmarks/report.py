@@ -20,6 +20,9 @@ augmentation, so it flatters the published code. fastcoop steps run bf16 autocas
 """
 
 
+GRAPH_VARIANTS = ("fastcoop_graph", "fastcoop_grid_graph", "fastcoop_flex_graph")
+
+
 def fmt(value, digits=1):
     if value is None:
         return "–"
@@ -35,7 +38,7 @@ def device_title(env: dict) -> str:
 
 def step_table(rows: list[dict]) -> list[str]:
     lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms | fastcoop graph ms "
-             "| fastcoop flex graph ms | speed-up | peak GB (published → fastcoop) |", "|" + " --- |" * 11]
+             "(triton / grid / flex attention) | speed-up | peak GB (published → fastcoop) |", "|" + " --- |" * 10]
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], r["classes"], r["n_ctx"], r["csc"]), {})[r["variant"]] = r
@@ -45,8 +48,8 @@ def step_table(rows: list[dict]) -> list[str]:
         fast_peak = min((x["peak_gb"] for n, x in v.items() if n.startswith("fastcoop") and x["peak_gb"]), default=None)
         lines.append(f"| {model} | {k} | {m} | {'CSC' if csc else 'unified'} | {fmt(pub['median_ms'])} | "
                      f"{fmt(v['cached_77_tokens']['median_ms'])} | {fmt(v['fastcoop_eager']['median_ms'], 2)} | "
-                     f"{fmt(v.get('fastcoop_graph', {}).get('median_ms'), 2)} | "
-                     f"{fmt(v.get('fastcoop_flex_graph', {}).get('median_ms'), 2)} | {pub['median_ms'] / best:.1f}× | "
+                     f"{' / '.join(fmt(v.get(n, {}).get('median_ms'), 2) for n in GRAPH_VARIANTS)} | "
+                     f"{pub['median_ms'] / best:.1f}× | "
                      f"{fmt(pub['peak_gb'], 2)} → {fmt(fast_peak, 2)} |")
     return lines
 
@@ -107,7 +110,7 @@ def plots(result: dict, out: Path, slug: str) -> list[str]:
         peaks = [r for r in steps if r["peak_gb"]]
         if peaks:
             fig, ax = plt.subplots(figsize=(6, 4))
-            for variant in ("published", "cached_77_tokens", "fastcoop_eager", "fastcoop_graph", "fastcoop_flex_graph"):
+            for variant in ("published", "cached_77_tokens", "fastcoop_eager", *GRAPH_VARIANTS):
                 pts = sorted((r["classes"], r["peak_gb"]) for r in peaks if r["variant"] == variant
                              and r["n_ctx"] == 16 and not r["csc"] and r["model"] == peaks[0]["model"])
                 if pts:

@@ -16,6 +16,7 @@ from fastcoop.reference import published_step
 from fastcoop.step import CudaGraphStep, TrainStep
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
+from fastcoop.train import resolve_attention
 
 
 def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, precision=None, graph=True):
@@ -51,10 +52,11 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
 
     variants = {"published": published,
                 "cached_77_tokens": make(lambda: reference_text_features(tower, learner), published_dtype)[1]}
-    step, eager = make(FastTextEncoder(model, learner), precision)
+    step, eager = make(FastTextEncoder(model, learner, resolve_attention("auto", device)), precision)
     variants["fastcoop_eager"] = eager
-    if graph and device.startswith("cuda"):  # the grid and the FlexAttention attention, each in a CUDA graph
-        for name, attention in (("fastcoop_graph", "grid"), ("fastcoop_flex_graph", "flex")):
+    if graph and device.startswith("cuda"):  # each attention, the whole step in a CUDA graph
+        for name, attention in (("fastcoop_graph", "triton"), ("fastcoop_grid_graph", "grid"),
+                                ("fastcoop_flex_graph", "flex")):
             step, _ = make(FastTextEncoder(model, learner, attention), precision)
             graphed = CudaGraphStep(step)
             variants[name] = lambda step=step, graphed=graphed: (step.step.zero_(), graphed())

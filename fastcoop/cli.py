@@ -109,8 +109,10 @@ def _describe_cache(path, seconds):
 @click.option("--text-path", default="fast", show_default=True, type=click.Choice(["fast", "reference"]),
               help="reference: the published 77-token text computation (slow; for comparison).")
 @click.option("--no-graph", is_flag=True, help="On GPU, run the step eagerly instead of replaying a CUDA graph.")
+@click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "grid", "triton", "flex"]),
+              help="Fast-path attention: auto is the Triton kernel on GPU and plain PyTorch on CPU.")
 def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
-          text_path, no_graph):
+          text_path, no_graph, attention):
     """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR."""
     from fastcoop import fewshot
     from fastcoop.cache import FeatureCache
@@ -134,7 +136,7 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     _say_weights(loaded)
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
-                         text_path=text_path, graph=not no_graph)
+                         text_path=text_path, graph=not no_graph, attention=attention)
     try:
         result = train_prompts(cache, loaded, config, on_epoch=lambda r: save_run(run_dir, r, cache, loaded))
     except NonFiniteLoss as exc:

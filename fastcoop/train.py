@@ -19,7 +19,7 @@ from fastcoop.models import LoadedModel
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
 from fastcoop.step import CudaGraphStep, TrainStep
-from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.text_encoder import FastTextEncoder, prefix_attention_triton, reference_text_features
 from fastcoop.text_tower import TextTower
 
 
@@ -44,6 +44,7 @@ class TrainConfig:
     device: str = "auto"
     text_path: str = "fast"  # or "reference": the published text computation
     graph: bool = True  # on GPU, capture the whole step once in a CUDA graph and replay it
+    attention: str = "auto"  # fast path attention: grid, triton, flex; auto: triton on GPU, grid on CPU
 
 
 @dataclass
@@ -52,6 +53,13 @@ class TrainResult:
     config: TrainConfig
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def resolve_attention(attention: str, device: str) -> str:
+    """auto → the fused Triton kernel on GPU, the plain-PyTorch grid on CPU (Triton runs there only interpreted)."""
+    if attention != "auto":
+        return attention
+    return "triton" if device.startswith("cuda") and prefix_attention_triton is not None else "grid"
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -80,7 +88,7 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     n = len(labels)
     batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
     if config.text_path == "fast":
-        encode_text = FastTextEncoder(model, learner)
+        encode_text = FastTextEncoder(model, learner, resolve_attention(config.attention, device))
     else:
         tower = TextTower.of(model)
         encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731

@@ -1,13 +1,16 @@
 """Triton kernels, each with a plain-PyTorch reference beside it and an autograd wrapper.
 
-cosine_ce runs the fused Triton kernel on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, for tests);
-elsewhere it runs the plain-PyTorch reference, which computes the same function.
+cosine_ce: fused cosine-logit cross-entropy (cosine_ce.py; reference cosine_ce_reference.py). It runs the Triton
+kernel on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, for tests), elsewhere the reference.
+prefix attention: packed class tokens over a shared prefix (prefix_attention.py; reference
+prefix_attention_reference.py; FlexAttention variant prefix_attention_flex.py), chosen by FastTextEncoder.
 """
 
 from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference, cosine_logits
 
 try:
-    from fastcoop.kernels.cosine_ce import INTERPRET, cosine_ce_triton
+    from fastcoop.kernels.cosine_ce import cosine_ce_triton
+    from fastcoop.kernels.triton_common import INTERPRET
 except ImportError:  # no Triton on this platform
     cosine_ce_triton, INTERPRET = None, False
 

@@ -11,22 +11,11 @@ The dot products run on the raw inputs (tensor cores for bf16/fp16) with fp32 ac
 applied to the fp32 results. Backward programs own a (rows, feature-chunk) tile and recompute the logits tiles.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. UPCAST (interpreter only: its bf16 dot is broken) multiplies in fp32,
-    which equals the tensor-core result: products of bf16/fp16 values are exact in fp32."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+from fastcoop.kernels.triton_common import INTERPRET, mma
 
 
 @triton.jit
@@ -40,7 +29,7 @@ def _cos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, D, stride_x, stride_w,
         d_ok = ds < D
         x = tl.load(X + rows[:, None] * stride_x + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(W + cols[:, None] * stride_w + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+        acc = mma(x, tl.trans(w), acc, PRECISION, UPCAST)
     return acc * rx[:, None] * rw[None, :]
 
 
@@ -118,7 +107,7 @@ def _grad_x_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x
         dcos_cos += tl.sum(dcos * cos, 1)
         dscale += tl.sum(dlogits * cos, 1)
         w = tl.load(W + cols[:, None] * stride_w + dc[None, :], mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
-        acc = _dot((dcos * rw[None, :]).to(w.dtype), w, acc, PRECISION, UPCAST)
+        acc = mma((dcos * rw[None, :]).to(w.dtype), w, acc, PRECISION, UPCAST)
     x = tl.load(X + rows[:, None] * stride_x + dc[None, :], mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
     dx = rx[:, None] * (acc - dcos_cos[:, None] * rx[:, None] * x.to(tl.float32))
     tl.store(DX + rows[:, None] * D + dc[None, :], dx.to(DX.dtype.element_ty), mask=row_ok[:, None] & dc_ok[None, :])
@@ -150,7 +139,7 @@ def _grad_w_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DW, B, K, D, stride_x, stride
         dcos = dlogits * scale
         dcos_cos += tl.sum(dcos * cos, 0)
         x = tl.load(X + rows[:, None] * stride_x + dc[None, :], mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
-        acc = _dot(tl.trans(dcos * rx[:, None]).to(x.dtype), x, acc, PRECISION, UPCAST)
+        acc = mma(tl.trans(dcos * rx[:, None]).to(x.dtype), x, acc, PRECISION, UPCAST)
     w = tl.load(W + cols[:, None] * stride_w + dc[None, :], mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
     dw = rw[:, None] * (acc - dcos_cos[:, None] * rw[:, None] * w.to(tl.float32))
     tl.store(DW + cols[:, None] * D + dc[None, :], dw.to(DW.dtype.element_ty), mask=col_ok[:, None] & dc_ok[None, :])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS
+from fastcoop import kernels
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.text_encoder import FastTextEncoder, encode_prompts
@@ -37,6 +38,12 @@ def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAME
 @pytest.mark.parametrize("csc, position, init", MATRIX)
 def test_fast_equals_reference_vit_tower(tiny_vit, csc, position, init):
     assert_exact(tiny_vit.model, tiny_vit.tokenizer, csc, position, init)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or kernels.INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("csc, position, init", MATRIX)
+def test_triton_attention_fast_path_equals_reference(tiny_vit, tiny_vit_on_device, csc, position, init):
+    assert_exact(tiny_vit_on_device, tiny_vit.tokenizer, csc, position, init, attention="triton")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,17 @@
+"""What the Triton kernels share: whether they run interpreted, and a dot product that stays right when they do."""
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton when a kernel is defined, so here too
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST (interpreter only: its bf16 dot is broken) multiplies in fp32,
+    which equals the tensor-core result: products of bf16/fp16 values are exact in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
