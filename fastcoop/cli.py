@@ -132,7 +132,7 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
     check_run_dir(run_dir, cache)
-    loaded = load_model(cache.model, cache.pretrained, device)
+    loaded = load_model(cache.model, cache.pretrained, "cpu")  # training moves only the text tower to the device
     _say_weights(loaded)
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
@@ -147,7 +147,7 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
                "epochs": config.epochs, "steps": sum(r["steps"] for r in result.history)}
     if "test" in cache.splits:
-        results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner))
+        results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner, config.attention))
     save_results(run_dir, results)
     click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"
                + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "") + f" → {run_dir}")

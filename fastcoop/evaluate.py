@@ -7,13 +7,13 @@ from fastcoop.cache import FeatureCache
 from fastcoop.errors import FastCoopError
 from fastcoop.kernels import cosine_ce
 from fastcoop.run import Run
-from fastcoop.text_encoder import encode_prompts
+from fastcoop.text_encoder import FastTextEncoder
 
 
-def prompt_text_features(model, learner) -> torch.Tensor:
-    """K × D text features of learned prompts, fp32, no graph."""
+def prompt_text_features(model, learner, attention: str = "grid") -> torch.Tensor:
+    """K × D text features of learned prompts, fp32, no autograd graph."""
     with torch.no_grad():
-        return encode_prompts(model, learner, "fast").float()
+        return FastTextEncoder(model, learner, attention)().float()
 
 
 def run_text_features(run: Run) -> torch.Tensor:

@@ -92,3 +92,13 @@ def preprocess_config(model: torch.nn.Module) -> dict:
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
     }
+
+
+def move_text_tower(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """Move everything but the image tower: training on cached features never runs it, so it need not take
+    accelerator memory."""
+    visual = model.visual
+    model.visual = None
+    model.to(device)
+    model.visual = visual
+    return model

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from fastcoop.cache import FeatureCache
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
-from fastcoop.models import LoadedModel
+from fastcoop.kernels import INTERPRET
+from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
 from fastcoop.step import CudaGraphStep, TrainStep
@@ -57,9 +58,14 @@ class TrainResult:
 
 def resolve_attention(attention: str, device: str) -> str:
     """auto → the fused Triton kernel on GPU, the plain-PyTorch grid on CPU (Triton runs there only interpreted)."""
-    if attention != "auto":
-        return attention
-    return "triton" if device.startswith("cuda") and prefix_attention_triton is not None else "grid"
+    on_gpu = device.startswith("cuda")
+    if attention == "auto":
+        return "triton" if on_gpu and prefix_attention_triton is not None else "grid"
+    if attention == "triton" and (prefix_attention_triton is None or not (on_gpu or INTERPRET)):
+        raise FastCoopError("--attention triton needs a GPU with Triton; use grid")
+    if attention == "flex" and not on_gpu:
+        raise FastCoopError("--attention flex trains on GPU only (FlexAttention has no CPU backward); use grid")
+    return attention
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -79,8 +85,9 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     features = cache.features("train", rows)[1:] if views > 1 else cache.features("train", rows)
     features, labels = features.to(device).float(), cache.labels("train", rows).to(device)
     config.epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
+    config.attention = resolve_attention(config.attention, device)
 
-    model = loaded.model.to(device)
+    model = move_text_tower(loaded.model, device)
     torch.manual_seed(config.seed)
     learner = PromptLearner(model, loaded.tokenizer, cache.classnames, config.n_ctx, config.csc, config.position,
                             config.init).to(device)
@@ -88,7 +95,7 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     n = len(labels)
     batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
     if config.text_path == "fast":
-        encode_text = FastTextEncoder(model, learner, resolve_attention(config.attention, device))
+        encode_text = FastTextEncoder(model, learner, config.attention)
     else:
         tower = TextTower.of(model)
         encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731

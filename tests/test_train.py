@@ -95,6 +95,7 @@ def test_zeroshot_cli(capsys, cache_path, tmp_path):
     (["eval", "{tmp}", "{cache}"], "not a fastcoop run directory"),
     (["train", "{tmp}/missing.h5", "--out", "{tmp}/r"], "does not exist"),
     (["zeroshot", "{cache}", "--templates", "no-such-set"], "no built-in templates"),
+    (["train", "{cache}", "--out", "{tmp}/r", "--shots", "4", "--attention", "flex", "--device", "cpu"], "GPU only"),
     (["zeroshot", "{cache}", "--cupl", "{tmp}/missing.json"], "cannot read CuPL file"),
 ])
 def test_cli_errors(capsys, tmp_path, cache_path, args, message):
