@@ -8,8 +8,8 @@ from fastcoop.fewshot import sample_few_shot  # noqa: E402
 from fastcoop.models import LoadedModel, load_model  # noqa: E402
 from fastcoop.prompts import PromptLearner  # noqa: E402
 from fastcoop.text_encoder import FastTextEncoder, encode_prompts  # noqa: E402
-from fastcoop.train import TrainConfig, train  # noqa: E402
+from fastcoop.train import TrainConfig  # noqa: E402  (the loop itself: fastcoop.train.train)
 
 __all__ = ["FastCoopError", "FastTextEncoder", "LabelledImages", "LoadedModel", "PromptLearner", "TrainConfig",
            "encode_prompts", "load_model", "read_coop_split", "read_csv", "read_dataset", "read_imagefolder",
-           "sample_few_shot", "train"]
+           "sample_few_shot"]

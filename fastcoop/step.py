@@ -5,6 +5,8 @@ from a device tensor, and SGD (momentum, weight decay) is written out as three t
 depends on the host, and replaying the graph `steps` times per epoch is the whole training loop.
 """
 
+import warnings
+
 import torch
 
 from fastcoop.kernels import cosine_ce
@@ -72,19 +74,30 @@ class CudaGraphStep:
     def __init__(self, step: TrainStep, warmup: int = 3):
         self.step = step
         saved = [t.clone() for t in step.state()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):  # compiles kernels, builds autograd and cuBLAS state
-                step.step.zero_()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):  # compiles kernels, builds autograd and cuBLAS state
+                    step.step.zero_()
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            step.step.zero_()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 step()
-        torch.cuda.current_stream().wait_stream(stream)
-        step.step.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step()
-        for tensor, value in zip(step.state(), saved):
-            tensor.copy_(value)
+        finally:  # capture records without running; undo the warm-up steps (also when capture fails)
+            for tensor, value in zip(step.state(), saved):
+                tensor.copy_(value)
 
     def __call__(self) -> None:
         self.graph.replay()
+
+
+def graphed_or_eager(step: TrainStep):
+    """The step captured in a CUDA graph, or, where capture fails, the eager step with a warning."""
+    try:
+        return CudaGraphStep(step)
+    except RuntimeError as exc:
+        warnings.warn(f"CUDA graph capture failed ({str(exc).splitlines()[0]}); running the step eagerly")
+        return step

@@ -19,7 +19,7 @@ from fastcoop.kernels import INTERPRET
 from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
-from fastcoop.step import CudaGraphStep, TrainStep
+from fastcoop.step import TrainStep, graphed_or_eager
 from fastcoop.text_encoder import FastTextEncoder, prefix_attention_triton, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -113,7 +113,7 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
         view = torch.randint(len(features), (n,), generator=generator)
         step.start_epoch(order.to(device), view.to(device), lr)
         if run_step is None:
-            run_step = CudaGraphStep(step) if use_graph else step
+            run_step = graphed_or_eager(step) if use_graph else step
         good_ctx = learner.ctx.detach().clone()
         epoch_start = time.perf_counter()
         for _ in range(steps):
