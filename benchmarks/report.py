@@ -101,12 +101,7 @@ def plots(result: dict, out: Path, slug: str) -> list[str]:
             speedups = [by_k[k]["published"]["median_ms"] / min(v["median_ms"] for n, v in by_k[k].items()
                                                                 if n.startswith("fastcoop")) for k in ks]
             ax.plot(ks, speedups, marker="o", label=f"{model} M={m} {'CSC' if csc else 'unified'}")
-        ax.set_xscale("log")
-        ax.set_xlabel("classes K")
-        ax.set_ylabel("speed-up over the published step")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        made.append(_save(fig, out / f"speedup_vs_k_{slug}.png"))
+        made.append(_save_against_k(fig, ax, "speed-up over the published step", out / f"speedup_vs_k_{slug}.png"))
         peaks = [r for r in steps if r["peak_gb"]]
         if peaks:
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -115,12 +110,7 @@ def plots(result: dict, out: Path, slug: str) -> list[str]:
                              and r["n_ctx"] == 16 and not r["csc"] and r["model"] == peaks[0]["model"])
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=variant)
-            ax.set_xscale("log")
-            ax.set_xlabel("classes K")
-            ax.set_ylabel("peak memory (GB)")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            made.append(_save(fig, out / f"memory_vs_k_{slug}.png"))
+            made.append(_save_against_k(fig, ax, "peak memory (GB)", out / f"memory_vs_k_{slug}.png"))
     if result.get("breakdown"):
         b = result["breakdown"]
         fig, ax = plt.subplots(figsize=(7, 3))
@@ -139,6 +129,15 @@ def plots(result: dict, out: Path, slug: str) -> list[str]:
         fig.tight_layout()
         made.append(_save(fig, out / f"breakdown_{slug}.png"))
     return made
+
+
+def _save_against_k(fig, ax, ylabel: str, path: Path) -> str:
+    ax.set_xscale("log")
+    ax.set_xlabel("classes K")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> str:

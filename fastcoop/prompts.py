@@ -55,12 +55,12 @@ class PromptLearner(nn.Module):
         self.classnames, self.n_ctx, self.csc, self.position, self.init = names, n_ctx, csc, position, init
         # class-name token counts, as the published code counts them (the name tokenized on its own)
         self.name_lens = [len(tokenizer.encode(name)) for name in names]
-        token_index, ctx_slot = self._layout(tokens.shape[1])
-        base = embedded.gather(1, token_index.to(device)[..., None].expand(-1, -1, embedded.shape[-1]))
+        token_index, ctx_slot = (t.to(device) for t in self._layout(tokens.shape[1]))
+        base = embedded.gather(1, token_index[..., None].expand(-1, -1, embedded.shape[-1]))
         base[ctx_slot >= 0] = 0
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self.register_buffer("base", base, persistent=False)  # frozen token embeddings, in prompt order
-        self.register_buffer("ctx_slot", ctx_slot.to(device), persistent=False)  # which ctx vector, or -1
+        self.register_buffer("ctx_slot", ctx_slot, persistent=False)  # which ctx vector, or -1
 
     def _layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per class and position: which token of "[SOS] X.. name . [EOS]" goes there, and which context vector

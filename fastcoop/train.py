@@ -81,8 +81,9 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     if config.batch_size < 1 or config.lr <= 0:
         raise FastCoopError("--batch-size must be ≥ 1 and --lr > 0")
     rows = cache.rows("train", config.shots, config.seed if config.shots else None)
-    views = cache.num_views("train")
-    features = cache.features("train", rows)[1:] if views > 1 else cache.features("train", rows)
+    features = cache.features("train", rows)  # views × n × D
+    if len(features) > 1:  # augmented views cached: train on those, as the published code trains on augmentations
+        features = features[1:]
     features, labels = features.to(device).float(), cache.labels("train", rows).to(device)
     config.epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
     config.attention = resolve_attention(config.attention, device)
