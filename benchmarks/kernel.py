@@ -3,10 +3,10 @@
 import torch
 
 from benchmarks.common import median_ms, peak_memory_gb
-from fastcoop.kernels import cosine_ce_reference
+from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 
 try:
-    from fastcoop.kernels.cosine_ce import cosine_ce_triton
+    from fastcoop.kernels.cosine_ce_kernel import cosine_ce_triton
 except ImportError:
     cosine_ce_triton = None
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import run_text_features
-from fastcoop.kernels import cosine_logits
+from fastcoop.kernels.cosine_ce_reference import cosine_logits
 from fastcoop.run import Run
 
 

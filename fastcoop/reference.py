@@ -6,7 +6,7 @@ each, through the text encoder, forward and backward, as the published implement
 
 import torch
 
-from fastcoop.kernels import cosine_ce_reference
+from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 from fastcoop.prompts import PromptLearner
 from fastcoop.text_encoder import encode_prompts
 

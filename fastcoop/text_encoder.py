@@ -22,7 +22,7 @@ from fastcoop.prompts import PromptLearner
 from fastcoop.text_tower import TextTower
 
 try:
-    from fastcoop.kernels.prefix_attention import prefix_attention_triton
+    from fastcoop.kernels.prefix_attention_kernel import prefix_attention_triton
 except ImportError:  # no Triton on this platform
     prefix_attention_triton = None
 

@@ -151,3 +151,22 @@ def test_unreadable_partial_file_is_started_over(tmp_path, tiny_vit, example_ima
     (tmp_path / "again.h5.partial").write_bytes(b"\x89HDF\r\n" + bytes(300))
     extract_features(data, tmp_path / "again.h5", tiny_vit, **OPTS)
     _assert_same_file(whole, tmp_path / "again.h5")
+
+
+def test_cli_caches_a_coop_split_file(tmp_path, capsys, example_images):
+    """The published code's split file used as it is, with its images under a subfolder."""
+    import json
+    import shutil
+
+    shutil.copytree(example_images / "train", tmp_path / "images")
+    classes = sorted(p.name for p in (tmp_path / "images").iterdir())
+    entries = [[f"{c}/{img.name}", i, c] for i, c in enumerate(classes)
+               for img in sorted((tmp_path / "images" / c).iterdir())]
+    (tmp_path / "split_zhou_Shapes.json").write_text(json.dumps({"train": entries[::2], "val": [],
+                                                                 "test": entries[1::2]}))
+    code, out, err = run_cli(capsys, "cache", tmp_path, "--out", tmp_path / "f.h5", "--model", TINY_VIT,
+                             "--pretrained", "none", "--shots", "2", "--seeds", "1", "--workers", "0")
+    assert code == 0, err
+    with FeatureCache(tmp_path / "f.h5") as cache:
+        assert cache.classnames == [c.replace("_", " ") for c in classes]
+        assert cache.splits == ["train", "test"] and len(cache.rows("train", 2, 1)) == 24

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from fastcoop import kernels
-from fastcoop.kernels import cosine_ce, cosine_ce_reference, cosine_ce_triton
+from fastcoop.kernels import cosine_ce
+from fastcoop.kernels.cosine_ce_kernel import cosine_ce_triton
+from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # the kernel runs on a GPU, or on CPU tensors under TRITON_INTERPRET=1 (set by conftest unless overridden)
@@ -90,7 +92,8 @@ def test_first_and_last_labels():
 @needs_kernel
 def test_dispatch_uses_the_kernel_where_it_runs(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "cosine_ce_triton", lambda *a, **k: calls.append(a) or cosine_ce_triton(*a, **k))
+    monkeypatch.setattr(kernels.kernel, "cosine_ce_triton",
+                        lambda *a, **k: calls.append(a) or cosine_ce_triton(*a, **k))
     x, w = torch.randn(8, 32, device=DEVICE), torch.randn(5, 32, device=DEVICE)
     cosine_ce(x, w, torch.tensor(10.0, device=DEVICE), torch.zeros(8, dtype=torch.long, device=DEVICE))
     assert len(calls) == 1

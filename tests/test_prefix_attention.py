@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastcoop import kernels
-from fastcoop.kernels.prefix_attention import prefix_attention_triton
+from fastcoop.kernels.prefix_attention_kernel import prefix_attention_triton
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

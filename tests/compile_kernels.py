@@ -1,0 +1,46 @@
+"""Compile every Triton kernel ahead of time for an H100/H200 (sm_90), fp32 and bf16, without a GPU.
+
+The interpreter runs kernels as NumPy code; this catches what only the real compiler sees (types, layouts, tile
+shapes). Run with TRITON_INTERPRET=0 (test_kernels_compile.py does); prints one line per compiled variant.
+"""
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastcoop.kernels import cosine_ce_kernel as cosine_ce
+from fastcoop.kernels import prefix_attention_kernel as attention
+
+
+def compile_for_hopper(fn, types: dict, constexprs: dict) -> str:
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], fn.__name__
+    return f"{fn.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 code"
+
+
+def main():
+    for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
+        p = f"*{dtype}"
+        ce = dict(X=p, W=p, RX="*fp32", RW="*fp32", Y="*i64", SCALE="*fp32", LSE="*fp32", G="*fp32", B="i32",
+                  K="i32", D="i32", stride_x="i32", stride_w="i32", LOSS="*fp32", ARGMAX="*i64", DX=p,
+                  DSCALE="*fp32", DW=p)
+        blocks = dict(BLOCK_B=cosine_ce.BLOCK_B, BLOCK_K=cosine_ce.BLOCK_K, BLOCK_D=cosine_ce.BLOCK_D,
+                      PRECISION=precision, UPCAST=False)
+        print(compile_for_hopper(cosine_ce._forward_kernel, ce, blocks))
+        for fn in (cosine_ce._grad_x_kernel, cosine_ce._grad_w_kernel):
+            print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=cosine_ce.BLOCK_DC)))
+        att = dict(Q=p, K=p, V=p, KP=p, VP=p, O=p, DO=p, DQ=p, DK=p, DV=p, LSE="*fp32", DELTA="*fp32",
+                   DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64", LENGTHS="*i64", P="i32", H="i32",
+                   sm_scale="fp32", stride_t="i32", stride_h="i32", DH="i32")
+        for has_prefix in (True, False):
+            tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=16, BLOCK_P=32, BLOCK_DH=64, PRECISION=precision,
+                         UPCAST=False)
+            for fn in (attention._forward_kernel, attention._backward_kernel):
+                print(compile_for_hopper(fn, att, tiles))
+
+
+if __name__ == "__main__":
+    main()
