@@ -48,6 +48,11 @@ def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> floa
     return median_ms(variants["published"], device, repeats)
 
 
+def _note(result: dict, note: str) -> None:
+    if note not in result["notes"]:
+        result["notes"].append(note)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -58,6 +63,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--datasets", default=None, help="full-run datasets (default: by mode)")
+    parser.add_argument("--exact-steps", type=int, default=None, help="training steps compared for exactness")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     readme = Path(__file__).parent / "README.md"
@@ -69,10 +75,15 @@ def main():
     todo = plan(mode, args.device)
     if args.datasets:
         todo["datasets"] = args.datasets.split(",")
+    if args.exact_steps:
+        todo["exact_steps"] = args.exact_steps
     env = environment(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{device_slug(env)}.json"
-    result = {"environment": env, "plan": mode, "notes": []}
+    # sections run now replace their own entries; other sections measured earlier on this device stay
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"environment": env, "plan": mode})
+    result.setdefault("notes", [])
     print(f"benchmarks on {env.get('gpu') or 'CPU'} ({mode})", flush=True)
     if "step" in sections:
         result["step"] = run_step_section(todo["step"], args.device, todo["repeats"])
@@ -89,15 +100,17 @@ def main():
             result["full_run"].append(row)
             print(f"  full run {dataset}: {row['process_seconds']:.1f} s (loop {row['loop_seconds']:.1f} s), "
                   f"published ≈ {row['published_estimate_seconds']:.0f} s", flush=True)
-        result["notes"].append("Published full-run times are estimates: the published step time (no data loading) "
-                               "× the schedule's steps; fastcoop's are measured whole processes.")
+        _note(result, "Published full-run times are estimates: the published step time (no data loading) "
+                      "× the schedule's steps; fastcoop's are measured whole processes.")
     if "kernel" in sections:
         result["kernel"] = run_kernel_section(todo["kernel"], args.device, todo["repeats"])
         if not args.device.startswith("cuda"):
-            result["notes"].append("No GPU: the Triton kernel is not timed on CPU (it runs there only under the "
-                                   "interpreter, for correctness); cosine_ce on CPU is the PyTorch reference.")
+            _note(result, "No GPU: the Triton kernel is not timed on CPU (it runs there only under the "
+                          "interpreter, for correctness); cosine_ce on CPU is the PyTorch reference.")
     if "exactness" in sections:
         result["exactness"] = run_exactness_section(todo["exactness"], args.device, todo["exact_steps"])
+    for section in sections:
+        result.setdefault("measured", {})[section] = {"commit": env["commit"], "date": env["date"], "plan": mode}
     path.write_text(json.dumps(result, indent=2) + "\n")
     write_report(args.out, readme)
     print(f"wrote {path} and {readme}")

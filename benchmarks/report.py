@@ -151,14 +151,15 @@ def write_report(results_dir: Path, readme: Path) -> None:
     for path in sorted(results_dir.glob("*.json")):
         result = json.loads(path.read_text())
         env, slug = result["environment"], path.stem
-        lines += [f"## {device_title(env)}", "", f"Plan: {result.get('plan')}; "
-                  f"raw numbers in `results/{path.name}`.", ""]
+        lines += [f"## {device_title(env)}", "", f"Raw numbers in `results/{path.name}`.", ""]
         for title, key, table in (("Step time", "step", step_table), ("Full 16-shot runs", "full_run", full_run_table),
                                   ("cosine_ce forward + backward", "kernel", kernel_table),
                                   ("Exactness (fp32, fast path vs published computation)", "exactness",
                                    exactness_table)):
             if result.get(key):
-                lines += [f"### {title}", "", *table(result[key]), ""]
+                when = result.get("measured", {}).get("step" if key == "step" else key, {})
+                source = f"plan `{when['plan']}`, commit {when['commit']}, {when['date']}" if when else ""
+                lines += [f"### {title}", "", source, "", *table(result[key]), ""]
         for name in plots(result, results_dir, slug):
             lines += [f"![{name}](results/{name})", ""]
         for note in result.get("notes", []):
