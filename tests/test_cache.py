@@ -170,3 +170,35 @@ def test_cli_caches_a_coop_split_file(tmp_path, capsys, example_images):
     with FeatureCache(tmp_path / "f.h5") as cache:
         assert cache.classnames == [c.replace("_", " ") for c in classes]
         assert cache.splits == ["train", "test"] and len(cache.rows("train", 2, 1)) == 24
+
+
+def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """A real SIGKILL of `fastcoop cache` after some batches; the same command then finishes the same file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fastcoop.example import make_example_images
+
+    monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")  # so this test can watch the file being written
+    images = make_example_images(tmp_path / "imgs", train_per_class=20, test_per_class=1, size=48)
+    command = [sys.executable, "-m", "fastcoop", "cache", str(images), "--model", TINY_VIT, "--pretrained", "none",
+               "--shots", "all", "--views", "4", "--batch-size", "2", "--workers", "0"]
+    partial = tmp_path / "killed.h5.partial"
+    process = subprocess.Popen(command + ["--out", str(tmp_path / "killed.h5")], env=os.environ.copy(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    while process.poll() is None and done < 20:
+        time.sleep(0.01)
+        try:
+            with h5py.File(partial, "r") as f:
+                done = int(f["train"].attrs["done"])
+        except (OSError, KeyError):
+            pass  # not created yet, or caught mid-write
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL and not (tmp_path / "killed.h5").exists()
+    for out in ("killed.h5", "whole.h5"):
+        subprocess.run(command + ["--out", str(tmp_path / out)], check=True, capture_output=True)
+    _assert_same_file(tmp_path / "killed.h5", tmp_path / "whole.h5")
