@@ -224,6 +224,35 @@ def predict(run_dir, images, top_k, device):
 
 
 @cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+def report(run_dirs):
+    """A Markdown table of runs: test accuracy averaged over seeds (mean ± std), as the paper reports it."""
+    from fastcoop.report import collect, summary_table
+
+    click.echo(summary_table(collect(list(run_dirs))))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--class", "class_name", default=None, help="With class-specific context: which class (default: first).")
+def interpret(run_dir, top_k, class_name):
+    """The vocabulary words nearest to each learned context vector."""
+    from fastcoop.interpret import nearest_words
+    from fastcoop.run import load_run
+
+    run = load_run(run_dir)
+    names = run.learner.classnames
+    if class_name is not None and class_name.replace("_", " ") not in names:
+        raise FastCoopError(f"no class '{class_name}' in {run_dir}")
+    index = names.index(class_name.replace("_", " ")) if class_name else 0
+    if run.learner.csc:
+        click.echo(f"context of class '{names[index]}':")
+    for i, words in enumerate(nearest_words(run, top_k, index), start=1):
+        click.echo(f"V{i}: " + ", ".join(f"{w} ({d:.2f})" for w, d in words))
+
+
+@cli.command()
 @click.option("--dir", "folder", default="demo-output", show_default=True, type=click.Path(path_type=Path),
               help="Where the example images and outputs go.")
 @click.option("--model", default="ViT-B-32", show_default=True)

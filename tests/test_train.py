@@ -166,3 +166,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_context(capsys, tmp_path, cac
     ctx = load_file(run_dir / "prompt.safetensors")["ctx"]
     assert torch.isfinite(ctx).all()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 1
+
+
+def test_report_averages_seeds_and_interpret_reads_back_the_init_words(capsys, tmp_path, cache_path):
+    for seed in (1, 2):
+        args = ["train", cache_path, "--out", tmp_path / f"s{seed}", "--shots", "4", "--seed", seed,
+                "--init", "a photo of a", "--epochs", "1"]  # one warm-up epoch at lr 1e-5: the context barely moves
+        assert run_cli(capsys, *args)[0] == 0
+    code, out, _ = run_cli(capsys, "report", tmp_path / "s1", tmp_path / "s2")
+    table = [line for line in out.splitlines() if line.startswith("| f.h5")]
+    accs = [json.loads((tmp_path / f"s{s}" / "results.json").read_text())["test"]["top1"] for s in (1, 2)]
+    assert code == 0 and len(table) == 1 and "| 1,2 |" in table[0]
+    assert f"{100 * sum(accs) / 2:.2f} ± " in table[0]
+    code, out, _ = run_cli(capsys, "interpret", tmp_path / "s1", "--top-k", "1")
+    assert code == 0 and [line.split(": ")[1].split(" (")[0] for line in out.splitlines()] == ["a", "photo", "of", "a"]
+    code, _, err = run_cli(capsys, "report", tmp_path)
+    assert code == 2 and "not a finished fastcoop run" in err
