@@ -117,10 +117,10 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     from fastcoop import fewshot
     from fastcoop.cache import FeatureCache
     from fastcoop.devices import resolve_device
-    from fastcoop.evaluate import evaluate_split, prompt_text_features
     from fastcoop.models import load_model
-    from fastcoop.run import check_run_dir, plot_curve, save_results, save_run
-    from fastcoop.train import NonFiniteLoss, TrainConfig, train as train_prompts
+    from fastcoop.pipeline import train_to_run_dir
+    from fastcoop.run import check_run_dir
+    from fastcoop.train import TrainConfig
 
     try:
         n_shots = fewshot.parse_shots(shots)
@@ -131,24 +131,14 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     device = resolve_device(device)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
-    check_run_dir(run_dir, cache)
+    check_run_dir(run_dir, cache)  # early, before the model loads
     loaded = load_model(cache.model, cache.pretrained, "cpu")  # training moves only the text tower to the device
     _say_weights(loaded)
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
                          text_path=text_path, graph=not no_graph, attention=attention)
-    try:
-        result = train_prompts(cache, loaded, config, on_epoch=lambda r: save_run(run_dir, r, cache, loaded))
-    except NonFiniteLoss as exc:
-        save_run(run_dir, exc.result, cache, loaded)
-        raise
-    plot_curve(run_dir, result.history)
+    result, results = train_to_run_dir(cache, loaded, config, run_dir)
     last = result.history[-1]
-    results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
-               "epochs": config.epochs, "steps": sum(r["steps"] for r in result.history)}
-    if "test" in cache.splits:
-        results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner, config.attention))
-    save_results(run_dir, results)
     click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"
                + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "") + f" → {run_dir}")
 

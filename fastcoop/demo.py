@@ -1,5 +1,6 @@
 """`fastcoop demo`: the pipeline end to end on the built-in example, with the time of each stage."""
 
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -10,11 +11,11 @@ from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.data import read_dataset
 from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import evaluate_split, prompt_text_features
+from fastcoop.evaluate import evaluate_split
 from fastcoop.example import make_example_images
 from fastcoop.models import load_model
-from fastcoop.run import plot_curve, save_run
-from fastcoop.train import TrainConfig, train
+from fastcoop.pipeline import train_to_run_dir
+from fastcoop.train import TrainConfig
 from fastcoop.zeroshot import zeroshot_classifier
 
 
@@ -68,15 +69,11 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
 
         start = time.perf_counter()
         config = TrainConfig(shots=8, seed=1, n_ctx=4, init="a photo of a", epochs=epochs, device=device)
-        result = train(cache, loaded, config, progress=False)
         run_dir = folder / "run"
-        save_run(run_dir, result, cache, loaded)
-        plot_curve(run_dir, result.history)
-        stage(f"CoOp train ({sum(r['steps'] for r in result.history)} steps)", start)
-
-        start = time.perf_counter()
-        learned = evaluate_split(cache, prompt_text_features(loaded.model, result.learner))
-        stage("evaluate learned prompt", start)
+        shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own output, remade each time
+        _, results = train_to_run_dir(cache, loaded, config, run_dir, progress=False)
+        stage(f"CoOp train + evaluate ({results['steps']} steps)", start)
+        learned = results["test"]
     click.echo(f"zero-shot test accuracy: {zero_shot['top1']:.1%}; CoOp test accuracy: {learned['top1']:.1%} "
                f"(12 classes, chance 8.3%){'  [random-init weights: meaningless]' if loaded.random_init else ''}")
     click.echo(f"learned prompt in {run_dir}; stage times:")
