@@ -8,6 +8,7 @@ batch, and since augmented views are seeded per (split, row, view) the result eq
 import hashlib
 import json
 import os
+import warnings
 import zlib
 from contextlib import nullcontext
 from pathlib import Path
@@ -95,9 +96,12 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
                      overwrite: bool = False, progress: bool = True) -> Path:
     """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file."""
     out = Path(out)
-    splits = [s for s in splits if s in data.splits] or list(splits)
-    for split in splits:
-        data.split(split)  # clear error for a split the dataset lacks
+    missing = [s for s in splits if s not in data.splits]
+    if len(missing) == len(splits):
+        data.split(missing[0])  # the clear error for a split the dataset lacks
+    if missing:
+        warnings.warn(f"the dataset has no {', '.join(missing)} split; caching {', '.join(data.splits)} only")
+    splits = [s for s in splits if s in data.splits]
     pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
                                              "augment": "RandomResizedCrop(0.08-1, bicubic)+HFlip"}
     rows, subsets = plan_rows(data, splits, shots, list(seeds))
@@ -126,7 +130,6 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         skipped = _drop_skipped(f, splits)
         if skipped:
             f.create_dataset("skipped", data=skipped, dtype=STRING)
-            print(f"skipped {len(skipped)} unreadable image(s); their paths are in /skipped")
         del f.attrs["batch_size"]
         f.attrs["complete"] = True
     os.replace(partial, out)
@@ -136,8 +139,8 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
 def _matches(path: Path, attrs: dict) -> bool:
     try:
         with h5py.File(path, "r") as f:
-            same = identity(f.attrs) == identity(attrs)
-            return same and all(f.attrs.get(k) == v for k, v in attrs.items() if k == "batch_size")
+            same_batches = "batch_size" not in attrs or f.attrs.get("batch_size") == attrs["batch_size"]
+            return identity(f.attrs) == identity(attrs) and same_batches
     except OSError:
         return False  # unreadable (e.g. killed mid-write): not a match
 

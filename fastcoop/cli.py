@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def _describe_cache(path, seconds):
         subsets = ", ".join(f"{s}-shot seed {r}" for s, r in cache.subsets())
         click.echo(f"wrote {path}: {len(cache.classnames)} classes, {'; '.join(parts)}, {dim}-d features"
                    + (f"; subsets {subsets}" if subsets else "") + f" ({seconds:.1f} s)")
+        if "skipped" in cache.file:
+            click.echo(f"skipped {len(cache.file['skipped'])} unreadable image(s); their paths are in /skipped")
 
 
 @cli.command()
@@ -259,6 +262,7 @@ def demo(folder, model, pretrained, device):
 def main(argv: list[str] | None = None):
     """Entry point: FastCoopError → 'error: …' and exit 2; Ctrl-C → exit 130 with a resume hint."""
     logging.basicConfig(level=logging.ERROR)  # our own lines say what open_clip's warnings would
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         cli.main(args=argv, prog_name="fastcoop", standalone_mode=False)
     except FastCoopError as exc:
