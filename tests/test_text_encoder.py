@@ -51,7 +51,8 @@ def tiny_vit_on_device(tiny_vit):
     return copy.deepcopy(tiny_vit.model).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("csc, position, init", MATRIX)
+@pytest.mark.parametrize("csc, position, init", [(False, "end", None), (False, "middle", "a photo of a"),
+                                                 (True, "front", None)])  # each case compiles anew on GPU
 def test_flex_attention_fast_path_equals_reference(tiny_vit, tiny_vit_on_device, csc, position, init):
     """FlexAttention's backward exists only on GPU: on CPU the features alone are compared."""
     model = tiny_vit_on_device
