@@ -19,17 +19,23 @@ from fastcoop.text_tower import TextTower
 from fastcoop.train import resolve_attention
 
 
+def random_batch(model, num_classes: int, device: str, batch: int = 32):
+    """Random images at the model's input size, random labels, and the images' features (values do not matter)."""
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    images = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        features = model.encode_image(images).float()
+    return images, torch.randint(num_classes, (batch,), device=device), features
+
+
 def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, precision=None, graph=True):
     """name → a function running one step; all share one learner and random batch (speed ignores values).
     precision: the autocast dtype (None: fp32). The published step always runs fp16 autocast on GPU."""
     model = loaded.model.to(device)
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx, csc=csc).to(device)
-    size = loaded.model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    images = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(len(classnames), (batch,), device=device)
-    with torch.no_grad():
-        features = model.encode_image(images)[None].float()  # 1 view × batch × D
+    images, labels, features = random_batch(model, len(classnames), device, batch)
+    features = features[None]  # 1 view × batch × D
     scale = model.logit_scale.exp().detach()
     optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
     published_dtype = torch.float16 if device.startswith("cuda") else None
@@ -70,12 +76,7 @@ def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 1
 
     model = loaded.model.to(device)
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx).to(device)
-    size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    images = torch.randn(32, 3, size, size, device=device)
-    labels = torch.randint(len(classnames), (32,), device=device)
-    with torch.no_grad():
-        features = model.encode_image(images).float()
+    images, labels, features = random_batch(model, len(classnames), device)
     tower, fast = TextTower.of(model), FastTextEncoder(model, learner)
     text = fast().detach().requires_grad_()
     scale = model.logit_scale.exp().detach()

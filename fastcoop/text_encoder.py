@@ -74,17 +74,16 @@ class FastTextEncoder:
         self.P = P = learner.shared_prefix_length()
         lengths = eos - P + 1  # tokens per class after the shared prefix, EOS included
         self.layout = PackedLayout.of(lengths, device)
-        classes = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        positions = P + torch.cat([torch.arange(n) for n in lengths.tolist()])
-        self.pack = self._sources(classes, positions, device)
-        self.prefix = self._sources(torch.zeros(P, dtype=torch.long), torch.arange(P), device) if P else None
+        self.pack = self._sources(self.layout.classes, P + self.layout.offsets, device)
+        self.prefix = self._sources(torch.zeros(P, dtype=torch.long, device=device), torch.arange(P, device=device),
+                                    device) if P else None
         self.eos_rows = (lengths.cumsum(0) - 1).to(device)  # packed row of each class's EOS
         self.block_mask = prefix_class_block_mask(self.layout, P) if attention == "flex" else None
 
     def _sources(self, classes, positions, device):
         """For each packed token: its frozen embedding + positional embedding, and where its context vector is."""
         learner = self.learner
-        slot = learner.ctx_slot[classes, positions].cpu()
+        slot = learner.ctx_slot[classes, positions]
         return {
             "frozen": (learner.base[classes, positions] + self.tower.positional_embedding[positions]).detach(),
             "is_ctx": (slot >= 0)[:, None].to(device),

@@ -82,6 +82,16 @@ def _dcos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, y, g, lse, scale, D, st
 
 
 @triton.jit
+def _row_stats(RX, Y, G, LSE, rows, row_ok):
+    """Per-row inputs of the backward: inverse norm, label, upstream gradient, log-sum-exp."""
+    rx = tl.load(RX + rows, mask=row_ok, other=0.0)
+    y = tl.load(Y + rows, mask=row_ok, other=0)
+    g = tl.load(G + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    return rx, y, g, lse
+
+
+@triton.jit
 def _grad_x_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x, stride_w,
                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -89,10 +99,7 @@ def _grad_x_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     row_ok, dc_ok = rows < B, dc < D
-    rx = tl.load(RX + rows, mask=row_ok, other=0.0)
-    y = tl.load(Y + rows, mask=row_ok, other=0)
-    g = tl.load(G + rows, mask=row_ok, other=0.0)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    rx, y, g, lse = _row_stats(RX, Y, G, LSE, rows, row_ok)
     scale = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_DC], dtype=tl.float32)
     dcos_cos = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -130,10 +137,7 @@ def _grad_w_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DW, B, K, D, stride_x, stride
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        rx = tl.load(RX + rows, mask=row_ok, other=0.0)
-        y = tl.load(Y + rows, mask=row_ok, other=0)
-        g = tl.load(G + rows, mask=row_ok, other=0.0)
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        rx, y, g, lse = _row_stats(RX, Y, G, LSE, rows, row_ok)
         cos, dlogits = _dcos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, y, g, lse, scale, D, stride_x,
                                   stride_w, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
         dcos = dlogits * scale

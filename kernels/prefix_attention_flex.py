@@ -14,8 +14,7 @@ from fastcoop.kernels.prefix_attention_reference import PackedLayout
 
 def prefix_class_block_mask(layout: PackedLayout, prefix_len: int):
     """Built once per layout: the block-sparse mask over (packed queries) × (prefix + packed keys)."""
-    device = layout.starts.device
-    classes = torch.repeat_interleave(torch.arange(layout.num_classes, device=device), layout.lengths)
+    device, classes = layout.classes.device, layout.classes
     n = len(classes)
     key_class = torch.cat([torch.full((prefix_len,), -1, device=device), classes])
     key_row = torch.cat([torch.full((prefix_len,), -1, device=device), torch.arange(n, device=device)])

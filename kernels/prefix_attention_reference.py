@@ -18,6 +18,8 @@ class PackedLayout:
 
     lengths: torch.Tensor  # K, tokens per class
     starts: torch.Tensor  # K, first packed row of each class
+    classes: torch.Tensor  # N, the class of each packed row
+    offsets: torch.Tensor  # N, each packed row's position within its class
     padded_index: torch.Tensor  # N, packed row → row of the K × S grid
     causal: torch.Tensor  # S × S additive mask (0 on and below the diagonal, −inf above)
     num_classes: int
@@ -30,8 +32,8 @@ class PackedLayout:
         offsets = torch.cat([torch.arange(n) for n in lengths.tolist()])
         classes = torch.repeat_interleave(torch.arange(K), lengths)
         causal = torch.full((S, S), float("-inf")).triu(1)
-        return cls(lengths.to(device), (lengths.cumsum(0) - lengths).to(device), (classes * S + offsets).to(device),
-                   causal.to(device), K, S)
+        return cls(lengths.to(device), (lengths.cumsum(0) - lengths).to(device), classes.to(device),
+                   offsets.to(device), (classes * S + offsets).to(device), causal.to(device), K, S)
 
 
 def prefix_attention_reference(q, k, v, k_prefix, v_prefix, layout: PackedLayout) -> torch.Tensor:
