@@ -16,7 +16,8 @@ from benchmarks.exactness import run_exactness_section
 from benchmarks.full_run import DATASETS, run_fastcoop_train, schedule
 from benchmarks.kernel import run_kernel_section
 from benchmarks.report import write_report
-from benchmarks.step import run_step_section, step_variants, time_breakdown
+from benchmarks.profile import kernel_profile
+from benchmarks.step import run_step_section, step_variants, time_breakdown, training_memory_gb
 from fastcoop.models import load_model
 
 SECTIONS = ("step", "full_run", "kernel", "exactness")
@@ -51,6 +52,29 @@ def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> floa
 def _note(result: dict, note: str) -> None:
     if note not in result["notes"]:
         result["notes"].append(note)
+
+
+def gpu_memory_and_profile(configs, device: str, step_rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """For each unified-context configuration: a training run's GPU memory, and its eager step's kernels."""
+    memory, profiles = [], []
+    for model_name, k, n_ctx, csc in configs:
+        if csc:
+            continue
+        try:
+            memory.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "peak_gb": training_memory_gb(
+                model_name, real_classnames(k), device, torch.bfloat16, n_ctx=n_ctx)})
+            print(f"  training run memory {model_name} K={k}: {memory[-1]['peak_gb']:.3f} GB", flush=True)
+            eager = step_variants(load_model(model_name, "none", device), real_classnames(k), device, n_ctx=n_ctx,
+                                  precision=torch.bfloat16, graph=False)["fastcoop_eager"]
+            graph_ms = next((r["median_ms"] for r in step_rows if r["variant"] == "fastcoop_graph" and
+                             (r["model"], r["classes"], r["n_ctx"], r["csc"]) == (model_name, k, n_ctx, csc)), None)
+            profiles.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "graph_ms": graph_ms,
+                             **kernel_profile(eager)})
+            print(f"  profile {model_name} K={k}: {profiles[-1]['kernels_per_step']:.0f} kernels, "
+                  f"{profiles[-1]['kernel_ms_per_step']:.3f} ms kernel time per step", flush=True)
+        except Exception as exc:  # a measurement failing here must not lose the step section
+            print(f"  memory/profile {model_name} K={k}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
+    return memory, profiles
 
 
 def main():
@@ -98,6 +122,9 @@ def main():
         model, k = todo["breakdown"]
         result["breakdown"] = {"model": model, "classes": k, "ms": time_breakdown(
             load_model(model, "none", args.device), real_classnames(k), args.device, todo["repeats"])}
+        if args.device.startswith("cuda"):
+            result["training_memory"], result["profile"] = gpu_memory_and_profile(todo["step"], args.device,
+                                                                                  result["step"])
         save("step")
     if "kernel" in sections:
         result["kernel"] = run_kernel_section(todo["kernel"], args.device, todo["repeats"])

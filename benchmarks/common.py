@@ -1,6 +1,7 @@
 """Timing and workload helpers shared by the benchmarks."""
 
 import json
+import os
 import statistics
 import time
 from importlib import resources
@@ -45,13 +46,17 @@ def median_ms(fn, device: str, repeats: int, warmup: int = 1) -> float:
 
 
 def peak_memory_gb(fn, device: str) -> float | None:
+    """GB one call of fn allocates on top of what is already allocated (activations, workspaces, outputs):
+    comparable between variants that share a process. A CUDA graph's replay allocates nothing new (its memory
+    was taken at capture), so graphed steps are measured as a whole run instead (step.training_memory_gb)."""
     if not device.startswith("cuda"):
         return None
     torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 1e9
+    return (torch.cuda.max_memory_allocated() - resident) / 1e9
 
 
 def environment(device: str) -> dict:
@@ -81,8 +86,8 @@ def environment(device: str) -> dict:
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
+    except (OSError, subprocess.CalledProcessError):  # a copied work tree (a lent GPU machine) has no .git
+        info["commit"] = os.environ.get("FASTCOOP_COMMIT")
     return info
 
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Every check a lent GPU is for, in one device call sized for a 15-minute lease: the GPU-only tests (fused
-# kernel on CUDA, CUDA graph == eager, fast text path), then the benchmark subset `--plan lease`.
-# Results land under $OUT (the device tool brings them back); copy $OUT/results/*.json into
-# benchmarks/results/ and run `python -m benchmarks --report-only` to refresh the tables and plots.
+# Every check a lent GPU is for, in one device call sized for a 15-minute lease: the GPU-only tests (CUDA graph ==
+# eager first, then the fused kernels and the fast text path on CUDA), then the benchmark subset `--plan lease`.
+# Results land under $OUT (the device tool brings back at most 8 files): copy $OUT/results/*.json into
+# benchmarks/results/ and run `python -m benchmarks --report-only` to make the tables and plots here.
 #
 # The device image has torch, triton, h5py, click, tqdm, safetensors, matplotlib but not open_clip: prepare
 # its pure-Python wheels here first (no network there):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps -d .whl open_clip_torch ftfy wcwidth
-# then call the device tool's run with command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 560.
+# then call the device tool's run with command
+#   "FASTCOOP_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 560.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastcoop-gpu}
 mkdir -p "$OUT/results"
@@ -18,8 +19,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-timeout 170 python3 -m pytest -q tests/test_cosine_ce.py tests/test_prefix_attention.py tests/test_step.py \
-  tests/test_text_encoder.py \
-  -k "not real_rn50 and not real_vit_b16" 2>&1 | tee "$OUT/tests.log"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} | tee "$OUT/gpu.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider --durations=8 tests/test_step.py tests/test_cosine_ce.py \
+  tests/test_prefix_attention.py tests/test_text_encoder.py -k "not real_rn50 and not real_vit_b16" 2>&1 \
+  | tee "$OUT/tests.log"
 timeout 330 python3 -m benchmarks --device cuda --plan lease --out "$OUT/results" 2>&1 | tee "$OUT/bench.log"
+rm -f "$OUT"/results/*.png "$OUT/README.md"  # made again here from the JSON; keeps the files returned under 8

@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks.step import GRAPH_VARIANTS as STEP_GRAPH_VARIANTS  # noqa: E402
+
 INTRO = """# Benchmarks: fastcoop against the published CoOp computation
 
 Made by `python -m benchmarks` (all sections; `--quick`: a CPU-sized subset; `--plan lease`: a GPU subset that fits
@@ -20,7 +22,8 @@ augmentation, so it flatters the published code. fastcoop steps run bf16 autocas
 """
 
 
-GRAPH_VARIANTS = ("fastcoop_graph", "fastcoop_grid_graph", "fastcoop_flex_graph")
+GRAPH_VARIANTS = [name for name, _, _ in STEP_GRAPH_VARIANTS]
+STEP_KEYS = ("step", "training_memory", "profile")  # measured by the step section
 
 
 def fmt(value, digits=1):
@@ -38,19 +41,38 @@ def device_title(env: dict) -> str:
 
 def step_table(rows: list[dict]) -> list[str]:
     lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms | fastcoop graph ms "
-             "(triton / grid / flex attention) | speed-up | peak GB (published → fastcoop) |", "|" + " --- |" * 10]
+             "(triton / grid / flex attention / triton, weights cast per call) | speed-up | step's own GB "
+             "(published → cached → fastcoop eager) |", "|" + " --- |" * 10]
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], r["classes"], r["n_ctx"], r["csc"]), {})[r["variant"]] = r
     for (model, k, m, csc), v in groups.items():
+        def ms(name, digits=1):
+            return fmt(v.get(name, {}).get("median_ms"), digits)
         best = min(x["median_ms"] for name, x in v.items() if name.startswith("fastcoop"))
-        pub = v["published"]
-        fast_peak = min((x["peak_gb"] for n, x in v.items() if n.startswith("fastcoop") and x["peak_gb"]), default=None)
-        lines.append(f"| {model} | {k} | {m} | {'CSC' if csc else 'unified'} | {fmt(pub['median_ms'])} | "
-                     f"{fmt(v['cached_77_tokens']['median_ms'])} | {fmt(v['fastcoop_eager']['median_ms'], 2)} | "
-                     f"{' / '.join(fmt(v.get(n, {}).get('median_ms'), 2) for n in GRAPH_VARIANTS)} | "
-                     f"{pub['median_ms'] / best:.1f}× | "
-                     f"{fmt(pub['peak_gb'], 2)} → {fmt(fast_peak, 2)} |")
+        speedup = f"{v['published']['median_ms'] / best:.1f}×" if "published" in v else "–"
+        peaks = " → ".join(fmt(v.get(n, {}).get("peak_gb"), 2) for n in ("published", "cached_77_tokens",
+                                                                            "fastcoop_eager"))
+        lines.append(f"| {model} | {k} | {m} | {'CSC' if csc else 'unified'} | {ms('published')} | "
+                     f"{ms('cached_77_tokens')} | {ms('fastcoop_eager', 2)} | "
+                     f"{' / '.join(ms(n, 2) for n in GRAPH_VARIANTS)} | {speedup} | {peaks} |")
+    return lines
+
+
+def memory_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | K | M | GPU memory of a graphed 16-shot training run, GB |", "|" + " --- |" * 4]
+    return lines + [f"| {r['model']} | {r['classes']} | {r['n_ctx']} | {fmt(r['peak_gb'], 3)} |" for r in rows]
+
+
+def profile_table(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        lines += [f"{r['model']}, K = {r['classes']}, eager step: {r['kernels_per_step']:.0f} kernels, "
+                  f"{r['kernel_ms_per_step']:.3f} ms of kernel time per step (the graphed step measured "
+                  f"{fmt(r.get('graph_ms'), 3)} ms).", "", "| kernel | calls per step | ms per step |",
+                  "|" + " --- |" * 3]
+        lines += [f"| `{t['kernel']}` | {t['calls_per_step']:g} | {t['ms_per_step']:.4f} |" for t in r["top"]]
+        lines.append("")
     return lines
 
 
@@ -152,12 +174,15 @@ def write_report(results_dir: Path, readme: Path) -> None:
         result = json.loads(path.read_text())
         env, slug = result["environment"], path.stem
         lines += [f"## {device_title(env)}", "", f"Raw numbers in `results/{path.name}`.", ""]
-        for title, key, table in (("Step time", "step", step_table), ("Full 16-shot runs", "full_run", full_run_table),
+        for title, key, table in (("Step time", "step", step_table),
+                                  ("Memory of a training run", "training_memory", memory_table),
+                                  ("Where the step's GPU time goes", "profile", profile_table),
+                                  ("Full 16-shot runs", "full_run", full_run_table),
                                   ("cosine_ce forward + backward", "kernel", kernel_table),
                                   ("Exactness (fp32, fast path vs published computation)", "exactness",
                                    exactness_table)):
             if result.get(key):
-                when = result.get("measured", {}).get("step" if key == "step" else key, {})
+                when = result.get("measured", {}).get("step" if key in STEP_KEYS else key, {})
                 source = f"plan `{when['plan']}`, commit {when['commit']}, {when['date']}" if when else ""
                 lines += [f"### {title}", "", source, "", *table(result[key]), ""]
         for name in plots(result, results_dir, slug):

@@ -10,7 +10,7 @@ import logging
 import torch
 
 from benchmarks.common import median_ms, peak_memory_gb, real_classnames
-from fastcoop.models import load_model
+from fastcoop.models import load_model, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
 from fastcoop.step import CudaGraphStep, TrainStep
@@ -58,15 +58,25 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
 
     variants = {"published": published,
                 "cached_77_tokens": make(lambda: reference_text_features(tower, learner), published_dtype)[1]}
-    step, eager = make(FastTextEncoder(model, learner, resolve_attention("auto", device)), precision)
+    step, eager = make(FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision),
+                       precision)
     variants["fastcoop_eager"] = eager
-    if graph and device.startswith("cuda"):  # each attention, the whole step in a CUDA graph
-        for name, attention in (("fastcoop_graph", "triton"), ("fastcoop_grid_graph", "grid"),
-                                ("fastcoop_flex_graph", "flex")):
-            step, _ = make(FastTextEncoder(model, learner, attention), precision)
-            graphed = CudaGraphStep(step)
+    if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, and weights cast per call
+        for name, attention, held in GRAPH_VARIANTS:
+            try:
+                step, _ = make(FastTextEncoder(model, learner, attention, weight_dtype=precision if held else None),
+                               precision)
+                graphed = CudaGraphStep(step)
+            except Exception as exc:  # one attention failing on this GPU must not cost the others their numbers
+                print(f"  step variant {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
+                continue
             variants[name] = lambda step=step, graphed=graphed: (step.step.zero_(), graphed())
     return variants
+
+
+# name, attention, frozen matrix weights held in the autocast dtype (else autocast casts them at every call)
+GRAPH_VARIANTS = (("fastcoop_graph", "triton", True), ("fastcoop_grid_graph", "grid", True),
+                  ("fastcoop_flex_graph", "flex", True), ("fastcoop_graph_cast_weights", "triton", False))
 
 
 def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 16) -> dict:
@@ -101,6 +111,30 @@ def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 1
     return {name: median_ms(fn, device, repeats) for name, fn in parts.items()}
 
 
+def training_memory_gb(model_name: str, classnames, device: str, precision, batch: int = 32, n_ctx: int = 16,
+                       shots: int = 16) -> float:
+    """Peak GPU memory a `fastcoop train` run adds, measured as the run holds it: the text tower only (the image
+    tower stays on the host), the learner, `shots` cached features per class, and the captured step."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loaded = load_model(model_name, "none", "cpu")
+    model = move_text_tower(loaded.model, device)
+    learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx).to(device)
+    n = shots * len(classnames)
+    features = torch.randn(1, n, model.visual.output_dim, device=device)
+    labels = torch.arange(n, device=device) % len(classnames)
+    step = TrainStep(learner, FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision),
+                     features, labels, model.logit_scale.exp().detach(), batch, n // batch, 0.9, 5e-4, precision)
+    step.start_epoch(torch.randperm(n, device=device), torch.zeros(n, dtype=torch.long, device=device), 0.002)
+    graphed = CudaGraphStep(step)
+    for _ in range(3):
+        graphed()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
 def run_step_section(configs, device: str, repeats: int) -> list[dict]:
     """Time every step variant for each (model, K, M, csc) configuration; one model load per architecture."""
     rows = []
@@ -113,8 +147,14 @@ def run_step_section(configs, device: str, repeats: int) -> list[dict]:
         variants = step_variants(loaded[model_name], real_classnames(k), device, n_ctx=n_ctx, csc=csc,
                                  precision=precision)
         for name, fn in variants.items():
+            try:
+                graphed = name in {n for n, _, _ in GRAPH_VARIANTS}
+                ms, peak = median_ms(fn, device, repeats), None if graphed else peak_memory_gb(fn, device)
+            except Exception as exc:  # keep the other variants' numbers
+                print(f"  step {model_name} K={k} {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
+                continue
             rows.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "csc": csc, "variant": name,
-                         "median_ms": median_ms(fn, device, repeats), "peak_gb": peak_memory_gb(fn, device)})
+                         "median_ms": ms, "peak_gb": peak})
             print(f"  step {model_name} K={k} M={n_ctx} {'CSC' if csc else 'unified'} {name}: "
                   f"{rows[-1]['median_ms']:.2f} ms", flush=True)
         del variants

@@ -57,9 +57,13 @@ class FastTextEncoder:
 
     attention (over the packed class tokens, with the shared prefix): "grid", plain PyTorch on a K × S grid (the
     reference); "triton", the fused kernel (GPU, or CPU under TRITON_INTERPRET=1); "flex", FlexAttention with a
-    block mask (compiled on GPU; its backward exists on GPU only)."""
+    block mask (compiled on GPU; its backward exists on GPU only).
 
-    def __init__(self, model, learner: PromptLearner, attention: str = "grid"):
+    weight_dtype: hold copies of the frozen matrix weights in the dtype the encoder runs under autocast (bf16 on
+    GPU). The numbers are identical, since autocast rounds them the same way, but a step then launches no weight
+    casts (autocast does not cache casts of frozen weights) and reads half the bytes."""
+
+    def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not '{attention}'")
         self.tower, self.learner, self.attention = TextTower.of(model), learner, attention
@@ -69,6 +73,7 @@ class FastTextEncoder:
                 _warned.add(self.problem)
                 warnings.warn(f"fast text path is not exact for this model ({self.problem}): using the reference path")
             return
+        self.weights = [_matrix_weights(block, weight_dtype) for block in self.tower.blocks]
         device = learner.ctx.device
         eos = self.tower.pool_positions(learner.tokens).cpu()
         self.P = P = learner.shared_prefix_length()
@@ -107,25 +112,39 @@ class FastTextEncoder:
         x = self._embed(self.pack)  # N packed tokens × D
         prefix = self._embed(self.prefix)[None] if self.P else None  # 1 × P × D
         blocks = list(self.tower.blocks)
-        for i, block in enumerate(blocks):
-            q, k, v = _qkv(block, block.ln_1(x))  # each N × H × dh
+        for i, (block, w) in enumerate(zip(blocks, self.weights)):
+            q, k, v = _qkv(block, w, block.ln_1(x))  # each N × H × dh
             kp = vp = None
             if prefix is not None:
-                qp, kp, vp = (t[0] for t in _qkv(block, block.ln_1(prefix)))  # each P × H × dh
+                qp, kp, vp = (t[0] for t in _qkv(block, w, block.ln_1(prefix)))  # each P × H × dh
             attn = self._attend(q, k, v, kp, vp).flatten(1)
             if i == len(blocks) - 1:  # only each class's EOS row is read after the last block
                 x, attn = x[self.eos_rows], attn[self.eos_rows]
-            x = x + block.ls_1(block.attn.out_proj(attn))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = x + block.ls_1(F.linear(attn, *w["out"]))
+            x = x + block.ls_2(_mlp(block, w, block.ln_2(x)))
             if prefix is not None and i < len(blocks) - 1:
                 out = F.scaled_dot_product_attention(qp.transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1),
                                                      is_causal=True)
-                prefix = prefix + block.ls_1(block.attn.out_proj(out.transpose(0, 1).flatten(1)))[None]
-                prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+                prefix = prefix + block.ls_1(F.linear(out.transpose(0, 1).flatten(1), *w["out"]))[None]
+                prefix = prefix + block.ls_2(_mlp(block, w, block.ln_2(prefix)))
         return self.tower.project(self.tower.ln_final(x))
 
 
-def _qkv(block, h: torch.Tensor):
+def _matrix_weights(block, dtype: torch.dtype | None) -> dict:
+    """(weight, bias) of each matrix product in a block: the parameters themselves, or detached copies in dtype."""
+    pairs = {"qkv": (block.attn.in_proj_weight, block.attn.in_proj_bias),
+             "out": (block.attn.out_proj.weight, block.attn.out_proj.bias),
+             "fc": (block.mlp.c_fc.weight, block.mlp.c_fc.bias), "proj": (block.mlp.c_proj.weight, block.mlp.c_proj.bias)}
+    if dtype is None:
+        return pairs
+    return {name: tuple(None if t is None else t.detach().to(dtype) for t in pair) for name, pair in pairs.items()}
+
+
+def _qkv(block, weights: dict, h: torch.Tensor):
     """nn.MultiheadAttention's packed input projection split into q, k, v, each (..., H, dh)."""
-    qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
+    qkv = F.linear(h, *weights["qkv"])
     return qkv.unflatten(-1, (3, block.attn.num_heads, -1)).unbind(-3)
+
+
+def _mlp(block, weights: dict, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(block.mlp.gelu(F.linear(h, *weights["fc"])), *weights["proj"])

@@ -96,7 +96,7 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     n = len(labels)
     batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
     if config.text_path == "fast":
-        encode_text = FastTextEncoder(model, learner, config.attention)
+        encode_text = FastTextEncoder(model, learner, config.attention, weight_dtype=dtype)
     else:
         tower = TextTower.of(model)
         encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731

@@ -117,3 +117,21 @@ def test_layouts_place_the_class_tokens(tiny_vit):
 def test_fast_equals_reference_real_vit_b16_text_tower(csc, position, init):
     vit = load_model("ViT-B-16", "none")
     assert_exact(vit.model, vit.tokenizer, csc, position, init, n_ctx=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_held_in_autocast_dtype_give_identical_numbers(tiny_vit, dtype):
+    """weight_dtype only saves autocast's per-call weight casts: features and gradient are bit for bit the same."""
+    torch.manual_seed(0)
+    learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, CLASSNAMES, n_ctx=6)
+    results = []
+    for weight_dtype in (None, dtype):
+        encode = FastTextEncoder(tiny_vit.model, learner, weight_dtype=weight_dtype)
+        with torch.autocast("cpu", dtype=dtype, cache_enabled=False):
+            features = encode()
+        grad, = torch.autograd.grad(features.float().square().sum(), learner.ctx)
+        results.append((features, grad))
+    (features, grad), (held_features, held_grad) = results
+    assert held_features.dtype == features.dtype == dtype
+    assert torch.equal(held_features, features) and torch.equal(held_grad, grad)
+    assert grad.abs().sum() > 0
