@@ -61,9 +61,9 @@ def gpu_memory_and_profile(configs, device: str, step_rows: list[dict]) -> tuple
         if csc:
             continue
         try:
-            memory.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "peak_gb": training_memory_gb(
-                model_name, real_classnames(k), device, torch.bfloat16, n_ctx=n_ctx)})
-            print(f"  training run memory {model_name} K={k}: {memory[-1]['peak_gb']:.3f} GB", flush=True)
+            peak, resident = training_memory_gb(model_name, real_classnames(k), device, torch.bfloat16, n_ctx=n_ctx)
+            memory.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "peak_gb": peak, "resident_gb": resident})
+            print(f"  training run memory {model_name} K={k}: {peak:.3f} GB ({resident:.3f} GB resident)", flush=True)
             eager = step_variants(load_model(model_name, "none", device), real_classnames(k), device, n_ctx=n_ctx,
                                   precision=torch.bfloat16, graph=False)["fastcoop_eager"]
             graph_ms = next((r["median_ms"] for r in step_rows if r["variant"] == "fastcoop_graph" and

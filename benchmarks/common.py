@@ -45,6 +45,21 @@ def median_ms(fn, device: str, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def graphed(fn):
+    """fn captured once in a CUDA graph (after warm-up on a side stream); returns the replay, whose time is the
+    GPU work alone, without the host's launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def peak_memory_gb(fn, device: str) -> float | None:
     """GB one call of fn allocates on top of what is already allocated (activations, workspaces, outputs):
     comparable between variants that share a process. A CUDA graph's replay allocates nothing new (its memory

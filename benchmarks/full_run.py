@@ -12,6 +12,7 @@ import numpy as np
 
 from benchmarks.common import classnames_of
 from fastcoop.cache.store import SCHEMA_VERSION
+from fastcoop.run import METRICS_FILE, RESULTS_FILE
 from fastcoop.schedule import published_epochs
 from fastcoop.train import batches_per_epoch
 
@@ -59,6 +60,12 @@ def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16") -> di
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"fastcoop train failed on {dataset}: {done.stderr.strip()[-500:]}")
-        results = json.loads((Path(tmp) / "run" / "results.json").read_text())
+        results = json.loads((Path(tmp) / "run" / RESULTS_FILE).read_text())
+        epochs = [json.loads(line) for line in (Path(tmp) / "run" / METRICS_FILE).read_text().splitlines()]
+    per_step = sorted(e["seconds"] / e["steps"] for e in epochs)
     return {"dataset": dataset, "classes": k, "epochs": results["epochs"], "steps": results["steps"],
-            "process_seconds": wall, "loop_seconds": results["train_seconds"]}
+            "process_seconds": wall, "loop_seconds": results["train_seconds"],
+            "step_ms_median_epoch": 1000 * per_step[len(per_step) // 2],
+            # the loop's time outside the epochs' steps: graph capture, kernel compilation, per-epoch host work
+            "loop_outside_steps_seconds": results["train_seconds"] - sum(e["seconds"] for e in epochs),
+            "warnings": [line.strip() for line in done.stderr.splitlines() if "warning" in line.lower()][:5]}

@@ -112,9 +112,10 @@ def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 1
 
 
 def training_memory_gb(model_name: str, classnames, device: str, precision, batch: int = 32, n_ctx: int = 16,
-                       shots: int = 16) -> float:
+                       shots: int = 16) -> tuple[float, float]:
     """Peak GPU memory a `fastcoop train` run adds, measured as the run holds it: the text tower only (the image
-    tower stays on the host), the learner, `shots` cached features per class, and the captured step."""
+    tower stays on the host), the learner, `shots` cached features per class, and the captured step; and of that,
+    what is resident before the first step (weights, learner, features)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -128,11 +129,12 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     step = TrainStep(learner, FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision),
                      features, labels, model.logit_scale.exp().detach(), batch, n // batch, 0.9, 5e-4, precision)
     step.start_epoch(torch.randperm(n, device=device), torch.zeros(n, dtype=torch.long, device=device), 0.002)
+    resident = torch.cuda.memory_allocated() - before
     graphed = CudaGraphStep(step)
     for _ in range(3):
         graphed()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 1e9
+    return (torch.cuda.max_memory_allocated() - before) / 1e9, resident / 1e9
 
 
 def run_step_section(configs, device: str, repeats: int) -> list[dict]:

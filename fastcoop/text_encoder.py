@@ -76,57 +76,44 @@ class FastTextEncoder:
         self.weights = [_matrix_weights(block, weight_dtype) for block in self.tower.blocks]
         device = learner.ctx.device
         eos = self.tower.pool_positions(learner.tokens).cpu()
-        self.P = P = learner.shared_prefix_length()
+        P = learner.shared_prefix_length()
         lengths = eos - P + 1  # tokens per class after the shared prefix, EOS included
-        self.layout = PackedLayout.of(lengths, device)
-        self.pack = self._sources(self.layout.classes, P + self.layout.offsets, device)
-        self.prefix = self._sources(torch.zeros(P, dtype=torch.long, device=device), torch.arange(P, device=device),
-                                    device) if P else None
-        self.eos_rows = (lengths.cumsum(0) - 1).to(device)  # packed row of each class's EOS
-        self.block_mask = prefix_class_block_mask(self.layout, P) if attention == "flex" else None
-
-    def _sources(self, classes, positions, device):
-        """For each packed token: its frozen embedding + positional embedding, and where its context vector is."""
-        learner = self.learner
+        self.layout = layout = PackedLayout.of(lengths, device, prefix_len=P)
+        # the packed rows: the shared prefix (class 0's first P tokens), then each class's own tokens
+        classes = torch.cat([torch.zeros(P, dtype=torch.long, device=device), layout.classes])
+        positions = torch.cat([torch.arange(P, device=device), P + layout.offsets])
         slot = learner.ctx_slot[classes, positions]
-        return {
-            "frozen": (learner.base[classes, positions] + self.tower.positional_embedding[positions]).detach(),
-            "is_ctx": (slot >= 0)[:, None].to(device),
-            "ctx_index": learner.ctx_index(classes, slot.clamp(min=0)).to(device),
-        }
+        self.frozen = (learner.base[classes, positions] + self.tower.positional_embedding[positions]).detach()
+        self.ctx_rows = (slot >= 0).nonzero()[:, 0]  # rows holding a context vector, and which one
+        self.ctx_index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
+        self.eos_rows = P + layout.starts + layout.lengths - 1  # each class's EOS row
+        self.block_mask = prefix_class_block_mask(layout) if attention == "flex" else None
 
-    def _embed(self, sources) -> torch.Tensor:
-        ctx = self.learner.flat_ctx()[sources["ctx_index"]]
-        return sources["frozen"] + torch.where(sources["is_ctx"], ctx, torch.zeros_like(ctx))
+    def _embed(self) -> torch.Tensor:
+        """Token + positional embeddings of the packed rows, the learned context added where it goes. Only context
+        rows are gathered, so the gradient's scatter has no duplicate targets in the default layout."""
+        ctx = self.learner.flat_ctx()[self.ctx_index]
+        return self.frozen.index_add(0, self.ctx_rows, ctx.to(self.frozen.dtype))
 
-    def _attend(self, q, k, v, k_prefix, v_prefix) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         if self.attention == "triton":
-            return prefix_attention_triton(q, k, v, k_prefix, v_prefix, self.layout)
+            return prefix_attention_triton(qkv, self.layout)
         if self.attention == "flex":
-            return prefix_attention_flex(q, k, v, k_prefix, v_prefix, self.block_mask)
-        return prefix_attention_reference(q, k, v, k_prefix, v_prefix, self.layout)
+            return prefix_attention_flex(qkv, self.block_mask)
+        return prefix_attention_reference(qkv, self.layout)
 
     def __call__(self) -> torch.Tensor:
         if self.problem:
             return reference_text_features(self.tower, self.learner)
-        x = self._embed(self.pack)  # N packed tokens × D
-        prefix = self._embed(self.prefix)[None] if self.P else None  # 1 × P × D
+        x = self._embed()  # T packed rows × D
         blocks = list(self.tower.blocks)
         for i, (block, w) in enumerate(zip(blocks, self.weights)):
-            q, k, v = _qkv(block, w, block.ln_1(x))  # each N × H × dh
-            kp = vp = None
-            if prefix is not None:
-                qp, kp, vp = (t[0] for t in _qkv(block, w, block.ln_1(prefix)))  # each P × H × dh
-            attn = self._attend(q, k, v, kp, vp).flatten(1)
+            qkv = F.linear(block.ln_1(x), *w["qkv"]).unflatten(-1, (3, block.attn.num_heads, -1))
+            attn = self._attend(qkv).flatten(1)
             if i == len(blocks) - 1:  # only each class's EOS row is read after the last block
                 x, attn = x[self.eos_rows], attn[self.eos_rows]
             x = x + block.ls_1(F.linear(attn, *w["out"]))
             x = x + block.ls_2(_mlp(block, w, block.ln_2(x)))
-            if prefix is not None and i < len(blocks) - 1:
-                out = F.scaled_dot_product_attention(qp.transpose(0, 1), kp.transpose(0, 1), vp.transpose(0, 1),
-                                                     is_causal=True)
-                prefix = prefix + block.ls_1(F.linear(out.transpose(0, 1).flatten(1), *w["out"]))[None]
-                prefix = prefix + block.ls_2(_mlp(block, w, block.ln_2(prefix)))
         return self.tower.project(self.tower.ln_final(x))
 
 
@@ -138,12 +125,6 @@ def _matrix_weights(block, dtype: torch.dtype | None) -> dict:
     if dtype is None:
         return pairs
     return {name: tuple(None if t is None else t.detach().to(dtype) for t in pair) for name, pair in pairs.items()}
-
-
-def _qkv(block, weights: dict, h: torch.Tensor):
-    """nn.MultiheadAttention's packed input projection split into q, k, v, each (..., H, dh)."""
-    qkv = F.linear(h, *weights["qkv"])
-    return qkv.unflatten(-1, (3, block.attn.num_heads, -1)).unbind(-3)
 
 
 def _mlp(block, weights: dict, h: torch.Tensor) -> torch.Tensor:

@@ -123,18 +123,21 @@ def _grad_x_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x
 
 
 @triton.jit
-def _grad_w_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DW, B, K, D, stride_x, stride_w,
+def _grad_w_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dw for BLOCK_K classes × BLOCK_DC features, looping over all rows."""
+    """dw for BLOCK_K classes × BLOCK_DC features from one split of the rows, in fp32, into DW_PART[split]
+    (dw is linear in the per-row terms, so the splits' partials sum to it)."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    split = tl.program_id(2)
     col_ok, dc_ok = cols < K, dc < D
     rw = tl.load(RW + cols, mask=col_ok, other=0.0)
     scale = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_K, BLOCK_DC], dtype=tl.float32)
     dcos_cos = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
+    first = split * ROWS_PER_SPLIT
+    for b0 in range(first, tl.minimum(first + ROWS_PER_SPLIT, B), BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         rx, y, g, lse = _row_stats(RX, Y, G, LSE, rows, row_ok)
@@ -146,10 +149,18 @@ def _grad_w_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DW, B, K, D, stride_x, stride
         acc = mma(tl.trans(dcos * rx[:, None]).to(x.dtype), x, acc, PRECISION, UPCAST)
     w = tl.load(W + cols[:, None] * stride_w + dc[None, :], mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
     dw = rw[:, None] * (acc - dcos_cos[:, None] * rw[:, None] * w.to(tl.float32))
-    tl.store(DW + cols[:, None] * D + dc[None, :], dw.to(DW.dtype.element_ty), mask=col_ok[:, None] & dc_ok[None, :])
+    tl.store(DW_PART + split * K * D + cols[:, None] * D + dc[None, :], dw, mask=col_ok[:, None] & dc_ok[None, :])
 
 
 BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_DC = 32, 32, 64, 128
+
+
+def _rows_per_split(B: int, programs: int, device: torch.device) -> int:
+    """Rows each dw program reduces: all of them when the (class, feature) tiles alone fill the GPU, else split
+    so that about four programs run per multiprocessor (K = 100 gives only 16 tiles)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(triton.cdiv(B, BLOCK_B), triton.cdiv(4 * sms, programs)))
+    return triton.cdiv(triton.cdiv(B, BLOCK_B), splits) * BLOCK_B
 
 
 def _inverse_norms(t: torch.Tensor) -> torch.Tensor:
@@ -198,9 +209,12 @@ class CosineCE(torch.autograd.Function):
                 *args, dx, dscale_rows, B, K, D, x.stride(0), w.stride(0), **blocks)
             dscale = dscale_rows.sum().reshape(()) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
-            dw = torch.empty_like(w)
-            _grad_w_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(D, BLOCK_DC))](
-                *args, dw, B, K, D, x.stride(0), w.stride(0), **blocks)
+            grid = (triton.cdiv(K, BLOCK_K), triton.cdiv(D, BLOCK_DC))
+            rows_per_split = _rows_per_split(B, grid[0] * grid[1], x.device)
+            splits = triton.cdiv(B, rows_per_split)
+            parts = torch.empty(splits, K, D, device=x.device, dtype=torch.float32)
+            _grad_w_kernel[(*grid, splits)](*args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0), **blocks)
+            dw = (parts[0] if splits == 1 else parts.sum(0)).to(w.dtype)
         return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None
 
 

@@ -26,18 +26,18 @@ def main():
         p = f"*{dtype}"
         ce = dict(X=p, W=p, RX="*fp32", RW="*fp32", Y="*i64", SCALE="*fp32", LSE="*fp32", G="*fp32", B="i32",
                   K="i32", D="i32", stride_x="i32", stride_w="i32", LOSS="*fp32", ARGMAX="*i64", DX=p,
-                  DSCALE="*fp32", DW=p)
+                  DSCALE="*fp32", DW_PART="*fp32", ROWS_PER_SPLIT="i32")
         blocks = dict(BLOCK_B=cosine_ce.BLOCK_B, BLOCK_K=cosine_ce.BLOCK_K, BLOCK_D=cosine_ce.BLOCK_D,
                       PRECISION=precision, UPCAST=False)
         print(compile_for_hopper(cosine_ce._forward_kernel, ce, blocks))
         for fn in (cosine_ce._grad_x_kernel, cosine_ce._grad_w_kernel):
             print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=cosine_ce.BLOCK_DC)))
-        att = dict(Q=p, K=p, V=p, KP=p, VP=p, O=p, DO=p, DQ=p, DK=p, DV=p, LSE="*fp32", DELTA="*fp32",
-                   DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64", LENGTHS="*i64", P="i32", H="i32",
-                   sm_scale="fp32", stride_t="i32", stride_h="i32", DH="i32")
+        att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
+                   LENGTHS="*i64", NUM_SEGMENTS="i32", GROUP="i32", P="i32", H="i32", sm_scale="fp32",
+                   stride_t="i32", stride_part="i32", stride_h="i32", DH="i32")
         for has_prefix in (True, False):
-            tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=16, BLOCK_P=32, BLOCK_DH=64, PRECISION=precision,
-                         UPCAST=False)
+            tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=32 if has_prefix else 16, BLOCK_P=32, BLOCK_DH=64,
+                         PRECISION=precision, UPCAST=False)
             for fn in (attention._forward_kernel, attention._backward_kernel):
                 print(compile_for_hopper(fn, att, tiles))
 

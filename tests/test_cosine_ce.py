@@ -62,7 +62,10 @@ def test_reductions(reduction):
 @needs_kernel
 def test_large_scale_near_duplicates():
     """Scale 100 with classes that differ by 1e-3: the gradients are differences of nearly equal terms, so both
-    fp32 implementations are judged against float64 truth, the kernel within a few times the reference's error."""
+    fp32 implementations are judged against float64 truth, the kernel within a few times the reference's error.
+    The loss here is ~3e-5, a difference of logits near 100 whose own fp32 rounding is ~1e-5: the reference can
+    land far closer than that by luck of summation order (on an H100 it erred by 2e-9, the kernel by 1.2e-8),
+    so errors below 1e-7 absolute count as exact."""
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(48, 128, generator=gen), torch.randn(40, 128, generator=gen)
     w = w[:1] + 1e-3 * w
@@ -80,7 +83,8 @@ def test_large_scale_near_duplicates():
             loss = fn(xi, wi, si, y)
         out[name] = [loss.detach(), *torch.autograd.grad(loss, [xi, wi, si])]
     for kernel, ref, truth in zip(out["kernel"], out["ref32"], out["truth"]):
-        assert relative(kernel.double(), truth) <= 5 * relative(ref.double(), truth) + 1e-6
+        error, ref_error = (kernel.double() - truth).norm(), (ref.double() - truth).norm()
+        assert error <= 5 * ref_error + 1e-6 * truth.norm() + 1e-7
 
 
 @needs_kernel

@@ -1,45 +1,84 @@
-"""The fused prefix attention (Triton) against its plain-PyTorch reference, forward and backward."""
+"""The packed attention: its reference against dense masked attention, the fused Triton kernel against the
+reference (forward and backward), and the FlexAttention variant's forward."""
 
 import pytest
 import torch
 
 from fastcoop import kernels
+from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
 from fastcoop.kernels.prefix_attention_kernel import prefix_attention_triton
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
+                                  reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+CASES = [
+    ([3, 1, 6, 2, 5], 7, 2, 32),     # prefix (unified context, class at the end)
+    ([4, 9, 1], 0, 3, 32),           # no prefix (class-specific context, or class in front)
+    ([1] * 6, 17, 8, 64),            # ViT-B text heads, one-token classes, M = 16 prefix
+    ([20, 2, 13, 17], 5, 2, 48),     # long class names, a head size that is not a power of two
+]
 
 
 def relative(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("lengths, P, H, dh", [
-    ([3, 1, 6, 2, 5], 7, 2, 32),     # prefix (unified context, class at the end)
-    ([4, 9, 1], 0, 3, 32),           # no prefix (class-specific context, or class in front)
-    ([1] * 6, 17, 8, 64),            # ViT-B text heads, one-token classes, M = 16 prefix
-    ([20, 2, 13, 17], 5, 2, 48),     # long class names, a head size that is not a power of two
-])
+def random_qkv(lengths, P, H, dh, seed=0):
+    gen = torch.Generator().manual_seed(seed + len(lengths) + P)
+    return torch.randn(P + sum(lengths), 3, H, dh, generator=gen)
+
+
+def dense_masked_attention(qkv, lengths, P):
+    """The definition, on a T × T mask: prefix rows see earlier prefix rows; class rows see the whole prefix and
+    their own class's rows up to themselves."""
+    owner = torch.cat([torch.full((P,), -1), torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))])
+    T = len(owner)
+    rows = torch.arange(T)
+    sees = ((owner[None, :] < 0) & (owner[:, None] >= 0)) | ((owner[None, :] == owner[:, None]) & (rows[None, :] <= rows[:, None]))
+    q, k, v = qkv.double().unbind(1)
+    scores = torch.einsum("shd,thd->hst", q, k) / q.shape[-1] ** 0.5
+    probs = torch.softmax(scores.masked_fill(~sees, float("-inf")), dim=-1)
+    return torch.einsum("hst,thd->shd", probs, v)
+
+
+@pytest.mark.parametrize("lengths, P, H, dh", CASES)
+def test_reference_is_dense_masked_attention(lengths, P, H, dh):
+    qkv = random_qkv(lengths, P, H, dh)
+    layout = PackedLayout.of(torch.tensor(lengths), "cpu", prefix_len=P)
+    out = prefix_attention_reference(qkv, layout)
+    assert relative(out, dense_masked_attention(qkv, lengths, P)) <= 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("lengths, P, H, dh", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_matches_reference(lengths, P, H, dh, dtype):
-    gen = torch.Generator().manual_seed(len(lengths) + P)
-    layout = PackedLayout.of(torch.tensor(lengths), DEVICE)
-    N = sum(lengths)
-    inputs = [torch.randn(N, H, dh, generator=gen) for _ in range(3)]
-    inputs += [torch.randn(P, H, dh, generator=gen) for _ in range(2)] if P else []
-    upstream = torch.randn(N, H, dh, generator=gen).to(DEVICE)
+@pytest.mark.parametrize("group", [1, 2, 4])  # segments per program: the prefix gradients are summed per group
+def test_triton_matches_reference(lengths, P, H, dh, dtype, group):
+    layout = PackedLayout.of(torch.tensor(lengths), DEVICE, prefix_len=P)
+    qkv = random_qkv(lengths, P, H, dh)
+    upstream = torch.randn(qkv.shape[0], H, dh, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = []
-    for fn, run_dtype in ((prefix_attention_triton, dtype), (prefix_attention_reference, torch.float32)):
-        leaves = [t.to(DEVICE, run_dtype).requires_grad_() for t in inputs]
-        q, k, v, kp, vp = leaves + [None, None] if not P else leaves
-        out = fn(q, k, v, kp, vp, layout)
-        grads = torch.autograd.grad((out.float() * upstream).sum(), leaves)
-        results.append((out, grads))
-    (out, grads), (ref, ref_grads) = results
-    assert out.dtype == dtype and out.shape == ref.shape
+    for fn, run_dtype in ((lambda t: prefix_attention_triton(t, layout, group), dtype),
+                          (lambda t: prefix_attention_reference(t, layout), torch.float32)):
+        leaf = qkv.to(DEVICE, run_dtype).requires_grad_()
+        out = fn(leaf)
+        grad, = torch.autograd.grad((out.float() * upstream).sum(), leaf)
+        results.append((out, grad))
+    (out, grad), (ref, ref_grad) = results
+    assert out.dtype == grad.dtype == dtype and out.shape == ref.shape and grad.shape == ref_grad.shape
     assert relative(out, ref) <= TOLERANCE[dtype]
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == dtype and relative(g, r) <= TOLERANCE[dtype]
+    for part in range(3):  # q, k, v gradients, each judged on its own
+        assert relative(grad[:, part], ref_grad[:, part]) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("lengths, P, H, dh", CASES[:2])
+def test_flex_forward_matches_reference(lengths, P, H, dh):
+    """FlexAttention's backward exists only on GPU (tests/test_text_encoder.py runs it there)."""
+    layout = PackedLayout.of(torch.tensor(lengths), DEVICE, prefix_len=P)
+    qkv = random_qkv(lengths, P, H, dh).to(DEVICE)
+    with torch.no_grad():
+        out = prefix_attention_flex(qkv, prefix_class_block_mask(layout))
+        ref = prefix_attention_reference(qkv, layout)
+    assert relative(out, ref) <= 1e-5
