@@ -98,11 +98,14 @@ def environment(device: str) -> dict:
                                             capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             info["driver"] = None
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # a copied work tree (a lent GPU machine) has no .git
-        info["commit"] = os.environ.get("FASTCOOP_COMMIT")
+    # a copied work tree (a lent GPU machine) may carry a stale .git: the caller then names the commit it sent
+    info["commit"] = os.environ.get("FASTCOOP_COMMIT")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["commit"] = None
     return info
 
 

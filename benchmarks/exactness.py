@@ -8,12 +8,14 @@ from fastcoop.prompts import PromptLearner
 from fastcoop.step import TrainStep
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
+from fastcoop.train import resolve_attention
 
 
 def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
     """Max |Δ| of the text features (relative to their max magnitude), and of the context after `steps` SGD
     steps on the same random batches, fast path against the 77-token reference."""
     rows, loaded = [], {}
+    attention = resolve_attention("auto", device)  # what training uses here: the Triton kernel on GPU
     for model_name, k, n_ctx, csc in configs:
         if model_name not in loaded:
             loaded = {model_name: load_model(model_name, "none", device)}
@@ -26,7 +28,8 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
         for fast in (True, False):
             torch.manual_seed(0)
             learner = PromptLearner(model, tokenizer, real_classnames(k), n_ctx=n_ctx, csc=csc).to(device)
-            encode = FastTextEncoder(model, learner) if fast else (lambda l=learner: reference_text_features(tower, l))
+            encode = (FastTextEncoder(model, learner, attention) if fast
+                      else (lambda l=learner: reference_text_features(tower, l)))
             with torch.no_grad():
                 texts.append(encode().float())
             step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach(), 32, 4, 0.9, 5e-4)
@@ -38,7 +41,8 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
                 step()
             contexts.append(learner.ctx.detach().float())
         (fast_text, ref_text), (fast_ctx, ref_ctx) = texts, contexts
-        rows.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "csc": csc, "steps": steps,
+        rows.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "csc": csc, "attention": attention,
+                     "steps": steps,
                      "text_max_abs_diff_rel": ((fast_text - ref_text).abs().max() / ref_text.abs().max()).item(),
                      "ctx_max_abs_diff": (fast_ctx - ref_ctx).abs().max().item(),
                      "ctx_rel_norm_diff": ((fast_ctx - ref_ctx).norm() / ref_ctx.norm()).item()})

@@ -108,10 +108,11 @@ def kernel_table(rows: list[dict]) -> list[str]:
 
 
 def exactness_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | K | M | context | text max abs diff / max | steps | context max abs diff | context rel. diff |",
-             "|" + " --- |" * 8]
+    lines = ["| model | K | M | context | attention | text max abs diff / max | steps | context max abs diff | "
+             "context rel. diff |", "|" + " --- |" * 9]
     for r in rows:
         lines.append(f"| {r['model']} | {r['classes']} | {r['n_ctx']} | {'CSC' if r['csc'] else 'unified'} | "
+                     f"{r.get('attention', 'grid')} | "
                      f"{r['text_max_abs_diff_rel']:.1e} | {r['steps']} | {r['ctx_max_abs_diff']:.1e} | "
                      f"{r['ctx_rel_norm_diff']:.1e} |")
     return lines
