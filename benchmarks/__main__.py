@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.attention import run_attention_section
 from benchmarks.common import device_slug, environment, median_ms, real_classnames
 from benchmarks.exactness import run_exactness_section
 from benchmarks.full_run import DATASETS, run_fastcoop_train, schedule
@@ -20,7 +21,7 @@ from benchmarks.profile import kernel_profile
 from benchmarks.step import run_step_section, step_variants, time_breakdown, training_memory_gb
 from fastcoop.models import load_model
 
-SECTIONS = ("step", "full_run", "kernel", "exactness")
+SECTIONS = ("step", "attention", "full_run", "kernel", "exactness")
 
 
 def plan(name: str, device: str) -> dict:
@@ -30,17 +31,18 @@ def plan(name: str, device: str) -> dict:
         return {"step": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 1000, 16, False), ("ViT-B-16", 1000, 16, True)],
                 "repeats": 20,
                 "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat"],
-                "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)],
+                "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
                 "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
-                "kernel": [(32, 100), (1024, 100), (1024, 1000)],
+                "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
             "datasets": list(DATASETS), "kernel": [(b, k) for b in (32, 1024, 16384, 131072) for k in (100, 1000)],
+            "attention": [37, 100, 397, 1000],
             "exactness": grid, "exact_steps": 100}
 
 
@@ -126,6 +128,9 @@ def main():
             result["training_memory"], result["profile"] = gpu_memory_and_profile(todo["step"], args.device,
                                                                                   result["step"])
         save("step")
+    if "attention" in sections and args.device.startswith("cuda") and todo["attention"]:
+        result["attention"] = run_attention_section(todo["attention"], args.device, todo["repeats"])
+        save("attention")
     if "kernel" in sections:
         result["kernel"] = run_kernel_section(todo["kernel"], args.device, todo["repeats"])
         if not args.device.startswith("cuda"):

@@ -78,6 +78,12 @@ def profile_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def attention_table(rows: list[dict]) -> list[str]:
+    lines = ["| K | packed rows | heads | implementation | forward + backward, graphed ms |", "|" + " --- |" * 5]
+    return lines + [f"| {r['classes']} | {r['rows']} | {r['heads']} | {r['implementation']} | {r['graph_ms']:.4f} |"
+                    for r in rows]
+
+
 def full_run_table(rows: list[dict]) -> list[str]:
     lines = ["| dataset | K | epochs | steps | fastcoop process s | fastcoop loop s | of it outside steps s | ms per "
              "step (median epoch) | published estimate s | ratio |", "|" + " --- |" * 10]
@@ -186,6 +192,8 @@ def write_report(results_dir: Path, readme: Path) -> None:
         for title, key, table in (("Step time", "step", step_table),
                                   ("Memory of a training run", "training_memory", memory_table),
                                   ("Where the step's GPU time goes", "profile", profile_table),
+                                  ("One layer's packed attention (bf16), by implementation", "attention",
+                                   attention_table),
                                   ("Full 16-shot runs", "full_run", full_run_table),
                                   ("cosine_ce forward + backward (launched: as a program calls it, host overhead included; graphed: "
                                    "the GPU work alone, as inside the training step)", "kernel", kernel_table),

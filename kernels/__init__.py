@@ -2,8 +2,9 @@
 
 cosine_ce: fused cosine-logit cross-entropy (cosine_ce_kernel.py; reference cosine_ce_reference.py). It runs the
 Triton kernel on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, for tests), elsewhere the reference.
-prefix attention: packed class tokens over a shared prefix (prefix_attention_kernel.py; reference
-prefix_attention_reference.py; FlexAttention variant prefix_attention_flex.py), chosen by FastTextEncoder.
+prefix attention: the fast text path's packed rows — the shared prefix, then each class's tokens — attending
+within themselves and to the prefix (prefix_attention_kernel.py; reference prefix_attention_reference.py;
+FlexAttention variant prefix_attention_flex.py), chosen by FastTextEncoder.
 Only the dispatcher is exported here; import the rest from its module.
 """
 

@@ -34,7 +34,7 @@ def _cos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, D, stride_x, stride_w,
 
 
 @triton.jit
-def _forward_kernel(X, W, RX, RW, Y, SCALE, LOSS, LSE, ARGMAX, B, K, D, stride_x, stride_w,
+def _cosine_ce_forward(X, W, RX, RW, Y, SCALE, LOSS, LSE, ARGMAX, B, K, D, stride_x, stride_w,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -92,7 +92,7 @@ def _row_stats(RX, Y, G, LSE, rows, row_ok):
 
 
 @triton.jit
-def _grad_x_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x, stride_w,
+def _cosine_ce_grad_x(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x, stride_w,
                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dx for BLOCK_B rows × BLOCK_DC features, and (from the first feature chunk) each row's ds term."""
@@ -123,7 +123,7 @@ def _grad_x_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x
 
 
 @triton.jit
-def _grad_w_kernel(X, W, RX, RW, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
+def _cosine_ce_grad_w(X, W, RX, RW, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dw for BLOCK_K classes × BLOCK_DC features from one split of the rows, in fp32, into DW_PART[split]
@@ -186,7 +186,7 @@ class CosineCE(torch.autograd.Function):
         loss = torch.empty(B, device=x.device, dtype=torch.float32)
         lse = torch.empty_like(loss)
         argmax = torch.empty(B, device=x.device, dtype=torch.int64)
-        _forward_kernel[(triton.cdiv(B, BLOCK_B),)](
+        _cosine_ce_forward[(triton.cdiv(B, BLOCK_B),)](
             x, w, rx, rw, labels, scale, loss, lse, argmax, B, K, D, x.stride(0), w.stride(0),
             BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=_precision(x.dtype), UPCAST=INTERPRET)
         ctx.save_for_backward(x, w, rx, rw, labels, scale, lse)
@@ -205,7 +205,7 @@ class CosineCE(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             dx = torch.empty_like(x)
             dscale_rows = torch.empty(B, device=x.device, dtype=torch.float32)
-            _grad_x_kernel[(triton.cdiv(B, BLOCK_B), triton.cdiv(D, BLOCK_DC))](
+            _cosine_ce_grad_x[(triton.cdiv(B, BLOCK_B), triton.cdiv(D, BLOCK_DC))](
                 *args, dx, dscale_rows, B, K, D, x.stride(0), w.stride(0), **blocks)
             dscale = dscale_rows.sum().reshape(()) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
@@ -213,7 +213,8 @@ class CosineCE(torch.autograd.Function):
             rows_per_split = _rows_per_split(B, grid[0] * grid[1], x.device)
             splits = triton.cdiv(B, rows_per_split)
             parts = torch.empty(splits, K, D, device=x.device, dtype=torch.float32)
-            _grad_w_kernel[(*grid, splits)](*args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0), **blocks)
+            _cosine_ce_grad_w[(*grid, splits)](*args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0),
+                                               **blocks)
             dw = (parts[0] if splits == 1 else parts.sum(0)).to(w.dtype)
         return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None
 

@@ -63,7 +63,7 @@ def _scores(q, ks, kp, i, n, j, visible, sm_scale, HAS_PREFIX: tl.constexpr, PRE
 
 
 @triton.jit
-def _forward_kernel(QKV, O, LSE, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H, sm_scale, stride_t, stride_part,
+def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H, sm_scale, stride_t, stride_part,
                     stride_h, DH, HAS_PREFIX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
                     BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     g, h = tl.program_id(0), tl.program_id(1)
@@ -93,7 +93,7 @@ def _forward_kernel(QKV, O, LSE, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H, sm_
 
 
 @triton.jit
-def _backward_kernel(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H,
+def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H,
                      sm_scale, stride_t, stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -161,7 +161,7 @@ class PackedAttention(torch.autograd.Function):
         out = torch.empty(T, H, dh, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(T, H, device=qkv.device, dtype=torch.float32)
         precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
-        _forward_kernel[(triton.cdiv(segments, group), H)](
+        _attention_forward[(triton.cdiv(segments, group), H)](
             qkv, out, lse, layout.segment_starts, layout.segment_lengths, segments, group, layout.prefix_len, H,
             1.0 / math.sqrt(dh), qkv.stride(0), qkv.stride(1), qkv.stride(2), dh, HAS_PREFIX=layout.prefix_len > 0,
             PRECISION=precision, **_blocks(layout, dh))
@@ -178,7 +178,7 @@ class PackedAttention(torch.autograd.Function):
         groups = triton.cdiv(segments, group)
         dqkv = torch.empty_like(qkv)
         parts = torch.empty(2, groups, max(P, 1), H, dh, device=qkv.device, dtype=torch.float32)
-        _backward_kernel[(groups, H)](
+        _attention_backward[(groups, H)](
             qkv, out, grad_out.contiguous(), lse, dqkv, parts[0], parts[1], layout.segment_starts,
             layout.segment_lengths, segments, group, P, H, 1.0 / math.sqrt(dh), qkv.stride(0), qkv.stride(1),
             qkv.stride(2), dh, HAS_PREFIX=P > 0, PRECISION=ctx.precision, **_blocks(layout, dh))

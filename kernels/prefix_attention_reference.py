@@ -52,7 +52,7 @@ def prefix_attention_reference(qkv: torch.Tensor, layout: PackedLayout) -> torch
     scale = 1.0 / math.sqrt(q.shape[-1])
     prefix_out = []
     if P:
-        causal = torch.full((P, P), float("-inf"), device=q.device).triu(1)
+        causal = torch.full((P, P), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
         scores = torch.einsum("shd,thd->hst", q_prefix, k_prefix) * scale + causal
         prefix_out = [torch.einsum("hst,thd->shd", torch.softmax(scores, dim=-1), v_prefix)]
 

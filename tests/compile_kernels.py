@@ -29,8 +29,8 @@ def main():
                   DSCALE="*fp32", DW_PART="*fp32", ROWS_PER_SPLIT="i32")
         blocks = dict(BLOCK_B=cosine_ce.BLOCK_B, BLOCK_K=cosine_ce.BLOCK_K, BLOCK_D=cosine_ce.BLOCK_D,
                       PRECISION=precision, UPCAST=False)
-        print(compile_for_hopper(cosine_ce._forward_kernel, ce, blocks))
-        for fn in (cosine_ce._grad_x_kernel, cosine_ce._grad_w_kernel):
+        print(compile_for_hopper(cosine_ce._cosine_ce_forward, ce, blocks))
+        for fn in (cosine_ce._cosine_ce_grad_x, cosine_ce._cosine_ce_grad_w):
             print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=cosine_ce.BLOCK_DC)))
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
                    LENGTHS="*i64", NUM_SEGMENTS="i32", GROUP="i32", P="i32", H="i32", sm_scale="fp32",
@@ -38,7 +38,7 @@ def main():
         for has_prefix in (True, False):
             tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=32 if has_prefix else 16, BLOCK_P=32, BLOCK_DH=64,
                          PRECISION=precision, UPCAST=False)
-            for fn in (attention._forward_kernel, attention._backward_kernel):
+            for fn in (attention._attention_forward, attention._attention_backward):
                 print(compile_for_hopper(fn, att, tiles))
 
 

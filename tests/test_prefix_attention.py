@@ -44,11 +44,12 @@ def dense_masked_attention(qkv, lengths, P):
 
 
 @pytest.mark.parametrize("lengths, P, H, dh", CASES)
-def test_reference_is_dense_masked_attention(lengths, P, H, dh):
-    qkv = random_qkv(lengths, P, H, dh)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_reference_is_dense_masked_attention(lengths, P, H, dh, dtype, tolerance):
+    qkv = random_qkv(lengths, P, H, dh).to(dtype)
     layout = PackedLayout.of(torch.tensor(lengths), "cpu", prefix_len=P)
     out = prefix_attention_reference(qkv, layout)
-    assert relative(out, dense_masked_attention(qkv, lengths, P)) <= 1e-6
+    assert out.dtype == dtype and relative(out, dense_masked_attention(qkv, lengths, P)) <= tolerance
 
 
 @needs_kernel
