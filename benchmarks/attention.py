@@ -1,6 +1,7 @@
 """The packed attention alone, forward + backward in a CUDA graph: the Triton kernel for several group sizes
-(classes per program) against the grid reference, on the real packed layout of K class names. (FlexAttention is
-compared in the whole step, benchmarks/step.py: each layout costs it a compilation.)"""
+(classes per program), with the prefix in the classes' launch or in its own, against the grid reference, on the
+real packed layout of K class names. (FlexAttention is compared in the whole step, benchmarks/step.py: each
+layout costs it a compilation.)"""
 
 import torch
 
@@ -29,8 +30,12 @@ def run_attention_section(ks, device: str, repeats: int, model_name: str = "ViT-
         qkv = torch.randn(rows_total, 3, heads, dh, device=device, dtype=torch.bfloat16, requires_grad=True)
         upstream = torch.randn(rows_total, heads, dh, device=device, dtype=torch.bfloat16)
         default = group_size(len(layout.segment_starts), heads, qkv.device)
-        variants = {f"triton group {g}" + (" (default)" if g == default else ""):
-                    (lambda g=g: prefix_attention_triton(qkv, layout, g)) for g in sorted({*GROUPS, default})}
+        variants = {}
+        for g in sorted({*GROUPS, default}):
+            for apart in (False, True):
+                name = f"triton group {g}{', prefix launched apart' if apart else ''}"
+                name += " (default)" if (g, apart) == (default, False) else ""
+                variants[name] = lambda g=g, apart=apart: prefix_attention_triton(qkv, layout, g, apart)
         variants["grid"] = lambda: prefix_attention_reference(qkv, layout)
         for name, attend in variants.items():
             def step(attend=attend):

@@ -195,8 +195,9 @@ def write_report(results_dir: Path, readme: Path) -> None:
                                   ("One layer's packed attention (bf16), by implementation", "attention",
                                    attention_table),
                                   ("Full 16-shot runs", "full_run", full_run_table),
-                                  ("cosine_ce forward + backward (launched: as a program calls it, host overhead included; graphed: "
-                                   "the GPU work alone, as inside the training step)", "kernel", kernel_table),
+                                  ("cosine_ce forward + backward (launched: as a program calls it, host overhead "
+                                   "included; graphed: the GPU work alone, as inside the training step)", "kernel",
+                                   kernel_table),
                                   ("Exactness (fp32, fast path vs published computation)", "exactness",
                                    exactness_table)):
             if result.get(key):

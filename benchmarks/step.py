@@ -126,8 +126,9 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     n = shots * len(classnames)
     features = torch.randn(1, n, model.visual.output_dim, device=device)
     labels = torch.arange(n, device=device) % len(classnames)
-    step = TrainStep(learner, FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision),
-                     features, labels, model.logit_scale.exp().detach(), batch, n // batch, 0.9, 5e-4, precision)
+    encode = FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision)
+    step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach(), batch, n // batch, 0.9,
+                     5e-4, precision)
     step.start_epoch(torch.randperm(n, device=device), torch.zeros(n, dtype=torch.long, device=device), 0.002)
     resident = torch.cuda.memory_allocated() - before
     graphed = CudaGraphStep(step)

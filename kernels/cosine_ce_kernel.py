@@ -176,7 +176,7 @@ class CosineCE(torch.autograd.Function):
     """Autograd wrapper: forward returns (per-row loss, argmax); backward gives dx, dw and d(scale)."""
 
     @staticmethod
-    def forward(ctx, x, w, scale, labels):
+    def forward(ctx, x, w, scale, labels, backward_chunk):
         x, w = x.contiguous(), w.contiguous()
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
@@ -190,6 +190,7 @@ class CosineCE(torch.autograd.Function):
             x, w, rx, rw, labels, scale, loss, lse, argmax, B, K, D, x.stride(0), w.stride(0),
             BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=_precision(x.dtype), UPCAST=INTERPRET)
         ctx.save_for_backward(x, w, rx, rw, labels, scale, lse)
+        ctx.backward_chunk = backward_chunk
         ctx.mark_non_differentiable(argmax)
         return loss, argmax
 
@@ -199,31 +200,35 @@ class CosineCE(torch.autograd.Function):
         (B, D), K = x.shape, w.shape[0]
         g = grad_loss.float().contiguous()
         args = (x, w, rx, rw, labels, scale, lse, g)
-        blocks = dict(BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_DC=BLOCK_DC,
-                      PRECISION=_precision(x.dtype), UPCAST=INTERPRET)
+        chunk = ctx.backward_chunk
+        blocks = dict(BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_DC=chunk,
+                      PRECISION=_precision(x.dtype), UPCAST=INTERPRET, num_warps=8 if chunk >= 256 else 4)
         dx = dw = dscale = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             dx = torch.empty_like(x)
             dscale_rows = torch.empty(B, device=x.device, dtype=torch.float32)
-            _cosine_ce_grad_x[(triton.cdiv(B, BLOCK_B), triton.cdiv(D, BLOCK_DC))](
+            _cosine_ce_grad_x[(triton.cdiv(B, BLOCK_B), triton.cdiv(D, chunk))](
                 *args, dx, dscale_rows, B, K, D, x.stride(0), w.stride(0), **blocks)
             dscale = dscale_rows.sum().reshape(()) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
-            grid = (triton.cdiv(K, BLOCK_K), triton.cdiv(D, BLOCK_DC))
+            grid = (triton.cdiv(K, BLOCK_K), triton.cdiv(D, chunk))
             rows_per_split = _rows_per_split(B, grid[0] * grid[1], x.device)
             splits = triton.cdiv(B, rows_per_split)
             parts = torch.empty(splits, K, D, device=x.device, dtype=torch.float32)
             _cosine_ce_grad_w[(*grid, splits)](*args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0),
                                                **blocks)
             dw = (parts[0] if splits == 1 else parts.sum(0)).to(w.dtype)
-        return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None
+        return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None, None
 
 
-def cosine_ce_triton(image_features, text_features, logit_scale, labels, reduction="mean", return_argmax=False):
-    """The fused kernel; same contract as cosine_ce_reference."""
+def cosine_ce_triton(image_features, text_features, logit_scale, labels, reduction="mean", return_argmax=False,
+                     backward_chunk: int = BLOCK_DC):
+    """The fused kernel; same contract as cosine_ce_reference. backward_chunk: output features per backward
+    program; each program recomputes its logits tiles, so a chunk as wide as D computes them once, at the price
+    of a wider accumulator (benchmarks/kernel.py compares)."""
     scale = logit_scale if torch.is_tensor(logit_scale) else torch.tensor(float(logit_scale))
     scale = scale.to(image_features.device)
-    per_row, argmax = CosineCE.apply(image_features, text_features, scale, labels)
+    per_row, argmax = CosineCE.apply(image_features, text_features, scale, labels, backward_chunk)
     if reduction == "mean":
         loss = per_row.mean()
     elif reduction == "sum":

@@ -1,8 +1,9 @@
 """Fused attention over the packed rows of the fast text path, in Triton.
 
 The rows are the shared prefix (P rows, possibly none), then each class's few tokens, unpadded
-(prefix_attention_reference says who sees whom). The prefix and each class are "segments". A program takes a group
-of consecutive segments for one head; it loads the prefix's keys and values once and holds each segment's queries,
+(prefix_attention_reference says who sees whom). The prefix and each class are "segments"; by default the prefix
+(causal within itself) has a launch of its own and the classes a second one. A program takes a group of consecutive
+segments for one head; it loads the prefix's keys and values once and holds each segment's queries,
 keys and values in one tile each (S ≤ ~20, P ≤ 1 + M), so scores, softmax and both products stay on chip: no
 K × S grid and no per-class copy of the prefix. The backward recomputes the scores from the saved log-sum-exp;
 the gradients the classes send to the prefix's keys and values are summed over a group in registers, then over
@@ -63,16 +64,17 @@ def _scores(q, ks, kp, i, n, j, visible, sm_scale, HAS_PREFIX: tl.constexpr, PRE
 
 
 @triton.jit
-def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H, sm_scale, stride_t, stride_part,
-                    stride_h, DH, HAS_PREFIX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST, END, GROUP, P, H, sm_scale, stride_t, stride_part,
+                       stride_h, DH, HAS_PREFIX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Segments FIRST.. END − 1, GROUP per program: output rows and their log-sum-exp."""
     g, h = tl.program_id(0), tl.program_id(1)
     i, j, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_DH)
     d_ok = d < DH
     K, V = QKV + stride_part, QKV + 2 * stride_part
     kp, vp = _load_prefix(K, V, j, P, h, d, d_ok, stride_t, stride_h, HAS_PREFIX, BLOCK_P, BLOCK_DH)
-    first = g * GROUP
-    for s in range(first, tl.minimum(first + GROUP, NUM_SEGMENTS)):
+    first = FIRST + g * GROUP
+    for s in range(first, tl.minimum(first + GROUP, END)):
         rows, row_ok, n, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, s, i, h, d, d_ok, stride_t, stride_h)
         visible = tl.where(s > 0, P, 0)  # segment 0 is the prefix itself
         s_self, s_pre = _scores(q, ks, kp, i, n, j, visible, sm_scale, HAS_PREFIX, PRECISION, UPCAST)
@@ -93,10 +95,10 @@ def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H, 
 
 
 @triton.jit
-def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, NUM_SEGMENTS, GROUP, P, H,
-                     sm_scale, stride_t, stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, FIRST, END, GROUP, P, H,
+                        sm_scale, stride_t, stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dq, dk, dv of each segment's rows (DQKV, laid out as QKV); the prefix key/value gradients its classes send,
     summed over the group, into row `g` of the partials."""
     g, h = tl.program_id(0), tl.program_id(1)
@@ -106,8 +108,8 @@ def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGT
     kp, vp = _load_prefix(K, V, j, P, h, d, d_ok, stride_t, stride_h, HAS_PREFIX, BLOCK_P, BLOCK_DH)
     dkp = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
     dvp = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
-    first = g * GROUP
-    for s in range(first, tl.minimum(first + GROUP, NUM_SEGMENTS)):
+    first = FIRST + g * GROUP
+    for s in range(first, tl.minimum(first + GROUP, END)):
         rows, row_ok, n, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, s, i, h, d, d_ok, stride_t, stride_h)
         o = _load_rows(O, rows, row_ok, h, d, d_ok, H * DH, DH)
         do = _load_rows(DO, rows, row_ok, h, d, d_ok, H * DH, DH)
@@ -137,10 +139,20 @@ def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGT
         tl.store(DVP_PART + part, dvp, mask=(j < P)[:, None] & d_ok[None, :])
 
 
-def _blocks(layout: PackedLayout, dh: int) -> dict:
-    return dict(BLOCK_S=max(16, triton.next_power_of_2(max(layout.max_len, layout.prefix_len))),
-                BLOCK_P=max(16, triton.next_power_of_2(layout.prefix_len)),
-                BLOCK_DH=max(16, triton.next_power_of_2(dh)), UPCAST=INTERPRET)
+def _launches(layout: PackedLayout, group: int, separate_prefix: bool) -> list[dict]:
+    """Which segments each launch covers, and its tiles. Together, the prefix segment sets the tile height for
+    every class (17 rows with M = 16, so 32); separate_prefix gives the prefix its own small launch so the
+    classes get tiles of their own height."""
+    P, segments = layout.prefix_len, len(layout.segment_starts)
+    tile = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
+    if not (separate_prefix and P):
+        return [dict(FIRST=0, END=segments, GROUP=group, HAS_PREFIX=P > 0, BLOCK_S=tile(max(layout.max_len, P)))]
+    return [dict(FIRST=0, END=1, GROUP=1, HAS_PREFIX=False, BLOCK_S=tile(P)),
+            dict(FIRST=1, END=segments, GROUP=group, HAS_PREFIX=True, BLOCK_S=tile(layout.max_len))]
+
+
+def _grid(launch: dict, heads: int) -> tuple[int, int]:
+    return triton.cdiv(launch["END"] - launch["FIRST"], launch["GROUP"]), heads
 
 
 def group_size(segments: int, heads: int, device: torch.device) -> int:
@@ -154,40 +166,49 @@ def group_size(segments: int, heads: int, device: torch.device) -> int:
 
 class PackedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, layout: PackedLayout, group: int):
+    def forward(ctx, qkv, layout: PackedLayout, group: int, separate_prefix: bool):
         qkv = qkv.contiguous()
         T, _, H, dh = qkv.shape
-        segments = len(layout.segment_starts)
         out = torch.empty(T, H, dh, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(T, H, device=qkv.device, dtype=torch.float32)
         precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
-        _attention_forward[(triton.cdiv(segments, group), H)](
-            qkv, out, lse, layout.segment_starts, layout.segment_lengths, segments, group, layout.prefix_len, H,
-            1.0 / math.sqrt(dh), qkv.stride(0), qkv.stride(1), qkv.stride(2), dh, HAS_PREFIX=layout.prefix_len > 0,
-            PRECISION=precision, **_blocks(layout, dh))
+        tiles = dict(BLOCK_P=max(16, triton.next_power_of_2(layout.prefix_len)),
+                     BLOCK_DH=max(16, triton.next_power_of_2(dh)), PRECISION=precision, UPCAST=INTERPRET)
+        for launch in _launches(layout, group, separate_prefix):
+            _attention_forward[_grid(launch, H)](
+                qkv, out, lse, layout.segment_starts, layout.segment_lengths, P=layout.prefix_len, H=H,
+                sm_scale=1.0 / math.sqrt(dh), stride_t=qkv.stride(0), stride_part=qkv.stride(1),
+                stride_h=qkv.stride(2), DH=dh, **launch, **tiles)
         ctx.save_for_backward(qkv, out, lse)
-        ctx.layout, ctx.group, ctx.precision = layout, group, precision
+        ctx.layout, ctx.group, ctx.separate_prefix, ctx.tiles = layout, group, separate_prefix, tiles
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         qkv, out, lse = ctx.saved_tensors
-        layout, group, P = ctx.layout, ctx.group, ctx.layout.prefix_len
+        layout, P = ctx.layout, ctx.layout.prefix_len
         T, _, H, dh = qkv.shape
-        segments = len(layout.segment_starts)
-        groups = triton.cdiv(segments, group)
+        launches = _launches(layout, ctx.group, ctx.separate_prefix)
         dqkv = torch.empty_like(qkv)
+        groups = _grid(launches[-1], H)[0]  # the launch that holds the classes sends the prefix its gradients
         parts = torch.empty(2, groups, max(P, 1), H, dh, device=qkv.device, dtype=torch.float32)
-        _attention_backward[(groups, H)](
-            qkv, out, grad_out.contiguous(), lse, dqkv, parts[0], parts[1], layout.segment_starts,
-            layout.segment_lengths, segments, group, P, H, 1.0 / math.sqrt(dh), qkv.stride(0), qkv.stride(1),
-            qkv.stride(2), dh, HAS_PREFIX=P > 0, PRECISION=ctx.precision, **_blocks(layout, dh))
+        for launch in launches:
+            _attention_backward[_grid(launch, H)](
+                qkv, out, grad_out.contiguous(), lse, dqkv, parts[0], parts[1], layout.segment_starts,
+                layout.segment_lengths, P=P, H=H, sm_scale=1.0 / math.sqrt(dh), stride_t=qkv.stride(0),
+                stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch, **ctx.tiles)
         if P:  # the prefix rows' keys and values: their own segment's gradient plus what every class sent
             dqkv[:P, 1:].add_(parts.sum(1).transpose(0, 1))
-        return dqkv, None, None
+        return dqkv, None, None, None
 
 
-def prefix_attention_triton(qkv: torch.Tensor, layout: PackedLayout, group: int | None = None) -> torch.Tensor:
-    """Same contract as prefix_attention_reference. group: segments per program (default: by the GPU's size)."""
+def prefix_attention_triton(qkv: torch.Tensor, layout: PackedLayout, group: int | None = None,
+                            separate_prefix: bool = True) -> torch.Tensor:
+    """Same contract as prefix_attention_reference. group: segments per program (default: by the GPU's size).
+    separate_prefix: the prefix in its own launch, so the classes' tiles are as tall as the longest class rather
+    than the prefix: for sm_90 and M = 16 the bf16 forward then needs 122 registers instead of 246 and the
+    backward stops spilling (tests/compile_kernels.py reports both). Chosen on that report, not yet timed:
+    benchmarks/attention.py times both (the first GPU measurement, 2026-11-26, ran the prefix in the classes'
+    launch)."""
     group = group or group_size(len(layout.segment_starts), qkv.shape[2], qkv.device)
-    return PackedAttention.apply(qkv, layout, group)
+    return PackedAttention.apply(qkv, layout, group, separate_prefix)

@@ -1,8 +1,15 @@
 """Compile every Triton kernel ahead of time for an H100/H200 (sm_90), fp32 and bf16, without a GPU.
 
 The interpreter runs kernels as NumPy code; this catches what only the real compiler sees (types, layouts, tile
-shapes). Run with TRITON_INTERPRET=0 (test_kernels_compile.py does); prints one line per compiled variant.
+shapes). Run with TRITON_INTERPRET=0 (test_kernels_compile.py does); prints one line per compiled variant, with
+its registers and spills per thread (what decides how many programs fit on a multiprocessor).
 """
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -12,13 +19,28 @@ from fastcoop.kernels import cosine_ce_kernel as cosine_ce
 from fastcoop.kernels import prefix_attention_kernel as attention
 
 
-def compile_for_hopper(fn, types: dict, constexprs: dict) -> str:
+def compile_for_hopper(fn, types: dict, constexprs: dict, num_warps: int = 4) -> str:
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"], fn.__name__
-    return f"{fn.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of sm_90 code"
+    return (f"{fn.__name__} {constexprs} {num_warps} warps: {len(compiled.asm['cubin'])} bytes of sm_90 code"
+            f"{resources(compiled.asm['ptx'])}")
+
+
+def resources(ptx: str) -> str:
+    """Registers and spills per thread, from the ptxas that Triton bundles (what limits programs per SM)."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        done = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o", os.devnull],
+                              capture_output=True, text=True)
+    registers = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return f", {registers.group(1)} registers, {spills.group(1)} bytes spilled" if registers and spills else ""
 
 
 def main():
@@ -32,12 +54,13 @@ def main():
         print(compile_for_hopper(cosine_ce._cosine_ce_forward, ce, blocks))
         for fn in (cosine_ce._cosine_ce_grad_x, cosine_ce._cosine_ce_grad_w):
             print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=cosine_ce.BLOCK_DC)))
+            print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=512), num_warps=8))  # backward_chunk=512
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
-                   LENGTHS="*i64", NUM_SEGMENTS="i32", GROUP="i32", P="i32", H="i32", sm_scale="fp32",
+                   LENGTHS="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32", sm_scale="fp32",
                    stride_t="i32", stride_part="i32", stride_h="i32", DH="i32")
-        for has_prefix in (True, False):
-            tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=32 if has_prefix else 16, BLOCK_P=32, BLOCK_DH=64,
-                         PRECISION=precision, UPCAST=False)
+        for has_prefix, block_s in ((True, 32), (True, 16), (False, 32), (False, 16)):
+            tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=block_s, BLOCK_P=32, BLOCK_DH=64, PRECISION=precision,
+                         UPCAST=False)
             for fn in (attention._attention_forward, attention._attention_backward):
                 print(compile_for_hopper(fn, att, tiles))
 

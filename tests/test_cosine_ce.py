@@ -1,5 +1,7 @@
 """The fused Triton cosine cross-entropy against its plain-PyTorch reference (on CPU under TRITON_INTERPRET=1)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -19,7 +21,8 @@ def relative(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False, labels=None, seed=0):
+def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False, labels=None, seed=0,
+            backward_chunk=128):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=gen).to(dtype)
     w = torch.randn(K, D, generator=gen)
@@ -29,7 +32,8 @@ def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False,
     y = (labels if labels is not None else torch.randint(K, (B,), generator=gen)).to(DEVICE)
     x, w = x.to(DEVICE), w.to(DEVICE)
     results = []
-    for fn in (cosine_ce_triton, cosine_ce_reference):
+    kernel = functools.partial(cosine_ce_triton, backward_chunk=backward_chunk)
+    for fn in (kernel, cosine_ce_reference):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         si = torch.tensor(scale, requires_grad=True, device=DEVICE)
         loss, argmax = fn(xi, wi, si, y, reduction=reduction, return_argmax=True)
@@ -51,6 +55,13 @@ def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_matches_reference(B, K, D, dtype):
     compare(B, K, D, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("backward_chunk", [256, 512])  # fewer, wider backward programs: one recompute at D ≤ chunk
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_chunks(backward_chunk, dtype):
+    compare(70, 45, 600, dtype, backward_chunk=backward_chunk)
 
 
 @needs_kernel
