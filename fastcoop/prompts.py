@@ -42,24 +42,23 @@ class PromptLearner(nn.Module):
                 raise FastCoopError(f"{n_ctx} context words + '{name}.' need {used} tokens; the model takes "
                                     f"{context_length}: use fewer context words")
         tokens = tokenizer([f"{placeholder} {name}." for name in names])
-        device = embed.weight.device
+        device, width = embed.weight.device, embed.weight.shape[1]
         with torch.no_grad():
-            embedded = embed(tokens.to(device)).float()
             if init:
                 vectors = embed(tokenizer([init]).to(device))[0, 1:1 + n_ctx].float()
                 ctx = vectors.repeat(len(names), 1, 1) if csc else vectors.clone()
             else:
-                ctx = torch.empty(len(names), n_ctx, embedded.shape[-1]) if csc else torch.empty(n_ctx, embedded.shape[-1])
+                ctx = torch.empty(len(names), n_ctx, width) if csc else torch.empty(n_ctx, width)
                 nn.init.normal_(ctx, std=0.02)
         self.ctx = nn.Parameter(ctx.to(device))
         self.classnames, self.n_ctx, self.csc, self.position, self.init = names, n_ctx, csc, position, init
         # class-name token counts, as the published code counts them (the name tokenized on its own)
         self.name_lens = [len(tokenizer.encode(name)) for name in names]
         token_index, ctx_slot = (t.to(device) for t in self._layout(tokens.shape[1]))
-        base = embedded.gather(1, token_index[..., None].expand(-1, -1, embedded.shape[-1]))
-        base[ctx_slot >= 0] = 0
         self.register_buffer("tokens", tokens.to(device), persistent=False)
-        self.register_buffer("base", base, persistent=False)  # frozen token embeddings, in prompt order
+        # token ids in prompt order: their embeddings are looked up when needed, not stored (K × 77 × D floats
+        # would be the largest tensor of a training run)
+        self.register_buffer("prompt_tokens", tokens.to(device).gather(1, token_index), persistent=False)
         self.register_buffer("ctx_slot", ctx_slot, persistent=False)  # which ctx vector, or -1
 
     def _layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +88,22 @@ class PromptLearner(nn.Module):
         """Row of flat_ctx() for (class, slot) pairs (slot ≥ 0)."""
         return classes * self.n_ctx + slots if self.csc else slots
 
-    def forward(self) -> torch.Tensor:
-        """K × 77 × D prompt embeddings, exactly the published layout."""
+    def frozen(self, token_embedding: nn.Embedding, classes=None, positions=None) -> torch.Tensor:
+        """The frozen token embeddings in prompt order, zero where a context vector goes (fp32): all K × 77, or
+        those of the given (class, position) pairs."""
+        ids, slot = self.prompt_tokens, self.ctx_slot
+        if classes is not None:
+            ids, slot = ids[classes, positions], slot[classes, positions]
+        with torch.no_grad():
+            return token_embedding(ids).float().masked_fill((slot >= 0)[..., None], 0.0)
+
+    def forward(self, token_embedding: nn.Embedding) -> torch.Tensor:
+        """K × 77 × D prompt embeddings, exactly the published layout (token_embedding: the text tower's)."""
         K, L = self.ctx_slot.shape
         classes = torch.arange(K, device=self.ctx_slot.device)[:, None].expand(K, L)
         slot = self.ctx_slot
         ctx = self.flat_ctx()[self.ctx_index(classes, slot.clamp(min=0))]
-        return torch.where((slot >= 0)[..., None], ctx, self.base)
+        return torch.where((slot >= 0)[..., None], ctx, self.frozen(token_embedding))
 
     def shared_prefix_length(self) -> int:
         """Tokens every prompt shares (SOS + context before the class name); 0 when prompts differ from token 1."""

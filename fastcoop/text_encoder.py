@@ -43,7 +43,7 @@ def encode_prompts(model, learner: PromptLearner, mode: str = "fast") -> torch.T
 
 def reference_text_features(tower: TextTower, learner: PromptLearner) -> torch.Tensor:
     """The published computation: K × 77 tokens through every block, pooled at EOS, projected."""
-    x = learner() + tower.positional_embedding
+    x = learner(tower.token_embedding) + tower.positional_embedding
     for block in tower.blocks:
         x = block(x, attn_mask=tower.attn_mask)
     x = tower.ln_final(x)
@@ -83,7 +83,8 @@ class FastTextEncoder:
         classes = torch.cat([torch.zeros(P, dtype=torch.long, device=device), layout.classes])
         positions = torch.cat([torch.arange(P, device=device), P + layout.offsets])
         slot = learner.ctx_slot[classes, positions]
-        self.frozen = (learner.base[classes, positions] + self.tower.positional_embedding[positions]).detach()
+        frozen = learner.frozen(self.tower.token_embedding, classes, positions)
+        self.frozen = (frozen + self.tower.positional_embedding[positions]).detach()
         self.ctx_rows = (slot >= 0).nonzero()[:, 0]  # rows holding a context vector, and which one
         self.ctx_index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
         self.eos_rows = P + layout.starts + layout.lengths - 1  # each class's EOS row

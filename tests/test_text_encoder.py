@@ -106,7 +106,7 @@ def test_layouts_place_the_class_tokens(tiny_vit):
     for position, ctx_at, name_at in (("middle", [1, 2, 5, 6], [3, 4]), ("front", [3, 4, 5, 6], [1, 2]),
                                       ("end", [1, 2, 3, 4], [5, 6])):
         learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, ["sea_lion"], n_ctx=4, position=position)
-        prompt = learner()[0]
+        prompt = learner(tiny_vit.model.token_embedding)[0]
         assert learner.name_lens == [2] and learner.classnames == ["sea lion"]
         torch.testing.assert_close(prompt[ctx_at], learner.ctx)
         torch.testing.assert_close(prompt[name_at], words[5:7])
@@ -135,3 +135,12 @@ def test_weights_held_in_autocast_dtype_give_identical_numbers(tiny_vit, dtype):
     assert held_features.dtype == features.dtype == dtype
     assert torch.equal(held_features, features) and torch.equal(held_grad, grad)
     assert grad.abs().sum() > 0
+
+
+def test_learner_stores_token_ids_not_embeddings(tiny_vit):
+    """The frozen K × 77 × D embeddings are looked up when needed: the learner's buffers hold token ids and
+    context slots only (two K × 77 integer tables)."""
+    learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, CLASSNAMES, n_ctx=4)
+    K, L = learner.ctx_slot.shape
+    assert all(not b.is_floating_point() for b in learner.buffers())
+    assert sum(b.numel() for b in learner.buffers()) == 3 * K * L  # tokens, prompt_tokens, ctx_slot
