@@ -125,7 +125,7 @@ def exactness_table(rows: list[dict]) -> list[str]:
 
 
 def plots(result: dict, out: Path, slug: str) -> list[str]:
-    """speed-up vs K, where a step's time goes, peak memory vs K (GPU only); returns the file names."""
+    """speed-up vs K, where a step's time goes, a step's own memory vs K (GPU only); returns the file names."""
     made = []
     steps = result.get("step", [])
     if steps:
@@ -147,7 +147,7 @@ def plots(result: dict, out: Path, slug: str) -> list[str]:
                              and r["n_ctx"] == 16 and not r["csc"] and r["model"] == peaks[0]["model"])
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=variant)
-            made.append(_save_against_k(fig, ax, "peak memory (GB)", out / f"memory_vs_k_{slug}.png"))
+            made.append(_save_against_k(fig, ax, "GB one eager step allocates", out / f"memory_vs_k_{slug}.png"))
     if result.get("breakdown"):
         b = result["breakdown"]
         fig, ax = plt.subplots(figsize=(7, 3))
