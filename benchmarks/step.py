@@ -10,7 +10,7 @@ import logging
 import torch
 
 from benchmarks.common import median_ms, peak_memory_gb, real_classnames
-from fastcoop.models import load_model, move_text_tower
+from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
 from fastcoop.step import CudaGraphStep, TrainStep
@@ -113,22 +113,22 @@ def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 1
 
 def training_memory_gb(model_name: str, classnames, device: str, precision, batch: int = 32, n_ctx: int = 16,
                        shots: int = 16) -> tuple[float, float]:
-    """Peak GPU memory a `fastcoop train` run adds, measured as the run holds it: the text tower only (the image
-    tower stays on the host), the learner, `shots` cached features per class, and the captured step; and of that,
-    what is resident before the first step (weights, learner, features)."""
+    """Peak GPU memory a `fastcoop train` run adds, measured as the run holds it: the fast encoder's copy of the
+    text blocks (the model stays on the host), the learner, `shots` cached features per class, and the captured
+    step; and of that, what is resident before the first step (weights, learner, features)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loaded = load_model(model_name, "none", "cpu")
-    model = move_text_tower(loaded.model, device)
+    loaded = load_model(model_name, "none", "cpu")  # stays on the host, as in `fastcoop train`
+    model = loaded.model
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx).to(device)
     n = shots * len(classnames)
     features = torch.randn(1, n, model.visual.output_dim, device=device)
     labels = torch.arange(n, device=device) % len(classnames)
     encode = FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision)
-    step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach(), batch, n // batch, 0.9,
-                     5e-4, precision)
+    step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach().to(device), batch,
+                     n // batch, 0.9, 5e-4, precision)
     step.start_epoch(torch.randperm(n, device=device), torch.zeros(n, dtype=torch.long, device=device), 0.002)
     resident = torch.cuda.memory_allocated() - before
     graphed = CudaGraphStep(step)

@@ -135,7 +135,7 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
     check_run_dir(run_dir, cache)  # early, before the model loads
-    loaded = load_model(cache.model, cache.pretrained, "cpu")  # training moves only the text tower to the device
+    loaded = load_model(cache.model, cache.pretrained, "cpu")  # training copies to the device only what it runs
     _say_weights(loaded)
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,

@@ -94,8 +94,9 @@ class PromptLearner(nn.Module):
         ids, slot = self.prompt_tokens, self.ctx_slot
         if classes is not None:
             ids, slot = ids[classes, positions], slot[classes, positions]
-        with torch.no_grad():
-            return token_embedding(ids).float().masked_fill((slot >= 0)[..., None], 0.0)
+        with torch.no_grad():  # looked up where the embedding table is, returned where the learner is
+            embedded = token_embedding(ids.to(token_embedding.weight.device)).float().to(ids.device)
+            return embedded.masked_fill((slot >= 0)[..., None], 0.0)
 
     def forward(self, token_embedding: nn.Embedding) -> torch.Tensor:
         """K × 77 × D prompt embeddings, exactly the published layout (token_embedding: the text tower's)."""

@@ -55,27 +55,30 @@ class FastTextEncoder:
     """The exact fast path for one learner. Everything static (packing, positions, masks) is prepared here once,
     so a call is device work only: no host synchronisation, safe to capture in a CUDA graph.
 
-    attention (over the packed class tokens, with the shared prefix): "grid", plain PyTorch on a K × S grid (the
+    It runs on the learner's device. attention (over the packed rows): "grid", plain PyTorch on a K × S grid (the
     reference); "triton", the fused kernel (GPU, or CPU under TRITON_INTERPRET=1); "flex", FlexAttention with a
     block mask (compiled on GPU; its backward exists on GPU only).
 
-    weight_dtype: hold copies of the frozen matrix weights in the dtype the encoder runs under autocast (bf16 on
-    GPU). The numbers are identical, since autocast rounds them the same way, but a step then launches no weight
-    casts (autocast does not cache casts of frozen weights) and reads half the bytes."""
+    When the model is elsewhere (training keeps it on the host) or weight_dtype is given, the encoder runs a
+    copy of the tower's blocks on the learner's device (TextTower.copy_to), their matrix weights in weight_dtype:
+    the dtype the encoder runs under autocast (bf16 on GPU) gives identical numbers without per-call weight
+    casts (autocast does not cache casts of frozen weights) and with half the bytes."""
 
     def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not '{attention}'")
-        self.tower, self.learner, self.attention = TextTower.of(model), learner, attention
-        self.problem = self.tower.fast_path_problem()
+        tower = TextTower.of(model)
+        self.tower, self.learner, self.attention = tower, learner, attention
+        self.problem = tower.fast_path_problem()
         if self.problem:
             if self.problem not in _warned:
                 _warned.add(self.problem)
                 warnings.warn(f"fast text path is not exact for this model ({self.problem}): using the reference path")
             return
-        self.weights = [_matrix_weights(block, weight_dtype) for block in self.tower.blocks]
         device = learner.ctx.device
-        eos = self.tower.pool_positions(learner.tokens).cpu()
+        if weight_dtype is not None or tower.positional_embedding.device != device:
+            self.tower = tower.copy_to(device, weight_dtype)
+        eos = tower.pool_positions(learner.tokens).cpu()
         P = learner.shared_prefix_length()
         lengths = eos - P + 1  # tokens per class after the shared prefix, EOS included
         self.layout = layout = PackedLayout.of(lengths, device, prefix_len=P)
@@ -83,7 +86,7 @@ class FastTextEncoder:
         classes = torch.cat([torch.zeros(P, dtype=torch.long, device=device), layout.classes])
         positions = torch.cat([torch.arange(P, device=device), P + layout.offsets])
         slot = learner.ctx_slot[classes, positions]
-        frozen = learner.frozen(self.tower.token_embedding, classes, positions)
+        frozen = learner.frozen(tower.token_embedding, classes, positions)  # looked up where the embedding is
         self.frozen = (frozen + self.tower.positional_embedding[positions]).detach()
         self.ctx_rows = (slot >= 0).nonzero()[:, 0]  # rows holding a context vector, and which one
         self.ctx_index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
@@ -108,25 +111,12 @@ class FastTextEncoder:
             return reference_text_features(self.tower, self.learner)
         x = self._embed()  # T packed rows × D
         blocks = list(self.tower.blocks)
-        for i, (block, w) in enumerate(zip(blocks, self.weights)):
-            qkv = F.linear(block.ln_1(x), *w["qkv"]).unflatten(-1, (3, block.attn.num_heads, -1))
-            attn = self._attend(qkv).flatten(1)
+        for i, block in enumerate(blocks):
+            qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            attn = self._attend(qkv.unflatten(-1, (3, block.attn.num_heads, -1))).flatten(1)
             if i == len(blocks) - 1:  # only each class's EOS row is read after the last block
                 x, attn = x[self.eos_rows], attn[self.eos_rows]
-            x = x + block.ls_1(F.linear(attn, *w["out"]))
-            x = x + block.ls_2(_mlp(block, w, block.ln_2(x)))
+            x = x + block.ls_1(block.attn.out_proj(attn))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return self.tower.project(self.tower.ln_final(x))
 
-
-def _matrix_weights(block, dtype: torch.dtype | None) -> dict:
-    """(weight, bias) of each matrix product in a block: the parameters themselves, or detached copies in dtype."""
-    pairs = {"qkv": (block.attn.in_proj_weight, block.attn.in_proj_bias),
-             "out": (block.attn.out_proj.weight, block.attn.out_proj.bias),
-             "fc": (block.mlp.c_fc.weight, block.mlp.c_fc.bias), "proj": (block.mlp.c_proj.weight, block.mlp.c_proj.bias)}
-    if dtype is None:
-        return pairs
-    return {name: tuple(None if t is None else t.detach().to(dtype) for t in pair) for name, pair in pairs.items()}
-
-
-def _mlp(block, weights: dict, h: torch.Tensor) -> torch.Tensor:
-    return F.linear(block.mlp.gelu(F.linear(h, *weights["fc"])), *weights["proj"])

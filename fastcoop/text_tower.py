@@ -1,5 +1,6 @@
 """A uniform view of an open_clip text tower (CLIP keeps it on the model, CustomTextCLIP in model.text)."""
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from fastcoop.errors import FastCoopError
 
 @dataclass
 class TextTower:
-    token_embedding: torch.nn.Embedding
+    token_embedding: torch.nn.Embedding | None  # None on a copy_to copy, which only runs blocks
     positional_embedding: torch.Tensor
     blocks: torch.nn.ModuleList
     ln_final: torch.nn.Module
@@ -32,6 +33,22 @@ class TextTower:
         eos = getattr(tower, "text_eos_id", None) if hasattr(tower, "text_pool_type") else getattr(tower, "eos_id", None)
         return cls(tower.token_embedding, tower.positional_embedding, tower.transformer.resblocks, tower.ln_final,
                    tower.text_projection, tower.attn_mask, pool, eos)
+
+    def copy_to(self, device, matrix_dtype: torch.dtype | None = None) -> "TextTower":
+        """A copy of what runs on every call (positions, blocks, final norm, projection) on `device`, the blocks'
+        matrix weights in matrix_dtype. Training holds only this on the accelerator, not the whole fp32 tower
+        (the token embedding alone is 0.1 GB). With matrix_dtype the autocast dtype, the numbers are those of
+        autocast casting the fp32 weights at every call (it rounds them the same way), without the casts."""
+        blocks = copy.deepcopy(self.blocks)
+        if matrix_dtype is not None:  # before the move, so the device never holds the fp32 matrices
+            for block in blocks:
+                block.attn.to(matrix_dtype)  # the packed q/k/v projection and the output projection
+                block.mlp.to(matrix_dtype)
+        blocks.to(device)
+        return TextTower(None, self.positional_embedding.detach().to(device), blocks,
+                         copy.deepcopy(self.ln_final).to(device),
+                         None if self.text_projection is None else copy.deepcopy(self.text_projection).to(device),
+                         None if self.attn_mask is None else self.attn_mask.to(device), self.pool_type, self.eos_id)
 
     def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """The position each prompt is pooled at, by the same rule as open_clip's text_global_pool."""

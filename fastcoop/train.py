@@ -88,7 +88,10 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     config.epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
     config.attention = resolve_attention(config.attention, device)
 
-    model = move_text_tower(loaded.model, device)
+    model = loaded.model
+    if config.text_path == "reference" or TextTower.of(model).fast_path_problem():
+        move_text_tower(model, device)  # the published text path runs the model's own tower
+    # else the model stays where it is: the fast encoder runs a copy of the tower's blocks on the device
     torch.manual_seed(config.seed)
     learner = PromptLearner(model, loaded.tokenizer, cache.classnames, config.n_ctx, config.csc, config.position,
                             config.init).to(device)
@@ -100,8 +103,9 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     else:
         tower = TextTower.of(model)
         encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731
-    step = TrainStep(learner, encode_text, features, labels, model.logit_scale.exp().detach(), batch_size, steps,
-                     config.momentum, config.weight_decay, dtype)
+    scale = model.logit_scale.exp().detach().to(device)
+    step = TrainStep(learner, encode_text, features, labels, scale, batch_size, steps, config.momentum,
+                     config.weight_decay, dtype)
     use_graph = config.graph and device.startswith("cuda")
     run_step = None  # the graph is captured at the first epoch, once the static tensors hold real data
     generator = torch.Generator().manual_seed(config.seed)
