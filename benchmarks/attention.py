@@ -30,11 +30,10 @@ def run_attention_section(ks, device: str, repeats: int, model_name: str = "ViT-
         qkv = torch.randn(rows_total, 3, heads, dh, device=device, dtype=torch.bfloat16, requires_grad=True)
         upstream = torch.randn(rows_total, heads, dh, device=device, dtype=torch.bfloat16)
         default = group_size(len(layout.segment_starts), heads, qkv.device)
-        variants = {}
-        for g in sorted({*GROUPS, default}):
+        variants = {f"triton as called by default (group {default})": lambda: prefix_attention_triton(qkv, layout)}
+        for g in GROUPS:
             for apart in (False, True):
                 name = f"triton group {g}{', prefix launched apart' if apart else ''}"
-                name += " (default)" if (g, apart) == (default, False) else ""
                 variants[name] = lambda g=g, apart=apart: prefix_attention_triton(qkv, layout, g, apart)
         variants["grid"] = lambda: prefix_attention_reference(qkv, layout)
         for name, attend in variants.items():
