@@ -19,6 +19,8 @@ writes `results/<device>.json` and this page is regenerated from every result fi
 The published step runs the image encoder on 32 images and all K prompts × 77 tokens through the text encoder,
 forward and backward (fp16 autocast on GPU, as published; fp32 on CPU); it leaves out JPEG decoding and
 augmentation, so it flatters the published code. fastcoop steps run bf16 autocast on GPU, fp32 on CPU.
+Each section is stamped with the plan, commit and date that measured it; `gpu_notes.md` says what changed
+between GPU runs and what each change was predicted to do; `gpu_runs/` keeps each GPU run's raw output.
 """
 
 

@@ -11,6 +11,7 @@ from fastcoop import kernels
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.text_encoder import FastTextEncoder, encode_prompts
+from fastcoop.text_tower import TextTower
 
 # 1 to 10+ tokens, including names whose last token merges with the '.' in BPE
 CLASSNAMES = ["dog", "sea_lion", "kite (bird of prey)", "Yorkshire terrier",
@@ -144,3 +145,14 @@ def test_learner_stores_token_ids_not_embeddings(tiny_vit):
     K, L = learner.ctx_slot.shape
     assert all(not b.is_floating_point() for b in learner.buffers())
     assert sum(b.numel() for b in learner.buffers()) == 3 * K * L  # tokens, prompt_tokens, ctx_slot
+
+
+def test_tower_copy_holds_only_what_runs_with_matrices_in_the_asked_dtype(tiny_vit):
+    tower = TextTower.of(tiny_vit.model)
+    copy = tower.copy_to("cpu", torch.bfloat16)
+    assert copy.token_embedding is None and copy.blocks is not tower.blocks
+    block, original = copy.blocks[0], tower.blocks[0]
+    assert block.attn.in_proj_weight.dtype == block.mlp.c_fc.weight.dtype == torch.bfloat16
+    assert block.ln_1.weight.dtype == copy.ln_final.weight.dtype == torch.float32  # norms stay as autocast runs them
+    assert torch.equal(block.mlp.c_proj.weight, original.mlp.c_proj.weight.to(torch.bfloat16))
+    assert original.attn.in_proj_weight.dtype == torch.float32  # the model is untouched
