@@ -8,8 +8,9 @@
 # its pure-Python wheels here first (no network there):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps -d .whl open_clip_torch ftfy wcwidth
-# then call the device tool's run with command
-#   "FASTCOOP_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 450.
+# commit, then call the device tool's run with command "FASTCOOP_COMMIT=<the commit, from git here> bash
+# benchmarks/gpu_check.sh" (the device's copy of the tree carries a stale .git, so the commit is written out),
+# carry [".whl"], timeout_s 500 (with the start, about 9 of the 15 minutes: room for one targeted rerun).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastcoop-gpu}
 mkdir -p "$OUT/results"
@@ -24,7 +25,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
 } | tee "$OUT/gpu.txt"
 flex=tests/test_text_encoder.py::test_flex_attention_fast_path_equals_reference  # each case compiles ~10-35 s
 # most telling first: graph == eager, the whole fast path with the kernels on CUDA, then the kernels' own matrices
-timeout 150 python3 -m pytest -q -p no:cacheprovider --durations=8 tests/test_step.py tests/test_text_encoder.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=8 tests/test_step.py tests/test_text_encoder.py \
   tests/test_cosine_ce.py tests/test_prefix_attention.py -k "not real_rn50 and not real_vit_b16" \
   --deselect "$flex[False-middle-a photo of a]" --deselect "$flex[True-front-None]" 2>&1 | tee "$OUT/tests.log"
 timeout 250 python3 -m benchmarks --device cuda --plan lease --out "$OUT/results" 2>&1 | tee "$OUT/bench.log"
