@@ -8,6 +8,8 @@ from importlib import resources
 
 import torch
 
+from fastcoop.step import capture_graph
+
 
 DATASET_OF_SIZE = {10: "eurosat", 37: "oxford_pets", 47: "dtd", 100: "caltech101", 397: "sun397", 1000: "imagenet"}
 
@@ -46,18 +48,9 @@ def median_ms(fn, device: str, repeats: int, warmup: int = 1) -> float:
 
 
 def graphed(fn):
-    """fn captured once in a CUDA graph (after warm-up on a side stream); returns the replay, whose time is the
-    GPU work alone, without the host's launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """fn captured once in a CUDA graph; returns the replay, whose time is the GPU work alone, without the host's
+    launch overhead."""
+    return capture_graph(fn, warmup=2).replay
 
 
 def peak_memory_gb(fn, device: str) -> float | None:

@@ -68,24 +68,32 @@ class TrainStep:
         return [self.learner.ctx.data, self.momentum_buffer, self.loss_sum, self.correct, self.step]
 
 
+def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGraph:
+    """fn run `warmup` times on a side stream (compiles kernels, builds autograd and cuBLAS state), then captured
+    once; replaying the graph runs fn's device work with no host launches. reset() runs before each warm-up run
+    and before the capture, outside the graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            reset()
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 class CudaGraphStep:
-    """Captures a TrainStep once (after warm-up on a side stream, then undone) and replays it."""
+    """Captures a TrainStep once (after warm-up, then undone) and replays it."""
 
     def __init__(self, step: TrainStep, warmup: int = 3):
         self.step = step
         saved = [t.clone() for t in step.state()]
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):  # compiles kernels, builds autograd and cuBLAS state
-                    step.step.zero_()
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            step.step.zero_()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                step()
+        try:  # every warm-up run and the capture start at the epoch's first batch
+            self.graph = capture_graph(step, warmup, reset=step.step.zero_)
         finally:  # capture records without running; undo the warm-up steps (also when capture fails)
             for tensor, value in zip(step.state(), saved):
                 tensor.copy_(value)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import INTERPRET, mma
+from fastcoop.kernels.triton_common import INTERPRET, mma, target_programs
 
 
 @triton.jit
@@ -35,8 +35,8 @@ def _cos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, D, stride_x, stride_w,
 
 @triton.jit
 def _cosine_ce_forward(X, W, RX, RW, Y, SCALE, LOSS, LSE, ARGMAX, B, K, D, stride_x, stride_w,
-                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rx = tl.load(RX + rows, mask=row_ok, other=0.0)
@@ -93,8 +93,8 @@ def _row_stats(RX, Y, G, LSE, rows, row_ok):
 
 @triton.jit
 def _cosine_ce_grad_x(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x, stride_w,
-                   BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dx for BLOCK_B rows × BLOCK_DC features, and (from the first feature chunk) each row's ds term."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -124,8 +124,8 @@ def _cosine_ce_grad_x(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, strid
 
 @triton.jit
 def _cosine_ce_grad_w(X, W, RX, RW, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
-                   BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dw for BLOCK_K classes × BLOCK_DC features from one split of the rows, in fp32, into DW_PART[split]
     (dw is linear in the per-row terms, so the splits' partials sum to it)."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -158,8 +158,7 @@ BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_DC = 32, 32, 64, 128
 def _rows_per_split(B: int, programs: int, device: torch.device) -> int:
     """Rows each dw program reduces: all of them when the (class, feature) tiles alone fill the GPU, else split
     so that about four programs run per multiprocessor (K = 100 gives only 16 tiles)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(triton.cdiv(B, BLOCK_B), triton.cdiv(4 * sms, programs)))
+    splits = max(1, min(triton.cdiv(B, BLOCK_B), triton.cdiv(target_programs(device), programs)))
     return triton.cdiv(triton.cdiv(B, BLOCK_B), splits) * BLOCK_B
 
 

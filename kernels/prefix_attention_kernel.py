@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import INTERPRET, mma
+from fastcoop.kernels.triton_common import INTERPRET, mma, target_programs
 from fastcoop.kernels.prefix_attention_reference import PackedLayout
 
 
@@ -160,8 +160,7 @@ def group_size(segments: int, heads: int, device: torch.device) -> int:
     loaded, and its gradient partials written, once per group rather than once per class."""
     if device.type != "cuda":
         return 1
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, segments * heads // programs)
+    return max(1, segments * heads // target_programs(device))
 
 
 class PackedAttention(torch.autograd.Function):

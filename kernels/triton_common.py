@@ -1,7 +1,9 @@
-"""What the Triton kernels share: whether they run interpreted, and a dot product that stays right when they do."""
+"""What the Triton kernels share: whether they run interpreted, a dot product that stays right when they do, and
+how many programs fill the device."""
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -15,3 +17,10 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def target_programs(device: torch.device) -> int:
+    """About four programs per multiprocessor: enough to fill the GPU, few enough that each does real work.
+    Without a GPU (the interpreter) a stand-in of four multiprocessors."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return 4 * sms
