@@ -8,7 +8,13 @@ With x̂ = x·rx, ŵ = w·rw (rx, rw the inverse norms), cos = x̂·ŵ, logits =
               dw_j = rw_j (Σ_i c_ij x̂_i − (Σ_i c_ij cos_ij) ŵ_j)
               ds   = Σ_ij g_i (p_ij − [j = y_i]) cos_ij
 The dot products run on the raw inputs (tensor cores for bf16/fp16) with fp32 accumulation; the inverse norms are
-applied to the fp32 results. Backward programs own a (rows, feature-chunk) tile and recompute the logits tiles.
+summed from the same loaded tiles and applied to the fp32 results, so no pass of its own reads x or w. Backward
+programs own a (rows, feature-chunk) tile and recompute the logits tiles.
+
+Every kernel reduces over one side (the forward and dx over classes, dw over rows). When the other side is too
+small to fill the GPU (B = 32 in training: one block of rows), that reduction is cut into splits run by separate
+programs, and their partials are combined afterwards: log-sum-exps by a log-sum-exp, gradients by a sum (each is
+linear in its terms).
 """
 
 import torch
@@ -19,27 +25,36 @@ from fastcoop.kernels.triton_common import INTERPRET, mma, target_programs
 
 
 @triton.jit
-def _cos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, D, stride_x, stride_w,
+def _cos_tile(X, W, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """cos(x_rows, w_cols) as a BLOCK_B × BLOCK_K fp32 tile: raw dot products over D, then the inverse norms."""
+    """cos(x_rows, w_cols) as a BLOCK_B × BLOCK_K fp32 tile, and the inverse norms 1 / max(‖·‖, 1e-12) of its rows
+    and columns (as F.normalize divides), summed from the tiles the dot product loads."""
     acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+    x_squares = tl.zeros([BLOCK_B], dtype=tl.float32)
+    w_squares = tl.zeros([BLOCK_K], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
         x = tl.load(X + rows[:, None] * stride_x + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(W + cols[:, None] * stride_w + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = mma(x, tl.trans(w), acc, PRECISION, UPCAST)
-    return acc * rx[:, None] * rw[None, :]
+        x_squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
+        w_squares += tl.sum(w.to(tl.float32) * w.to(tl.float32), 1)
+    rx = 1.0 / tl.maximum(tl.sqrt(x_squares), 1e-12)
+    rw = 1.0 / tl.maximum(tl.sqrt(w_squares), 1e-12)
+    return acc * rx[:, None] * rw[None, :], rx, rw
 
 
 @triton.jit
-def _cosine_ce_forward(X, W, RX, RW, Y, SCALE, LOSS, LSE, ARGMAX, B, K, D, stride_x, stride_w,
-                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _cosine_ce_forward(X, W, Y, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, B, K, D, COLS_PER_SPLIT,
+                       stride_x, stride_w, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """For BLOCK_B rows and one split of the classes: log-sum-exp of the logits, the label's logit (0 when the
+    label lies in another split), and the best logit with its class."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    split = tl.program_id(1)
     row_ok = rows < B
-    rx = tl.load(RX + rows, mask=row_ok, other=0.0)
     y = tl.load(Y + rows, mask=row_ok, other=0)
     scale = tl.load(SCALE).to(tl.float32)
     running_max = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
@@ -47,12 +62,12 @@ def _cosine_ce_forward(X, W, RX, RW, Y, SCALE, LOSS, LSE, ARGMAX, B, K, D, strid
     target = tl.zeros([BLOCK_B], dtype=tl.float32)
     best = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     best_index = tl.zeros([BLOCK_B], dtype=tl.int64)
-    for k0 in range(0, K, BLOCK_K):
+    first = split * COLS_PER_SPLIT
+    for k0 in range(first, tl.minimum(first + COLS_PER_SPLIT, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        rw = tl.load(RW + cols, mask=col_ok, other=0.0)
-        cos = _cos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, D, stride_x, stride_w,
-                        BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
+        cos, _, _ = _cos_tile(X, W, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
+                              BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
         logits = tl.where(col_ok[None, :], scale * cos, float("-inf"))
         block_max, block_arg = tl.max(logits, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = block_max > best  # strict: ties keep the earlier block, as torch.argmax keeps the first index
@@ -62,6 +77,35 @@ def _cosine_ce_forward(X, W, RX, RW, Y, SCALE, LOSS, LSE, ARGMAX, B, K, D, strid
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
         running_max = new_max
         target += tl.sum(tl.where(cols[None, :] == y[:, None], logits, 0.0), 1)
+    part = split * B + rows
+    tl.store(LSE_PART + part, running_max + tl.log(running_sum), mask=row_ok)
+    tl.store(TARGET_PART + part, target, mask=row_ok)
+    tl.store(BEST_PART + part, best, mask=row_ok)
+    tl.store(INDEX_PART + part, best_index, mask=row_ok)
+
+
+@triton.jit
+def _cosine_ce_forward_combine(LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, LOSS, LSE, ARGMAX, B, SPLITS,
+                               BLOCK: tl.constexpr):
+    """Each row's loss, log-sum-exp and argmax from its splits' partials (splits in class order)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < B
+    running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    target = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_index = tl.zeros([BLOCK], dtype=tl.int64)
+    for split in range(SPLITS):
+        part = split * B + rows
+        lse = tl.load(LSE_PART + part, mask=row_ok, other=0.0)
+        new_max = tl.maximum(running_max, lse)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(lse - new_max)
+        running_max = new_max
+        target += tl.load(TARGET_PART + part, mask=row_ok, other=0.0)
+        split_best = tl.load(BEST_PART + part, mask=row_ok, other=0.0)
+        better = split_best > best  # strict, as in the forward: the first maximal class wins
+        best_index = tl.where(better, tl.load(INDEX_PART + part, mask=row_ok, other=0), best_index)
+        best = tl.where(better, split_best, best)
     lse = running_max + tl.log(running_sum)
     tl.store(LOSS + rows, lse - target, mask=row_ok)
     tl.store(LSE + rows, lse, mask=row_ok)
@@ -69,47 +113,49 @@ def _cosine_ce_forward(X, W, RX, RW, Y, SCALE, LOSS, LSE, ARGMAX, B, K, D, strid
 
 
 @triton.jit
-def _dcos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, y, g, lse, scale, D, stride_x, stride_w,
+def _dcos_tile(X, W, rows, cols, row_ok, col_ok, y, g, lse, scale, D, stride_x, stride_w,
                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The cos tile and dL/dlogits for it (zero outside the valid rows and columns)."""
-    cos = _cos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, D, stride_x, stride_w,
-                    BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The cos tile, dL/dlogits for it (zero outside the valid rows and columns), and the inverse norms."""
+    cos, rx, rw = _cos_tile(X, W, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
+                            BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
     p = tl.exp(scale * cos - lse[:, None])
     dlogits = g[:, None] * (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0))
     dlogits = tl.where(row_ok[:, None] & col_ok[None, :], dlogits, 0.0)
-    return cos, dlogits
+    return cos, dlogits, rx, rw
 
 
 @triton.jit
-def _row_stats(RX, Y, G, LSE, rows, row_ok):
-    """Per-row inputs of the backward: inverse norm, label, upstream gradient, log-sum-exp."""
-    rx = tl.load(RX + rows, mask=row_ok, other=0.0)
+def _row_stats(Y, G, LSE, rows, row_ok):
+    """Per-row inputs of the backward: label, upstream gradient, log-sum-exp."""
     y = tl.load(Y + rows, mask=row_ok, other=0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    return rx, y, g, lse
+    return y, g, lse
 
 
 @triton.jit
-def _cosine_ce_grad_x(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, stride_x, stride_w,
+def _cosine_ce_grad_x(X, W, Y, SCALE, LSE, G, DX_PART, DSCALE_PART, B, K, D, COLS_PER_SPLIT, stride_x, stride_w,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dx for BLOCK_B rows × BLOCK_DC features, and (from the first feature chunk) each row's ds term."""
+    """dx for BLOCK_B rows × BLOCK_DC features from one split of the classes, into DX_PART[split], and (from the
+    first feature chunk) each row's ds term into DSCALE_PART[split]."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    split = tl.program_id(2)
     row_ok, dc_ok = rows < B, dc < D
-    rx, y, g, lse = _row_stats(RX, Y, G, LSE, rows, row_ok)
+    y, g, lse = _row_stats(Y, G, LSE, rows, row_ok)
     scale = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_DC], dtype=tl.float32)
     dcos_cos = tl.zeros([BLOCK_B], dtype=tl.float32)
     dscale = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    rx = tl.zeros([BLOCK_B], dtype=tl.float32)  # the rows' inverse norms, from the first tile on
+    first = split * COLS_PER_SPLIT
+    for k0 in range(first, tl.minimum(first + COLS_PER_SPLIT, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        rw = tl.load(RW + cols, mask=col_ok, other=0.0)
-        cos, dlogits = _dcos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, y, g, lse, scale, D, stride_x,
-                                  stride_w, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
+        cos, dlogits, rx, rw = _dcos_tile(X, W, rows, cols, row_ok, col_ok, y, g, lse, scale, D, stride_x,
+                                          stride_w, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
         dcos = dlogits * scale
         dcos_cos += tl.sum(dcos * cos, 1)
         dscale += tl.sum(dlogits * cos, 1)
@@ -117,54 +163,62 @@ def _cosine_ce_grad_x(X, W, RX, RW, Y, SCALE, LSE, G, DX, DSCALE, B, K, D, strid
         acc = mma((dcos * rw[None, :]).to(w.dtype), w, acc, PRECISION, UPCAST)
     x = tl.load(X + rows[:, None] * stride_x + dc[None, :], mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
     dx = rx[:, None] * (acc - dcos_cos[:, None] * rx[:, None] * x.to(tl.float32))
-    tl.store(DX + rows[:, None] * D + dc[None, :], dx.to(DX.dtype.element_ty), mask=row_ok[:, None] & dc_ok[None, :])
+    part = split * B + rows
+    tl.store(DX_PART + part[:, None] * D + dc[None, :], dx.to(DX_PART.dtype.element_ty),
+             mask=row_ok[:, None] & dc_ok[None, :])
     if tl.program_id(1) == 0:
-        tl.store(DSCALE + rows, dscale, mask=row_ok)
+        tl.store(DSCALE_PART + part, dscale, mask=row_ok)
 
 
 @triton.jit
-def _cosine_ce_grad_w(X, W, RX, RW, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
+def _cosine_ce_grad_w(X, W, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dw for BLOCK_K classes × BLOCK_DC features from one split of the rows, in fp32, into DW_PART[split]
-    (dw is linear in the per-row terms, so the splits' partials sum to it)."""
+    """dw for BLOCK_K classes × BLOCK_DC features from one split of the rows, into DW_PART[split]."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     split = tl.program_id(2)
     col_ok, dc_ok = cols < K, dc < D
-    rw = tl.load(RW + cols, mask=col_ok, other=0.0)
     scale = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_K, BLOCK_DC], dtype=tl.float32)
     dcos_cos = tl.zeros([BLOCK_K], dtype=tl.float32)
+    rw = tl.zeros([BLOCK_K], dtype=tl.float32)  # the classes' inverse norms, from the first tile on
     first = split * ROWS_PER_SPLIT
     for b0 in range(first, tl.minimum(first + ROWS_PER_SPLIT, B), BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        rx, y, g, lse = _row_stats(RX, Y, G, LSE, rows, row_ok)
-        cos, dlogits = _dcos_tile(X, W, rows, cols, row_ok, col_ok, rx, rw, y, g, lse, scale, D, stride_x,
-                                  stride_w, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
+        y, g, lse = _row_stats(Y, G, LSE, rows, row_ok)
+        cos, dlogits, rx, rw = _dcos_tile(X, W, rows, cols, row_ok, col_ok, y, g, lse, scale, D, stride_x,
+                                          stride_w, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
         dcos = dlogits * scale
         dcos_cos += tl.sum(dcos * cos, 0)
         x = tl.load(X + rows[:, None] * stride_x + dc[None, :], mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
         acc = mma(tl.trans(dcos * rx[:, None]).to(x.dtype), x, acc, PRECISION, UPCAST)
     w = tl.load(W + cols[:, None] * stride_w + dc[None, :], mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
     dw = rw[:, None] * (acc - dcos_cos[:, None] * rw[:, None] * w.to(tl.float32))
-    tl.store(DW_PART + split * K * D + cols[:, None] * D + dc[None, :], dw, mask=col_ok[:, None] & dc_ok[None, :])
+    part = split * K + cols
+    tl.store(DW_PART + part[:, None] * D + dc[None, :], dw.to(DW_PART.dtype.element_ty),
+             mask=col_ok[:, None] & dc_ok[None, :])
 
 
-BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_DC = 32, 32, 64, 128
+BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_DC, BLOCK_COMBINE = 32, 32, 64, 128, 128
 
 
-def _rows_per_split(B: int, programs: int, device: torch.device) -> int:
-    """Rows each dw program reduces: all of them when the (class, feature) tiles alone fill the GPU, else split
-    so that about four programs run per multiprocessor (K = 100 gives only 16 tiles)."""
-    splits = max(1, min(triton.cdiv(B, BLOCK_B), triton.cdiv(target_programs(device), programs)))
-    return triton.cdiv(triton.cdiv(B, BLOCK_B), splits) * BLOCK_B
+def _per_split(length: int, block: int, tiles: int, device: torch.device) -> int:
+    """How much of a reduction (rows or classes, in whole blocks) each program takes: all of it when the `tiles`
+    independent programs already fill the GPU, else a share, so that about four programs run per multiprocessor."""
+    blocks = triton.cdiv(length, block)
+    splits = max(1, min(blocks, triton.cdiv(target_programs(device), tiles)))
+    return triton.cdiv(blocks, splits) * block
 
 
-def _inverse_norms(t: torch.Tensor) -> torch.Tensor:
-    """1 / max(‖t‖, 1e-12), as F.normalize divides."""
-    return 1.0 / t.float().norm(dim=-1).clamp_min(1e-12)
+def _partials(splits: int, rows: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where the splits write: fp32 partials to be summed, or, with one split, the gradient itself in its dtype."""
+    return torch.empty(splits, rows, D, device=device, dtype=torch.float32 if splits > 1 else dtype)
+
+
+def _total(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else parts.sum(0).to(dtype)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -181,42 +235,53 @@ class CosineCE(torch.autograd.Function):
             w = w.to(x.dtype)
         (B, D), K = x.shape, w.shape[0]
         scale = scale.detach().float().reshape(1)
-        rx, rw = _inverse_norms(x), _inverse_norms(w)
-        loss = torch.empty(B, device=x.device, dtype=torch.float32)
-        lse = torch.empty_like(loss)
+        row_blocks = triton.cdiv(B, BLOCK_B)
+        cols_per_split = _per_split(K, BLOCK_K, row_blocks, x.device)
+        splits = triton.cdiv(K, cols_per_split)
+        lse_part, target_part, best_part = torch.empty(3, splits, B, device=x.device, dtype=torch.float32)
+        index_part = torch.empty(splits, B, device=x.device, dtype=torch.int64)
+        _cosine_ce_forward[(row_blocks, splits)](
+            x, w, labels, scale, lse_part, target_part, best_part, index_part, B, K, D, cols_per_split,
+            x.stride(0), w.stride(0), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+            PRECISION=_precision(x.dtype), UPCAST=INTERPRET)
+        loss, lse = torch.empty(2, B, device=x.device, dtype=torch.float32)
         argmax = torch.empty(B, device=x.device, dtype=torch.int64)
-        _cosine_ce_forward[(triton.cdiv(B, BLOCK_B),)](
-            x, w, rx, rw, labels, scale, loss, lse, argmax, B, K, D, x.stride(0), w.stride(0),
-            BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=_precision(x.dtype), UPCAST=INTERPRET)
-        ctx.save_for_backward(x, w, rx, rw, labels, scale, lse)
+        _cosine_ce_forward_combine[(triton.cdiv(B, BLOCK_COMBINE),)](
+            lse_part, target_part, best_part, index_part, loss, lse, argmax, B, splits, BLOCK=BLOCK_COMBINE)
+        ctx.save_for_backward(x, w, labels, scale, lse)
         ctx.backward_chunk = backward_chunk
         ctx.mark_non_differentiable(argmax)
         return loss, argmax
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_argmax):
-        x, w, rx, rw, labels, scale, lse = ctx.saved_tensors
+        x, w, labels, scale, lse = ctx.saved_tensors
         (B, D), K = x.shape, w.shape[0]
         g = grad_loss.float().contiguous()
-        args = (x, w, rx, rw, labels, scale, lse, g)
+        args = (x, w, labels, scale, lse, g)
         chunk = ctx.backward_chunk
+        chunks = triton.cdiv(D, chunk)
         blocks = dict(BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_DC=chunk,
                       PRECISION=_precision(x.dtype), UPCAST=INTERPRET, num_warps=8 if chunk >= 256 else 4)
         dx = dw = dscale = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            dx = torch.empty_like(x)
-            dscale_rows = torch.empty(B, device=x.device, dtype=torch.float32)
-            _cosine_ce_grad_x[(triton.cdiv(B, BLOCK_B), triton.cdiv(D, chunk))](
-                *args, dx, dscale_rows, B, K, D, x.stride(0), w.stride(0), **blocks)
-            dscale = dscale_rows.sum().reshape(()) if ctx.needs_input_grad[2] else None
+            row_blocks = triton.cdiv(B, BLOCK_B)
+            cols_per_split = _per_split(K, BLOCK_K, row_blocks * chunks, x.device)
+            splits = triton.cdiv(K, cols_per_split)
+            parts = _partials(splits, B, D, x.dtype, x.device)
+            dscale_parts = torch.empty(splits, B, device=x.device, dtype=torch.float32)
+            _cosine_ce_grad_x[(row_blocks, chunks, splits)](
+                *args, parts, dscale_parts, B, K, D, cols_per_split, x.stride(0), w.stride(0), **blocks)
+            dx = _total(parts, x.dtype)
+            dscale = dscale_parts.sum().reshape(()) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
-            grid = (triton.cdiv(K, BLOCK_K), triton.cdiv(D, chunk))
-            rows_per_split = _rows_per_split(B, grid[0] * grid[1], x.device)
+            class_blocks = triton.cdiv(K, BLOCK_K)
+            rows_per_split = _per_split(B, BLOCK_B, class_blocks * chunks, x.device)
             splits = triton.cdiv(B, rows_per_split)
-            parts = torch.empty(splits, K, D, device=x.device, dtype=torch.float32)
-            _cosine_ce_grad_w[(*grid, splits)](*args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0),
-                                               **blocks)
-            dw = (parts[0] if splits == 1 else parts.sum(0)).to(w.dtype)
+            parts = _partials(splits, K, D, w.dtype, x.device)
+            _cosine_ce_grad_w[(class_blocks, chunks, splits)](
+                *args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0), **blocks)
+            dw = _total(parts, w.dtype)
         return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None, None
 
 

@@ -205,9 +205,9 @@ def prefix_attention_triton(qkv: torch.Tensor, layout: PackedLayout, group: int 
                             separate_prefix: bool = True) -> torch.Tensor:
     """Same contract as prefix_attention_reference. group: segments per program (default: by the GPU's size).
     separate_prefix: the prefix in its own launch, so the classes' tiles are as tall as the longest class rather
-    than the prefix: for sm_90 and M = 16 the bf16 forward then needs 122 registers instead of 246 and the
-    backward stops spilling (tests/compile_kernels.py reports both). Chosen on that report, not yet timed:
-    benchmarks/attention.py times both (the first GPU measurement, 2026-11-26, ran the prefix in the classes'
-    launch)."""
+    than the prefix (16 rows instead of 32 for M = 16: a quarter of the self-score work; for sm_90 the bf16
+    forward needs 93 registers instead of 112, the backward 189 instead of 220, per tests/compile_kernels.py).
+    Not yet timed: benchmarks/attention.py times both (the first GPU measurement, 2026-11-26, ran the prefix in
+    the classes' launch)."""
     group = group or group_size(len(layout.segment_starts), qkv.shape[2], qkv.device)
     return PackedAttention.apply(qkv, layout, group, separate_prefix)

@@ -7,6 +7,7 @@ import torch
 
 from fastcoop import kernels
 from fastcoop.kernels import cosine_ce
+from fastcoop.kernels import cosine_ce_kernel
 from fastcoop.kernels.cosine_ce_kernel import cosine_ce_triton
 from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 
@@ -62,6 +63,34 @@ def test_matches_reference(B, K, D, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_chunks(backward_chunk, dtype):
     compare(70, 45, 600, dtype, backward_chunk=backward_chunk)
+
+
+@needs_kernel
+@pytest.mark.parametrize("programs", [1, 7, 10_000])  # no splits; uneven splits; one block per split
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_reductions(monkeypatch, programs, dtype):
+    """Each reduction is cut into splits when the other side cannot fill the GPU; how many depends on the GPU's
+    size, so every cut is checked here by pretending the device wants `programs` programs."""
+    monkeypatch.setattr(cosine_ce_kernel, "target_programs", lambda device: programs)
+    if programs == 7:  # 2 row blocks and 5 class blocks: the forward cuts K into 3 splits, dw cuts B into 2
+        assert cosine_ce_kernel._per_split(150, 32, 2, DEVICE) == 64
+        assert cosine_ce_kernel._per_split(40, 32, 5, DEVICE) == 32
+    compare(40, 150, 96, dtype)
+
+
+@needs_kernel
+def test_argmax_tie_across_splits_keeps_the_first_class(monkeypatch):
+    """torch.argmax returns the first of equal maxima; the split forward must too, across split boundaries."""
+    monkeypatch.setattr(cosine_ce_kernel, "target_programs", lambda device: 10_000)  # a split per class block
+    w = torch.randn(100, 64, generator=torch.Generator().manual_seed(0))
+    w[70] = w[5]  # classes 5 and 70 (splits 0 and 2) are the same vector
+    x = 3.0 * w[5].repeat(4, 1)
+    labels = torch.tensor([5, 70, 0, 99])
+    x, w, labels = x.to(DEVICE), w.to(DEVICE), labels.to(DEVICE)
+    loss, argmax = cosine_ce_triton(x, w, 50.0, labels, reduction="none", return_argmax=True)
+    ref_loss, ref_argmax = cosine_ce_reference(x, w, 50.0, labels, reduction="none", return_argmax=True)
+    assert argmax.tolist() == ref_argmax.tolist() == [5] * 4
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
