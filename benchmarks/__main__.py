@@ -148,7 +148,8 @@ def main():
             row["published_step_ms"] = published_step_ms(row["classes"], args.device, todo["repeats"], loaded)
             row["published_estimate_seconds"] = row["published_step_ms"] * schedule(dataset)[1] / 1000
             result["full_run"].append(row)
-            print(f"  full run {dataset}: {row['process_seconds']:.1f} s (loop {row['loop_seconds']:.1f} s), "
+            print(f"  full run {dataset}: {row['process_seconds']:.1f} s (setup {row['setup_seconds']:.1f} s, "
+                  f"loop {row['loop_seconds']:.1f} s), "
                   f"published ≈ {row['published_estimate_seconds']:.0f} s", flush=True)
             _note(result, "Published full-run times are estimates: the published step time (no data loading) "
                           "× the schedule's steps; fastcoop's are measured whole processes.")

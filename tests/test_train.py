@@ -64,6 +64,7 @@ def test_cli_train_eval_predict_roundtrip(tmp_path, capsys, cache_path, example_
     assert config["train"]["epochs"] == 3 and config["model"] == TINY_VIT and len(config["classnames"]) == 12
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] > 0 and results["train_seconds"] > 0 and results["setup_seconds"] > 0
     code, out, _ = run_cli(capsys, "eval", run_dir, cache_path)
     assert code == 0 and f"top-1 {results['test']['top1']:.2%}" in out
     # a saved run reloads to identical predictions
