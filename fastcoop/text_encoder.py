@@ -16,15 +16,17 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fastcoop.kernels.add_layer_norm_reference import add_layer_norm_reference
 from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
 from fastcoop.prompts import PromptLearner
 from fastcoop.text_tower import TextTower
 
 try:
+    from fastcoop.kernels import add_layer_norm_kernel
     from fastcoop.kernels.prefix_attention_kernel import prefix_attention_triton
 except ImportError:  # no Triton on this platform
-    prefix_attention_triton = None
+    add_layer_norm_kernel = prefix_attention_triton = None
 
 ATTENTION = ("grid", "triton", "flex")
 
@@ -62,9 +64,13 @@ class FastTextEncoder:
     When the model is elsewhere (training keeps it on the host) or weight_dtype is given, the encoder runs a
     copy of the tower's blocks on the learner's device (TextTower.copy_to), their matrix weights in weight_dtype:
     the dtype the encoder runs under autocast (bf16 on GPU) gives identical numbers without per-call weight
-    casts (autocast does not cache casts of frozen weights) and with half the bytes."""
+    casts (autocast does not cache casts of frozen weights) and with half the bytes.
 
-    def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None):
+    fused_norms: each residual add and the layer norm after it in one Triton kernel (add_layer_norm_kernel.py),
+    which also hands the next GEMM its input already in the autocast dtype; default: on a GPU."""
+
+    def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None,
+                 fused_norms: bool | None = None):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not '{attention}'")
         tower = TextTower.of(model)
@@ -76,6 +82,9 @@ class FastTextEncoder:
                 warnings.warn(f"fast text path is not exact for this model ({self.problem}): using the reference path")
             return
         device = learner.ctx.device
+        if fused_norms is None:
+            fused_norms = device.type == "cuda" and add_layer_norm_kernel is not None
+        self.fused_norms = fused_norms
         if weight_dtype is not None or tower.positional_embedding.device != device:
             self.tower = tower.copy_to(device, weight_dtype)
         eos = tower.pool_positions(learner.tokens).cpu()
@@ -106,17 +115,28 @@ class FastTextEncoder:
             return prefix_attention_flex(qkv, self.block_mask)
         return prefix_attention_reference(qkv, self.layout)
 
+    def _add_norm(self, x, delta, norm, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x + delta, and its norm in out_dtype."""
+        if self.fused_norms and add_layer_norm_kernel.supports(norm):
+            return add_layer_norm_kernel.add_layer_norm_triton(x, delta, norm, out_dtype)
+        return add_layer_norm_reference(x, delta, norm, out_dtype)
+
     def __call__(self) -> torch.Tensor:
         if self.problem:
             return reference_text_features(self.tower, self.learner)
-        x = self._embed()  # T packed rows × D
+        x = self._embed()  # T packed rows × D: the residual stream, in fp32
+        device = x.device.type
+        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         blocks = list(self.tower.blocks)
+        y = blocks[0].ln_1(x).to(gemm_dtype)  # each norm's output goes to a GEMM, which would cast it anyway
         for i, block in enumerate(blocks):
-            qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
             attn = self._attend(qkv.unflatten(-1, (3, block.attn.num_heads, -1))).flatten(1)
             if i == len(blocks) - 1:  # only each class's EOS row is read after the last block
                 x, attn = x[self.eos_rows], attn[self.eos_rows]
-            x = x + block.ls_1(block.attn.out_proj(attn))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        return self.tower.project(self.tower.ln_final(x))
+            x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
+            last = i == len(blocks) - 1
+            norm = self.tower.ln_final if last else blocks[i + 1].ln_1
+            x, y = self._add_norm(x, block.ls_2(block.mlp(y)), norm, x.dtype if last else gemm_dtype)
+        return self.tower.project(y)
 

@@ -5,6 +5,8 @@ Triton kernel on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, for 
 prefix attention: the fast text path's packed rows — the shared prefix, then each class's tokens — attending
 within themselves and to the prefix (prefix_attention_kernel.py; reference prefix_attention_reference.py;
 FlexAttention variant prefix_attention_flex.py), chosen by FastTextEncoder.
+add layer norm: a block's residual add and the layer norm after it (add_layer_norm_kernel.py; reference
+add_layer_norm_reference.py), used by FastTextEncoder on GPU.
 Only the dispatcher is exported here; import the rest from its module.
 """
 

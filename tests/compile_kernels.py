@@ -15,6 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastcoop.kernels import add_layer_norm_kernel as add_layer_norm
 from fastcoop.kernels import cosine_ce_kernel as cosine_ce
 from fastcoop.kernels import prefix_attention_kernel as attention
 
@@ -74,6 +75,13 @@ def main():
                          UPCAST=False)
             for fn in (attention._attention_forward, attention._attention_backward):
                 print(compile_for_hopper(fn, att, tiles))
+        # as in the text encoder under autocast: fp32 residual stream, the branch and the normed output in dtype
+        norm = dict(X="*fp32", DELTA=p, W="*fp32", B="*fp32", H="*fp32", Y=p, MEAN="*fp32", RSTD="*fp32", DY=p,
+                    DH_LATER="*fp32", DX="*fp32", DDELTA=p, N="i32", D="i32", eps="fp32")
+        tiles, _ = add_layer_norm._launch(512, 4096)
+        tiles.pop("num_warps")
+        print(compile_for_hopper(add_layer_norm._add_layer_norm_forward, norm, tiles))
+        print(compile_for_hopper(add_layer_norm._add_layer_norm_backward, norm, dict(tiles, HAS_DH_LATER=True)))
 
 
 if __name__ == "__main__":

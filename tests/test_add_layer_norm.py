@@ -1,0 +1,71 @@
+"""The fused residual-add + layer norm against its plain-PyTorch reference (on CPU under TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+from fastcoop import kernels
+from fastcoop.kernels.add_layer_norm_kernel import add_layer_norm_triton
+from fastcoop.kernels.add_layer_norm_reference import add_layer_norm_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
+                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+
+
+def frozen_norm(D: int, seed: int = 0) -> torch.nn.LayerNorm:
+    gen = torch.Generator().manual_seed(seed)
+    norm = torch.nn.LayerNorm(D).requires_grad_(False)
+    norm.weight.copy_(torch.randn(D, generator=gen))
+    norm.bias.copy_(torch.randn(D, generator=gen))
+    return norm.to(DEVICE)
+
+
+def outputs_and_grads(fn, x, delta, norm, out_dtype, use_h=True):
+    """h, y and the gradients of a loss that reads every element of y (and of h, unless use_h is False)."""
+    x, delta = x.clone().requires_grad_(), delta.clone().requires_grad_()
+    h, y = fn(x, delta, norm, out_dtype)
+    loss = (y.float() * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum()
+    if use_h:
+        loss = loss + (h.float() * torch.linspace(2, 0, h.numel(), device=DEVICE).view_as(h)).sum()
+    return [h.detach(), y.detach(), *torch.autograd.grad(loss, [x, delta])]
+
+
+def assert_matches(shape, x_dtype, delta_dtype, out_dtype, use_h=True, tolerance=1e-5):
+    gen = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(shape, generator=gen) + 1).to(x_dtype).to(DEVICE)
+    delta = torch.randn(shape, generator=gen).to(delta_dtype).to(DEVICE)
+    norm = frozen_norm(shape[-1])
+    fused = outputs_and_grads(add_layer_norm_triton, x, delta, norm, out_dtype, use_h)
+    reference = outputs_and_grads(add_layer_norm_reference, x, delta, norm, out_dtype, use_h)
+    for name, a, b in zip(("h", "y", "dx", "ddelta"), fused, reference):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # y in bf16/fp16: both round the same fp32 value up to summation order, so at most a rounding step apart
+        bound = tolerance if a.dtype == torch.float32 else 2 * torch.finfo(a.dtype).eps
+        assert (a.float() - b.float()).abs().max() <= bound * b.float().abs().max(), name
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (37, 96), (300, 512), (5, 3, 1280)])
+def test_fp32_matches_reference(shape):
+    assert_matches(shape, torch.float32, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_fp32_stream_low_precision_branch_and_output(low):
+    """As under autocast: the residual stream in fp32, the block's output and the next GEMM's input in bf16/fp16."""
+    assert_matches((70, 512), torch.float32, low, low)
+
+
+def test_low_precision_stream():
+    assert_matches((33, 96), torch.bfloat16, torch.bfloat16, torch.bfloat16)
+
+
+def test_unused_stream_gradient():
+    """After the final norm only y is read: h gets no gradient and the backward must not read one."""
+    assert_matches((20, 96), torch.float32, torch.bfloat16, torch.float32, use_h=False)
+
+
+def test_refuses_a_trainable_norm():
+    norm = torch.nn.LayerNorm(8).to(DEVICE)
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="computes no gradient for the norm"):
+        add_layer_norm_triton(x, x, norm, torch.float32)
