@@ -58,9 +58,18 @@ def resolve_pretrained(model_name: str, pretrained: str | None) -> str:
     return pretrained
 
 
+def trained_with_quick_gelu(model_name: str, tag: str) -> bool:
+    """Whether an open_clip weight tag was trained with QuickGELU (OpenAI's CLIP weights, CoOp's, are). open_clip
+    builds e.g. 'ViT-B-16' with exact GELU and only warns when such weights are loaded into it, which changes
+    every feature; a local checkpoint says nothing about it (use the '-quickgelu' architecture for OpenAI's)."""
+    return tag != "none" and not Path(tag).exists() and bool(
+        open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+
+
 def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
                ) -> LoadedModel:
-    """Create the model in fp32 with every parameter frozen; mixed precision is applied by autocast where used."""
+    """Create the model in fp32 with every parameter frozen, with the activation its weights were trained with;
+    mixed precision is applied by autocast where used."""
     name = resolve_model_name(model)
     tag = resolve_pretrained(name, pretrained)
     spec = str(Path(model).resolve()) if model.endswith(".json") else name
@@ -68,7 +77,8 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random init is reproducible: a cache and a run made with 'none' agree
             net, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if tag == "none" else tag, device=device)
+                name, pretrained=None if tag == "none" else tag, device=device,
+                force_quick_gelu=trained_with_quick_gelu(name, tag))
     except Exception as exc:  # any failure to fetch or parse weights becomes one clear line
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if Path(tag).exists():

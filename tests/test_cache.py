@@ -2,6 +2,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from open_clip.transformer import QuickGELU
 from PIL import Image
 
 from conftest import TINY_VIT, run_cli
@@ -10,7 +11,7 @@ from fastcoop.cache.extract import ImageViews, augment_transform
 from fastcoop.data import read_dataset
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import sample_few_shot
-from fastcoop.models import load_model, preprocess_config
+from fastcoop.models import load_model, preprocess_config, resolve_model_name
 
 OPTS = dict(shots=2, seeds=[1, 2], views=2, batch_size=5, workers=0, progress=False)
 
@@ -202,3 +203,30 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     for out in ("killed.h5", "whole.h5"):
         subprocess.run(command + ["--out", str(tmp_path / out)], check=True, capture_output=True)
     _assert_same_file(tmp_path / "killed.h5", tmp_path / "whole.h5")
+
+
+def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
+    """open_clip builds 'ViT-B-16' with exact GELU and only warns when OpenAI's QuickGELU-trained weights go in;
+    load_model asks for QuickGELU whenever the tag was trained with it (no download here: the call is caught)."""
+    import open_clip
+
+    from fastcoop.models import trained_with_quick_gelu
+
+    assert trained_with_quick_gelu("ViT-B-16", "openai") and trained_with_quick_gelu("RN50", "openai")
+    assert not trained_with_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")
+    assert not trained_with_quick_gelu("ViT-B-16", "none")
+    calls = []
+
+    def create(name, **kwargs):
+        calls.append((name, kwargs))
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    with pytest.raises(FastCoopError, match="could not load weights 'openai'"):
+        load_model("ViT-B-16", "openai")
+    assert calls == [("ViT-B-16", {"pretrained": "openai", "device": "cpu", "force_quick_gelu": True})]
+    # and open_clip honours the request: the text tower's MLP activation becomes QuickGELU
+    name = resolve_model_name(TINY_VIT)
+    for force, activation in ((False, torch.nn.GELU), (True, QuickGELU)):
+        model = open_clip.create_model(name, force_quick_gelu=force)
+        assert type(model.transformer.resblocks[0].mlp.gelu) is activation
