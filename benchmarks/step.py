@@ -62,10 +62,10 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
                        precision)
     variants["fastcoop_eager"] = eager
     if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, norms fused or not
-        for name, attention, fused_norms in GRAPH_VARIANTS:
+        for name, attention, fused in GRAPH_VARIANTS:
             try:
                 step, _ = make(FastTextEncoder(model, learner, attention, weight_dtype=precision,
-                                               fused_norms=fused_norms), precision)
+                                               fused=fused), precision)
                 graphed = CudaGraphStep(step)
             except Exception as exc:  # one attention failing on this GPU must not cost the others their numbers
                 print(f"  step variant {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
@@ -77,7 +77,7 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
 # name, attention, residual adds and layer norms fused (run 1 measured holding the weights in bf16 against casting
 # them per call: 0.35 / 0.47 ms saved, so every variant holds them)
 GRAPH_VARIANTS = (("fastcoop_graph", "triton", True), ("fastcoop_grid_graph", "grid", True),
-                  ("fastcoop_flex_graph", "flex", True), ("fastcoop_graph_unfused_norms", "triton", False))
+                  ("fastcoop_flex_graph", "flex", True), ("fastcoop_graph_unfused", "triton", False))
 
 
 def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 16) -> dict:

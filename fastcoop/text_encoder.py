@@ -15,6 +15,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 
 from fastcoop.kernels.add_layer_norm_reference import add_layer_norm_reference
 from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
@@ -25,8 +26,9 @@ from fastcoop.text_tower import TextTower
 try:
     from fastcoop.kernels import add_layer_norm_kernel
     from fastcoop.kernels.prefix_attention_kernel import prefix_attention_triton
+    from fastcoop.kernels.quick_gelu_kernel import quick_gelu_triton
 except ImportError:  # no Triton on this platform
-    add_layer_norm_kernel = prefix_attention_triton = None
+    add_layer_norm_kernel = prefix_attention_triton = quick_gelu_triton = None
 
 ATTENTION = ("grid", "triton", "flex")
 
@@ -66,11 +68,12 @@ class FastTextEncoder:
     the dtype the encoder runs under autocast (bf16 on GPU) gives identical numbers without per-call weight
     casts (autocast does not cache casts of frozen weights) and with half the bytes.
 
-    fused_norms: each residual add and the layer norm after it in one Triton kernel (add_layer_norm_kernel.py),
-    which also hands the next GEMM its input already in the autocast dtype; default: on a GPU."""
+    fused: the blocks' elementwise work in Triton kernels, one launch each way where PyTorch needs several: each
+    residual add with the layer norm after it (add_layer_norm_kernel.py, which also hands the next GEMM its input
+    in the autocast dtype) and QuickGELU (quick_gelu_kernel.py); default: on a GPU."""
 
     def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None,
-                 fused_norms: bool | None = None):
+                 fused: bool | None = None):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not '{attention}'")
         tower = TextTower.of(model)
@@ -82,9 +85,9 @@ class FastTextEncoder:
                 warnings.warn(f"fast text path is not exact for this model ({self.problem}): using the reference path")
             return
         device = learner.ctx.device
-        if fused_norms is None:
-            fused_norms = device.type == "cuda" and add_layer_norm_kernel is not None
-        self.fused_norms = fused_norms
+        if fused is None:
+            fused = device.type == "cuda" and add_layer_norm_kernel is not None
+        self.fused = fused
         if weight_dtype is not None or tower.positional_embedding.device != device:
             self.tower = tower.copy_to(device, weight_dtype)
         eos = tower.pool_positions(learner.tokens).cpu()
@@ -117,9 +120,14 @@ class FastTextEncoder:
 
     def _add_norm(self, x, delta, norm, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x + delta, and its norm in out_dtype."""
-        if self.fused_norms and add_layer_norm_kernel.supports(norm):
+        if self.fused and add_layer_norm_kernel.supports(norm):
             return add_layer_norm_kernel.add_layer_norm_triton(x, delta, norm, out_dtype)
         return add_layer_norm_reference(x, delta, norm, out_dtype)
+
+    def _mlp(self, mlp, y) -> torch.Tensor:
+        if self.fused and type(mlp.gelu) is QuickGELU:
+            return mlp.c_proj(quick_gelu_triton(mlp.c_fc(y)))
+        return mlp(y)
 
     def __call__(self) -> torch.Tensor:
         if self.problem:
@@ -137,6 +145,6 @@ class FastTextEncoder:
             x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
             last = i == len(blocks) - 1
             norm = self.tower.ln_final if last else blocks[i + 1].ln_1
-            x, y = self._add_norm(x, block.ls_2(block.mlp(y)), norm, x.dtype if last else gemm_dtype)
+            x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), norm, x.dtype if last else gemm_dtype)
         return self.tower.project(y)
 

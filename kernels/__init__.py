@@ -6,7 +6,8 @@ prefix attention: the fast text path's packed rows — the shared prefix, then e
 within themselves and to the prefix (prefix_attention_kernel.py; reference prefix_attention_reference.py;
 FlexAttention variant prefix_attention_flex.py), chosen by FastTextEncoder.
 add layer norm: a block's residual add and the layer norm after it (add_layer_norm_kernel.py; reference
-add_layer_norm_reference.py), used by FastTextEncoder on GPU.
+add_layer_norm_reference.py), and QuickGELU (quick_gelu_kernel.py; reference: open_clip's module), used by
+FastTextEncoder on GPU.
 Only the dispatcher is exported here; import the rest from its module.
 """
 

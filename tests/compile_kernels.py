@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 from fastcoop.kernels import add_layer_norm_kernel as add_layer_norm
 from fastcoop.kernels import cosine_ce_kernel as cosine_ce
 from fastcoop.kernels import prefix_attention_kernel as attention
+from fastcoop.kernels import quick_gelu_kernel as quick_gelu
 
 
 # integer arguments that are multiples of 16 in the benchmarked shapes (D = 512, head size 64): at run time Triton
@@ -82,6 +83,9 @@ def main():
         tiles.pop("num_warps")
         print(compile_for_hopper(add_layer_norm._add_layer_norm_forward, norm, tiles))
         print(compile_for_hopper(add_layer_norm._add_layer_norm_backward, norm, dict(tiles, HAS_DH_LATER=True)))
+        act = dict(X=p, Y=p, DY=p, DX=p, N="i32")
+        for fn in (quick_gelu._quick_gelu_forward, quick_gelu._quick_gelu_backward):
+            print(compile_for_hopper(fn, act, dict(BLOCK=quick_gelu.BLOCK)))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ CLASSNAMES = ["dog", "sea_lion", "kite (bird of prey)", "Yorkshire terrier",
 MATRIX = list(itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"]))
 
 
-def features_and_grad(model, learner, mode, attention="grid", fused_norms=False):
-    features = (FastTextEncoder(model, learner, attention, fused_norms=fused_norms)() if mode == "fast"
+def features_and_grad(model, learner, mode, attention="grid", fused=False):
+    features = (FastTextEncoder(model, learner, attention, fused=fused)() if mode == "fast"
                 else encode_prompts(model, learner, mode))
     weights = torch.linspace(-1, 1, features.numel(), device=features.device).view_as(features)  # reads every element
     grad, = torch.autograd.grad((features * weights).sum(), learner.ctx)
@@ -28,11 +28,11 @@ def features_and_grad(model, learner, mode, attention="grid", fused_norms=False)
 
 
 def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAMES, attention="grid",
-                 fused_norms=False):
+                 fused=False):
     torch.manual_seed(0)
     learner = PromptLearner(model, tokenizer, names, n_ctx=n_ctx, csc=csc, position=position, init=init)
     ref, ref_grad = features_and_grad(model, learner, "reference")
-    fast, fast_grad = features_and_grad(model, learner, "fast", attention, fused_norms)
+    fast, fast_grad = features_and_grad(model, learner, "fast", attention, fused)
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (fast_grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
     assert ref_grad.abs().sum() > 0
@@ -47,7 +47,7 @@ def test_fast_equals_reference_vit_tower(tiny_vit, csc, position, init):
 @pytest.mark.parametrize("csc, position, init", MATRIX)
 def test_triton_fast_path_equals_reference(tiny_vit, tiny_vit_on_device, csc, position, init):
     """The path a GPU trains with: Triton attention and the fused residual-add + layer-norm kernel."""
-    assert_exact(tiny_vit_on_device, tiny_vit.tokenizer, csc, position, init, attention="triton", fused_norms=True)
+    assert_exact(tiny_vit_on_device, tiny_vit.tokenizer, csc, position, init, attention="triton", fused=True)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,14 @@ def test_flex_attention_fast_path_equals_reference(tiny_vit, tiny_vit_on_device,
 @pytest.mark.parametrize("csc, position, init", MATRIX)
 def test_fast_equals_reference_quickgelu_resnet_model(tiny_rn, csc, position, init):
     assert_exact(tiny_rn.model, tiny_rn.tokenizer, csc, position, init)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or kernels.INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("csc, position, init", [(False, "end", None), (True, "middle", "a photo of a")])
+def test_triton_fast_path_with_quick_gelu_equals_reference(tiny_rn, csc, position, init):
+    """The GPU path on a QuickGELU tower (OpenAI's weights): the fused QuickGELU kernel runs in every MLP."""
+    model = copy.deepcopy(tiny_rn.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    assert_exact(model, tiny_rn.tokenizer, csc, position, init, attention="triton", fused=True)
 
 
 @pytest.fixture(scope="module")
