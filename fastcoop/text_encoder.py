@@ -138,13 +138,14 @@ class FastTextEncoder:
         blocks = list(self.tower.blocks)
         y = blocks[0].ln_1(x).to(gemm_dtype)  # each norm's output goes to a GEMM, which would cast it anyway
         for i, block in enumerate(blocks):
+            last = i == len(blocks) - 1
             qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
             attn = self._attend(qkv.unflatten(-1, (3, block.attn.num_heads, -1))).flatten(1)
-            if i == len(blocks) - 1:  # only each class's EOS row is read after the last block
+            if last:  # only each class's EOS row is read after the last block
                 x, attn = x[self.eos_rows], attn[self.eos_rows]
             x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
-            last = i == len(blocks) - 1
-            norm = self.tower.ln_final if last else blocks[i + 1].ln_1
-            x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), norm, x.dtype if last else gemm_dtype)
+            # the next block's first norm, or after the last block the final norm, whose output stays in fp32
+            next_norm, next_dtype = (self.tower.ln_final, x.dtype) if last else (blocks[i + 1].ln_1, gemm_dtype)
+            x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), next_norm, next_dtype)
         return self.tower.project(y)
 
