@@ -65,7 +65,8 @@ def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16") -> di
         epochs = [json.loads(line) for line in (Path(tmp) / "run" / METRICS_FILE).read_text().splitlines()]
     per_step = sorted(e["seconds"] / e["steps"] for e in epochs)
     return {"dataset": dataset, "classes": k, "epochs": results["epochs"], "steps": results["steps"],
-            "process_seconds": wall, "setup_seconds": results["setup_seconds"], "loop_seconds": results["train_seconds"],
+            "process_seconds": wall, "setup_seconds": results["setup_seconds"],
+            "loop_seconds": results["train_seconds"],
             "step_ms_median_epoch": 1000 * per_step[len(per_step) // 2],
             # the loop's time outside the epochs' steps: graph capture, kernel compilation, per-epoch host work
             "loop_outside_steps_seconds": results["train_seconds"] - sum(e["seconds"] for e in epochs),

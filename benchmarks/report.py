@@ -92,9 +92,10 @@ def full_run_table(rows: list[dict]) -> list[str]:
     for r in rows:
         est = r.get("published_estimate_seconds")
         ratio = "–" if est is None else f"{est / r['process_seconds']:.1f}×"
-        lines.append(f"| {r['dataset']} | {r['classes']} | {r['epochs']} | {r['steps']} | {fmt(r['process_seconds'])}"
-                     f" | {fmt(r.get('setup_seconds'))} | {fmt(r['loop_seconds'])} | {fmt(r.get('loop_outside_steps_seconds'))} | "
-                     f"{fmt(r.get('step_ms_median_epoch'), 2)} | {fmt(est)} | {ratio} |")
+        seconds = (r["process_seconds"], r.get("setup_seconds"), r["loop_seconds"], r.get("loop_outside_steps_seconds"))
+        lines.append(f"| {r['dataset']} | {r['classes']} | {r['epochs']} | {r['steps']} | "
+                     f"{' | '.join(fmt(s) for s in seconds)} | {fmt(r.get('step_ms_median_epoch'), 2)} | "
+                     f"{fmt(est)} | {ratio} |")
     return lines
 
 

@@ -2,7 +2,8 @@
 kernel each way. PyTorch runs it as three kernels forward (scale, sigmoid, product) and about five backward; in
 the text blocks' MLP that is ~70 launches per training step, and the step is bound by launches at K = 100.
 
-Forward in fp32 from the input's dtype, rounded once to it; backward dx = g·(s + 1.702·x·s·(1 − s)), s = σ(1.702·x).
+Forward in fp32 from the input's dtype, rounded once to it; backward dx = g·(s + 1.702·x·s·(1 − s)),
+s = σ(1.702·x).
 The reference is open_clip's own QuickGELU module.
 """
 
