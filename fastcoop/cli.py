@@ -112,10 +112,12 @@ def _describe_cache(path, seconds):
 @click.option("--text-path", default="fast", show_default=True, type=click.Choice(["fast", "reference"]),
               help="reference: the published 77-token text computation (slow; for comparison).")
 @click.option("--no-graph", is_flag=True, help="On GPU, run the step eagerly instead of replaying a CUDA graph.")
+@click.option("--no-fused", is_flag=True,
+              help="On GPU, run the text blocks' norms, residual adds and activation in PyTorch, not fused kernels.")
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "grid", "triton", "flex"]),
               help="Fast-path attention: auto is the Triton kernel on GPU and plain PyTorch on CPU.")
 def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
-          text_path, no_graph, attention):
+          text_path, no_graph, no_fused, attention):
     """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR."""
     from fastcoop import fewshot
     from fastcoop.cache import FeatureCache
@@ -139,7 +141,7 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     _say_weights(loaded)
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
-                         text_path=text_path, graph=not no_graph, attention=attention)
+                         text_path=text_path, graph=not no_graph, fused=not no_fused, attention=attention)
     result, results = train_to_run_dir(cache, loaded, config, run_dir)
     last = result.history[-1]
     click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"

@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"
     text_path: str = "fast"  # or "reference": the published text computation
     graph: bool = True  # on GPU, capture the whole step once in a CUDA graph and replay it
+    fused: bool = True  # on GPU, the text blocks' elementwise work in fused Triton kernels (FastTextEncoder)
     attention: str = "auto"  # fast path attention: grid, triton, flex; auto: triton on GPU, grid on CPU
 
 
@@ -101,7 +102,8 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     n = len(labels)
     batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
     if config.text_path == "fast":
-        encode_text = FastTextEncoder(model, learner, config.attention, weight_dtype=dtype)
+        encode_text = FastTextEncoder(model, learner, config.attention, weight_dtype=dtype,
+                                      fused=None if config.fused else False)
     else:
         tower = TextTower.of(model)
         encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731

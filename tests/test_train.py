@@ -56,12 +56,13 @@ def test_training_learns(cache_path, tiny_vit):
 def test_cli_train_eval_predict_roundtrip(tmp_path, capsys, cache_path, example_images):
     run_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", cache_path, "--out", run_dir, "--shots", "4", "--seed", "1",
-                             "--n-ctx", "4", "--epochs", "3", "--device", "cpu")
+                             "--n-ctx", "4", "--epochs", "3", "--device", "cpu", "--no-fused")
     assert code == 0, err
     assert {p.name for p in run_dir.iterdir()} == {"prompt.safetensors", "config.json", "metrics.jsonl",
                                                     "results.json", "curve.png"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["epochs"] == 3 and config["model"] == TINY_VIT and len(config["classnames"]) == 12
+    assert config["train"]["fused"] is False  # recorded, and read back by load_run below
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] > 0 and results["train_seconds"] > 0 and results["setup_seconds"] > 0
