@@ -14,6 +14,7 @@ from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
 
 GROUPS = (1, 2, 4, 8, 16)
+WARPS_GROUPS = (1, 4)
 
 
 def run_attention_section(ks, device: str, repeats: int, model_name: str = "ViT-B-16", n_ctx: int = 16) -> list[dict]:
@@ -35,6 +36,9 @@ def run_attention_section(ks, device: str, repeats: int, model_name: str = "ViT-
             for apart in (False, True):
                 name = f"triton group {g}{', prefix launched apart' if apart else ''}"
                 variants[name] = lambda g=g, apart=apart: prefix_attention_triton(qkv, layout, g, apart)
+        for g in WARPS_GROUPS:  # 16-row class tiles fill one warp's matrix instructions: fewer warps per program
+            variants[f"triton group {g}, prefix launched apart, 2 warps"] = \
+                lambda g=g: prefix_attention_triton(qkv, layout, g, True, num_warps=2)
         variants["grid"] = lambda: prefix_attention_reference(qkv, layout)
         for name, attend in variants.items():
             def step(attend=attend):

@@ -165,14 +165,15 @@ def group_size(segments: int, heads: int, device: torch.device) -> int:
 
 class PackedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, layout: PackedLayout, group: int, separate_prefix: bool):
+    def forward(ctx, qkv, layout: PackedLayout, group: int, separate_prefix: bool, num_warps: int):
         qkv = qkv.contiguous()
         T, _, H, dh = qkv.shape
         out = torch.empty(T, H, dh, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(T, H, device=qkv.device, dtype=torch.float32)
         precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
         tiles = dict(BLOCK_P=max(16, triton.next_power_of_2(layout.prefix_len)),
-                     BLOCK_DH=max(16, triton.next_power_of_2(dh)), PRECISION=precision, UPCAST=INTERPRET)
+                     BLOCK_DH=max(16, triton.next_power_of_2(dh)), PRECISION=precision, UPCAST=INTERPRET,
+                     num_warps=num_warps)
         for launch in _launches(layout, group, separate_prefix):
             _attention_forward[_grid(launch, H)](
                 qkv, out, lse, layout.segment_starts, layout.segment_lengths, P=layout.prefix_len, H=H,
@@ -198,16 +199,17 @@ class PackedAttention(torch.autograd.Function):
                 stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch, **ctx.tiles)
         if P:  # the prefix rows' keys and values: their own segment's gradient plus what every class sent
             dqkv[:P, 1:].add_(parts.sum(1).transpose(0, 1))
-        return dqkv, None, None, None
+        return dqkv, None, None, None, None
 
 
 def prefix_attention_triton(qkv: torch.Tensor, layout: PackedLayout, group: int | None = None,
-                            separate_prefix: bool = True) -> torch.Tensor:
+                            separate_prefix: bool = True, num_warps: int = 4) -> torch.Tensor:
     """Same contract as prefix_attention_reference. group: segments per program (default: by the GPU's size).
     separate_prefix: the prefix in its own launch, so the classes' tiles are as tall as the longest class rather
     than the prefix (16 rows instead of 32 for M = 16: a quarter of the self-score work; for sm_90 the bf16
     forward needs 93 registers instead of 112, the backward 189 instead of 220, per tests/compile_kernels.py).
     Not yet timed: benchmarks/attention.py times both (the first GPU measurement, 2026-11-26, ran the prefix in
-    the classes' launch)."""
+    the classes' launch). num_warps: per program; a 16-row tile fills one warp's matrix instructions, so 2 warps
+    may beat the default 4 (the backward fits 2 without spilling, not 1), also timed there."""
     group = group or group_size(len(layout.segment_starts), qkv.shape[2], qkv.device)
-    return PackedAttention.apply(qkv, layout, group, separate_prefix)
+    return PackedAttention.apply(qkv, layout, group, separate_prefix, num_warps)

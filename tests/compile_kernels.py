@@ -76,6 +76,8 @@ def main():
                          UPCAST=False)
             for fn in (attention._attention_forward, attention._attention_backward):
                 print(compile_for_hopper(fn, att, tiles))
+                if has_prefix and block_s == 16:  # the classes' launch with the prefix apart, at num_warps=2 too
+                    print(compile_for_hopper(fn, att, tiles, num_warps=2))
         # as in the text encoder under autocast: fp32 residual stream, the branch and the normed output in dtype
         norm = dict(X="*fp32", DELTA=p, W="*fp32", B="*fp32", H="*fp32", Y=p, MEAN="*fp32", RSTD="*fp32", DY=p,
                     DH_LATER="*fp32", DX="*fp32", DDELTA=p, N="i32", D="i32", eps="fp32")

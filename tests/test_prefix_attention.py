@@ -55,15 +55,16 @@ def test_reference_is_dense_masked_attention(lengths, P, H, dh, dtype, tolerance
 @needs_kernel
 @pytest.mark.parametrize("lengths, P, H, dh", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group, separate_prefix", [(1, False), (2, False), (4, False), (1, True), (3, True)])
-def test_triton_matches_reference(lengths, P, H, dh, dtype, group, separate_prefix):
+@pytest.mark.parametrize("group, separate_prefix, num_warps", [(1, False, 4), (2, False, 4), (4, False, 4),
+                                                              (1, True, 4), (3, True, 4), (3, True, 2)])
+def test_triton_matches_reference(lengths, P, H, dh, dtype, group, separate_prefix, num_warps):
     """group: segments per program (the prefix gradients are summed per group); separate_prefix: the prefix in its
-    own launch."""
+    own launch; num_warps: per program (the interpreter ignores it; on a GPU it changes the compiled layouts)."""
     layout = PackedLayout.of(torch.tensor(lengths), DEVICE, prefix_len=P)
     qkv = random_qkv(lengths, P, H, dh)
     upstream = torch.randn(qkv.shape[0], H, dh, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = []
-    for fn, run_dtype in ((lambda t: prefix_attention_triton(t, layout, group, separate_prefix), dtype),
+    for fn, run_dtype in ((lambda t: prefix_attention_triton(t, layout, group, separate_prefix, num_warps), dtype),
                           (lambda t: prefix_attention_reference(t, layout), torch.float32)):
         leaf = qkv.to(DEVICE, run_dtype).requires_grad_()
         out = fn(leaf)
