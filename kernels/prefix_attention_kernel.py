@@ -1,8 +1,10 @@
 """Fused attention over the packed rows of the fast text path, in Triton.
 
 The rows are the shared prefix (P rows, possibly none), then each class's few tokens, unpadded
-(prefix_attention_reference says who sees whom). The prefix and each class are "segments"; by default the prefix
-(causal within itself) has a launch of its own and the classes a second one. A program takes a group of consecutive
+(prefix_attention_reference says who sees whom). The prefix and each class — or each run of whole classes, when
+the layout packs them (PackedLayout.of's pack_rows: taller tiles, fewer of them; a row sees only its own class's
+rows, by its first_row) — are "segments"; by default the prefix (causal within itself) has a launch of its own
+and the classes a second one. A program takes a group of consecutive
 segments for one head; it loads the prefix's keys and values once and holds each segment's queries,
 keys and values in one tile each (S ≤ ~20, P ≤ 1 + M), so scores, softmax and both products stay on chip: no
 K × S grid and no per-class copy of the prefix. The backward recomputes the scores from the saved log-sum-exp;
@@ -39,23 +41,26 @@ def _load_prefix(K, V, j, P, h, d, d_ok, stride_t, stride_h, HAS_PREFIX: tl.cons
 
 
 @triton.jit
-def _load_segment(QKV, K, V, STARTS, LENGTHS, s, i, h, d, d_ok, stride_t, stride_h):
-    """Segment s's rows for one head: where they are, how many, and their queries, keys and values."""
+def _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d, d_ok, stride_t, stride_h):
+    """Segment s's rows for one head: where they are, how many, where each row's class starts (in the segment),
+    and their queries, keys and values."""
     start, n = tl.load(STARTS + s), tl.load(LENGTHS + s)
     rows, row_ok = start + i, i < n
+    class_first = tl.load(FIRST_ROW + rows, mask=row_ok, other=0) - start
     q = _load_rows(QKV, rows, row_ok, h, d, d_ok, stride_t, stride_h)
     ks = _load_rows(K, rows, row_ok, h, d, d_ok, stride_t, stride_h)
     vs = _load_rows(V, rows, row_ok, h, d, d_ok, stride_t, stride_h)
-    return rows, row_ok, n, q, ks, vs
+    return rows, row_ok, n, class_first, q, ks, vs
 
 
 @triton.jit
-def _scores(q, ks, kp, i, n, j, visible, sm_scale, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
+def _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
             UPCAST: tl.constexpr):
-    """Scaled scores against the segment's own keys (causal) and the first `visible` prefix keys; −inf where
-    masked."""
+    """Scaled scores against the segment's own keys (causal, within each row's class) and the first `visible`
+    prefix keys; −inf where masked."""
     s_self = mma(q, tl.trans(ks), None, PRECISION, UPCAST) * sm_scale
-    s_self = tl.where((i[None, :] <= i[:, None]) & (i[None, :] < n), s_self, float("-inf"))
+    own = (i[None, :] <= i[:, None]) & (i[None, :] >= class_first[:, None]) & (i[None, :] < n)
+    s_self = tl.where(own, s_self, float("-inf"))
     s_pre = s_self  # placeholder when there is no prefix
     if HAS_PREFIX:
         s_pre = mma(q, tl.trans(kp), None, PRECISION, UPCAST) * sm_scale
@@ -64,9 +69,9 @@ def _scores(q, ks, kp, i, n, j, visible, sm_scale, HAS_PREFIX: tl.constexpr, PRE
 
 
 @triton.jit
-def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST, END, GROUP, P, H, sm_scale, stride_t, stride_part,
-                       stride_h, DH, HAS_PREFIX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROUP, P, H, sm_scale, stride_t,
+                       stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Segments FIRST.. END − 1, GROUP per program: output rows and their log-sum-exp."""
     g, h = tl.program_id(0), tl.program_id(1)
     i, j, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_DH)
@@ -75,9 +80,10 @@ def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST, END, GROUP, P, H, sm
     kp, vp = _load_prefix(K, V, j, P, h, d, d_ok, stride_t, stride_h, HAS_PREFIX, BLOCK_P, BLOCK_DH)
     first = FIRST + g * GROUP
     for s in range(first, tl.minimum(first + GROUP, END)):
-        rows, row_ok, n, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, s, i, h, d, d_ok, stride_t, stride_h)
+        rows, row_ok, n, class_first, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d,
+                                                                d_ok, stride_t, stride_h)
         visible = tl.where(s > 0, P, 0)  # segment 0 is the prefix itself
-        s_self, s_pre = _scores(q, ks, kp, i, n, j, visible, sm_scale, HAS_PREFIX, PRECISION, UPCAST)
+        s_self, s_pre = _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX, PRECISION, UPCAST)
         m = tl.max(s_self, 1)
         if HAS_PREFIX:
             m = tl.maximum(m, tl.max(s_pre, 1))
@@ -95,7 +101,7 @@ def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST, END, GROUP, P, H, sm
 
 
 @triton.jit
-def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, FIRST, END, GROUP, P, H,
+def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROUP, P, H,
                         sm_scale, stride_t, stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -110,13 +116,14 @@ def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGT
     dvp = tl.zeros([BLOCK_P, BLOCK_DH], dtype=tl.float32)
     first = FIRST + g * GROUP
     for s in range(first, tl.minimum(first + GROUP, END)):
-        rows, row_ok, n, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, s, i, h, d, d_ok, stride_t, stride_h)
+        rows, row_ok, n, class_first, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d,
+                                                                d_ok, stride_t, stride_h)
         o = _load_rows(O, rows, row_ok, h, d, d_ok, H * DH, DH)
         do = _load_rows(DO, rows, row_ok, h, d, d_ok, H * DH, DH)
         lse = tl.load(LSE + rows * H + h, mask=row_ok, other=float("inf"))  # padded rows: p = 0
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         visible = tl.where(s > 0, P, 0)
-        s_self, s_pre = _scores(q, ks, kp, i, n, j, visible, sm_scale, HAS_PREFIX, PRECISION, UPCAST)
+        s_self, s_pre = _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX, PRECISION, UPCAST)
         p_self = tl.exp(s_self - lse[:, None])
         dv = mma(tl.trans(p_self).to(do.dtype), do, None, PRECISION, UPCAST)
         ds_self = p_self * (mma(do, tl.trans(vs), None, PRECISION, UPCAST) - delta[:, None])
@@ -146,9 +153,10 @@ def _launches(layout: PackedLayout, group: int, separate_prefix: bool) -> list[d
     P, segments = layout.prefix_len, len(layout.segment_starts)
     tile = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
     if not (separate_prefix and P):
-        return [dict(FIRST=0, END=segments, GROUP=group, HAS_PREFIX=P > 0, BLOCK_S=tile(max(layout.max_len, P)))]
+        return [dict(FIRST=0, END=segments, GROUP=group, HAS_PREFIX=P > 0,
+                     BLOCK_S=tile(max(layout.max_segment_len, P)))]
     return [dict(FIRST=0, END=1, GROUP=1, HAS_PREFIX=False, BLOCK_S=tile(P)),
-            dict(FIRST=1, END=segments, GROUP=group, HAS_PREFIX=True, BLOCK_S=tile(layout.max_len))]
+            dict(FIRST=1, END=segments, GROUP=group, HAS_PREFIX=True, BLOCK_S=tile(layout.max_segment_len))]
 
 
 def _grid(launch: dict, heads: int) -> tuple[int, int]:
@@ -176,9 +184,9 @@ class PackedAttention(torch.autograd.Function):
                      num_warps=num_warps)
         for launch in _launches(layout, group, separate_prefix):
             _attention_forward[_grid(launch, H)](
-                qkv, out, lse, layout.segment_starts, layout.segment_lengths, P=layout.prefix_len, H=H,
-                sm_scale=1.0 / math.sqrt(dh), stride_t=qkv.stride(0), stride_part=qkv.stride(1),
-                stride_h=qkv.stride(2), DH=dh, **launch, **tiles)
+                qkv, out, lse, layout.segment_starts, layout.segment_lengths, layout.first_row,
+                P=layout.prefix_len, H=H, sm_scale=1.0 / math.sqrt(dh), stride_t=qkv.stride(0),
+                stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch, **tiles)
         ctx.save_for_backward(qkv, out, lse)
         ctx.layout, ctx.group, ctx.separate_prefix, ctx.tiles = layout, group, separate_prefix, tiles
         return out
@@ -195,8 +203,9 @@ class PackedAttention(torch.autograd.Function):
         for launch in launches:
             _attention_backward[_grid(launch, H)](
                 qkv, out, grad_out.contiguous(), lse, dqkv, parts[0], parts[1], layout.segment_starts,
-                layout.segment_lengths, P=P, H=H, sm_scale=1.0 / math.sqrt(dh), stride_t=qkv.stride(0),
-                stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch, **ctx.tiles)
+                layout.segment_lengths, layout.first_row, P=P, H=H, sm_scale=1.0 / math.sqrt(dh),
+                stride_t=qkv.stride(0), stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch,
+                **ctx.tiles)
         if P:  # the prefix rows' keys and values: their own segment's gradient plus what every class sent
             dqkv[:P, 1:].add_(parts.sum(1).transpose(0, 1))
         return dqkv, None, None, None, None

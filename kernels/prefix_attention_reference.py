@@ -16,7 +16,9 @@ import torch
 @dataclass
 class PackedLayout:
     """Where each class's rows sit; built once on the host, used on the device. Class rows are counted from the
-    first class row (row P of the packed tensor)."""
+    first class row (row P of the packed tensor). The segments are what a Triton program takes at a time: the
+    prefix, then each class — or, packed, runs of whole classes of up to pack_rows rows, which the kernel keeps
+    apart by each row's first_row."""
 
     lengths: torch.Tensor  # K, rows per class
     starts: torch.Tensor  # K, first row of each class, counted from row P
@@ -24,25 +26,39 @@ class PackedLayout:
     offsets: torch.Tensor  # N, each class row's position within its class
     padded_index: torch.Tensor  # N, class row → row of the K × S grid
     causal: torch.Tensor  # S × S additive mask (0 on and below the diagonal, −inf above)
-    segment_starts: torch.Tensor  # the prefix (if any), then each class: first row in the packed tensor
+    segment_starts: torch.Tensor  # the prefix (if any), then each class or run of classes: first packed row
     segment_lengths: torch.Tensor  # and its number of rows
+    first_row: torch.Tensor  # T, the first packed row of each row's class (0 for the prefix's rows)
     num_classes: int
     max_len: int
+    max_segment_len: int  # rows of the tallest class segment
     prefix_len: int
 
     @classmethod
-    def of(cls, lengths: torch.Tensor, device, prefix_len: int = 0) -> "PackedLayout":
+    def of(cls, lengths: torch.Tensor, device, prefix_len: int = 0, pack_rows: int | None = None) -> "PackedLayout":
         lengths = lengths.cpu()
         K, S = len(lengths), int(lengths.max())
         offsets = torch.cat([torch.arange(n) for n in lengths.tolist()])
         classes = torch.repeat_interleave(torch.arange(K), lengths)
         causal = torch.full((S, S), float("-inf")).triu(1)
         starts = lengths.cumsum(0) - lengths
-        segment_lengths = torch.cat([torch.tensor([prefix_len]), lengths]) if prefix_len else lengths
+        first_row = torch.cat([torch.zeros(prefix_len, dtype=torch.long), prefix_len + starts[classes]])
+        class_segments = _runs_of_classes(lengths.tolist(), pack_rows) if pack_rows else lengths
+        segment_lengths = torch.cat([torch.tensor([prefix_len]), class_segments]) if prefix_len else class_segments
         segment_starts = segment_lengths.cumsum(0) - segment_lengths
         return cls(lengths.to(device), starts.to(device), classes.to(device), offsets.to(device),
                    (classes * S + offsets).to(device), causal.to(device), segment_starts.to(device),
-                   segment_lengths.to(device), K, S, prefix_len)
+                   segment_lengths.to(device), first_row.to(device), K, S, int(class_segments.max()), prefix_len)
+
+
+def _runs_of_classes(lengths: list[int], pack_rows: int) -> torch.Tensor:
+    """Rows of each run of consecutive whole classes, greedily up to pack_rows (a longer class runs alone)."""
+    runs = [0]
+    for n in lengths:
+        if runs[-1] and runs[-1] + n > pack_rows:
+            runs.append(0)
+        runs[-1] += n
+    return torch.tensor(runs)
 
 
 def prefix_attention_reference(qkv: torch.Tensor, layout: PackedLayout) -> torch.Tensor:

@@ -69,15 +69,18 @@ def main():
             print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=cosine_ce.BLOCK_DC)))
             print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=512), num_warps=8))  # backward_chunk=512
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
-                   LENGTHS="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32", sm_scale="fp32",
+                   LENGTHS="*i64", FIRST_ROW="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32", sm_scale="fp32",
                    stride_t="i32", stride_part="i32", stride_h="i32", DH="i32")
-        for has_prefix, block_s in ((True, 32), (True, 16), (False, 32), (False, 16)):
+        # 64 rows: classes packed four to a tile (PackedLayout's pack_rows)
+        for has_prefix, block_s in ((True, 64), (True, 32), (True, 16), (False, 32), (False, 16)):
             tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=block_s, BLOCK_P=32, BLOCK_DH=64, PRECISION=precision,
                          UPCAST=False)
             for fn in (attention._attention_forward, attention._attention_backward):
                 print(compile_for_hopper(fn, att, tiles))
                 if has_prefix and block_s == 16:  # the classes' launch with the prefix apart, at num_warps=2 too
                     print(compile_for_hopper(fn, att, tiles, num_warps=2))
+                if block_s == 64:  # tall packed tiles may want 8 warps
+                    print(compile_for_hopper(fn, att, tiles, num_warps=8))
         # as in the text encoder under autocast: fp32 residual stream, the branch and the normed output in dtype
         norm = dict(X="*fp32", DELTA=p, W="*fp32", B="*fp32", H="*fp32", Y=p, MEAN="*fp32", RSTD="*fp32", DY=p,
                     DH_LATER="*fp32", DX="*fp32", DDELTA=p, N="i32", D="i32", eps="fp32")

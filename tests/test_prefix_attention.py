@@ -55,12 +55,14 @@ def test_reference_is_dense_masked_attention(lengths, P, H, dh, dtype, tolerance
 @needs_kernel
 @pytest.mark.parametrize("lengths, P, H, dh", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("group, separate_prefix, num_warps", [(1, False, 4), (2, False, 4), (4, False, 4),
-                                                              (1, True, 4), (3, True, 4), (3, True, 2)])
-def test_triton_matches_reference(lengths, P, H, dh, dtype, group, separate_prefix, num_warps):
+@pytest.mark.parametrize("group, separate_prefix, num_warps, pack_rows", [
+    (1, False, 4, None), (2, False, 4, None), (4, False, 4, None), (1, True, 4, None), (3, True, 4, None),
+    (3, True, 2, None), (1, True, 4, 32), (2, False, 4, 32), (1, True, 4, 64)])
+def test_triton_matches_reference(lengths, P, H, dh, dtype, group, separate_prefix, num_warps, pack_rows):
     """group: segments per program (the prefix gradients are summed per group); separate_prefix: the prefix in its
-    own launch; num_warps: per program (the interpreter ignores it; on a GPU it changes the compiled layouts)."""
-    layout = PackedLayout.of(torch.tensor(lengths), DEVICE, prefix_len=P)
+    own launch; num_warps: per program (the interpreter ignores it; on a GPU it changes the compiled layouts);
+    pack_rows: runs of whole classes share a tile, each row seeing only its own class."""
+    layout = PackedLayout.of(torch.tensor(lengths), DEVICE, prefix_len=P, pack_rows=pack_rows)
     qkv = random_qkv(lengths, P, H, dh)
     upstream = torch.randn(qkv.shape[0], H, dh, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = []
@@ -86,3 +88,11 @@ def test_flex_forward_matches_reference(lengths, P, H, dh):
         out = prefix_attention_flex(qkv, prefix_class_block_mask(layout))
         ref = prefix_attention_reference(qkv, layout)
     assert relative(out, ref) <= 1e-5
+
+
+def test_packing_keeps_classes_whole_and_in_order():
+    layout = PackedLayout.of(torch.tensor([3, 1, 6, 2, 5, 9]), "cpu", prefix_len=7, pack_rows=8)
+    assert layout.segment_lengths.tolist() == [7, 4, 8, 5, 9]  # prefix; 3+1; 6+2; 5; 9 (longer than 8: alone)
+    assert layout.segment_starts.tolist() == [0, 7, 11, 19, 24]
+    assert layout.max_segment_len == 9 and layout.max_len == 9
+    assert layout.first_row.tolist() == [0] * 7 + [7] * 3 + [10] + [11] * 6 + [17] * 2 + [19] * 5 + [24] * 9
