@@ -41,12 +41,15 @@ def _load_prefix(K, V, j, P, h, d, d_ok, stride_t, stride_h, HAS_PREFIX: tl.cons
 
 
 @triton.jit
-def _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d, d_ok, stride_t, stride_h):
-    """Segment s's rows for one head: where they are, how many, where each row's class starts (in the segment),
-    and their queries, keys and values."""
+def _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d, d_ok, stride_t, stride_h,
+                  PACKED: tl.constexpr):
+    """Segment s's rows for one head: where they are, how many, where each row's class starts in the segment
+    (0 unless PACKED: a segment is then a run of classes), and their queries, keys and values."""
     start, n = tl.load(STARTS + s), tl.load(LENGTHS + s)
     rows, row_ok = start + i, i < n
-    class_first = tl.load(FIRST_ROW + rows, mask=row_ok, other=0) - start
+    class_first = i * 0
+    if PACKED:
+        class_first = (tl.load(FIRST_ROW + rows, mask=row_ok, other=0) - start).to(tl.int32)
     q = _load_rows(QKV, rows, row_ok, h, d, d_ok, stride_t, stride_h)
     ks = _load_rows(K, rows, row_ok, h, d, d_ok, stride_t, stride_h)
     vs = _load_rows(V, rows, row_ok, h, d, d_ok, stride_t, stride_h)
@@ -54,12 +57,14 @@ def _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d, d_ok, strid
 
 
 @triton.jit
-def _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr):
+def _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX: tl.constexpr, PACKED: tl.constexpr,
+            PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Scaled scores against the segment's own keys (causal, within each row's class) and the first `visible`
     prefix keys; −inf where masked."""
     s_self = mma(q, tl.trans(ks), None, PRECISION, UPCAST) * sm_scale
-    own = (i[None, :] <= i[:, None]) & (i[None, :] >= class_first[:, None]) & (i[None, :] < n)
+    own = (i[None, :] <= i[:, None]) & (i[None, :] < n)
+    if PACKED:
+        own = own & (i[None, :] >= class_first[:, None])
     s_self = tl.where(own, s_self, float("-inf"))
     s_pre = s_self  # placeholder when there is no prefix
     if HAS_PREFIX:
@@ -70,7 +75,7 @@ def _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX: tl.c
 
 @triton.jit
 def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROUP, P, H, sm_scale, stride_t,
-                       stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr, BLOCK_S: tl.constexpr,
+                       stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr, PACKED: tl.constexpr, BLOCK_S: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Segments FIRST.. END − 1, GROUP per program: output rows and their log-sum-exp."""
     g, h = tl.program_id(0), tl.program_id(1)
@@ -81,9 +86,10 @@ def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROU
     first = FIRST + g * GROUP
     for s in range(first, tl.minimum(first + GROUP, END)):
         rows, row_ok, n, class_first, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d,
-                                                                d_ok, stride_t, stride_h)
+                                                                d_ok, stride_t, stride_h, PACKED)
         visible = tl.where(s > 0, P, 0)  # segment 0 is the prefix itself
-        s_self, s_pre = _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX, PRECISION, UPCAST)
+        s_self, s_pre = _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX, PACKED, PRECISION,
+                                UPCAST)
         m = tl.max(s_self, 1)
         if HAS_PREFIX:
             m = tl.maximum(m, tl.max(s_pre, 1))
@@ -101,9 +107,9 @@ def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROU
 
 
 @triton.jit
-def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROUP, P, H,
-                        sm_scale, stride_t, stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
+def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROUP,
+                        P, H, sm_scale, stride_t, stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr,
+                        PACKED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dq, dk, dv of each segment's rows (DQKV, laid out as QKV); the prefix key/value gradients its classes send,
     summed over the group, into row `g` of the partials."""
@@ -117,13 +123,14 @@ def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGT
     first = FIRST + g * GROUP
     for s in range(first, tl.minimum(first + GROUP, END)):
         rows, row_ok, n, class_first, q, ks, vs = _load_segment(QKV, K, V, STARTS, LENGTHS, FIRST_ROW, s, i, h, d,
-                                                                d_ok, stride_t, stride_h)
+                                                                d_ok, stride_t, stride_h, PACKED)
         o = _load_rows(O, rows, row_ok, h, d, d_ok, H * DH, DH)
         do = _load_rows(DO, rows, row_ok, h, d, d_ok, H * DH, DH)
         lse = tl.load(LSE + rows * H + h, mask=row_ok, other=float("inf"))  # padded rows: p = 0
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         visible = tl.where(s > 0, P, 0)
-        s_self, s_pre = _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX, PRECISION, UPCAST)
+        s_self, s_pre = _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX, PACKED, PRECISION,
+                                UPCAST)
         p_self = tl.exp(s_self - lse[:, None])
         dv = mma(tl.trans(p_self).to(do.dtype), do, None, PRECISION, UPCAST)
         ds_self = p_self * (mma(do, tl.trans(vs), None, PRECISION, UPCAST) - delta[:, None])
@@ -180,8 +187,8 @@ class PackedAttention(torch.autograd.Function):
         lse = torch.empty(T, H, device=qkv.device, dtype=torch.float32)
         precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
         tiles = dict(BLOCK_P=max(16, triton.next_power_of_2(layout.prefix_len)),
-                     BLOCK_DH=max(16, triton.next_power_of_2(dh)), PRECISION=precision, UPCAST=INTERPRET,
-                     num_warps=num_warps)
+                     BLOCK_DH=max(16, triton.next_power_of_2(dh)), PACKED=layout.pack_rows is not None,
+                     PRECISION=precision, UPCAST=INTERPRET, num_warps=num_warps)
         for launch in _launches(layout, group, separate_prefix):
             _attention_forward[_grid(launch, H)](
                 qkv, out, lse, layout.segment_starts, layout.segment_lengths, layout.first_row,

@@ -33,6 +33,7 @@ class PackedLayout:
     max_len: int
     max_segment_len: int  # rows of the tallest class segment
     prefix_len: int
+    pack_rows: int | None  # segments are runs of classes up to this many rows, or None: one class each
 
     @classmethod
     def of(cls, lengths: torch.Tensor, device, prefix_len: int = 0, pack_rows: int | None = None) -> "PackedLayout":
@@ -48,7 +49,8 @@ class PackedLayout:
         segment_starts = segment_lengths.cumsum(0) - segment_lengths
         return cls(lengths.to(device), starts.to(device), classes.to(device), offsets.to(device),
                    (classes * S + offsets).to(device), causal.to(device), segment_starts.to(device),
-                   segment_lengths.to(device), first_row.to(device), K, S, int(class_segments.max()), prefix_len)
+                   segment_lengths.to(device), first_row.to(device), K, S, int(class_segments.max()), prefix_len,
+                   pack_rows)
 
 
 def _runs_of_classes(lengths: list[int], pack_rows: int) -> torch.Tensor:

@@ -69,12 +69,12 @@ def main():
             print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=cosine_ce.BLOCK_DC)))
             print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=512), num_warps=8))  # backward_chunk=512
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
-                   LENGTHS="*i64", FIRST_ROW="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32", sm_scale="fp32",
-                   stride_t="i32", stride_part="i32", stride_h="i32", DH="i32")
+                   LENGTHS="*i64", FIRST_ROW="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32",
+                   sm_scale="fp32", stride_t="i32", stride_part="i32", stride_h="i32", DH="i32")
         # 64 rows: classes packed four to a tile (PackedLayout's pack_rows)
         for has_prefix, block_s in ((True, 64), (True, 32), (True, 16), (False, 32), (False, 16)):
-            tiles = dict(HAS_PREFIX=has_prefix, BLOCK_S=block_s, BLOCK_P=32, BLOCK_DH=64, PRECISION=precision,
-                         UPCAST=False)
+            tiles = dict(HAS_PREFIX=has_prefix, PACKED=block_s > 32, BLOCK_S=block_s, BLOCK_P=32, BLOCK_DH=64,
+                         PRECISION=precision, UPCAST=False)
             for fn in (attention._attention_forward, attention._attention_backward):
                 print(compile_for_hopper(fn, att, tiles))
                 if has_prefix and block_s == 16:  # the classes' launch with the prefix apart, at num_warps=2 too
