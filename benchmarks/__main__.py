@@ -21,7 +21,8 @@ from benchmarks.profile import kernel_profile
 from benchmarks.step import run_step_section, step_variants, time_breakdown, training_memory_gb
 from fastcoop.models import load_model
 
-SECTIONS = ("step", "attention", "full_run", "kernel", "exactness")
+# in the order they run: what a GPU lease cut short needs most comes first
+SECTIONS = ("step", "kernel", "attention", "exactness", "full_run")
 
 
 def plan(name: str, device: str) -> dict:
@@ -128,15 +129,15 @@ def main():
             result["training_memory"], result["profile"] = gpu_memory_and_profile(todo["step"], args.device,
                                                                                   result["step"])
         save("step")
-    if "attention" in sections and args.device.startswith("cuda") and todo["attention"]:
-        result["attention"] = run_attention_section(todo["attention"], args.device, todo["repeats"])
-        save("attention")
     if "kernel" in sections:
         result["kernel"] = run_kernel_section(todo["kernel"], args.device, todo["repeats"])
         if not args.device.startswith("cuda"):
             _note(result, "No GPU: the Triton kernel is not timed on CPU (it runs there only under the "
                           "interpreter, for correctness); cosine_ce on CPU is the PyTorch reference.")
         save("kernel")
+    if "attention" in sections and args.device.startswith("cuda") and todo["attention"]:
+        result["attention"] = run_attention_section(todo["attention"], args.device, todo["repeats"])
+        save("attention")
     if "exactness" in sections:
         result["exactness"] = run_exactness_section(todo["exactness"], args.device, todo["exact_steps"])
         save("exactness")
