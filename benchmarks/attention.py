@@ -32,8 +32,10 @@ def run_attention_section(ks, device: str, repeats: int, model_name: str = "ViT-
         rows_total = int(layout.segment_lengths.sum())
         qkv = torch.randn(rows_total, 3, heads, dh, device=device, dtype=torch.bfloat16, requires_grad=True)
         upstream = torch.randn(rows_total, heads, dh, device=device, dtype=torch.bfloat16)
-        default = group_size(len(layout.segment_starts), heads, qkv.device)
-        variants = {f"triton as called by default (group {default})": lambda: prefix_attention_triton(qkv, layout)}
+        default = group_size(len(names.segment_starts), heads, qkv.device)
+        as_called = PackedLayout.of(names.lengths, device, names.prefix_len, names.pack_rows)
+        variants = {f"triton as called by default (packed {names.pack_rows} rows, group {default})":
+                    lambda: prefix_attention_triton(qkv, as_called)}
         for g in GROUPS:
             for apart in (False, True):
                 name = f"triton group {g}{', prefix launched apart' if apart else ''}"

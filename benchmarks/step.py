@@ -14,7 +14,7 @@ from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
 from fastcoop.step import CudaGraphStep, TrainStep
-from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 from fastcoop.train import resolve_attention
 
@@ -62,10 +62,10 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
                        precision)
     variants["fastcoop_eager"] = eager
     if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, norms fused or not
-        for name, attention, fused in GRAPH_VARIANTS:
+        for name, attention, fused, pack_rows in GRAPH_VARIANTS:
             try:
                 step, _ = make(FastTextEncoder(model, learner, attention, weight_dtype=precision,
-                                               fused=fused), precision)
+                                               fused=fused, pack_rows=pack_rows), precision)
                 graphed = CudaGraphStep(step)
             except Exception as exc:  # one attention failing on this GPU must not cost the others their numbers
                 print(f"  step variant {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
@@ -74,10 +74,12 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
     return variants
 
 
-# name, attention, residual adds and layer norms fused (run 1 measured holding the weights in bf16 against casting
-# them per call: 0.35 / 0.47 ms saved, so every variant holds them)
-GRAPH_VARIANTS = (("fastcoop_graph", "triton", True), ("fastcoop_grid_graph", "grid", True),
-                  ("fastcoop_flex_graph", "flex", True), ("fastcoop_graph_unfused", "triton", False))
+# name, attention, residual adds and layer norms fused, Triton attention tile rows (run 1 measured holding the
+# weights in bf16 against casting them per call: 0.35 / 0.47 ms saved, so every variant holds them)
+GRAPH_VARIANTS = (("fastcoop_graph", "triton", True, PACK_ROWS), ("fastcoop_grid_graph", "grid", True, PACK_ROWS),
+                  ("fastcoop_flex_graph", "flex", True, PACK_ROWS),
+                  ("fastcoop_graph_unfused", "triton", False, PACK_ROWS),
+                  ("fastcoop_graph_classwise", "triton", True, None))
 
 
 def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 16) -> dict:

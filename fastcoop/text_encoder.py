@@ -31,6 +31,9 @@ except ImportError:  # no Triton on this platform
     add_layer_norm_kernel = prefix_attention_triton = quick_gelu_triton = None
 
 ATTENTION = ("grid", "triton", "flex")
+# Triton attention tiles of up to 64 rows of whole classes: measured on an H100 (2026-11-26, run 3), one layer's
+# attention forward + backward took 0.073 ms instead of 0.185 at K = 1000, 0.036 instead of 0.053 at K = 100
+PACK_ROWS = 64
 
 _warned: set[str] = set()
 
@@ -70,10 +73,13 @@ class FastTextEncoder:
 
     fused: the blocks' elementwise work in Triton kernels, one launch each way where PyTorch needs several: each
     residual add with the layer norm after it (add_layer_norm_kernel.py, which also hands the next GEMM its input
-    in the autocast dtype) and QuickGELU (quick_gelu_kernel.py); default: on a GPU."""
+    in the autocast dtype) and QuickGELU (quick_gelu_kernel.py); default: on a GPU.
+
+    pack_rows: the Triton attention's tiles hold runs of whole classes up to this many rows (PackedLayout.of);
+    None: one class per tile."""
 
     def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, pack_rows: int | None = PACK_ROWS):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not '{attention}'")
         tower = TextTower.of(model)
@@ -93,7 +99,7 @@ class FastTextEncoder:
         eos = tower.pool_positions(learner.tokens).cpu()
         P = learner.shared_prefix_length()
         lengths = eos - P + 1  # tokens per class after the shared prefix, EOS included
-        self.layout = layout = PackedLayout.of(lengths, device, prefix_len=P)
+        self.layout = layout = PackedLayout.of(lengths, device, prefix_len=P, pack_rows=pack_rows)
         # the packed rows: the shared prefix (class 0's first P tokens), then each class's own tokens
         classes = torch.cat([torch.zeros(P, dtype=torch.long, device=device), layout.classes])
         positions = torch.cat([torch.arange(P, device=device), P + layout.offsets])

@@ -17,11 +17,13 @@ programs, and their partials are combined afterwards: log-sum-exps by a log-sum-
 linear in its terms).
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import INTERPRET, mma, target_programs
+from fastcoop.kernels.triton_common import INTERPRET, mma, multiprocessors, target_programs
 
 
 @triton.jit
@@ -201,7 +203,39 @@ def _cosine_ce_grad_w(X, W, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, 
              mask=col_ok[:, None] & dc_ok[None, :])
 
 
-BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_DC, BLOCK_COMBINE = 32, 32, 64, 128, 128
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration: rows and classes per logits tile, features per dot-product step, output features
+    per backward program (each recomputes its logits tiles, so a chunk as wide as D computes them once, at the
+    price of a wider accumulator), and warps per forward and per backward program."""
+
+    rows: int
+    classes: int
+    chunk: int
+    forward_warps: int
+    backward_warps: int
+    features: int = 64
+
+
+# B = 32 (training): small tiles; the class splits fill the GPU (H100, 2026-11-26: 0.060 ms graphed at K = 1000
+# against 0.143 for eager PyTorch). 32-row tiles compile to mma.sync, not Hopper's wgmma (64-row tiles and up).
+SMALL = Tiles(rows=32, classes=32, chunk=128, forward_warps=4, backward_warps=4)
+# Many rows: candidates, each timed by benchmarks/kernel.py. chunk512 is the small tiles with one recompute
+# (H100, 2026-11-26: 28.1 ms at B = 131,072, K = 1000, half the default's 54.8, eager 12.8); wide64 and wide128
+# compile to wgmma without spilling (tests/compile_kernels.py).
+LARGE = {"chunk512": Tiles(rows=32, classes=32, chunk=512, forward_warps=4, backward_warps=8),
+         "wide64": Tiles(rows=64, classes=64, chunk=256, forward_warps=4, backward_warps=8),
+         "wide128": Tiles(rows=128, classes=64, chunk=128, forward_warps=8, backward_warps=8)}
+LARGE_DEFAULT = LARGE["chunk512"]
+BLOCK_COMBINE = 128
+
+
+def tiles_for(rows: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    """Small tiles while the rows alone cannot give every multiprocessor a tile (their class splits fill the
+    GPU instead), large ones once they can, for 16-bit inputs: fp32 dots use no tensor cores and spill at the
+    large tiles' sizes, so fp32 keeps the small ones."""
+    many_rows = triton.cdiv(rows, SMALL.rows) >= multiprocessors(device)
+    return LARGE_DEFAULT if many_rows and dtype != torch.float32 else SMALL
 
 
 def _per_split(length: int, block: int, tiles: int, device: torch.device) -> int:
@@ -229,27 +263,28 @@ class CosineCE(torch.autograd.Function):
     """Autograd wrapper: forward returns (per-row loss, argmax); backward gives dx, dw and d(scale)."""
 
     @staticmethod
-    def forward(ctx, x, w, scale, labels, backward_chunk):
+    def forward(ctx, x, w, scale, labels, tiles):
         x, w = x.contiguous(), w.contiguous()
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         (B, D), K = x.shape, w.shape[0]
+        tiles = tiles or tiles_for(B, x.dtype, x.device)
         scale = scale.detach().float().reshape(1)
-        row_blocks = triton.cdiv(B, BLOCK_B)
-        cols_per_split = _per_split(K, BLOCK_K, row_blocks, x.device)
+        row_blocks = triton.cdiv(B, tiles.rows)
+        cols_per_split = _per_split(K, tiles.classes, row_blocks, x.device)
         splits = triton.cdiv(K, cols_per_split)
         lse_part, target_part, best_part = torch.empty(3, splits, B, device=x.device, dtype=torch.float32)
         index_part = torch.empty(splits, B, device=x.device, dtype=torch.int64)
         _cosine_ce_forward[(row_blocks, splits)](
             x, w, labels, scale, lse_part, target_part, best_part, index_part, B, K, D, cols_per_split,
-            x.stride(0), w.stride(0), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
-            PRECISION=_precision(x.dtype), UPCAST=INTERPRET)
+            x.stride(0), w.stride(0), BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features,
+            PRECISION=_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.forward_warps)
         loss, lse = torch.empty(2, B, device=x.device, dtype=torch.float32)
         argmax = torch.empty(B, device=x.device, dtype=torch.int64)
         _cosine_ce_forward_combine[(triton.cdiv(B, BLOCK_COMBINE),)](
             lse_part, target_part, best_part, index_part, loss, lse, argmax, B, splits, BLOCK=BLOCK_COMBINE)
         ctx.save_for_backward(x, w, labels, scale, lse)
-        ctx.backward_chunk = backward_chunk
+        ctx.tiles = tiles
         ctx.mark_non_differentiable(argmax)
         return loss, argmax
 
@@ -257,16 +292,16 @@ class CosineCE(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_argmax):
         x, w, labels, scale, lse = ctx.saved_tensors
         (B, D), K = x.shape, w.shape[0]
+        tiles = ctx.tiles
         g = grad_loss.float().contiguous()
         args = (x, w, labels, scale, lse, g)
-        chunk = ctx.backward_chunk
-        chunks = triton.cdiv(D, chunk)
-        blocks = dict(BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_DC=chunk,
-                      PRECISION=_precision(x.dtype), UPCAST=INTERPRET, num_warps=8 if chunk >= 256 else 4)
+        chunks = triton.cdiv(D, tiles.chunk)
+        blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, BLOCK_DC=tiles.chunk,
+                      PRECISION=_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.backward_warps)
         dx = dw = dscale = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            row_blocks = triton.cdiv(B, BLOCK_B)
-            cols_per_split = _per_split(K, BLOCK_K, row_blocks * chunks, x.device)
+            row_blocks = triton.cdiv(B, tiles.rows)
+            cols_per_split = _per_split(K, tiles.classes, row_blocks * chunks, x.device)
             splits = triton.cdiv(K, cols_per_split)
             parts = _partials(splits, B, D, x.dtype, x.device)
             dscale_parts = torch.empty(splits, B, device=x.device, dtype=torch.float32)
@@ -275,8 +310,8 @@ class CosineCE(torch.autograd.Function):
             dx = _total(parts, x.dtype)
             dscale = dscale_parts.sum().reshape(()) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
-            class_blocks = triton.cdiv(K, BLOCK_K)
-            rows_per_split = _per_split(B, BLOCK_B, class_blocks * chunks, x.device)
+            class_blocks = triton.cdiv(K, tiles.classes)
+            rows_per_split = _per_split(B, tiles.rows, class_blocks * chunks, x.device)
             splits = triton.cdiv(B, rows_per_split)
             parts = _partials(splits, K, D, w.dtype, x.device)
             _cosine_ce_grad_w[(class_blocks, chunks, splits)](
@@ -286,13 +321,12 @@ class CosineCE(torch.autograd.Function):
 
 
 def cosine_ce_triton(image_features, text_features, logit_scale, labels, reduction="mean", return_argmax=False,
-                     backward_chunk: int = BLOCK_DC):
-    """The fused kernel; same contract as cosine_ce_reference. backward_chunk: output features per backward
-    program; each program recomputes its logits tiles, so a chunk as wide as D computes them once, at the price
-    of a wider accumulator (benchmarks/kernel.py compares)."""
+                     tiles: Tiles | None = None):
+    """The fused kernel; same contract as cosine_ce_reference. tiles: the launch configuration (default:
+    tiles_for the batch)."""
     scale = logit_scale if torch.is_tensor(logit_scale) else torch.tensor(float(logit_scale))
     scale = scale.to(image_features.device)
-    per_row, argmax = CosineCE.apply(image_features, text_features, scale, labels, backward_chunk)
+    per_row, argmax = CosineCE.apply(image_features, text_features, scale, labels, tiles)
     if reduction == "mean":
         loss = per_row.mean()
     elif reduction == "sum":

@@ -19,8 +19,11 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors; without a GPU (the interpreter) a stand-in of four."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def target_programs(device: torch.device) -> int:
-    """About four programs per multiprocessor: enough to fill the GPU, few enough that each does real work.
-    Without a GPU (the interpreter) a stand-in of four multiprocessors."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return 4 * sms
+    """About four programs per multiprocessor: enough to fill the GPU, few enough that each does real work."""
+    return 4 * multiprocessors(device)

@@ -61,13 +61,14 @@ def main():
                   stride_x="i32", stride_w="i32", LSE_PART="*fp32", TARGET_PART="*fp32", BEST_PART="*fp32",
                   INDEX_PART="*i64", LOSS="*fp32", ARGMAX="*i64", SPLITS="i32", COLS_PER_SPLIT="i32",
                   ROWS_PER_SPLIT="i32", DX_PART=p, DSCALE_PART="*fp32", DW_PART=p)
-        blocks = dict(BLOCK_B=cosine_ce.BLOCK_B, BLOCK_K=cosine_ce.BLOCK_K, BLOCK_D=cosine_ce.BLOCK_D,
-                      PRECISION=precision, UPCAST=False)
-        print(compile_for_hopper(cosine_ce._cosine_ce_forward, ce, blocks))
+        # fp32 runs the small tiles only (cosine_ce_kernel.tiles_for): the large ones spill without tensor cores
+        for tiles in (cosine_ce.SMALL, *(cosine_ce.LARGE.values() if dtype == "bf16" else ())):
+            blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, PRECISION=precision,
+                          UPCAST=False)
+            print(compile_for_hopper(cosine_ce._cosine_ce_forward, ce, blocks, tiles.forward_warps))
+            for fn in (cosine_ce._cosine_ce_grad_x, cosine_ce._cosine_ce_grad_w):
+                print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=tiles.chunk), tiles.backward_warps))
         print(compile_for_hopper(cosine_ce._cosine_ce_forward_combine, ce, dict(BLOCK=cosine_ce.BLOCK_COMBINE)))
-        for fn in (cosine_ce._cosine_ce_grad_x, cosine_ce._cosine_ce_grad_w):
-            print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=cosine_ce.BLOCK_DC)))
-            print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=512), num_warps=8))  # backward_chunk=512
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
                    LENGTHS="*i64", FIRST_ROW="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32",
                    sm_scale="fp32", stride_t="i32", stride_part="i32", stride_h="i32", DH="i32")

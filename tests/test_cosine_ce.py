@@ -23,7 +23,7 @@ def relative(a, b):
 
 
 def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False, labels=None, seed=0,
-            backward_chunk=128):
+            tiles=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=gen).to(dtype)
     w = torch.randn(K, D, generator=gen)
@@ -33,7 +33,7 @@ def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False,
     y = (labels if labels is not None else torch.randint(K, (B,), generator=gen)).to(DEVICE)
     x, w = x.to(DEVICE), w.to(DEVICE)
     results = []
-    kernel = functools.partial(cosine_ce_triton, backward_chunk=backward_chunk)
+    kernel = functools.partial(cosine_ce_triton, tiles=tiles)
     for fn in (kernel, cosine_ce_reference):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         si = torch.tensor(scale, requires_grad=True, device=DEVICE)
@@ -59,10 +59,22 @@ def test_matches_reference(B, K, D, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("backward_chunk", [256, 512])  # fewer, wider backward programs: one recompute at D ≤ chunk
+@pytest.mark.parametrize("tiles", [cosine_ce_kernel.SMALL, *cosine_ce_kernel.LARGE.values()],
+                         ids=["small", *cosine_ce_kernel.LARGE])
+@pytest.mark.parametrize("B, K, D", [(70, 45, 600), (200, 130, 96)])  # D past one chunk; rows past one tile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_chunks(backward_chunk, dtype):
-    compare(70, 45, 600, dtype, backward_chunk=backward_chunk)
+def test_every_tile_configuration(tiles, B, K, D, dtype):
+    compare(B, K, D, dtype, tiles=tiles)
+
+
+def test_tiles_follow_the_batch_and_dtype():
+    """Training's B = 32 gets the small tiles, a batch that gives every multiprocessor a row tile the large (in
+    16 bits; fp32 keeps the small: the large spill)."""
+    cpu, tiles_for = torch.device("cpu"), cosine_ce_kernel.tiles_for  # the interpreter stands in 4 multiprocessors
+    assert tiles_for(32, torch.bfloat16, cpu) == cosine_ce_kernel.SMALL
+    for dtype in (torch.bfloat16, torch.float16):
+        assert tiles_for(4 * 32, dtype, cpu) == cosine_ce_kernel.LARGE_DEFAULT
+    assert tiles_for(4 * 32, torch.float32, cpu) == cosine_ce_kernel.SMALL
 
 
 @needs_kernel

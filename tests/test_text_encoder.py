@@ -10,7 +10,7 @@ from conftest import CONFIGS
 from fastcoop import kernels
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.text_encoder import FastTextEncoder, encode_prompts
+from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, encode_prompts
 from fastcoop.text_tower import TextTower
 
 # 1 to 10+ tokens, including names whose last token merges with the '.' in BPE
@@ -19,8 +19,8 @@ CLASSNAMES = ["dog", "sea_lion", "kite (bird of prey)", "Yorkshire terrier",
 MATRIX = list(itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"]))
 
 
-def features_and_grad(model, learner, mode, attention="grid", fused=False):
-    features = (FastTextEncoder(model, learner, attention, fused=fused)() if mode == "fast"
+def features_and_grad(model, learner, mode, attention="grid", fused=False, pack_rows=PACK_ROWS):
+    features = (FastTextEncoder(model, learner, attention, fused=fused, pack_rows=pack_rows)() if mode == "fast"
                 else encode_prompts(model, learner, mode))
     weights = torch.linspace(-1, 1, features.numel(), device=features.device).view_as(features)  # reads every element
     grad, = torch.autograd.grad((features * weights).sum(), learner.ctx)
@@ -28,11 +28,11 @@ def features_and_grad(model, learner, mode, attention="grid", fused=False):
 
 
 def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAMES, attention="grid",
-                 fused=False):
+                 fused=False, pack_rows=PACK_ROWS):
     torch.manual_seed(0)
     learner = PromptLearner(model, tokenizer, names, n_ctx=n_ctx, csc=csc, position=position, init=init)
     ref, ref_grad = features_and_grad(model, learner, "reference")
-    fast, fast_grad = features_and_grad(model, learner, "fast", attention, fused)
+    fast, fast_grad = features_and_grad(model, learner, "fast", attention, fused, pack_rows)
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (fast_grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
     assert ref_grad.abs().sum() > 0
@@ -48,6 +48,14 @@ def test_fast_equals_reference_vit_tower(tiny_vit, csc, position, init):
 def test_triton_fast_path_equals_reference(tiny_vit, tiny_vit_on_device, csc, position, init):
     """The path a GPU trains with: Triton attention and the fused residual-add + layer-norm kernel."""
     assert_exact(tiny_vit_on_device, tiny_vit.tokenizer, csc, position, init, attention="triton", fused=True)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or kernels.INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("csc, position, init", [(False, "end", None), (True, "front", None)])
+def test_triton_fast_path_one_class_per_tile(tiny_vit, tiny_vit_on_device, csc, position, init):
+    """The attention's other layout (by default several classes share a tile)."""
+    assert_exact(tiny_vit_on_device, tiny_vit.tokenizer, csc, position, init, attention="triton", fused=True,
+                 pack_rows=None)
 
 
 @pytest.fixture(scope="module")
