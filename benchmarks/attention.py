@@ -1,7 +1,7 @@
 """The packed attention alone, forward + backward in a CUDA graph: the Triton kernel for several group sizes
 (classes per program), with the prefix in the classes' launch or in its own, with fewer warps, with several
-classes packed into each tile, against the grid reference, on the real packed layout of K class names. (FlexAttention is compared in the whole step, benchmarks/step.py: each
-layout costs it a compilation.)"""
+classes packed into each tile, against the grid reference, on the real packed layout of K class names.
+(FlexAttention is compared in the whole step, benchmarks/step.py: each layout costs it a compilation.)"""
 
 import torch
 

@@ -8,7 +8,7 @@ from benchmarks.common import graphed, median_ms, peak_memory_gb
 from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 
 try:
-    from fastcoop.kernels.cosine_ce_kernel import LARGE, SMALL, cosine_ce_triton, tiles_for
+    from fastcoop.kernels.cosine_ce_kernel import SMALL, cosine_ce_triton, tiles_for
 except ImportError:
     cosine_ce_triton = None
 
@@ -22,20 +22,19 @@ def run_kernel_section(shapes, device: str, repeats: int, dim: int = 512, dtype=
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     compiled = torch.compile(cosine_ce_reference)
     implementations = {"pytorch_eager": cosine_ce_reference, "torch_compile": compiled}
-    triton_tiles = {}
+    small_tiles = {}
     if device.startswith("cuda") and cosine_ce_triton is not None:
         implementations["fastcoop_triton"] = cosine_ce_triton  # its tiles chosen by the batch (tiles_for)
-        triton_tiles = {f"fastcoop_triton_{name}": functools.partial(cosine_ce_triton, tiles=tiles)
-                        for name, tiles in LARGE.items()}
+        small_tiles = {"fastcoop_triton_small_tiles": functools.partial(cosine_ce_triton, tiles=SMALL)}
     rows = []
     for b, k in shapes:
-        # the candidate large tiles, at the sizes where they would be used
-        large = triton_tiles and tiles_for(b, dtype, torch.device(device)) != SMALL
+        # where the batch gets the large tiles, the small ones beside them
+        large = small_tiles and tiles_for(b, dtype, torch.device(device)) != SMALL
         x = torch.randn(b, dim, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(k, dim, device=device, dtype=dtype, requires_grad=True)
         scale = torch.tensor(100.0, device=device)
         labels = torch.randint(k, (b,), device=device)
-        for name, fn in {**implementations, **(triton_tiles if large else {})}.items():
+        for name, fn in {**implementations, **(small_tiles if large else {})}.items():
             def step(fn=fn):
                 torch.autograd.grad(fn(x, w, scale, labels), [x, w])
             ms = peak = graph_ms = None

@@ -43,7 +43,8 @@ def device_title(env: dict) -> str:
 
 def step_table(rows: list[dict]) -> list[str]:
     lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms | fastcoop graph ms "
-             "(triton / grid / flex attention / triton, no fused elementwise kernels) | speed-up | step's own GB "
+             "(triton / grid / flex attention / triton, no fused elementwise kernels / triton, one class per "
+             "attention tile) | speed-up | step's own GB "
              "(published → cached → fastcoop eager) |", "|" + " --- |" * 10]
     groups = {}
     for r in rows:

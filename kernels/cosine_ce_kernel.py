@@ -218,15 +218,12 @@ class Tiles:
 
 
 # B = 32 (training): small tiles; the class splits fill the GPU (H100, 2026-11-26: 0.060 ms graphed at K = 1000
-# against 0.143 for eager PyTorch). 32-row tiles compile to mma.sync, not Hopper's wgmma (64-row tiles and up).
+# against 0.130 for eager PyTorch). 32-row tiles compile to Ampere's mma.sync, not Hopper's wgmma.
 SMALL = Tiles(rows=32, classes=32, chunk=128, forward_warps=4, backward_warps=4)
-# Many rows: candidates, each timed by benchmarks/kernel.py. chunk512 is the small tiles with one recompute
-# (H100, 2026-11-26: 28.1 ms at B = 131,072, K = 1000, half the default's 54.8, eager 12.8); wide64 and wide128
-# compile to wgmma without spilling (tests/compile_kernels.py).
-LARGE = {"chunk512": Tiles(rows=32, classes=32, chunk=512, forward_warps=4, backward_warps=8),
-         "wide64": Tiles(rows=64, classes=64, chunk=256, forward_warps=4, backward_warps=8),
-         "wide128": Tiles(rows=128, classes=64, chunk=128, forward_warps=8, backward_warps=8)}
-LARGE_DEFAULT = LARGE["chunk512"]
+# Many rows: 64-row tiles, which compile to wgmma (233 / 220 registers in the backward, no spills). H100,
+# 2026-11-26, B = 131,072, K = 1000: 7.25 ms graphed against 27.9 for the small tiles with 512-feature chunks,
+# 9.49 for 128 × 64 tiles, 12.75 for eager PyTorch and 9.37 for torch.compile (benchmarks/gpu_notes.md, run 4).
+LARGE = Tiles(rows=64, classes=64, chunk=256, forward_warps=4, backward_warps=8)
 BLOCK_COMBINE = 128
 
 
@@ -235,7 +232,7 @@ def tiles_for(rows: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     GPU instead), large ones once they can, for 16-bit inputs: fp32 dots use no tensor cores and spill at the
     large tiles' sizes, so fp32 keeps the small ones."""
     many_rows = triton.cdiv(rows, SMALL.rows) >= multiprocessors(device)
-    return LARGE_DEFAULT if many_rows and dtype != torch.float32 else SMALL
+    return LARGE if many_rows and dtype != torch.float32 else SMALL
 
 
 def _per_split(length: int, block: int, tiles: int, device: torch.device) -> int:

@@ -62,7 +62,7 @@ def main():
                   INDEX_PART="*i64", LOSS="*fp32", ARGMAX="*i64", SPLITS="i32", COLS_PER_SPLIT="i32",
                   ROWS_PER_SPLIT="i32", DX_PART=p, DSCALE_PART="*fp32", DW_PART=p)
         # fp32 runs the small tiles only (cosine_ce_kernel.tiles_for): the large ones spill without tensor cores
-        for tiles in (cosine_ce.SMALL, *(cosine_ce.LARGE.values() if dtype == "bf16" else ())):
+        for tiles in (cosine_ce.SMALL, cosine_ce.LARGE) if dtype == "bf16" else (cosine_ce.SMALL,):
             blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, PRECISION=precision,
                           UPCAST=False)
             print(compile_for_hopper(cosine_ce._cosine_ce_forward, ce, blocks, tiles.forward_warps))
