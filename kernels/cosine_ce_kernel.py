@@ -14,7 +14,8 @@ programs own a (rows, feature-chunk) tile and recompute the logits tiles.
 Every kernel reduces over one side (the forward and dx over classes, dw over rows). When the other side is too
 small to fill the GPU (B = 32 in training: one block of rows), that reduction is cut into splits run by separate
 programs, and their partials are combined afterwards: log-sum-exps by a log-sum-exp, gradients by a sum (each is
-linear in its terms).
+linear in its terms). Tile sizes follow the batch (tiles_for): small tiles and splits for training's B = 32,
+Hopper-sized 64 × 64 tiles once the rows fill the GPU by themselves.
 """
 
 from dataclasses import dataclass
