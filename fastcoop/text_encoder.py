@@ -31,8 +31,9 @@ except ImportError:  # no Triton on this platform
     add_layer_norm_kernel = prefix_attention_triton = quick_gelu_triton = None
 
 ATTENTION = ("grid", "triton", "flex")
-# Triton attention tiles of up to 64 rows of whole classes: measured on an H100 (2026-11-26, run 3), one layer's
-# attention forward + backward took 0.073 ms instead of 0.185 at K = 1000, 0.036 instead of 0.053 at K = 100
+# Triton attention tiles of up to 64 rows of whole classes. Measured on an H100 (2026-11-26, benchmarks/gpu_notes.md
+# runs 3 and 4) against one class per tile: one layer's attention forward + backward 0.073 ms instead of 0.185 at
+# K = 1000, 0.036 instead of 0.053 at K = 100; the whole graphed step 3.01 ms instead of 4.39 at K = 1000
 PACK_ROWS = 64
 
 _warned: set[str] = set()

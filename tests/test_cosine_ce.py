@@ -61,7 +61,7 @@ def test_matches_reference(B, K, D, dtype):
 @needs_kernel
 @pytest.mark.parametrize("tiles", [cosine_ce_kernel.SMALL, cosine_ce_kernel.LARGE], ids=["small", "large"])
 @pytest.mark.parametrize("B, K, D", [(70, 45, 600), (200, 130, 96)])  # D past one chunk; rows past one tile
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_every_tile_configuration(tiles, B, K, D, dtype):
     compare(B, K, D, dtype, tiles=tiles)
 
