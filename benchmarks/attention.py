@@ -45,9 +45,11 @@ def run_attention_section(ks, device: str, repeats: int, model_name: str = "ViT-
                 lambda g=g: prefix_attention_triton(qkv, layout, g, True, num_warps=2)
         for pack_rows, warps in PACKED:  # or several classes per tile: fewer, fuller matrix instructions
             tiled = PackedLayout.of(names.lengths, device, names.prefix_len, pack_rows)
-            for g in WARPS_GROUPS:
-                variants[f"triton packed {pack_rows} rows, group {g}, prefix launched apart, {warps} warps"] = \
-                    lambda g=g, tiled=tiled, w=warps: prefix_attention_triton(qkv, tiled, g, True, num_warps=w)
+            for g, apart in [(g, True) for g in WARPS_GROUPS] + [(1, False)]:
+                where = "prefix launched apart" if apart else "prefix in the classes' launch"
+                variants[f"triton packed {pack_rows} rows, group {g}, {where}, {warps} warps"] = \
+                    lambda g=g, apart=apart, tiled=tiled, w=warps: prefix_attention_triton(qkv, tiled, g, apart,
+                                                                                            num_warps=w)
         variants["grid"] = lambda: prefix_attention_reference(qkv, layout)
         for name, attend in variants.items():
             def step(attend=attend):

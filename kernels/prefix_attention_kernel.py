@@ -158,12 +158,15 @@ def _launches(layout: PackedLayout, group: int, separate_prefix: bool) -> list[d
     every class (17 rows with M = 16, so 32); separate_prefix gives the prefix its own small launch so the
     classes get tiles of their own height."""
     P, segments = layout.prefix_len, len(layout.segment_starts)
-    tile = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
     if not (separate_prefix and P):
         return [dict(FIRST=0, END=segments, GROUP=group, HAS_PREFIX=P > 0,
-                     BLOCK_S=tile(max(layout.max_segment_len, P)))]
-    return [dict(FIRST=0, END=1, GROUP=1, HAS_PREFIX=False, BLOCK_S=tile(P)),
-            dict(FIRST=1, END=segments, GROUP=group, HAS_PREFIX=True, BLOCK_S=tile(layout.max_segment_len))]
+                     BLOCK_S=_tile_rows(max(layout.max_segment_len, P)))]
+    return [dict(FIRST=0, END=1, GROUP=1, HAS_PREFIX=False, BLOCK_S=_tile_rows(P)),
+            dict(FIRST=1, END=segments, GROUP=group, HAS_PREFIX=True, BLOCK_S=_tile_rows(layout.max_segment_len))]
+
+
+def _tile_rows(rows: int) -> int:
+    return max(16, triton.next_power_of_2(rows))
 
 
 def _grid(launch: dict, heads: int) -> tuple[int, int]:
@@ -219,13 +222,17 @@ class PackedAttention(torch.autograd.Function):
 
 
 def prefix_attention_triton(qkv: torch.Tensor, layout: PackedLayout, group: int | None = None,
-                            separate_prefix: bool = True, num_warps: int = 4) -> torch.Tensor:
+                            separate_prefix: bool | None = None, num_warps: int = 4) -> torch.Tensor:
     """Same contract as prefix_attention_reference. group: segments per program (default: by the GPU's size).
     separate_prefix: the prefix in its own launch, so the classes' tiles are as tall as the longest class rather
     than the prefix (16 rows instead of 32 for M = 16: a quarter of the self-score work; for sm_90 the bf16
     forward needs 93 registers instead of 112, the backward 189 instead of 220, per tests/compile_kernels.py).
-    num_warps: per program. benchmarks/attention.py times the choices; on an H100 (2026-11-26) the fastest was
-    the prefix apart at 4 warps on a layout that packs whole classes into 64-row tiles, as FastTextEncoder calls
-    it (0.073 ms per layer at K = 1000 against 0.142 for the best one-class-per-tile variant, 2 warps)."""
+    Default: apart only when the prefix would make the classes' tiles taller (one class per tile); together
+    when their tiles are as tall anyway (several classes packed per tile), saving a launch each way. num_warps: per program. benchmarks/attention.py times the choices;
+    on an H100 (2026-11-26) the fastest was the prefix apart at 4 warps on a layout that packs whole classes into
+    64-row tiles, as FastTextEncoder calls it (0.073 ms per layer at K = 1000 against 0.142 for the best
+    one-class-per-tile variant, 2 warps); packed with the prefix together has not been timed."""
     group = group or group_size(len(layout.segment_starts), qkv.shape[2], qkv.device)
+    if separate_prefix is None:
+        separate_prefix = _tile_rows(layout.prefix_len) > _tile_rows(layout.max_segment_len)
     return PackedAttention.apply(qkv, layout, group, separate_prefix, num_warps)

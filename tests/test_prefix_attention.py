@@ -57,10 +57,10 @@ def test_reference_is_dense_masked_attention(lengths, P, H, dh, dtype, tolerance
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group, separate_prefix, num_warps, pack_rows", [
     (1, False, 4, None), (2, False, 4, None), (4, False, 4, None), (1, True, 4, None), (3, True, 4, None),
-    (3, True, 2, None), (1, True, 4, 32), (2, False, 4, 32), (1, True, 4, 64)])
+    (3, True, 2, None), (1, True, 4, 32), (2, False, 4, 32), (1, True, 4, 64), (1, None, 4, 64)])
 def test_triton_matches_reference(lengths, P, H, dh, dtype, group, separate_prefix, num_warps, pack_rows):
     """group: segments per program (the prefix gradients are summed per group); separate_prefix: the prefix in its
-    own launch; num_warps: per program (the interpreter ignores it; on a GPU it changes the compiled layouts);
+    own launch (None: as called by default); num_warps: per program (the interpreter ignores it; on a GPU it changes the compiled layouts);
     pack_rows: runs of whole classes share a tile, each row seeing only its own class."""
     layout = PackedLayout.of(torch.tensor(lengths), DEVICE, prefix_len=P, pack_rows=pack_rows)
     qkv = random_qkv(lengths, P, H, dh)
