@@ -48,6 +48,16 @@ def schedule(dataset: str, shots: int = 16) -> tuple[int, int]:
     return epochs, epochs * batches_per_epoch(k * shots, 32)
 
 
+def startup_seconds(device: str) -> float:
+    """Wall time of a process that only imports what `fastcoop train` imports and starts the device: the part of
+    every run's process time that is neither the model, nor training, nor writing the run."""
+    code = ("import torch, fastcoop.cli, fastcoop.models, fastcoop.pipeline, fastcoop.text_encoder; "
+            f"torch.ones(1, device={device!r}).sum().item()")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16") -> dict:
     """`fastcoop train` as a user runs it; wall time from process start to finish, the setup before the loop, and
     the loop's own time (the rest: imports, model creation, writing the run)."""
