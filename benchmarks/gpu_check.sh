@@ -34,7 +34,8 @@ if [ -n "${FASTCOOP_TESTS:-}" ]; then
   tests+=(-k "${FASTCOOP_TEST_K:-not real_rn50 and not real_vit_b16}")
 else
   tests=(tests/test_step.py tests/test_text_encoder.py tests/test_cosine_ce.py tests/test_add_layer_norm.py
-         tests/test_quick_gelu.py tests/test_prefix_attention.py -k "not real_rn50 and not real_vit_b16"
+         tests/test_quick_gelu.py tests/test_mlp.py tests/test_prefix_attention.py
+         -k "not real_rn50 and not real_vit_b16"
          --deselect "$flex[False-middle-a photo of a]" --deselect "$flex[True-front-None]")
 fi
 timeout "${FASTCOOP_TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider --durations=8 "${tests[@]}" 2>&1 \

@@ -24,7 +24,7 @@ between GPU runs and what each change was predicted to do; `gpu_runs/` keeps eac
 """
 
 
-GRAPH_VARIANTS = [name for name, *_ in STEP_GRAPH_VARIANTS]
+GRAPH_VARIANTS = list(STEP_GRAPH_VARIANTS)
 STEP_KEYS = ("step", "training_memory", "profile")  # measured by the step section
 
 
@@ -44,7 +44,7 @@ def device_title(env: dict) -> str:
 def step_table(rows: list[dict]) -> list[str]:
     lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms | fastcoop graph ms "
              "(triton / grid / flex attention / triton, no fused elementwise kernels / triton, one class per "
-             "attention tile) | speed-up | step's own GB "
+             "attention tile / triton, activation inside the MLP's products) | speed-up | step's own GB "
              "(published → cached → fastcoop eager) |", "|" + " --- |" * 10]
     groups = {}
     for r in rows:

@@ -14,7 +14,7 @@ from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
 from fastcoop.step import CudaGraphStep, TrainStep
-from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, reference_text_features
+from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 from fastcoop.train import resolve_attention
 
@@ -62,10 +62,9 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
                        precision)
     variants["fastcoop_eager"] = eager
     if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, norms fused or not
-        for name, attention, fused, pack_rows in GRAPH_VARIANTS:
+        for name, options in GRAPH_VARIANTS.items():
             try:
-                step, _ = make(FastTextEncoder(model, learner, attention, weight_dtype=precision,
-                                               fused=fused, pack_rows=pack_rows), precision)
+                step, _ = make(FastTextEncoder(model, learner, weight_dtype=precision, **options), precision)
                 graphed = CudaGraphStep(step)
             except Exception as exc:  # one attention failing on this GPU must not cost the others their numbers
                 print(f"  step variant {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
@@ -74,12 +73,13 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
     return variants
 
 
-# name, attention, residual adds and layer norms fused, Triton attention tile rows (run 1 measured holding the
-# weights in bf16 against casting them per call: 0.35 / 0.47 ms saved, so every variant holds them)
-GRAPH_VARIANTS = (("fastcoop_graph", "triton", True, PACK_ROWS), ("fastcoop_grid_graph", "grid", True, PACK_ROWS),
-                  ("fastcoop_flex_graph", "flex", True, PACK_ROWS),
-                  ("fastcoop_graph_unfused", "triton", False, PACK_ROWS),
-                  ("fastcoop_graph_classwise", "triton", True, None))
+# name → the encoder's options (run 1 measured holding the weights in bf16 against casting them per call: 0.35 /
+# 0.47 ms saved, so every variant holds them)
+GRAPH_VARIANTS = {"fastcoop_graph": dict(attention="triton"), "fastcoop_grid_graph": dict(attention="grid"),
+                  "fastcoop_flex_graph": dict(attention="flex"),
+                  "fastcoop_graph_unfused": dict(attention="triton", fused=False),
+                  "fastcoop_graph_classwise": dict(attention="triton", pack_rows=None),
+                  "fastcoop_graph_fused_mlp": dict(attention="triton", fused_mlp=True)}
 
 
 def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 16) -> dict:
@@ -154,7 +154,7 @@ def run_step_section(configs, device: str, repeats: int) -> list[dict]:
                                  precision=precision)
         for name, fn in variants.items():
             try:
-                graphed = name in {n for n, *_ in GRAPH_VARIANTS}
+                graphed = name in GRAPH_VARIANTS
                 ms, peak = median_ms(fn, device, repeats), None if graphed else peak_memory_gb(fn, device)
             except Exception as exc:  # keep the other variants' numbers
                 print(f"  step {model_name} K={k} {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)

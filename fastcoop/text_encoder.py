@@ -24,11 +24,11 @@ from fastcoop.prompts import PromptLearner
 from fastcoop.text_tower import TextTower
 
 try:
-    from fastcoop.kernels import add_layer_norm_kernel
+    from fastcoop.kernels import add_layer_norm_kernel, mlp_kernel
     from fastcoop.kernels.prefix_attention_kernel import prefix_attention_triton
     from fastcoop.kernels.quick_gelu_kernel import quick_gelu_triton
 except ImportError:  # no Triton on this platform
-    add_layer_norm_kernel = prefix_attention_triton = quick_gelu_triton = None
+    add_layer_norm_kernel = mlp_kernel = prefix_attention_triton = quick_gelu_triton = None
 
 ATTENTION = ("grid", "triton", "flex")
 # Triton attention tiles of up to 64 rows of whole classes. Measured on an H100 (2026-11-26, benchmarks/gpu_notes.md
@@ -77,10 +77,13 @@ class FastTextEncoder:
     in the autocast dtype) and QuickGELU (quick_gelu_kernel.py); default: on a GPU.
 
     pack_rows: the Triton attention's tiles hold runs of whole classes up to this many rows (PackedLayout.of);
-    None: one class per tile."""
+    None: one class per tile.
+
+    fused_mlp: each MLP's activation inside Triton matrix products (mlp_kernel.py) instead of passes of its own;
+    off until a GPU has timed it (the step benchmark's fastcoop_graph_fused_mlp variant)."""
 
     def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None,
-                 fused: bool | None = None, pack_rows: int | None = PACK_ROWS):
+                 fused: bool | None = None, pack_rows: int | None = PACK_ROWS, fused_mlp: bool = False):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not '{attention}'")
         tower = TextTower.of(model)
@@ -94,7 +97,7 @@ class FastTextEncoder:
         device = learner.ctx.device
         if fused is None:
             fused = device.type == "cuda" and add_layer_norm_kernel is not None
-        self.fused = fused
+        self.fused, self.fused_mlp = fused, fused_mlp and mlp_kernel is not None
         if weight_dtype is not None or tower.positional_embedding.device != device:
             self.tower = tower.copy_to(device, weight_dtype)
         eos = tower.pool_positions(learner.tokens).cpu()
@@ -132,6 +135,8 @@ class FastTextEncoder:
         return add_layer_norm_reference(x, delta, norm, out_dtype)
 
     def _mlp(self, mlp, y) -> torch.Tensor:
+        if self.fused_mlp and y.dtype == mlp.c_fc.weight.dtype and mlp_kernel.supports(mlp):
+            return mlp_kernel.mlp_triton(mlp, y)
         if self.fused and type(mlp.gelu) is QuickGELU:
             return mlp.c_proj(quick_gelu_triton(mlp.c_fc(y)))
         return mlp(y)

@@ -7,7 +7,8 @@ within themselves and to the prefix (prefix_attention_kernel.py; reference prefi
 FlexAttention variant prefix_attention_flex.py), chosen by FastTextEncoder.
 add layer norm: a block's residual add and the layer norm after it (add_layer_norm_kernel.py; reference
 add_layer_norm_reference.py), and QuickGELU (quick_gelu_kernel.py; reference: open_clip's module), used by
-FastTextEncoder on GPU.
+FastTextEncoder on GPU. mlp_kernel.py: a text block's MLP with its activation inside the matrix products
+(reference: open_clip's module), FastTextEncoder's fused_mlp option.
 Only the dispatcher is exported here; import the rest from its module.
 """
 

@@ -5,6 +5,7 @@ shapes). Run with TRITON_INTERPRET=0 (test_kernels_compile.py does); prints one 
 its registers and spills per thread (what decides how many programs fit on a multiprocessor).
 """
 
+import itertools
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from triton.compiler import ASTSource
 
 from fastcoop.kernels import add_layer_norm_kernel as add_layer_norm
 from fastcoop.kernels import cosine_ce_kernel as cosine_ce
+from fastcoop.kernels import mlp_kernel as mlp
 from fastcoop.kernels import prefix_attention_kernel as attention
 from fastcoop.kernels import quick_gelu_kernel as quick_gelu
 
@@ -24,7 +26,7 @@ from fastcoop.kernels import quick_gelu_kernel as quick_gelu
 # integer arguments that are multiples of 16 in the benchmarked shapes (D = 512, head size 64): at run time Triton
 # specialises on that (and on 16-byte aligned pointers) and vectorises the loads, so the report must too
 MULTIPLES_OF_16 = {"D", "stride_x", "stride_w", "COLS_PER_SPLIT", "ROWS_PER_SPLIT", "stride_t", "stride_part",
-                   "stride_h", "DH"}
+                   "stride_h", "DH", "HIDDEN", "WIDTH"}
 
 
 def compile_for_hopper(fn, types: dict, constexprs: dict, num_warps: int = 4) -> str:
@@ -89,6 +91,14 @@ def main():
         tiles.pop("num_warps")
         print(compile_for_hopper(add_layer_norm._add_layer_norm_forward, norm, tiles))
         print(compile_for_hopper(add_layer_norm._add_layer_norm_backward, norm, dict(tiles, HAS_DH_LATER=True)))
+        # the MLP's products with the activation inside: every tile size for bf16, GELU and QuickGELU; fp32 once
+        fused_mlp = dict(Y=p, W=p, BIAS=p, H=p, G=p, DOUT=p, DH=p, M="i32", HIDDEN="i32", WIDTH="i32")
+        tile_sizes = ((128, 128, 8), (64, 128, 4), (64, 64, 4)) if dtype == "bf16" else ((64, 64, 4),)
+        for (block_m, block_n, warps), quick in itertools.product(tile_sizes, (False, True)):
+            tiles = dict(QUICK=quick, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, PRECISION=precision, UPCAST=False)
+            if dtype == "bf16" or not quick:
+                print(compile_for_hopper(mlp._linear_activation_forward, fused_mlp, dict(tiles, HAS_BIAS=True), warps))
+                print(compile_for_hopper(mlp._activation_input_grad, fused_mlp, tiles, warps))
         act = dict(X=p, Y=p, DY=p, DX=p, N="i32")
         for fn in (quick_gelu._quick_gelu_forward, quick_gelu._quick_gelu_backward):
             print(compile_for_hopper(fn, act, dict(BLOCK=quick_gelu.BLOCK)))

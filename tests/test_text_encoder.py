@@ -8,6 +8,8 @@ import torch
 
 from conftest import CONFIGS
 from fastcoop import kernels
+from fastcoop.kernels import mlp_kernel
+from fastcoop.kernels.mlp_kernel import mlp_triton as fused_mlp_triton
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, encode_prompts
@@ -19,8 +21,9 @@ CLASSNAMES = ["dog", "sea_lion", "kite (bird of prey)", "Yorkshire terrier",
 MATRIX = list(itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"]))
 
 
-def features_and_grad(model, learner, mode, attention="grid", fused=False, pack_rows=PACK_ROWS):
-    features = (FastTextEncoder(model, learner, attention, fused=fused, pack_rows=pack_rows)() if mode == "fast"
+def features_and_grad(model, learner, mode, attention="grid", fused=False, pack_rows=PACK_ROWS, fused_mlp=False):
+    features = (FastTextEncoder(model, learner, attention, fused=fused, pack_rows=pack_rows, fused_mlp=fused_mlp)()
+                if mode == "fast"
                 else encode_prompts(model, learner, mode))
     weights = torch.linspace(-1, 1, features.numel(), device=features.device).view_as(features)  # reads every element
     grad, = torch.autograd.grad((features * weights).sum(), learner.ctx)
@@ -28,11 +31,11 @@ def features_and_grad(model, learner, mode, attention="grid", fused=False, pack_
 
 
 def assert_exact(model, tokenizer, csc, position, init, n_ctx=6, names=CLASSNAMES, attention="grid",
-                 fused=False, pack_rows=PACK_ROWS):
+                 fused=False, pack_rows=PACK_ROWS, fused_mlp=False):
     torch.manual_seed(0)
     learner = PromptLearner(model, tokenizer, names, n_ctx=n_ctx, csc=csc, position=position, init=init)
     ref, ref_grad = features_and_grad(model, learner, "reference")
-    fast, fast_grad = features_and_grad(model, learner, "fast", attention, fused, pack_rows)
+    fast, fast_grad = features_and_grad(model, learner, "fast", attention, fused, pack_rows, fused_mlp)
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (fast_grad - ref_grad).norm() <= 1e-4 * ref_grad.norm()
     assert ref_grad.abs().sum() > 0
@@ -90,6 +93,18 @@ def test_triton_fast_path_with_quick_gelu_equals_reference(tiny_rn, csc, positio
     """The GPU path on a QuickGELU tower (OpenAI's weights): the fused QuickGELU kernel runs in every MLP."""
     model = copy.deepcopy(tiny_rn.model).to("cuda" if torch.cuda.is_available() else "cpu")
     assert_exact(model, tiny_rn.tokenizer, csc, position, init, attention="triton", fused=True)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or kernels.INTERPRET), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("tower", ["tiny_vit", "tiny_rn"])  # exact GELU; QuickGELU
+def test_triton_fast_path_with_fused_mlp_equals_reference(request, monkeypatch, tower):
+    """Every block's MLP through mlp_kernel (its activation inside the matrix products)."""
+    loaded = request.getfixturevalue(tower)
+    model = copy.deepcopy(loaded.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    calls = []
+    monkeypatch.setattr(mlp_kernel, "mlp_triton", lambda *a: calls.append(1) or fused_mlp_triton(*a))
+    assert_exact(model, loaded.tokenizer, False, "end", None, attention="triton", fused=True, fused_mlp=True)
+    assert len(calls) == len(TextTower.of(model).blocks)
 
 
 @pytest.fixture(scope="module")
