@@ -153,6 +153,38 @@ def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGT
         tl.store(DVP_PART + part, dvp, mask=(j < P)[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _add_prefix_partials(PARTS, DQKV, GROUPS, PHD, H, DH, stride_t, stride_part, stride_h, BLOCK_G: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """The prefix rows' key (program_id(1) = 0) or value (1) gradients += the sum over the class groups'
+    partials (PARTS: 2 × GROUPS × P × H × DH, fp32), summed BLOCK_G groups at a time, in fp32, rounded once."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (prefix row, head, feature) index
+    kv = tl.program_id(1)
+    ok = e < PHD
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        tile = tl.load(PARTS + (kv * GROUPS + g[:, None]) * PHD + e[None, :], mask=(g < GROUPS)[:, None] & ok[None, :],
+                       other=0.0)
+        total += tl.sum(tile, 0)
+    row, h, d = e // (H * DH), (e // DH) % H, e % DH
+    target = DQKV + row * stride_t + (1 + kv) * stride_part + h * stride_h + d
+    tl.store(target, (tl.load(target, mask=ok, other=0.0).to(tl.float32) + total).to(DQKV.dtype.element_ty),
+             mask=ok)
+
+
+def add_prefix_partials_(dqkv: torch.Tensor, parts: torch.Tensor) -> None:
+    """dqkv[:P, 1:] += parts.sum(1).transpose(0, 1) (parts: 2 × groups × P × H × dh, fp32) in one launch
+    instead of PyTorch's two."""
+    _, groups, P, H, dh = parts.shape
+    _add_prefix_partials[(triton.cdiv(P * H * dh, BLOCK_PARTIALS), 2)](
+        parts, dqkv, groups, P * H * dh, H, dh, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), BLOCK_G=16,
+        BLOCK=BLOCK_PARTIALS)
+
+
+BLOCK_PARTIALS = 256
+
+
 def _launches(layout: PackedLayout, group: int, separate_prefix: bool) -> list[dict]:
     """Which segments each launch covers, and its tiles. Together, the prefix segment sets the tile height for
     every class (17 rows with M = 16, so 32); separate_prefix gives the prefix its own small launch so the
@@ -217,7 +249,7 @@ class PackedAttention(torch.autograd.Function):
                 stride_t=qkv.stride(0), stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch,
                 **ctx.tiles)
         if P:  # the prefix rows' keys and values: their own segment's gradient plus what every class sent
-            dqkv[:P, 1:].add_(parts.sum(1).transpose(0, 1))
+            add_prefix_partials_(dqkv, parts)
         return dqkv, None, None, None, None
 
 

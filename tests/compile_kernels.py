@@ -84,6 +84,10 @@ def main():
                     print(compile_for_hopper(fn, att, tiles, num_warps=2))
                 if block_s == 64:  # tall packed tiles may want 8 warps
                     print(compile_for_hopper(fn, att, tiles, num_warps=8))
+        partials = dict(PARTS="*fp32", DQKV=p, GROUPS="i32", PHD="i32", H="i32", DH="i32", stride_t="i32",
+                        stride_part="i32", stride_h="i32")
+        print(compile_for_hopper(attention._add_prefix_partials, partials,
+                                 dict(BLOCK_G=16, BLOCK=attention.BLOCK_PARTIALS)))
         # as in the text encoder under autocast: fp32 residual stream, the branch and the normed output in dtype
         norm = dict(X="*fp32", DELTA=p, W="*fp32", B="*fp32", H="*fp32", Y=p, MEAN="*fp32", RSTD="*fp32", DY=p,
                     DH_LATER="*fp32", DX="*fp32", DDELTA=p, N="i32", D="i32", eps="fp32")

@@ -6,7 +6,7 @@ import torch
 
 from fastcoop import kernels
 from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
-from fastcoop.kernels.prefix_attention_kernel import prefix_attention_triton
+from fastcoop.kernels.prefix_attention_kernel import add_prefix_partials_, prefix_attention_triton
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,3 +96,22 @@ def test_packing_keeps_classes_whole_and_in_order():
     assert layout.segment_starts.tolist() == [0, 7, 11, 19, 24]
     assert layout.max_segment_len == 9 and layout.max_len == 9
     assert layout.first_row.tolist() == [0] * 7 + [7] * 3 + [10] + [11] * 6 + [17] * 2 + [19] * 5 + [24] * 9
+
+
+@needs_kernel
+@pytest.mark.parametrize("groups", [1, 16, 37])  # one partial; one full block of groups; several blocks, one partial
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_partials_are_summed_into_the_prefix_keys_and_values(groups, dtype):
+    """The classes' launch leaves each group's gradient for the prefix's keys and values in fp32 partials; one
+    kernel sums them into dqkv (only its prefix rows' k and v), as parts.sum(1) added in fp32 would."""
+    gen = torch.Generator().manual_seed(groups)
+    P, H, dh = 17, 8, 64
+    dqkv = torch.randn(P + 30, 3, H, dh, generator=gen).to(DEVICE, dtype)
+    parts = torch.randn(2, groups, P, H, dh, generator=gen).to(DEVICE)
+    expected = dqkv.clone()
+    expected[:P, 1:] = (expected[:P, 1:].float() + parts.sum(1).transpose(0, 1)).to(dtype)
+    add_prefix_partials_(dqkv, parts)
+    # fp32: summation order; bf16: one rounding step (the interpreter casts to bf16 by truncating, GPUs round)
+    rtol, atol = (1e-6, 1e-5) if dtype == torch.float32 else (torch.finfo(dtype).eps, 0.0)
+    torch.testing.assert_close(dqkv, expected, rtol=rtol, atol=atol)
+    assert torch.equal(dqkv[P:], expected[P:]) and torch.equal(dqkv[:P, 0], expected[:P, 0])
