@@ -22,19 +22,19 @@ def run_kernel_section(shapes, device: str, repeats: int, dim: int = 512, dtype=
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     compiled = torch.compile(cosine_ce_reference)
     implementations = {"pytorch_eager": cosine_ce_reference, "torch_compile": compiled}
-    small_tiles = {}
-    if device.startswith("cuda") and cosine_ce_triton is not None:
+    triton_runs = device.startswith("cuda") and cosine_ce_triton is not None
+    if triton_runs:
         implementations["fastcoop_triton"] = cosine_ce_triton  # its tiles chosen by the batch (tiles_for)
-        small_tiles = {"fastcoop_triton_small_tiles": functools.partial(cosine_ce_triton, tiles=SMALL)}
     rows = []
     for b, k in shapes:
-        # where the batch gets the large tiles, the small ones beside them
-        large = small_tiles and tiles_for(b, dtype, torch.device(device)) != SMALL
+        runs = dict(implementations)
+        if triton_runs and tiles_for(b, dtype, torch.device(device)) != SMALL:  # large tiles: the small beside
+            runs["fastcoop_triton_small_tiles"] = functools.partial(cosine_ce_triton, tiles=SMALL)
         x = torch.randn(b, dim, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(k, dim, device=device, dtype=dtype, requires_grad=True)
         scale = torch.tensor(100.0, device=device)
         labels = torch.randint(k, (b,), device=device)
-        for name, fn in {**implementations, **(small_tiles if large else {})}.items():
+        for name, fn in runs.items():
             def step(fn=fn):
                 torch.autograd.grad(fn(x, w, scale, labels), [x, w])
             ms = peak = graph_ms = None

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import INTERPRET, mma, multiprocessors, target_programs
+from fastcoop.kernels.triton_common import INTERPRET, dot_precision, mma, multiprocessors, target_programs
 
 
 @triton.jit
@@ -253,10 +253,6 @@ def _total(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else parts.sum(0).to(dtype)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32; bf16/fp16 products are exact anyway
-
-
 class CosineCE(torch.autograd.Function):
     """Autograd wrapper: forward returns (per-row loss, argmax); backward gives dx, dw and d(scale)."""
 
@@ -276,7 +272,7 @@ class CosineCE(torch.autograd.Function):
         _cosine_ce_forward[(row_blocks, splits)](
             x, w, labels, scale, lse_part, target_part, best_part, index_part, B, K, D, cols_per_split,
             x.stride(0), w.stride(0), BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features,
-            PRECISION=_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.forward_warps)
+            PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.forward_warps)
         loss, lse = torch.empty(2, B, device=x.device, dtype=torch.float32)
         argmax = torch.empty(B, device=x.device, dtype=torch.int64)
         _cosine_ce_forward_combine[(triton.cdiv(B, BLOCK_COMBINE),)](
@@ -295,7 +291,7 @@ class CosineCE(torch.autograd.Function):
         args = (x, w, labels, scale, lse, g)
         chunks = triton.cdiv(D, tiles.chunk)
         blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, BLOCK_DC=tiles.chunk,
-                      PRECISION=_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.backward_warps)
+                      PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.backward_warps)
         dx = dw = dscale = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             row_blocks = triton.cdiv(B, tiles.rows)

@@ -17,23 +17,8 @@ import triton
 import triton.language as tl
 from open_clip.transformer import QuickGELU
 
-from fastcoop.kernels.triton_common import INTERPRET, mma, multiprocessors
-
-
-@triton.jit
-def _activation(h, QUICK: tl.constexpr):
-    if QUICK:
-        return h * tl.sigmoid(1.702 * h)
-    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-
-
-@triton.jit
-def _activation_derivative(h, QUICK: tl.constexpr):
-    if QUICK:
-        s = tl.sigmoid(1.702 * h)
-        return s + 1.702 * h * s * (1.0 - s)
-    cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327  # Φ(h) + h·φ(h)
+from fastcoop.kernels.triton_common import (INTERPRET, activation, activation_derivative, dot_precision, mma,
+                                            multiprocessors)
 
 
 @triton.jit
@@ -64,7 +49,7 @@ def _linear_activation_forward(Y, W, BIAS, H, G, M, HIDDEN, WIDTH, HAS_BIAS: tl.
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=cols < HIDDEN, other=0.0).to(tl.float32)[None, :]
     h = acc.to(H.dtype.element_ty)
-    g = _activation(h.to(tl.float32), QUICK)
+    g = activation(h.to(tl.float32), QUICK)
     out = rows[:, None] * HIDDEN + cols[None, :]
     ok = (rows < M)[:, None] & (cols < HIDDEN)[None, :]
     tl.store(H + out, h, mask=ok)
@@ -84,7 +69,7 @@ def _activation_input_grad(DOUT, W, H, DH, M, HIDDEN, WIDTH, QUICK: tl.constexpr
     out = rows[:, None] * HIDDEN + cols[None, :]
     ok = (rows < M)[:, None] & (cols < HIDDEN)[None, :]
     h = tl.load(H + out, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DH + out, (dg * _activation_derivative(h, QUICK)).to(DH.dtype.element_ty), mask=ok)
+    tl.store(DH + out, (dg * activation_derivative(h, QUICK)).to(DH.dtype.element_ty), mask=ok)
 
 
 def _tiles(M: int, N: int, device: torch.device) -> dict:
@@ -94,10 +79,6 @@ def _tiles(M: int, N: int, device: torch.device) -> dict:
         if triton.cdiv(M, block_m) * triton.cdiv(N, block_n) >= multiprocessors(device):
             break
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps, num_stages=3)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32, as cuBLAS does by default
 
 
 class FusedMLP(torch.autograd.Function):
@@ -110,7 +91,7 @@ class FusedMLP(torch.autograd.Function):
         tiles = _tiles(M, N, y.device)
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
         _linear_activation_forward[grid](y, w1, b1 if b1 is not None else y, h, g, M, N, K, HAS_BIAS=b1 is not None,
-                                         QUICK=quick, PRECISION=_precision(y.dtype), UPCAST=INTERPRET, **tiles)
+                                         QUICK=quick, PRECISION=dot_precision(y.dtype), UPCAST=INTERPRET, **tiles)
         ctx.save_for_backward(h, w1, w2)
         ctx.quick = quick
         return F.linear(g, w2, b2)
@@ -123,7 +104,7 @@ class FusedMLP(torch.autograd.Function):
         tiles = _tiles(M, N, h.device)
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
         _activation_input_grad[grid](grad_out.to(h.dtype).contiguous(), w2, h, dh, M, N, K, QUICK=ctx.quick,
-                                     PRECISION=_precision(h.dtype), UPCAST=INTERPRET, **tiles)
+                                     PRECISION=dot_precision(h.dtype), UPCAST=INTERPRET, **tiles)
         return dh @ w1, None, None, None, None, None
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import INTERPRET, mma, target_programs
+from fastcoop.kernels.triton_common import INTERPRET, dot_precision, mma, target_programs
 from fastcoop.kernels.prefix_attention_reference import PackedLayout
 
 
@@ -220,10 +220,9 @@ class PackedAttention(torch.autograd.Function):
         T, _, H, dh = qkv.shape
         out = torch.empty(T, H, dh, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(T, H, device=qkv.device, dtype=torch.float32)
-        precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
         tiles = dict(BLOCK_P=max(16, triton.next_power_of_2(layout.prefix_len)),
                      BLOCK_DH=max(16, triton.next_power_of_2(dh)), PACKED=layout.pack_rows is not None,
-                     PRECISION=precision, UPCAST=INTERPRET, num_warps=num_warps)
+                     PRECISION=dot_precision(qkv.dtype), UPCAST=INTERPRET, num_warps=num_warps)
         for launch in _launches(layout, group, separate_prefix):
             _attention_forward[_grid(launch, H)](
                 qkv, out, lse, layout.segment_starts, layout.segment_lengths, layout.first_row,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcoop.kernels.triton_common import activation, activation_derivative
+
 BLOCK = 1024
 
 
@@ -19,8 +21,7 @@ def _quick_gelu_forward(X, Y, N, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < N
     x = tl.load(X + offsets, mask=ok, other=0.0).to(tl.float32)
-    y = x * tl.sigmoid(1.702 * x)
-    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=ok)
+    tl.store(Y + offsets, activation(x, QUICK=True).to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -28,8 +29,7 @@ def _quick_gelu_backward(X, DY, DX, N, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < N
     x = tl.load(X + offsets, mask=ok, other=0.0).to(tl.float32)
-    s = tl.sigmoid(1.702 * x)
-    dx = tl.load(DY + offsets, mask=ok, other=0.0).to(tl.float32) * (s + 1.702 * x * s * (1.0 - s))
+    dx = tl.load(DY + offsets, mask=ok, other=0.0).to(tl.float32) * activation_derivative(x, QUICK=True)
     tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=ok)
 
 

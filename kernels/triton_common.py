@@ -1,5 +1,5 @@
-"""What the Triton kernels share: whether they run interpreted, a dot product that stays right when they do, and
-how many programs fill the device."""
+"""What the Triton kernels share: whether they run interpreted, a dot product that stays right when they do and
+its precision by dtype, the MLP activations, and how many programs fill the device."""
 
 import os
 
@@ -17,6 +17,30 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """mma's PRECISION for inputs of this dtype: fp32 products stay fp32 (as PyTorch's matmuls by default), not
+    tf32; bf16/fp16 products are exact in fp32 either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def activation(h, QUICK: tl.constexpr):
+    """Exact GELU, or QuickGELU x·σ(1.702·x) (OpenAI's CLIP), of an fp32 tile."""
+    if QUICK:
+        return h * tl.sigmoid(1.702 * h)
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def activation_derivative(h, QUICK: tl.constexpr):
+    """d activation / dh of an fp32 tile, in the formulas PyTorch's backward kernels use."""
+    if QUICK:
+        s = tl.sigmoid(1.702 * h)
+        return s + 1.702 * h * s * (1.0 - s)
+    cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327  # Φ(h) + h·φ(h)
 
 
 def multiprocessors(device: torch.device) -> int:
