@@ -109,8 +109,7 @@ class FusedMLP(torch.autograd.Function):
 
 
 def supports(mlp: torch.nn.Module) -> bool:
-    """open_clip's plain MLP (c_fc, exact GELU or QuickGELU, c_proj) with frozen weights, all in the input's
-    dtype (as FastTextEncoder holds them)."""
+    """open_clip's plain MLP (c_fc, exact GELU or QuickGELU, c_proj) with frozen weights of one dtype."""
     if list(dict(mlp.named_children())) != ["c_fc", "gelu", "c_proj"]:
         return False
     act = mlp.gelu
@@ -120,7 +119,7 @@ def supports(mlp: torch.nn.Module) -> bool:
 
 
 def mlp_triton(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """mlp(y) for a module that supports() accepts; y in the weights' dtype, T × D."""
-    w1 = mlp.c_fc.weight
-    y = y.to(w1.dtype)
-    return FusedMLP.apply(y, w1, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, type(mlp.gelu) is QuickGELU)
+    """mlp(y) for a module that supports() accepts; y (T × D) in the weights' dtype, as FastTextEncoder holds
+    them under autocast."""
+    return FusedMLP.apply(y, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+                          type(mlp.gelu) is QuickGELU)
