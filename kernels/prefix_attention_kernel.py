@@ -173,6 +173,9 @@ def _add_prefix_partials(PARTS, DQKV, GROUPS, PHD, H, DH, stride_t, stride_part,
              mask=ok)
 
 
+BLOCK_PARTIALS = 256
+
+
 def add_prefix_partials_(dqkv: torch.Tensor, parts: torch.Tensor) -> None:
     """dqkv[:P, 1:] += parts.sum(1).transpose(0, 1) (parts: 2 × groups × P × H × dh, fp32) in one launch
     instead of PyTorch's two."""
@@ -182,9 +185,6 @@ def add_prefix_partials_(dqkv: torch.Tensor, parts: torch.Tensor) -> None:
         BLOCK=BLOCK_PARTIALS)
 
 
-BLOCK_PARTIALS = 256
-
-
 def _launches(layout: PackedLayout, group: int, separate_prefix: bool) -> list[dict]:
     """Which segments each launch covers, and its tiles. Together, the prefix segment sets the tile height for
     every class (17 rows with M = 16, so 32); separate_prefix gives the prefix its own small launch so the
@@ -192,12 +192,13 @@ def _launches(layout: PackedLayout, group: int, separate_prefix: bool) -> list[d
     P, segments = layout.prefix_len, len(layout.segment_starts)
     if not (separate_prefix and P):
         return [dict(FIRST=0, END=segments, GROUP=group, HAS_PREFIX=P > 0,
-                     BLOCK_S=_tile_rows(max(layout.max_segment_len, P)))]
-    return [dict(FIRST=0, END=1, GROUP=1, HAS_PREFIX=False, BLOCK_S=_tile_rows(P)),
-            dict(FIRST=1, END=segments, GROUP=group, HAS_PREFIX=True, BLOCK_S=_tile_rows(layout.max_segment_len))]
+                     BLOCK_S=_tile(max(layout.max_segment_len, P)))]
+    return [dict(FIRST=0, END=1, GROUP=1, HAS_PREFIX=False, BLOCK_S=_tile(P)),
+            dict(FIRST=1, END=segments, GROUP=group, HAS_PREFIX=True, BLOCK_S=_tile(layout.max_segment_len))]
 
 
-def _tile_rows(rows: int) -> int:
+def _tile(rows: int) -> int:
+    """A tile side: the next power of two, at least 16 (the least a matrix instruction takes)."""
     return max(16, triton.next_power_of_2(rows))
 
 
@@ -220,8 +221,7 @@ class PackedAttention(torch.autograd.Function):
         T, _, H, dh = qkv.shape
         out = torch.empty(T, H, dh, device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty(T, H, device=qkv.device, dtype=torch.float32)
-        tiles = dict(BLOCK_P=max(16, triton.next_power_of_2(layout.prefix_len)),
-                     BLOCK_DH=max(16, triton.next_power_of_2(dh)), PACKED=layout.pack_rows is not None,
+        tiles = dict(BLOCK_P=_tile(layout.prefix_len), BLOCK_DH=_tile(dh), PACKED=layout.pack_rows is not None,
                      PRECISION=dot_precision(qkv.dtype), UPCAST=INTERPRET, num_warps=num_warps)
         for launch in _launches(layout, group, separate_prefix):
             _attention_forward[_grid(launch, H)](
@@ -259,11 +259,12 @@ def prefix_attention_triton(qkv: torch.Tensor, layout: PackedLayout, group: int 
     than the prefix (16 rows instead of 32 for M = 16: a quarter of the self-score work; for sm_90 the bf16
     forward needs 93 registers instead of 112, the backward 189 instead of 220, per tests/compile_kernels.py).
     Default: apart only when the prefix would make the classes' tiles taller (one class per tile); together
-    when their tiles are as tall anyway (several classes packed per tile), saving a launch each way. num_warps: per program. benchmarks/attention.py times the choices;
-    on an H100 (2026-11-26) the fastest was the prefix apart at 4 warps on a layout that packs whole classes into
-    64-row tiles, as FastTextEncoder calls it (0.073 ms per layer at K = 1000 against 0.142 for the best
-    one-class-per-tile variant, 2 warps); packed with the prefix together has not been timed."""
+    when their tiles are as tall anyway (several classes packed per tile), saving a launch each way.
+    num_warps: per program. benchmarks/attention.py times the choices; on an H100 (2026-11-26) the fastest was
+    the prefix apart at 4 warps on a layout that packs whole classes into 64-row tiles, as FastTextEncoder calls
+    it (0.073 ms per layer at K = 1000 against 0.142 for the best one-class-per-tile variant, 2 warps); packed
+    with the prefix together has not been timed."""
     group = group or group_size(len(layout.segment_starts), qkv.shape[2], qkv.device)
     if separate_prefix is None:
-        separate_prefix = _tile_rows(layout.prefix_len) > _tile_rows(layout.max_segment_len)
+        separate_prefix = _tile(layout.prefix_len) > _tile(layout.max_segment_len)
     return PackedAttention.apply(qkv, layout, group, separate_prefix, num_warps)
