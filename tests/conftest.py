@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
+from fastcoop import kernels
 from fastcoop.cli import main
 from fastcoop.example import make_example_images
 from fastcoop.models import load_model
@@ -14,6 +16,17 @@ from fastcoop.models import load_model
 CONFIGS = Path(__file__).parent / "configs"
 TINY_VIT = str(CONFIGS / "tiny-vit.json")
 TINY_RN = str(CONFIGS / "tiny-rn.json")
+
+# the Triton kernels' tests run on a GPU, or on CPU tensors under the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
+                                  reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖, in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip logs a warning for every random-init model
 

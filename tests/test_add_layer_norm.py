@@ -3,13 +3,11 @@
 import pytest
 import torch
 
-from fastcoop import kernels
+from conftest import DEVICE, needs_kernel
 from fastcoop.kernels.add_layer_norm_kernel import add_layer_norm_triton
 from fastcoop.kernels.add_layer_norm_reference import add_layer_norm_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+pytestmark = needs_kernel
 
 
 def frozen_norm(D: int, seed: int = 0) -> torch.nn.LayerNorm:

@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 
+from conftest import DEVICE, needs_kernel, relative
 from fastcoop import kernels
 from fastcoop.kernels import cosine_ce
 from fastcoop.kernels import cosine_ce_kernel
@@ -12,14 +13,6 @@ from fastcoop.kernels.cosine_ce_kernel import cosine_ce_triton
 from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-# the kernel runs on a GPU, or on CPU tensors under TRITON_INTERPRET=1 (set by conftest unless overridden)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
-
-
-def relative(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False, labels=None, seed=0,

@@ -6,12 +6,10 @@ import pytest
 import torch
 from open_clip.transformer import QuickGELU
 
-from fastcoop import kernels
+from conftest import DEVICE, needs_kernel, relative
 from fastcoop.kernels import mlp_kernel
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+pytestmark = needs_kernel
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
@@ -22,9 +20,6 @@ def open_clip_mlp(width: int, act: torch.nn.Module, dtype: torch.dtype) -> torch
                                            ("c_proj", torch.nn.Linear(4 * width, width))]))
     return mlp.requires_grad_(False).to(DEVICE, dtype)
 
-
-def relative(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("act", [torch.nn.GELU(), QuickGELU()], ids=["gelu", "quick_gelu"])

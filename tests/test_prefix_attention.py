@@ -4,14 +4,11 @@ reference (forward and backward), and the FlexAttention variant's forward."""
 import pytest
 import torch
 
-from fastcoop import kernels
+from conftest import DEVICE, needs_kernel, relative
 from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
 from fastcoop.kernels.prefix_attention_kernel import add_prefix_partials_, prefix_attention_triton
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
-                                  reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 CASES = [
     ([3, 1, 6, 2, 5], 7, 2, 32),     # prefix (unified context, class at the end)
@@ -20,9 +17,6 @@ CASES = [
     ([20, 2, 13, 17], 5, 2, 48),     # long class names, a head size that is not a power of two
 ]
 
-
-def relative(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def random_qkv(lengths, P, H, dh, seed=0):

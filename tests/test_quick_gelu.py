@@ -4,12 +4,10 @@ import pytest
 import torch
 from open_clip.transformer import QuickGELU
 
-from fastcoop import kernels
+from conftest import DEVICE, needs_kernel
 from fastcoop.kernels.quick_gelu_kernel import quick_gelu_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not kernels.INTERPRET,
-                                reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+pytestmark = needs_kernel
 
 
 @pytest.mark.parametrize("shape", [(1,), (7, 33), (390, 2048)])  # 390 × 2048: the MLP of K = 100 prompts
