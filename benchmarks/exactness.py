@@ -22,7 +22,7 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
         model, tokenizer = loaded[model_name].model, loaded[model_name].tokenizer
         tower = TextTower.of(model)
         gen = torch.Generator().manual_seed(0)
-        features = torch.randn(1, 4 * 32, model.text_projection.shape[-1], generator=gen).to(device)
+        features = torch.randn(4 * 32, model.text_projection.shape[-1], generator=gen).to(device)
         labels = torch.randint(k, (4 * 32,), generator=gen).to(device)
         contexts, texts = [], []
         for fast in (True, False):
@@ -36,8 +36,7 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
             order = torch.Generator().manual_seed(1)
             for i in range(steps):
                 if i % 4 == 0:
-                    step.start_epoch(torch.randperm(128, generator=order).to(device),
-                                     torch.zeros(128, dtype=torch.long, device=device), 0.002)
+                    step.start_epoch(torch.randperm(128, generator=order).to(device), features, 0.002)
                 step()
             contexts.append(learner.ctx.detach().float())
         (fast_text, ref_text), (fast_ctx, ref_ctx) = texts, contexts

@@ -35,7 +35,6 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
     model = loaded.model.to(device)
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx, csc=csc).to(device)
     images, labels, features = random_batch(model, len(classnames), device, batch)
-    features = features[None]  # 1 view × batch × D
     scale = model.logit_scale.exp().detach()
     optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
     published_dtype = torch.float16 if device.startswith("cuda") else None
@@ -48,8 +47,7 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
 
     def make(encode_text, dtype):
         step = TrainStep(learner, encode_text, features, labels, scale, batch, 1, 0.9, 5e-4, dtype)
-        step.start_epoch(torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device),
-                         0.002)
+        step.start_epoch(torch.arange(batch, device=device), features, 0.002)
 
         def run():
             step.step.zero_()
@@ -127,12 +125,12 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     model = loaded.model
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx).to(device)
     n = shots * len(classnames)
-    features = torch.randn(1, n, model.visual.output_dim, device=device)
+    features = torch.randn(n, model.visual.output_dim, device=device)
     labels = torch.arange(n, device=device) % len(classnames)
     encode = FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision)
     step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach().to(device), batch,
                      n // batch, 0.9, 5e-4, precision)
-    step.start_epoch(torch.randperm(n, device=device), torch.zeros(n, dtype=torch.long, device=device), 0.002)
+    step.start_epoch(torch.randperm(n, device=device), features, 0.002)
     resident = torch.cuda.memory_allocated() - before
     graphed = CudaGraphStep(step)
     for _ in range(3):

@@ -36,7 +36,7 @@ def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConf
     last = result.history[-1]
     results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
                "setup_seconds": result.setup_seconds, "epochs": config.epochs,
-               "steps": sum(r["steps"] for r in result.history)}
+               "steps": sum(r["steps"] for r in result.history), "augmentation": result.augmentation}
     if "test" in cache.splits:
         results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner, config.attention))
     save_results(run_dir, results)

@@ -38,6 +38,7 @@ def save_run(run_dir: Path, result: TrainResult, cache: FeatureCache, loaded: Lo
     config = {
         "fastcoop_version": fastcoop.__version__, "model": loaded.name, "pretrained": loaded.pretrained,
         "classnames": learner.classnames, "train": dataclasses.asdict(result.config),
+        "augmentation": result.augmentation,
         "cache": {"path": str(Path(cache.path).resolve()), "identity": _jsonable(cache.identity())},
     }
     (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """The CoOp training step as device work only, so that a whole step can be captured once in a CUDA graph.
 
-The batch is gathered on the device from a per-epoch permutation and a step counter, the learning rate is read
+The batch is gathered on the device from a per-epoch permutation, a step counter and the epoch's view of every
+image's features (copied into one static buffer at the epoch's start), the learning rate is read
 from a device tensor, and SGD (momentum, weight decay) is written out as three tensor ops: nothing in a step
 depends on the host, and replaying the graph `steps` times per epoch is the whole training loop.
 """
@@ -26,22 +27,22 @@ class TrainStep:
     def __init__(self, learner, encode_text, features, labels, logit_scale, batch_size: int, steps: int,
                  momentum: float, weight_decay: float, autocast_dtype=None):
         self.learner, self.encode_text = learner, encode_text
-        self.features, self.labels, self.logit_scale = features, labels, logit_scale  # views × n × D, n, scalar
+        self.features, self.labels, self.logit_scale = features, labels, logit_scale  # n × D, n, scalar
         self.batch_size, self.steps = batch_size, steps
         self.momentum, self.weight_decay, self.autocast_dtype = momentum, weight_decay, autocast_dtype
         device = labels.device
         self.order = torch.zeros(steps, batch_size, dtype=torch.long, device=device)
-        self.view = torch.zeros(len(labels), dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.lr = torch.zeros((), device=device)
         self.momentum_buffer = torch.zeros_like(learner.ctx)
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
 
-    def start_epoch(self, order: torch.Tensor, view: torch.Tensor, lr: float) -> None:
-        """Load an epoch's permutation (cut to whole batches), views and learning rate into the static tensors."""
+    def start_epoch(self, order: torch.Tensor, features: torch.Tensor, lr: float) -> None:
+        """Load an epoch's permutation (cut to whole batches), its view of the features (n × D, any device or
+        dtype) and learning rate into the static tensors."""
         self.order.copy_(order[:self.steps * self.batch_size].view(self.steps, self.batch_size))
-        self.view.copy_(view)
+        self.features.copy_(features, non_blocking=True)
         self.lr.fill_(lr)
         self.step.zero_()
         self.loss_sum.zero_()
@@ -54,7 +55,7 @@ class TrainStep:
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             text = self.encode_text()
-        loss, predicted = cosine_ce(self.features[self.view[rows], rows], text, self.logit_scale, labels,
+        loss, predicted = cosine_ce(self.features[rows], text, self.logit_scale, labels,
                                     return_argmax=True)
         grad, = torch.autograd.grad(loss, self.learner.ctx)
         with torch.no_grad():

@@ -1,11 +1,14 @@
 """CoOp training on cached image features: only the context vectors learn, every CLIP weight stays frozen.
 
-The loop, per epoch: a permutation of the few-shot rows, one view per row, batches of 32 (the last partial batch
-dropped, as published), the K prompts through the text encoder every step, cosine cross-entropy, SGD.
+The loop, per epoch: a permutation of the few-shot rows, batches of 32 (the last partial batch dropped, as
+published), the K prompts through the text encoder every step, cosine cross-entropy, SGD. Epoch e trains on the
+cache's augmented view e of every image: each view is an independent draw of the published augmentation, so with
+a view per epoch cached this is the published loader's fresh random crop of every image in every epoch.
 """
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,7 @@ class TrainResult:
     learner: PromptLearner
     config: TrainConfig
     history: list[dict] = field(default_factory=list)
+    augmentation: dict = field(default_factory=dict)  # the cache's views and how many distinct ones each image saw
     seconds: float = 0.0  # the epochs' loop (graph capture and kernel compilation included)
     setup_seconds: float = 0.0  # features to the device, learner, text encoder: what runs before the loop
 
@@ -70,6 +74,25 @@ def resolve_attention(attention: str, device: str) -> str:
     return attention
 
 
+def epoch_views(cached: torch.Tensor, epochs: int) -> tuple[torch.Tensor, dict]:
+    """The views epochs cycle through (epoch e trains on view e mod their number), and what that means for the
+    run; warns once when they are fewer than the epochs, since the published recipe draws a fresh crop of every
+    image in every epoch. `cached`: the cache's views × n × D, the eval view first."""
+    augmented = len(cached) - 1
+    record = {"cached_views": augmented, "distinct_views_per_image": min(augmented, epochs),
+              "fresh_view_every_epoch": augmented >= epochs}
+    if augmented == 0:
+        warnings.warn(f"the cache holds no augmented views: all {epochs} epochs train on each image's un-augmented "
+                      "view, where the published recipe draws a fresh random crop every epoch; recache with "
+                      "--views auto for a faithful run")
+        return cached, record
+    if augmented < epochs:
+        warnings.warn(f"the cache holds {augmented} augmented views per image for {epochs} epochs: each image's "
+                      f"views repeat every {augmented} epochs, where the published recipe draws a fresh random "
+                      f"crop every epoch; recache with --views auto (or ≥ {epochs}) for a faithful run")
+    return cached[1:], record
+
+
 def batches_per_epoch(n: int, batch_size: int) -> int:
     """The published loader drops the last partial batch, unless the data is smaller than one batch."""
     return n // batch_size if n >= batch_size else 1
@@ -83,13 +106,10 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     dtype = autocast_dtype(resolve_precision(config.precision, device, "bf16"))
     if config.batch_size < 1 or config.lr <= 0:
         raise FastCoopError("--batch-size must be ≥ 1 and --lr > 0")
-    rows = cache.rows("train", config.shots, config.seed if config.shots else None)
-    features = cache.features("train", rows)  # views × n × D
-    if len(features) > 1:  # augmented views cached: train on those, as the published code trains on augmentations
-        features = features[1:]
-    features, labels = features.to(device).float(), cache.labels("train", rows).to(device)
-    config.epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
     config.attention = resolve_attention(config.attention, device)
+    rows = cache.rows("train", config.shots, config.seed if config.shots else None)
+    config.epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
+    labels = cache.labels("train", rows).to(device)
 
     model = loaded.model
     if config.text_path == "reference" or TextTower.of(model).fast_path_problem():
@@ -107,21 +127,24 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     else:
         tower = TextTower.of(model)
         encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731
+    views, augmentation = epoch_views(cache.features("train", rows), config.epochs)  # on the host, float16
+    if device.startswith("cuda"):
+        views = views.pin_memory()  # each epoch's view goes to the device asynchronously
+    features = torch.empty(views.shape[1:], device=device)  # the epoch's view, in float32
     scale = model.logit_scale.exp().detach().to(device)
     step = TrainStep(learner, encode_text, features, labels, scale, batch_size, steps, config.momentum,
                      config.weight_decay, dtype)
     use_graph = config.graph and device.startswith("cuda")
     run_step = None  # the graph is captured at the first epoch, once the static tensors hold real data
     generator = torch.Generator().manual_seed(config.seed)
-    result = TrainResult(learner, config)
+    result = TrainResult(learner, config, augmentation=augmentation)
     start = time.perf_counter()
     result.setup_seconds = start - setup_start
     bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
         order = torch.randperm(n, generator=generator)
-        view = torch.randint(len(features), (n,), generator=generator)
-        step.start_epoch(order.to(device), view.to(device), lr)
+        step.start_epoch(order.to(device), views[epoch % len(views)], lr)
         if run_step is None:
             run_step = graphed_or_eager(step) if use_graph else step
         good_ctx = learner.ctx.detach().clone()
@@ -129,7 +152,7 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
         for _ in range(steps):
             run_step()
         mean_loss = step.loss_sum.item() / steps
-        if not math.isfinite(mean_loss):
+        if not math.isfinite(mean_loss) or not torch.isfinite(learner.ctx).all():  # the last update can overflow
             with torch.no_grad():
                 learner.ctx.copy_(good_ctx)
             raise NonFiniteLoss(epoch, result)

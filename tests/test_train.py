@@ -21,8 +21,9 @@ def cache_path(tmp_path_factory, tiny_vit, example_images):
 
 
 def test_published_schedule():
-    assert [published_epochs(s, 100) for s in (1, 2, 4, 8, 16)] == [50, 50, 100, 100, 200]
-    assert published_epochs(16, 1000) == 50
+    # CoOp's scripts: rn50_ep50 for 1 shot, rn50_ep100 for 2 and 4, rn50 (200 epochs) for 8 and 16; ImageNet 50
+    assert [published_epochs(s, 100) for s in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [published_epochs(s, 1000) for s in (1, 2, 4, 8, 16)] == [50] * 5
     assert lr_at(0, 200, 0.002) == 1e-5
     assert lr_at(1, 200, 0.002) == pytest.approx(0.002)
     assert lr_at(101, 200, 0.002) == pytest.approx(0.001)
@@ -118,7 +119,7 @@ def test_run_dir_from_another_cache_is_refused(capsys, tmp_path, tiny_vit, examp
 def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_vit):
     """One epoch of fastcoop on cached views against the published step re-encoding the same augmented images
     (same batches and views); they differ only by the float16 rounding of the cached features."""
-    from fastcoop.cache.extract import ImageViews, augment_transform
+    from fastcoop.cache.extract import ImageViews, augment_transform, model_input, split_eval_transform
     from fastcoop.models import preprocess_config
     from fastcoop.prompts import PromptLearner
     from fastcoop.reference import published_step
@@ -130,18 +131,19 @@ def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_
         paths, labels = cache.paths("train"), cache.labels("train", rows)
         classnames = cache.classnames
     pre = preprocess_config(tiny_vit.model)
-    views = ImageViews(paths, tiny_vit.preprocess, augment_transform(pre), 2, "train", 0, pre["size"])
+    eval_image, normalize = split_eval_transform(tiny_vit.preprocess)
+    views = ImageViews(paths, eval_image, augment_transform(pre), 2, "train", pre["size"])
     torch.manual_seed(1)
     learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, classnames, n_ctx=4)
     optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
-    generator = torch.Generator().manual_seed(1)  # the loop's batch order: a permutation, then a view per row
+    generator = torch.Generator().manual_seed(1)  # the loop's batch order: a permutation per epoch
     for epoch in range(2):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, 2, 0.002, warmup_epochs=0)
-        order, view = torch.randperm(48, generator=generator), torch.randint(2, (48,), generator=generator)
+        order = torch.randperm(48, generator=generator)
         for step in range(3):
-            batch = order[step * 16:(step + 1) * 16]
-            images = torch.stack([views[int(rows[r])][0][1 + view[r]] for r in batch])
+            batch = order[step * 16:(step + 1) * 16]  # epoch e: augmented view e of every image
+            images = model_input(torch.stack([views[int(rows[r])][0][1 + epoch] for r in batch]), normalize)
             published_step(tiny_vit.model, learner, images, labels[batch], optimizer)
     ours, theirs = result.learner.ctx.detach(), learner.ctx.detach()
     assert (ours - theirs).norm() <= 1e-3 * theirs.norm()
@@ -184,3 +186,67 @@ def test_report_averages_seeds_and_interpret_reads_back_the_init_words(capsys, t
     assert code == 0 and [line.split(": ")[1].split(" (")[0] for line in out.splitlines()] == ["a", "photo", "of", "a"]
     code, _, err = run_cli(capsys, "report", tmp_path)
     assert code == 2 and "not a finished fastcoop run" in err
+
+
+def _views_per_epoch(cache, tiny_vit, monkeypatch, epochs):
+    """Train `epochs` epochs; return the feature block each epoch trained on, and the run's result."""
+    from fastcoop.step import TrainStep
+
+    seen = []
+    start_epoch = TrainStep.start_epoch
+    monkeypatch.setattr(TrainStep, "start_epoch",
+                        lambda self, order, features, lr: (seen.append(features.clone()),
+                                                           start_epoch(self, order, features, lr)))
+    config = TrainConfig(shots=4, seed=1, n_ctx=2, epochs=epochs, batch_size=16, device="cpu")
+    return seen, train(cache, tiny_vit, config, progress=False)
+
+
+def test_epoch_e_trains_on_view_e(tmp_path, tiny_vit, example_images, monkeypatch, recwarn):
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1],
+                            views=5, batch_size=64, workers=0, progress=False)
+    with FeatureCache(path) as cache:
+        cached = cache.features("train", cache.rows("train", 4, 1)).float()
+        seen, result = _views_per_epoch(cache, tiny_vit, monkeypatch, epochs=5)
+    assert [torch.equal(block, cached[1 + e]) for e, block in enumerate(seen)] == [True] * 5
+    assert not any(torch.equal(seen[a], seen[b]) for a in range(5) for b in range(a))  # no view twice
+    assert result.augmentation == {"cached_views": 5, "distinct_views_per_image": 5, "fresh_view_every_epoch": True}
+    assert not [w for w in recwarn if "augmented views" in str(w.message)]
+
+
+def test_too_few_views_cycle_with_a_warning_and_a_record(tmp_path, capsys, cache_path, tiny_vit, monkeypatch):
+    with FeatureCache(cache_path) as cache:  # 2 augmented views
+        cached = cache.features("train", cache.rows("train", 4, 1)).float()
+        with pytest.warns(UserWarning, match="2 augmented views per image for 5 epochs") as caught:
+            seen, result = _views_per_epoch(cache, tiny_vit, monkeypatch, epochs=5)
+    assert len([w for w in caught if "augmented views" in str(w.message)]) == 1  # said once
+    assert [int(torch.equal(block, cached[1 + e % 2])) for e, block in enumerate(seen)] == [1] * 5
+    assert result.augmentation == {"cached_views": 2, "distinct_views_per_image": 2, "fresh_view_every_epoch": False}
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match="2 augmented views per image for 3 epochs"):
+        code, _, _ = run_cli(capsys, "train", cache_path, "--out", run_dir, "--shots", "4", "--n-ctx", "2",
+                             "--epochs", "3")
+    assert code == 0
+    for name in ("config.json", "results.json"):
+        assert json.loads((run_dir / name).read_text())["augmentation"]["distinct_views_per_image"] == 2
+
+
+def test_a_cache_without_augmented_views_trains_on_the_eval_view_and_says_so(tmp_path, tiny_vit, example_images,
+                                                                            monkeypatch):
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1],
+                            views=0, batch_size=64, workers=0, progress=False)
+    with FeatureCache(path) as cache:
+        cached = cache.features("train", cache.rows("train", 4, 1)).float()
+        with pytest.warns(UserWarning, match="no augmented views"):
+            seen, result = _views_per_epoch(cache, tiny_vit, monkeypatch, epochs=2)
+    assert all(torch.equal(block, cached[0]) for block in seen)
+    assert result.augmentation["distinct_views_per_image"] == 0
+
+
+def test_auto_views_cache_one_view_per_published_epoch(tmp_path, tiny_vit, example_images):
+    from fastcoop.cache.extract import auto_views
+
+    assert [auto_views(s, 100) for s in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, splits=["train"], shots=1,
+                            seeds=[1], batch_size=64, workers=0, progress=False)  # views default: auto
+    with FeatureCache(path) as cache:
+        assert cache.num_views("train") == 1 + 50
