@@ -1,13 +1,23 @@
-"""Feature extraction: every image decoded once, encoded by the frozen image encoder, written to HDF5 in batches.
+"""Feature extraction: every image decoded once, all its views cut from the decoded image, encoded by the frozen
+image encoder, written to HDF5 batch by batch.
+
+Worker processes decode and crop, and hand over uint8 pixels (a quarter of float32's bytes to move); the tensor
+conversion and CLIP normalisation run batched where the encoder runs, with the same operations in the same order
+as torchvision's ToTensor + Normalize. Augmented views are seeded per (split, row, view), so a view does not
+depend on batching, workers or processes.
 
 The output is written as FILE.partial and renamed when complete, so a half-written file is never taken for a
 finished one. Each batch is flushed with a row counter; the same command run again resumes after the last flushed
-batch, and since augmented views are seeded per (split, row, view) the result equals an uninterrupted run's.
+batch and gives the same file as an uninterrupted run. Under torchrun each rank encodes every N-th batch and rank 0
+writes them in order: the batches, and so the file, are those of a one-process run.
 """
 
+import errno
 import hashlib
 import json
+import math
 import os
+import time
 import warnings
 import zlib
 from contextlib import nullcontext
@@ -19,53 +29,81 @@ import open_clip
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from fastcoop.cache.store import SCHEMA_VERSION, identity
 from fastcoop.data import LabelledImages
 from fastcoop.devices import autocast_dtype
+from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import sample_few_shot, subset_key
 from fastcoop.models import LoadedModel, preprocess_config
+from fastcoop.schedule import published_epochs
 
 AUGMENT_SEED = 0
+CHUNK_BYTES = 1 << 20
 STRING = h5py.string_dtype()
 
 
 def augment_transform(pre: dict) -> transforms.Compose:
-    """CoOp's training augmentation: random resized crop (scale 0.08-1, bicubic), horizontal flip, CLIP norm."""
+    """CoOp's training augmentation on a decoded image: random resized crop (scale 0.08–1, ratio 3/4–4/3,
+    bicubic, which PIL antialiases), then a horizontal flip with p = 0.5. Tensor conversion and CLIP's
+    normalisation follow in `model_input`."""
     return transforms.Compose([
         transforms.RandomResizedCrop(pre["size"], scale=(0.08, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(pre["mean"], pre["std"]),
     ])
 
 
-class ImageViews(torch.utils.data.Dataset):
-    """Decodes each image once and returns its eval view plus `views` augmented views, or a decode error."""
+def split_eval_transform(preprocess: transforms.Compose) -> tuple[transforms.Compose, transforms.Normalize]:
+    """The model's eval transform as (its image part: resize, crop, mode; its Normalize). open_clip's transforms
+    end in ToTensor + Normalize; anything else is refused rather than guessed."""
+    steps = list(preprocess.transforms)
+    if len(steps) < 2 or not isinstance(steps[-2], transforms.ToTensor) or \
+            not isinstance(steps[-1], transforms.Normalize):
+        raise FastCoopError(f"the model's image transform does not end in ToTensor + Normalize: {preprocess}")
+    return transforms.Compose(steps[:-2]), steps[-1]
 
-    def __init__(self, paths, eval_transform, augment, views, split, first_row, size):
+
+def auto_views(shots: int | None, num_classes: int) -> int:
+    """Augmented views per train image for a fresh view in every epoch of the published schedule."""
+    return published_epochs(shots, num_classes)
+
+
+def model_input(pixels: torch.Tensor, normalize: transforms.Normalize) -> torch.Tensor:
+    """uint8 (..., 3, H, W) → the encoder's input, by ToTensor's and Normalize's own operations (÷255 in the
+    default float dtype, then − mean, ÷ std): bit for bit the per-image transform's result on the same device."""
+    return TF.normalize(pixels.to(torch.get_default_dtype()).div(255), normalize.mean, normalize.std)
+
+
+class ImageViews(torch.utils.data.Dataset):
+    """Row → (uint8 views (1 + views, 3, H, W): the eval view, then the augmented ones; row; decode error or '')."""
+
+    def __init__(self, paths, eval_transform, augment, views: int, split: str, size):
         self.paths, self.eval_transform, self.augment = paths, eval_transform, augment
-        self.views, self.split, self.first_row, self.size = views, split, first_row, size
+        self.views, self.split, self.size = views, split, size
 
     def __len__(self):
-        return len(self.paths) - self.first_row
+        return len(self.paths)
 
-    def __getitem__(self, i):
-        row = self.first_row + i
+    def __getitem__(self, row):
         try:
             with Image.open(self.paths[row]) as image:
                 image = image.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return torch.zeros(1 + self.views, 3, *self.size), row, f"{type(exc).__name__}: {exc}"
-        tensors = [self.eval_transform(image)]
-        for view in range(1, 1 + self.views):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(f"{AUGMENT_SEED}/{self.split}/{row}/{view}".encode()))
-                tensors.append(self.augment(image))
-        return torch.stack(tensors), row, ""
+            return torch.zeros(1 + self.views, 3, *self.size, dtype=torch.uint8), row, f"{type(exc).__name__}: {exc}"
+        views = [TF.pil_to_tensor(self.eval_transform(image))]
+        with torch.random.fork_rng(devices=[]):
+            for view in range(1, 1 + self.views):
+                torch.manual_seed(view_seed(self.split, row, view))
+                views.append(TF.pil_to_tensor(self.augment(image)))
+        return torch.stack(views), row, ""
+
+
+def view_seed(split: str, row: int, view: int) -> int:
+    return zlib.crc32(f"{AUGMENT_SEED}/{split}/{row}/{view}".encode())
 
 
 def dataset_fingerprint(data: LabelledImages) -> str:
@@ -90,18 +128,29 @@ def plan_rows(data: LabelledImages, splits: list[str], shots: int | None, seeds:
     return rows, subsets
 
 
+def default_workers() -> int:
+    """Decode workers: one per core this process may use, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+
+
 def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel, *, splits=("train", "test"),
-                     shots: int | None = 16, seeds=(1, 2, 3), views: int = 0, batch_size: int = 128,
-                     workers: int = 4, device: str = "cpu", precision: str = "fp32", skip_bad: bool = False,
-                     overwrite: bool = False, progress: bool = True) -> Path:
-    """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file."""
+                     shots: int | None = 16, seeds=(1, 2, 3), views: int | str = "auto", batch_size: int = 256,
+                     workers: int | None = None, device: str = "cpu", precision: str = "fp32",
+                     skip_bad: bool = False, overwrite: bool = False, progress: bool = True,
+                     world: World = World()) -> Path:
+    """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file.
+
+    `views`: augmented views per train image besides the eval view; "auto" gives one per epoch of the published
+    schedule for `shots`. `batch_size`: views per encoder call (an image's views stay in one batch)."""
     out = Path(out)
     missing = [s for s in splits if s not in data.splits]
     if len(missing) == len(splits):
         data.split(missing[0])  # the clear error for a split the dataset lacks
-    if missing:
+    if missing and world.is_writer:
         warnings.warn(f"the dataset has no {', '.join(missing)} split; caching {', '.join(data.splits)} only")
     splits = [s for s in splits if s in data.splits]
+    if views == "auto":
+        views = auto_views(shots, len(data.classnames)) if "train" in splits else 0
     pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
                                              "augment": "RandomResizedCrop(0.08-1, bicubic)+HFlip"}
     rows, subsets = plan_rows(data, splits, shots, list(seeds))
@@ -112,28 +161,202 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         "splits": json.dumps(splits), "views": views,
         "subsets_requested": json.dumps({"shots": shots, "seeds": sorted(seeds) if shots else None}),
     }
+    views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
+    job = _Job(loaded, pre, views_of, batch_size, default_workers() if workers is None else workers, device,
+               precision, skip_bad, progress and world.is_writer, world)
+    partial = out.with_name(out.name + ".partial")
+    plan, f = None, None
+    if world.is_writer:
+        try:
+            plan, f = _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets)
+        except (FastCoopError, OSError) as exc:
+            plan = _failure(exc, partial)
+    plan = world.from_writer(plan)
+    if isinstance(plan, str):
+        raise FastCoopError(plan)
+    if plan is None:  # a finished file with these settings exists
+        return out
+    if job.progress:
+        job.announce(rows, plan)
+    try:
+        for split in splits:
+            items = [data.split(split)[i] for i in rows[split]]
+            job.run_split(f, split, items, plan[split])
+        if f is not None:
+            skipped = _drop_skipped(f, splits)
+            if skipped:
+                f.create_dataset("skipped", data=skipped, dtype=STRING)
+            del f.attrs["batch_size"]
+            f.attrs["complete"] = True
+    finally:
+        if f is not None:
+            f.close()
+    if world.is_writer:
+        os.replace(partial, out)
+    world.from_writer(None)  # every rank returns once the file is in place
+    return out
+
+
+def _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets):
+    """(rows already encoded per split, the open partial file), or (None, None) when `out` is already done."""
     if out.exists():
         if _matches(out, attrs) and not overwrite:
-            return out
+            return None, None
         if not overwrite:
             raise FastCoopError(f"{out} exists and was made with another model, weights, preprocessing, dataset or "
                                 "subsets; choose another --out or pass --overwrite")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists() and not _matches(partial, attrs | {"batch_size": batch_size}):
+    if not out.parent.is_dir():
+        raise FastCoopError(f"cannot write {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise FastCoopError(f"cannot write {out}: folder {out.parent} is not writable")
+    if partial.exists() and not _matches(partial, attrs | {"batch_size": job.batch_size}):
         partial.unlink()  # our own unfinished file, from another command: start over
-    with h5py.File(partial, "a") as f:
-        if "schema_version" not in f.attrs:
-            f.attrs.update(attrs | {"batch_size": batch_size, "complete": False})
-        for split in splits:
-            _extract_split(f, data, split, rows[split], subsets if split == "train" else {}, loaded, pre, views,
-                           batch_size, workers, device, precision, skip_bad, progress)
-        skipped = _drop_skipped(f, splits)
-        if skipped:
-            f.create_dataset("skipped", data=skipped, dtype=STRING)
-        del f.attrs["batch_size"]
-        f.attrs["complete"] = True
-    os.replace(partial, out)
-    return out
+    f = h5py.File(partial, "a", rdcc_nbytes=64 * CHUNK_BYTES)  # a chunk being filled stays in memory
+    if "schema_version" not in f.attrs:
+        f.attrs.update(attrs | {"batch_size": job.batch_size, "complete": False})
+    done = {}
+    for split, split_rows in rows.items():
+        items = [data.split(split)[i] for i in split_rows]
+        done[split] = job.prepare_split(f, split, items, subsets if split == "train" else {})
+        if 0 < done[split] < len(items) and job.progress:
+            tqdm.write(f"resuming {partial}: {split} from image {done[split]} of {len(items)}")
+    return done, f
+
+
+def _failure(exc: Exception, partial: Path) -> str:
+    if _disk_full(exc):
+        return (f"the disk is full while writing {partial}; free space and run the same command again to resume")
+    return str(exc) if isinstance(exc, FastCoopError) else f"cannot write {partial}: {exc}"
+
+
+def _disk_full(exc: Exception) -> bool:
+    return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in str(exc))
+
+
+class _Job:
+    """What every split's extraction shares: the model, its transforms, the batching and the writer."""
+
+    def __init__(self, loaded, pre, views_of, batch_size, workers, device, precision, skip_bad, progress, world):
+        self.loaded, self.pre, self.views_of, self.batch_size = loaded, pre, views_of, batch_size
+        self.workers, self.device, self.skip_bad, self.progress, self.world = workers, device, skip_bad, progress, world
+        self.eval_image, self.normalize = split_eval_transform(loaded.preprocess)
+        dtype = autocast_dtype(precision)
+        self.autocast = torch.autocast("cuda", dtype=dtype) if dtype and device.startswith("cuda") else nullcontext()
+
+    def images_per_batch(self, split: str) -> int:
+        return max(1, self.batch_size // self.views_of[split])
+
+    def encode(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 (images, views, 3, H, W) → float16 features (views, images, D), `batch_size` views per call."""
+        flat = pixels.to(self.device, non_blocking=True).flatten(0, 1)
+        with torch.no_grad(), self.autocast:
+            feats = torch.cat([self.loaded.model.encode_image(model_input(chunk, self.normalize)).float()
+                               for chunk in flat.split(self.batch_size)])
+        return feats.view(len(pixels), pixels.shape[1], -1).transpose(0, 1).cpu().numpy().astype(np.float16)
+
+    def prepare_split(self, f, split, items, subsets) -> int:
+        """Create the split's datasets if new; return how many of its images are already written."""
+        group = f.require_group(split)
+        if "features" not in group:
+            views, n = self.views_of[split], len(items)
+            dim = self.feature_dim()
+            # chunks of whole batches of images with all their views, of at least ~1 MB (fast whole-split reads)
+            rows = max(self.images_per_batch(split), math.ceil(CHUNK_BYTES / (views * dim * 2)))
+            group.create_dataset("features", (views, n, dim), dtype="float16", chunks=(views, min(n, rows), dim))
+            group.create_dataset("labels", data=np.array([label for _, label in items], dtype=np.int64))
+            group.create_dataset("paths", data=[path for path, _ in items], dtype=STRING)
+            group.create_dataset("readable", data=np.ones(n, dtype=bool))
+            for key, subset in subsets.items():
+                group.create_dataset(f"subsets/{key}", data=np.array(subset, dtype=np.int64))
+            group.attrs["done"] = 0
+        return int(group.attrs["done"])
+
+    def feature_dim(self) -> int:
+        dim = getattr(self.loaded.model.visual, "output_dim", None)
+        return dim or self.encode(torch.zeros(1, 1, 3, *self.pre["size"], dtype=torch.uint8)).shape[-1]
+
+    def announce(self, rows, done):
+        """The work ahead before it starts: images, views, feature size, and a time from a probe of the encoder."""
+        encodes = sum((len(rows[s]) - done[s]) * self.views_of[s] for s in rows)
+        if not encodes:
+            return
+        on_gpu = self.device.startswith("cuda")
+        probe = torch.zeros(1, min(self.batch_size, 32 if on_gpu else 4), 3, *self.pre["size"], dtype=torch.uint8)
+        if on_gpu:
+            self.encode(probe)  # the first call also starts cuBLAS and cuDNN
+        start = time.perf_counter()
+        dim = self.encode(probe).shape[-1]
+        per_view = (time.perf_counter() - start) / probe.shape[1] / self.world.size
+        parts = ", ".join(f"{s} {len(rows[s]) - done[s]} images × {self.views_of[s]} view(s)" for s in rows)
+        size = encodes * dim * 2
+        size = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        tqdm.write(f"to encode: {parts} = {encodes:,} views, {size} of features; "
+                   f"≈ {_duration(encodes * per_view)} at the encoder's speed on a {probe.shape[1]}-view probe")
+
+    def run_split(self, f, split, items, start: int):
+        """Encode rows start.. of a split: this rank's share of the batches, written in order by the writer."""
+        n, per_image, world = len(items), self.views_of[split], self.world
+        if start == n:
+            return
+        step = self.images_per_batch(split)
+        batches = [list(range(lo, min(lo + step, n))) for lo in range(start, n, step)]
+        dataset = ImageViews([p for p, _ in items], self.eval_image, augment_transform(self.pre), per_image - 1,
+                             split, self.pre["size"])
+        mine = batches[world.rank::world.size]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=min(self.workers, len(mine)),
+                                             pin_memory=self.device.startswith("cuda"))
+        group = f[split] if f is not None else None
+        bar = tqdm(total=n, initial=start, desc=f"encode {split}", unit="img", disable=not self.progress)
+        with bar:
+            batch_iter = iter(loader)
+            for first in range(0, len(batches), world.size):
+                has_batch = first + world.rank < len(batches)
+                payload = None
+                if has_batch:
+                    pixels, rows, errors = next(batch_iter)
+                    payload = (int(rows[0]), int(rows[-1]) + 1, self.encode(pixels), list(errors))
+                gathered = world.gather_to_writer(payload)
+                failure = None
+                if group is not None:
+                    try:
+                        failure = self._write(f, group, items, [p for p in gathered if p is not None], bar,
+                                              per_image)
+                    except OSError as exc:
+                        failure = _failure(exc, Path(f.filename))
+                failure = world.from_writer(failure)
+                if failure:
+                    raise FastCoopError(failure)
+
+    def _write(self, f, group, items, payloads, bar, per_image) -> str | None:
+        """Write gathered batches in row order; a decode error without --skip-bad stops before writing."""
+        for lo, _, _, errors in payloads:
+            bad = [i for i, e in enumerate(errors) if e]
+            if bad and not self.skip_bad:
+                return (f"cannot read image {items[lo + bad[0]][0]} ({errors[bad[0]]}); fix or remove it, "
+                        "or pass --skip-bad")
+        for lo, hi, feats, errors in payloads:
+            write_rows(group, lo, hi, feats, [i for i, e in enumerate(errors) if e])
+            group.attrs["done"] = hi
+            f.flush()
+            bar.update(hi - lo)
+        rate = bar.format_dict.get("rate")
+        if rate:
+            bar.set_postfix_str(f"{rate * per_image:,.0f} views/s", refresh=False)
+        return None
+
+
+def write_rows(group: h5py.Group, lo: int, hi: int, feats: np.ndarray, bad: list[int]) -> None:
+    """Rows lo..hi of a split's features; rows that could not be decoded are marked for removal."""
+    group["features"][:, lo:hi] = feats
+    if bad:
+        readable = group["readable"][lo:hi]
+        readable[bad] = False
+        group["readable"][lo:hi] = readable
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def _matches(path: Path, attrs: dict) -> bool:
@@ -143,57 +366,6 @@ def _matches(path: Path, attrs: dict) -> bool:
             return identity(f.attrs) == identity(attrs) and same_batches
     except OSError:
         return False  # unreadable (e.g. killed mid-write): not a match
-
-
-def _extract_split(f, data, split, rows, subsets, loaded, pre, views, batch_size, workers, device, precision,
-                   skip_bad, progress):
-    items = [data.split(split)[i] for i in rows]
-    split_views = 1 + (views if split == "train" else 0)
-    group = f.require_group(split)
-    if "features" not in group:
-        dim = _feature_dim(loaded, pre, device)
-        group.create_dataset("features", (split_views, len(items), dim), dtype="float16",
-                             chunks=(1, min(len(items), 4096), dim))
-        group.create_dataset("labels", data=np.array([label for _, label in items], dtype=np.int64))
-        group.create_dataset("paths", data=[path for path, _ in items], dtype=STRING)
-        group.create_dataset("readable", data=np.ones(len(items), dtype=bool))
-        for key, subset in subsets.items():
-            group.create_dataset(f"subsets/{key}", data=np.array(subset, dtype=np.int64))
-        group.attrs["done"] = 0
-    done = int(group.attrs["done"])
-    if done == len(items):
-        return
-    dataset = ImageViews([p for p, _ in items], loaded.preprocess, augment_transform(pre), split_views - 1, split,
-                         done, pre["size"])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         persistent_workers=False, pin_memory=device.startswith("cuda"))
-    dtype = autocast_dtype(precision)
-    autocast = torch.autocast("cuda", dtype=dtype) if dtype and device.startswith("cuda") else nullcontext()
-    with tqdm(total=len(items), initial=done, desc=f"encode {split}", unit="img", disable=not progress) as bar:
-        for images, batch_rows, errors in loader:
-            bad = [i for i, e in enumerate(errors) if e]
-            if bad and not skip_bad:
-                i = bad[0]
-                bar.close()
-                raise FastCoopError(f"cannot read image {items[batch_rows[i]][0]} ({errors[i]}); "
-                                    "fix or remove it, or pass --skip-bad")
-            with torch.no_grad(), autocast:
-                flat = images.to(device, non_blocking=True).flatten(0, 1)
-                feats = loaded.model.encode_image(flat).float().view(len(images), split_views, -1)
-            lo, hi = int(batch_rows[0]), int(batch_rows[-1]) + 1
-            group["features"][:, lo:hi] = feats.transpose(0, 1).cpu().numpy().astype(np.float16)
-            if bad:
-                readable = group["readable"][lo:hi]
-                readable[bad] = False
-                group["readable"][lo:hi] = readable
-            group.attrs["done"] = hi
-            f.flush()
-            bar.update(hi - lo)
-
-
-def _feature_dim(loaded, pre, device) -> int:
-    with torch.no_grad():
-        return loaded.model.encode_image(torch.zeros(1, 3, *pre["size"], device=device)).shape[-1]
 
 
 def _drop_skipped(f, splits) -> list[str]:

@@ -37,11 +37,14 @@ def cli():
               help="Class names, one per line (CSV with integer labels).")
 @click.option("--shots", default="16", show_default=True, help="Images per class for training, or 'all'.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Few-shot sampling seeds.")
-@click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Augmented views per train image, besides the eval view.")
+@click.option("--views", default="auto", show_default=True,
+              help="Augmented views per train image besides the eval view; auto: one per epoch of the published "
+                   "schedule for --shots (a fresh view every epoch, as the published loader draws).")
 @click.option("--splits", default="train,test", show_default=True, help="Splits to encode.")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Views per encoder call.")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="Decode/crop worker processes  [default: one per core, at most 8]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Autocast precision on GPU (auto: fp16, as published); CPU runs fp32.")
@@ -49,26 +52,43 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
 def cache(root, out, model, pretrained, layout, image_root, classnames_file, shots, seeds, views, splits,
           batch_size, workers, device, precision, skip_bad, overwrite):
-    """Encode the images under ROOT once with the frozen image encoder into an HDF5 feature file."""
-    from fastcoop import fewshot, read_dataset
+    """Encode the images under ROOT once with the frozen image encoder into an HDF5 feature file.
+
+    Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
+    first writes the file, the same file as one process makes."""
+    from fastcoop import fewshot
+    from fastcoop.data import read_dataset
     from fastcoop.cache import extract_features
     from fastcoop.devices import resolve_device, resolve_precision
+    from fastcoop.distributed import join
     from fastcoop.models import load_model
 
     try:
         n_shots = fewshot.parse_shots(shots)
     except ValueError as exc:
         raise FastCoopError(str(exc)) from None
+    n_views = _views(views)
     data = read_dataset(root, layout, image_root, classnames_file)
-    device = resolve_device(device)
+    world, device = join(resolve_device(device))
     loaded = load_model(model, pretrained, device)
-    _say_weights(loaded)
+    if world.is_writer:
+        _say_weights(loaded)
     start = time.perf_counter()
     path = extract_features(data, out, loaded, splits=[s.strip() for s in splits.split(",")], shots=n_shots,
-                            seeds=_int_list(seeds), views=views, batch_size=batch_size, workers=workers,
+                            seeds=_int_list(seeds), views=n_views, batch_size=batch_size, workers=workers,
                             device=device, precision=resolve_precision(precision, device, "fp16"),
-                            skip_bad=skip_bad, overwrite=overwrite)
-    _describe_cache(path, time.perf_counter() - start)
+                            skip_bad=skip_bad, overwrite=overwrite, world=world)
+    if world.is_writer:
+        _describe_cache(path, time.perf_counter() - start)
+
+
+def _views(value: str) -> int | str:
+    """--views: 'auto' or a non-negative integer."""
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise FastCoopError(f"--views must be a non-negative integer or 'auto', not '{value}'")
+    return int(value)
 
 
 def _say_weights(loaded):

@@ -4,10 +4,11 @@ import pytest
 import torch
 from open_clip.transformer import QuickGELU
 from PIL import Image
+from torchvision import transforms
 
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.cache.extract import ImageViews, augment_transform
+from fastcoop.cache.extract import ImageViews, augment_transform, model_input, split_eval_transform, view_seed
 from fastcoop.data import read_dataset
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import sample_few_shot
@@ -49,18 +50,28 @@ def test_features_equal_direct_encoding(tmp_path, tiny_vit, example_images):
             assert [paths[r] for r in rows] == expected
         feats = cache.features("train")
         assert feats.shape == (3, len(paths), 32) and feats.dtype == torch.float16
-        pre = preprocess_config(tiny_vit.model)
-        views = ImageViews(paths, tiny_vit.preprocess, augment_transform(pre), 2, "train", 0, pre["size"])
-        for row in (0, len(paths) - 1):
-            with Image.open(paths[row]) as image:
-                eval_view = tiny_vit.preprocess(image.convert("RGB"))
-            stacked, _, error = views[row]
-            assert not error and torch.equal(stacked[0], eval_view)
-            assert not torch.equal(stacked[1], stacked[2])  # augmented views differ from each other
-            with torch.no_grad():
-                direct = tiny_vit.model.encode_image(stacked).half()
-            torch.testing.assert_close(feats[:, row], direct, atol=1e-3, rtol=1e-3)
         assert cache.features("test").shape[0] == 1 and cache.labels("test").numel() == 36
+    pre = preprocess_config(tiny_vit.model)
+    eval_image, normalize = split_eval_transform(tiny_vit.preprocess)
+    views = ImageViews(paths, eval_image, augment_transform(pre), 2, "train", pre["size"])
+    # the views as the per-image torchvision transforms make them: crop, flip, ToTensor, Normalize on PIL images
+    per_image_augment = transforms.Compose([*augment_transform(pre).transforms, transforms.ToTensor(), normalize])
+    for row in (0, len(paths) - 1):
+        pixels, _, error = views[row]
+        assert not error and pixels.dtype == torch.uint8
+        with Image.open(paths[row]) as image:
+            image = image.convert("RGB")
+            expected = [tiny_vit.preprocess(image)]
+            for view in (1, 2):
+                torch.manual_seed(view_seed("train", row, view))
+                expected.append(per_image_augment(image))
+        inputs = model_input(pixels, normalize)
+        for view in range(3):  # bit for bit what the per-image transforms give
+            assert torch.equal(inputs[view], expected[view]), view
+        assert not torch.equal(inputs[1], inputs[2])  # augmented views differ from each other
+        with torch.no_grad():  # every view encoded on its own equals the batched multi-view extraction
+            alone = torch.cat([tiny_vit.model.encode_image(x[None]) for x in expected]).half()
+        torch.testing.assert_close(feats[:, row], alone, atol=1e-3, rtol=1e-3)
 
 
 def test_interrupted_run_resumes_to_identical_file(tmp_path, tiny_vit, example_images, monkeypatch):
@@ -230,3 +241,55 @@ def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
     for force, activation in ((False, torch.nn.GELU), (True, QuickGELU)):
         model = open_clip.create_model(name, force_quick_gelu=force)
         assert type(model.transformer.resblocks[0].mlp.gelu) is activation
+
+
+def test_torchrun_two_processes_write_the_one_process_file(tmp_path, example_images):
+    """torchrun with the gloo backend on CPU: each rank encodes every other batch, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["cache", str(example_images), "--model", TINY_VIT, "--pretrained", "none", "--shots", "2",
+            "--seeds", "1,2", "--views", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun's per-rank default, for the one-process run too
+    subprocess.run([sys.executable, "-m", "fastcoop", *args, "--out", str(tmp_path / "one.h5")], env=env,
+                   check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fastcoop", *args, "--out", str(tmp_path / "two.h5")], env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
+    _assert_same_file(tmp_path / "one.h5", tmp_path / "two.h5")
+
+
+def test_disk_full_is_exit_2_and_the_partial_file_resumes(tmp_path, capsys, tiny_vit, example_images, monkeypatch):
+    import errno
+
+    from fastcoop.cache import extract
+
+    data = read_dataset(example_images)
+    whole = extract_features(data, tmp_path / "whole.h5", tiny_vit, **OPTS)
+    write_rows, calls = extract.write_rows, {"n": 0}
+
+    def full_disk(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_rows(*args)
+
+    monkeypatch.setattr(extract, "write_rows", full_disk)
+    with pytest.raises(FastCoopError, match="disk is full while writing .*resume"):
+        extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS)
+    assert (tmp_path / "f.h5.partial").exists() and not (tmp_path / "f.h5").exists()
+    monkeypatch.setattr(extract, "write_rows", write_rows)
+    extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS)
+    _assert_same_file(whole, tmp_path / "f.h5")
+
+
+@pytest.mark.parametrize("views", ["-1", "two", "", "1.5"])
+def test_bad_views_is_one_line_exit_2(tmp_path, capsys, example_images, views):
+    code, _, err = run_cli(capsys, "cache", example_images, "--out", tmp_path / "f.h5", "--model", TINY_VIT,
+                           "--pretrained", "none", "--views", views)
+    assert code == 2 and err.strip().splitlines() == [f"error: --views must be a non-negative integer or 'auto', "
+                                                      f"not '{views}'"]
+    assert not list(tmp_path.iterdir())
