@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.attention import run_attention_section
+from benchmarks.cache import run_cache_section
 from benchmarks.common import device_slug, environment, median_ms, real_classnames
 from benchmarks.exactness import run_exactness_section
 from benchmarks.full_run import DATASETS, run_fastcoop_train, schedule, startup_seconds
@@ -22,7 +23,7 @@ from benchmarks.step import run_step_section, step_variants, time_breakdown, tra
 from fastcoop.models import load_model
 
 # in the order they run: what a GPU lease cut short needs most comes first
-SECTIONS = ("step", "kernel", "attention", "exactness", "full_run")
+SECTIONS = ("step", "kernel", "attention", "exactness", "full_run", "cache")
 
 
 def plan(name: str, device: str) -> dict:
@@ -33,18 +34,21 @@ def plan(name: str, device: str) -> dict:
                 "repeats": 20,
                 "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat"],
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
-                "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100}
+                "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
+                "cache": ("ViT-B-16", 200, 200, 512)}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
                 "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
-                "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10}
+                "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
+                "cache": ("ViT-B-16", 8, 7, 32)}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
             "datasets": list(DATASETS), "kernel": [(b, k) for b in (32, 1024, 16384, 131072) for k in (100, 1000)],
             "attention": [37, 100, 397, 1000],
-            "exactness": grid, "exact_steps": 100}
+            "exactness": grid, "exact_steps": 100,
+            "cache": ("ViT-B-16", 1000, 200, 512) if device.startswith("cuda") else ("ViT-B-16", 32, 15, 64)}
 
 
 def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> float:
@@ -157,6 +161,10 @@ def main():
             _note(result, "Published full-run times are estimates: the published step time (no data loading) "
                           "× the schedule's steps; fastcoop's are measured whole processes.")
             save("full_run")
+    if "cache" in sections:
+        model, images, views, batch = todo["cache"]
+        result["cache"] = [run_cache_section(args.device, model, images, views, batch, todo["repeats"])]
+        save("cache")
 
 if __name__ == "__main__":
     main()

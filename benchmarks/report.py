@@ -102,6 +102,20 @@ def full_run_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def cache_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | JPEGs (500×375) | views each | batch | workers | whole command s | of it extracting s | "
+             "views/s (whole / extracting) | decode + crop alone views/s | encoder alone views/s | extracting ÷ "
+             "encoder | peak RSS GB | file GB |", "|" + " --- |" * 13]
+    for r in rows:
+        ratio = r["extract_views_per_s"] / r["encoder_views_per_s"] if r.get("extract_views_per_s") else None
+        lines.append(f"| {r['model']} | {r['images']} | {r['views_per_image']} | {r['batch']} | {r['workers']} | "
+                     f"{fmt(r['process_seconds'])} | {fmt(r.get('extract_seconds'))} | {fmt(r['views_per_s'])} / "
+                     f"{fmt(r.get('extract_views_per_s'))} | {fmt(r['decode_views_per_s'])} | "
+                     f"{fmt(r['encoder_views_per_s'])} | {'–' if ratio is None else f'{ratio:.0%}'} | "
+                     f"{fmt(r['peak_rss_gb'], 2)} | {fmt(r['file_gb'], 3)} |")
+    return lines
+
+
 def kernel_table(rows: list[dict]) -> list[str]:
     """Launched: one forward + backward timed as a program runs it (host launch overhead included);
     graphed: the same captured in a CUDA graph, the GPU work alone (how the training step runs it)."""
@@ -201,6 +215,8 @@ def write_report(results_dir: Path, readme: Path) -> None:
                                   ("One layer's packed attention (bf16), by implementation", "attention",
                                    attention_table),
                                   ("Full 16-shot runs", "full_run", full_run_table),
+                                  ("`fastcoop cache`: the whole command against its halves alone", "cache",
+                                   cache_table),
                                   ("cosine_ce forward + backward (launched: as a program calls it, host overhead "
                                    "included; graphed: the GPU work alone, as inside the training step)", "kernel",
                                    kernel_table),
