@@ -1,15 +1,27 @@
-"""fastcoop: CoOp prompt learning on cached CLIP features, exact and fast."""
+"""fastcoop: CoOp prompt learning on cached CLIP features, exact and fast.
+
+The public names load on first use (PEP 562), so that the command line answers `--help` and argument errors
+without importing torch or open_clip.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from fastcoop.data import LabelledImages, read_coop_split, read_csv, read_dataset, read_imagefolder  # noqa: E402
-from fastcoop.errors import FastCoopError  # noqa: E402
-from fastcoop.fewshot import sample_few_shot  # noqa: E402
-from fastcoop.models import LoadedModel, load_model  # noqa: E402
-from fastcoop.prompts import PromptLearner  # noqa: E402
-from fastcoop.text_encoder import FastTextEncoder, encode_prompts  # noqa: E402
-from fastcoop.train import TrainConfig  # noqa: E402  (the loop itself: fastcoop.train.train)
+_PUBLIC = {
+    "FastCoopError": "fastcoop.errors", "FastTextEncoder": "fastcoop.text_encoder",
+    "LabelledImages": "fastcoop.data", "LoadedModel": "fastcoop.models", "PromptLearner": "fastcoop.prompts",
+    "TrainConfig": "fastcoop.train",  # the loop itself: fastcoop.train.train
+    "encode_prompts": "fastcoop.text_encoder", "load_model": "fastcoop.models", "read_coop_split": "fastcoop.data",
+    "read_csv": "fastcoop.data", "read_dataset": "fastcoop.data", "read_imagefolder": "fastcoop.data",
+    "sample_few_shot": "fastcoop.fewshot",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = ["FastCoopError", "FastTextEncoder", "LabelledImages", "LoadedModel", "PromptLearner", "TrainConfig",
-           "encode_prompts", "load_model", "read_coop_split", "read_csv", "read_dataset", "read_imagefolder",
-           "sample_few_shot"]
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'fastcoop' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
