@@ -32,11 +32,12 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
                       else (lambda l=learner: reference_text_features(tower, l)))
             with torch.no_grad():
                 texts.append(encode().float())
-            step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach(), 32, 4, 0.9, 5e-4)
-            order = torch.Generator().manual_seed(1)
-            for i in range(steps):
-                if i % 4 == 0:
-                    step.start_epoch(torch.randperm(128, generator=order).to(device), features, 0.002)
+            generator = torch.Generator().manual_seed(1)
+            epochs = -(-steps // 4)  # 4 steps of 32 per epoch
+            orders = torch.stack([torch.randperm(128, generator=generator) for _ in range(epochs)]).view(epochs, 4, 32)
+            step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach(), orders.to(device),
+                             torch.full((epochs,), 0.002, device=device), 0.9, 5e-4)
+            for _ in range(steps):
                 step()
             contexts.append(learner.ctx.detach().float())
         (fast_text, ref_text), (fast_ctx, ref_ctx) = texts, contexts

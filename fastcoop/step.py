@@ -1,9 +1,9 @@
 """The CoOp training step as device work only, so that a whole step can be captured once in a CUDA graph.
 
-The batch is gathered on the device from a per-epoch permutation, a step counter and the epoch's view of every
-image's features (copied into one static buffer at the epoch's start), the learning rate is read
-from a device tensor, and SGD (momentum, weight decay) is written out as three tensor ops: nothing in a step
-depends on the host, and replaying the graph `steps` times per epoch is the whole training loop.
+The whole schedule lives on the device: every epoch's batch order (epochs × steps × batch rows) and learning rate
+are tables indexed by a step counter, each step adds its loss and hits into its epoch's slot, and SGD (momentum,
+weight decay) is written out as tensor ops. Nothing in a step depends on the host: the training loop is `steps`
+replays of the graph per epoch, one copy of the epoch's feature view, and a look at the results now and then.
 """
 
 import warnings
@@ -22,51 +22,61 @@ def sgd_update_(param, grad, momentum_buffer, lr, momentum: float, weight_decay:
 
 
 class TrainStep:
-    """One step on static device tensors: gather batch → text features → fused loss → gradient → SGD update."""
+    """One step on static device tensors: gather batch → text features → fused loss → gradient → SGD update.
 
-    def __init__(self, learner, encode_text, features, labels, logit_scale, batch_size: int, steps: int,
-                 momentum: float, weight_decay: float, autocast_dtype=None):
+    `orders`: epochs × steps × batch rows of `labels` (and of `features`, the static n × D buffer that holds the
+    current epoch's view); `lrs`: the learning rate of each epoch. `step` counts steps from the run's start."""
+
+    def __init__(self, learner, encode_text, features, labels, logit_scale, orders, lrs, momentum: float,
+                 weight_decay: float, autocast_dtype=None):
         self.learner, self.encode_text = learner, encode_text
         self.features, self.labels, self.logit_scale = features, labels, logit_scale  # n × D, n, scalar
-        self.batch_size, self.steps = batch_size, steps
+        epochs, self.steps, self.batch_size = orders.shape
+        self.orders, self.lrs = orders.reshape(epochs * self.steps, self.batch_size), lrs
         self.momentum, self.weight_decay, self.autocast_dtype = momentum, weight_decay, autocast_dtype
         device = labels.device
-        self.order = torch.zeros(steps, batch_size, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self.lr = torch.zeros((), device=device)
         self.momentum_buffer = torch.zeros_like(learner.ctx)
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.loss_sums = torch.zeros(epochs, device=device)  # per epoch
+        self.correct = torch.zeros(epochs, dtype=torch.long, device=device)
+        self.epoch_finite = torch.ones(epochs, dtype=torch.bool, device=device)
+        self.all_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.good_ctx = learner.ctx.detach().clone()  # the context after the last epoch of a finite run so far
 
-    def start_epoch(self, order: torch.Tensor, features: torch.Tensor, lr: float) -> None:
-        """Load an epoch's permutation (cut to whole batches), its view of the features (n × D, any device or
-        dtype) and learning rate into the static tensors."""
-        self.order.copy_(order[:self.steps * self.batch_size].view(self.steps, self.batch_size))
-        self.features.copy_(features, non_blocking=True)
-        self.lr.fill_(lr)
-        self.step.zero_()
-        self.loss_sum.zero_()
-        self.correct.zero_()
+    def load_view(self, features: torch.Tensor) -> None:
+        """The epoch's view of the features (n × D, on the host or the device, any float dtype) into the static
+        buffer; from pinned host memory the transfer does not wait for the host."""
+        self.features.copy_(features.to(self.features.device, non_blocking=True))
 
     def __call__(self) -> None:
-        rows = self.order.index_select(0, self.step).view(-1)
+        epoch = torch.div(self.step, self.steps, rounding_mode="floor")
+        rows = self.orders.index_select(0, self.step).view(-1)
         labels = self.labels[rows]
         device_type = self.labels.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             text = self.encode_text()
-        loss, predicted = cosine_ce(self.features[rows], text, self.logit_scale, labels,
-                                    return_argmax=True)
+        loss, predicted = cosine_ce(self.features[rows], text, self.logit_scale, labels, return_argmax=True)
         grad, = torch.autograd.grad(loss, self.learner.ctx)
         with torch.no_grad():
-            sgd_update_(self.learner.ctx, grad, self.momentum_buffer, self.lr, self.momentum, self.weight_decay)
-            self.loss_sum.add_(loss.detach())
-            self.correct.add_((predicted == labels).sum())
+            sgd_update_(self.learner.ctx, grad, self.momentum_buffer, self.lrs.index_select(0, epoch),
+                        self.momentum, self.weight_decay)
+            self.loss_sums.index_add_(0, epoch, loss.detach().view(1))
+            self.correct.index_add_(0, epoch, (predicted == labels).sum().view(1))
             self.step.add_(1)
+
+    def end_epoch(self, epoch: int) -> None:
+        """After an epoch's steps, on the device: the epoch is good if its loss and the context after it are finite
+        (the last update can overflow); while every epoch has been good, its context is the last good one."""
+        with torch.no_grad():
+            finite = torch.isfinite(self.loss_sums[epoch]) & torch.isfinite(self.learner.ctx).all()
+            self.epoch_finite[epoch] = finite
+            self.all_finite &= finite
+            self.good_ctx.copy_(torch.where(self.all_finite, self.learner.ctx, self.good_ctx))
 
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step writes (to undo the warm-up steps run before capture)."""
-        return [self.learner.ctx.data, self.momentum_buffer, self.loss_sum, self.correct, self.step]
+        return [self.learner.ctx.data, self.momentum_buffer, self.loss_sums, self.correct, self.step]
 
 
 def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGraph:
@@ -93,8 +103,9 @@ class CudaGraphStep:
     def __init__(self, step: TrainStep, warmup: int = 3):
         self.step = step
         saved = [t.clone() for t in step.state()]
-        try:  # every warm-up run and the capture start at the epoch's first batch
-            self.graph = capture_graph(step, warmup, reset=step.step.zero_)
+        first_step = step.step.clone()
+        try:  # every warm-up run and the capture start at the same batch
+            self.graph = capture_graph(step, warmup, reset=lambda: step.step.copy_(first_step))
         finally:  # capture records without running; undo the warm-up steps (also when capture fails)
             for tensor, value in zip(step.state(), saved):
                 tensor.copy_(value)

@@ -1,14 +1,18 @@
 """CoOp training on cached image features: only the context vectors learn, every CLIP weight stays frozen.
 
-The loop, per epoch: a permutation of the few-shot rows, batches of 32 (the last partial batch dropped, as
-published), the K prompts through the text encoder every step, cosine cross-entropy, SGD. Epoch e trains on the
+The published loop, per epoch: a permutation of the few-shot rows, batches of 32 (the last partial batch dropped),
+the K prompts through the text encoder every step, cosine cross-entropy, SGD. Here every epoch's permutation and
+learning rate are drawn up front into device tables (the same draws, in the same order, as a per-epoch loop), so
+the host only enqueues steps and reads the results back now and then. Epoch e trains on the
 cache's augmented view e of every image: each view is an independent draw of the published augmentation, so with
 a view per epoch cached this is the published loader's fresh random crop of every image in every epoch.
 """
 
-import math
+import signal
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from fastcoop.cache import FeatureCache
+from fastcoop.config import TrainConfig
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
 from fastcoop.kernels import INTERPRET
@@ -27,29 +32,7 @@ from fastcoop.text_encoder import FastTextEncoder, prefix_attention_triton, refe
 from fastcoop.text_tower import TextTower
 
 
-@dataclass
-class TrainConfig:
-    """Every option of a run; the defaults are the published recipe."""
-
-    shots: int | None = 16  # None: the whole cached train split
-    seed: int = 1
-    n_ctx: int = 16
-    csc: bool = False
-    position: str = "end"
-    init: str | None = None
-    epochs: int | None = None  # None: the published count for the shot count
-    batch_size: int = 32
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    precision: str = "auto"  # GPU: bf16 autocast by default; CPU: fp32
-    device: str = "auto"
-    text_path: str = "fast"  # or "reference": the published text computation
-    graph: bool = True  # on GPU, capture the whole step once in a CUDA graph and replay it
-    fused: bool = True  # on GPU, the text blocks' elementwise work in fused Triton kernels (FastTextEncoder)
-    attention: str = "auto"  # fast path attention: grid, triton, flex; auto: triton on GPU, grid on CPU
+REPORT_SECONDS = 0.5  # how often the host waits for the device to read the results back
 
 
 @dataclass
@@ -60,6 +43,8 @@ class TrainResult:
     augmentation: dict = field(default_factory=dict)  # the cache's views and how many distinct ones each image saw
     seconds: float = 0.0  # the epochs' loop (graph capture and kernel compilation included)
     setup_seconds: float = 0.0  # features to the device, learner, text encoder: what runs before the loop
+    first_epoch_seconds: float = 0.0  # the loop's first epoch, graph capture and kernel compilation included
+    checkpoint: "Checkpoint | None" = None  # the state after the last epoch the host has seen
 
 
 def resolve_attention(attention: str, device: str) -> str:
@@ -72,6 +57,30 @@ def resolve_attention(attention: str, device: str) -> str:
     if attention == "flex" and not on_gpu:
         raise FastCoopError("--attention flex trains on GPU only (FlexAttention has no CPU backward); use grid")
     return attention
+
+
+@dataclass
+class Checkpoint:
+    """A run after `epochs_done` epochs: with the same options and cache, training goes on from it exactly as if it
+    had not stopped (the batch orders are drawn again from the seed; the context and SGD's momentum are here)."""
+
+    epochs_done: int
+    ctx: torch.Tensor
+    momentum_buffer: torch.Tensor
+    history: list[dict]
+
+    @classmethod
+    def of(cls, step, history: list[dict]) -> "Checkpoint":
+        return cls(len(history), step.learner.ctx.detach().clone(), step.momentum_buffer.clone(), list(history))
+
+    def restore(self, step) -> int:
+        """Load into a fresh TrainStep; returns the first epoch still to train."""
+        with torch.no_grad():
+            step.learner.ctx.copy_(self.ctx)
+            step.good_ctx.copy_(self.ctx)
+            step.momentum_buffer.copy_(self.momentum_buffer)
+            step.step.fill_(self.epochs_done * step.steps)
+        return self.epochs_done
 
 
 def epoch_views(cached: torch.Tensor, epochs: int) -> tuple[torch.Tensor, dict]:
@@ -99,8 +108,12 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progress: bool = True,
-          on_epoch=None) -> TrainResult:
-    """Learn the context on `cache`'s (shots, seed) subset. `on_epoch(result)` is called after every good epoch."""
+          on_report=None, resume: Checkpoint | None = None) -> TrainResult:
+    """Learn the context on `cache`'s (shots, seed) subset, from the start or from `resume`.
+
+    The host enqueues each epoch's steps without waiting for them, and looks at the results after the first epoch,
+    then every REPORT_SECONDS and at the end; `on_report(result)` is called then, with `result.checkpoint` the
+    state after the last epoch seen."""
     setup_start = time.perf_counter()
     device = resolve_device(config.device)
     dtype = autocast_dtype(resolve_precision(config.precision, device, "bf16"))
@@ -119,8 +132,6 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     learner = PromptLearner(model, loaded.tokenizer, cache.classnames, config.n_ctx, config.csc, config.position,
                             config.init).to(device)
     config.n_ctx = learner.n_ctx
-    n = len(labels)
-    batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
     if config.text_path == "fast":
         encode_text = FastTextEncoder(model, learner, config.attention, weight_dtype=dtype,
                                       fused=None if config.fused else False)
@@ -132,39 +143,109 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
         views = views.pin_memory()  # each epoch's view goes to the device asynchronously
     features = torch.empty(views.shape[1:], device=device)  # the epoch's view, in float32
     scale = model.logit_scale.exp().detach().to(device)
-    step = TrainStep(learner, encode_text, features, labels, scale, batch_size, steps, config.momentum,
-                     config.weight_decay, dtype)
+    orders, lrs = schedule_tables(len(labels), config)
+    step = TrainStep(learner, encode_text, features, labels, scale, orders.to(device), lrs.to(device),
+                     config.momentum, config.weight_decay, dtype)
+    result = TrainResult(learner, config, augmentation=augmentation)
+    first_epoch = 0
+    if resume is not None:
+        first_epoch = resume.restore(step)
+        result.history = list(resume.history)
     use_graph = config.graph and device.startswith("cuda")
     run_step = None  # the graph is captured at the first epoch, once the static tensors hold real data
-    generator = torch.Generator().manual_seed(config.seed)
-    result = TrainResult(learner, config, augmentation=augmentation)
     start = time.perf_counter()
     result.setup_seconds = start - setup_start
-    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
-        order = torch.randperm(n, generator=generator)
-        step.start_epoch(order.to(device), views[epoch % len(views)], lr)
-        if run_step is None:
-            run_step = graphed_or_eager(step) if use_graph else step
-        good_ctx = learner.ctx.detach().clone()
-        epoch_start = time.perf_counter()
-        for _ in range(steps):
-            run_step()
-        mean_loss = step.loss_sum.item() / steps
-        if not math.isfinite(mean_loss) or not torch.isfinite(learner.ctx).all():  # the last update can overflow
-            with torch.no_grad():
-                learner.ctx.copy_(good_ctx)
-            raise NonFiniteLoss(epoch, result)
-        seconds = time.perf_counter() - epoch_start
-        record = {"epoch": epoch + 1, "lr": lr, "loss": mean_loss,
-                  "train_acc": step.correct.item() / (steps * batch_size), "steps": steps, "seconds": seconds}
-        result.history.append(record)
-        bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{record['train_acc']:.1%}", steps_s=f"{steps / seconds:.0f}")
-        if on_epoch:
-            on_epoch(result)
+    seen, seen_at = first_epoch, start  # epochs whose results the host has read, and when
+    bar = tqdm(total=config.epochs, initial=first_epoch, desc="train", unit="epoch", disable=not progress)
+    try:
+        with _stop_at_epoch_end() as stop_requested:
+            for epoch in range(first_epoch, config.epochs):
+                step.load_view(views[epoch % len(views)])
+                if run_step is None:
+                    run_step = graphed_or_eager(step) if use_graph else step
+                for _ in range(orders.shape[1]):
+                    run_step()
+                step.end_epoch(epoch)
+                now = time.perf_counter()
+                if epoch == first_epoch or epoch + 1 == config.epochs or now - seen_at >= REPORT_SECONDS or \
+                        stop_requested:
+                    _read_back(step, result, seen, epoch + 1, now - seen_at)  # waits for the device
+                    bar.update(epoch + 1 - seen)
+                    seen, seen_at = epoch + 1, time.perf_counter()
+                    if epoch == first_epoch:
+                        result.first_epoch_seconds = seen_at - start
+                    last = result.history[-1]
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.1%}",
+                                    steps_s=f"{last['steps'] / last['seconds']:.0f}")
+                    if stop_requested:
+                        raise KeyboardInterrupt
+                    if on_report:
+                        on_report(result)
+    except KeyboardInterrupt:  # the caller saves result.checkpoint, the state after the last epoch seen
+        raise TrainingInterrupted(result) from None
+    finally:
+        bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+@contextmanager
+def _stop_at_epoch_end():
+    """While training, Ctrl-C and SIGTERM ask the loop to stop at the end of the current epoch, so that what is
+    saved is exactly an epoch's end; a second one stops at once."""
+    requested = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def ask(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = {number: signal.signal(number, ask) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def schedule_tables(n: int, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every epoch's batch order (epochs × steps × batch, the last partial batch dropped) from one generator
+    seeded with the run's seed, a permutation per epoch in epoch order; and every epoch's learning rate."""
+    batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
+    generator = torch.Generator().manual_seed(config.seed)
+    orders = torch.stack([torch.randperm(n, generator=generator)[:steps * batch_size] for _ in range(config.epochs)])
+    lrs = torch.tensor([lr_at(e, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
+                        for e in range(config.epochs)])
+    return orders.view(config.epochs, steps, batch_size), lrs
+
+
+def _read_back(step: TrainStep, result: TrainResult, first: int, end: int, seconds: float) -> None:
+    """Epochs first..end-1 into the history (their time shared evenly), and a checkpoint after them; on a
+    non-finite epoch, the context of the last good one is restored and NonFiniteLoss raised."""
+    loss_sums, correct, finite = (t[first:end].tolist() for t in (step.loss_sums, step.correct, step.epoch_finite))
+    for i, epoch in enumerate(range(first, end)):
+        if not finite[i]:
+            with torch.no_grad():
+                step.learner.ctx.copy_(step.good_ctx)
+            result.checkpoint = Checkpoint.of(step, result.history)
+            raise NonFiniteLoss(epoch, result)
+        config = result.config
+        lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
+        result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[i] / step.steps,
+                               "train_acc": correct[i] / (step.steps * step.batch_size), "steps": step.steps,
+                               "seconds": seconds / (end - first)})
+    result.checkpoint = Checkpoint.of(step, result.history)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (or SIGTERM) during training; `result.checkpoint` is the state after the last epoch seen."""
+
+    def __init__(self, result: TrainResult):
+        super().__init__("training interrupted")
+        self.result = result
 
 
 class NonFiniteLoss(FastCoopError):
