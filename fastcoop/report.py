@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 
 from fastcoop.errors import FastCoopError
-from fastcoop.run import CONFIG_FILE, RESULTS_FILE
+from fastcoop.run import CONFIG_FILE, RESULTS_FILE, check_complete, read_config
 
 GROUP_BY = ("shots", "n_ctx", "csc", "position", "init", "epochs")
 
@@ -14,10 +14,11 @@ def collect(run_dirs: list[Path]) -> list[dict]:
     """One row per finished run: its dataset (cache), model, recipe and accuracies."""
     rows = []
     for run_dir in run_dirs:
-        config_path, results_path = Path(run_dir) / CONFIG_FILE, Path(run_dir) / RESULTS_FILE
-        if not config_path.is_file() or not results_path.is_file():
+        config, results_path = read_config(run_dir), Path(run_dir) / RESULTS_FILE
+        if config is None or (config["state"] == "complete" and not results_path.is_file()):
             raise FastCoopError(f"{run_dir} is not a finished fastcoop run (no {CONFIG_FILE} / {RESULTS_FILE})")
-        config, results = json.loads(config_path.read_text()), json.loads(results_path.read_text())
+        check_complete(run_dir, config)
+        results = json.loads(results_path.read_text())
         rows.append({"run": str(run_dir), "cache": Path(config["cache"]["path"]).name, "model": Path(config["model"]).stem,
                      "pretrained": Path(config["pretrained"]).name, **{k: config["train"][k] for k in GROUP_BY},
                      "seed": config["train"]["seed"], "test": results.get("test", {}).get("top1"),

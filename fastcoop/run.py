@@ -1,7 +1,16 @@
-"""A run directory: the learned context (safetensors), its config, per-epoch metrics, results and a curve."""
+"""A run directory: the learned context (safetensors), its config and state, per-epoch metrics, a checkpoint while
+unfinished, and, once complete, results and a curve.
+
+`config.json` says the run's state: running (or killed), interrupted, failed (non-finite loss, the last good
+context kept) or complete. Every file is replaced atomically, and while training the metrics, the checkpoint
+and the config are written in that order, so a kill at any moment leaves a directory that the same command
+resumes; results.json and curve.png are written only by a complete run, after the old run's files are gone.
+"""
 
 import dataclasses
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -9,48 +18,156 @@ from safetensors.torch import load_file, save_file
 
 import fastcoop
 from fastcoop.cache import FeatureCache
+from fastcoop.config import TrainConfig
 from fastcoop.errors import FastCoopError
 from fastcoop.models import LoadedModel, load_model
+from fastcoop.outputs import check_writable
 from fastcoop.prompts import PromptLearner
-from fastcoop.train import TrainConfig, TrainResult
 
-PROMPT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE = (
-    "prompt.safetensors", "config.json", "metrics.jsonl", "results.json", "curve.png")
-
-
-def check_run_dir(run_dir: Path, cache: FeatureCache) -> None:
-    """Refuse to write into a run directory that holds a run made from another cache."""
-    config_path = Path(run_dir) / CONFIG_FILE
-    if config_path.exists():
-        other = json.loads(config_path.read_text()).get("cache", {})
-        if other.get("identity") != _jsonable(cache.identity()):
-            raise FastCoopError(f"{run_dir} holds a run from another feature cache ({other.get('path')}); "
-                                "choose another --out")
+PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE = (
+    "prompt.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json", "curve.png")
+RUN_FILES = (PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE)
+RESUMABLE = ("running", "interrupted")
 
 
-def save_run(run_dir: Path, result: TrainResult, cache: FeatureCache, loaded: LoadedModel) -> None:
-    """Write context, config and metrics; called after every epoch so an interrupted run keeps its last epoch."""
+def read_config(run_dir: Path) -> dict | None:
+    """The run's config.json, or None where there is no run; an older run without a state is complete."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FastCoopError(f"{path} is not readable ({exc}); choose another --out or pass --overwrite") from None
+    config.setdefault("state", "complete")
+    return config
+
+
+def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: bool) -> str:
+    """What training into `run_dir` will do — 'new', 'resume' or 'replace' — checked before any work: the folder
+    must be writable, and an existing run is resumed only when made with the same options and cache, replaced
+    only with --overwrite."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir, "run directory")
+    config = read_config(run_dir)
+    if config is None:
+        return "new"
+    if overwrite:
+        return "replace"
+    state = config["state"]
+    differences = _differences(config, cache, request)
+    if state == "complete":
+        raise FastCoopError(f"{run_dir} holds a finished run; pass --overwrite to replace it, or choose another --out")
+    if differences:
+        raise FastCoopError(f"{run_dir} holds an unfinished run made with other settings ({differences}); run its "
+                            "command again to finish it, or pass --overwrite")
+    if state not in RESUMABLE:
+        raise FastCoopError(f"{run_dir} holds a run that stopped on a non-finite loss after epoch "
+                            f"{config.get('epochs_done', 0)}; pass --overwrite to start it again (e.g. with a "
+                            "lower --lr)")
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return "replace"  # killed before its first checkpoint: nothing to resume
+    return "resume"
+
+
+def _differences(config: dict, cache: FeatureCache, request: dict) -> str:
+    """The settings in which an earlier run differs from this request, as 'name: was → now'."""
+    was = config.get("request", {})
+    differ = [f"{key}: {was.get(key)!r} → {value!r}" for key, value in request.items() if was.get(key) != value]
+    if config.get("cache", {}).get("identity") != _jsonable(cache.identity()):
+        differ.insert(0, f"feature cache: {config.get('cache', {}).get('path')} → {Path(cache.path).resolve()}")
+    return "; ".join(differ)
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove an earlier run's files (only those), so that nothing of it mixes with the new run."""
+    for name in RUN_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def read_checkpoint(run_dir: Path) -> dict:
+    """The state an unfinished run saved: context, momentum, epochs done and their metrics."""
+    tensors = load_file(Path(run_dir) / CHECKPOINT_FILE)
+    epochs_done = int(tensors["epochs_done"].item())
+    lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
+    return {"epochs_done": epochs_done, "ctx": tensors["ctx"], "momentum_buffer": tensors["momentum_buffer"],
+            "history": [json.loads(line) for line in lines[:epochs_done]]}
+
+
+def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict,
+                  state: str) -> None:
+    """An unfinished run's last checkpoint (`result.checkpoint`, if any) and its state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    learner = result.learner
-    save_file({"ctx": learner.ctx.detach().float().cpu().contiguous()}, run_dir / PROMPT_FILE,
-              metadata={"n_ctx": str(learner.n_ctx), "csc": str(learner.csc), "position": learner.position})
+    checkpoint = result.checkpoint
+    if checkpoint is not None:
+        _write_metrics(run_dir, checkpoint.history)
+        if state in RESUMABLE:
+            _atomic(run_dir / CHECKPOINT_FILE, lambda path: save_file({
+                "ctx": _host(checkpoint.ctx), "momentum_buffer": _host(checkpoint.momentum_buffer),
+                "epochs_done": torch.tensor(checkpoint.epochs_done)}, path))
+        _write_prompt(run_dir, result.learner, checkpoint.ctx)
+    _write_config(run_dir, result, cache, loaded, request, state, checkpoint.epochs_done if checkpoint else 0)
+    if state not in RESUMABLE:
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict,
+                  results: dict) -> None:
+    """A finished run: final context, metrics, curve, results, then the config saying so; the checkpoint goes."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_metrics(run_dir, result.history)
+    _write_prompt(run_dir, result.learner, result.learner.ctx)
+    plot_curve(run_dir, result.history)
+    _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
+    _write_config(run_dir, result, cache, loaded, request, "complete", len(result.history))
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+def _write_prompt(run_dir: Path, learner: PromptLearner, ctx: torch.Tensor) -> None:
+    _atomic(run_dir / PROMPT_FILE, lambda path: save_file(
+        {"ctx": _host(ctx)}, path,
+        metadata={"n_ctx": str(learner.n_ctx), "csc": str(learner.csc), "position": learner.position}))
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    _atomic(run_dir / METRICS_FILE,
+            lambda path: Path(path).write_text("".join(json.dumps(r) + "\n" for r in history)))
+
+
+def _write_config(run_dir, result, cache, loaded, request, state, epochs_done) -> None:
     config = {
-        "fastcoop_version": fastcoop.__version__, "model": loaded.name, "pretrained": loaded.pretrained,
-        "classnames": learner.classnames, "train": dataclasses.asdict(result.config),
-        "augmentation": result.augmentation,
+        "fastcoop_version": fastcoop.__version__, "state": state, "epochs_done": epochs_done,
+        "model": loaded.name, "pretrained": loaded.pretrained, "classnames": result.learner.classnames,
+        "train": dataclasses.asdict(result.config), "request": request, "augmentation": result.augmentation,
         "cache": {"path": str(Path(cache.path).resolve()), "identity": _jsonable(cache.identity())},
     }
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in result.history))
+    _atomic(run_dir / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().float().cpu().contiguous()
+
+
+def _atomic(path: Path, write) -> None:
+    """write(temporary path) beside `path`, then rename over it: a reader (or a kill) never sees half a file. The
+    file gets the mode a plain open() would give it."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 def _jsonable(identity: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in identity.items()}
-
-
-def save_results(run_dir: Path, results: dict) -> None:
-    (Path(run_dir) / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def plot_curve(run_dir: Path, history: list[dict]) -> None:
@@ -74,6 +191,14 @@ def plot_curve(run_dir: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
+def check_complete(run_dir: Path, config: dict) -> None:
+    if config["state"] != "complete":
+        epochs = config.get("train", {}).get("epochs")
+        raise FastCoopError(f"{run_dir} holds an unfinished run ({config['state']} after epoch "
+                            f"{config.get('epochs_done', 0)} of {epochs}); run its `fastcoop train` command again "
+                            "to finish it")
+
+
 @dataclasses.dataclass
 class Run:
     """A trained prompt loaded back: its config, its model, and the learner holding the learned context."""
@@ -84,10 +209,13 @@ class Run:
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | None = None) -> Run:
+    """A complete run's prompt; an unfinished one is refused with the command that finishes it."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / PROMPT_FILE).is_file():
-        raise FastCoopError(f"{run_dir} is not a fastcoop run directory (no {CONFIG_FILE} / {PROMPT_FILE})")
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    config = read_config(run_dir)
+    if config is None or not (run_dir / PROMPT_FILE).is_file():
+        what = "a file, not a run directory" if run_dir.is_file() else "not a fastcoop run directory"
+        raise FastCoopError(f"{run_dir} is {what} (no {CONFIG_FILE} / {PROMPT_FILE})")
+    check_complete(run_dir, config)
     loaded = loaded or load_model(config["model"], config["pretrained"], device)
     train = TrainConfig(**config["train"])
     learner = PromptLearner(loaded.model, loaded.tokenizer, config["classnames"], train.n_ctx, train.csc,

@@ -1,0 +1,192 @@
+"""Run directories survive kills and mistakes: resume equals uninterrupted, finished runs are never overwritten
+silently, unfinished ones are never read as results; and the loop itself equals a plain per-epoch host loop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from fastcoop.cache import FeatureCache, extract_features
+from fastcoop.data import read_dataset
+from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
+from fastcoop.prompts import PromptLearner
+from fastcoop.schedule import lr_at
+from fastcoop.text_encoder import encode_prompts
+from fastcoop.train import TrainConfig, TrainStep, batches_per_epoch, train
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory, tiny_vit, example_images):
+    out = tmp_path_factory.mktemp("cache") / "f.h5"
+    return extract_features(read_dataset(example_images), out, tiny_vit, shots=4, seeds=[1], views=8, batch_size=64,
+                            workers=0, progress=False)
+
+
+def _ctx(run_dir):
+    return load_file(run_dir / "prompt.safetensors")["ctx"]
+
+
+def _state(run_dir):
+    return json.loads((run_dir / "config.json").read_text())["state"]
+
+
+TRAIN = ["--shots", "4", "--seed", "1", "--n-ctx", "2", "--batch-size", "16", "--epochs", "8", "--device", "cpu"]
+
+
+def test_the_loop_equals_a_plain_per_epoch_host_loop(cache_path, tiny_vit, monkeypatch):
+    """The reference: per epoch a permutation from one seeded generator, the epoch's view, torch.optim.SGD with
+    the published schedule, the published text computation and cross-entropy, step by step on the host."""
+    import fastcoop.train
+
+    config = dict(shots=4, seed=1, n_ctx=2, epochs=6, batch_size=16, lr=0.02, device="cpu")
+    contexts = []
+    for report_seconds in (0.0, 1e9):  # read back after every epoch, or only after the first and the last
+        monkeypatch.setattr(fastcoop.train, "REPORT_SECONDS", report_seconds)
+        with FeatureCache(cache_path) as cache:
+            contexts.append(train(cache, tiny_vit, TrainConfig(**config), progress=False).learner.ctx.detach())
+    assert torch.equal(contexts[0], contexts[1])
+    with FeatureCache(cache_path) as cache:  # the loop with the published text computation, against the plain one
+        ours = train(cache, tiny_vit, TrainConfig(**config, text_path="reference"), progress=False).learner.ctx
+
+    with FeatureCache(cache_path) as cache:
+        rows = cache.rows("train", 4, 1)
+        views, labels = cache.features("train", rows).float(), cache.labels("train", rows)
+        torch.manual_seed(1)
+        learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, cache.classnames, n_ctx=2)
+    optimizer = torch.optim.SGD([learner.ctx], lr=0.02, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(1)
+    scale = tiny_vit.model.logit_scale.exp().detach()
+    for epoch in range(6):
+        optimizer.param_groups[0]["lr"] = lr_at(epoch, 6, 0.02)
+        order = torch.randperm(len(labels), generator=generator)
+        for step in range(batches_per_epoch(len(labels), 16)):
+            batch = order[step * 16:(step + 1) * 16]
+            loss = cosine_ce_reference(views[1 + epoch][batch], encode_prompts(tiny_vit.model, learner, "reference"),
+                                       scale, labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    theirs = learner.ctx.detach()
+    assert (ours.detach() - theirs).norm() <= 1e-5 * theirs.norm()
+
+
+def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(tmp_path, capsys, cache_path,
+                                                                               monkeypatch):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli(capsys, "train", cache_path, "--out", whole, *TRAIN)[0] == 0
+    end_epoch = TrainStep.end_epoch
+
+    def ctrl_c_in_epoch_6(self, epoch):
+        end_epoch(self, epoch)
+        if epoch == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TrainStep, "end_epoch", ctrl_c_in_epoch_6)
+    code, _, err = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN, "--save-every", "1000")
+    config = json.loads((resumed / "config.json").read_text())
+    assert code == 130 and config["state"] == "interrupted" and config["epochs_done"] == 6  # saved on the way out
+    assert f"saved after epoch 6 of 8; run the same command again to resume" in err
+    assert not (resumed / "results.json").exists() and (resumed / "checkpoint.safetensors").exists()
+    for command in (["eval", resumed, cache_path], ["interpret", resumed], ["report", resumed]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and "unfinished run (interrupted after epoch" in err and "again to finish it" in err
+    monkeypatch.setattr(TrainStep, "end_epoch", end_epoch)
+    code, out, _ = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN)
+    assert code == 0 and "resuming" in out and _state(resumed) == "complete"
+    assert torch.equal(_ctx(resumed), _ctx(whole))
+    assert not (resumed / "checkpoint.safetensors").exists()
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["resumed_at_epoch"] == config["epochs_done"]
+    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+def _train_process(cache_path, run_dir, *extra):
+    command = [sys.executable, "-m", "fastcoop", "train", str(cache_path), "--out", str(run_dir), *TRAIN[:-4],
+               "--epochs", "60", "--device", "cpu", *extra]
+    return command
+
+
+def _wait_for_checkpoint(process, run_dir, epochs: int):
+    checkpoint = run_dir / "checkpoint.safetensors"
+    while process.poll() is None:
+        time.sleep(0.05)
+        try:
+            if int(load_file(checkpoint)["epochs_done"]) >= epochs:
+                return
+        except Exception:  # not written yet
+            pass
+    raise AssertionError(f"the run ended before a checkpoint: {process.stderr.read()}")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_train_resumes_to_the_uninterrupted_context(tmp_path, cache_path, how):
+    """A real kill -9 (the last checkpoint stays) or SIGTERM (saved before exit), then the same command."""
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    command = _train_process(cache_path, killed, "--save-every", "0")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(process, killed, epochs=10)
+    process.send_signal(how)
+    code = process.wait()
+    if how == signal.SIGTERM:
+        assert code == 130 and "run the same command again to resume" in process.stderr.read()
+        assert _state(killed) == "interrupted"
+    else:
+        assert code == -signal.SIGKILL and _state(killed) == "running"
+    epochs_done = json.loads((killed / "config.json").read_text())["epochs_done"]
+    assert 10 <= epochs_done < 60 and not (killed / "results.json").exists()
+    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(_train_process(cache_path, whole), check=True, capture_output=True)
+    assert torch.equal(_ctx(killed), _ctx(whole))
+    assert json.loads((killed / "results.json").read_text())["resumed_at_epoch"] >= epochs_done
+
+
+def test_a_finished_run_is_kept_unless_overwrite_and_then_nothing_old_remains(tmp_path, capsys, cache_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code, _, err = run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN[:-4], "--epochs", "3")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {run_dir} holds a finished run; pass --overwrite to replace it, or choose another --out"]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    code, _, _ = run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN[:-4], "--epochs", "3",
+                         "--overwrite")
+    assert code == 0 and json.loads((run_dir / "results.json").read_text())["epochs"] == 3
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 3
+
+
+def test_an_unfinished_run_with_other_settings_is_refused_naming_them(tmp_path, capsys, cache_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(TrainStep, "end_epoch", lambda self, epoch: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 130
+    assert not (run_dir / "config.json").exists()  # interrupted before any epoch was seen: nothing to keep
+    monkeypatch.undo()
+    monkeypatch.setattr("fastcoop.train.REPORT_SECONDS", 0.0)
+    end_epoch = TrainStep.end_epoch
+    monkeypatch.setattr(TrainStep, "end_epoch", lambda self, epoch: end_epoch(self, epoch) if epoch < 3 else
+                        (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 130
+    code, _, err = run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN[:-4], "--epochs", "9", "--lr",
+                           "0.01")
+    assert code == 2 and "unfinished run made with other settings (epochs: 8 → 9; lr: 0.002 → 0.01)" in err
+    assert _state(run_dir) == "interrupted"
+
+
+def test_output_location_problems_fail_before_any_work(tmp_path, capsys, cache_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    code, out, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "file" / "run", *TRAIN)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: cannot write run directory {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file"]
+    assert out == ""  # refused before the model was loaded (it would say which weights)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else
+                        real_access(path, mode))
+    code, _, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "run", *TRAIN)
+    assert code == 2 and f"{tmp_path} is not writable" in err
