@@ -121,11 +121,18 @@ def plan_rows(data: LabelledImages, splits: list[str], shots: int | None, seeds:
     subsets = {}
     if shots is not None and "train" in splits:
         labels = [label for _, label in data.split("train")]
+        counts = np.bincount(labels, minlength=len(data.classnames))
+        short = {data.classnames[c]: int(n) for c, n in enumerate(counts) if n < shots}
+        if short:
+            fewest = min(short, key=short.get)
+            warnings.warn(f"{len(short)} of {len(data.classnames)} classes have fewer than {shots} train images "
+                          f"(fewest: '{fewest}', {short[fewest]}); their subsets hold every image they have "
+                          "(recorded in the cache as short_classes)")
         picked = {seed: sample_few_shot(labels, shots, seed) for seed in seeds}
         rows["train"] = sorted(set().union(*picked.values()))
         position = {index: row for row, index in enumerate(rows["train"])}
         subsets = {subset_key(shots, seed): [position[i] for i in chosen] for seed, chosen in picked.items()}
-    return rows, subsets
+    return rows, subsets, short if shots is not None and "train" in splits else {}
 
 
 def default_workers() -> int:
@@ -153,13 +160,14 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         views = auto_views(shots, len(data.classnames)) if "train" in splits else 0
     pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
                                              "augment": "RandomResizedCrop(0.08-1, bicubic)+HFlip"}
-    rows, subsets = plan_rows(data, splits, shots, list(seeds))
+    rows, subsets, short = plan_rows(data, splits, shots, list(seeds))
     attrs = {
         "schema_version": SCHEMA_VERSION, "model": loaded.name, "pretrained": loaded.pretrained,
         "open_clip_version": open_clip.__version__, "preprocessing": json.dumps(pre, sort_keys=True),
         "classnames": json.dumps(data.classnames), "dataset_fingerprint": dataset_fingerprint(data),
         "splits": json.dumps(splits), "views": views,
         "subsets_requested": json.dumps({"shots": shots, "seeds": sorted(seeds) if shots else None}),
+        "short_classes": json.dumps(short),
     }
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
     job = _Job(loaded, pre, views_of, batch_size, default_workers() if workers is None else workers, device,
@@ -203,12 +211,9 @@ def _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets):
         if _matches(out, attrs) and not overwrite:
             return None, None
         if not overwrite:
-            raise FastCoopError(f"{out} exists and was made with another model, weights, preprocessing, dataset or "
-                                "subsets; choose another --out or pass --overwrite")
-    if not out.parent.is_dir():
-        raise FastCoopError(f"cannot write {out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise FastCoopError(f"cannot write {out}: folder {out.parent} is not writable")
+            raise FastCoopError(f"{out} exists and was made with other settings ({_differences(out, attrs)}); "
+                                "choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if partial.exists() and not _matches(partial, attrs | {"batch_size": job.batch_size}):
         partial.unlink()  # our own unfinished file, from another command: start over
     f = h5py.File(partial, "a", rdcc_nbytes=64 * CHUNK_BYTES)  # a chunk being filled stays in memory
@@ -357,6 +362,27 @@ def write_rows(group: h5py.Group, lo: int, hi: int, feats: np.ndarray, bad: list
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
         f"{seconds / 3600:.1f} h"
+
+
+def _differences(path: Path, attrs: dict) -> str:
+    """How an existing file's identity differs from the one asked for, as 'name: file's → asked'."""
+    try:
+        with h5py.File(path, "r") as f:
+            theirs = identity(f.attrs)
+    except OSError:
+        return "unreadable"
+    ours, parts = identity(attrs), []
+    for key in ours:
+        if theirs[key] == ours[key]:
+            continue
+        if key in ("preprocessing", "subsets_requested") and theirs[key]:  # JSON: name the fields that differ
+            a, b = json.loads(theirs[key]), json.loads(ours[key])
+            parts += [f"{k}: {a.get(k)} → {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+        elif key == "dataset_fingerprint":
+            parts.append("the images or labels")
+        else:
+            parts.append(f"{key}: {theirs[key]} → {ours[key]}")
+    return "; ".join(parts)
 
 
 def _matches(path: Path, attrs: dict) -> bool:

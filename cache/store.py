@@ -2,7 +2,8 @@
 
 Layout (schema 1), readable with h5py alone:
     attrs: schema_version, complete, model, pretrained, open_clip_version, preprocessing (JSON),
-           classnames (JSON list), dataset_fingerprint, splits (JSON list), views
+           classnames (JSON list), dataset_fingerprint, splits (JSON list), views, subsets_requested (JSON),
+           short_classes (JSON {class: images} for classes with fewer train images than the shots asked)
     /<split>/features  float16 (views, N, D): view 0 is the eval transform, views 1.. are augmented (train only)
     /<split>/labels    int64 (N,)
     /<split>/paths     utf-8 strings (N,)
@@ -34,6 +35,8 @@ class FeatureCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise FastCoopError(f"{self.path} is a folder, not a feature cache file (.h5)")
         if not self.path.is_file():
             partial = self.path.with_name(self.path.name + ".partial")
             hint = " (an unfinished extraction exists: rerun `fastcoop cache` to finish it)" if partial.exists() else ""
@@ -65,6 +68,11 @@ class FeatureCache:
         """Row indices of a split, or of a few-shot subset of the train split."""
         group = self._split(split)
         if shots is None:
+            requested = json.loads(self.file.attrs.get("subsets_requested", "{}"))
+            if split == "train" and requested.get("shots"):
+                raise FastCoopError(f"{self.path} holds only the train images of its {requested['shots']}-shot "
+                                    "subsets, not the whole train split; for --shots all, cache it with "
+                                    "`fastcoop cache ... --shots all`")
             return np.arange(group["labels"].shape[0])
         key = subset_key(shots, seed)
         if split != "train" or key not in group.get("subsets", {}):

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,8 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class LabelledImages:
-    """Class names and, per split, a list of (absolute image path, integer label)."""
+    """Class names and, per split, a list of (absolute image path, integer label); `layout` says where they came
+    from ('flat': a folder of classes without split folders, read as train only)."""
 
     classnames: list[str]
     splits: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
@@ -39,6 +42,38 @@ def read_dataset(root: str | Path, layout: str = "auto", image_root: str | Path 
     if layout not in readers:
         raise FastCoopError(f"unknown layout '{layout}' (choose auto, imagefolder, coop or csv)")
     return readers[layout]()
+
+
+def split_flat_folder(data: LabelledImages, train: float = 0.5, val: float = 0.2, seed: int = 1) -> LabelledImages:
+    """Train/val/test splits for a folder of classes without them, made as the published code makes them for such
+    datasets (Dassl's read_and_split_data): per class, in class order, the images shuffled by one random.Random —
+    seeded here with the paper's first seed — then the first round(n·train) to train, the next round(n·val) to val,
+    the rest to test. Files are taken in sorted order (the published code takes os.listdir's, the filesystem's)."""
+    if not 0 < train < 1 or not 0 <= val < 1 or train + val >= 1:
+        raise FastCoopError(f"--split-ratios {train},{val} must be train,val fractions with train + val < 1")
+    rng = random.Random(seed)
+    by_class: dict[int, list[str]] = {}
+    for path, label in data.split("train"):
+        by_class.setdefault(label, []).append(path)
+    splits = {"train": [], "val": [], "test": []}
+    for label in sorted(by_class):
+        images = sorted(by_class[label])
+        rng.shuffle(images)
+        n_train, n_val = round(len(images) * train), round(len(images) * val)
+        if n_train == 0 or n_val + n_train >= len(images):
+            raise FastCoopError(f"class '{data.classnames[label]}' has {len(images)} images: too few to split "
+                                f"{train:.0%} / {val:.0%} / {1 - train - val:.0%} into train, val and test")
+        splits["train"] += [(p, label) for p in images[:n_train]]
+        splits["val"] += [(p, label) for p in images[n_train:n_train + n_val]]
+        splits["test"] += [(p, label) for p in images[n_train + n_val:]]
+    return LabelledImages(data.classnames, splits, layout="coop")
+
+
+def write_coop_split(data: LabelledImages, path: Path, image_root: Path) -> None:
+    """The splits as a CoOp split file ({split: [[path relative to image_root, label, class name], ...]})."""
+    split = {name: [[os.path.relpath(p, image_root), label, data.classnames[label]] for p, label in items]
+             for name, items in data.splits.items()}
+    Path(path).write_text(json.dumps(split, indent=1) + "\n")
 
 
 def _guess_layout(root: Path) -> str:
@@ -68,13 +103,14 @@ def read_imagefolder(root: Path) -> LabelledImages:
     if not root.is_dir():
         raise FastCoopError(f"{root} is not a folder")
     split_dirs = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
-    if not split_dirs:
+    flat = not split_dirs
+    if flat:  # every image is read as train; split_flat_folder makes val and test
         split_dirs = {"train": root}
     class_dirs = sorted({d.name for folder in split_dirs.values() for d in folder.iterdir() if d.is_dir()})
     if not class_dirs:
         raise FastCoopError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     labels = {name: i for i, name in enumerate(class_dirs)}
-    data = LabelledImages([name.replace("_", " ") for name in class_dirs], layout="imagefolder")
+    data = LabelledImages([name.replace("_", " ") for name in class_dirs], layout="flat" if flat else "imagefolder")
     for split, folder in split_dirs.items():
         items = []
         for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):

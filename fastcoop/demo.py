@@ -1,7 +1,5 @@
 """`fastcoop demo`: the pipeline end to end on the built-in example, with the time of each stage."""
 
-import shutil
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -14,33 +12,24 @@ from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split
 from fastcoop.example import make_example_images
-from fastcoop.models import load_model
+from fastcoop.models import load_model, resolve_model_name
+from fastcoop.outputs import check_writable
 from fastcoop.pipeline import train_to_run_dir
-from fastcoop.train import TrainConfig
+from fastcoop.config import TrainConfig
 from fastcoop.zeroshot import zeroshot_classifier
 
 
 DEMO_VIEWS = 2
 
 
-def _hub_reachable() -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_demo_model(model: str, pretrained: str, device: str):
-    """Pretrained weights when they can be had (local file, or hub reachable), else random init with a warning."""
+    """Pretrained weights when they can be had (a local file or cache, or the hub), else random init, said."""
     try:
-        if Path(pretrained).exists() or pretrained == "none" or _hub_reachable():
-            return load_model(model, pretrained, device)
-        reason = "no network access"
+        return load_model(model, pretrained, device)
     except FastCoopError as exc:
-        reason = str(exc)
-    if pretrained != "none":
-        click.echo(f"could not load {model} '{pretrained}' weights ({reason}).")
+        if pretrained == "none":
+            raise
+        click.echo(f"{exc}.")
         click.echo("Using RANDOM-INIT weights instead: the accuracies below mean nothing.")
         return load_model(model, "none", device)
 
@@ -49,7 +38,9 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
              epochs: int = 50):
     """Example images → feature cache → zero-shot → CoOp training → evaluation, timing each stage."""
     folder = Path(folder)
+    check_writable(folder, "demo folder")
     device = resolve_device(device)
+    resolve_model_name(model)  # an unknown architecture is an error before anything is written
     times = {}
 
     def stage(name, start):
@@ -73,11 +64,10 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
 
         start = time.perf_counter()
         config = TrainConfig(shots=8, seed=1, n_ctx=4, init="a photo of a", epochs=epochs, device=device)
-        run_dir = folder / "run"
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own output, remade each time
+        run_dir = folder / "run"  # the demo's own output, remade each time
         with warnings.catch_warnings():  # said once below, in the demo's own words
             warnings.filterwarnings("ignore", message="the cache holds")
-            _, results = train_to_run_dir(cache, loaded, config, run_dir, progress=False)
+            _, results = train_to_run_dir(cache, loaded, config, run_dir, overwrite=True)
         stage(f"CoOp train + evaluate ({results['steps']} steps)", start)
         learned = results["test"]
     click.echo(f"zero-shot test accuracy: {zero_shot['top1']:.1%}; CoOp test accuracy: {learned['top1']:.1%} "

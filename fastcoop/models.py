@@ -1,9 +1,13 @@
 """Frozen CLIP-like models from open_clip: architecture by name (or a JSON config), weights by tag, path or none."""
 
 import difflib
+import logging
+import socket
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import open_clip
 import torch
 
@@ -66,6 +70,15 @@ def trained_with_quick_gelu(model_name: str, tag: str) -> bool:
         open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
 
 
+def hub_reachable() -> bool:
+    """Whether huggingface.co answers (where open_clip fetches weight tags from), within 3 s."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
                ) -> LoadedModel:
     """Create the model in fp32 with every parameter frozen, with the activation its weights were trained with;
@@ -73,6 +86,11 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
     name = resolve_model_name(model)
     tag = resolve_pretrained(name, pretrained)
     spec = str(Path(model).resolve()) if model.endswith(".json") else name
+    offline = tag != "none" and not Path(tag).exists() and not hub_reachable()
+    if offline:  # only the local Hugging Face cache: an answer at once instead of retries
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    muted = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # open_clip logs each failure; the one line below says it
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random init is reproducible: a cache and a run made with 'none' agree
@@ -80,12 +98,16 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
                 name, pretrained=None if tag == "none" else tag, device=device,
                 force_quick_gelu=trained_with_quick_gelu(name, tag))
     except Exception as exc:  # any failure to fetch or parse weights becomes one clear line
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        reason = textwrap.shorten((str(exc).splitlines() or [type(exc).__name__])[0], 200)
         if Path(tag).exists():
             raise FastCoopError(f"could not read checkpoint {tag} for {name}: {reason}") from exc
-        raise FastCoopError(
-            f"could not load weights '{tag}' for {name} ({reason}); without network access, "
-            "download the checkpoint elsewhere and pass its path with --pretrained") from exc
+        if offline:
+            raise FastCoopError(
+                f"could not load weights '{tag}' for {name}: they are not in the local cache and huggingface.co "
+                "cannot be reached; download the checkpoint elsewhere and pass its path with --pretrained") from exc
+        raise FastCoopError(f"could not load weights '{tag}' for {name} ({reason})") from exc
+    finally:
+        logging.disable(muted)
     net.eval().requires_grad_(False)
     return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), spec, tag)
 

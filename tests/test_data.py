@@ -3,6 +3,8 @@ import json
 import pytest
 from PIL import Image
 
+from conftest import TINY_VIT, run_cli
+from fastcoop.cache import FeatureCache
 from fastcoop.data import read_dataset
 from fastcoop.errors import FastCoopError
 
@@ -17,12 +19,13 @@ def test_imagefolder_flat_and_split(tmp_path):
     for name in ("golden_retriever/a.jpg", "golden_retriever/b.jpg", "cat/c.jpg"):
         _jpg(tmp_path / "flat" / name)
     data = read_dataset(tmp_path / "flat")
-    assert data.layout == "imagefolder" and data.classnames == ["cat", "golden retriever"]
+    assert data.layout == "flat" and data.classnames == ["cat", "golden retriever"]  # train only, until split
     assert [label for _, label in data.split("train")] == [0, 1, 1]
     for name in ("train/cat/a.jpg", "train/dog/b.jpg", "test/dog/c.jpg"):
         _jpg(tmp_path / "split" / name)
     data = read_dataset(tmp_path / "split")
     assert set(data.splits) == {"train", "test"} and data.split("test")[0][1] == 1
+    assert data.layout == "imagefolder"
 
 
 def test_coop_split_finds_image_root(tmp_path):
@@ -81,3 +84,50 @@ def test_broken_layouts_give_clear_errors(tmp_path, case, message):
     names = tmp_path / "names.txt" if case in ("csv_out_of_range", "csv_missing_file") else None
     with pytest.raises(FastCoopError, match=message):
         read_dataset(root, classnames_file=names)
+
+
+def test_a_flat_folder_is_split_as_the_published_code_splits_it(tmp_path, capsys, example_images):
+    """Dassl's read_and_split_data, written out as the published code runs it: the global random seeded, classes
+    in sorted order, each class's images shuffled, round(50 %) train, round(20 %) val, the rest test."""
+    import json
+    import random
+    import shutil
+
+    flat = tmp_path / "flat"
+    for class_dir in (example_images / "train").iterdir():
+        shutil.copytree(class_dir, flat / class_dir.name)  # 6 images per class, no split folders
+    code, out, err = run_cli(capsys, "cache", flat, "--out", tmp_path / "f.h5", "--model", TINY_VIT,
+                             "--pretrained", "none", "--shots", "all", "--views", "0", "--workers", "0")
+    assert code == 0, err
+    assert "split each class 50% / 20% / 30% into train / val / test" in out
+    split = json.loads((tmp_path / "f.split.json").read_text())
+    random.seed(1)
+    expected = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(sorted(p.name for p in flat.iterdir())):
+        images = sorted(f"{name}/{p.name}" for p in (flat / name).iterdir())
+        random.shuffle(images)
+        n_train, n_val = round(len(images) * 0.5), round(len(images) * 0.2)
+        for part, chosen in (("train", images[:n_train]), ("val", images[n_train:n_train + n_val]),
+                             ("test", images[n_train + n_val:])):
+            expected[part] += [[path, label, name.replace("_", " ")] for path in chosen]
+    assert split == expected
+    with FeatureCache(tmp_path / "f.h5") as cache:
+        assert cache.splits == ["train", "test"]
+        assert [len(cache.paths(s)) for s in ("train", "test")] == [12 * 3, 12 * 2]
+    before = (tmp_path / "f.split.json").read_text()
+    code, out, _ = run_cli(capsys, "cache", flat, "--out", tmp_path / "f.h5", "--model", TINY_VIT,
+                           "--pretrained", "none", "--shots", "all", "--views", "0", "--workers", "0")
+    assert code == 0 and "using the split in" in out and (tmp_path / "f.split.json").read_text() == before
+
+
+def test_asking_for_more_shots_than_a_class_has_warns_and_is_recorded(tmp_path, tiny_vit, example_images):
+    import json
+
+    from fastcoop.cache import extract_features
+
+    with pytest.warns(UserWarning, match="12 of 12 classes have fewer than 8 train images"):
+        path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=8, seeds=[1],
+                                views=0, workers=0, progress=False)
+    with FeatureCache(path) as cache:
+        assert json.loads(cache.file.attrs["short_classes"])["red circle"] == 6
+        assert len(cache.rows("train", 8, 1)) == 72  # every image of every class

@@ -112,8 +112,10 @@ def test_run_dir_from_another_cache_is_refused(capsys, tmp_path, tiny_vit, examp
     run_dir = tmp_path / "run"
     base = ["--out", run_dir, "--shots", "4", "--n-ctx", "2", "--epochs", "1"]
     assert run_cli(capsys, "train", cache_path, *base)[0] == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     code, _, err = run_cli(capsys, "train", other, *base)
-    assert code == 2 and "another feature cache" in err
+    assert code == 2 and "holds a finished run; pass --overwrite" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
 def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_vit):
@@ -183,7 +185,9 @@ def test_report_averages_seeds_and_interpret_reads_back_the_init_words(capsys, t
     assert code == 0 and len(table) == 1 and "| 1,2 |" in table[0]
     assert f"{100 * sum(accs) / 2:.2f} ± " in table[0]
     code, out, _ = run_cli(capsys, "interpret", tmp_path / "s1", "--top-k", "1")
-    assert code == 0 and [line.split(": ")[1].split(" (")[0] for line in out.splitlines()] == ["a", "photo", "of", "a"]
+    lines = out.splitlines()
+    assert code == 0 and "nearest to each context vector" in lines[0] and "distance" in lines[0]
+    assert [line.split(": ")[1].split(" (")[0] for line in lines[1:]] == ["a", "photo", "of", "a"]
     code, _, err = run_cli(capsys, "report", tmp_path)
     assert code == 2 and "not a finished fastcoop run" in err
 
@@ -193,10 +197,9 @@ def _views_per_epoch(cache, tiny_vit, monkeypatch, epochs):
     from fastcoop.step import TrainStep
 
     seen = []
-    start_epoch = TrainStep.start_epoch
-    monkeypatch.setattr(TrainStep, "start_epoch",
-                        lambda self, order, features, lr: (seen.append(features.clone()),
-                                                           start_epoch(self, order, features, lr)))
+    load_view = TrainStep.load_view
+    monkeypatch.setattr(TrainStep, "load_view",
+                        lambda self, features: (seen.append(features.clone()), load_view(self, features)))
     config = TrainConfig(shots=4, seed=1, n_ctx=2, epochs=epochs, batch_size=16, device="cpu")
     return seen, train(cache, tiny_vit, config, progress=False)
 

@@ -1,0 +1,87 @@
+"""Every subcommand against bad input: exit code 2, one line naming the real cause, no traceback, and nothing
+already written changed (no file touched, none added)."""
+
+import pytest
+
+from conftest import TINY_VIT, run_cli
+from fastcoop.cache import extract_features
+from fastcoop.data import read_dataset
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, tiny_vit, example_images):
+    """A finished cache and a finished run, which no bad command may change."""
+    folder = tmp_path_factory.mktemp("written")
+    extract_features(read_dataset(example_images), folder / "f.h5", tiny_vit, shots=2, seeds=[1], views=1,
+                     batch_size=32, workers=0, progress=False)
+    (folder / "notes.txt").write_text("a file where a folder is expected")
+    (folder / "flat" / "a_class").mkdir(parents=True)
+    (folder / "flat" / "a_class" / "x.jpg").write_bytes((example_images / "train" / "red_circle" / "000.jpg")
+                                                          .read_bytes())
+    return folder
+
+
+def _run(written, example_images):
+    from fastcoop.cli import main
+
+    try:
+        main(["train", str(written / "f.h5"), "--out", str(written / "run"), "--shots", "2", "--n-ctx", "2",
+              "--epochs", "1", "--device", "cpu"])
+    except SystemExit as exc:
+        assert exc.code == 0
+
+
+CASES = [  # (command line, what the one error line must say)
+    ("cache {w}/nope --out {w}/g.h5", "dataset path {w}/nope does not exist"),
+    ("cache {w}/notes.txt --out {w}/g.h5", "is neither a CoOp split .json, a .csv nor a folder"),
+    ("cache {images} --out {w}/g.h5 --views -1", "--views must be a non-negative integer or 'auto', not '-1'"),
+    ("cache {images} --out {w}/g.h5 --seeds ,", "--seeds must be comma-separated integers such as 1,2,3, not ','"),
+    ("cache {images} --out {w}/g.h5 --shots 0", "shots must be a positive integer or 'all', not '0'"),
+    ("cache {images} --out {w}/g.h5 --device tpu", "unknown --device 'tpu'"),
+    ("cache {images} --out {w}/g.h5 --model ViT-X-99", "unknown model 'ViT-X-99'"),
+    ("cache {images} --out {w}/notes.txt/g.h5", "cannot write feature cache {w}/notes.txt/g.h5: {w}/notes.txt is a file"),
+    ("cache {w}/flat --out {w}/g.h5 --split-ratios half", "--split-ratios must be 'train,val' fractions"),
+    ("cache {w}/flat --out {w}/g.h5 --split-ratios 0.5,0.2", "class 'a class' has 1 images: too few to split"),
+    ("cache {images} --out {w}/f.h5 --model " + TINY_VIT + " --pretrained none --shots 2 --seeds 1 --views 3",
+     "exists and was made with other settings (views: 1 → 3)"),
+    ("train {w}/missing.h5 --out {w}/r", "feature cache {w}/missing.h5 does not exist"),
+    ("train {w}/notes.txt --out {w}/r", "is not a readable HDF5 feature cache"),
+    ("train {w} --out {w}/r", "is a folder, not a feature cache file"),
+    ("train {w}/f.h5 --out {w}/r --shots 2 --device tpu", "unknown --device 'tpu'"),
+    ("train {w}/f.h5 --out {w}/r --shots 2 --n-ctx 0", "--n-ctx must be at least 1"),
+    ("train {w}/f.h5 --out {w}/r --shots 8", "has no 8-shot subset for seed 1"),
+    ("train {w}/f.h5 --out {w}/r --shots all", "holds only the train images of its 2-shot subsets"),
+    ("train {w}/f.h5 --out {w}/notes.txt/r --shots 2", "{w}/notes.txt is a file"),
+    ("train {w}/f.h5 --out {w}/run --shots 2 --n-ctx 2 --epochs 1 --device cpu", "holds a finished run"),
+    ("eval {w}/f.h5 {w}/run", "the arguments are swapped"),
+    ("eval {w}/nope {w}/f.h5", "{w}/nope is not a fastcoop run directory"),
+    ("eval {w}/run {w}/missing.h5", "feature cache {w}/missing.h5 does not exist"),
+    ("eval {w}/run {w}/f.h5 --device tpu", "unknown --device 'tpu'"),
+    ("zeroshot {w}/missing.h5", "does not exist"),
+    ("zeroshot {w}/f.h5 --template nothing", "must contain '{{}}'"),
+    ("predict {w}/run {w}/nope.jpg", "cannot read image"),
+    ("predict {w}/nope {w}/nope.jpg", "is not a fastcoop run directory"),
+    ("report {w}/nope", "is not a finished fastcoop run"),
+    ("interpret {w}/nope", "is not a fastcoop run directory"),
+    ("interpret {w}/run --class zebra", "no class 'zebra'"),
+    ("demo --dir {w}/notes.txt/demo --model " + TINY_VIT, "{w}/notes.txt is a file"),
+    ("demo --dir {w}/demo --model ViT-X-99", "unknown model 'ViT-X-99'"),
+]
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("command, message", CASES, ids=[c[0].split()[0] + f"-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(capsys, written, example_images, command, message):
+    if not (written / "run").exists():
+        _run(written, example_images)
+        capsys.readouterr()
+    before = _tree(written)
+    code, out, err = run_cli(capsys, *command.format(w=written, images=example_images).split())
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message.format(w=written) in lines[0] and "Traceback" not in err
+    assert "RANDOM-INIT" not in out  # e.g. an unknown model is not first taken for unavailable weights
+    assert _tree(written) == before
