@@ -1,6 +1,8 @@
 """The `fastcoop` command line: a thin layer over the Python API; bad input is one line on stderr and exit code 2."""
 
+import dataclasses
 import logging
+import signal
 import sys
 import warnings
 import time
@@ -11,11 +13,14 @@ import click
 from fastcoop.errors import FastCoopError
 
 
-def _int_list(value: str) -> list[int]:
+def _int_list(value: str, option: str) -> list[int]:
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        numbers = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+        numbers = []
+    if not numbers:
+        raise FastCoopError(f"{option} must be comma-separated integers such as 1,2,3, not '{value}'")
+    return numbers
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -41,6 +46,10 @@ def cli():
               help="Augmented views per train image besides the eval view; auto: one per epoch of the published "
                    "schedule for --shots (a fresh view every epoch, as the published loader draws).")
 @click.option("--splits", default="train,test", show_default=True, help="Splits to encode.")
+@click.option("--split-ratios", default="0.5,0.2", show_default=True,
+              help="A folder of classes without train/val/test folders is split per class into these train,val "
+                   "fractions (test: the rest), as the published code does, and the split saved beside --out as "
+                   "OUT.split.json (reused when present); 'none' reads every image as train.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
               help="Views per encoder call.")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
@@ -51,7 +60,7 @@ def cli():
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (recorded in the file) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
 def cache(root, out, model, pretrained, layout, image_root, classnames_file, shots, seeds, views, splits,
-          batch_size, workers, device, precision, skip_bad, overwrite):
+          split_ratios, batch_size, workers, device, precision, skip_bad, overwrite):
     """Encode the images under ROOT once with the frozen image encoder into an HDF5 feature file.
 
     Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
@@ -62,24 +71,53 @@ def cache(root, out, model, pretrained, layout, image_root, classnames_file, sho
     from fastcoop.devices import resolve_device, resolve_precision
     from fastcoop.distributed import join
     from fastcoop.models import load_model
+    from fastcoop.outputs import check_writable
 
     try:
         n_shots = fewshot.parse_shots(shots)
     except ValueError as exc:
         raise FastCoopError(str(exc)) from None
     n_views = _views(views)
+    seed_list = _int_list(seeds, "--seeds")
     data = read_dataset(root, layout, image_root, classnames_file)
+    check_writable(out, "feature cache")
     world, device = join(resolve_device(device))
+    if data.layout == "flat" and split_ratios != "none":
+        data = _split_flat(data, root, out, split_ratios, world)
     loaded = load_model(model, pretrained, device)
     if world.is_writer:
         _say_weights(loaded)
     start = time.perf_counter()
     path = extract_features(data, out, loaded, splits=[s.strip() for s in splits.split(",")], shots=n_shots,
-                            seeds=_int_list(seeds), views=n_views, batch_size=batch_size, workers=workers,
+                            seeds=seed_list, views=n_views, batch_size=batch_size, workers=workers,
                             device=device, precision=resolve_precision(precision, device, "fp16"),
                             skip_bad=skip_bad, overwrite=overwrite, world=world)
     if world.is_writer:
         _describe_cache(path, time.perf_counter() - start)
+
+
+def _split_flat(data, root, out, ratios, world):
+    """Train/val/test for a flat folder: the split saved beside the cache, or made now and saved there."""
+    from fastcoop.data import read_coop_split, split_flat_folder, write_coop_split
+
+    path = Path(out).with_suffix(".split.json")
+    if not path.parent.is_dir():
+        raise FastCoopError(f"cannot write {out}: folder {path.parent} does not exist")
+    if path.is_file():
+        if world.is_writer:
+            click.echo(f"{root} has no split folders: using the split in {path}")
+        return read_coop_split(path, root)
+    try:
+        train, val = (float(r) for r in ratios.split(","))
+    except ValueError:
+        raise FastCoopError(f"--split-ratios must be 'train,val' fractions such as 0.5,0.2, or 'none', "
+                            f"not '{ratios}'") from None
+    data = split_flat_folder(data, train, val)
+    if world.is_writer:
+        write_coop_split(data, path, root)
+        click.echo(f"{root} has no split folders: split each class {train:.0%} / {val:.0%} / "
+                   f"{1 - train - val:.0%} into train / val / test, saved in {path}")
+    return data
 
 
 def _views(value: str) -> int | str:
@@ -136,17 +174,25 @@ def _describe_cache(path, seconds):
               help="On GPU, run the text blocks' norms, residual adds and activation in PyTorch, not fused kernels.")
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "grid", "triton", "flex"]),
               help="Fast-path attention: auto is the Triton kernel on GPU and plain PyTorch on CPU.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (finished, or made otherwise).")
+@click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between checkpoints while training.")
 def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
-          text_path, no_graph, no_fused, attention):
-    """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR."""
+          text_path, no_graph, no_fused, attention, overwrite, save_every):
+    """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR.
+
+    An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
+    --overwrite is given."""
+    start = time.perf_counter()
     from fastcoop import fewshot
     from fastcoop.cache import FeatureCache
     from fastcoop.devices import resolve_device
     from fastcoop.models import load_model
+    from fastcoop.config import TrainConfig
     from fastcoop.pipeline import train_to_run_dir
-    from fastcoop.run import check_run_dir
-    from fastcoop.train import TrainConfig
+    from fastcoop.run import plan_run_dir
 
+    imported = time.perf_counter()
     try:
         n_shots = fewshot.parse_shots(shots)
     except ValueError as exc:
@@ -156,13 +202,18 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     device = resolve_device(device)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
-    check_run_dir(run_dir, cache)  # early, before the model loads
-    loaded = load_model(cache.model, cache.pretrained, "cpu")  # training copies to the device only what it runs
-    _say_weights(loaded)
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
                          text_path=text_path, graph=not no_graph, fused=not no_fused, attention=attention)
-    result, results = train_to_run_dir(cache, loaded, config, run_dir)
+    if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
+        click.echo(f"resuming the unfinished run in {run_dir}")
+    timings = {"imports_s": imported - start}
+    loading = time.perf_counter()
+    loaded = load_model(cache.model, cache.pretrained, "cpu")  # training copies to the device only what it runs
+    timings["model_s"] = time.perf_counter() - loading
+    _say_weights(loaded)
+    result, results = train_to_run_dir(cache, loaded, config, run_dir, timings=timings, overwrite=overwrite,
+                                       save_every=save_every)
     last = result.history[-1]
     click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"
                + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "") + f" → {run_dir}")
@@ -180,6 +231,9 @@ def evaluate(run_dir, cache_file, split, device):
     from fastcoop.evaluate import check_same_model, evaluate_split, run_text_features
     from fastcoop.run import load_run
 
+    if run_dir.is_file() and cache_file.is_dir():
+        raise FastCoopError(f"the arguments are swapped: `fastcoop eval RUN_DIR CACHE` ({run_dir} is a file, "
+                            f"{cache_file} a folder)")
     device = resolve_device(device)
     cache = FeatureCache(cache_file)
     run = load_run(run_dir, device)
@@ -261,10 +315,11 @@ def interpret(run_dir, top_k, class_name):
     if class_name is not None and class_name.replace("_", " ") not in names:
         raise FastCoopError(f"no class '{class_name}' in {run_dir}")
     index = names.index(class_name.replace("_", " ")) if class_name else 0
-    if run.learner.csc:
-        click.echo(f"context of class '{names[index]}':")
+    whose = f" of class '{names[index]}'" if run.learner.csc else ""
+    click.echo(f"the {top_k} vocabulary words nearest to each context vector{whose} "
+               "(Euclidean distance in the token-embedding space):")
     for i, words in enumerate(nearest_words(run, top_k, index), start=1):
-        click.echo(f"V{i}: " + ", ".join(f"{w} ({d:.2f})" for w, d in words))
+        click.echo(f"V{i}: " + ", ".join(f"{w} (distance {d:.2f})" for w, d in words))
 
 
 @cli.command()
@@ -282,9 +337,10 @@ def demo(folder, model, pretrained, device):
 
 
 def main(argv: list[str] | None = None):
-    """Entry point: FastCoopError → 'error: …' and exit 2; Ctrl-C → exit 130 with a resume hint."""
+    """Entry point: FastCoopError → 'error: …' and exit 2; Ctrl-C or SIGTERM → exit 130, saying what was kept."""
     logging.basicConfig(level=logging.ERROR)  # our own lines say what open_clip's warnings would
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves like Ctrl-C
     try:
         cli.main(args=argv, prog_name="fastcoop", standalone_mode=False)
     except FastCoopError as exc:
@@ -293,8 +349,9 @@ def main(argv: list[str] | None = None):
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("interrupted: run the same command again to resume", err=True)
+    except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+        said = str(exc.__cause__ if isinstance(exc, click.exceptions.Abort) else exc)  # click wraps Ctrl-C
+        click.echo(f"interrupted{': ' + said if said and said != 'None' else ''}", err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
