@@ -82,7 +82,7 @@ def run_cache_section(device: str, model: str, images: int, views: int, batch: i
         decode = decode_views_per_second(paths, loaded, views, workers)
         encoder, encoder_gb = encoder_views_per_second(loaded, device, batch, precision, repeats)
         command = [sys.executable, "-m", "fastcoop", "cache", str(root), "--out", str(Path(tmp) / "f.h5"),
-                   "--model", model, "--pretrained", "none", "--shots", "all", "--splits", "train",
+                   "--model", model, "--pretrained", "none", "--shots", "all", "--splits", "train", "--split-ratios", "none",
                    "--views", str(views), "--batch-size", str(batch), "--device", device]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)

@@ -1,6 +1,7 @@
 """Tables (benchmarks/README.md) and plots from the per-device result files."""
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -88,15 +89,19 @@ def attention_table(rows: list[dict]) -> list[str]:
 
 
 def full_run_table(rows: list[dict]) -> list[str]:
-    lines = ["| dataset | K | epochs | steps | fastcoop process s | of it imports and device start s | setup s | "
-             "loop s | of it outside steps s | ms per step (median epoch) | published estimate s | ratio |",
-             "|" + " --- |" * 12]
+    stages = ("interpreter", "imports", "model", "setup", "loop", "save_and_test")
+    lines = ["| dataset | K | epochs | steps | Triton kernels | whole process s | " +
+             " | ".join(f"{s.replace('_', ' ')} s" for s in stages) + " | of the loop: first epoch s | outside "
+             "steps s | process start → loop s | ms per step (median epoch) | published estimate s | ratio |",
+             "|" + " --- |" * 18]
     for r in rows:
         est = r.get("published_estimate_seconds")
         ratio = "–" if est is None else f"{est / r['process_seconds']:.1f}×"
-        seconds = (r["process_seconds"], r.get("startup_seconds"), r.get("setup_seconds"), r["loop_seconds"],
-                   r.get("loop_outside_steps_seconds"))
+        seconds = [r.get(f"{s}_seconds") for s in stages] + [r.get("first_epoch_seconds"),
+                                                              r.get("loop_outside_steps_seconds"),
+                                                              r.get("start_to_loop_seconds")]
         lines.append(f"| {r['dataset']} | {r['classes']} | {r['epochs']} | {r['steps']} | "
+                     f"{r.get('kernel_cache', '–')} | {fmt(r['process_seconds'])} | "
                      f"{' | '.join(fmt(s) for s in seconds)} | {fmt(r.get('step_ms_median_epoch'), 2)} | "
                      f"{fmt(est)} | {ratio} |")
     return lines
@@ -204,11 +209,13 @@ def _save(fig, path: Path) -> str:
 
 
 def write_report(results_dir: Path, readme: Path) -> None:
+    """README.md from every result file in `results_dir`; its links are relative to the README's folder."""
+    where = Path(os.path.relpath(results_dir, readme.parent)).as_posix()
     lines = [INTRO]
     for path in sorted(results_dir.glob("*.json")):
         result = json.loads(path.read_text())
         env, slug = result["environment"], path.stem
-        lines += [f"## {device_title(env)}", "", f"Raw numbers in `results/{path.name}`.", ""]
+        lines += [f"## {device_title(env)}", "", f"Raw numbers in `{where}/{path.name}`.", ""]
         for title, key, table in (("Step time", "step", step_table),
                                   ("Memory of a training run", "training_memory", memory_table),
                                   ("Where the step's GPU time goes", "profile", profile_table),
@@ -227,7 +234,9 @@ def write_report(results_dir: Path, readme: Path) -> None:
                 source = f"plan `{when['plan']}`, commit {when['commit']}, {when['date']}" if when else ""
                 lines += [f"### {title}", "", source, "", *table(result[key]), ""]
         for name in plots(result, results_dir, slug):
-            lines += [f"![{name}](results/{name})", ""]
+            lines += [f"![{name}]({where}/{name})", ""]
+        if result.get("help_seconds"):
+            lines += [f"`fastcoop --help` takes {result['help_seconds']:.2f} s (whole process).", ""]
         for note in result.get("notes", []):
             lines.append(f"- {note}")
         lines.append("")
