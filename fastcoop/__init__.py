@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "FastCoopError": "fastcoop.errors", "FastTextEncoder": "fastcoop.text_encoder",
     "LabelledImages": "fastcoop.data", "LoadedModel": "fastcoop.models", "PromptLearner": "fastcoop.prompts",
-    "TrainConfig": "fastcoop.train",  # the loop itself: fastcoop.train.train
+    "TrainConfig": "fastcoop.config",  # the loop itself: fastcoop.train.train
     "encode_prompts": "fastcoop.text_encoder", "load_model": "fastcoop.models", "read_coop_split": "fastcoop.data",
     "read_csv": "fastcoop.data", "read_dataset": "fastcoop.data", "read_imagefolder": "fastcoop.data",
     "sample_few_shot": "fastcoop.fewshot",
