@@ -3,19 +3,19 @@
 import torch
 
 from benchmarks.common import real_classnames
+from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.step import TrainStep
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
-from fastcoop.train import resolve_attention
 
 
 def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
     """Max |Δ| of the text features (relative to their max magnitude), and of the context after `steps` SGD
     steps on the same random batches, fast path against the 77-token reference."""
     rows, loaded = [], {}
-    attention = resolve_attention("auto", device)  # what training uses here: the Triton kernel on GPU
+    backends = resolve(device)  # what training uses here: the Triton kernels on GPU
     for model_name, k, n_ctx, csc in configs:
         if model_name not in loaded:
             loaded = {model_name: load_model(model_name, "none", device)}
@@ -28,7 +28,7 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
         for fast in (True, False):
             torch.manual_seed(0)
             learner = PromptLearner(model, tokenizer, real_classnames(k), n_ctx=n_ctx, csc=csc).to(device)
-            encode = (FastTextEncoder(model, learner, attention) if fast
+            encode = (FastTextEncoder(model, learner, backends) if fast
                       else (lambda l=learner: reference_text_features(tower, l)))
             with torch.no_grad():
                 texts.append(encode().float())
@@ -41,7 +41,7 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
                 step()
             contexts.append(learner.ctx.detach().float())
         (fast_text, ref_text), (fast_ctx, ref_ctx) = texts, contexts
-        rows.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "csc": csc, "attention": attention,
+        rows.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "csc": csc, "attention": backends.attention,
                      "steps": steps,
                      "text_max_abs_diff_rel": ((fast_text - ref_text).abs().max() / ref_text.abs().max()).item(),
                      "ctx_max_abs_diff": (fast_ctx - ref_ctx).abs().max().item(),

@@ -6,17 +6,18 @@
 import argparse
 import json
 import logging
+from dataclasses import replace
 
 import torch
 
 from benchmarks.common import median_ms, peak_memory_gb, real_classnames
+from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
 from fastcoop.step import CudaGraphStep, TrainStep
-from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
-from fastcoop.train import resolve_attention
 
 
 def random_batch(model, num_classes: int, device: str, batch: int = 32):
@@ -56,13 +57,14 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
 
     variants = {"published": published,
                 "cached_77_tokens": make(lambda: reference_text_features(tower, learner), published_dtype)[1]}
-    step, eager = make(FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision),
-                       precision)
+    step, eager = make(FastTextEncoder(model, learner, resolve(device), weight_dtype=precision), precision)
     variants["fastcoop_eager"] = eager
     if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, norms fused or not
         for name, options in GRAPH_VARIANTS.items():
             try:
-                step, _ = make(FastTextEncoder(model, learner, weight_dtype=precision, **options), precision)
+                backends = replace(resolve(device), **options.get("backends", {}))
+                step, _ = make(FastTextEncoder(model, learner, backends, weight_dtype=precision,
+                                               pack_rows=options.get("pack_rows", PACK_ROWS)), precision)
                 graphed = CudaGraphStep(step)
             except Exception as exc:  # one attention failing on this GPU must not cost the others their numbers
                 print(f"  step variant {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
@@ -71,13 +73,14 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
     return variants
 
 
-# name → the encoder's options (run 1 measured holding the weights in bf16 against casting them per call: 0.35 /
-# 0.47 ms saved, so every variant holds them)
-GRAPH_VARIANTS = {"fastcoop_graph": dict(attention="triton"), "fastcoop_grid_graph": dict(attention="grid"),
-                  "fastcoop_flex_graph": dict(attention="flex"),
-                  "fastcoop_graph_unfused": dict(attention="triton", fused=False),
-                  "fastcoop_graph_classwise": dict(attention="triton", pack_rows=None),
-                  "fastcoop_graph_fused_mlp": dict(attention="triton", fused_mlp=True)}
+# name → how the variant's encoder differs from the default GPU path: implementations (fastcoop.backends) and the
+# attention's tiles. Every variant holds the frozen weights in bf16, as training does.
+UNFUSED = dict(add_norm="reference", activation="reference")
+GRAPH_VARIANTS = {"fastcoop_graph": {}, "fastcoop_grid_graph": dict(backends=dict(attention="grid")),
+                  "fastcoop_flex_graph": dict(backends=dict(attention="flex")),
+                  "fastcoop_graph_unfused": dict(backends=UNFUSED),
+                  "fastcoop_graph_classwise": dict(pack_rows=None),
+                  "fastcoop_graph_fused_mlp": dict(backends=dict(mlp="triton"))}
 
 
 def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 16) -> dict:
@@ -127,7 +130,7 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     n = shots * len(classnames)
     features = torch.randn(n, model.visual.output_dim, device=device)
     labels = torch.arange(n, device=device) % len(classnames)
-    encode = FastTextEncoder(model, learner, resolve_attention("auto", device), weight_dtype=precision)
+    encode = FastTextEncoder(model, learner, resolve(device), weight_dtype=precision)
     order = torch.randperm(n, device=device)[:n // batch * batch].view(1, n // batch, batch)
     step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach().to(device), order,
                      torch.full((1,), 0.002, device=device), 0.9, 5e-4, precision)

@@ -26,4 +26,6 @@ class TrainConfig:
     text_path: str = "fast"  # or "reference": the published text computation
     graph: bool = True  # on GPU, capture the whole step once in a CUDA graph and replay it
     fused: bool = True  # on GPU, the text blocks' elementwise work in fused Triton kernels (FastTextEncoder)
+    fused_mlp: bool = False  # the MLP with its activation inside Triton matrix products (opt-in)
     attention: str = "auto"  # fast path attention: grid, triton, flex; auto: triton on GPU, grid on CPU
+    # which implementation each of these picks: fastcoop.backends.resolve

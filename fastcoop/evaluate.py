@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from fastcoop.backends import Backends
 from fastcoop.cache import FeatureCache
 from fastcoop.errors import FastCoopError
 from fastcoop.kernels import cosine_ce
@@ -10,10 +11,10 @@ from fastcoop.run import Run
 from fastcoop.text_encoder import FastTextEncoder
 
 
-def prompt_text_features(model, learner, attention: str = "grid") -> torch.Tensor:
+def prompt_text_features(model, learner, backends: Backends | None = None) -> torch.Tensor:
     """K × D text features of learned prompts, fp32, no autograd graph."""
     with torch.no_grad():
-        return FastTextEncoder(model, learner, attention)().float()
+        return FastTextEncoder(model, learner, backends)().float()
 
 
 def run_text_features(run: Run) -> torch.Tensor:

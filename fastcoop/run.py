@@ -140,7 +140,8 @@ def _write_config(run_dir, result, cache, loaded, request, state, epochs_done) -
     config = {
         "fastcoop_version": fastcoop.__version__, "state": state, "epochs_done": epochs_done,
         "model": loaded.name, "pretrained": loaded.pretrained, "classnames": result.learner.classnames,
-        "train": dataclasses.asdict(result.config), "request": request, "augmentation": result.augmentation,
+        "train": dataclasses.asdict(result.config), "request": request, "backends": vars(result.backends),
+        "augmentation": result.augmentation,
         "cache": {"path": str(Path(cache.path).resolve()), "identity": _jsonable(cache.identity())},
     }
     _atomic(run_dir / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))

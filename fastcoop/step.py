@@ -28,12 +28,13 @@ class TrainStep:
     current epoch's view); `lrs`: the learning rate of each epoch. `step` counts steps from the run's start."""
 
     def __init__(self, learner, encode_text, features, labels, logit_scale, orders, lrs, momentum: float,
-                 weight_decay: float, autocast_dtype=None):
+                 weight_decay: float, autocast_dtype=None, loss_backend: str | None = None):
         self.learner, self.encode_text = learner, encode_text
         self.features, self.labels, self.logit_scale = features, labels, logit_scale  # n × D, n, scalar
         epochs, self.steps, self.batch_size = orders.shape
         self.orders, self.lrs = orders.reshape(epochs * self.steps, self.batch_size), lrs
         self.momentum, self.weight_decay, self.autocast_dtype = momentum, weight_decay, autocast_dtype
+        self.loss_backend = loss_backend  # None: fastcoop.backends' choice for the device
         device = labels.device
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.momentum_buffer = torch.zeros_like(learner.ctx)
@@ -56,7 +57,8 @@ class TrainStep:
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             text = self.encode_text()
-        loss, predicted = cosine_ce(self.features[rows], text, self.logit_scale, labels, return_argmax=True)
+        loss, predicted = cosine_ce(self.features[rows], text, self.logit_scale, labels, return_argmax=True,
+                                    backend=self.loss_backend)
         grad, = torch.autograd.grad(loss, self.learner.ctx)
         with torch.no_grad():
             sgd_update_(self.learner.ctx, grad, self.momentum_buffer, self.lrs.index_select(0, epoch),

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
+from fastcoop.backends import Backends, resolve
 from fastcoop.kernels.add_layer_norm_reference import add_layer_norm_reference
 from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
@@ -30,10 +31,8 @@ try:
 except ImportError:  # no Triton on this platform
     add_layer_norm_kernel = mlp_kernel = prefix_attention_triton = quick_gelu_triton = None
 
-ATTENTION = ("grid", "triton", "flex")
-# Triton attention tiles of up to 64 rows of whole classes. Measured on an H100 (2026-11-26, benchmarks/gpu_notes.md
-# runs 3 and 4) against one class per tile: one layer's attention forward + backward 0.073 ms instead of 0.185 at
-# K = 1000, 0.036 instead of 0.053 at K = 100; the whole graphed step 3.01 ms instead of 4.39 at K = 1000
+# Triton attention tiles hold runs of whole classes up to 64 rows: fewer, fuller programs than one class per tile
+# (benchmarks/CHANGELOG.md has the timings)
 PACK_ROWS = 64
 
 _warned: set[str] = set()
@@ -63,31 +62,30 @@ class FastTextEncoder:
     """The exact fast path for one learner. Everything static (packing, positions, masks) is prepared here once,
     so a call is device work only: no host synchronisation, safe to capture in a CUDA graph.
 
-    It runs on the learner's device. attention (over the packed rows): "grid", plain PyTorch on a K × S grid (the
-    reference); "triton", the fused kernel (GPU, or CPU under TRITON_INTERPRET=1); "flex", FlexAttention with a
-    block mask (compiled on GPU; its backward exists on GPU only).
+    It runs on the learner's device, each op by the implementation `backends` names (fastcoop.backends; default:
+    its choice for that device). The attention over the packed rows: "grid", plain PyTorch on a K × S grid (the
+    reference); "triton", the fused kernel; "flex", FlexAttention with a block mask (compiled on GPU).
 
     When the model is elsewhere (training keeps it on the host) or weight_dtype is given, the encoder runs a
     copy of the tower's blocks on the learner's device (TextTower.copy_to), their matrix weights in weight_dtype:
     the dtype the encoder runs under autocast (bf16 on GPU) gives identical numbers without per-call weight
     casts (autocast does not cache casts of frozen weights) and with half the bytes.
 
-    fused: the blocks' elementwise work in Triton kernels, one launch each way where PyTorch needs several: each
-    residual add with the layer norm after it (add_layer_norm_kernel.py, which also hands the next GEMM its input
-    in the autocast dtype) and QuickGELU (quick_gelu_kernel.py); default: on a GPU.
+    The elementwise work in Triton kernels, one launch each way where PyTorch needs several: each residual add
+    with the layer norm after it (backends.add_norm; add_layer_norm_kernel.py, which also hands the next GEMM its
+    input in the autocast dtype) and QuickGELU (backends.activation; quick_gelu_kernel.py).
 
     pack_rows: the Triton attention's tiles hold runs of whole classes up to this many rows (PackedLayout.of);
     None: one class per tile.
 
-    fused_mlp: each MLP's activation inside Triton matrix products (mlp_kernel.py) instead of passes of its own;
-    off until a GPU has timed it (the step benchmark's fastcoop_graph_fused_mlp variant)."""
+    backends.mlp: each MLP's activation inside Triton matrix products (mlp_kernel.py) instead of passes of its
+    own (opt-in: the step benchmark's fastcoop_graph_fused_mlp variant times it)."""
 
-    def __init__(self, model, learner: PromptLearner, attention: str = "grid", weight_dtype: torch.dtype | None = None,
-                 fused: bool | None = None, pack_rows: int | None = PACK_ROWS, fused_mlp: bool = False):
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not '{attention}'")
+    def __init__(self, model, learner: PromptLearner, backends: Backends | None = None,
+                 weight_dtype: torch.dtype | None = None, pack_rows: int | None = PACK_ROWS):
         tower = TextTower.of(model)
-        self.tower, self.learner, self.attention = tower, learner, attention
+        self.backends = backends or resolve(learner.ctx.device)
+        self.tower, self.learner = tower, learner
         self.problem = tower.fast_path_problem()
         if self.problem:
             if self.problem not in _warned:
@@ -95,9 +93,6 @@ class FastTextEncoder:
                 warnings.warn(f"fast text path is not exact for this model ({self.problem}): using the reference path")
             return
         device = learner.ctx.device
-        if fused is None:
-            fused = device.type == "cuda" and add_layer_norm_kernel is not None
-        self.fused, self.fused_mlp = fused, fused_mlp and mlp_kernel is not None
         if weight_dtype is not None or tower.positional_embedding.device != device:
             self.tower = tower.copy_to(device, weight_dtype)
         eos = tower.pool_positions(learner.tokens).cpu()
@@ -113,7 +108,7 @@ class FastTextEncoder:
         self.ctx_rows = (slot >= 0).nonzero()[:, 0]  # rows holding a context vector, and which one
         self.ctx_index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
         self.eos_rows = P + layout.starts + layout.lengths - 1  # each class's EOS row
-        self.block_mask = prefix_class_block_mask(layout) if attention == "flex" else None
+        self.block_mask = prefix_class_block_mask(layout) if self.backends.attention == "flex" else None
 
     def _embed(self) -> torch.Tensor:
         """Token + positional embeddings of the packed rows, the learned context added where it goes. Only context
@@ -122,22 +117,22 @@ class FastTextEncoder:
         return self.frozen.index_add(0, self.ctx_rows, ctx.to(self.frozen.dtype))
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        if self.attention == "triton":
+        if self.backends.attention == "triton":
             return prefix_attention_triton(qkv, self.layout)
-        if self.attention == "flex":
+        if self.backends.attention == "flex":
             return prefix_attention_flex(qkv, self.block_mask)
         return prefix_attention_reference(qkv, self.layout)
 
     def _add_norm(self, x, delta, norm, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x + delta, and its norm in out_dtype."""
-        if self.fused and add_layer_norm_kernel.supports(norm):
+        if self.backends.add_norm == "triton" and add_layer_norm_kernel.supports(norm):
             return add_layer_norm_kernel.add_layer_norm_triton(x, delta, norm, out_dtype)
         return add_layer_norm_reference(x, delta, norm, out_dtype)
 
     def _mlp(self, mlp, y) -> torch.Tensor:
-        if self.fused_mlp and y.dtype == mlp.c_fc.weight.dtype and mlp_kernel.supports(mlp):
+        if self.backends.mlp == "triton" and y.dtype == mlp.c_fc.weight.dtype and mlp_kernel.supports(mlp):
             return mlp_kernel.mlp_triton(mlp, y)
-        if self.fused and type(mlp.gelu) is QuickGELU:
+        if self.backends.activation == "triton" and type(mlp.gelu) is QuickGELU:
             return mlp.c_proj(quick_gelu_triton(mlp.c_fc(y)))
         return mlp(y)
 

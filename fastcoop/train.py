@@ -8,27 +8,27 @@ cache's augmented view e of every image: each view is an independent draw of the
 a view per epoch cached this is the published loader's fresh random crop of every image in every epoch.
 """
 
+import dataclasses
 import signal
 import threading
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from fastcoop.backends import Backends, resolve
 from fastcoop.cache import FeatureCache
 from fastcoop.config import TrainConfig
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
-from fastcoop.kernels import INTERPRET
 from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
 from fastcoop.step import TrainStep, graphed_or_eager
-from fastcoop.text_encoder import FastTextEncoder, prefix_attention_triton, reference_text_features
+from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
 
@@ -38,25 +38,14 @@ REPORT_SECONDS = 0.5  # how often the host waits for the device to read the resu
 @dataclass
 class TrainResult:
     learner: PromptLearner
-    config: TrainConfig
+    config: TrainConfig  # as run: every default resolved
+    backends: Backends  # the implementation of each op
     history: list[dict] = field(default_factory=list)
     augmentation: dict = field(default_factory=dict)  # the cache's views and how many distinct ones each image saw
     seconds: float = 0.0  # the epochs' loop (graph capture and kernel compilation included)
     setup_seconds: float = 0.0  # features to the device, learner, text encoder: what runs before the loop
     first_epoch_seconds: float = 0.0  # the loop's first epoch, graph capture and kernel compilation included
     checkpoint: "Checkpoint | None" = None  # the state after the last epoch the host has seen
-
-
-def resolve_attention(attention: str, device: str) -> str:
-    """auto → the fused Triton kernel on GPU, the plain-PyTorch grid on CPU (Triton runs there only interpreted)."""
-    on_gpu = device.startswith("cuda")
-    if attention == "auto":
-        return "triton" if on_gpu and prefix_attention_triton is not None else "grid"
-    if attention == "triton" and (prefix_attention_triton is None or not (on_gpu or INTERPRET)):
-        raise FastCoopError("--attention triton needs a GPU with Triton; use grid")
-    if attention == "flex" and not on_gpu:
-        raise FastCoopError("--attention flex trains on GPU only (FlexAttention has no CPU backward); use grid")
-    return attention
 
 
 @dataclass
@@ -119,9 +108,9 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     dtype = autocast_dtype(resolve_precision(config.precision, device, "bf16"))
     if config.batch_size < 1 or config.lr <= 0:
         raise FastCoopError("--batch-size must be ≥ 1 and --lr > 0")
-    config.attention = resolve_attention(config.attention, device)
+    backends = resolve(device, config.attention, config.fused, config.fused_mlp)
     rows = cache.rows("train", config.shots, config.seed if config.shots else None)
-    config.epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
+    epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
     labels = cache.labels("train", rows).to(device)
 
     model = loaded.model
@@ -131,10 +120,10 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     torch.manual_seed(config.seed)
     learner = PromptLearner(model, loaded.tokenizer, cache.classnames, config.n_ctx, config.csc, config.position,
                             config.init).to(device)
-    config.n_ctx = learner.n_ctx
+    # the run's options with every default resolved; the caller's config stays as it was given
+    config = dataclasses.replace(config, epochs=epochs, n_ctx=learner.n_ctx, attention=backends.attention)
     if config.text_path == "fast":
-        encode_text = FastTextEncoder(model, learner, config.attention, weight_dtype=dtype,
-                                      fused=None if config.fused else False)
+        encode_text = FastTextEncoder(model, learner, backends, weight_dtype=dtype)
     else:
         tower = TextTower.of(model)
         encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731
@@ -145,8 +134,8 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     scale = model.logit_scale.exp().detach().to(device)
     orders, lrs = schedule_tables(len(labels), config)
     step = TrainStep(learner, encode_text, features, labels, scale, orders.to(device), lrs.to(device),
-                     config.momentum, config.weight_decay, dtype)
-    result = TrainResult(learner, config, augmentation=augmentation)
+                     config.momentum, config.weight_decay, dtype, backends.loss)
+    result = TrainResult(learner, config, backends, augmentation=augmentation)
     first_epoch = 0
     if resume is not None:
         first_epoch = resume.restore(step)

@@ -19,17 +19,24 @@ try:
     from fastcoop.kernels.triton_common import INTERPRET
 except ImportError:  # no Triton on this platform
     kernel, INTERPRET = None, False
+TRITON = kernel is not None  # the kernels import (fastcoop.backends decides where they run)
 
 
-def cosine_ce(image_features, text_features, logit_scale, labels, reduction="mean", return_argmax=False):
+def cosine_ce(image_features, text_features, logit_scale, labels, reduction="mean", return_argmax=False,
+              backend: str | None = None):
     """Cross-entropy of logit_scale · cos(image, text) (B × K logits never materialised by the kernel).
 
     image_features B × D, text_features K × D (bf16, fp16 or fp32), logit_scale a scalar (already exp'd),
-    labels B int64 in [0, K). Returns the loss (and each row's argmax with return_argmax)."""
-    if kernel is not None and (image_features.is_cuda or INTERPRET):
+    labels B int64 in [0, K). Returns the loss (and each row's argmax with return_argmax). backend: "triton" or
+    "reference"; None: fastcoop.backends' choice for the tensors' device."""
+    if backend is None:
+        from fastcoop.backends import loss_backend  # the resolver imports this package: import on use
+
+        backend = loss_backend(image_features.device)
+    if backend == "triton":
         return kernel.cosine_ce_triton(image_features, text_features, logit_scale, labels, reduction, return_argmax)
     return reference.cosine_ce_reference(image_features, text_features, logit_scale, labels, reduction,
                                          return_argmax)
 
 
-__all__ = ["INTERPRET", "cosine_ce"]
+__all__ = ["INTERPRET", "TRITON", "cosine_ce"]

@@ -8,6 +8,7 @@ import torch
 
 from conftest import CONFIGS
 from fastcoop import kernels
+from fastcoop.backends import Backends
 from fastcoop.kernels import mlp_kernel
 from fastcoop.kernels.mlp_kernel import mlp_triton as fused_mlp_triton
 from fastcoop.models import load_model
@@ -22,7 +23,10 @@ MATRIX = list(itertools.product([False, True], ["end", "middle", "front"], [None
 
 
 def features_and_grad(model, learner, mode, attention="grid", fused=False, pack_rows=PACK_ROWS, fused_mlp=False):
-    features = (FastTextEncoder(model, learner, attention, fused=fused, pack_rows=pack_rows, fused_mlp=fused_mlp)()
+    elementwise = "triton" if fused else "reference"
+    backends = Backends(attention=attention, add_norm=elementwise, activation=elementwise,
+                        mlp="triton" if fused_mlp else "reference")
+    features = (FastTextEncoder(model, learner, backends, pack_rows=pack_rows)()
                 if mode == "fast"
                 else encode_prompts(model, learner, mode))
     weights = torch.linspace(-1, 1, features.numel(), device=features.device).view_as(features)  # reads every element
@@ -78,7 +82,7 @@ def test_flex_attention_fast_path_equals_reference(tiny_vit, tiny_vit_on_device,
     learner = PromptLearner(model, tiny_vit.tokenizer, CLASSNAMES, n_ctx=6, csc=csc, position=position, init=init)
     with torch.no_grad():
         ref = encode_prompts(model, learner, "reference")
-        flex = FastTextEncoder(model, learner, "flex")()
+        flex = FastTextEncoder(model, learner, Backends(attention="flex"))()
     assert (flex - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 

@@ -1,0 +1,114 @@
+"""The one resolver: which implementation runs each op, for each device and option; what a run records of it."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import fastcoop.backends as backends
+from conftest import run_cli
+from fastcoop.backends import Backends, resolve
+from fastcoop.cache import extract_features
+from fastcoop.data import read_dataset
+from fastcoop.errors import FastCoopError
+
+
+@pytest.fixture
+def triton_interpreted(monkeypatch):
+    monkeypatch.setattr(backends, "TRITON", True)
+    monkeypatch.setattr(backends, "INTERPRET", True)
+
+
+@pytest.fixture
+def triton_compiled(monkeypatch):
+    monkeypatch.setattr(backends, "TRITON", True)
+    monkeypatch.setattr(backends, "INTERPRET", False)
+
+
+def test_gpu_defaults_are_every_kernel_but_the_opt_in_mlp(triton_compiled):
+    assert resolve("cuda") == Backends(loss="triton", attention="triton", add_norm="triton", activation="triton",
+                                       mlp="reference")
+    assert resolve("cuda:1", fused=False) == Backends(loss="triton", attention="triton")
+    assert resolve("cuda", attention="flex", fused_mlp=True).attention == "flex"
+    assert resolve("cuda", fused_mlp=True).mlp == "triton"
+    assert resolve("cuda", attention="grid").attention == "grid"
+
+
+def test_cpu_runs_the_references_and_the_interpreted_kernels_only_when_asked(triton_compiled, monkeypatch):
+    assert resolve("cpu") == Backends()  # every reference
+    with pytest.raises(FastCoopError, match="--attention triton needs a GPU with Triton"):
+        resolve("cpu", attention="triton")
+    with pytest.raises(FastCoopError, match="--fused-mlp needs a GPU with Triton"):
+        resolve("cpu", fused_mlp=True)
+    with pytest.raises(FastCoopError, match="FlexAttention has no CPU backward"):
+        resolve("cpu", attention="flex")
+    with pytest.raises(FastCoopError, match="unknown attention 'fast'"):
+        resolve("cpu", attention="fast")
+    monkeypatch.setattr(backends, "INTERPRET", True)  # the tests' interpreter: the loss kernel runs on CPU tensors
+    assert resolve("cpu") == Backends(loss="triton")
+    assert resolve("cpu", attention="triton", fused_mlp=True) == Backends(loss="triton", attention="triton",
+                                                                           mlp="triton")
+
+
+def test_without_triton_every_op_is_its_reference(monkeypatch):
+    monkeypatch.setattr(backends, "TRITON", False)
+    assert resolve("cuda") == Backends()
+    with pytest.raises(FastCoopError, match="needs a GPU with Triton"):
+        resolve("cuda", attention="triton")
+
+
+def test_the_encoder_and_the_loss_run_what_the_record_names(tiny_vit, monkeypatch):
+    """Each op's kernel is called exactly when the record names it (here on CPU, under the interpreter)."""
+    from fastcoop import kernels
+    from fastcoop import text_encoder
+    from fastcoop.prompts import PromptLearner
+
+    learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, ["cat", "dog"], n_ctx=2)
+    calls = []
+    for name in ("add_layer_norm_kernel", "mlp_kernel"):
+        module = getattr(text_encoder, name)
+        real = getattr(module, name.replace("_kernel", "_triton"))
+        monkeypatch.setattr(module, real.__name__, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    attention = text_encoder.prefix_attention_triton
+    monkeypatch.setattr(text_encoder, "prefix_attention_triton", lambda *a: calls.append("attention") or attention(*a))
+    text_encoder.FastTextEncoder(tiny_vit.model, learner, Backends())()
+    assert calls == []
+    text_encoder.FastTextEncoder(tiny_vit.model, learner, Backends(attention="triton", add_norm="triton",
+                                                                   mlp="triton"))()
+    assert set(calls) == {"attention", "add_layer_norm_kernel", "mlp_kernel"}
+    loss_calls = []
+    triton_loss = kernels.kernel.cosine_ce_triton
+    monkeypatch.setattr(kernels.kernel, "cosine_ce_triton", lambda *a: loss_calls.append(1) or triton_loss(*a))
+    import torch
+    x, t, y = torch.randn(4, 8), torch.randn(3, 8), torch.tensor([0, 1, 2, 0])
+    kernels.cosine_ce(x, t, torch.tensor(10.0), y, backend="reference")
+    assert loss_calls == []
+    kernels.cosine_ce(x, t, torch.tensor(10.0), y, backend="triton")
+    assert loss_calls == [1]
+
+
+def test_a_run_records_its_implementations_and_verbose_prints_them(tmp_path, capsys, tiny_vit, example_images):
+    cache = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=2, seeds=[1],
+                             views=1, workers=0, progress=False)
+    code, out, err = run_cli(capsys, "train", cache, "--out", tmp_path / "run", "--shots", "2", "--n-ctx", "2",
+                             "--epochs", "1", "--device", "cpu", "--verbose")
+    assert code == 0, err
+    expected = resolve("cpu")
+    assert f"implementations: {expected.describe()}" in out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["backends"] == vars(expected) and config["train"]["attention"] == expected.attention
+    assert config["request"]["attention"] == "auto"  # what was asked stays beside what ran
+
+
+def test_only_the_cli_and_the_pipeline_import_the_training_loop():
+    """Reading, evaluating or reporting a run never imports fastcoop.train."""
+    root = Path(__file__).parent.parent
+    importers = set()
+    for path in [*(root / "fastcoop").glob("*.py"), *(root / "cache").glob("*.py"), *(root / "kernels").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if "fastcoop.train" in names:
+                importers.add(path.name)
+    assert importers <= {"cli.py", "pipeline.py"}, importers
