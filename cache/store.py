@@ -84,6 +84,17 @@ class FeatureCache:
     def num_views(self, split: str) -> int:
         return self._split(split)["features"].shape[0]
 
+    def num_images(self, split: str) -> int:
+        return self._split(split)["features"].shape[1]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.file[self.splits[0]]["features"].shape[2]
+
+    def skipped(self) -> list[str]:
+        """Images left out as unreadable (`fastcoop cache --skip-bad`)."""
+        return [p.decode() if isinstance(p, bytes) else p for p in self.file.get("skipped", [])]
+
     def features(self, split: str, rows: np.ndarray | None = None, view: int | None = None) -> torch.Tensor:
         """float16 features: (views, n, D), or (n, D) for one view; rows default to the whole split."""
         data = self._split(split)["features"]

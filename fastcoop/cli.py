@@ -140,15 +140,13 @@ def _describe_cache(path, seconds):
     from fastcoop.cache import FeatureCache
 
     with FeatureCache(path) as cache:
-        parts = []
-        for split in cache.splits:
-            views, n, dim = cache.file[split]["features"].shape
-            parts.append(f"{split} {n} images × {views} view(s)")
+        parts = [f"{split} {cache.num_images(split)} images × {cache.num_views(split)} view(s)"
+                 for split in cache.splits]
         subsets = ", ".join(f"{s}-shot seed {r}" for s, r in cache.subsets())
-        click.echo(f"wrote {path}: {len(cache.classnames)} classes, {'; '.join(parts)}, {dim}-d features"
-                   + (f"; subsets {subsets}" if subsets else "") + f" ({seconds:.1f} s)")
-        if "skipped" in cache.file:
-            click.echo(f"skipped {len(cache.file['skipped'])} unreadable image(s); their paths are in /skipped")
+        click.echo(f"wrote {path}: {len(cache.classnames)} classes, {'; '.join(parts)}, {cache.feature_dim}-d "
+                   "features" + (f"; subsets {subsets}" if subsets else "") + f" ({seconds:.1f} s)")
+        if cache.skipped():
+            click.echo(f"skipped {len(cache.skipped())} unreadable image(s); their paths are in /skipped")
 
 
 @cli.command()
@@ -174,21 +172,25 @@ def _describe_cache(path, seconds):
               help="On GPU, run the text blocks' norms, residual adds and activation in PyTorch, not fused kernels.")
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "grid", "triton", "flex"]),
               help="Fast-path attention: auto is the Triton kernel on GPU and plain PyTorch on CPU.")
+@click.option("--fused-mlp", is_flag=True,
+              help="On GPU, each MLP's activation inside Triton matrix products (opt-in).")
+@click.option("--verbose", is_flag=True, help="Print which implementation runs each op.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (finished, or made otherwise).")
 @click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between checkpoints while training.")
 def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
-          text_path, no_graph, no_fused, attention, overwrite, save_every):
+          text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every):
     """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR.
 
     An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
     --overwrite is given."""
     start = time.perf_counter()
     from fastcoop import fewshot
+    from fastcoop.backends import resolve
     from fastcoop.cache import FeatureCache
+    from fastcoop.config import TrainConfig
     from fastcoop.devices import resolve_device
     from fastcoop.models import load_model
-    from fastcoop.config import TrainConfig
     from fastcoop.pipeline import train_to_run_dir
     from fastcoop.run import plan_run_dir
 
@@ -204,7 +206,9 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
     config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
                          epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
-                         text_path=text_path, graph=not no_graph, fused=not no_fused, attention=attention)
+                         text_path=text_path, graph=not no_graph, fused=not no_fused, fused_mlp=fused_mlp,
+                         attention=attention)
+    backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
     if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
         click.echo(f"resuming the unfinished run in {run_dir}")
     timings = {"imports_s": imported - start}
@@ -212,6 +216,8 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     loaded = load_model(cache.model, cache.pretrained, "cpu")  # training copies to the device only what it runs
     timings["model_s"] = time.perf_counter() - loading
     _say_weights(loaded)
+    if verbose:
+        click.echo(f"implementations: {backends.describe()}")
     result, results = train_to_run_dir(cache, loaded, config, run_dir, timings=timings, overwrite=overwrite,
                                        save_every=save_every)
     last = result.history[-1]
