@@ -23,14 +23,14 @@ from benchmarks.profile import kernel_profile
 from benchmarks.step import run_step_section, step_variants, time_breakdown, training_memory_gb
 from fastcoop.models import load_model
 
-# in the order they run: what a GPU lease cut short needs most comes first
+# in the order they run: the most telling first, so that a run cut short keeps them
 SECTIONS = ("step", "kernel", "attention", "exactness", "full_run", "cache")
 
 
 def plan(name: str, device: str) -> dict:
     """What each section runs: the issue's full grid; `quick`, a subset that finishes on a CPU in minutes;
-    `lease`, a GPU subset that fits one call of a 15-minute device lease."""
-    if name == "lease":
+    `headline`, the README's headline numbers on a GPU in about 5 minutes."""
+    if name == "headline":
         return {"step": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 1000, 16, False), ("ViT-B-16", 1000, 16, True)],
                 "repeats": 20,
                 "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat"],
@@ -89,7 +89,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a CPU-sized subset (a few minutes)")
-    parser.add_argument("--plan", choices=["full", "quick", "lease"], default=None,
+    parser.add_argument("--plan", choices=["full", "quick", "headline"], default=None,
                         help="what to run (default: full, or quick with --quick)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate README.md and plots")
     parser.add_argument("--out", type=Path, default=None,
@@ -124,7 +124,7 @@ def main():
     print(f"benchmarks on {env.get('gpu') or 'CPU'} ({mode})", flush=True)
 
     def save(section: str) -> None:
-        """Write after every section, so a run cut short (a device lease ending) keeps what it measured."""
+        """Write after every section, so a run cut short keeps what it measured."""
         result.setdefault("measured", {})[section] = {"commit": env["commit"], "date": env["date"], "plan": mode}
         path.write_text(json.dumps(result, indent=2) + "\n")
         write_report(args.out, readme)

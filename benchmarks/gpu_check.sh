@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
-# Every check a lent GPU is for, in one device call sized for a 15-minute lease: the GPU-only tests (CUDA graph ==
-# eager first, then the fused kernels and the fast text path on CUDA), then the benchmark subset `--plan lease`.
-# Results land under $OUT (the device tool brings back at most 8 files): copy $OUT/results/*.json into
-# benchmarks/results/ and run `python -m benchmarks --report-only` to make the tables and plots here.
+# Every GPU check in one command: the GPU-only tests (CUDA graph == eager first, then the fused kernels and the
+# fast text path on CUDA), then the benchmark subset `--plan headline` (the README's headline numbers), each
+# part under a time limit. Results land under $OUT: copy $OUT/results/*.json into benchmarks/results/ and run
+# `python -m benchmarks --report-only` to make the tables and plots here.
 #
-# The device image has torch, triton, h5py, click, tqdm, safetensors, matplotlib but not open_clip: prepare
-# its pure-Python wheels here first (no network there):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps -d .whl open_clip_torch ftfy wcwidth
-# commit, then call the device tool's run with command "FASTCOOP_COMMIT=<the commit, from git here> bash
-# benchmarks/gpu_check.sh" (the device's copy of the tree carries a stale .git, so the commit is written out),
-# carry [".whl"], timeout_s 500 (with the start, about 9 of the 15 minutes: room for one targeted rerun).
+# On a GPU machine without network access that lacks open_clip, bring its pure-Python wheels along in .whl/
+# (`python3 -m pip download --no-deps -d .whl open_clip_torch ftfy wcwidth`); they are installed from there.
+# FASTCOOP_COMMIT=<commit> names the commit measured when the tree's .git is not the one measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastcoop-gpu}
 mkdir -p "$OUT/results"
@@ -40,6 +36,6 @@ else
 fi
 timeout "${FASTCOOP_TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider --durations=8 "${tests[@]}" 2>&1 \
   | tee "$OUT/tests.log"
-timeout "${FASTCOOP_BENCH_SECONDS:-250}" python3 -m benchmarks --device cuda --plan lease --out "$OUT/results" \
-  --sections "${FASTCOOP_SECTIONS:-step,kernel,attention,exactness,full_run}" 2>&1 | tee "$OUT/bench.log"
-rm -f "$OUT"/results/*.png "$OUT/README.md"  # made again here from the JSON; keeps the files returned under 8
+timeout "${FASTCOOP_BENCH_SECONDS:-250}" python3 -m benchmarks --device cuda --plan headline --out "$OUT/results" \
+  --sections "${FASTCOOP_SECTIONS:-step,kernel,attention,exactness,full_run,cache}" 2>&1 | tee "$OUT/bench.log"
+rm -f "$OUT"/results/*.png "$OUT/results/README.md"  # made again from the JSON

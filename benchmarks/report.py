@@ -13,15 +13,14 @@ from benchmarks.step import GRAPH_VARIANTS as STEP_GRAPH_VARIANTS  # noqa: E402
 
 INTRO = """# Benchmarks: fastcoop against the published CoOp computation
 
-Made by `python -m benchmarks` (all sections; `--quick`: a CPU-sized subset; `--plan lease`: a GPU subset that fits
-one device call, see `gpu_check.sh`); each device
-writes `results/<device>.json` and this page is regenerated from every result file present. Random-init weights
-(speed does not depend on weight values); real class names from the paper's datasets, so real prompt lengths.
-The published step runs the image encoder on 32 images and all K prompts × 77 tokens through the text encoder,
-forward and backward (fp16 autocast on GPU, as published; fp32 on CPU); it leaves out JPEG decoding and
-augmentation, so it flatters the published code. fastcoop steps run bf16 autocast on GPU, fp32 on CPU.
-Each section is stamped with the plan, commit and date that measured it; `gpu_notes.md` says what changed
-between GPU runs and what each change was predicted to do; `gpu_runs/` keeps each GPU run's raw output.
+Made by `python -m benchmarks` (all sections; `--quick`: a CPU-sized subset; `--plan headline`: the README's
+headline numbers on a GPU); each device writes `results/<device>.json` and this page is regenerated from every
+result file present. Random-init weights (speed does not depend on weight values); real class names from the
+paper's datasets, so real prompt lengths. The published step runs the image encoder on 32 images and all K
+prompts × 77 tokens through the text encoder, forward and backward (fp16 autocast on GPU, as published; fp32 on
+CPU); it leaves out JPEG decoding and augmentation, so it flatters the published code. fastcoop steps run bf16
+autocast on GPU, fp32 on CPU. Each section is stamped with the plan, commit and date that measured it;
+`CHANGELOG.md` says what changed between measured versions and what each change was predicted to do.
 """
 
 

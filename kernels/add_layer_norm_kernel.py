@@ -1,7 +1,7 @@
 """Residual add and layer norm fused in Triton: one read of the residual stream and the block's output, one write
 of each result, instead of an add, a norm and a cast kernel (and, backward, a norm backward, a cast and the sum
 of the two gradients reaching the residual stream). A transformer block has two of these per pass; at K = 100
-classes the training step is bound by kernel count, not bytes (benchmarks/gpu_notes.md).
+classes the training step is bound by kernel count, not bytes (benchmarks/CHANGELOG.md).
 
 Forward, per row: h = x + delta; y = (h − mean)·rstd·w + b, statistics in fp32.
 Backward, per row, with x̂ = (h − mean)·rstd and g = w·dy:

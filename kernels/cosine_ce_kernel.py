@@ -218,12 +218,11 @@ class Tiles:
     features: int = 64
 
 
-# B = 32 (training): small tiles; the class splits fill the GPU (H100, 2026-11-26: 0.060 ms graphed at K = 1000
-# against 0.130 for eager PyTorch). 32-row tiles compile to Ampere's mma.sync, not Hopper's wgmma.
+# B = 32 (training): small tiles, so that splitting each reduction over classes fills the GPU. 32-row tiles
+# compile to Ampere's mma.sync, not Hopper's wgmma.
 SMALL = Tiles(rows=32, classes=32, chunk=128, forward_warps=4, backward_warps=4)
-# Many rows: 64-row tiles, which compile to wgmma (233 / 220 registers in the backward, no spills). H100,
-# 2026-11-26, B = 131,072, K = 1000: 7.25 ms graphed against 27.9 for the small tiles with 512-feature chunks,
-# 9.49 for 128 × 64 tiles, 12.75 for eager PyTorch and 9.37 for torch.compile (benchmarks/gpu_notes.md, run 4).
+# Many rows: 64-row tiles, which compile to wgmma without spills; the fastest of the shapes timed (the
+# benchmark's kernel section; benchmarks/CHANGELOG.md).
 LARGE = Tiles(rows=64, classes=64, chunk=256, forward_warps=4, backward_warps=8)
 BLOCK_COMBINE = 128
 

@@ -1,8 +1,8 @@
 """A text block's MLP, c_proj(act(c_fc(y))), with the activation inside two Triton matrix products: the forward
 c_fc product writes the pre-activation (for the backward) and the activation together, and the backward product
 that gives the activation's output gradient multiplies in the activation's derivative before writing. Unfused,
-each of those is a separate pass over the T × 4D hidden rows each way (at K = 1000 on an H100, 0.35 ms of memory
-traffic per step) and 24 launches; the other two products stay with cuBLAS. For frozen weights only: the
+each of those is a separate pass over the T × 4D hidden rows each way, bound by memory bandwidth, and 24 launches
+per step; the other two products stay with cuBLAS. For frozen weights only: the
 backward gives the input's gradient and nothing else.
 
 Rounding as unfused under autocast: the pre-activation (product + bias in fp32) is rounded to the input's dtype

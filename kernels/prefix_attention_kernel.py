@@ -256,14 +256,10 @@ def prefix_attention_triton(qkv: torch.Tensor, layout: PackedLayout, group: int 
                             separate_prefix: bool | None = None, num_warps: int = 4) -> torch.Tensor:
     """Same contract as prefix_attention_reference. group: segments per program (default: by the GPU's size).
     separate_prefix: the prefix in its own launch, so the classes' tiles are as tall as the longest class rather
-    than the prefix (16 rows instead of 32 for M = 16: a quarter of the self-score work; for sm_90 the bf16
-    forward needs 93 registers instead of 112, the backward 189 instead of 220, per tests/compile_kernels.py).
-    Default: apart only when the prefix would make the classes' tiles taller (one class per tile); together
-    when their tiles are as tall anyway (several classes packed per tile), saving a launch each way.
-    num_warps: per program. benchmarks/attention.py times the choices; on an H100 (2026-11-26) the fastest was
-    the prefix apart at 4 warps on a layout that packs whole classes into 64-row tiles, as FastTextEncoder calls
-    it (0.073 ms per layer at K = 1000 against 0.142 for the best one-class-per-tile variant, 2 warps); packed
-    with the prefix together has not been timed."""
+    than the prefix (16 rows instead of 32 for M = 16: a quarter of the self-score work, and fewer registers per
+    thread, which tests/compile_kernels.py reports). Default: apart only when the prefix would make the classes'
+    tiles taller (one class per tile); together when their tiles are as tall anyway (several classes packed per
+    tile), saving a launch each way. num_warps: per program. benchmarks/attention.py times the choices."""
     group = group or group_size(len(layout.segment_starts), qkv.shape[2], qkv.device)
     if separate_prefix is None:
         separate_prefix = _tile(layout.prefix_len) > _tile(layout.max_segment_len)
