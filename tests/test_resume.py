@@ -92,7 +92,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
     code, _, err = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN, "--save-every", "1000")
     config = json.loads((resumed / "config.json").read_text())
     assert code == 130 and config["state"] == "interrupted" and config["epochs_done"] == 6  # saved on the way out
-    assert f"saved after epoch 6 of 8; run the same command again to resume" in err
+    assert "saved after epoch 6 of 8; run the same command again to resume" in err
     assert not (resumed / "results.json").exists() and (resumed / "checkpoint.safetensors").exists()
     for command in (["eval", resumed, cache_path], ["interpret", resumed], ["report", resumed]):
         code, _, err = run_cli(capsys, *command)
