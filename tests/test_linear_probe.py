@@ -1,0 +1,81 @@
+"""The linear-probe baseline: the published C search, on cached features."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import TINY_VIT, run_cli
+from fastcoop.cache import FeatureCache
+from fastcoop.linear_probe import GRID, fit, linear_probe, search
+
+
+def published_search(train_x, train_y, val_x, val_y, steps=8):
+    """The rule of CoOp's lpclip/linear_probe.py, kept in log10 space: the grid's best C (first on ties), then
+    `steps` times both ends of [log C − 1, log C + 1] narrowing by half towards the better (the left on ties)."""
+    def score(log_c):
+        model = fit(train_x, train_y, 10.0 ** log_c)
+        return np.mean(model.predict(val_x) == val_y), model
+
+    grid = [np.mean(fit(train_x, train_y, c).predict(val_x) == val_y) for c in GRID]
+    centre = np.log10(GRID[int(np.argmax(grid))])
+    low, high = centre - 1, centre + 1
+    for _ in range(steps):
+        (low_acc, low_model), (high_acc, high_model) = score(low), score(high)
+        middle = (low + high) / 2
+        if low_acc < high_acc:
+            kept, model, low = high, high_model, middle
+        else:
+            kept, model, high = low, low_model, middle
+    return 10.0 ** kept, model
+
+
+def test_the_search_follows_the_published_rule():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+    labels = np.repeat(np.arange(5), 8)
+    train_x = centres[labels] + rng.normal(scale=2.0, size=(40, 16))
+    val_y = np.repeat(np.arange(5), 4)
+    val_x = centres[val_y] + rng.normal(scale=2.0, size=(20, 16))
+    c, model = search(train_x, labels, val_x, val_y)
+    expected_c, expected = published_search(train_x, labels, val_x, val_y)
+    assert c == pytest.approx(expected_c, rel=1e-9)
+    probe = rng.normal(size=(200, 16))
+    assert (model.predict(probe) == expected.predict(probe)).all()
+    np.testing.assert_allclose(model.coef_, fit(train_x, labels, c).coef_)  # the classifier kept is C's
+
+
+@pytest.fixture(scope="module")
+def split_cache(tmp_path_factory, example_images):
+    """A cache with train, val and test: the example's train images as a flat folder, split 50/20/30 %."""
+    root = tmp_path_factory.mktemp("lp")
+    for class_dir in (example_images / "train").iterdir():
+        shutil.copytree(class_dir, root / "flat" / class_dir.name)
+    from fastcoop.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["cache", str(root / "flat"), "--out", str(root / "f.h5"), "--model", TINY_VIT, "--pretrained", "none",
+              "--shots", "2", "--seeds", "1,2", "--views", "0", "--splits", "train,val,test", "--workers", "0"])
+    assert done.value.code == 0
+    return root / "f.h5"
+
+
+def test_linear_probe_on_a_cache_and_its_cli(capsys, split_cache):
+    with FeatureCache(split_cache) as cache:
+        result = linear_probe(cache, 2, 1)
+        rows = cache.rows("train", 2, 1)
+        x, y = cache.features("train", rows, view=0).double().numpy(), cache.labels("train", rows).numpy()
+        test_x, test_y = cache.features("test", view=0).double().numpy(), cache.labels("test").numpy()
+    assert result["test"]["top1"] == np.mean(fit(x, y, result["C"]).predict(test_x) == test_y)
+    code, out, _ = run_cli(capsys, "linear-probe", split_cache, "--shots", "2", "--seed", "1")
+    assert code == 0 and f"test top-1 {result['test']['top1']:.2%}" in out
+
+
+def test_linear_probe_needs_a_val_split(tmp_path, capsys, tiny_vit, example_images):
+    from fastcoop.cache import extract_features
+    from fastcoop.data import read_dataset
+
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=2, seeds=[1], views=0,
+                            workers=0, progress=False)
+    code, _, err = run_cli(capsys, "linear-probe", path, "--shots", "2")
+    assert code == 2 and "has no val split" in err and "--splits train,val,test" in err
