@@ -67,9 +67,10 @@ def split_eval_transform(preprocess: transforms.Compose) -> tuple[transforms.Com
     return transforms.Compose(steps[:-2]), steps[-1]
 
 
-def auto_views(shots: int | None, num_classes: int) -> int:
-    """Augmented views per train image for a fresh view in every epoch of the published schedule."""
-    return published_epochs(shots, num_classes)
+def auto_views(shots: list[int] | None, num_classes: int) -> int:
+    """Augmented views per train image for a fresh view in every epoch of the longest published schedule that
+    uses them."""
+    return max(published_epochs(s, num_classes) for s in shots or [None])
 
 
 def model_input(pixels: torch.Tensor, normalize: transforms.Normalize) -> torch.Tensor:
@@ -115,24 +116,25 @@ def dataset_fingerprint(data: LabelledImages) -> str:
     return digest.hexdigest()
 
 
-def plan_rows(data: LabelledImages, splits: list[str], shots: int | None, seeds: list[int]):
-    """Which images of each split to encode, and the few-shot subsets as row indices into the cached train rows."""
+def plan_rows(data: LabelledImages, splits: list[str], shots: list[int] | None, seeds: list[int]):
+    """Which images of each split to encode, the few-shot subsets (every shot count × seed) as row indices into
+    the cached train rows, and the classes with fewer train images than the most shots asked."""
     rows = {split: list(range(len(data.split(split)))) for split in splits}
-    subsets = {}
-    if shots is not None and "train" in splits:
-        labels = [label for _, label in data.split("train")]
-        counts = np.bincount(labels, minlength=len(data.classnames))
-        short = {data.classnames[c]: int(n) for c, n in enumerate(counts) if n < shots}
-        if short:
-            fewest = min(short, key=short.get)
-            warnings.warn(f"{len(short)} of {len(data.classnames)} classes have fewer than {shots} train images "
-                          f"(fewest: '{fewest}', {short[fewest]}); their subsets hold every image they have "
-                          "(recorded in the cache as short_classes)")
-        picked = {seed: sample_few_shot(labels, shots, seed) for seed in seeds}
-        rows["train"] = sorted(set().union(*picked.values()))
-        position = {index: row for row, index in enumerate(rows["train"])}
-        subsets = {subset_key(shots, seed): [position[i] for i in chosen] for seed, chosen in picked.items()}
-    return rows, subsets, short if shots is not None and "train" in splits else {}
+    if shots is None or "train" not in splits:
+        return rows, {}, {}
+    labels = [label for _, label in data.split("train")]
+    counts = np.bincount(labels, minlength=len(data.classnames))
+    short = {data.classnames[c]: int(n) for c, n in enumerate(counts) if n < max(shots)}
+    if short:
+        fewest = min(short, key=short.get)
+        warnings.warn(f"{len(short)} of {len(data.classnames)} classes have fewer than {max(shots)} train images "
+                      f"(fewest: '{fewest}', {short[fewest]}); their subsets hold every image they have "
+                      "(recorded in the cache as short_classes)")
+    picked = {(s, seed): sample_few_shot(labels, s, seed) for s in shots for seed in seeds}
+    rows["train"] = sorted(set().union(*picked.values()))
+    position = {index: row for row, index in enumerate(rows["train"])}
+    subsets = {subset_key(s, seed): [position[i] for i in chosen] for (s, seed), chosen in picked.items()}
+    return rows, subsets, short
 
 
 def default_workers() -> int:
@@ -141,14 +143,16 @@ def default_workers() -> int:
 
 
 def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel, *, splits=("train", "test"),
-                     shots: int | None = 16, seeds=(1, 2, 3), views: int | str = "auto", batch_size: int = 256,
+                     shots: int | list[int] | None = 16, seeds=(1, 2, 3), views: int | str = "auto",
+                     batch_size: int = 256,
                      workers: int | None = None, device: str = "cpu", precision: str = "fp32",
                      skip_bad: bool = False, overwrite: bool = False, progress: bool = True,
                      world: World = World()) -> Path:
     """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file.
 
-    `views`: augmented views per train image besides the eval view; "auto" gives one per epoch of the published
-    schedule for `shots`. `batch_size`: views per encoder call (an image's views stay in one batch)."""
+    `shots`: a shot count or several (their subsets share the cached images), None for the whole train split.
+    `views`: augmented views per train image besides the eval view; "auto" gives one per epoch of the longest
+    published schedule among `shots`. `batch_size`: views per encoder call (an image's views stay in one batch)."""
     out = Path(out)
     missing = [s for s in splits if s not in data.splits]
     if len(missing) == len(splits):
@@ -156,17 +160,19 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     if missing and world.is_writer:
         warnings.warn(f"the dataset has no {', '.join(missing)} split; caching {', '.join(data.splits)} only")
     splits = [s for s in splits if s in data.splits]
+    shot_list = None if shots is None else sorted({shots} if isinstance(shots, int) else set(shots))
     if views == "auto":
-        views = auto_views(shots, len(data.classnames)) if "train" in splits else 0
+        views = auto_views(shot_list, len(data.classnames)) if "train" in splits else 0
     pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
                                              "augment": "RandomResizedCrop(0.08-1, bicubic)+HFlip"}
-    rows, subsets, short = plan_rows(data, splits, shots, list(seeds))
+    rows, subsets, short = plan_rows(data, splits, shot_list, list(seeds))
     attrs = {
         "schema_version": SCHEMA_VERSION, "model": loaded.name, "pretrained": loaded.pretrained,
         "open_clip_version": open_clip.__version__, "preprocessing": json.dumps(pre, sort_keys=True),
         "classnames": json.dumps(data.classnames), "dataset_fingerprint": dataset_fingerprint(data),
         "splits": json.dumps(splits), "views": views,
-        "subsets_requested": json.dumps({"shots": shots, "seeds": sorted(seeds) if shots else None}),
+        "subsets_requested": json.dumps({"shots": shot_list[0] if shot_list and len(shot_list) == 1 else shot_list,
+                                         "seeds": sorted(seeds) if shot_list else None}),
         "short_classes": json.dumps(short),
     }
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}

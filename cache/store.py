@@ -56,7 +56,8 @@ class FeatureCache:
         self.splits: list[str] = json.loads(attrs["splits"])
 
     def identity(self) -> dict:
-        return identity(self.file.attrs)
+        """The cache's identity as plain JSON values (run directories and sweeps record it)."""
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in identity(self.file.attrs).items()}
 
     def subsets(self) -> list[tuple[int, int]]:
         """The (shots, seed) pairs this cache holds."""
@@ -70,9 +71,9 @@ class FeatureCache:
         if shots is None:
             requested = json.loads(self.file.attrs.get("subsets_requested", "{}"))
             if split == "train" and requested.get("shots"):
-                raise FastCoopError(f"{self.path} holds only the train images of its {requested['shots']}-shot "
-                                    "subsets, not the whole train split; for --shots all, cache it with "
-                                    "`fastcoop cache ... --shots all`")
+                raise FastCoopError(f"{self.path} holds only the train images of its few-shot subsets, not the "
+                                    "whole train split; for --shots all, cache it with `fastcoop cache ... "
+                                    "--shots all`")
             return np.arange(group["labels"].shape[0])
         key = subset_key(shots, seed)
         if split != "train" or key not in group.get("subsets", {}):

@@ -248,7 +248,9 @@ def test_a_cache_without_augmented_views_trains_on_the_eval_view_and_says_so(tmp
 def test_auto_views_cache_one_view_per_published_epoch(tmp_path, tiny_vit, example_images):
     from fastcoop.cache.extract import auto_views
 
-    assert [auto_views(s, 100) for s in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [auto_views([s], 100) for s in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert auto_views([1, 2, 4], 100) == 100 and auto_views(None, 100) == 50  # the longest schedule; 'all'
+    assert auto_views([1, 16], 1000) == 50
     path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, splits=["train"], shots=1,
                             seeds=[1], batch_size=64, workers=0, progress=False)  # views default: auto
     with FeatureCache(path) as cache:
