@@ -40,7 +40,8 @@ def cli():
 @click.option("--image-root", type=click.Path(path_type=Path), help="Image folder of a CoOp split file.")
 @click.option("--classnames", "classnames_file", type=click.Path(path_type=Path),
               help="Class names, one per line (CSV with integer labels).")
-@click.option("--shots", default="16", show_default=True, help="Images per class for training, or 'all'.")
+@click.option("--shots", default="16", show_default=True,
+              help="Images per class for training (several: 1,2,4,8,16), or 'all'.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Few-shot sampling seeds.")
 @click.option("--views", default="auto", show_default=True,
               help="Augmented views per train image besides the eval view; auto: one per epoch of the published "
@@ -74,7 +75,7 @@ def cache(root, out, model, pretrained, layout, image_root, classnames_file, sho
     from fastcoop.outputs import check_writable
 
     try:
-        n_shots = fewshot.parse_shots(shots)
+        n_shots = None if shots == "all" else [fewshot.parse_shots(s) for s in shots.split(",")]
     except ValueError as exc:
         raise FastCoopError(str(exc)) from None
     n_views = _views(views)
@@ -298,13 +299,86 @@ def predict(run_dir, images, top_k, device):
         click.echo(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
 
 
+@cli.command("linear-probe")
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--shots", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=1, show_default=True, type=int)
+def linear_probe(cache_file, shots, seed):
+    """The paper's linear-probe baseline on a cache's few-shot subset (needs its val and test splits)."""
+    from fastcoop.cache import FeatureCache
+    from fastcoop.linear_probe import linear_probe as probe
+
+    with FeatureCache(cache_file) as cache:
+        result = probe(cache, shots, seed)
+    click.echo(f"linear probe, {shots} shots, seed {seed}: test top-1 {result['test']['top1']:.2%} "
+               f"(C = {result['C']:.3g}, chosen on {result['val_top1']:.1%} validation accuracy)")
+
+
+@cli.command()
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for every run and the summary.")
+@click.option("--shots", default="1,2,4,8,16", show_default=True, help="Shot counts (each cached).")
+@click.option("--seeds", default="1,2,3", show_default=True)
+@click.option("--n-ctx", default="16", show_default=True, help="Context lengths M, comma-separated.")
+@click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
+@click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
+@click.option("--device", default="auto", show_default=True)
+def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, epochs, device):
+    """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
+    a val split), a summary table and the accuracy-against-shots figure in OUT. Rerun to finish an interrupted
+    sweep: finished runs are kept. Under `torchrun --nproc-per-node N -m fastcoop sweep ...` the runs are shared
+    among N processes (GPUs)."""
+    import itertools
+
+    from fastcoop.cache import FeatureCache
+    from fastcoop.config import TrainConfig
+    from fastcoop.devices import resolve_device
+    from fastcoop.distributed import join
+    from fastcoop.models import load_model
+    from fastcoop.outputs import check_writable
+    from fastcoop.sweep import TABLE_FILE, Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
+
+    shot_list, seed_list, contexts = _int_list(shots, "--shots"), _int_list(seeds, "--seeds"), _int_list(n_ctx, "--n-ctx")
+    flags = [_choice(v, {"no": False, "yes": True}, "--csc") for v in csc.split(",")]
+    positions = [_choice(v, {p: p for p in ("end", "middle", "front")}, "--position") for v in position.split(",")]
+    if min(shot_list) < 1 or min(contexts) < 1:
+        raise FastCoopError("--shots and --n-ctx take positive integers")
+    variants = [Variant(m, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
+    world, device = join(resolve_device(device))
+    check_writable(out, "sweep folder")
+    base = TrainConfig(epochs=epochs, device=device)
+    with FeatureCache(cache_file) as cache:
+        runs = sweep_runs(cache, shot_list, seed_list, variants)
+        check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base))
+        loaded = load_model(cache.model, cache.pretrained, "cpu")
+        if world.is_writer:
+            _say_weights(loaded)
+            click.echo(f"{len(runs)} runs: {len(variants)} variant(s) × shots {shots} × seeds {seeds}")
+        run_sweep(cache, loaded, out, shot_list, seed_list, variants, base, progress=world.is_writer,
+                  echo=click.echo if world.is_writer else lambda _: None, world=world)
+    if world.is_writer:
+        click.echo((out / TABLE_FILE).read_text().rstrip())
+        click.echo(f"summary, table and figure in {out}")
+
+
+def _choice(value: str, choices: dict, option: str):
+    if value not in choices:
+        raise FastCoopError(f"{option} takes {', '.join(choices)} (comma-separated), not '{value}'")
+    return choices[value]
+
+
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def report(run_dirs):
-    """A Markdown table of runs: test accuracy averaged over seeds (mean ± std), as the paper reports it."""
+    """A Markdown table of runs, or of sweeps: test accuracy averaged over seeds (mean ± std), as the paper reports
+    it; several sweeps (one per dataset) also get their average."""
     from fastcoop.report import collect, summary_table
+    from fastcoop.sweep import read_summaries, summary_table as sweep_table
 
-    click.echo(summary_table(collect(list(run_dirs))))
+    sweeps = read_summaries(list(run_dirs))
+    click.echo(sweep_table(sweeps, [Path(d).name for d in run_dirs]) if sweeps else
+               summary_table(collect(list(run_dirs))))
 
 
 @cli.command()

@@ -74,7 +74,7 @@ def _differences(config: dict, cache: FeatureCache, request: dict) -> str:
     """The settings in which an earlier run differs from this request, as 'name: was → now'."""
     was = config.get("request", {})
     differ = [f"{key}: {was.get(key)!r} → {value!r}" for key, value in request.items() if was.get(key) != value]
-    if config.get("cache", {}).get("identity") != _jsonable(cache.identity()):
+    if config.get("cache", {}).get("identity") != cache.identity():
         differ.insert(0, f"feature cache: {config.get('cache', {}).get('path')} → {Path(cache.path).resolve()}")
     return "; ".join(differ)
 
@@ -142,7 +142,7 @@ def _write_config(run_dir, result, cache, loaded, request, state, epochs_done) -
         "model": loaded.name, "pretrained": loaded.pretrained, "classnames": result.learner.classnames,
         "train": dataclasses.asdict(result.config), "request": request, "backends": vars(result.backends),
         "augmentation": result.augmentation,
-        "cache": {"path": str(Path(cache.path).resolve()), "identity": _jsonable(cache.identity())},
+        "cache": {"path": str(Path(cache.path).resolve()), "identity": cache.identity()},
     }
     _atomic(run_dir / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
 
@@ -165,10 +165,6 @@ def _atomic(path: Path, write) -> None:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
-
-
-def _jsonable(identity: dict) -> dict:
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in identity.items()}
 
 
 def plot_curve(run_dir: Path, history: list[dict]) -> None:

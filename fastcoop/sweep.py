@@ -1,0 +1,193 @@
+"""`fastcoop sweep`: the paper's protocol for one dataset in one command — every (variant, shots, seed) CoOp run
+from one cache, zero-shot CLIP and the linear probe beside them, a summary, a Markdown table and the paper's
+figure (accuracy against shots).
+
+The runs go one after another in this process, sharing the model, the cache and the compiled kernels, so no run
+pays a process's start-up; under torchrun the runs are shared among the processes (GPUs). Each is an ordinary
+run directory (DIR/<variant>/<shots>shot-seed<seed>), so `eval`,
+`predict` and `interpret` work on it; rerunning the same sweep keeps the finished runs and resumes or redoes the
+others. DIR/sweep.json records what the sweep is, so a different sweep never writes into it.
+"""
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from fastcoop.cache import FeatureCache
+from fastcoop.config import TrainConfig
+from fastcoop.distributed import World
+from fastcoop.errors import FastCoopError
+from fastcoop.evaluate import evaluate_split
+from fastcoop.linear_probe import linear_probe
+from fastcoop.models import LoadedModel
+from fastcoop.pipeline import train_to_run_dir
+from fastcoop.run import RESULTS_FILE, read_config
+from fastcoop.zeroshot import zeroshot_classifier
+
+SWEEP_FILE, SUMMARY_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "summary.json", "summary.md", "accuracy.png"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The recipe options a sweep varies; everything else is the published recipe."""
+
+    n_ctx: int = 16
+    csc: bool = False
+    position: str = "end"
+
+    @property
+    def name(self) -> str:
+        return f"M{self.n_ctx}-{'csc' if self.csc else 'unified'}-{self.position}"
+
+
+def sweep_runs(cache: FeatureCache, shots: list[int], seeds: list[int], variants: list[Variant]):
+    """Every (variant, shots, seed), checked against the cache's subsets before any work."""
+    for s in shots:
+        for seed in seeds:
+            cache.rows("train", s, seed)  # a clear error for a subset the cache lacks
+    return [(v, s, seed) for v in variants for s in shots for seed in seeds]
+
+
+def check_sweep_dir(out: Path, request: dict) -> None:
+    path = Path(out) / SWEEP_FILE
+    if path.is_file() and json.loads(path.read_text()) != request:
+        raise FastCoopError(f"{out} holds a different sweep (see its {SWEEP_FILE}); choose another --out")
+
+
+def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[int], seeds: list[int],
+              variants: list[Variant], base: TrainConfig, progress: bool = True, echo=print,
+              world: World = World()) -> dict | None:
+    """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
+    Under torchrun each rank trains every N-th run and the first writes the summary (None elsewhere)."""
+    out = Path(out)
+    runs = sweep_runs(cache, shots, seeds, variants)
+    request = sweep_request(cache, shots, seeds, variants, base)
+    check_sweep_dir(out, request)
+    if world.is_writer:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
+    for i, (variant, s, seed) in enumerate(runs, start=1):
+        if i % world.size != world.rank % world.size:
+            continue
+        run_dir = out / variant.name / f"{s}shot-seed{seed}"
+        config = replace(base, shots=s, seed=seed, **asdict(variant))
+        done = read_config(run_dir)
+        if done is None or done["state"] != "complete" or done.get("request") != asdict(config):
+            echo(f"[{i}/{len(runs)}] {variant.name}, {s} shots, seed {seed}")
+            train_to_run_dir(cache, loaded, config, run_dir, progress=progress, overwrite=done is not None
+                             and done["state"] == "complete")
+    world.from_writer(None)  # every rank's runs are finished
+    if not world.is_writer:
+        return None
+    results = []
+    for variant, s, seed in runs:
+        run_dir = out / variant.name / f"{s}shot-seed{seed}"
+        test = json.loads((run_dir / RESULTS_FILE).read_text()).get("test", {}).get("top1")
+        results.append({"variant": variant.name, "shots": s, "seed": seed, "test": test, "run": str(run_dir)})
+    summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames), "runs": results,
+               "zero_shot": _zero_shot(cache, loaded, base.device)}
+    if "val" in cache.splits and "test" in cache.splits:
+        summary["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / TABLE_FILE).write_text(summary_table([summary], [out.name]) + "\n")
+    plot_accuracy(summary, out / FIGURE_FILE, title=Path(cache.path).stem)
+    return summary
+
+
+def sweep_request(cache, shots, seeds, variants, base: TrainConfig) -> dict:
+    return {"cache": cache.identity(), "shots": shots, "seeds": seeds,
+            "variants": [asdict(v) for v in variants], "recipe": asdict(replace(base, shots=None, seed=0))}
+
+
+def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str) -> float | None:
+    if "test" not in cache.splits:
+        return None
+    return evaluate_split(cache, zeroshot_classifier(loaded, cache.classnames, device=device))["top1"]
+
+
+def read_summaries(folders: list[Path]) -> list[dict]:
+    """The summaries of sweep folders; [] when none is a sweep; mixing sweeps and runs is refused."""
+    is_sweep = [(Path(f) / SUMMARY_FILE).is_file() for f in folders]
+    if not any(is_sweep):
+        return []
+    if not all(is_sweep):
+        odd = folders[is_sweep.index(False)]
+        raise FastCoopError(f"{odd} is not a finished sweep (no {SUMMARY_FILE}); report sweeps or runs, not both")
+    return [json.loads((Path(f) / SUMMARY_FILE).read_text()) for f in folders]
+
+
+def curves(summary: dict) -> dict[str, dict[int, list[float]]]:
+    """name → shots → test accuracies over seeds: each variant, and the linear probe."""
+    table: dict[str, dict[int, list[float]]] = {}
+    for run in summary["runs"]:
+        if run["test"] is not None:
+            table.setdefault(run["variant"], {}).setdefault(run["shots"], []).append(run["test"])
+    for probe in summary.get("linear_probe", []):
+        table.setdefault("linear probe", {}).setdefault(probe["shots"], []).append(probe["test"]["top1"])
+    return table
+
+
+def summary_table(summaries: list[dict], names: list[str]) -> str:
+    """Markdown: test top-1 (%) mean ± std over seeds, per dataset and variant (rows) and shots (columns); with
+    several datasets, their average too (the paper's first panel)."""
+    shots = sorted({run["shots"] for s in summaries for run in s["runs"]})
+    lines = ["| dataset | method | zero-shot | " + " | ".join(f"{s} shots" for s in shots) + " |",
+             "|" + " --- |" * (3 + len(shots))]
+    per_dataset = []
+    for name, summary in zip(names, summaries):
+        table = curves(summary)
+        per_dataset.append((summary.get("zero_shot"), table))
+        zero = _percent([summary["zero_shot"]]) if summary.get("zero_shot") is not None else "–"
+        for method, by_shots in table.items():
+            lines.append(f"| {name} | {method} | {zero} | "
+                         + " | ".join(_percent(by_shots.get(s, [])) for s in shots) + " |")
+    if len(summaries) > 1:
+        methods = set.intersection(*(set(t) for _, t in per_dataset))
+        zeros = [z for z, _ in per_dataset if z is not None]
+        zero = _percent([statistics.mean(zeros)]) if len(zeros) == len(per_dataset) else "–"
+        for method in sorted(methods):
+            cells = []
+            for s in shots:
+                means = [statistics.mean(t[method][s]) for _, t in per_dataset if t[method].get(s)]
+                cells.append(_percent([statistics.mean(means)]) if len(means) == len(per_dataset) else "–")
+            lines.append(f"| average of {len(summaries)} | {method} | {zero} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _percent(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = f"{100 * statistics.mean(values):.2f}"
+    return mean + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def plot_accuracy(summary: dict, path: Path, title: str) -> None:
+    """The paper's figure: test accuracy against shots (1, 2, 4, 8, 16 on a log axis), a curve per variant and
+    the linear probe, zero-shot CLIP as a star at zero shots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method, by_shots in curves(summary).items():
+        shots = sorted(by_shots)
+        means = [100 * statistics.mean(by_shots[s]) for s in shots]
+        errors = [100 * statistics.stdev(by_shots[s]) if len(by_shots[s]) > 1 else 0 for s in shots]
+        ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=method,
+                    linestyle="--" if method == "linear probe" else "-")
+    if summary.get("zero_shot") is not None:
+        ax.plot([0.5], [100 * summary["zero_shot"]], marker="*", markersize=14, color="tab:red", linestyle="none",
+                label="zero-shot CLIP")
+    ax.set_xscale("log", base=2)
+    ticks = [0.5] + sorted({run["shots"] for run in summary["runs"]})
+    ax.set_xticks(ticks, ["0"] + [str(t) for t in ticks[1:]])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

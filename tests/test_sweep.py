@@ -1,0 +1,109 @@
+"""`fastcoop sweep`: every run of the protocol in one command, equal to separate runs; kept across reruns."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_VIT, run_cli
+
+SWEEP = ["--shots", "1,2", "--seeds", "1,2", "--n-ctx", "2", "--csc", "no,yes", "--epochs", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def split_cache(tmp_path_factory, example_images):
+    """train, val and test: the example's train images as a flat folder, split 50/20/30 %; 1- and 2-shot subsets."""
+    root = tmp_path_factory.mktemp("sweep")
+    for class_dir in (example_images / "train").iterdir():
+        shutil.copytree(class_dir, root / "flat" / class_dir.name)
+    from fastcoop.cli import main
+
+    for shots, name in (("2", "s2.h5"), ("1,2", "s12.h5")):
+        with pytest.raises(SystemExit) as done:
+            main(["cache", str(root / "flat"), "--out", str(root / name), "--model", TINY_VIT, "--pretrained",
+                  "none", "--shots", shots, "--seeds", "1,2", "--views", "2", "--splits", "train,val,test",
+                  "--workers", "0"])
+        assert done.value.code == 0
+    return root
+
+
+def test_a_sweep_needs_every_subset_in_its_cache(tmp_path, capsys, split_cache):
+    code, _, err = run_cli(capsys, "sweep", split_cache / "s2.h5", "--out", tmp_path / "s", *SWEEP)
+    assert code == 2 and "has no 1-shot subset for seed 1" in err and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [("--csc", "maybe", "--csc takes no, yes"),
+                                                     ("--position", "top", "--position takes end, middle, front"),
+                                                     ("--seeds", "", "--seeds must be comma-separated")])
+def test_bad_values_are_one_line_exit_2(tmp_path, capsys, split_cache, option, value, message):
+    args = [a if a != "no,yes" or option != "--csc" else value for a in SWEEP]
+    if option != "--csc":
+        args += [option, value]
+    code, _, err = run_cli(capsys, "sweep", split_cache / "s2.h5", "--out", tmp_path / "s", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, split_cache, tiny_vit):
+    out = tmp_path / "sweep"
+    code, stdout, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, *SWEEP)
+    assert code == 0, err
+    runs = sorted(out.glob("*/*shot-seed*"))
+    assert [r.relative_to(out).as_posix() for r in runs] == [f"M2-{c}-end/{s}shot-seed{r}" for c in ("csc", "unified")
+                                                             for s in (1, 2) for r in (1, 2)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 8 and len(summary["linear_probe"]) == 4 and summary["zero_shot"] is not None
+    table = (out / "summary.md").read_text()
+    assert "| M2-csc-end |" in table and "| linear probe |" in table and (out / "accuracy.png").stat().st_size > 0
+    assert "| M2-unified-end |" in stdout
+    for variant, csc in (("M2-unified-end", []), ("M2-csc-end", ["--csc"])):  # each equals a separate run
+        alone = tmp_path / f"alone-{variant}"
+        code, _, err = run_cli(capsys, "train", split_cache / "s12.h5", "--out", alone, "--shots", "2", "--seed", "2",
+                               "--n-ctx", "2", "--epochs", "2", "--device", "cpu", *csc)
+        assert code == 0, err
+        assert torch.equal(load_file(alone / "prompt.safetensors")["ctx"],
+                           load_file(out / variant / "2shot-seed2" / "prompt.safetensors")["ctx"])
+    kept = {r: (r / "results.json").stat().st_mtime_ns for r in runs}
+    redo = out / "M2-csc-end" / "2shot-seed1"
+    (redo / "results.json").unlink()  # as if it had been killed before finishing
+    config = json.loads((redo / "config.json").read_text())
+    (redo / "config.json").write_text(json.dumps(config | {"state": "running"}))
+    code, stdout, _ = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, *SWEEP)
+    assert code == 0 and stdout.count("shots, seed") == 1  # only the unfinished run trained again
+    assert all((r / "results.json").stat().st_mtime_ns == t for r, t in kept.items() if r != redo)
+    assert (redo / "results.json").exists()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, _, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, *SWEEP[:-4], "--epochs", "3",
+                           "--device", "cpu")
+    assert code == 2 and "holds a different sweep" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    shutil.copytree(out, tmp_path / "again")  # a second "dataset": report averages the two
+    code, stdout, _ = run_cli(capsys, "report", out, tmp_path / "again")
+    assert code == 0 and "| average of 2 | M2-csc-end |" in stdout
+
+
+def test_torchrun_shares_the_runs_and_writes_the_same_directories(tmp_path, split_cache):
+    """Two gloo processes on CPU: each trains every other run; the contexts equal a one-process sweep's."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["sweep", str(split_cache / "s12.h5"), *SWEEP[:-4], "--epochs", "2", "--device", "cpu",
+            "--csc", "no"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "fastcoop", *args, "--out", str(tmp_path / "one")], env=env, check=True,
+                   capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fastcoop", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("summary, table and figure") == 1
+    runs = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").glob("*/*shot-seed*"))
+    assert len(runs) == 4 and runs == sorted(p.relative_to(tmp_path / "two")
+                                             for p in (tmp_path / "two").glob("*/*shot-seed*"))
+    for run in runs:
+        assert torch.equal(load_file(tmp_path / "one" / run / "prompt.safetensors")["ctx"],
+                           load_file(tmp_path / "two" / run / "prompt.safetensors")["ctx"])
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert [r["test"] for r in one["runs"]] == [r["test"] for r in two["runs"]]
