@@ -14,17 +14,18 @@ import torch
 
 from benchmarks.attention import run_attention_section
 from benchmarks.cache import run_cache_section
-from benchmarks.common import device_slug, environment, median_ms, real_classnames
+from benchmarks.common import classnames_of, device_slug, environment, median_ms, real_classnames
 from benchmarks.exactness import run_exactness_section
 from benchmarks.full_run import DATASETS, help_seconds, run_fastcoop_train, schedule
 from benchmarks.kernel import run_kernel_section
 from benchmarks.report import write_report
+from benchmarks.sweep import run_sweep_section
 from benchmarks.profile import kernel_profile
 from benchmarks.step import run_step_section, step_variants, time_breakdown, training_memory_gb
 from fastcoop.models import load_model
 
 # in the order they run: the most telling first, so that a run cut short keeps them
-SECTIONS = ("step", "kernel", "attention", "exactness", "full_run", "cache")
+SECTIONS = ("step", "kernel", "attention", "exactness", "full_run", "cache", "sweep")
 
 
 def plan(name: str, device: str) -> dict:
@@ -36,20 +37,22 @@ def plan(name: str, device: str) -> dict:
                 "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat"],
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
-                "cache": ("ViT-B-16", 200, 200, 512)}
+                "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None)]}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
                 "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
-                "cache": ("ViT-B-16", 8, 7, 32)}
+                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)]}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
             "datasets": list(DATASETS), "kernel": [(b, k) for b in (32, 1024, 16384, 131072) for k in (100, 1000)],
             "attention": [37, 100, 397, 1000],
             "exactness": grid, "exact_steps": 100,
-            "cache": ("ViT-B-16", 1000, 200, 512) if device.startswith("cuda") else ("ViT-B-16", 32, 15, 64)}
+            "cache": ("ViT-B-16", 1000, 200, 512) if device.startswith("cuda") else ("ViT-B-16", 32, 15, 64),
+            "sweep": [(d, None) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
+            else [("eurosat", 2), ("caltech101", 1)]}
 
 
 def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> float:
@@ -181,6 +184,16 @@ def main():
         model, images, views, batch = todo["cache"]
         result["cache"] = [run_cache_section(args.device, model, images, views, batch, todo["repeats"])]
         save("cache")
+    if "sweep" in sections:
+        result["sweep"] = []
+        loaded = load_model("ViT-B-16", "none", args.device)
+        for dataset, epochs in todo["sweep"]:
+            k = len(classnames_of(dataset))
+            step_ms = published_step_ms(k, args.device, todo["repeats"], loaded)
+            shots = [1, 2] if epochs else [1, 2, 4, 8, 16]
+            seeds = [1, 2] if epochs else [1, 2, 3]
+            result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs))
+            save("sweep")
 
 if __name__ == "__main__":
     main()

@@ -22,23 +22,29 @@ DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_fl
 FEATURE_DIM = {"ViT-B-16": 512, "RN50": 1024}
 
 
-def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", shots: int = 16) -> int:
-    """A valid feature cache with random features: real class names, `shots` images per class, seed 1 subset.
-    Returns the number of classes."""
+def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", shots: int | list[int] = 16,
+                          seeds: list[int] = (1,)) -> int:
+    """A valid feature cache with random features and real class names: per class as many images as the most
+    shots, and a subset for every (shots, seed). Returns the number of classes."""
     names = classnames_of(dataset)
-    n = len(names) * shots
+    shot_list = [shots] if isinstance(shots, int) else list(shots)
+    per_class = max(shot_list)
+    n = len(names) * per_class
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         f.attrs.update({
             "schema_version": SCHEMA_VERSION, "complete": True, "model": model, "pretrained": "none",
             "open_clip_version": "synthetic", "preprocessing": "{}", "classnames": json.dumps(names),
             "dataset_fingerprint": f"synthetic-{dataset}", "splits": json.dumps(["train"]), "views": 0,
-            "subsets_requested": json.dumps({"shots": shots, "seeds": [1]}),
+            "subsets_requested": json.dumps({"shots": shots, "seeds": list(seeds)}),
         })
         f["train/features"] = rng.standard_normal((1, n, FEATURE_DIM[model])).astype(np.float16)
-        f["train/labels"] = np.repeat(np.arange(len(names)), shots)
+        f["train/labels"] = np.repeat(np.arange(len(names)), per_class)
         f["train/paths"] = np.array([f"synthetic/{i}.jpg" for i in range(n)], dtype=object).astype("S")
-        f[f"train/subsets/shots{shots}_seed1"] = rng.permutation(n)
+        for s in shot_list:
+            for seed in seeds:
+                f[f"train/subsets/shots{s}_seed{seed}"] = np.concatenate(
+                    [c * per_class + rng.permutation(per_class)[:s] for c in range(len(names))])
     return len(names)
 
 
