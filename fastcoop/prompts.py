@@ -80,9 +80,11 @@ class PromptLearner(nn.Module):
     def num_classes(self) -> int:
         return len(self.classnames)
 
-    def flat_ctx(self) -> torch.Tensor:
-        """The context as rows that ctx indices address: M × D (unified) or K·M × D (class-specific)."""
-        return self.ctx.reshape(-1, self.ctx.shape[-1])
+    def flat_ctx(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """The context (this learner's, or `ctx` shaped like it) as rows that ctx indices address: M × D (unified)
+        or K·M × D (class-specific)."""
+        ctx = self.ctx if ctx is None else ctx
+        return ctx.reshape(-1, ctx.shape[-1])
 
     def ctx_index(self, classes: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Row of flat_ctx() for (class, slot) pairs (slot ≥ 0)."""
@@ -98,12 +100,13 @@ class PromptLearner(nn.Module):
             embedded = token_embedding(ids.to(token_embedding.weight.device)).float().to(ids.device)
             return embedded.masked_fill((slot >= 0)[..., None], 0.0)
 
-    def forward(self, token_embedding: nn.Embedding) -> torch.Tensor:
-        """K × 77 × D prompt embeddings, exactly the published layout (token_embedding: the text tower's)."""
+    def forward(self, token_embedding: nn.Embedding, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """K × 77 × D prompt embeddings, exactly the published layout (token_embedding: the text tower's), with
+        this learner's context or `ctx` shaped like it."""
         K, L = self.ctx_slot.shape
         classes = torch.arange(K, device=self.ctx_slot.device)[:, None].expand(K, L)
         slot = self.ctx_slot
-        ctx = self.flat_ctx()[self.ctx_index(classes, slot.clamp(min=0))]
+        ctx = self.flat_ctx(ctx)[self.ctx_index(classes, slot.clamp(min=0))]
         return torch.where((slot >= 0)[..., None], ctx, self.frozen(token_embedding))
 
     def shared_prefix_length(self) -> int:

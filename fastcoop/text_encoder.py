@@ -48,9 +48,11 @@ def encode_prompts(model, learner: PromptLearner, mode: str = "fast") -> torch.T
     return FastTextEncoder(model, learner)()
 
 
-def reference_text_features(tower: TextTower, learner: PromptLearner) -> torch.Tensor:
-    """The published computation: K × 77 tokens through every block, pooled at EOS, projected."""
-    x = learner(tower.token_embedding) + tower.positional_embedding
+def reference_text_features(tower: TextTower, learner: PromptLearner, ctx: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+    """The published computation: K × 77 tokens through every block, pooled at EOS, projected (the prompts made
+    with `ctx` in place of the learner's context, when given)."""
+    x = learner(tower.token_embedding, ctx) + tower.positional_embedding
     for block in tower.blocks:
         x = block(x, attn_mask=tower.attn_mask)
     x = tower.ln_final(x)
@@ -110,11 +112,26 @@ class FastTextEncoder:
         self.eos_rows = P + layout.starts + layout.lengths - 1  # each class's EOS row
         self.block_mask = prefix_class_block_mask(layout) if self.backends.attention == "flex" else None
 
-    def _embed(self) -> torch.Tensor:
-        """Token + positional embeddings of the packed rows, the learned context added where it goes. Only context
-        rows are gathered, so the gradient's scatter has no duplicate targets in the default layout."""
-        ctx = self.learner.flat_ctx()[self.ctx_index]
-        return self.frozen.index_add(0, self.ctx_rows, ctx.to(self.frozen.dtype))
+    def _embed(self, ctx: torch.Tensor | None) -> torch.Tensor:
+        """Token + positional embeddings of the packed rows, the learned context added where it goes (for R stacked
+        contexts, R copies of the rows, one after another). Only context rows are gathered, so the gradient's
+        scatter has no duplicate targets in the default layout."""
+        if ctx is None:
+            rows = self.learner.flat_ctx()[self.ctx_index]
+            return self.frozen.index_add(0, self.ctx_rows, rows.to(self.frozen.dtype))
+        rows = ctx.reshape(len(ctx), -1, ctx.shape[-1])[:, self.ctx_index]
+        stacked = self.frozen.expand(len(ctx), -1, -1).index_add(1, self.ctx_rows, rows.to(self.frozen.dtype))
+        return stacked.flatten(0, 1)
+
+    def _attend_stacked(self, qkv: torch.Tensor, runs: int, heads: int) -> torch.Tensor:
+        """Attention over the packed rows of `runs` stacked contexts: every context's rows share one layout and
+        never attend to another's, so the contexts become more heads of one call. qkv: runs·T × 3·D."""
+        if runs == 1:
+            return self._attend(qkv.unflatten(-1, (3, heads, -1))).flatten(1)
+        T = len(qkv) // runs
+        qkv = qkv.view(runs, T, 3, heads, -1).permute(1, 2, 0, 3, 4).reshape(T, 3, runs * heads, -1)
+        out = self._attend(qkv)  # T × runs·heads × dh
+        return out.view(T, runs, -1).transpose(0, 1).reshape(runs * T, -1)
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         if self.backends.attention == "triton":
@@ -136,10 +153,17 @@ class FastTextEncoder:
             return mlp.c_proj(quick_gelu_triton(mlp.c_fc(y)))
         return mlp(y)
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """K × D text features of the learner's prompts; with `ctx`, R contexts shaped like the learner's
+        (R × M × D, or R × K × M × D class-specific), R × K × D: each context's prompts, all in one pass."""
         if self.problem:
+            if ctx is not None:
+                raise ValueError(f"stacked contexts need the fast path, which is not exact here ({self.problem})")
             return reference_text_features(self.tower, self.learner)
-        x = self._embed()  # T packed rows × D: the residual stream, in fp32
+        runs = 1 if ctx is None else len(ctx)
+        eos_rows = self.eos_rows if runs == 1 else \
+            (torch.arange(runs, device=self.eos_rows.device)[:, None] * len(self.frozen) + self.eos_rows).flatten()
+        x = self._embed(ctx)  # runs·T packed rows × D: the residual stream, in fp32
         device = x.device.type
         gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         blocks = list(self.tower.blocks)
@@ -147,12 +171,13 @@ class FastTextEncoder:
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1
             qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
-            attn = self._attend(qkv.unflatten(-1, (3, block.attn.num_heads, -1))).flatten(1)
+            attn = self._attend_stacked(qkv, runs, block.attn.num_heads)
             if last:  # only each class's EOS row is read after the last block
-                x, attn = x[self.eos_rows], attn[self.eos_rows]
+                x, attn = x[eos_rows], attn[eos_rows]
             x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
             # the next block's first norm, or after the last block the final norm, whose output stays in fp32
             next_norm, next_dtype = (self.tower.ln_final, x.dtype) if last else (blocks[i + 1].ln_1, gemm_dtype)
             x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), next_norm, next_dtype)
-        return self.tower.project(y)
+        features = self.tower.project(y)
+        return features if ctx is None else features.unflatten(0, (runs, -1))
 

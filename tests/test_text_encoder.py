@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, relative
 from fastcoop import kernels
 from fastcoop.backends import Backends
 from fastcoop.kernels import mlp_kernel
@@ -194,3 +194,28 @@ def test_tower_copy_holds_only_what_runs_with_matrices_in_the_asked_dtype(tiny_v
     assert block.ln_1.weight.dtype == copy.ln_final.weight.dtype == torch.float32  # norms stay as autocast runs them
     assert torch.equal(block.mlp.c_proj.weight, original.mlp.c_proj.weight.to(torch.bfloat16))
     assert original.attn.in_proj_weight.dtype == torch.float32  # the model is untouched
+
+
+@pytest.mark.parametrize("csc, position", [(False, "end"), (False, "middle"), (True, "front")])
+@pytest.mark.parametrize("backends", [Backends(), Backends(attention="triton", add_norm="triton")],
+                         ids=["grid", "triton"])
+def test_stacked_contexts_equal_one_call_each(request, tiny_vit, tiny_rn, csc, position, backends):
+    """R contexts in one pass (their rows stacked, their attention as R times the heads) give each context's own
+    features and gradients — what stacked runs and CoCoOp's per-image contexts are built on."""
+    if backends.attention == "triton" and not kernels.INTERPRET:
+        pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
+    for loaded in (tiny_vit, tiny_rn):
+        torch.manual_seed(0)
+        learner = PromptLearner(loaded.model, loaded.tokenizer, CLASSNAMES, n_ctx=4, csc=csc, position=position)
+        encoder = FastTextEncoder(loaded.model, learner, backends)
+        contexts = (0.02 * torch.randn(3, *learner.ctx.shape)).requires_grad_()
+        stacked = encoder(contexts)
+        weights = torch.linspace(-1, 1, stacked[0].numel()).view_as(stacked[0])
+        grad, = torch.autograd.grad((stacked * weights).sum(), contexts)
+        assert stacked.shape == (3, len(CLASSNAMES), stacked.shape[-1])
+        for r in range(3):
+            with torch.no_grad():
+                learner.ctx.copy_(contexts[r])
+            alone = encoder()
+            alone_grad, = torch.autograd.grad((alone * weights).sum(), learner.ctx)
+            assert relative(stacked[r], alone) <= 1e-5 and relative(grad[r], alone_grad) <= 1e-4
