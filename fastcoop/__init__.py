@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "FastCoopError": "fastcoop.errors", "FastTextEncoder": "fastcoop.text_encoder",
+    "CoCoOpLearner": "fastcoop.cocoop", "cocoop_logits": "fastcoop.cocoop", "FastCoopError": "fastcoop.errors", "FastTextEncoder": "fastcoop.text_encoder",
     "LabelledImages": "fastcoop.data", "LoadedModel": "fastcoop.models", "PromptLearner": "fastcoop.prompts",
     "TrainConfig": "fastcoop.config",  # the loop itself: fastcoop.train.train
     "encode_prompts": "fastcoop.text_encoder", "load_model": "fastcoop.models", "read_coop_split": "fastcoop.data",

@@ -1,0 +1,56 @@
+"""CoCoOp (Zhou et al., "Conditional Prompt Learning for Vision-Language Models", CVPR 2022): CoOp's context plus
+a shift π(x) that a small Meta-Net computes from each image's normalised feature, so that every image has its own
+K prompts: [SOS][v1+π(x)]…[vM+π(x)][CLASS].[EOS].
+
+`reference` is the published computation (trainers/cocoop.py): per image, its K prompts × 77 tokens through the
+text encoder. `fast` gives the same numbers with one pass for the whole batch: each image's context is one of the
+fast encoder's stacked contexts (its own shared prefix, the K classes' few tokens attending to it).
+"""
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcoop.prompts import PromptLearner
+from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.text_tower import TextTower
+
+
+class CoCoOpLearner(PromptLearner):
+    """A unified context before the class name (M = 4 from "a photo of a" by default, as published) and the
+    Meta-Net, Linear(vis_dim → vis_dim/16) → ReLU → Linear(→ ctx_dim), with the published layer names, so that a
+    published prompt learner's state dict loads."""
+
+    def __init__(self, model, tokenizer, classnames, n_ctx: int = 4, init: str | None = "a photo of a"):
+        super().__init__(model, tokenizer, classnames, n_ctx, csc=False, position="end", init=init)
+        vis_dim, ctx_dim = model.visual.output_dim, self.ctx.shape[-1]
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(vis_dim, vis_dim // 16)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(vis_dim // 16, ctx_dim)),
+        ])).to(self.ctx.device)
+
+    def contexts(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Each image's context, B × M × D: the learned context shifted by the Meta-Net's output for the image's
+        L2-normalised feature."""
+        shift = self.meta_net(F.normalize(image_features.float(), dim=-1))
+        return self.ctx[None] + shift[:, None, :]
+
+
+def cocoop_logits(model, learner: CoCoOpLearner, image_features: torch.Tensor, mode: str = "fast",
+                  encoder: FastTextEncoder | None = None) -> torch.Tensor:
+    """B × K logits: logit_scale · cos(image b, the K text features of image b's own prompts). `encoder`: a
+    FastTextEncoder built once for `learner` (fast mode), instead of one per call."""
+    contexts = learner.contexts(image_features)
+    if mode == "reference":
+        tower = TextTower.of(model)
+        text = torch.stack([reference_text_features(tower, learner, ctx) for ctx in contexts])
+    elif mode == "fast":
+        text = (encoder or FastTextEncoder(model, learner))(contexts)
+    else:
+        raise ValueError(f"mode must be 'fast' or 'reference', not '{mode}'")
+    image = F.normalize(image_features.float(), dim=-1)
+    scale = model.logit_scale.exp()
+    return scale * torch.einsum("bd,bkd->bk", image, F.normalize(text.float(), dim=-1))
