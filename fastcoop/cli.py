@@ -179,8 +179,10 @@ def _describe_cache(path, seconds):
 @click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (finished, or made otherwise).")
 @click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between checkpoints while training.")
+@click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base", "new"]),
+              help="Train on a class subset of the base-to-new protocol (labels in order; the first half is base).")
 def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
-          text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every):
+          text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes):
     """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR.
 
     An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
@@ -205,8 +207,8 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
     device = resolve_device(device)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
-    config = TrainConfig(shots=n_shots, seed=seed, n_ctx=n_ctx, csc=csc, position=position, init=init,
-                         epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
+    config = TrainConfig(shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc, position=position,
+                         init=init, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
                          text_path=text_path, graph=not no_graph, fused=not no_fused, fused_mlp=fused_mlp,
                          attention=attention)
     backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
@@ -230,13 +232,17 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("cache_file", type=click.Path(path_type=Path))
 @click.option("--split", default="test", show_default=True)
+@click.option("--classes", type=click.Choice(["all", "base", "new"]), default=None,
+              help="Class subset to test on  [default: the run's own]; a run trained on base classes can be "
+                   "tested on the new ones (the base-to-new protocol).")
 @click.option("--device", default="auto", show_default=True)
-def evaluate(run_dir, cache_file, split, device):
+def evaluate(run_dir, cache_file, split, classes, device):
     """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
     from fastcoop.cache import FeatureCache
     from fastcoop.devices import resolve_device
     from fastcoop.evaluate import check_same_model, evaluate_split, run_text_features
-    from fastcoop.run import load_run
+    from fastcoop.fewshot import class_subset
+    from fastcoop.run import load_run, with_classnames
 
     if run_dir.is_file() and cache_file.is_dir():
         raise FastCoopError(f"the arguments are swapped: `fastcoop eval RUN_DIR CACHE` ({run_dir} is a file, "
@@ -245,9 +251,18 @@ def evaluate(run_dir, cache_file, split, device):
     cache = FeatureCache(cache_file)
     run = load_run(run_dir, device)
     check_same_model(cache, run.loaded.name, run.loaded.pretrained)
-    if run.learner.classnames != cache.classnames:
+    trained_on = run.config["train"].get("classes", "all")
+    names = {which: [cache.classnames[k] for k in class_subset(len(cache.classnames), which)]
+             for which in ("all", "base", "new")}
+    if run.learner.classnames != names[trained_on]:
         raise FastCoopError(f"{cache_file} has other class names than the prompt in {run_dir}")
-    scores = evaluate_split(cache, run_text_features(run), split)
+    classes = classes or trained_on
+    if classes != trained_on:
+        if (trained_on, classes) != ("base", "new"):
+            raise FastCoopError(f"{run_dir} was trained on {trained_on} classes: test it on those"
+                                + (", or, trained on base classes, on the new ones" if trained_on == "base" else ""))
+        run = with_classnames(run, names["new"])
+    scores = evaluate_split(cache, run_text_features(run), split, classes)
     click.echo(f"{split}: top-1 {scores['top1']:.2%}, mean per-class {scores['mean_per_class']:.2%} "
                f"({scores['images']} images)")
 

@@ -10,6 +10,7 @@ class TrainConfig:
 
     shots: int | None = 16  # None: the whole cached train split
     seed: int = 1
+    classes: str = "all"  # or base / new: the base-to-new protocol's halves (sampled first, then kept, relabelled)
     n_ctx: int = 16
     csc: bool = False
     position: str = "end"

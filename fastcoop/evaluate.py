@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from fastcoop.backends import Backends
 from fastcoop.cache import FeatureCache
 from fastcoop.errors import FastCoopError
+from fastcoop.fewshot import class_subset, relabel
 from fastcoop.kernels import cosine_ce
 from fastcoop.run import Run
 from fastcoop.text_encoder import FastTextEncoder
@@ -44,11 +45,16 @@ def accuracy(image_features: torch.Tensor, labels: torch.Tensor, text_features: 
             "images": len(labels)}
 
 
-def evaluate_split(cache: FeatureCache, text_features: torch.Tensor, split: str = "test") -> dict:
-    if len(text_features) != len(cache.classnames):
-        raise FastCoopError(f"the prompt has {len(text_features)} classes, {cache.path} has "
-                            f"{len(cache.classnames)}")
-    return accuracy(cache.features(split, view=0).float(), cache.labels(split), text_features)
+def evaluate_split(cache: FeatureCache, text_features: torch.Tensor, split: str = "test",
+                   classes: str = "all") -> dict:
+    """Accuracy on a split's images of a class subset (all, or the base-to-new protocol's base or new half),
+    among that subset's classes; `text_features` holds one row per class of the subset."""
+    kept = class_subset(len(cache.classnames), classes)
+    if len(text_features) != len(kept):
+        raise FastCoopError(f"the prompt has {len(text_features)} classes, {cache.path} has {len(kept)}"
+                            + ("" if classes == "all" else f" {classes} classes"))
+    in_subset, labels = relabel(cache.labels(split), kept)
+    return accuracy(cache.features(split, view=0).float()[in_subset], labels, text_features)
 
 
 def normalized_mean(features: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,10 @@
-"""Few-shot sampling exactly as the published CoOp code does it, so a seed selects the same images."""
+"""Few-shot sampling and class subsets exactly as the published code makes them, so a seed selects the same
+images and 'base' the same classes."""
 
+import math
 import random
+
+CLASS_SUBSETS = ("all", "base", "new")
 
 
 def sample_few_shot(labels: list[int], shots: int, seed: int) -> list[int]:
@@ -30,3 +34,21 @@ def parse_shots(value: str) -> int | None:
 
 def subset_key(shots: int, seed: int) -> str:
     return f"shots{shots}_seed{seed}"
+
+
+def class_subset(num_classes: int, which: str) -> list[int]:
+    """The labels of a class subset, as CoCoOp's base-to-new protocol splits them (subsample_classes): labels in
+    order, the first ⌈K/2⌉ are base, the rest new. A label's place in the list is its label within the subset."""
+    half = math.ceil(num_classes / 2)
+    return {"all": list(range(num_classes)), "base": list(range(half)), "new": list(range(half, num_classes))}[which]
+
+
+def relabel(labels, kept: list[int]):
+    """(which of `labels` belong to `kept`, their labels within it): a torch mask and tensor."""
+    import torch
+
+    top = int(labels.max()) if len(labels) else 0
+    to_subset = torch.full((max(max(kept), top) + 1,), -1, dtype=torch.long)
+    to_subset[kept] = torch.arange(len(kept))
+    mapped = to_subset[labels.cpu()]
+    return mapped >= 0, mapped[mapped >= 0]

@@ -55,7 +55,8 @@ def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConf
                "steps": sum(r["steps"] for r in result.history), "resumed_at_epoch": resume and resume.epochs_done,
                "augmentation": result.augmentation}
     if "test" in cache.splits:
-        results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner, result.backends))
+        results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner, result.backends),
+                                         classes=result.config.classes)
     results["timings"] = {**(timings or {}), "setup_s": result.setup_seconds,
                           "first_epoch_s": result.first_epoch_seconds, "loop_s": result.seconds,
                           "save_and_test_s": time.perf_counter() - finish_start}

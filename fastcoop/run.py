@@ -220,3 +220,16 @@ def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | Non
     with torch.no_grad():
         learner.ctx.copy_(load_file(run_dir / PROMPT_FILE)["ctx"])
     return Run(config, loaded, learner)
+
+
+def with_classnames(run: Run, classnames: list[str]) -> Run:
+    """The run's learned context on other class names (unseen classes, another dataset): only a context shared
+    by all classes carries over; a class-specific one has nothing for classes it was not trained on."""
+    if run.learner.csc:
+        raise FastCoopError("this run learned a context per class (--csc): it has none for other classes")
+    train = TrainConfig(**run.config["train"])
+    learner = PromptLearner(run.loaded.model, run.loaded.tokenizer, classnames, train.n_ctx, False, train.position,
+                            train.init).to(run.learner.ctx.device)
+    with torch.no_grad():
+        learner.ctx.copy_(run.learner.ctx)
+    return Run(run.config, run.loaded, learner)

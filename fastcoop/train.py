@@ -24,6 +24,7 @@ from fastcoop.cache import FeatureCache
 from fastcoop.config import TrainConfig
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
+from fastcoop.fewshot import class_subset, relabel
 from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
@@ -111,14 +112,17 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
     backends = resolve(device, config.attention, config.fused, config.fused_mlp)
     rows = cache.rows("train", config.shots, config.seed if config.shots else None)
     epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
-    labels = cache.labels("train", rows).to(device)
+    kept = class_subset(len(cache.classnames), config.classes)  # few-shot sampled first, then kept (published)
+    in_subset, labels = relabel(cache.labels("train", rows), kept)
+    rows, labels = rows[in_subset.numpy()], labels.to(device)
+    classnames = [cache.classnames[k] for k in kept]
 
     model = loaded.model
     if config.text_path == "reference" or TextTower.of(model).fast_path_problem():
         move_text_tower(model, device)  # the published text path runs the model's own tower
     # else the model stays where it is: the fast encoder runs a copy of the tower's blocks on the device
     torch.manual_seed(config.seed)
-    learner = PromptLearner(model, loaded.tokenizer, cache.classnames, config.n_ctx, config.csc, config.position,
+    learner = PromptLearner(model, loaded.tokenizer, classnames, config.n_ctx, config.csc, config.position,
                             config.init).to(device)
     # the run's options with every default resolved; the caller's config stays as it was given
     config = dataclasses.replace(config, epochs=epochs, n_ctx=learner.n_ctx, attention=backends.attention)
