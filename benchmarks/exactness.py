@@ -35,8 +35,9 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
             generator = torch.Generator().manual_seed(1)
             epochs = -(-steps // 4)  # 4 steps of 32 per epoch
             orders = torch.stack([torch.randperm(128, generator=generator) for _ in range(epochs)]).view(epochs, 4, 32)
-            step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach(), orders.to(device),
-                             torch.full((epochs,), 0.002, device=device), 0.9, 5e-4)
+            step = TrainStep([learner], lambda e=encode: e()[None], features[None], labels[None],
+                             model.logit_scale.exp().detach(), orders[None].to(device),
+                             torch.full((1, epochs), 0.002, device=device), 0.9, 5e-4)
             for _ in range(steps):
                 step()
             contexts.append(learner.ctx.detach().float())

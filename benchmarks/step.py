@@ -47,8 +47,9 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
             published_step(model, learner, images, labels, optimizer)
 
     def make(encode_text, dtype):
-        step = TrainStep(learner, encode_text, features, labels, scale, torch.arange(batch, device=device)[None, None],
-                         torch.full((1,), 0.002, device=device), 0.9, 5e-4, dtype)
+        step = TrainStep([learner], lambda: encode_text()[None], features[None], labels[None], scale,
+                         torch.arange(batch, device=device)[None, None, None], torch.full((1, 1), 0.002, device=device),
+                         0.9, 5e-4, dtype)
 
         def run():
             step.step.zero_()
@@ -131,9 +132,10 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     features = torch.randn(n, model.visual.output_dim, device=device)
     labels = torch.arange(n, device=device) % len(classnames)
     encode = FastTextEncoder(model, learner, resolve(device), weight_dtype=precision)
-    order = torch.randperm(n, device=device)[:n // batch * batch].view(1, n // batch, batch)
-    step = TrainStep(learner, encode, features, labels, model.logit_scale.exp().detach().to(device), order,
-                     torch.full((1,), 0.002, device=device), 0.9, 5e-4, precision)
+    order = torch.randperm(n, device=device)[:n // batch * batch].view(1, 1, n // batch, batch)
+    step = TrainStep([learner], lambda: encode()[None], features[None], labels[None],
+                     model.logit_scale.exp().detach().to(device), order, torch.full((1, 1), 0.002, device=device), 0.9,
+                     5e-4, precision)
     resident = torch.cuda.memory_allocated() - before
     graphed = CudaGraphStep(step)
     for _ in range(3):

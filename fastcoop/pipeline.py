@@ -10,7 +10,7 @@ from fastcoop.config import TrainConfig
 from fastcoop.evaluate import evaluate_split, prompt_text_features
 from fastcoop.models import LoadedModel
 from fastcoop.run import clear_run_dir, plan_run_dir, read_checkpoint, save_complete, save_progress
-from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, TrainResult, train
+from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, TrainResult, train_stack
 
 def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, run_dir: Path,
                      progress: bool = True, timings: dict | None = None, overwrite: bool = False,
@@ -18,47 +18,67 @@ def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConf
     """Train into `run_dir`, or go on with the unfinished run there made with the same options and cache.
 
     The run is checkpointed every `save_every` seconds (each save costs milliseconds), and on Ctrl-C or SIGTERM
-    before it exits; on a non-finite
-    loss it keeps the last good epoch. A complete run writes the curve and results.json (train loss/accuracy,
-    where the time went, and test accuracy when cached). `timings`: the caller's own stages (imports, model)."""
-    request = dataclasses.asdict(config)  # the options as asked, before the loop resolves its defaults
-    plan = plan_run_dir(run_dir, cache, request, overwrite)
-    resume = Checkpoint(**read_checkpoint(run_dir)) if plan == "resume" else None
-    if plan == "replace":
-        clear_run_dir(run_dir)
+    before it exits; on a non-finite loss it keeps the last good epoch. A complete run writes the curve and
+    results.json (train loss/accuracy, where the time went, and test accuracy when cached). `timings`: the
+    caller's own stages (imports, model)."""
+    (result, results), = train_to_run_dirs(cache, loaded, [config], [run_dir], progress, timings, overwrite,
+                                           save_every)
+    return result, results
+
+
+def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], run_dirs: list[Path],
+                      progress: bool = True, timings: dict | None = None, overwrite: bool = False,
+                      save_every: float = 10.0) -> list[tuple[TrainResult, dict]]:
+    """Runs that differ only in their seed, trained together (train_stack), each into its own run directory with
+    everything train_to_run_dir promises; unfinished runs resumed together must have stopped after the same
+    epoch."""
+    requests = [dataclasses.asdict(config) for config in configs]  # as asked, before the loop resolves defaults
+    plans = [plan_run_dir(d, cache, r, overwrite) for d, r in zip(run_dirs, requests)]
+    resumes = [Checkpoint(**read_checkpoint(d)) if plan == "resume" else None for d, plan in zip(run_dirs, plans)]
+    for run_dir, plan in zip(run_dirs, plans):
+        if plan == "replace":
+            clear_run_dir(run_dir)
     last_save = time.monotonic()
 
-    def save(result, state="running"):
-        save_progress(run_dir, result, cache, loaded, request, state)
+    def save(results, states):
+        for run_dir, result, request, state in zip(run_dirs, results, requests, states):
+            save_progress(run_dir, result, cache, loaded, request, state)
 
-    def every_few_seconds(result):
+    def every_few_seconds(results):
         nonlocal last_save
         if time.monotonic() - last_save >= save_every:
-            save(result)
+            save(results, ["running"] * len(results))
             last_save = time.monotonic()
 
     try:
-        result = train(cache, loaded, config, progress=progress, on_report=every_few_seconds, resume=resume)
-    except NonFiniteLoss as exc:
-        save(exc.result, "failed")
+        trained = train_stack(cache, loaded, configs, progress=progress, on_report=every_few_seconds,
+                              resumes=resumes)
+    except NonFiniteLoss as exc:  # the failed runs keep their last good epoch; the others can resume
+        save(exc.results, ["failed" if run in exc.failed else "interrupted" for run in range(len(configs))])
         raise
     except TrainingInterrupted as exc:
-        if exc.result.checkpoint is None:
-            raise KeyboardInterrupt(f"nothing was trained yet in {run_dir}") from None
-        save(exc.result, "interrupted")
-        raise KeyboardInterrupt(f"{run_dir} saved after epoch {exc.result.checkpoint.epochs_done} of "
-                                f"{exc.result.config.epochs}; run the same command again to resume") from None
-    finish_start = time.perf_counter()
-    last = result.history[-1]
-    results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
-               "setup_seconds": result.setup_seconds, "epochs": result.config.epochs,
-               "steps": sum(r["steps"] for r in result.history), "resumed_at_epoch": resume and resume.epochs_done,
-               "augmentation": result.augmentation}
-    if "test" in cache.splits:
-        results["test"] = evaluate_split(cache, prompt_text_features(loaded.model, result.learner, result.backends),
-                                         classes=result.config.classes)
-    results["timings"] = {**(timings or {}), "setup_s": result.setup_seconds,
-                          "first_epoch_s": result.first_epoch_seconds, "loop_s": result.seconds,
-                          "save_and_test_s": time.perf_counter() - finish_start}
-    save_complete(run_dir, result, cache, loaded, request, results)
-    return result, results
+        first = exc.results[0]
+        if first.checkpoint is None:
+            raise KeyboardInterrupt(f"nothing was trained yet in {run_dirs[0]}") from None
+        save(exc.results, ["interrupted"] * len(configs))
+        where = run_dirs[0] if len(run_dirs) == 1 else f"{len(run_dirs)} runs ({run_dirs[0]}, ...)"
+        raise KeyboardInterrupt(f"{where} saved after epoch {first.checkpoint.epochs_done} of "
+                                f"{first.config.epochs}; run the same command again to resume") from None
+    done = []
+    for run_dir, result, request, resume in zip(run_dirs, trained, requests, resumes):
+        finish_start = time.perf_counter()
+        last = result.history[-1]
+        results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
+                   "setup_seconds": result.setup_seconds, "epochs": result.config.epochs,
+                   "steps": sum(r["steps"] for r in result.history),
+                   "resumed_at_epoch": resume and resume.epochs_done, "trained_with": len(configs),
+                   "augmentation": result.augmentation}
+        if "test" in cache.splits:
+            results["test"] = evaluate_split(
+                cache, prompt_text_features(loaded.model, result.learner, result.backends), classes=result.config.classes)
+        results["timings"] = {**(timings or {}), "setup_s": result.setup_seconds,
+                              "first_epoch_s": result.first_epoch_seconds, "loop_s": result.seconds,
+                              "save_and_test_s": time.perf_counter() - finish_start}
+        save_complete(run_dir, result, cache, loaded, request, results)
+        done.append((result, results))
+    return done

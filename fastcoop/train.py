@@ -60,15 +60,16 @@ class Checkpoint:
     history: list[dict]
 
     @classmethod
-    def of(cls, step, history: list[dict]) -> "Checkpoint":
-        return cls(len(history), step.learner.ctx.detach().clone(), step.momentum_buffer.clone(), list(history))
+    def of(cls, step, run: int, history: list[dict]) -> "Checkpoint":
+        return cls(len(history), step.learners[run].ctx.detach().clone(), step.momentum_buffers[run].clone(),
+                   list(history))
 
-    def restore(self, step) -> int:
-        """Load into a fresh TrainStep; returns the first epoch still to train."""
+    def restore(self, step, run: int) -> int:
+        """Load into a fresh TrainStep's run; returns the first epoch still to train."""
         with torch.no_grad():
-            step.learner.ctx.copy_(self.ctx)
-            step.good_ctx.copy_(self.ctx)
-            step.momentum_buffer.copy_(self.momentum_buffer)
+            step.learners[run].ctx.copy_(self.ctx)
+            step.good_ctx[run].copy_(self.ctx)
+            step.momentum_buffers[run].copy_(self.momentum_buffer)
             step.step.fill_(self.epochs_done * step.steps)
         return self.epochs_done
 
@@ -99,87 +100,126 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progress: bool = True,
           on_report=None, resume: Checkpoint | None = None) -> TrainResult:
-    """Learn the context on `cache`'s (shots, seed) subset, from the start or from `resume`.
+    """Learn the context on `cache`'s (shots, seed) subset, from the start or from `resume` (a stack of one)."""
+    return train_stack(cache, loaded, [config], progress, on_report and (lambda results: on_report(results[0])),
+                       [resume])[0]
+
+
+def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], progress: bool = True,
+                on_report=None, resumes: list[Checkpoint | None] | None = None) -> list[TrainResult]:
+    """Train runs that differ only in their seed (so in their images, order and initial context) together: every
+    step runs all their prompts in one text-encoder pass; each run keeps its own loss, momentum and schedule, and
+    ends exactly where it would alone. `resumes`: each run's checkpoint, all after the same epoch, or None.
 
     The host enqueues each epoch's steps without waiting for them, and looks at the results after the first epoch,
-    then every REPORT_SECONDS and at the end; `on_report(result)` is called then, with `result.checkpoint` the
+    then every REPORT_SECONDS and at the end; `on_report(results)` is called then, each `result.checkpoint` the
     state after the last epoch seen."""
     setup_start = time.perf_counter()
-    device = resolve_device(config.device)
-    dtype = autocast_dtype(resolve_precision(config.precision, device, "bf16"))
-    if config.batch_size < 1 or config.lr <= 0:
+    base = configs[0]
+    if any(dataclasses.replace(c, seed=base.seed) != base for c in configs):
+        raise ValueError("runs trained together may differ only in their seed")
+    resumes = resumes or [None] * len(configs)
+    device = resolve_device(base.device)
+    dtype = autocast_dtype(resolve_precision(base.precision, device, "bf16"))
+    if base.batch_size < 1 or base.lr <= 0:
         raise FastCoopError("--batch-size must be ≥ 1 and --lr > 0")
-    backends = resolve(device, config.attention, config.fused, config.fused_mlp)
-    rows = cache.rows("train", config.shots, config.seed if config.shots else None)
-    epochs = config.epochs or published_epochs(config.shots, len(cache.classnames))
-    kept = class_subset(len(cache.classnames), config.classes)  # few-shot sampled first, then kept (published)
-    in_subset, labels = relabel(cache.labels("train", rows), kept)
-    rows, labels = rows[in_subset.numpy()], labels.to(device)
+    backends = resolve(device, base.attention, base.fused, base.fused_mlp)
+    epochs = base.epochs or published_epochs(base.shots, len(cache.classnames))
+    kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
     classnames = [cache.classnames[k] for k in kept]
+    rows, labels = [], []
+    for config in configs:
+        subset = cache.rows("train", config.shots, config.seed if config.shots else None)
+        in_subset, run_labels = relabel(cache.labels("train", subset), kept)
+        rows.append(subset[in_subset.numpy()])
+        labels.append(run_labels)
+    labels = torch.stack(labels).to(device)  # the same number of images per class for every seed
 
     model = loaded.model
-    if config.text_path == "reference" or TextTower.of(model).fast_path_problem():
+    if base.text_path == "reference" or TextTower.of(model).fast_path_problem():
         move_text_tower(model, device)  # the published text path runs the model's own tower
     # else the model stays where it is: the fast encoder runs a copy of the tower's blocks on the device
-    torch.manual_seed(config.seed)
-    learner = PromptLearner(model, loaded.tokenizer, classnames, config.n_ctx, config.csc, config.position,
-                            config.init).to(device)
-    # the run's options with every default resolved; the caller's config stays as it was given
-    config = dataclasses.replace(config, epochs=epochs, n_ctx=learner.n_ctx, attention=backends.attention)
-    if config.text_path == "fast":
-        encode_text = FastTextEncoder(model, learner, backends, weight_dtype=dtype)
-    else:
-        tower = TextTower.of(model)
-        encode_text = lambda: reference_text_features(tower, learner)  # noqa: E731
-    views, augmentation = epoch_views(cache.features("train", rows), config.epochs)  # on the host, float16
-    if device.startswith("cuda"):
-        views = views.pin_memory()  # each epoch's view goes to the device asynchronously
-    features = torch.empty(views.shape[1:], device=device)  # the epoch's view, in float32
+    learners = []
+    for config in configs:
+        torch.manual_seed(config.seed)
+        learners.append(PromptLearner(model, loaded.tokenizer, classnames, config.n_ctx, config.csc, config.position,
+                                      config.init).to(device))
+    # the runs' options with every default resolved; the caller's configs stay as they were given
+    configs = [dataclasses.replace(c, epochs=epochs, n_ctx=learners[0].n_ctx, attention=backends.attention)
+               for c in configs]
+    encode_text = _text_features(model, learners, backends, dtype, base.text_path)
+    views = []
+    for subset in rows:
+        run_views, augmentation = epoch_views(cache.features("train", subset), epochs)  # on the host, float16
+        views.append(run_views.pin_memory() if device.startswith("cuda") else run_views)  # copied asynchronously
+    features = torch.empty(len(configs), *views[0].shape[1:], device=device)  # each run's epoch view, float32
     scale = model.logit_scale.exp().detach().to(device)
-    orders, lrs = schedule_tables(len(labels), config)
-    step = TrainStep(learner, encode_text, features, labels, scale, orders.to(device), lrs.to(device),
-                     config.momentum, config.weight_decay, dtype, backends.loss)
-    result = TrainResult(learner, config, backends, augmentation=augmentation)
+    tables = [schedule_tables(labels.shape[1], config) for config in configs]
+    orders, lrs = (torch.stack(t).to(device) for t in zip(*tables))
+    step = TrainStep(learners, encode_text, features, labels, scale, orders, lrs, base.momentum, base.weight_decay,
+                     dtype, backends.loss)
+    results = [TrainResult(learner, config, backends, augmentation=augmentation)
+               for learner, config in zip(learners, configs)]
     first_epoch = 0
-    if resume is not None:
-        first_epoch = resume.restore(step)
-        result.history = list(resume.history)
-    use_graph = config.graph and device.startswith("cuda")
+    for run, resume in enumerate(resumes):
+        if resume is not None:
+            first_epoch = resume.restore(step, run)
+            results[run].history = list(resume.history)
+    if len({r.epochs_done if r else 0 for r in resumes}) > 1:
+        raise ValueError("runs resumed together must have stopped after the same epoch")
+    use_graph = base.graph and device.startswith("cuda")
     run_step = None  # the graph is captured at the first epoch, once the static tensors hold real data
     start = time.perf_counter()
-    result.setup_seconds = start - setup_start
+    for result in results:
+        result.setup_seconds = start - setup_start
     seen, seen_at = first_epoch, start  # epochs whose results the host has read, and when
-    bar = tqdm(total=config.epochs, initial=first_epoch, desc="train", unit="epoch", disable=not progress)
+    bar = tqdm(total=epochs, initial=first_epoch, desc="train" if len(configs) == 1 else f"train ×{len(configs)}",
+               unit="epoch", disable=not progress)
     try:
         with _stop_at_epoch_end() as stop_requested:
-            for epoch in range(first_epoch, config.epochs):
-                step.load_view(views[epoch % len(views)])
+            for epoch in range(first_epoch, epochs):
+                for run, run_views in enumerate(views):
+                    step.load_view(run, run_views[epoch % len(run_views)])
                 if run_step is None:
                     run_step = graphed_or_eager(step) if use_graph else step
-                for _ in range(orders.shape[1]):
+                for _ in range(orders.shape[2]):
                     run_step()
                 step.end_epoch(epoch)
                 now = time.perf_counter()
-                if epoch == first_epoch or epoch + 1 == config.epochs or now - seen_at >= REPORT_SECONDS or \
+                if epoch == first_epoch or epoch + 1 == epochs or now - seen_at >= REPORT_SECONDS or \
                         stop_requested:
-                    _read_back(step, result, seen, epoch + 1, now - seen_at)  # waits for the device
+                    _read_back(step, results, seen, epoch + 1, now - seen_at)  # waits for the device
                     bar.update(epoch + 1 - seen)
                     seen, seen_at = epoch + 1, time.perf_counter()
                     if epoch == first_epoch:
-                        result.first_epoch_seconds = seen_at - start
-                    last = result.history[-1]
+                        for result in results:
+                            result.first_epoch_seconds = seen_at - start
+                    last = results[0].history[-1]
                     bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.1%}",
                                     steps_s=f"{last['steps'] / last['seconds']:.0f}")
                     if stop_requested:
                         raise KeyboardInterrupt
                     if on_report:
-                        on_report(result)
-    except KeyboardInterrupt:  # the caller saves result.checkpoint, the state after the last epoch seen
-        raise TrainingInterrupted(result) from None
+                        on_report(results)
+    except KeyboardInterrupt:  # the caller saves each result.checkpoint, the state after the last epoch seen
+        raise TrainingInterrupted(results) from None
     finally:
         bar.close()
-    result.seconds = time.perf_counter() - start
-    return result
+    for result in results:
+        result.seconds = time.perf_counter() - start
+    return results
+
+
+def _text_features(model, learners, backends, dtype, text_path):
+    """A function giving the runs' R × K × D text features: one fast-encoder pass for all of them, or the
+    published computation per run."""
+    encoder = None if text_path == "reference" else FastTextEncoder(model, learners[0], backends, weight_dtype=dtype)
+    if encoder is None or (encoder.problem and len(learners) > 1):  # a tower the fast path cannot run: one by one
+        tower = TextTower.of(model)
+        return lambda: torch.stack([reference_text_features(tower, learner) for learner in learners])
+    if len(learners) == 1:  # (the encoder shares the first learner's layout with every run)
+        return lambda: encoder()[None]
+    return lambda: encoder(torch.stack([learner.ctx for learner in learners]))
 
 
 @contextmanager
@@ -215,36 +255,45 @@ def schedule_tables(n: int, config: TrainConfig) -> tuple[torch.Tensor, torch.Te
     return orders.view(config.epochs, steps, batch_size), lrs
 
 
-def _read_back(step: TrainStep, result: TrainResult, first: int, end: int, seconds: float) -> None:
-    """Epochs first..end-1 into the history (their time shared evenly), and a checkpoint after them; on a
-    non-finite epoch, the context of the last good one is restored and NonFiniteLoss raised."""
-    loss_sums, correct, finite = (t[first:end].tolist() for t in (step.loss_sums, step.correct, step.epoch_finite))
-    for i, epoch in enumerate(range(first, end)):
-        if not finite[i]:
-            with torch.no_grad():
-                step.learner.ctx.copy_(step.good_ctx)
-            result.checkpoint = Checkpoint.of(step, result.history)
-            raise NonFiniteLoss(epoch, result)
-        config = result.config
-        lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
-        result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[i] / step.steps,
-                               "train_acc": correct[i] / (step.steps * step.batch_size), "steps": step.steps,
-                               "seconds": seconds / (end - first)})
-    result.checkpoint = Checkpoint.of(step, result.history)
+def _read_back(step: TrainStep, results: list[TrainResult], first: int, end: int, seconds: float) -> None:
+    """Epochs first..end-1 into each run's history (their time shared evenly), and a checkpoint after them; when a
+    run had a non-finite epoch, its last good context is restored and NonFiniteLoss raised (the others keep the
+    state after their last epoch)."""
+    loss_sums, correct, finite = (t[:, first:end].tolist() for t in (step.loss_sums, step.correct, step.epoch_finite))
+    failed = {}
+    for run, result in enumerate(results):
+        for i, epoch in enumerate(range(first, end)):
+            if not finite[run][i]:
+                failed[run] = epoch
+                with torch.no_grad():
+                    step.learners[run].ctx.copy_(step.good_ctx[run])
+                break
+            config = result.config
+            lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
+            result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[run][i] / step.steps,
+                                   "train_acc": correct[run][i] / (step.steps * step.batch_size),
+                                   "steps": step.steps, "seconds": seconds / (end - first)})
+        result.checkpoint = Checkpoint.of(step, run, result.history)
+    if failed:
+        raise NonFiniteLoss(failed, results)
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C (or SIGTERM) during training; `result.checkpoint` is the state after the last epoch seen."""
+    """Ctrl-C (or SIGTERM) during training; each `results[i].checkpoint` is that run's state after the last epoch
+    seen."""
 
-    def __init__(self, result: TrainResult):
+    def __init__(self, results: list[TrainResult]):
         super().__init__("training interrupted")
-        self.result = result
+        self.results = results
 
 
 class NonFiniteLoss(FastCoopError):
-    """The loss became NaN or infinite; `result.learner` holds the context of the last good epoch."""
+    """The loss became NaN or infinite in the runs `failed` names (run → 0-based epoch); their learners hold the
+    context of their last good epoch, the other runs' the state after the epochs seen."""
 
-    def __init__(self, epoch: int, result: TrainResult):
-        super().__init__(f"the loss became non-finite in epoch {epoch + 1}; the last good context "
+    def __init__(self, failed: dict[int, int], results: list[TrainResult]):
+        run, epoch = next(iter(failed.items()))
+        which = "" if len(results) == 1 else f" of the run with seed {results[run].config.seed}"
+        super().__init__(f"the loss{which} became non-finite in epoch {epoch + 1}; the last good context "
                          f"(after epoch {epoch}) is kept — try a lower --lr or --precision fp32")
-        self.result = result
+        self.failed, self.results = failed, results

@@ -199,7 +199,7 @@ def _views_per_epoch(cache, tiny_vit, monkeypatch, epochs):
     seen = []
     load_view = TrainStep.load_view
     monkeypatch.setattr(TrainStep, "load_view",
-                        lambda self, features: (seen.append(features.clone()), load_view(self, features)))
+                        lambda self, run, features: (seen.append(features.clone()), load_view(self, run, features)))
     config = TrainConfig(shots=4, seed=1, n_ctx=2, epochs=epochs, batch_size=16, device="cpu")
     return seen, train(cache, tiny_vit, config, progress=False)
 
@@ -255,3 +255,22 @@ def test_auto_views_cache_one_view_per_published_epoch(tmp_path, tiny_vit, examp
                             seeds=[1], batch_size=64, workers=0, progress=False)  # views default: auto
     with FeatureCache(path) as cache:
         assert cache.num_views("train") == 1 + 50
+
+
+@pytest.mark.parametrize("csc, position", [(False, "end"), (False, "middle"), (True, "front")])
+def test_runs_trained_stacked_equal_runs_trained_alone(cache_path, tiny_vit, csc, position):
+    """Seeds 1 and 2 in one stack (one text-encoder pass per step for both) against each alone: fp32, a short
+    full schedule with warm-up and cosine decay."""
+    from fastcoop.train import train_stack
+
+    configs = [TrainConfig(shots=4, seed=seed, n_ctx=3, csc=csc, position=position, epochs=4, batch_size=16,
+                           lr=0.05, device="cpu") for seed in (1, 2)]
+    with FeatureCache(cache_path) as cache:
+        stacked = train_stack(cache, tiny_vit, configs, progress=False)
+        alone = [train(cache, tiny_vit, config, progress=False) for config in configs]
+    for together, by_itself in zip(stacked, alone):
+        theirs = by_itself.learner.ctx.detach()
+        assert (together.learner.ctx.detach() - theirs).norm() <= 1e-5 * theirs.norm()
+        assert [r["loss"] for r in together.history] == pytest.approx([r["loss"] for r in by_itself.history],
+                                                                      rel=1e-5)
+    assert not torch.equal(stacked[0].learner.ctx, stacked[1].learner.ctx)
