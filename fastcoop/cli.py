@@ -338,8 +338,9 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
+@click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's seeds.")
 @click.option("--device", default="auto", show_default=True)
-def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, epochs, device):
+def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, epochs, no_stack, device):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT. Rerun to finish an interrupted
     sweep: finished runs are kept. Under `torchrun --nproc-per-node N -m fastcoop sweep ...` the runs are shared
@@ -371,7 +372,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, epochs, device):
             _say_weights(loaded)
             click.echo(f"{len(runs)} runs: {len(variants)} variant(s) × shots {shots} × seeds {seeds}")
         run_sweep(cache, loaded, out, shot_list, seed_list, variants, base, progress=world.is_writer,
-                  echo=click.echo if world.is_writer else lambda _: None, world=world)
+                  echo=click.echo if world.is_writer else lambda _: None, world=world, stack=not no_stack)
     if world.is_writer:
         click.echo((out / TABLE_FILE).read_text().rstrip())
         click.echo(f"summary, table and figure in {out}")

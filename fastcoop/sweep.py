@@ -2,8 +2,9 @@
 from one cache, zero-shot CLIP and the linear probe beside them, a summary, a Markdown table and the paper's
 figure (accuracy against shots).
 
-The runs go one after another in this process, sharing the model, the cache and the compiled kernels, so no run
-pays a process's start-up; under torchrun the runs are shared among the processes (GPUs). Each is an ordinary
+The runs go in this process, sharing the model, the cache and the compiled kernels, so no run pays a process's
+start-up; new runs that differ only in their seed train stacked, all their prompts in one text-encoder pass per
+step; under torchrun the runs are shared among the processes (GPUs). Each is an ordinary
 run directory (DIR/<variant>/<shots>shot-seed<seed>), so `eval`,
 `predict` and `interpret` work on it; rerunning the same sweep keeps the finished runs and resumes or redoes the
 others. DIR/sweep.json records what the sweep is, so a different sweep never writes into it.
@@ -21,7 +22,7 @@ from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
-from fastcoop.pipeline import train_to_run_dir
+from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
 from fastcoop.run import RESULTS_FILE, read_config
 from fastcoop.zeroshot import zeroshot_classifier
 
@@ -57,9 +58,11 @@ def check_sweep_dir(out: Path, request: dict) -> None:
 
 def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[int], seeds: list[int],
               variants: list[Variant], base: TrainConfig, progress: bool = True, echo=print,
-              world: World = World()) -> dict | None:
+              world: World = World(), stack: bool = True) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
-    Under torchrun each rank trains every N-th run and the first writes the summary (None elsewhere)."""
+    `stack`: new runs of one variant and shot count (they differ only in seed) train together, one text-encoder
+    pass per step for all of them. Under torchrun each rank trains every N-th run and the first writes the
+    summary (None elsewhere)."""
     out = Path(out)
     runs = sweep_runs(cache, shots, seeds, variants)
     request = sweep_request(cache, shots, seeds, variants, base)
@@ -67,16 +70,22 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     if world.is_writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
+    groups: dict[tuple, list] = {}  # (variant, shots) → this rank's runs to start, trained together when stacked
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
         run_dir = out / variant.name / f"{s}shot-seed{seed}"
         config = replace(base, shots=s, seed=seed, **asdict(variant))
         done = read_config(run_dir)
-        if done is None or done["state"] != "complete" or done.get("request") != asdict(config):
+        if done is None and stack:
+            groups.setdefault((variant, s), []).append((config, run_dir))
+        elif done is None or done["state"] != "complete" or done.get("request") != asdict(config):
             echo(f"[{i}/{len(runs)}] {variant.name}, {s} shots, seed {seed}")
             train_to_run_dir(cache, loaded, config, run_dir, progress=progress, overwrite=done is not None
                              and done["state"] == "complete")
+    for (variant, s), group in groups.items():
+        echo(f"{variant.name}, {s} shots, seeds {', '.join(str(c.seed) for c, _ in group)}")
+        train_to_run_dirs(cache, loaded, [c for c, _ in group], [d for _, d in group], progress=progress)
     world.from_writer(None)  # every rank's runs are finished
     if not world.is_writer:
         return None
