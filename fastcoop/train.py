@@ -148,9 +148,10 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     configs = [dataclasses.replace(c, epochs=epochs, n_ctx=learners[0].n_ctx, attention=backends.attention)
                for c in configs]
     encode_text = _text_features(model, learners, backends, dtype, base.text_path)
+    cached = cache.features("train")  # every view of every cached train image, read once for all the runs
     views = []
     for subset in rows:
-        run_views, augmentation = epoch_views(cache.features("train", subset), epochs)  # on the host, float16
+        run_views, augmentation = epoch_views(cached[:, subset], epochs)  # on the host, float16
         views.append(run_views.pin_memory() if device.startswith("cuda") else run_views)  # copied asynchronously
     features = torch.empty(len(configs), *views[0].shape[1:], device=device)  # each run's epoch view, float32
     scale = model.logit_scale.exp().detach().to(device)
@@ -160,13 +161,13 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
                      dtype, backends.loss)
     results = [TrainResult(learner, config, backends, augmentation=augmentation)
                for learner, config in zip(learners, configs)]
+    if len({r.epochs_done if r else 0 for r in resumes}) > 1:
+        raise ValueError("runs resumed together must have stopped after the same epoch")
     first_epoch = 0
     for run, resume in enumerate(resumes):
         if resume is not None:
             first_epoch = resume.restore(step, run)
             results[run].history = list(resume.history)
-    if len({r.epochs_done if r else 0 for r in resumes}) > 1:
-        raise ValueError("runs resumed together must have stopped after the same epoch")
     use_graph = base.graph and device.startswith("cuda")
     run_step = None  # the graph is captured at the first epoch, once the static tensors hold real data
     start = time.perf_counter()
