@@ -102,8 +102,6 @@ def _split_flat(data, root, out, ratios, world):
     from fastcoop.data import read_coop_split, split_flat_folder, write_coop_split
 
     path = Path(out).with_suffix(".split.json")
-    if not path.parent.is_dir():
-        raise FastCoopError(f"cannot write {out}: folder {path.parent} does not exist")
     if path.is_file():
         if world.is_writer:
             click.echo(f"{root} has no split folders: using the split in {path}")
@@ -115,6 +113,7 @@ def _split_flat(data, root, out, ratios, world):
                             f"not '{ratios}'") from None
     data = split_flat_folder(data, train, val)
     if world.is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as the cache itself does for --out
         write_coop_split(data, path, root)
         click.echo(f"{root} has no split folders: split each class {train:.0%} / {val:.0%} / "
                    f"{1 - train - val:.0%} into train / val / test, saved in {path}")
@@ -240,9 +239,8 @@ def evaluate(run_dir, cache_file, split, classes, device):
     """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
     from fastcoop.cache import FeatureCache
     from fastcoop.devices import resolve_device
-    from fastcoop.evaluate import check_same_model, evaluate_split, run_text_features
-    from fastcoop.fewshot import class_subset
-    from fastcoop.run import load_run, with_classnames
+    from fastcoop.evaluate import check_same_model, evaluate_split, run_on_classes, run_text_features
+    from fastcoop.run import load_run
 
     if run_dir.is_file() and cache_file.is_dir():
         raise FastCoopError(f"the arguments are swapped: `fastcoop eval RUN_DIR CACHE` ({run_dir} is a file, "
@@ -251,17 +249,7 @@ def evaluate(run_dir, cache_file, split, classes, device):
     cache = FeatureCache(cache_file)
     run = load_run(run_dir, device)
     check_same_model(cache, run.loaded.name, run.loaded.pretrained)
-    trained_on = run.config["train"].get("classes", "all")
-    names = {which: [cache.classnames[k] for k in class_subset(len(cache.classnames), which)]
-             for which in ("all", "base", "new")}
-    if run.learner.classnames != names[trained_on]:
-        raise FastCoopError(f"{cache_file} has other class names than the prompt in {run_dir}")
-    classes = classes or trained_on
-    if classes != trained_on:
-        if (trained_on, classes) != ("base", "new"):
-            raise FastCoopError(f"{run_dir} was trained on {trained_on} classes: test it on those"
-                                + (", or, trained on base classes, on the new ones" if trained_on == "base" else ""))
-        run = with_classnames(run, names["new"])
+    run, classes = run_on_classes(run, cache, classes)
     scores = evaluate_split(cache, run_text_features(run), split, classes)
     click.echo(f"{split}: top-1 {scores['top1']:.2%}, mean per-class {scores['mean_per_class']:.2%} "
                f"({scores['images']} images)")

@@ -8,7 +8,7 @@ from fastcoop.cache import FeatureCache
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
 from fastcoop.kernels import cosine_ce
-from fastcoop.run import Run
+from fastcoop.run import Run, with_classnames
 from fastcoop.text_encoder import FastTextEncoder
 
 
@@ -20,6 +20,23 @@ def prompt_text_features(model, learner, backends: Backends | None = None) -> to
 
 def run_text_features(run: Run) -> torch.Tensor:
     return prompt_text_features(run.loaded.model, run.learner)
+
+
+def run_on_classes(run: Run, cache: FeatureCache, classes: str | None) -> tuple[Run, str]:
+    """The run (and the class subset) to test on `cache`: by default the classes it was trained on; a run trained
+    on the base half of the base-to-new protocol can also be tested on the new half, its context carried over."""
+    trained_on = run.config["train"].get("classes", "all")
+    names = {which: [cache.classnames[k] for k in class_subset(len(cache.classnames), which)]
+             for which in ("all", "base", "new")}
+    if run.learner.classnames != names[trained_on]:
+        raise FastCoopError(f"{cache.path} has other class names than the prompt it is asked to test")
+    classes = classes or trained_on
+    if classes == trained_on:
+        return run, classes
+    if (trained_on, classes) != ("base", "new"):
+        raise FastCoopError(f"the run was trained on {trained_on} classes: test it on those"
+                            + (", or, trained on base classes, on the new ones" if trained_on == "base" else ""))
+    return with_classnames(run, names["new"]), classes
 
 
 def check_same_model(cache: FeatureCache, model: str, pretrained: str) -> None:

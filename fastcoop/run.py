@@ -214,12 +214,18 @@ def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | Non
         raise FastCoopError(f"{run_dir} is {what} (no {CONFIG_FILE} / {PROMPT_FILE})")
     check_complete(run_dir, config)
     loaded = loaded or load_model(config["model"], config["pretrained"], device)
-    train = TrainConfig(**config["train"])
-    learner = PromptLearner(loaded.model, loaded.tokenizer, config["classnames"], train.n_ctx, train.csc,
-                            train.position, train.init).to(device)
-    with torch.no_grad():
-        learner.ctx.copy_(load_file(run_dir / PROMPT_FILE)["ctx"])
+    learner = _learner(loaded, config, config["classnames"], load_file(run_dir / PROMPT_FILE)["ctx"], device)
     return Run(config, loaded, learner)
+
+
+def _learner(loaded: LoadedModel, config: dict, classnames: list[str], ctx: torch.Tensor, device) -> PromptLearner:
+    """A prompt learner laid out as the run's, on `classnames`, holding `ctx`."""
+    train = TrainConfig(**config["train"])
+    learner = PromptLearner(loaded.model, loaded.tokenizer, classnames, train.n_ctx, train.csc, train.position,
+                            train.init).to(device)
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+    return learner
 
 
 def with_classnames(run: Run, classnames: list[str]) -> Run:
@@ -227,9 +233,5 @@ def with_classnames(run: Run, classnames: list[str]) -> Run:
     by all classes carries over; a class-specific one has nothing for classes it was not trained on."""
     if run.learner.csc:
         raise FastCoopError("this run learned a context per class (--csc): it has none for other classes")
-    train = TrainConfig(**run.config["train"])
-    learner = PromptLearner(run.loaded.model, run.loaded.tokenizer, classnames, train.n_ctx, False, train.position,
-                            train.init).to(run.learner.ctx.device)
-    with torch.no_grad():
-        learner.ctx.copy_(run.learner.ctx)
-    return Run(run.config, run.loaded, learner)
+    return Run(run.config, run.loaded,
+               _learner(run.loaded, run.config, classnames, run.learner.ctx, run.learner.ctx.device))
