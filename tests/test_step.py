@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -41,3 +42,24 @@ def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, positi
             contexts.append(train(cache, loaded, config, progress=False).learner.ctx.detach().cpu())
         assert not any("capture failed" in str(w.message) for w in caught)  # the graph really ran
     torch.testing.assert_close(contexts[1], contexts[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_vit, example_images):
+    """Two seeds stacked into one graphed step (their contexts as more attention heads of one encoder pass)
+    against each seed trained alone without a graph."""
+    from fastcoop.train import train_stack
+
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1, 2],
+                            views=2, batch_size=32, workers=0, progress=False)
+    loaded = copy.deepcopy(tiny_vit)
+    configs = [TrainConfig(shots=4, seed=seed, n_ctx=4, epochs=5, batch_size=16, lr=0.05, precision="fp32",
+                           device="cuda", graph=True) for seed in (1, 2)]
+    with FeatureCache(path) as cache, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stacked = train_stack(cache, loaded, configs, progress=False)
+        alone = [train(cache, loaded, dataclasses.replace(config, graph=False), progress=False) for config in configs]
+    assert not any("capture failed" in str(w.message) for w in caught)
+    for together, by_itself in zip(stacked, alone):
+        theirs = by_itself.learner.ctx.detach().cpu()
+        torch.testing.assert_close(together.learner.ctx.detach().cpu(), theirs, rtol=1e-5, atol=1e-6)
