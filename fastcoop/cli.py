@@ -154,13 +154,17 @@ def _describe_cache(path, seconds):
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--shots", default="16", show_default=True, help="Few-shot subset to train on, or 'all'.")
 @click.option("--seed", default=1, show_default=True, type=int)
-@click.option("--n-ctx", default=16, show_default=True, type=int, help="Context vectors M.")
+@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop"]),
+              help="cocoop: each image shifts the context through a Meta-Net (CoCoOp); its own published recipe.")
+@click.option("--n-ctx", default=None, type=int,
+              help="Context vectors M (published: CoOp 16, random; CoCoOp 4, from 'a photo of a').")
 @click.option("--csc", is_flag=True, help="Class-specific context (one context per class).")
 @click.option("--position", default="end", show_default=True, type=click.Choice(["end", "middle", "front"]),
               help="Where the class name goes.")
 @click.option("--init", default=None, help="Initialise the context from words, e.g. 'a photo of a' (sets M).")
-@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Default: the published count (CoOp: by shots; CoCoOp: 10).")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: CoOp 32, CoCoOp 1.")
 @click.option("--lr", default=0.002, show_default=True, type=float)
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Autocast on GPU (auto: bf16); CPU runs fp32.")
@@ -180,7 +184,7 @@ def _describe_cache(path, seconds):
               help="Seconds between checkpoints while training.")
 @click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base", "new"]),
               help="Train on a class subset of the base-to-new protocol (labels in order; the first half is base).")
-def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
+def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
           text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes):
     """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR.
 
@@ -201,15 +205,15 @@ def train(cache_file, run_dir, shots, seed, n_ctx, csc, position, init, epochs, 
         n_shots = fewshot.parse_shots(shots)
     except ValueError as exc:
         raise FastCoopError(str(exc)) from None
-    if n_ctx < 1:
+    if n_ctx is not None and n_ctx < 1:
         raise FastCoopError(f"--n-ctx must be at least 1, not {n_ctx}")
     device = resolve_device(device)
+    config = TrainConfig(method=method, shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc,
+                         position=position, init=init, epochs=epochs, batch_size=batch_size, lr=lr,
+                         precision=precision, device=device, text_path=text_path, graph=not no_graph,
+                         fused=not no_fused, fused_mlp=fused_mlp, attention=attention)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
-    config = TrainConfig(shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc, position=position,
-                         init=init, epochs=epochs, batch_size=batch_size, lr=lr, precision=precision, device=device,
-                         text_path=text_path, graph=not no_graph, fused=not no_fused, fused_mlp=fused_mlp,
-                         attention=attention)
     backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
     if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
         click.echo(f"resuming the unfinished run in {run_dir}")
@@ -239,7 +243,7 @@ def evaluate(run_dir, cache_file, split, classes, device):
     """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
     from fastcoop.cache import FeatureCache
     from fastcoop.devices import resolve_device
-    from fastcoop.evaluate import check_same_model, evaluate_split, run_on_classes, run_text_features
+    from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
     from fastcoop.run import load_run
 
     if run_dir.is_file() and cache_file.is_dir():
@@ -250,7 +254,7 @@ def evaluate(run_dir, cache_file, split, classes, device):
     run = load_run(run_dir, device)
     check_same_model(cache, run.loaded.name, run.loaded.pretrained)
     run, classes = run_on_classes(run, cache, classes)
-    scores = evaluate_split(cache, run_text_features(run), split, classes)
+    scores = evaluate_split(cache, run_classifier(run), split, classes)
     click.echo(f"{split}: top-1 {scores['top1']:.2%}, mean per-class {scores['mean_per_class']:.2%} "
                f"({scores['images']} images)")
 
@@ -266,7 +270,7 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
     """Zero-shot accuracy: a hand-written prompt (default 'a photo of a {}.'), an ensemble, or CuPL."""
     from fastcoop.cache import FeatureCache
     from fastcoop.devices import resolve_device
-    from fastcoop.evaluate import evaluate_split
+    from fastcoop.evaluate import evaluate_split, text_classifier
     from fastcoop.models import load_model
     from fastcoop.zeroshot import check_templates, read_templates, zeroshot_classifier
 
@@ -279,7 +283,7 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
     cache = FeatureCache(cache_file)
     loaded = load_model(cache.model, cache.pretrained, device)
     text = zeroshot_classifier(loaded, cache.classnames, chosen, cupl, device)
-    scores = evaluate_split(cache, text, split)
+    scores = evaluate_split(cache, text_classifier(text), split)
     what = "CuPL" if cupl else f"{len(chosen)} templates" if chosen and len(chosen) > 1 else "one template"
     click.echo(f"zero-shot ({what}) {split}: top-1 {scores['top1']:.2%}, "
                f"mean per-class {scores['mean_per_class']:.2%}")

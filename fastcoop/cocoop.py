@@ -23,6 +23,8 @@ class CoCoOpLearner(PromptLearner):
     Meta-Net, Linear(vis_dim → vis_dim/16) → ReLU → Linear(→ ctx_dim), with the published layer names, so that a
     published prompt learner's state dict loads."""
 
+    method = "cocoop"
+
     def __init__(self, model, tokenizer, classnames, n_ctx: int = 4, init: str | None = "a photo of a"):
         super().__init__(model, tokenizer, classnames, n_ctx, csc=False, position="end", init=init)
         vis_dim, ctx_dim = model.visual.output_dim, self.ctx.shape[-1]
@@ -32,11 +34,27 @@ class CoCoOpLearner(PromptLearner):
             ("linear2", nn.Linear(vis_dim // 16, ctx_dim)),
         ])).to(self.ctx.device)
 
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {"ctx": self.ctx, **{f"meta_net.{name}": p for name, p in self.meta_net.named_parameters()}}
+
     def contexts(self, image_features: torch.Tensor) -> torch.Tensor:
         """Each image's context, B × M × D: the learned context shifted by the Meta-Net's output for the image's
         L2-normalised feature."""
         shift = self.meta_net(F.normalize(image_features.float(), dim=-1))
         return self.ctx[None] + shift[:, None, :]
+
+
+def new_learner(model, tokenizer, classnames, config) -> PromptLearner:
+    """The learner a run's options ask for (a TrainConfig): CoOp's, or CoCoOp's with its Meta-Net."""
+    if config.method == "cocoop":
+        return CoCoOpLearner(model, tokenizer, classnames, config.n_ctx, config.init)
+    return PromptLearner(model, tokenizer, classnames, config.n_ctx, config.csc, config.position, config.init)
+
+
+def cosine_logits_per_image(image_features: torch.Tensor, text: torch.Tensor, logit_scale) -> torch.Tensor:
+    """… × K logits: logit_scale · cos(image, each of that image's own K text features); fp32."""
+    image = F.normalize(image_features.float(), dim=-1)
+    return logit_scale * torch.einsum("...d,...kd->...k", image, F.normalize(text.float(), dim=-1))
 
 
 def cocoop_logits(model, learner: CoCoOpLearner, image_features: torch.Tensor, mode: str = "fast",
@@ -51,6 +69,20 @@ def cocoop_logits(model, learner: CoCoOpLearner, image_features: torch.Tensor, m
         text = (encoder or FastTextEncoder(model, learner))(contexts)
     else:
         raise ValueError(f"mode must be 'fast' or 'reference', not '{mode}'")
-    image = F.normalize(image_features.float(), dim=-1)
-    scale = model.logit_scale.exp()
-    return scale * torch.einsum("bd,bkd->bk", image, F.normalize(text.float(), dim=-1))
+    return cosine_logits_per_image(image_features, text, model.logit_scale.exp())
+
+
+def cocoop_loss(learners: list[CoCoOpLearner], encode_contexts, logit_scale, autocast_dtype=None):
+    """The CoCoOp training loss of R stacked runs for TrainStep: each run's batch of images (R × B × D) gets its
+    own contexts; all R·B of them go through `encode_contexts` (→ R·B × K × D text features) in one call; each
+    image's logits against its own prompts, cross-entropy averaged over the batch as published."""
+    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        runs, batch = labels.shape
+        with torch.autocast(labels.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None, cache_enabled=False):
+            contexts = torch.cat([learner.contexts(images[run]) for run, learner in enumerate(learners)])
+            text = encode_contexts(contexts)
+        logits = cosine_logits_per_image(images, text.unflatten(0, (runs, batch)), logit_scale)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(runs, batch)
+        return loss.mean(dim=1), logits.argmax(dim=-1)
+    return losses

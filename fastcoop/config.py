@@ -1,22 +1,31 @@
-"""TrainConfig: every option of a CoOp run, defaulting to the published recipe. Kept apart from the training loop
-so that reading a run (evaluation, prediction, reports) does not import it."""
+"""TrainConfig: every option of a CoOp or CoCoOp run, defaulting to the method's published recipe. Kept apart from
+the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
 
 from dataclasses import dataclass
+
+from fastcoop.errors import FastCoopError
+
+METHODS = ("coop", "cocoop")
+# CoCoOp's published recipe where it differs from CoOp's (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1):
+# M = 4 from "a photo of a", batch size 1, 10 epochs whatever the shot count
+COCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 1, "epochs": 10}
+COOP_RECIPE = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None}  # epochs None: by shot count
 
 
 @dataclass
 class TrainConfig:
-    """Every option of a run; the defaults are the published recipe."""
+    """Every option of a run; what is left None is the method's published recipe (__post_init__ fills it in)."""
 
+    method: str = "coop"  # or "cocoop": the context shifted per image by a Meta-Net
     shots: int | None = 16  # None: the whole cached train split
     seed: int = 1
     classes: str = "all"  # or base / new: the base-to-new protocol's halves (sampled first, then kept, relabelled)
-    n_ctx: int = 16
+    n_ctx: int | None = None
     csc: bool = False
     position: str = "end"
-    init: str | None = None
-    epochs: int | None = None  # None: the published count for the shot count
-    batch_size: int = 32
+    init: str | None = None  # words the context starts from (they set M)
+    epochs: int | None = None  # None: the published count (CoOp's by shot count)
+    batch_size: int | None = None
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -30,3 +39,16 @@ class TrainConfig:
     fused_mlp: bool = False  # the MLP with its activation inside Triton matrix products (opt-in)
     attention: str = "auto"  # fast path attention: grid, triton, flex; auto: triton on GPU, grid on CPU
     # which implementation each of these picks: fastcoop.backends.resolve
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise FastCoopError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        if self.method == "cocoop" and (self.csc or self.position != "end"):
+            raise FastCoopError("CoCoOp learns one context shared by all classes, before the class name: "
+                                "--csc and --position are CoOp's options")
+        recipe = COCOOP_RECIPE if self.method == "cocoop" else COOP_RECIPE
+        if self.n_ctx is None and self.init is None:  # the published context; a given M starts random, as published
+            self.n_ctx, self.init = recipe["n_ctx"], recipe["init"]
+        for name in ("n_ctx", "batch_size", "epochs"):
+            if getattr(self, name) is None:
+                setattr(self, name, recipe[name])

@@ -10,7 +10,7 @@ from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.data import read_dataset
 from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import evaluate_split
+from fastcoop.evaluate import evaluate_split, text_classifier
 from fastcoop.example import make_example_images
 from fastcoop.models import load_model, resolve_model_name
 from fastcoop.outputs import check_writable
@@ -59,7 +59,7 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
         click.echo(f"cached {len(cache.classnames)} classes into {cache_path}: "
                    + ", ".join(f"{s} {cache.labels(s).numel()} images" for s in cache.splits))
         start = time.perf_counter()
-        zero_shot = evaluate_split(cache, zeroshot_classifier(loaded, cache.classnames, device=device))
+        zero_shot = evaluate_split(cache, text_classifier(zeroshot_classifier(loaded, cache.classnames, device=device)))
         stage("zero-shot 'a photo of a {}.'", start)
 
         start = time.perf_counter()

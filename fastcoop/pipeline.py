@@ -6,11 +6,14 @@ import time
 from pathlib import Path
 
 from fastcoop.cache import FeatureCache
+from fastcoop.cocoop import new_learner
 from fastcoop.config import TrainConfig
-from fastcoop.evaluate import evaluate_split, prompt_text_features
+from fastcoop.evaluate import evaluate_split, prompt_classifier
+from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel
 from fastcoop.run import clear_run_dir, plan_run_dir, read_checkpoint, save_complete, save_progress
 from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, TrainResult, train_stack
+
 
 def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, run_dir: Path,
                      progress: bool = True, timings: dict | None = None, overwrite: bool = False,
@@ -74,11 +77,24 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[Tr
                    "resumed_at_epoch": resume and resume.epochs_done, "trained_with": len(configs),
                    "augmentation": result.augmentation}
         if "test" in cache.splits:
-            results["test"] = evaluate_split(
-                cache, prompt_text_features(loaded.model, result.learner, result.backends), classes=result.config.classes)
+            results["test"] = evaluate_split(cache, prompt_classifier(loaded.model, result.learner, result.backends),
+                                             classes=result.config.classes)
+            if result.config.classes == "base" and not result.config.csc:  # the base-to-new protocol's other half
+                results["test_new"] = evaluate_split(cache, prompt_classifier(
+                    loaded.model, _on_new_classes(loaded, cache, result), result.backends), classes="new")
+                base, new = results["test"]["top1"], results["test_new"]["top1"]
+                results["harmonic_mean"] = 2 * base * new / (base + new) if base + new else 0.0
         results["timings"] = {**(timings or {}), "setup_s": result.setup_seconds,
                               "first_epoch_s": result.first_epoch_seconds, "loop_s": result.seconds,
                               "save_and_test_s": time.perf_counter() - finish_start}
         save_complete(run_dir, result, cache, loaded, request, results)
         done.append((result, results))
     return done
+
+
+def _on_new_classes(loaded, cache: FeatureCache, result):
+    """The learned context (and Meta-Net) on the new half's class names."""
+    names = [cache.classnames[k] for k in class_subset(len(cache.classnames), "new")]
+    learner = new_learner(loaded.model, loaded.tokenizer, names, result.config).to(result.learner.ctx.device)
+    learner.load_trainable(result.learner.trainable())
+    return learner

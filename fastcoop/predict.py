@@ -3,6 +3,7 @@
 import torch
 from PIL import Image
 
+from fastcoop.cocoop import cocoop_logits
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import run_text_features
 from fastcoop.kernels.cosine_ce_reference import cosine_logits
@@ -22,7 +23,11 @@ def predict_images(run: Run, paths: list[str], top_k: int = 5, device: str = "cp
     model = run.loaded.model
     with torch.no_grad():
         image_features = model.encode_image(torch.stack(tensors).to(device))
-        probs = cosine_logits(image_features, run_text_features(run), model.logit_scale.exp()).softmax(dim=-1)
+        if run.learner.method == "cocoop":  # each image its own prompts
+            logits = cocoop_logits(model, run.learner, image_features)
+        else:
+            logits = cosine_logits(image_features, run_text_features(run), model.logit_scale.exp())
+        probs = logits.softmax(dim=-1)
     top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
     names = run.learner.classnames
     return [[(names[i], p) for p, i in zip(values.tolist(), indices.tolist())]

@@ -17,6 +17,8 @@ POSITIONS = ("end", "middle", "front")
 class PromptLearner(nn.Module):
     """Holds `ctx` (M × D unified, or K × M × D class-specific) and assembles the K prompt embeddings."""
 
+    method = "coop"
+
     def __init__(self, model, tokenizer, classnames, n_ctx: int = 16, csc: bool = False, position: str = "end",
                  init: str | None = None):
         super().__init__()
@@ -79,6 +81,15 @@ class PromptLearner(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """What training learns, by the published state dict's names."""
+        return {"ctx": self.ctx}
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.trainable().items():
+                tensor.copy_(tensors[name])
 
     def flat_ctx(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """The context (this learner's, or `ctx` shaped like it) as rows that ctx indices address: M × D (unified)

@@ -1,4 +1,5 @@
-"""A table of trained runs, averaged over seeds as the CoOp paper reports them."""
+"""A table of trained runs, averaged over seeds as the CoOp paper reports them; runs of the base-to-new protocol
+(trained on base classes) also get the new classes' accuracy and the harmonic mean H, as CoCoOp reports them."""
 
 import json
 import statistics
@@ -7,7 +8,8 @@ from pathlib import Path
 from fastcoop.errors import FastCoopError
 from fastcoop.run import CONFIG_FILE, RESULTS_FILE, check_complete, read_config
 
-GROUP_BY = ("shots", "n_ctx", "csc", "position", "init", "epochs")
+DEFAULTS = {"method": "coop", "classes": "all"}  # what runs recorded before these options existed were
+GROUP_BY = ("method", "classes", "shots", "n_ctx", "csc", "position", "init", "epochs")
 
 
 def collect(run_dirs: list[Path]) -> list[dict]:
@@ -20,8 +22,9 @@ def collect(run_dirs: list[Path]) -> list[dict]:
         check_complete(run_dir, config)
         results = json.loads(results_path.read_text())
         rows.append({"run": str(run_dir), "cache": Path(config["cache"]["path"]).name, "model": Path(config["model"]).stem,
-                     "pretrained": Path(config["pretrained"]).name, **{k: config["train"][k] for k in GROUP_BY},
+                     "pretrained": Path(config["pretrained"]).name, **{k: config["train"].get(k, DEFAULTS.get(k)) for k in GROUP_BY},
                      "seed": config["train"]["seed"], "test": results.get("test", {}).get("top1"),
+                     "test_new": results.get("test_new", {}).get("top1"),
                      "train_seconds": results["train_seconds"]})
     return rows
 
@@ -31,15 +34,34 @@ def summary_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in ("cache", "model", "pretrained", *GROUP_BY)), []).append(row)
-    lines = ["| cache | model | weights | shots | M | context | position | init | epochs | seeds | test top-1 "
-             "(mean ± std) | train s (mean) |", "|" + " --- |" * 12]
+    base_to_new = any(r["test_new"] is not None for r in rows)
+    lines = ["| cache | model | weights | method | classes | shots | M | context | position | init | epochs | seeds | "
+             "test top-1 (mean ± std) | " + ("new top-1 | H | " if base_to_new else "") + "train s (mean) |",
+             "|" + " --- |" * (16 if base_to_new else 14)]
     for key, runs in groups.items():
-        cache, model, weights, shots, n_ctx, csc, position, init, epochs = key
-        accs = [r["test"] for r in runs if r["test"] is not None]
-        acc = "–" if not accs else (f"{100 * statistics.mean(accs):.2f}"
-                                    + (f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""))
+        cache, model, weights, method, classes, shots, n_ctx, csc, position, init, epochs = key
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        lines.append(f"| {cache} | {model} | {weights} | {shots or 'all'} | {n_ctx} | {'CSC' if csc else 'unified'} "
-                     f"| {position} | {init or 'random'} | {epochs} | {','.join(str(r['seed']) for r in runs)} | "
-                     f"{acc} | {seconds:.1f} |")
+        new = f"{_mean_std([r['test_new'] for r in runs])} | {_harmonic_of_means(runs)} | "
+        lines.append(f"| {cache} | {model} | {weights} | {method} | {classes} | {shots or 'all'} | {n_ctx} | "
+                     f"{'CSC' if csc else 'unified'} | {position} | {init or 'random'} | {epochs} | "
+                     f"{','.join(str(r['seed']) for r in runs)} | {_mean_std([r['test'] for r in runs])} | "
+                     + (new if base_to_new else "") + f"{seconds:.1f} |")
     return "\n".join(lines)
+
+
+def _harmonic_of_means(runs: list[dict]) -> str:
+    """H as CoCoOp's tables give it: the harmonic mean of the seeds' mean base and mean new accuracy."""
+    pairs = [(r["test"], r["test_new"]) for r in runs if r["test"] is not None and r["test_new"] is not None]
+    if not pairs:
+        return "–"
+    base, new = (statistics.mean(values) for values in zip(*pairs))
+    return f"{100 * 2 * base * new / (base + new):.2f}" if base + new else "0.00"
+
+
+def _mean_std(values: list[float | None]) -> str:
+    """Percent, mean ± std over the seeds that have the number; – where none has it."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{100 * statistics.mean(values):.2f}" + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1
+                                                      else "")

@@ -22,12 +22,14 @@ from fastcoop.config import TrainConfig
 from fastcoop.errors import FastCoopError
 from fastcoop.models import LoadedModel, load_model
 from fastcoop.outputs import check_writable
+from fastcoop.cocoop import new_learner
 from fastcoop.prompts import PromptLearner
 
 PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE = (
     "prompt.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json", "curve.png")
 RUN_FILES = (PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE)
 RESUMABLE = ("running", "interrupted")
+MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned tensor
 
 
 def read_config(run_dir: Path) -> dict | None:
@@ -86,11 +88,13 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def read_checkpoint(run_dir: Path) -> dict:
-    """The state an unfinished run saved: context, momentum, epochs done and their metrics."""
+    """The state an unfinished run saved: the learned tensors, their momentum, epochs done and their metrics."""
     tensors = load_file(Path(run_dir) / CHECKPOINT_FILE)
-    epochs_done = int(tensors["epochs_done"].item())
+    epochs_done = int(tensors.pop("epochs_done").item())
     lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
-    return {"epochs_done": epochs_done, "ctx": tensors["ctx"], "momentum_buffer": tensors["momentum_buffer"],
+    momentum = {name.removeprefix(MOMENTUM): t for name, t in tensors.items() if name.startswith(MOMENTUM)}
+    return {"epochs_done": epochs_done, "momentum": momentum,
+            "params": {name: t for name, t in tensors.items() if not name.startswith(MOMENTUM)},
             "history": [json.loads(line) for line in lines[:epochs_done]]}
 
 
@@ -104,9 +108,10 @@ def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
         _write_metrics(run_dir, checkpoint.history)
         if state in RESUMABLE:
             _atomic(run_dir / CHECKPOINT_FILE, lambda path: save_file({
-                "ctx": _host(checkpoint.ctx), "momentum_buffer": _host(checkpoint.momentum_buffer),
+                **{name: _host(t) for name, t in checkpoint.params.items()},
+                **{MOMENTUM + name: _host(t) for name, t in checkpoint.momentum.items()},
                 "epochs_done": torch.tensor(checkpoint.epochs_done)}, path))
-        _write_prompt(run_dir, result.learner, checkpoint.ctx)
+        _write_prompt(run_dir, result.learner, checkpoint.params)
     _write_config(run_dir, result, cache, loaded, request, state, checkpoint.epochs_done if checkpoint else 0)
     if state not in RESUMABLE:
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -118,17 +123,19 @@ def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_metrics(run_dir, result.history)
-    _write_prompt(run_dir, result.learner, result.learner.ctx)
+    _write_prompt(run_dir, result.learner, result.learner.trainable())
     plot_curve(run_dir, result.history)
     _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
     _write_config(run_dir, result, cache, loaded, request, "complete", len(result.history))
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
-def _write_prompt(run_dir: Path, learner: PromptLearner, ctx: torch.Tensor) -> None:
+def _write_prompt(run_dir: Path, learner: PromptLearner, params: dict[str, torch.Tensor]) -> None:
+    """The learned tensors by the published state dict's names (ctx; CoCoOp's meta_net.* too)."""
     _atomic(run_dir / PROMPT_FILE, lambda path: save_file(
-        {"ctx": _host(ctx)}, path,
-        metadata={"n_ctx": str(learner.n_ctx), "csc": str(learner.csc), "position": learner.position}))
+        {name: _host(t) for name, t in params.items()}, path,
+        metadata={"method": learner.method, "n_ctx": str(learner.n_ctx), "csc": str(learner.csc),
+                  "position": learner.position}))
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -214,24 +221,29 @@ def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | Non
         raise FastCoopError(f"{run_dir} is {what} (no {CONFIG_FILE} / {PROMPT_FILE})")
     check_complete(run_dir, config)
     loaded = loaded or load_model(config["model"], config["pretrained"], device)
-    learner = _learner(loaded, config, config["classnames"], load_file(run_dir / PROMPT_FILE)["ctx"], device)
+    learner = _learner(loaded, config, config["classnames"], load_file(run_dir / PROMPT_FILE), device)
     return Run(config, loaded, learner)
 
 
-def _learner(loaded: LoadedModel, config: dict, classnames: list[str], ctx: torch.Tensor, device) -> PromptLearner:
-    """A prompt learner laid out as the run's, on `classnames`, holding `ctx`."""
-    train = TrainConfig(**config["train"])
-    learner = PromptLearner(loaded.model, loaded.tokenizer, classnames, train.n_ctx, train.csc, train.position,
-                            train.init).to(device)
-    with torch.no_grad():
-        learner.ctx.copy_(ctx)
+def _learner(loaded: LoadedModel, config: dict, classnames: list[str], params: dict[str, torch.Tensor],
+             device) -> PromptLearner:
+    """A learner laid out as the run's, on `classnames`, holding the learned `params`."""
+    learner = new_learner(loaded.model, loaded.tokenizer, classnames, TrainConfig(**config["train"])).to(device)
+    learner.load_trainable(params)
     return learner
 
 
 def with_classnames(run: Run, classnames: list[str]) -> Run:
-    """The run's learned context on other class names (unseen classes, another dataset): only a context shared
-    by all classes carries over; a class-specific one has nothing for classes it was not trained on."""
+    """The run's learned context on other class names (unseen classes, another dataset): a context shared by all
+    classes carries over to any; a class-specific one only to classes the run has a context for (those rows)."""
+    params = run.learner.trainable()
     if run.learner.csc:
-        raise FastCoopError("this run learned a context per class (--csc): it has none for other classes")
-    return Run(run.config, run.loaded,
-               _learner(run.loaded, run.config, classnames, run.learner.ctx, run.learner.ctx.device))
+        known = run.learner.classnames
+        missing = [name for name in classnames if name not in known]
+        if missing:
+            shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                                                 else "")
+            raise FastCoopError(f"this run learned a context per class (--csc) and has none for {shown}: it "
+                                "carries over only to a subset of its own classes")
+        params = {**params, "ctx": params["ctx"][[known.index(name) for name in classnames]]}
+    return Run(run.config, run.loaded, _learner(run.loaded, run.config, classnames, params, run.learner.ctx.device))

@@ -22,32 +22,45 @@ def sgd_update_(param, grad, momentum_buffer, lr, momentum: float, weight_decay:
     param.sub_(lr * momentum_buffer)
 
 
+def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str | None = None):
+    """CoOp's training loss of R stacked runs for TrainStep: the runs' K prompts in one encoder call
+    (`encode_text()` → R × K × D), then each run's batch against its own text features with the fused cosine
+    cross-entropy. `loss_backend` None: fastcoop.backends' choice for the device."""
+    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(labels.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None, cache_enabled=False):
+            text = encode_text()
+        per_run = [cosine_ce(images[run], text[run], logit_scale, labels[run], return_argmax=True,
+                             backend=loss_backend) for run in range(len(text))]
+        return torch.stack([loss for loss, _ in per_run]), torch.stack([predicted for _, predicted in per_run])
+    return losses
+
+
 class TrainStep:
-    """One step of R stacked runs on static device tensors: gather each run's batch → the runs' text features in one
-    encoder call → each run's fused loss → gradients → each run's SGD update. Runs of a stack share the schedule's
-    shape (epochs, steps, batch) and the prompt layout; they differ in data, order, context and learning rate.
+    """One step of R stacked runs on static device tensors: gather each run's batch → the runs' losses (`loss`,
+    e.g. coop_loss or cocoop_loss: R × B × D images and R × B labels → R losses and R × B predictions) →
+    gradients → each run's SGD update of every tensor its learner trains. Runs of a stack share the schedule's
+    shape (epochs, steps, batch) and the prompt layout; they differ in data, order, parameters and learning rate.
 
-    `learners`: one per run; `encode_text()` gives R × K × D. `features`: the static R × n × D buffer holding
-    the current epoch's view of each run's images; `labels`: R × n; `orders`: R × epochs × steps × batch rows;
-    `lrs`: R × epochs. `step` counts steps from the runs' start."""
+    `features`: the static R × n × D buffer holding the current epoch's view of each run's images; `labels`:
+    R × n; `orders`: R × epochs × steps × batch rows; `lrs`: R × epochs. `step` counts steps from the runs' start."""
 
-    def __init__(self, learners, encode_text, features, labels, logit_scale, orders, lrs, momentum: float,
-                 weight_decay: float, autocast_dtype=None, loss_backend: str | None = None):
-        self.learners, self.encode_text = list(learners), encode_text
-        self.features, self.labels, self.logit_scale = features, labels, logit_scale
+    def __init__(self, learners, loss, features, labels, orders, lrs, momentum: float, weight_decay: float):
+        self.learners, self.loss = list(learners), loss
+        self.features, self.labels = features, labels
         runs, epochs, self.steps, self.batch_size = orders.shape
         self.orders, self.lrs = orders.reshape(runs, epochs * self.steps, self.batch_size), lrs
-        self.momentum, self.weight_decay, self.autocast_dtype = momentum, weight_decay, autocast_dtype
-        self.loss_backend = loss_backend  # None: fastcoop.backends' choice for the device
+        self.momentum, self.weight_decay = momentum, weight_decay
         device = labels.device
         self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self.momentum_buffers = [torch.zeros_like(learner.ctx) for learner in self.learners]
+        self.params = [list(learner.trainable().values()) for learner in self.learners]
+        self.momentum_buffers = [[torch.zeros_like(p) for p in params] for params in self.params]
         self.loss_sums = torch.zeros(runs, epochs, device=device)  # per run and epoch
         self.correct = torch.zeros(runs, epochs, dtype=torch.long, device=device)
         self.epoch_finite = torch.ones(runs, epochs, dtype=torch.bool, device=device)
         self.all_finite = torch.ones(runs, dtype=torch.bool, device=device)
-        # each run's context after its last epoch of a finite run so far
-        self.good_ctx = [learner.ctx.detach().clone() for learner in self.learners]
+        # each run's parameters after its last epoch of a finite run so far
+        self.good_params = [[p.detach().clone() for p in params] for params in self.params]
 
     def load_view(self, run: int, features: torch.Tensor) -> None:
         """A run's view of its images for this epoch (n × D, on the host or the device, any float dtype) into the
@@ -57,41 +70,38 @@ class TrainStep:
     def __call__(self) -> None:
         epoch = torch.div(self.step, self.steps, rounding_mode="floor")
         rows = self.orders.index_select(1, self.step)[:, 0]  # runs × batch
-        device_type = self.labels.device.type
-        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None, cache_enabled=False):
-            text = self.encode_text()
-        losses, hits = [], []
-        for run in range(len(self.learners)):
-            labels = self.labels[run][rows[run]]
-            loss, predicted = cosine_ce(self.features[run][rows[run]], text[run], self.logit_scale, labels,
-                                        return_argmax=True, backend=self.loss_backend)
-            losses.append(loss)
-            hits.append((predicted == labels).sum())
-        grads = torch.autograd.grad(losses, [learner.ctx for learner in self.learners])
+        images = self.features.gather(1, rows[..., None].expand(-1, -1, self.features.shape[-1]))
+        labels = self.labels.gather(1, rows)
+        losses, predicted = self.loss(images, labels)
+        flat = [p for params in self.params for p in params]
+        grads = iter(torch.autograd.grad(losses.sum(), flat))  # each run's loss reaches only its own parameters
         with torch.no_grad():
-            for run, learner in enumerate(self.learners):
-                sgd_update_(learner.ctx, grads[run], self.momentum_buffers[run],
-                            self.lrs[run].index_select(0, epoch), self.momentum, self.weight_decay)
-                self.loss_sums[run].index_add_(0, epoch, losses[run].detach().view(1))
-                self.correct[run].index_add_(0, epoch, hits[run].view(1))
+            for run, params in enumerate(self.params):
+                lr = self.lrs[run].index_select(0, epoch)
+                for param, buffer in zip(params, self.momentum_buffers[run]):
+                    sgd_update_(param, next(grads), buffer, lr, self.momentum, self.weight_decay)
+            self.loss_sums.index_add_(1, epoch, losses.detach()[:, None])
+            self.correct.index_add_(1, epoch, (predicted == labels).sum(dim=1, keepdim=True))
             self.step.add_(1)
 
     def end_epoch(self, epoch: int) -> None:
-        """After an epoch's steps, on the device: a run's epoch is good if its loss and its context after it are
-        finite (the last update can overflow); while all its epochs have been good, its context is the last good
-        one."""
+        """After an epoch's steps, on the device: a run's epoch is good if its loss and its parameters after it
+        are finite (the last update can overflow); while all its epochs have been good, its parameters are the
+        last good ones."""
         with torch.no_grad():
-            for run, learner in enumerate(self.learners):
-                finite = torch.isfinite(self.loss_sums[run, epoch]) & torch.isfinite(learner.ctx).all()
+            for run, params in enumerate(self.params):
+                finite = torch.isfinite(self.loss_sums[run, epoch])
+                for param in params:
+                    finite = finite & torch.isfinite(param).all()
                 self.epoch_finite[run, epoch] = finite
                 self.all_finite[run] &= finite
-                self.good_ctx[run].copy_(torch.where(self.all_finite[run], learner.ctx, self.good_ctx[run]))
+                for param, good in zip(params, self.good_params[run]):
+                    good.copy_(torch.where(self.all_finite[run], param, good))
 
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step writes (to undo the warm-up steps run before capture)."""
-        return [*(learner.ctx.data for learner in self.learners), *self.momentum_buffers, self.loss_sums,
-                self.correct, self.step]
+        return [*(p.data for params in self.params for p in params),
+                *(b for buffers in self.momentum_buffers for b in buffers), self.loss_sums, self.correct, self.step]
 
 
 def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGraph:

@@ -19,7 +19,7 @@ from fastcoop.cache import FeatureCache
 from fastcoop.config import TrainConfig
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import evaluate_split
+from fastcoop.evaluate import evaluate_split, text_classifier
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
@@ -112,7 +112,7 @@ def sweep_request(cache, shots, seeds, variants, base: TrainConfig) -> dict:
 def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str) -> float | None:
     if "test" not in cache.splits:
         return None
-    return evaluate_split(cache, zeroshot_classifier(loaded, cache.classnames, device=device))["top1"]
+    return evaluate_split(cache, text_classifier(zeroshot_classifier(loaded, cache.classnames, device=device)))["top1"]
 
 
 def read_summaries(folders: list[Path]) -> list[dict]:

@@ -26,9 +26,10 @@ from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
 from fastcoop.models import LoadedModel, move_text_tower
+from fastcoop.cocoop import cocoop_loss, new_learner
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
-from fastcoop.step import TrainStep, graphed_or_eager
+from fastcoop.step import TrainStep, coop_loss, graphed_or_eager
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -52,24 +53,29 @@ class TrainResult:
 @dataclass
 class Checkpoint:
     """A run after `epochs_done` epochs: with the same options and cache, training goes on from it exactly as if it
-    had not stopped (the batch orders are drawn again from the seed; the context and SGD's momentum are here)."""
+    had not stopped (the batch orders are drawn again from the seed; the learned tensors and SGD's momentum for
+    each, by the learner's names, are here)."""
 
     epochs_done: int
-    ctx: torch.Tensor
-    momentum_buffer: torch.Tensor
+    params: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor]
     history: list[dict]
 
     @classmethod
     def of(cls, step, run: int, history: list[dict]) -> "Checkpoint":
-        return cls(len(history), step.learners[run].ctx.detach().clone(), step.momentum_buffers[run].clone(),
-                   list(history))
+        names = step.learners[run].trainable()
+        return cls(len(history), {n: p.detach().clone() for n, p in zip(names, step.params[run])},
+                   {n: b.clone() for n, b in zip(names, step.momentum_buffers[run])}, list(history))
 
     def restore(self, step, run: int) -> int:
         """Load into a fresh TrainStep's run; returns the first epoch still to train."""
+        names = step.learners[run].trainable()
         with torch.no_grad():
-            step.learners[run].ctx.copy_(self.ctx)
-            step.good_ctx[run].copy_(self.ctx)
-            step.momentum_buffers[run].copy_(self.momentum_buffer)
+            for name, param, good, buffer in zip(names, step.params[run], step.good_params[run],
+                                                 step.momentum_buffers[run]):
+                param.copy_(self.params[name])
+                good.copy_(self.params[name])
+                buffer.copy_(self.momentum[name])
             step.step.fill_(self.epochs_done * step.steps)
         return self.epochs_done
 
@@ -142,23 +148,26 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     learners = []
     for config in configs:
         torch.manual_seed(config.seed)
-        learners.append(PromptLearner(model, loaded.tokenizer, classnames, config.n_ctx, config.csc, config.position,
-                                      config.init).to(device))
+        learners.append(new_learner(model, loaded.tokenizer, classnames, config).to(device))
     # the runs' options with every default resolved; the caller's configs stay as they were given
     configs = [dataclasses.replace(c, epochs=epochs, n_ctx=learners[0].n_ctx, attention=backends.attention)
                for c in configs]
-    encode_text = _text_features(model, learners, backends, dtype, base.text_path)
+    scale = model.logit_scale.exp().detach().to(device)
+    if base.method == "cocoop":
+        loss = cocoop_loss(learners, _context_text_features(model, learners[0], backends, dtype, base.text_path),
+                           scale, dtype)
+    else:
+        loss = coop_loss(_text_features(model, learners, backends, dtype, base.text_path), scale, dtype,
+                         backends.loss)
     cached = cache.features("train")  # every view of every cached train image, read once for all the runs
     views = []
     for subset in rows:
         run_views, augmentation = epoch_views(cached[:, subset], epochs)  # on the host, float16
         views.append(run_views.pin_memory() if device.startswith("cuda") else run_views)  # copied asynchronously
     features = torch.empty(len(configs), *views[0].shape[1:], device=device)  # each run's epoch view, float32
-    scale = model.logit_scale.exp().detach().to(device)
     tables = [schedule_tables(labels.shape[1], config) for config in configs]
     orders, lrs = (torch.stack(t).to(device) for t in zip(*tables))
-    step = TrainStep(learners, encode_text, features, labels, scale, orders, lrs, base.momentum, base.weight_decay,
-                     dtype, backends.loss)
+    step = TrainStep(learners, loss, features, labels, orders, lrs, base.momentum, base.weight_decay)
     results = [TrainResult(learner, config, backends, augmentation=augmentation)
                for learner, config in zip(learners, configs)]
     if len({r.epochs_done if r else 0 for r in resumes}) > 1:
@@ -223,6 +232,16 @@ def _text_features(model, learners, backends, dtype, text_path):
     return lambda: encoder(torch.stack([learner.ctx for learner in learners]))
 
 
+def _context_text_features(model, learner, backends, dtype, text_path):
+    """A function from C contexts (C × M × D) to their C × K × D text features: one fast-encoder pass, or the
+    published computation per context."""
+    encoder = None if text_path == "reference" else FastTextEncoder(model, learner, backends, weight_dtype=dtype)
+    if encoder is None or encoder.problem:
+        tower = TextTower.of(model)
+        return lambda contexts: torch.stack([reference_text_features(tower, learner, ctx) for ctx in contexts])
+    return encoder
+
+
 @contextmanager
 def _stop_at_epoch_end():
     """While training, Ctrl-C and SIGTERM ask the loop to stop at the end of the current epoch, so that what is
@@ -267,7 +286,8 @@ def _read_back(step: TrainStep, results: list[TrainResult], first: int, end: int
             if not finite[run][i]:
                 failed[run] = epoch
                 with torch.no_grad():
-                    step.learners[run].ctx.copy_(step.good_ctx[run])
+                    for param, good in zip(step.params[run], step.good_params[run]):
+                        param.copy_(good)
                 break
             config = result.config
             lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)

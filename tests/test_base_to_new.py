@@ -2,7 +2,9 @@
 testing on base and new."""
 
 import json
+import shutil
 
+import pytest
 import torch
 
 from conftest import run_cli
@@ -61,3 +63,69 @@ def test_train_on_base_then_test_on_base_and_new(tmp_path, capsys, tiny_vit, exa
                    "--classes", "base", "--csc", "--device", "cpu")[0] == 0
     code, _, err = run_cli(capsys, "eval", csc_dir, cache, "--classes", "new")
     assert code == 2 and "a context per class" in err
+
+
+def test_base_runs_record_new_and_h_and_report_shows_them(tmp_path, capsys, tiny_vit, example_images):
+    from fastcoop.cache import extract_features
+    from fastcoop.data import read_dataset
+
+    cache = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1, 2],
+                             views=1, workers=0, progress=False)
+    runs = []
+    for method, seed in (("cocoop", 1), ("cocoop", 2)):
+        run_dir = tmp_path / f"{method}-{seed}"
+        code, _, err = run_cli(capsys, "train", cache, "--out", run_dir, "--method", method, "--seed", str(seed),
+                               "--shots", "4", "--epochs", "1", "--batch-size", "8", "--classes", "base",
+                               "--device", "cpu")
+        assert code == 0, err
+        results = json.loads((run_dir / "results.json").read_text())
+        code, out, _ = run_cli(capsys, "eval", run_dir, cache, "--classes", "new")
+        assert code == 0 and f"top-1 {results['test_new']['top1']:.2%}" in out  # what eval says, recorded
+        base, new = results["test"]["top1"], results["test_new"]["top1"]
+        assert results["harmonic_mean"] == pytest.approx(2 * base * new / (base + new) if base + new else 0.0)
+        runs.append((base, new))
+    code, out, _ = run_cli(capsys, "report", tmp_path / "cocoop-1", tmp_path / "cocoop-2")
+    assert code == 0 and "new top-1 | H |" in out
+    mean_base, mean_new = (sum(v) / 2 for v in zip(*runs))
+    harmonic = 2 * mean_base * mean_new / (mean_base + mean_new) if mean_base + mean_new else 0.0
+    assert "| cocoop | base |" in out and f"| {100 * harmonic:.2f} |" in out
+
+
+def test_cross_dataset_and_named_subset_evaluation(tmp_path, capsys, tiny_vit, example_images):
+    """Another dataset (the same images under other class names) and a named subset of the run's classes (as
+    ImageNet-A and -R are of ImageNet): a shared context carries over to both, a class-specific one to the subset
+    only, with its rows for those classes."""
+    from fastcoop.cache import FeatureCache, extract_features
+    from fastcoop.data import read_dataset
+    from fastcoop.evaluate import evaluate_split, run_classifier
+    from fastcoop.run import load_run, with_classnames
+
+    other, subset, kept = tmp_path / "other", tmp_path / "subset", (1, 4, 7, 10)
+    for split in ("train", "test"):
+        for i, folder in enumerate(sorted((example_images / split).iterdir())):
+            shutil.copytree(folder, other / split / f"object_{chr(97 + i)}")
+            if i in kept:
+                shutil.copytree(folder, subset / split / folder.name)
+    caches = {name: extract_features(read_dataset(root), tmp_path / f"{name}.h5", tiny_vit, shots=4, seeds=[1],
+                                     views=1, workers=0, progress=False)
+              for name, root in (("own", example_images), ("other", other), ("subset", subset))}
+    for context in ("unified", "csc"):
+        run_dir = tmp_path / context
+        assert run_cli(capsys, "train", caches["own"], "--out", run_dir, "--shots", "4", "--n-ctx", "2", "--epochs",
+                       "1", "--device", "cpu", *(["--csc"] if context == "csc" else []))[0] == 0
+        run = load_run(run_dir)
+        with FeatureCache(caches["subset"]) as cache:
+            on_subset = with_classnames(run, [n.replace("_", " ") for n in cache.classnames])
+            expected = evaluate_split(cache, run_classifier(on_subset))
+        rows = [run.learner.classnames.index(name) for name in on_subset.learner.classnames]
+        assert rows == list(kept) and torch.equal(on_subset.learner.ctx, run.learner.ctx[rows] if context == "csc"
+                                                  else run.learner.ctx)
+        code, out, _ = run_cli(capsys, "eval", run_dir, caches["subset"])
+        assert code == 0 and f"top-1 {expected['top1']:.2%}" in out and "(12 images)" in out
+        code, out, err = run_cli(capsys, "eval", run_dir, caches["other"])
+        if context == "unified":
+            assert code == 0 and "(36 images)" in out
+        else:
+            assert code == 2 and "has none for 'object a', 'object b'" in err and "and 7 more" in err
+        code, _, err = run_cli(capsys, "eval", run_dir, caches["subset"], "--classes", "new")
+        assert code == 2 and "other class names" in err

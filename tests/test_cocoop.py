@@ -1,10 +1,18 @@
 """CoCoOp: the fast per-image prompts against the published per-image 77-token computation."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import relative
+from conftest import relative, run_cli
+from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.cocoop import CoCoOpLearner, cocoop_logits
+from fastcoop.data import read_dataset
+from fastcoop.run import load_run
+from fastcoop.schedule import lr_at
+from fastcoop.train import TrainConfig, batches_per_epoch, train
 
 NAMES = ["dog", "sea lion", "kite (bird of prey)", "a remarkably long class name of many word tokens", "cat"]
 
@@ -38,3 +46,112 @@ def test_the_published_layout_and_state_dict_names(tiny_vit):
     images = torch.randn(2, vis_dim)
     shift = learner.meta_net(images / images.norm(dim=-1, keepdim=True))  # on the normalised feature
     torch.testing.assert_close(learner.contexts(images), learner.ctx[None] + shift[:, None])
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory, tiny_vit, example_images):
+    out = tmp_path_factory.mktemp("cache") / "f.h5"
+    return extract_features(read_dataset(example_images), out, tiny_vit, shots=4, seeds=[1, 2], views=4,
+                            batch_size=64, workers=0, progress=False)
+
+
+def _published_cocoop_training(cache_path, tiny_vit, seed, epochs, batch_size, lr):
+    """trainers/cocoop.py's loop, step by step on the host: a permutation per epoch from one seeded generator, the
+    epoch's view, per-image prompts through the published 77-token computation, cross-entropy, torch.optim.SGD
+    over the context and the Meta-Net with the published schedule."""
+    with FeatureCache(cache_path) as cache:
+        rows = cache.rows("train", 4, seed)
+        views, labels = cache.features("train", rows).float(), cache.labels("train", rows)
+        torch.manual_seed(seed)
+        learner = CoCoOpLearner(tiny_vit.model, tiny_vit.tokenizer, cache.classnames)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        optimizer.param_groups[0]["lr"] = lr_at(epoch, epochs, lr)
+        order = torch.randperm(len(labels), generator=generator)
+        for step in range(batches_per_epoch(len(labels), batch_size)):
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            logits = cocoop_logits(tiny_vit.model, learner, views[1 + epoch][batch], "reference")
+            loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return learner
+
+
+def test_cocoop_training_equals_the_published_loop(cache_path, tiny_vit):
+    """fastcoop's CoCoOp run (fast per-image prompts, the schedule on the device) against the published loop: the
+    context and every Meta-Net weight, fp32, a short schedule with warm-up and cosine decay."""
+    config = TrainConfig(method="cocoop", shots=4, seed=1, epochs=3, batch_size=4, lr=0.05, device="cpu")
+    with FeatureCache(cache_path) as cache:
+        ours = train(cache, tiny_vit, config, progress=False).learner.trainable()
+    theirs = _published_cocoop_training(cache_path, tiny_vit, 1, 3, 4, 0.05).trainable()
+    assert list(ours) == ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+                          "meta_net.linear2.bias"]
+    for name in theirs:
+        assert relative(ours[name].detach(), theirs[name].detach()) <= 1e-5, name
+    assert not torch.equal(ours["meta_net.linear2.bias"], torch.zeros_like(ours["meta_net.linear2.bias"]))
+
+
+def test_cocoop_runs_stacked_equal_runs_alone(cache_path, tiny_vit):
+    from fastcoop.train import train_stack
+
+    configs = [TrainConfig(method="cocoop", shots=4, seed=seed, epochs=2, batch_size=3, lr=0.05, device="cpu")
+               for seed in (1, 2)]
+    with FeatureCache(cache_path) as cache:
+        stacked = train_stack(cache, tiny_vit, configs, progress=False)
+        alone = [train(cache, tiny_vit, config, progress=False) for config in configs]
+    for together, by_itself in zip(stacked, alone):
+        for name, tensor in by_itself.learner.trainable().items():
+            assert relative(together.learner.trainable()[name].detach(), tensor.detach()) <= 1e-5, name
+
+
+def test_the_published_cocoop_recipe_is_the_default():
+    config = TrainConfig(method="cocoop")
+    assert (config.n_ctx, config.init, config.batch_size, config.epochs, config.lr) == (4, "a photo of a", 1, 10,
+                                                                                          0.002)
+    assert (config.warmup_epochs, config.warmup_lr, config.momentum, config.weight_decay) == (1, 1e-5, 0.9, 5e-4)
+    assert TrainConfig(method="cocoop", n_ctx=8).init is None  # M = 8 and 16: random init, as published
+    coop = TrainConfig()
+    assert (coop.n_ctx, coop.init, coop.batch_size, coop.epochs) == (16, None, 32, None)
+
+
+def test_cli_trains_evaluates_predicts_and_resumes_a_cocoop_run(tmp_path, capsys, cache_path, example_images):
+    run_dir = tmp_path / "run"
+    args = ["--method", "cocoop", "--shots", "4", "--epochs", "2", "--device", "cpu", "--batch-size", "4"]
+    code, out, err = run_cli(capsys, "train", cache_path, "--out", run_dir, *args)
+    assert code == 0, err
+    prompt = load_file(run_dir / "prompt.safetensors")
+    assert set(prompt) == {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+                           "meta_net.linear2.bias"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["method"] == "cocoop" and config["train"]["n_ctx"] == 4
+    results = json.loads((run_dir / "results.json").read_text())
+    code, out, _ = run_cli(capsys, "eval", run_dir, cache_path)
+    assert code == 0 and f"top-1 {results['test']['top1']:.2%}" in out  # the run's own test score, read back
+    run = load_run(run_dir)
+    for name, tensor in run.learner.trainable().items():
+        assert torch.equal(tensor.detach(), prompt[name])
+    image = next(p for p in sorted(example_images.rglob("*")) if p.suffix in (".png", ".jpg"))
+    code, out, _ = run_cli(capsys, "predict", run_dir, image)
+    assert code == 0 and out.strip()
+
+
+def test_cocoop_evaluation_in_chunks_equals_one_call(cache_path, tiny_vit, monkeypatch):
+    import fastcoop.evaluate
+
+    torch.manual_seed(0)
+    with FeatureCache(cache_path) as cache:
+        learner = CoCoOpLearner(tiny_vit.model, tiny_vit.tokenizer, cache.classnames)
+        images = cache.features("test", view=0).float()
+    whole = cocoop_logits(tiny_vit.model, learner, images).argmax(-1)
+    monkeypatch.setattr(fastcoop.evaluate, "PROMPTS_PER_CALL", 2 * learner.num_classes)  # 2 images per call
+    assert torch.equal(fastcoop.evaluate.prompt_classifier(tiny_vit.model, learner)(images), whole)
+
+
+@pytest.mark.parametrize("option", [["--csc"], ["--position", "front"]])
+def test_cocoop_refuses_coop_only_options_before_any_work(tmp_path, capsys, cache_path, option):
+    code, _, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "run", "--method", "cocoop", *option,
+                           "--device", "cpu")
+    assert code == 2 and "CoCoOp learns one context shared by all classes" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
