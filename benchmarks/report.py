@@ -105,6 +105,15 @@ def full_run_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def cocoop_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | K | batch | published step ms | fastcoop step ms | speed-up |", "|" + " --- |" * 6]
+    lines += [f"| {r['model']} | {r['classes']} | {r['batch']} | {r['published_ms']:.1f} | {r['fastcoop_ms']:.2f} | "
+              f"{r['speedup']:.1f}× |" for r in rows if "batch" in r]
+    lines += ["", "| model | K | test images | evaluation s |", "|" + " --- |" * 4]
+    return lines + [f"| {r['model']} | {r['classes']} | {r['eval_images']} | {r['eval_seconds']:.2f} |"
+                    for r in rows if "eval_images" in r]
+
+
 def cache_table(rows: list[dict]) -> list[str]:
     lines = ["| model | JPEGs (500×375) | views each | batch | workers | whole command s | of it extracting s | "
              "views/s (whole / extracting) | decode + crop alone views/s | encoder alone views/s | extracting ÷ "
@@ -235,6 +244,8 @@ def write_report(results_dir: Path, readme: Path) -> None:
                                   ("`fastcoop cache`: the whole command against its halves alone", "cache",
                                    cache_table),
                                   ("The protocol: one `fastcoop sweep` against separate runs", "sweep", sweep_table),
+                                  ("CoCoOp: the step (published per-image 77-token prompts from pixels against "
+                                   "fastcoop on cached features) and test-set evaluation", "cocoop", cocoop_table),
                                   ("cosine_ce forward + backward (launched: as a program calls it, host overhead "
                                    "included; graphed: the GPU work alone, as inside the training step)", "kernel",
                                    kernel_table),

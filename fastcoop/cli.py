@@ -228,7 +228,9 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
                                        save_every=save_every)
     last = result.history[-1]
     click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"
-               + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "") + f" → {run_dir}")
+               + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "")
+               + (f" (base); new {results['test_new']['top1']:.2%}, H {results['harmonic_mean']:.2%}"
+                  if "test_new" in results else "") + f" → {run_dir}")
 
 
 @cli.command("eval")
@@ -244,7 +246,7 @@ def evaluate(run_dir, cache_file, split, classes, device):
     from fastcoop.cache import FeatureCache
     from fastcoop.devices import resolve_device
     from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
-    from fastcoop.run import load_run
+    from fastcoop.run import load_run, record_evaluation
 
     if run_dir.is_file() and cache_file.is_dir():
         raise FastCoopError(f"the arguments are swapped: `fastcoop eval RUN_DIR CACHE` ({run_dir} is a file, "
@@ -257,6 +259,10 @@ def evaluate(run_dir, cache_file, split, classes, device):
     scores = evaluate_split(cache, run_classifier(run), split, classes)
     click.echo(f"{split}: top-1 {scores['top1']:.2%}, mean per-class {scores['mean_per_class']:.2%} "
                f"({scores['images']} images)")
+    try:  # for `fastcoop report`'s transfer table; the score above stands without it
+        record_evaluation(run_dir, cache, split, classes, scores)
+    except OSError as exc:
+        click.echo(f"warning: the score was not recorded in {run_dir} ({exc.strerror or exc})", err=True)
 
 
 @cli.command()

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from fastcoop.errors import FastCoopError
-from fastcoop.run import CONFIG_FILE, RESULTS_FILE, check_complete, read_config
+from fastcoop.run import CONFIG_FILE, RESULTS_FILE, check_complete, read_config, read_evaluations
 
 DEFAULTS = {"method": "coop", "classes": "all"}  # what runs recorded before these options existed were
 GROUP_BY = ("method", "classes", "shots", "n_ctx", "csc", "position", "init", "epochs")
@@ -25,8 +25,16 @@ def collect(run_dirs: list[Path]) -> list[dict]:
                      "pretrained": Path(config["pretrained"]).name, **{k: config["train"].get(k, DEFAULTS.get(k)) for k in GROUP_BY},
                      "seed": config["train"]["seed"], "test": results.get("test", {}).get("top1"),
                      "test_new": results.get("test_new", {}).get("top1"),
+                     "transfer": _transfer(config, read_evaluations(run_dir)),
                      "train_seconds": results["train_seconds"]})
     return rows
+
+
+def _transfer(config: dict, evaluations: dict) -> dict:
+    """Top-1 on other caches (`fastcoop eval RUN OTHER_CACHE`), by the cache's name (and split, if not test)."""
+    own = config["cache"]["path"]
+    return {e["dataset"] + ("" if e["split"] == "test" else f" ({e['split']})"): e["top1"]
+            for e in evaluations.values() if e["cache"] != own}
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -46,7 +54,32 @@ def summary_table(rows: list[dict]) -> str:
                      f"{'CSC' if csc else 'unified'} | {position} | {init or 'random'} | {epochs} | "
                      f"{','.join(str(r['seed']) for r in runs)} | {_mean_std([r['test'] for r in runs])} | "
                      + (new if base_to_new else "") + f"{seconds:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _transfer_table(groups))
+
+
+def _transfer_table(groups: dict[tuple, list[dict]]) -> list[str]:
+    """Cross-dataset and domain-shift results as CoCoOp tabulates them: each run's source, then every other cache
+    it was evaluated on, and their average (means over the seeds evaluated there)."""
+    targets = sorted({name for runs in groups.values() for r in runs for name in r["transfer"]})
+    if not targets:
+        return []
+    lines = ["", "Transfer: test top-1 on other caches (mean over seeds)", "",
+             "| source | model | method | classes | shots | seeds | " + " | ".join(targets) + " | average |",
+             "|" + " --- |" * (7 + len(targets))]
+    for key, runs in groups.items():
+        cache, model, _, method, classes, shots = key[:6]
+        means = [_mean([r["transfer"].get(t) for r in runs]) for t in targets]
+        known = [m for m in means if m is not None]
+        cells = ["–" if m is None else f"{100 * m:.2f}" for m in means]
+        average = f"{100 * statistics.mean(known):.2f}" if known else "–"
+        lines.append(f"| {cache} | {model} | {method} | {classes} | {shots or 'all'} | "
+                     f"{','.join(str(r['seed']) for r in runs)} | {' | '.join(cells)} | {average} |")
+    return lines
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
 
 
 def _harmonic_of_means(runs: list[dict]) -> str:

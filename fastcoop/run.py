@@ -25,9 +25,10 @@ from fastcoop.outputs import check_writable
 from fastcoop.cocoop import new_learner
 from fastcoop.prompts import PromptLearner
 
-PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE = (
-    "prompt.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json", "curve.png")
-RUN_FILES = (PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE)
+PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE, EVALUATIONS_FILE = (
+    "prompt.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json", "curve.png",
+    "evaluations.json")
+RUN_FILES = (PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE, EVALUATIONS_FILE)
 RESUMABLE = ("running", "interrupted")
 MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned tensor
 
@@ -128,6 +129,23 @@ def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
     _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
     _write_config(run_dir, result, cache, loaded, request, "complete", len(result.history))
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+def read_evaluations(run_dir: Path) -> dict:
+    """What `fastcoop eval` measured of a finished run, by cache, split and classes."""
+    path = Path(run_dir) / EVALUATIONS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_evaluation(run_dir: Path, cache: FeatureCache, split: str, classes: str, scores: dict) -> None:
+    """Add (or renew) one evaluation in the run's evaluations.json, so that reports can show transfer tables; the
+    run's own files are not touched."""
+    evaluations = read_evaluations(run_dir)
+    evaluations[f"{Path(cache.path).name} {split} {classes}"] = {
+        "cache": str(Path(cache.path).resolve()), "dataset": Path(cache.path).stem, "identity": cache.identity(),
+        "split": split, "classes": classes, **scores}
+    _atomic(Path(run_dir) / EVALUATIONS_FILE,
+            lambda path: Path(path).write_text(json.dumps(evaluations, indent=2) + "\n"))
 
 
 def _write_prompt(run_dir: Path, learner: PromptLearner, params: dict[str, torch.Tensor]) -> None:

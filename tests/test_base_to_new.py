@@ -129,3 +129,12 @@ def test_cross_dataset_and_named_subset_evaluation(tmp_path, capsys, tiny_vit, e
             assert code == 2 and "has none for 'object a', 'object b'" in err and "and 7 more" in err
         code, _, err = run_cli(capsys, "eval", run_dir, caches["subset"], "--classes", "new")
         assert code == 2 and "other class names" in err
+        evaluations = json.loads((run_dir / "evaluations.json").read_text())
+        assert {e["dataset"] for e in evaluations.values()} == ({"subset", "other"} if context == "unified"
+                                                                else {"subset"})
+    code, out, _ = run_cli(capsys, "report", tmp_path / "unified")
+    subset_top1 = json.loads((tmp_path / "unified" / "evaluations.json").read_text())["subset.h5 test all"]["top1"]
+    assert code == 0 and "| other | subset | average |" in out and f"| {100 * subset_top1:.2f} |" in out
+    assert run_cli(capsys, "train", caches["own"], "--out", tmp_path / "unified", "--shots", "4", "--n-ctx", "2",
+                   "--epochs", "1", "--device", "cpu", "--overwrite")[0] == 0
+    assert not (tmp_path / "unified" / "evaluations.json").exists()  # a replaced run keeps none of the old one's
