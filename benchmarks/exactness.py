@@ -6,7 +6,7 @@ from benchmarks.common import real_classnames
 from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import TrainStep
+from fastcoop.step import TrainStep, coop_loss
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -35,8 +35,8 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
             generator = torch.Generator().manual_seed(1)
             epochs = -(-steps // 4)  # 4 steps of 32 per epoch
             orders = torch.stack([torch.randperm(128, generator=generator) for _ in range(epochs)]).view(epochs, 4, 32)
-            step = TrainStep([learner], lambda e=encode: e()[None], features[None], labels[None],
-                             model.logit_scale.exp().detach(), orders[None].to(device),
+            step = TrainStep([learner], coop_loss(lambda e=encode: e()[None], model.logit_scale.exp().detach()),
+                             features[None], labels[None], orders[None].to(device),
                              torch.full((1, epochs), 0.002, device=device), 0.9, 5e-4)
             for _ in range(steps):
                 step()

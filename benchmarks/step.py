@@ -15,7 +15,7 @@ from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
-from fastcoop.step import CudaGraphStep, TrainStep
+from fastcoop.step import CudaGraphStep, TrainStep, coop_loss
 from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -47,9 +47,9 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
             published_step(model, learner, images, labels, optimizer)
 
     def make(encode_text, dtype):
-        step = TrainStep([learner], lambda: encode_text()[None], features[None], labels[None], scale,
-                         torch.arange(batch, device=device)[None, None, None], torch.full((1, 1), 0.002, device=device),
-                         0.9, 5e-4, dtype)
+        step = TrainStep([learner], coop_loss(lambda: encode_text()[None], scale, dtype), features[None],
+                         labels[None], torch.arange(batch, device=device)[None, None, None],
+                         torch.full((1, 1), 0.002, device=device), 0.9, 5e-4)
 
         def run():
             step.step.zero_()
@@ -133,9 +133,9 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     labels = torch.arange(n, device=device) % len(classnames)
     encode = FastTextEncoder(model, learner, resolve(device), weight_dtype=precision)
     order = torch.randperm(n, device=device)[:n // batch * batch].view(1, 1, n // batch, batch)
-    step = TrainStep([learner], lambda: encode()[None], features[None], labels[None],
-                     model.logit_scale.exp().detach().to(device), order, torch.full((1, 1), 0.002, device=device), 0.9,
-                     5e-4, precision)
+    loss = coop_loss(lambda: encode()[None], model.logit_scale.exp().detach().to(device), precision)
+    step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
+                     0.9, 5e-4)
     resident = torch.cuda.memory_allocated() - before
     graphed = CudaGraphStep(step)
     for _ in range(3):
