@@ -39,13 +39,13 @@ def plan(name: str, device: str) -> dict:
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
                 "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None)],
-                "cocoop": ("ViT-B-16", 500, [1, 32], 50000)}
+                "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "imagenet")}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
                 "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
-                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)], "cocoop": ("ViT-B-16", 37, [1], 64)}
+                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)], "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat")}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
@@ -55,7 +55,8 @@ def plan(name: str, device: str) -> dict:
             "cache": ("ViT-B-16", 1000, 200, 512) if device.startswith("cuda") else ("ViT-B-16", 32, 15, 64),
             "sweep": [(d, None) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
             else [("eurosat", 2), ("caltech101", 1)],
-            "cocoop": ("ViT-B-16", 500, [1, 32], 50000) if device.startswith("cuda") else ("ViT-B-16", 37, [1, 4], 256)}
+            "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "imagenet") if device.startswith("cuda")
+            else ("ViT-B-16", 37, [1, 4], 256, "eurosat")}
 
 
 def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> float:
@@ -198,8 +199,8 @@ def main():
             result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs))
             save("sweep")
     if "cocoop" in sections:
-        model, k, batches, eval_images = todo["cocoop"]
-        result["cocoop"] = run_cocoop_section(model, k, batches, eval_images, args.device, todo["repeats"])
+        model, k, batches, eval_images, dataset = todo["cocoop"]
+        result["cocoop"] = run_cocoop_section(model, k, batches, eval_images, dataset, args.device, todo["repeats"])
         save("cocoop")
 
 if __name__ == "__main__":

@@ -73,16 +73,18 @@ def help_seconds() -> float:
     return time.perf_counter() - start
 
 
-def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16", kernel_cache: str | None = None) -> dict:
+def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16", kernel_cache: str | None = None,
+                       options: tuple[str, ...] = ()) -> dict:
     """`fastcoop train` as a user runs it: wall time from process start to finish, split by the stages the run
     records (imports, model, setup, loop with its first epoch, save and test); the rest is the interpreter's start
-    and exit. `kernel_cache`: Triton's cache folder (a fresh one times a cold first run)."""
+    and exit. `kernel_cache`: Triton's cache folder (a fresh one times a cold first run); `options`: more
+    `fastcoop train` options (e.g. --method cocoop)."""
     env = os.environ | ({"TRITON_CACHE_DIR": kernel_cache} if kernel_cache else {})
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / f"{dataset}.h5"
         k = write_synthetic_cache(cache, dataset, model)
         command = [sys.executable, "-m", "fastcoop", "train", str(cache), "--out", str(Path(tmp) / "run"),
-                   "--shots", "16", "--seed", "1", "--device", device]
+                   "--shots", "16", "--seed", "1", "--device", device, *options]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start

@@ -110,8 +110,14 @@ def cocoop_table(rows: list[dict]) -> list[str]:
     lines += [f"| {r['model']} | {r['classes']} | {r['batch']} | {r['published_ms']:.1f} | {r['fastcoop_ms']:.2f} | "
               f"{r['speedup']:.1f}× |" for r in rows if "batch" in r]
     lines += ["", "| model | K | test images | evaluation s |", "|" + " --- |" * 4]
-    return lines + [f"| {r['model']} | {r['classes']} | {r['eval_images']} | {r['eval_seconds']:.2f} |"
-                    for r in rows if "eval_images" in r]
+    lines += [f"| {r['model']} | {r['classes']} | {r['eval_images']} | {r['eval_seconds']:.2f} |"
+              for r in rows if "eval_images" in r]
+    lines += ["", "| base-to-new run (16 shots, 10 epochs, batch 1) | base classes | steps | whole process s | of it "
+              "imports, model, loop s | published estimate s | ratio |", "|" + " --- |" * 7]
+    return lines + [f"| {r['dataset']}-shaped | {r['classes']} | {r['steps']} | {r['process_seconds']:.1f} | "
+                    f"{r['imports_seconds']:.1f}, {r['model_seconds']:.1f}, {r['loop_seconds']:.1f} | "
+                    f"{r['published_estimate_seconds']:.0f} | {r['published_estimate_seconds'] / r['process_seconds']:.1f}× |"
+                    for r in rows if "process_seconds" in r]
 
 
 def cache_table(rows: list[dict]) -> list[str]:

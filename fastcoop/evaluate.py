@@ -47,12 +47,14 @@ def prompt_classifier(model, learner, backends: Backends | None = None):
     image, so images go through the text encoder a chunk at a time (PROMPTS_PER_CALL prompts per call)."""
     if learner.method != "cocoop":
         return text_classifier(prompt_text_features(model, learner, backends))
-    encoder = FastTextEncoder(model, learner, backends)
+    # on GPU in bf16, as training runs (the published evaluation runs fp16): its work grows with the images
+    dtype = torch.bfloat16 if learner.ctx.is_cuda else None
+    encoder = FastTextEncoder(model, learner, backends, weight_dtype=dtype)
     mode = "reference" if encoder.problem else "fast"
     per_call = max(1, PROMPTS_PER_CALL // learner.num_classes)
 
     def predict(image_features: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
             return torch.cat([torch.empty(0, dtype=torch.long)] + [
                 cocoop_logits(model, learner, image_features[i:i + per_call].to(learner.ctx.device), mode,
                               encoder).argmax(dim=-1).cpu() for i in range(0, len(image_features), per_call)])
