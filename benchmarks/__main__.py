@@ -1,7 +1,7 @@
 """python -m benchmarks [--device cuda|cpu] [--quick] [--out benchmarks/results] [--sections ...]
 
-Runs the step, full-run, kernel and exactness sections, writes results/<device>.json, and regenerates
-benchmarks/README.md (tables) and the plots from every result file present.
+Runs the sections named (default: all, the most telling first), writes results/<device>.json after each, and
+regenerates benchmarks/README.md (tables) and the plots from every result file present.
 """
 
 import argparse
@@ -25,8 +25,8 @@ from benchmarks.profile import kernel_profile
 from benchmarks.step import run_step_section, step_variants, time_breakdown, training_memory_gb
 from fastcoop.models import load_model
 
-# in the order they run: the most telling first, so that a run cut short keeps them
-SECTIONS = ("step", "kernel", "attention", "exactness", "full_run", "cache", "sweep", "cocoop")
+# the default order: the most telling first, so that a run cut short keeps them
+SECTIONS = ("step", "exactness", "full_run", "cocoop", "cache", "sweep", "kernel", "attention")
 
 
 def plan(name: str, device: str) -> dict:
@@ -39,7 +39,7 @@ def plan(name: str, device: str) -> dict:
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
                 "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None)],
-                "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "imagenet")}
+                "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101")}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
                 "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
@@ -102,7 +102,7 @@ def main():
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the result files, README.md and plots (default: benchmarks/results, "
                              "with the README in benchmarks/)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}, run in the order named")
     parser.add_argument("--datasets", default=None, help="full-run datasets (default: by mode)")
     parser.add_argument("--exact-steps", type=int, default=None, help="training steps compared for exactness")
     args = parser.parse_args()
@@ -115,6 +115,8 @@ def main():
         write_report(args.out, readme)
         return
     sections = args.sections.split(",")
+    if not set(sections) <= set(SECTIONS):
+        parser.error(f"unknown sections {sorted(set(sections) - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     mode = args.plan or ("quick" if args.quick else "full")
     todo = plan(mode, args.device)
     if args.datasets:
@@ -137,7 +139,7 @@ def main():
         write_report(args.out, readme)
         print(f"  wrote {section} to {path} and {readme}", flush=True)
 
-    if "step" in sections:
+    def run_step():
         result["step"] = run_step_section(todo["step"], args.device, todo["repeats"])
         model, k = todo["breakdown"]
         result["breakdown"] = {"model": model, "classes": k, "ms": time_breakdown(
@@ -146,19 +148,21 @@ def main():
             result["training_memory"], result["profile"] = gpu_memory_and_profile(todo["step"], args.device,
                                                                                   result["step"])
         save("step")
-    if "kernel" in sections:
+    def run_kernel():
         result["kernel"] = run_kernel_section(todo["kernel"], args.device, todo["repeats"])
         if not args.device.startswith("cuda"):
             _note(result, "No GPU: the Triton kernel is not timed on CPU (it runs there only under the "
                           "interpreter, for correctness); cosine_ce on CPU is the PyTorch reference.")
         save("kernel")
-    if "attention" in sections and args.device.startswith("cuda") and todo["attention"]:
+    def run_attention():
+        if not (args.device.startswith("cuda") and todo["attention"]):
+            return
         result["attention"] = run_attention_section(todo["attention"], args.device, todo["repeats"])
         save("attention")
-    if "exactness" in sections:
+    def run_exactness():
         result["exactness"] = run_exactness_section(todo["exactness"], args.device, todo["exact_steps"])
         save("exactness")
-    if "full_run" in sections:
+    def run_full_run():
         result["full_run"] = []
         result["help_seconds"] = help_seconds()
         print(f"  fastcoop --help: {result['help_seconds']:.2f} s", flush=True)
@@ -184,11 +188,11 @@ def main():
                 _note(result, "Published full-run times are estimates: the published step time (no data loading) "
                               "× the schedule's steps; fastcoop's are measured whole processes.")
                 save("full_run")
-    if "cache" in sections:
+    def run_cache():
         model, images, views, batch = todo["cache"]
         result["cache"] = [run_cache_section(args.device, model, images, views, batch, todo["repeats"])]
         save("cache")
-    if "sweep" in sections:
+    def run_sweep():
         result["sweep"] = []
         loaded = load_model("ViT-B-16", "none", args.device)
         for dataset, epochs in todo["sweep"]:
@@ -198,10 +202,16 @@ def main():
             seeds = [1, 2] if epochs else [1, 2, 3]
             result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs))
             save("sweep")
-    if "cocoop" in sections:
+    def run_cocoop():
         model, k, batches, eval_images, dataset = todo["cocoop"]
         result["cocoop"] = run_cocoop_section(model, k, batches, eval_images, dataset, args.device, todo["repeats"])
         save("cocoop")
+
+    runners = {"step": run_step, "kernel": run_kernel, "attention": run_attention, "exactness": run_exactness,
+               "full_run": run_full_run, "cache": run_cache, "sweep": run_sweep, "cocoop": run_cocoop}
+    for section in sections:  # in the order named: a run cut short keeps the first ones
+        runners[section]()
+
 
 if __name__ == "__main__":
     main()

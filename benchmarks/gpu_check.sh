@@ -37,5 +37,5 @@ fi
 timeout "${FASTCOOP_TEST_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider --durations=8 "${tests[@]}" 2>&1 \
   | tee "$OUT/tests.log"
 timeout "${FASTCOOP_BENCH_SECONDS:-250}" python3 -m benchmarks --device cuda --plan headline --out "$OUT/results" \
-  --sections "${FASTCOOP_SECTIONS:-step,kernel,attention,exactness,full_run,cache}" 2>&1 | tee "$OUT/bench.log"
+  --sections "${FASTCOOP_SECTIONS:-step,exactness,full_run,cocoop,cache,kernel,attention}" 2>&1 | tee "$OUT/bench.log"
 rm -f "$OUT"/results/*.png "$OUT/results/README.md"  # made again from the JSON

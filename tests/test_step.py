@@ -45,15 +45,16 @@ def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, positi
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_vit, example_images):
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_vit, example_images, method):
     """Two seeds stacked into one graphed step (their contexts as more attention heads of one encoder pass)
-    against each seed trained alone without a graph."""
+    against each seed trained alone without a graph; CoOp, and CoCoOp (per-image contexts, Meta-Net)."""
     from fastcoop.train import train_stack
 
     path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1, 2],
                             views=2, batch_size=32, workers=0, progress=False)
     loaded = copy.deepcopy(tiny_vit)
-    configs = [TrainConfig(shots=4, seed=seed, n_ctx=4, epochs=5, batch_size=16, lr=0.05, precision="fp32",
+    configs = [TrainConfig(method=method, shots=4, seed=seed, epochs=3, batch_size=4, lr=0.05, precision="fp32",
                            device="cuda", graph=True) for seed in (1, 2)]
     with FeatureCache(path) as cache, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -61,5 +62,6 @@ def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_
         alone = [train(cache, loaded, dataclasses.replace(config, graph=False), progress=False) for config in configs]
     assert not any("capture failed" in str(w.message) for w in caught)
     for together, by_itself in zip(stacked, alone):
-        theirs = by_itself.learner.ctx.detach().cpu()
-        torch.testing.assert_close(together.learner.ctx.detach().cpu(), theirs, rtol=1e-5, atol=1e-6)
+        for name, theirs in by_itself.learner.trainable().items():
+            torch.testing.assert_close(together.learner.trainable()[name].detach().cpu(), theirs.detach().cpu(),
+                                       rtol=1e-5, atol=1e-6)
