@@ -62,9 +62,15 @@ def run_cocoop_section(model_name: str, k: int, batches: list[int], eval_images:
     rows = []
     for batch in batches:
         published = median_ms(published_cocoop_step(loaded, model, classnames, batch, device), device, repeats)
+        if device.startswith("cuda"):  # the fastcoop step's own peak, the model's blocks and its graph included
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         fast = median_ms(fastcoop_cocoop_step(loaded, model, classnames, batch, device), device, repeats)
         rows.append({"model": model_name, "classes": k, "batch": batch, "published_ms": published,
-                     "fastcoop_ms": fast, "speedup": published / fast})
+                     "fastcoop_ms": fast, "speedup": published / fast,
+                     "fastcoop_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9
+                     if device.startswith("cuda") else None})
         print(f"  cocoop step {model_name} K={k} batch {batch}: published {published:.1f} ms, fastcoop {fast:.2f} ms "
               f"({published / fast:.1f}×)", flush=True)
     learner = CoCoOpLearner(model, loaded.tokenizer, classnames).to(device)

@@ -106,9 +106,10 @@ def full_run_table(rows: list[dict]) -> list[str]:
 
 
 def cocoop_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | K | batch | published step ms | fastcoop step ms | speed-up |", "|" + " --- |" * 6]
+    lines = ["| model | K | batch | published step ms | fastcoop step ms | speed-up | fastcoop GPU memory GB |",
+             "|" + " --- |" * 7]
     lines += [f"| {r['model']} | {r['classes']} | {r['batch']} | {r['published_ms']:.1f} | {r['fastcoop_ms']:.2f} | "
-              f"{r['speedup']:.1f}× |" for r in rows if "batch" in r]
+              f"{r['speedup']:.1f}× | {fmt(r.get('fastcoop_peak_gb'), 2)} |" for r in rows if "batch" in r]
     lines += ["", "| model | K | test images | evaluation s |", "|" + " --- |" * 4]
     lines += [f"| {r['model']} | {r['classes']} | {r['eval_images']} | {r['eval_seconds']:.2f} |"
               for r in rows if "eval_images" in r]
