@@ -1,7 +1,9 @@
-"""CoOp training on cached image features: only the context vectors learn, every CLIP weight stays frozen.
+"""CoOp and CoCoOp training on cached image features: only the context vectors (and CoCoOp's Meta-Net) learn,
+every CLIP weight stays frozen.
 
 The published loop, per epoch: a permutation of the few-shot rows, batches of 32 (the last partial batch dropped),
-the K prompts through the text encoder every step, cosine cross-entropy, SGD. Here every epoch's permutation and
+the K prompts through the text encoder every step (CoCoOp: each image's own K prompts, batches of 1), cosine
+cross-entropy, SGD. Here every epoch's permutation and
 learning rate are drawn up front into device tables (the same draws, in the same order, as a per-epoch loop), so
 the host only enqueues steps and reads the results back now and then. Epoch e trains on the
 cache's augmented view e of every image: each view is an independent draw of the published augmentation, so with
@@ -21,12 +23,12 @@ from tqdm import tqdm
 
 from fastcoop.backends import Backends, resolve
 from fastcoop.cache import FeatureCache
+from fastcoop.cocoop import cocoop_loss, new_learner
 from fastcoop.config import TrainConfig
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
 from fastcoop.models import LoadedModel, move_text_tower
-from fastcoop.cocoop import cocoop_loss, new_learner
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
 from fastcoop.step import TrainStep, coop_loss, graphed_or_eager
