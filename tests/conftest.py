@@ -56,3 +56,20 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def ctrl_c_after_epoch(monkeypatch, epochs: int) -> None:
+    """Make training press Ctrl-C at the end of its `epochs`-th epoch (as a user would), until monkeypatch undoes
+    it."""
+    import signal
+
+    from fastcoop.step import TrainStep
+
+    end_epoch = TrainStep.end_epoch
+
+    def end_epoch_then_ctrl_c(self, epoch):
+        end_epoch(self, epoch)
+        if epoch + 1 == epochs:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TrainStep, "end_epoch", end_epoch_then_ctrl_c)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import relative, run_cli
+from conftest import ctrl_c_after_epoch, relative, run_cli
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.cocoop import CoCoOpLearner, cocoop_logits
 from fastcoop.data import read_dataset
@@ -160,26 +160,14 @@ def test_cocoop_refuses_coop_only_options_before_any_work(tmp_path, capsys, cach
 def test_an_interrupted_cocoop_run_resumes_to_the_uninterrupted_one(tmp_path, capsys, cache_path, monkeypatch):
     """Ctrl-C at the end of epoch 2 of 4 saves the context, the Meta-Net and the momentum of each; the same
     command then ends exactly where the uninterrupted run ends."""
-    import os
-    import signal
-
-    from fastcoop.step import TrainStep
-
     args = ["--method", "cocoop", "--shots", "4", "--epochs", "4", "--batch-size", "4", "--device", "cpu"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert run_cli(capsys, "train", cache_path, "--out", whole, *args)[0] == 0
-    end_epoch = TrainStep.end_epoch
-
-    def ctrl_c_after_epoch_2(self, epoch):
-        end_epoch(self, epoch)
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(TrainStep, "end_epoch", ctrl_c_after_epoch_2)
-    assert run_cli(capsys, "train", cache_path, "--out", resumed, *args, "--save-every", "1000")[0] == 130
+    with monkeypatch.context() as patch:
+        ctrl_c_after_epoch(patch, 2)
+        assert run_cli(capsys, "train", cache_path, "--out", resumed, *args, "--save-every", "1000")[0] == 130
     checkpoint = load_file(resumed / "checkpoint.safetensors")
     assert int(checkpoint["epochs_done"]) == 2 and "momentum.meta_net.linear1.weight" in checkpoint
-    monkeypatch.setattr(TrainStep, "end_epoch", end_epoch)
     code, out, _ = run_cli(capsys, "train", cache_path, "--out", resumed, *args)
     assert code == 0 and "resuming" in out
     ours, theirs = load_file(resumed / "prompt.safetensors"), load_file(whole / "prompt.safetensors")

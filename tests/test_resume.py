@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import ctrl_c_after_epoch, run_cli
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.data import read_dataset
 from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
@@ -81,15 +81,9 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
                                                                                monkeypatch):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert run_cli(capsys, "train", cache_path, "--out", whole, *TRAIN)[0] == 0
-    end_epoch = TrainStep.end_epoch
-
-    def ctrl_c_in_epoch_6(self, epoch):
-        end_epoch(self, epoch)
-        if epoch == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(TrainStep, "end_epoch", ctrl_c_in_epoch_6)
-    code, _, err = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN, "--save-every", "1000")
+    with monkeypatch.context() as patch:
+        ctrl_c_after_epoch(patch, 6)
+        code, _, err = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN, "--save-every", "1000")
     config = json.loads((resumed / "config.json").read_text())
     assert code == 130 and config["state"] == "interrupted" and config["epochs_done"] == 6  # saved on the way out
     assert "saved after epoch 6 of 8; run the same command again to resume" in err
@@ -97,7 +91,6 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
     for command in (["eval", resumed, cache_path], ["interpret", resumed], ["report", resumed]):
         code, _, err = run_cli(capsys, *command)
         assert code == 2 and "unfinished run (interrupted after epoch" in err and "again to finish it" in err
-    monkeypatch.setattr(TrainStep, "end_epoch", end_epoch)
     code, out, _ = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN)
     assert code == 0 and "resuming" in out and _state(resumed) == "complete"
     assert torch.equal(_ctx(resumed), _ctx(whole))
