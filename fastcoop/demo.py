@@ -1,5 +1,7 @@
 """`fastcoop demo`: the pipeline end to end on the built-in example, with the time of each stage."""
 
+import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import click
 
 from fastcoop.cache import FeatureCache, extract_features
+from fastcoop.config import TrainConfig
 from fastcoop.data import read_dataset
 from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
@@ -16,11 +19,13 @@ from fastcoop.models import load_model, resolve_model_name
 from fastcoop.outputs import check_writable
 from fastcoop.pipeline import train_to_run_dir
 from fastcoop.report import collect, summary_table
-from fastcoop.config import TrainConfig
+from fastcoop.run import RESULTS_FILE
+from fastcoop.sweep import FIGURE_FILE, SWEEP_FILE, TABLE_FILE, Variant, run_sweep
 from fastcoop.zeroshot import zeroshot_classifier
 
 
 DEMO_VIEWS = 2
+SHOTS = (1, 2, 4, 8)  # the example has 16 train images per class
 COCOOP_EPOCHS = 4  # of the published 10, to keep the demo quick on a CPU
 
 
@@ -38,7 +43,8 @@ def _load_demo_model(model: str, pretrained: str, device: str):
 
 def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "openai", device: str = "auto",
              epochs: int = 50):
-    """Example images → feature cache → zero-shot → CoOp training → evaluation, timing each stage."""
+    """Example images → feature cache → zero-shot → the paper's protocol (CoOp at 1–8 shots beside the linear
+    probe, with its table and figure) → base-to-new with CoOp and CoCoOp, timing each stage."""
     folder = Path(folder)
     check_writable(folder, "demo folder")
     device = resolve_device(device)
@@ -49,15 +55,17 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
         times[name] = time.perf_counter() - start
 
     start = time.perf_counter()
-    images = make_example_images(folder / "images")
+    images = make_example_images(folder / "images", val_per_class=4)
     loaded = _load_demo_model(model, pretrained, device)
     stage("example images + model", start)
 
     start = time.perf_counter()
-    cache_path = extract_features(read_dataset(images), folder / "features.h5", loaded, shots=8, seeds=[1],
-                                  views=DEMO_VIEWS, batch_size=64, workers=0, device=device, overwrite=True)
+    cache_path = extract_features(read_dataset(images), folder / "features.h5", loaded,
+                                  splits=("train", "val", "test"), shots=list(SHOTS), seeds=[1], views=DEMO_VIEWS,
+                                  batch_size=64, workers=0, device=device, overwrite=True)
     stage("cache (encode images once)", start)
-    with FeatureCache(cache_path) as cache:
+    with FeatureCache(cache_path) as cache, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the cache holds")  # said once below, in the demo's own words
         click.echo(f"cached {len(cache.classnames)} classes into {cache_path}: "
                    + ", ".join(f"{s} {cache.labels(s).numel()} images" for s in cache.splits))
         start = time.perf_counter()
@@ -65,13 +73,13 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
         stage("zero-shot 'a photo of a {}.'", start)
 
         start = time.perf_counter()
-        config = TrainConfig(shots=8, seed=1, n_ctx=4, init="a photo of a", epochs=epochs, device=device)
-        run_dir = folder / "run"  # the demo's own output, remade each time
-        with warnings.catch_warnings():  # said once below, in the demo's own words
-            warnings.filterwarnings("ignore", message="the cache holds")
-            _, results = train_to_run_dir(cache, loaded, config, run_dir, overwrite=True)
-        stage(f"CoOp train + evaluate ({results['steps']} steps)", start)
-        learned = results["test"]
+        sweep_dir = folder / "sweep"  # the demo's own sweep, remade each time (its cache is new)
+        if (sweep_dir / SWEEP_FILE).is_file():
+            shutil.rmtree(sweep_dir)
+        base = TrainConfig(init="a photo of a", epochs=epochs, device=device)
+        summary = run_sweep(cache, loaded, sweep_dir, list(SHOTS), [1], [Variant(n_ctx=4)], base, echo=lambda _: None)
+        steps = sum(json.loads((Path(r["run"]) / RESULTS_FILE).read_text())["steps"] for r in summary["runs"])
+        stage(f"CoOp at {len(SHOTS)} shot counts ({steps} steps)", start)
 
         start = time.perf_counter()  # the base-to-new protocol: CoOp and CoCoOp trained on the first 6 classes
         base_to_new, steps = [], 0
@@ -80,17 +88,20 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
                                ("cocoop", TrainConfig(method="cocoop", shots=8, seed=1, epochs=COCOOP_EPOCHS,
                                                       classes="base", device=device))):
             base_to_new.append(folder / f"base-to-new-{method}")
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="the cache holds")
-                steps += train_to_run_dir(cache, loaded, config, base_to_new[-1], overwrite=True)[1]["steps"]
+            steps += train_to_run_dir(cache, loaded, config, base_to_new[-1], overwrite=True)[1]["steps"]
         stage(f"base-to-new ×2 ({steps} steps)", start)
-    click.echo(f"zero-shot test accuracy: {zero_shot['top1']:.1%}; CoOp test accuracy: {learned['top1']:.1%} "
-               f"(12 classes, chance 8.3%){'  [random-init weights: meaningless]' if loaded.random_init else ''}")
+    meaningless = "  [random-init weights: meaningless]" if loaded.random_init else ""
+    eight_shot = next(r["test"] for r in summary["runs"] if r["shots"] == max(SHOTS))
+    click.echo(f"zero-shot test accuracy: {zero_shot['top1']:.1%}; CoOp test accuracy: {eight_shot:.1%} at "
+               f"{max(SHOTS)} shots (12 classes, chance 8.3%){meaningless}")
     click.echo(f"(to stay quick the demo caches {DEMO_VIEWS} augmented views per image and cycles them over its "
                f"{epochs} epochs; `fastcoop cache` defaults to a fresh view every epoch, as published)")
+    click.echo("the paper's protocol, one seed (`fastcoop sweep`):")
+    click.echo((sweep_dir / TABLE_FILE).read_text().rstrip())
+    click.echo(f"figure: {sweep_dir / FIGURE_FILE}")
     click.echo(f"base-to-new (trained on 6 base classes, tested on them and on the 6 new ones; CoCoOp "
                f"{COCOOP_EPOCHS} of its 10 epochs, batch 1):")
     click.echo(summary_table(collect(base_to_new)))
-    click.echo(f"learned prompt in {run_dir}; stage times:")
+    click.echo(f"runs in {sweep_dir} and {folder}/base-to-new-*; stage times:")
     for name, seconds in times.items():
         click.echo(f"  {name:<32s} {seconds:6.1f} s")

@@ -26,11 +26,14 @@ def _draw(shape: str, colour: tuple, rng: random.Random, size: int) -> Image.Ima
 
 
 def make_example_images(root: str | Path, train_per_class: int = 16, test_per_class: int = 8,
-                        size: int = 160, seed: int = 0) -> Path:
-    """Write root/{train,test}/<colour>_<shape>/NNN.jpg: 12 classes such as 'red circle'. Idempotent."""
+                        size: int = 160, seed: int = 0, val_per_class: int = 0) -> Path:
+    """Write root/{train,test,val}/<colour>_<shape>/NNN.jpg: 12 classes such as 'red circle' (a val split only
+    with val_per_class). Idempotent."""
     root = Path(root)
     rng = random.Random(seed)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
+    for split, count in (("train", train_per_class), ("test", test_per_class), ("val", val_per_class)):
+        if count == 0:
+            continue
         for colour, rgb in COLOURS.items():
             for shape in SHAPES:
                 folder = root / split / f"{colour}_{shape}"
