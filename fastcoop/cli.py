@@ -332,15 +332,21 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for every run and the summary.")
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Shot counts (each cached).")
 @click.option("--seeds", default="1,2,3", show_default=True)
-@click.option("--n-ctx", default="16", show_default=True, help="Context lengths M, comma-separated.")
+@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop"]),
+              help="cocoop: CoCoOp's runs with its published recipe.")
+@click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base"]),
+              help="base: the base-to-new protocol (train on base classes; test on base and new, with H).")
+@click.option("--n-ctx", default=None,
+              help="Context lengths M, comma-separated (default: the method's published M, CoOp 16, CoCoOp 4).")
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
 @click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's seeds.")
 @click.option("--device", default="auto", show_default=True)
-def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, epochs, no_stack, device):
+def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, epochs, no_stack, device):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
-    a val split), a summary table and the accuracy-against-shots figure in OUT. Rerun to finish an interrupted
+    a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
+    base-to-new protocol (base, new and H). Rerun to finish an interrupted
     sweep: finished runs are kept. Under `torchrun --nproc-per-node N -m fastcoop sweep ...` the runs are shared
     among N processes (GPUs)."""
     import itertools
@@ -353,15 +359,20 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, epochs, no_stack,
     from fastcoop.outputs import check_writable
     from fastcoop.sweep import TABLE_FILE, Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
 
-    shot_list, seed_list, contexts = _int_list(shots, "--shots"), _int_list(seeds, "--seeds"), _int_list(n_ctx, "--n-ctx")
+    shot_list, seed_list = _int_list(shots, "--shots"), _int_list(seeds, "--seeds")
+    contexts = _int_list(n_ctx, "--n-ctx") if n_ctx else [None]
     flags = [_choice(v, {"no": False, "yes": True}, "--csc") for v in csc.split(",")]
     positions = [_choice(v, {p: p for p in ("end", "middle", "front")}, "--position") for v in position.split(",")]
-    if min(shot_list) < 1 or min(contexts) < 1:
+    if min(shot_list) < 1 or min(c or 1 for c in contexts) < 1:
         raise FastCoopError("--shots and --n-ctx take positive integers")
-    variants = [Variant(m, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
+    # the published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
+    base = TrainConfig(method=method, classes=classes, n_ctx=contexts[0], epochs=epochs, device=device)
+    variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
+    for variant in variants:  # options the method does not have fail here, before any work
+        dataclasses.replace(base, **dataclasses.asdict(variant))
     world, device = join(resolve_device(device))
     check_writable(out, "sweep folder")
-    base = TrainConfig(epochs=epochs, device=device)
+    base = dataclasses.replace(base, device=device)
     with FeatureCache(cache_file) as cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)
         check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base))

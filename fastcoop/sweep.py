@@ -1,6 +1,7 @@
 """`fastcoop sweep`: the paper's protocol for one dataset in one command — every (variant, shots, seed) CoOp run
 from one cache, zero-shot CLIP and the linear probe beside them, a summary, a Markdown table and the paper's
-figure (accuracy against shots).
+figure (accuracy against shots). With CoCoOp's protocol (`--method cocoop --classes base`), every run trains on
+the base classes and is tested on base and new, and the table gives base, new and H beside zero-shot CLIP's.
 
 The runs go in this process, sharing the model, the cache and the compiled kernels, so no run pays a process's
 start-up; new runs that differ only in their seed train stacked, all their prompts in one text-encoder pass per
@@ -20,6 +21,7 @@ from fastcoop.config import TrainConfig
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, text_classifier
+from fastcoop.fewshot import class_subset
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
@@ -92,11 +94,16 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     results = []
     for variant, s, seed in runs:
         run_dir = out / variant.name / f"{s}shot-seed{seed}"
-        test = json.loads((run_dir / RESULTS_FILE).read_text()).get("test", {}).get("top1")
-        results.append({"variant": variant.name, "shots": s, "seed": seed, "test": test, "run": str(run_dir)})
-    summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames), "runs": results,
-               "zero_shot": _zero_shot(cache, loaded, base.device)}
-    if "val" in cache.splits and "test" in cache.splits:
+        scores = json.loads((run_dir / RESULTS_FILE).read_text())
+        results.append({"variant": variant.name, "shots": s, "seed": seed, "run": str(run_dir),
+                        "test": scores.get("test", {}).get("top1"),
+                        **({"test_new": scores["test_new"]["top1"]} if "test_new" in scores else {})})
+    summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames), "method": base.method,
+               "trained_on": base.classes, "runs": results,
+               "zero_shot": _zero_shot(cache, loaded, base.device, base.classes)}
+    if base.classes == "base":  # the base-to-new protocol: zero-shot CLIP on the new half too
+        summary["zero_shot_new"] = _zero_shot(cache, loaded, base.device, "new")
+    elif "val" in cache.splits and "test" in cache.splits:  # the linear probe is CoOp's baseline, on all classes
         summary["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (out / TABLE_FILE).write_text(summary_table([summary], [out.name]) + "\n")
@@ -109,10 +116,13 @@ def sweep_request(cache, shots, seeds, variants, base: TrainConfig) -> dict:
             "variants": [asdict(v) for v in variants], "recipe": asdict(replace(base, shots=None, seed=0))}
 
 
-def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str) -> float | None:
+def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str, classes: str = "all") -> float | None:
+    """Zero-shot CLIP's test top-1 among a class subset's names (all, or a half of the base-to-new protocol)."""
     if "test" not in cache.splits:
         return None
-    return evaluate_split(cache, text_classifier(zeroshot_classifier(loaded, cache.classnames, device=device)))["top1"]
+    names = [cache.classnames[k] for k in class_subset(len(cache.classnames), classes)]
+    return evaluate_split(cache, text_classifier(zeroshot_classifier(loaded, names, device=device)),
+                          classes=classes)["top1"]
 
 
 def read_summaries(folders: list[Path]) -> list[dict]:
@@ -127,11 +137,14 @@ def read_summaries(folders: list[Path]) -> list[dict]:
 
 
 def curves(summary: dict) -> dict[str, dict[int, list[float]]]:
-    """name → shots → test accuracies over seeds: each variant, and the linear probe."""
+    """name → shots → test accuracies over seeds: each variant (base-to-new: on base and on new classes), and the
+    linear probe."""
     table: dict[str, dict[int, list[float]]] = {}
+    base_to_new = summary.get("trained_on") == "base"
     for run in summary["runs"]:
-        if run["test"] is not None:
-            table.setdefault(run["variant"], {}).setdefault(run["shots"], []).append(run["test"])
+        for key, suffix in (("test", " base" if base_to_new else ""), ("test_new", " new")):
+            if run.get(key) is not None:
+                table.setdefault(run["variant"] + suffix, {}).setdefault(run["shots"], []).append(run[key])
     for probe in summary.get("linear_probe", []):
         table.setdefault("linear probe", {}).setdefault(probe["shots"], []).append(probe["test"]["top1"])
     return table
@@ -139,29 +152,54 @@ def curves(summary: dict) -> dict[str, dict[int, list[float]]]:
 
 def summary_table(summaries: list[dict], names: list[str]) -> str:
     """Markdown: test top-1 (%) mean ± std over seeds, per dataset and variant (rows) and shots (columns); with
-    several datasets, their average too (the paper's first panel)."""
+    several datasets, their average too (the paper's first panel). Base-to-new sweeps show each variant's base, new
+    and H rows, H from the mean base and mean new accuracy as CoCoOp reports it (for the average: from the
+    averaged base and new)."""
     shots = sorted({run["shots"] for s in summaries for run in s["runs"]})
     lines = ["| dataset | method | zero-shot | " + " | ".join(f"{s} shots" for s in shots) + " |",
              "|" + " --- |" * (3 + len(shots))]
-    per_dataset = []
-    for name, summary in zip(names, summaries):
-        table = curves(summary)
-        per_dataset.append((summary.get("zero_shot"), table))
-        zero = _percent([summary["zero_shot"]]) if summary.get("zero_shot") is not None else "–"
-        for method, by_shots in table.items():
-            lines.append(f"| {name} | {method} | {zero} | "
+    per_dataset = [_table_rows(summary) for summary in summaries]
+    for name, rows in zip(names, per_dataset):
+        for method, (zero, by_shots) in rows.items():
+            lines.append(f"| {name} | {method} | {_percent([zero] if zero is not None else [])} | "
                          + " | ".join(_percent(by_shots.get(s, [])) for s in shots) + " |")
     if len(summaries) > 1:
-        methods = set.intersection(*(set(t) for _, t in per_dataset))
-        zeros = [z for z, _ in per_dataset if z is not None]
-        zero = _percent([statistics.mean(zeros)]) if len(zeros) == len(per_dataset) else "–"
-        for method in sorted(methods):
-            cells = []
-            for s in shots:
-                means = [statistics.mean(t[method][s]) for _, t in per_dataset if t[method].get(s)]
-                cells.append(_percent([statistics.mean(means)]) if len(means) == len(per_dataset) else "–")
-            lines.append(f"| average of {len(summaries)} | {method} | {zero} | " + " | ".join(cells) + " |")
+        average: dict[str, tuple] = {}
+        for method in [m for m in per_dataset[0] if all(m in rows for rows in per_dataset)]:
+            if method.endswith(" H"):  # from the averaged base and new rows
+                variant = method.removesuffix(" H")
+                base, new = average.get(variant + " base"), average.get(variant + " new")
+                if base and new:
+                    average[method] = (_harmonic(base[0], new[0]), {s: [_harmonic(base[1][s][0], new[1][s][0])]
+                                                                     for s in base[1] if s in new[1]})
+                continue
+            zeros = [rows[method][0] for rows in per_dataset]
+            cells = {s: [statistics.mean(statistics.mean(rows[method][1][s]) for rows in per_dataset)] for s in shots
+                     if all(rows[method][1].get(s) for rows in per_dataset)}
+            average[method] = (statistics.mean(zeros) if None not in zeros else None, cells)
+        for method, (zero, cells) in average.items():
+            lines.append(f"| average of {len(summaries)} | {method} | {_percent([zero] if zero is not None else [])} | "
+                         + " | ".join(_percent(cells.get(s, [])) for s in shots) + " |")
     return "\n".join(lines)
+
+
+def _table_rows(summary: dict) -> dict[str, tuple[float | None, dict[int, list[float]]]]:
+    """Row name → (zero-shot top-1 beside it, shots → test accuracies over seeds); base-to-new sweeps get each
+    variant's H row too."""
+    rows = {name: (summary.get("zero_shot_new" if name.endswith(" new") else "zero_shot"), by_shots)
+            for name, by_shots in curves(summary).items()}
+    for name in [n for n in rows if n.endswith(" base")]:
+        variant = name.removesuffix(" base")
+        (zero, base), (zero_new, new) = rows[name], rows.get(variant + " new", (None, {}))
+        rows[variant + " H"] = (_harmonic(zero, zero_new), {
+            s: [_harmonic(statistics.mean(base[s]), statistics.mean(new[s]))] for s in base if new.get(s)})
+    return rows
+
+
+def _harmonic(base: float | None, new: float | None) -> float | None:
+    if base is None or new is None:
+        return None
+    return 2 * base * new / (base + new) if base + new else 0.0
 
 
 def _percent(values: list[float]) -> str:

@@ -106,3 +106,36 @@ def test_torchrun_shares_the_runs_and_writes_the_same_directories(tmp_path, spli
         ours = load_file(tmp_path / "two" / run / "prompt.safetensors")["ctx"]
         theirs = load_file(tmp_path / "one" / run / "prompt.safetensors")["ctx"]
         assert (ours - theirs).norm() <= 1e-5 * theirs.norm()
+
+
+def test_a_cocoop_base_to_new_sweep_stacks_seeds_and_reports_base_new_and_h(tmp_path, capsys, split_cache):
+    """CoCoOp's protocol in one command: seeds 1 and 2 stacked, each equal to its own `fastcoop train` (context
+    and Meta-Net), the table's base, new and H rows, zero-shot CLIP on each half, and the average over datasets."""
+    out = tmp_path / "b2n"
+    args = ["--method", "cocoop", "--classes", "base", "--shots", "2", "--seeds", "1,2", "--epochs", "2",
+            "--device", "cpu"]
+    code, stdout, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, *args)
+    assert code == 0, err
+    alone = tmp_path / "alone"
+    assert run_cli(capsys, "train", split_cache / "s12.h5", "--out", alone, "--method", "cocoop", "--classes", "base",
+                   "--shots", "2", "--seed", "2", "--epochs", "2", "--device", "cpu")[0] == 0
+    ours, theirs = (load_file(d / "prompt.safetensors") for d in (out / "M4-unified-end" / "2shot-seed2", alone))
+    assert set(ours) == set(theirs) and "meta_net.linear1.weight" in ours
+    for name in theirs:
+        assert (ours[name] - theirs[name]).norm() <= 1e-5 * theirs[name].norm(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "cocoop" and "linear_probe" not in summary and summary["zero_shot_new"] is not None
+    base = [r["test"] for r in summary["runs"]]
+    new = [r["test_new"] for r in summary["runs"]]
+    mean_base, mean_new = sum(base) / 2, sum(new) / 2
+    harmonic = 2 * mean_base * mean_new / (mean_base + mean_new) if mean_base + mean_new else 0.0
+    zero, zero_new = summary["zero_shot"], summary["zero_shot_new"]
+    zero_h = 2 * zero * zero_new / (zero + zero_new) if zero + zero_new else 0.0
+    assert "| M4-unified-end base |" in stdout and "| M4-unified-end new |" in stdout
+    assert f"| M4-unified-end H | {100 * zero_h:.2f} | {100 * harmonic:.2f} |" in stdout
+    shutil.copytree(out, tmp_path / "again")
+    code, stdout, _ = run_cli(capsys, "report", out, tmp_path / "again")
+    assert code == 0 and f"| average of 2 | M4-unified-end H | {100 * zero_h:.2f} | {100 * harmonic:.2f} |" in stdout
+    code, _, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", tmp_path / "x", "--method", "cocoop",
+                           "--csc", "yes", "--shots", "2", "--device", "cpu")
+    assert code == 2 and "CoCoOp learns one context" in err and not (tmp_path / "x").exists()
