@@ -1,4 +1,4 @@
-"""fastcoop: CoOp prompt learning on cached CLIP features, exact and fast.
+"""fastcoop: CoOp and CoCoOp prompt learning on cached CLIP features, exact and fast.
 
 The public names load on first use (PEP 562), so that the command line answers `--help` and argument errors
 without importing torch or open_clip.
@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "CoCoOpLearner": "fastcoop.cocoop", "cocoop_logits": "fastcoop.cocoop", "FastCoopError": "fastcoop.errors", "FastTextEncoder": "fastcoop.text_encoder",
+    "CoCoOpLearner": "fastcoop.cocoop", "cocoop_logits": "fastcoop.cocoop", "FastCoopError": "fastcoop.errors",
+    "FastTextEncoder": "fastcoop.text_encoder",
     "LabelledImages": "fastcoop.data", "LoadedModel": "fastcoop.models", "PromptLearner": "fastcoop.prompts",
     "TrainConfig": "fastcoop.config",  # the loop itself: fastcoop.train.train
     "encode_prompts": "fastcoop.text_encoder", "load_model": "fastcoop.models", "read_coop_split": "fastcoop.data",
