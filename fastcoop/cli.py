@@ -26,7 +26,7 @@ def _int_list(value: str, option: str) -> list[int]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="fastcoop")
 def cli():
-    """Fast, exact CoOp prompt learning on cached CLIP features."""
+    """Fast, exact CoOp and CoCoOp prompt learning on cached CLIP features."""
 
 
 @cli.command()
