@@ -1,5 +1,6 @@
-"""The CoOp training step as device work only, so that a whole step can be captured once in a CUDA graph; it
-trains a stack of runs at once (one run is a stack of one).
+"""The training step as device work only, so that a whole step can be captured once in a CUDA graph; it trains a
+stack of runs at once (one run is a stack of one). The loss is a part: CoOp's here (coop_loss), CoCoOp's in
+fastcoop.cocoop (cocoop_loss); the step updates every tensor the learners train.
 
 The whole schedule lives on the device: every epoch's batch order (epochs × steps × batch rows) and learning rate
 are tables indexed by a step counter, each step adds its loss and hits into its epoch's slot, and SGD (momentum,
