@@ -20,8 +20,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee "$OUT/gpu.txt"
 flex=tests/test_text_encoder.py::test_flex_attention_fast_path_equals_reference  # each case compiles ~10-35 s
-# most telling first: graph == eager, the whole fast path with the kernels on CUDA, then the kernels' own matrices
-# (the packed attention's own tests last: unchanged since they passed on an H100 in run 2). A shorter recheck
+# most telling first: graph == eager (CoOp and CoCoOp, stacked), the kernels' own matrices, then the whole fast
+# path on CUDA (its FlexAttention cases compile for tens of seconds each: last). A shorter recheck
 # names its own: FASTCOOP_TESTS (test files, space-separated) with FASTCOOP_TEST_K (a pytest -k expression),
 # FASTCOOP_SECTIONS (benchmark sections), and the seconds each part may take, FASTCOOP_TEST_SECONDS and
 # FASTCOOP_BENCH_SECONDS.
@@ -29,8 +29,8 @@ if [ -n "${FASTCOOP_TESTS:-}" ]; then
   read -r -a tests <<< "$FASTCOOP_TESTS"
   tests+=(-k "${FASTCOOP_TEST_K:-not real_rn50 and not real_vit_b16}")
 else
-  tests=(tests/test_step.py tests/test_text_encoder.py tests/test_cosine_ce.py tests/test_add_layer_norm.py
-         tests/test_quick_gelu.py tests/test_mlp.py tests/test_prefix_attention.py
+  tests=(tests/test_step.py tests/test_cosine_ce.py tests/test_add_layer_norm.py tests/test_quick_gelu.py
+         tests/test_mlp.py tests/test_prefix_attention.py tests/test_text_encoder.py
          -k "not real_rn50 and not real_vit_b16"
          --deselect "$flex[False-middle-a photo of a]" --deselect "$flex[True-front-None]")
 fi
