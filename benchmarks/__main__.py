@@ -45,7 +45,8 @@ def plan(name: str, device: str) -> dict:
                 "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
-                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)], "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat")}
+                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)],
+                "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat")}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),

@@ -42,8 +42,9 @@ def fastcoop_cocoop_step(loaded, model, classnames, batch: int, device: str):
     _, labels, features = random_batch(model, len(classnames), device, batch)
     encoder = FastTextEncoder(model, learner, resolve(device), weight_dtype=dtype)
     loss = cocoop_loss([learner], encoder, model.logit_scale.exp().detach(), dtype)
-    step = TrainStep([learner], loss, features[None], labels[None], torch.arange(batch, device=device)[None, None, None],
-                     torch.full((1, 1), 0.002, device=device), 0.9, 5e-4)
+    order = torch.arange(batch, device=device)[None, None, None]
+    step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
+                     0.9, 5e-4)
     run = graphed_or_eager(step) if device.startswith("cuda") else step
 
     def one_step():

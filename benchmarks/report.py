@@ -117,7 +117,8 @@ def cocoop_table(rows: list[dict]) -> list[str]:
               "imports, model, loop s | published estimate s | ratio |", "|" + " --- |" * 7]
     return lines + [f"| {r['dataset']}-shaped | {r['classes']} | {r['steps']} | {r['process_seconds']:.1f} | "
                     f"{r['imports_seconds']:.1f}, {r['model_seconds']:.1f}, {r['loop_seconds']:.1f} | "
-                    f"{r['published_estimate_seconds']:.0f} | {r['published_estimate_seconds'] / r['process_seconds']:.1f}× |"
+                    f"{r['published_estimate_seconds']:.0f} | "
+                    f"{r['published_estimate_seconds'] / r['process_seconds']:.1f}× |"
                     for r in rows if "process_seconds" in r]
 
 

@@ -184,9 +184,10 @@ def _describe_cache(path, seconds):
               help="Seconds between checkpoints while training.")
 @click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base", "new"]),
               help="Train on a class subset of the base-to-new protocol (labels in order; the first half is base).")
-def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision, device,
-          text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes):
-    """Learn CoOp prompts from a feature cache; writes the context, config, metrics and a curve to RUN_DIR.
+def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision,
+          device, text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes):
+    """Learn CoOp (or CoCoOp) prompts from a feature cache; writes the learned tensors, config, metrics and a curve
+    to RUN_DIR.
 
     An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
     --overwrite is given."""

@@ -44,11 +44,17 @@ class CoCoOpLearner(PromptLearner):
         return self.ctx[None] + shift[:, None, :]
 
 
-def new_learner(model, tokenizer, classnames, config) -> PromptLearner:
-    """The learner a run's options ask for (a TrainConfig): CoOp's, or CoCoOp's with its Meta-Net."""
+def new_learner(model, tokenizer, classnames, config, params: dict[str, torch.Tensor] | None = None
+                ) -> PromptLearner:
+    """The learner a run's options ask for (a TrainConfig): CoOp's, or CoCoOp's with its Meta-Net; holding the
+    learned `params` (a trained run's, on these class names) when given."""
     if config.method == "cocoop":
-        return CoCoOpLearner(model, tokenizer, classnames, config.n_ctx, config.init)
-    return PromptLearner(model, tokenizer, classnames, config.n_ctx, config.csc, config.position, config.init)
+        learner = CoCoOpLearner(model, tokenizer, classnames, config.n_ctx, config.init)
+    else:
+        learner = PromptLearner(model, tokenizer, classnames, config.n_ctx, config.csc, config.position, config.init)
+    if params is not None:
+        learner.load_trainable(params)
+    return learner
 
 
 def cosine_logits_per_image(image_features: torch.Tensor, text: torch.Tensor, logit_scale) -> torch.Tensor:

@@ -43,6 +43,13 @@ def class_subset(num_classes: int, which: str) -> list[int]:
     return {"all": list(range(num_classes)), "base": list(range(half)), "new": list(range(half, num_classes))}[which]
 
 
+def harmonic_mean(base: float | None, new: float | None) -> float | None:
+    """H, how the base-to-new protocol sums up base and new accuracy (None where either is missing)."""
+    if base is None or new is None:
+        return None
+    return 2 * base * new / (base + new) if base + new else 0.0
+
+
 def relabel(labels, kept: list[int]):
     """(which of `labels` belong to `kept`, their labels within it): a torch mask and tensor."""
     import torch

@@ -9,7 +9,7 @@ from fastcoop.cache import FeatureCache
 from fastcoop.cocoop import new_learner
 from fastcoop.config import TrainConfig
 from fastcoop.evaluate import evaluate_split, prompt_classifier
-from fastcoop.fewshot import class_subset
+from fastcoop.fewshot import class_subset, harmonic_mean
 from fastcoop.models import LoadedModel
 from fastcoop.run import clear_run_dir, plan_run_dir, read_checkpoint, save_complete, save_progress
 from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, TrainResult, train_stack
@@ -82,8 +82,7 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[Tr
             if result.config.classes == "base" and not result.config.csc:  # the base-to-new protocol's other half
                 results["test_new"] = evaluate_split(cache, prompt_classifier(
                     loaded.model, _on_new_classes(loaded, cache, result), result.backends), classes="new")
-                base, new = results["test"]["top1"], results["test_new"]["top1"]
-                results["harmonic_mean"] = 2 * base * new / (base + new) if base + new else 0.0
+                results["harmonic_mean"] = harmonic_mean(results["test"]["top1"], results["test_new"]["top1"])
         results["timings"] = {**(timings or {}), "setup_s": result.setup_seconds,
                               "first_epoch_s": result.first_epoch_seconds, "loop_s": result.seconds,
                               "save_and_test_s": time.perf_counter() - finish_start}
@@ -95,6 +94,5 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[Tr
 def _on_new_classes(loaded, cache: FeatureCache, result):
     """The learned context (and Meta-Net) on the new half's class names."""
     names = [cache.classnames[k] for k in class_subset(len(cache.classnames), "new")]
-    learner = new_learner(loaded.model, loaded.tokenizer, names, result.config).to(result.learner.ctx.device)
-    learner.load_trainable(result.learner.trainable())
-    return learner
+    return new_learner(loaded.model, loaded.tokenizer, names, result.config,
+                       result.learner.trainable()).to(result.learner.ctx.device)

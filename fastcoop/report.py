@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 
 from fastcoop.errors import FastCoopError
+from fastcoop.fewshot import harmonic_mean
 from fastcoop.run import CONFIG_FILE, RESULTS_FILE, check_complete, read_config, read_evaluations
 
 DEFAULTS = {"method": "coop", "classes": "all"}  # what runs recorded before these options existed were
@@ -21,8 +22,9 @@ def collect(run_dirs: list[Path]) -> list[dict]:
             raise FastCoopError(f"{run_dir} is not a finished fastcoop run (no {CONFIG_FILE} / {RESULTS_FILE})")
         check_complete(run_dir, config)
         results = json.loads(results_path.read_text())
-        rows.append({"run": str(run_dir), "cache": Path(config["cache"]["path"]).name, "model": Path(config["model"]).stem,
-                     "pretrained": Path(config["pretrained"]).name, **{k: config["train"].get(k, DEFAULTS.get(k)) for k in GROUP_BY},
+        rows.append({"run": str(run_dir), "cache": Path(config["cache"]["path"]).name,
+                     "model": Path(config["model"]).stem, "pretrained": Path(config["pretrained"]).name,
+                     **{k: config["train"].get(k, DEFAULTS.get(k)) for k in GROUP_BY},
                      "seed": config["train"]["seed"], "test": results.get("test", {}).get("top1"),
                      "test_new": results.get("test_new", {}).get("top1"),
                      "transfer": _transfer(config, read_evaluations(run_dir)),
@@ -87,8 +89,7 @@ def _harmonic_of_means(runs: list[dict]) -> str:
     pairs = [(r["test"], r["test_new"]) for r in runs if r["test"] is not None and r["test_new"] is not None]
     if not pairs:
         return "–"
-    base, new = (statistics.mean(values) for values in zip(*pairs))
-    return f"{100 * 2 * base * new / (base + new):.2f}" if base + new else "0.00"
+    return f"{100 * harmonic_mean(*(statistics.mean(values) for values in zip(*pairs))):.2f}"
 
 
 def _mean_std(values: list[float | None]) -> str:

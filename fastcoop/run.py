@@ -248,9 +248,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | Non
 def _learner(loaded: LoadedModel, config: dict, classnames: list[str], params: dict[str, torch.Tensor],
              device) -> PromptLearner:
     """A learner laid out as the run's, on `classnames`, holding the learned `params`."""
-    learner = new_learner(loaded.model, loaded.tokenizer, classnames, TrainConfig(**config["train"])).to(device)
-    learner.load_trainable(params)
-    return learner
+    return new_learner(loaded.model, loaded.tokenizer, classnames, TrainConfig(**config["train"]), params).to(device)
 
 
 def with_classnames(run: Run, classnames: list[str]) -> Run:

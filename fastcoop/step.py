@@ -44,7 +44,8 @@ class TrainStep:
     shape (epochs, steps, batch) and the prompt layout; they differ in data, order, parameters and learning rate.
 
     `features`: the static R × n × D buffer holding the current epoch's view of each run's images; `labels`:
-    R × n; `orders`: R × epochs × steps × batch rows; `lrs`: R × epochs. `step` counts steps from the runs' start."""
+    R × n; `orders`: R × epochs × steps × batch rows; `lrs`: R × epochs. `step` counts steps from the runs'
+    start."""
 
     def __init__(self, learners, loss, features, labels, orders, lrs, momentum: float, weight_decay: float):
         self.learners, self.loss = list(learners), loss

@@ -21,7 +21,7 @@ from fastcoop.config import TrainConfig
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, text_classifier
-from fastcoop.fewshot import class_subset
+from fastcoop.fewshot import class_subset, harmonic_mean
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
@@ -170,8 +170,8 @@ def summary_table(summaries: list[dict], names: list[str]) -> str:
                 variant = method.removesuffix(" H")
                 base, new = average.get(variant + " base"), average.get(variant + " new")
                 if base and new:
-                    average[method] = (_harmonic(base[0], new[0]), {s: [_harmonic(base[1][s][0], new[1][s][0])]
-                                                                     for s in base[1] if s in new[1]})
+                    cells = {s: [harmonic_mean(base[1][s][0], new[1][s][0])] for s in base[1] if s in new[1]}
+                    average[method] = (harmonic_mean(base[0], new[0]), cells)
                 continue
             zeros = [rows[method][0] for rows in per_dataset]
             cells = {s: [statistics.mean(statistics.mean(rows[method][1][s]) for rows in per_dataset)] for s in shots
@@ -191,15 +191,9 @@ def _table_rows(summary: dict) -> dict[str, tuple[float | None, dict[int, list[f
     for name in [n for n in rows if n.endswith(" base")]:
         variant = name.removesuffix(" base")
         (zero, base), (zero_new, new) = rows[name], rows.get(variant + " new", (None, {}))
-        rows[variant + " H"] = (_harmonic(zero, zero_new), {
-            s: [_harmonic(statistics.mean(base[s]), statistics.mean(new[s]))] for s in base if new.get(s)})
+        rows[variant + " H"] = (harmonic_mean(zero, zero_new), {
+            s: [harmonic_mean(statistics.mean(base[s]), statistics.mean(new[s]))] for s in base if new.get(s)})
     return rows
-
-
-def _harmonic(base: float | None, new: float | None) -> float | None:
-    if base is None or new is None:
-        return None
-    return 2 * base * new / (base + new) if base + new else 0.0
 
 
 def _percent(values: list[float]) -> str:
