@@ -82,7 +82,7 @@ def cocoop_loss(learners: list[CoCoOpLearner], encode_contexts, logit_scale, aut
     """The CoCoOp training loss of R stacked runs for TrainStep: each run's batch of images (R × B × D) gets its
     own contexts; all R·B of them go through `encode_contexts` (→ R·B × K × D text features) in one call; each
     image's logits against its own prompts, cross-entropy averaged over the batch as published."""
-    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[list, torch.Tensor]:
         runs, batch = labels.shape
         with torch.autocast(labels.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None, cache_enabled=False):
@@ -90,5 +90,5 @@ def cocoop_loss(learners: list[CoCoOpLearner], encode_contexts, logit_scale, aut
             text = encode_contexts(contexts)
         logits = cosine_logits_per_image(images, text.unflatten(0, (runs, batch)), logit_scale)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(runs, batch)
-        return loss.mean(dim=1), logits.argmax(dim=-1)
+        return list(loss.mean(dim=1).unbind()), logits.argmax(dim=-1)
     return losses

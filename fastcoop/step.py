@@ -27,19 +27,19 @@ def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str |
     """CoOp's training loss of R stacked runs for TrainStep: the runs' K prompts in one encoder call
     (`encode_text()` → R × K × D), then each run's batch against its own text features with the fused cosine
     cross-entropy. `loss_backend` None: fastcoop.backends' choice for the device."""
-    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[list, list]:
         with torch.autocast(labels.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None, cache_enabled=False):
             text = encode_text()
         per_run = [cosine_ce(images[run], text[run], logit_scale, labels[run], return_argmax=True,
                              backend=loss_backend) for run in range(len(text))]
-        return torch.stack([loss for loss, _ in per_run]), torch.stack([predicted for _, predicted in per_run])
+        return [loss for loss, _ in per_run], [predicted for _, predicted in per_run]
     return losses
 
 
 class TrainStep:
     """One step of R stacked runs on static device tensors: gather each run's batch → the runs' losses (`loss`,
-    e.g. coop_loss or cocoop_loss: R × B × D images and R × B labels → R losses and R × B predictions) →
+    e.g. coop_loss or cocoop_loss: R × B × D images and R × B labels → each run's loss and B predictions) →
     gradients → each run's SGD update of every tensor its learner trains. Runs of a stack share the schedule's
     shape (epochs, steps, batch) and the prompt layout; they differ in data, order, parameters and learning rate.
 
@@ -75,15 +75,15 @@ class TrainStep:
         images = self.features.gather(1, rows[..., None].expand(-1, -1, self.features.shape[-1]))
         labels = self.labels.gather(1, rows)
         losses, predicted = self.loss(images, labels)
-        flat = [p for params in self.params for p in params]
-        grads = iter(torch.autograd.grad(losses.sum(), flat))  # each run's loss reaches only its own parameters
+        # the runs' losses together: each reaches only its own run's parameters
+        grads = iter(torch.autograd.grad(losses, [p for params in self.params for p in params]))
         with torch.no_grad():
             for run, params in enumerate(self.params):
                 lr = self.lrs[run].index_select(0, epoch)
                 for param, buffer in zip(params, self.momentum_buffers[run]):
                     sgd_update_(param, next(grads), buffer, lr, self.momentum, self.weight_decay)
-            self.loss_sums.index_add_(1, epoch, losses.detach()[:, None])
-            self.correct.index_add_(1, epoch, (predicted == labels).sum(dim=1, keepdim=True))
+                self.loss_sums[run].index_add_(0, epoch, losses[run].detach().view(1))
+                self.correct[run].index_add_(0, epoch, (predicted[run] == labels[run]).sum().view(1))
             self.step.add_(1)
 
     def end_epoch(self, epoch: int) -> None:
