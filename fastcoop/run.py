@@ -127,7 +127,7 @@ def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_metrics(run_dir, result.history)
     _write_prompt(run_dir, result.learner, result.learner.trainable())
-    plot_curve(run_dir, result.history)
+    plot_curve(run_dir, result.history, {"coop": "CoOp", "cocoop": "CoCoOp"}[result.config.method])
     _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
     _write_config(run_dir, result, cache, loaded, request, "complete", len(result.history))
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -194,7 +194,7 @@ def _atomic(path: Path, write) -> None:
             os.unlink(temporary)
 
 
-def plot_curve(run_dir: Path, history: list[dict]) -> None:
+def plot_curve(run_dir: Path, history: list[dict], method: str = "CoOp") -> None:
     """Loss and train accuracy per epoch, as a PNG."""
     import matplotlib
 
@@ -209,7 +209,7 @@ def plot_curve(run_dir: Path, history: list[dict]) -> None:
     acc_ax = loss_ax.twinx()
     acc_ax.plot(epochs, [100 * r["train_acc"] for r in history], color="tab:orange")
     acc_ax.set_ylabel("train accuracy (%)", color="tab:orange")
-    fig.suptitle(f"CoOp training ({Path(run_dir).name})")
+    fig.suptitle(f"{method} training ({Path(run_dir).name})")
     fig.tight_layout()
     fig.savefig(Path(run_dir) / CURVE_FILE, dpi=100)
     plt.close(fig)
