@@ -364,7 +364,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     contexts = _int_list(n_ctx, "--n-ctx") if n_ctx else [None]
     flags = [_choice(v, {"no": False, "yes": True}, "--csc") for v in csc.split(",")]
     positions = [_choice(v, {p: p for p in ("end", "middle", "front")}, "--position") for v in position.split(",")]
-    if min(shot_list) < 1 or min(c or 1 for c in contexts) < 1:
+    if min(shot_list) < 1 or (n_ctx and min(contexts) < 1):
         raise FastCoopError("--shots and --n-ctx take positive integers")
     # the published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
     base = TrainConfig(method=method, classes=classes, n_ctx=contexts[0], epochs=epochs, device=device)

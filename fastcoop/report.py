@@ -51,10 +51,10 @@ def summary_table(rows: list[dict]) -> str:
     for key, runs in groups.items():
         cache, model, weights, method, classes, shots, n_ctx, csc, position, init, epochs = key
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        new = f"{_mean_std([r['test_new'] for r in runs])} | {_harmonic_of_means(runs)} | "
+        new = f"{percent([r['test_new'] for r in runs])} | {_harmonic_of_means(runs)} | "
         lines.append(f"| {cache} | {model} | {weights} | {method} | {classes} | {shots or 'all'} | {n_ctx} | "
                      f"{'CSC' if csc else 'unified'} | {position} | {init or 'random'} | {epochs} | "
-                     f"{','.join(str(r['seed']) for r in runs)} | {_mean_std([r['test'] for r in runs])} | "
+                     f"{','.join(str(r['seed']) for r in runs)} | {percent([r['test'] for r in runs])} | "
                      + (new if base_to_new else "") + f"{seconds:.1f} |")
     return "\n".join(lines + _transfer_table(groups))
 
@@ -71,11 +71,9 @@ def _transfer_table(groups: dict[tuple, list[dict]]) -> list[str]:
     for key, runs in groups.items():
         cache, model, _, method, classes, shots = key[:6]
         means = [_mean([r["transfer"].get(t) for r in runs]) for t in targets]
-        known = [m for m in means if m is not None]
-        cells = ["–" if m is None else f"{100 * m:.2f}" for m in means]
-        average = f"{100 * statistics.mean(known):.2f}" if known else "–"
         lines.append(f"| {cache} | {model} | {method} | {classes} | {shots or 'all'} | "
-                     f"{','.join(str(r['seed']) for r in runs)} | {' | '.join(cells)} | {average} |")
+                     f"{','.join(str(r['seed']) for r in runs)} | {' | '.join(percent([m]) for m in means)} | "
+                     f"{percent([_mean(means)])} |")
     return lines
 
 
@@ -92,8 +90,8 @@ def _harmonic_of_means(runs: list[dict]) -> str:
     return f"{100 * harmonic_mean(*(statistics.mean(values) for values in zip(*pairs))):.2f}"
 
 
-def _mean_std(values: list[float | None]) -> str:
-    """Percent, mean ± std over the seeds that have the number; – where none has it."""
+def percent(values: list[float | None]) -> str:
+    """Percent, mean ± std over the seeds that have the number; – where none has it (report's and sweep's tables)."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"

@@ -25,6 +25,7 @@ from fastcoop.fewshot import class_subset, harmonic_mean
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
+from fastcoop.report import percent
 from fastcoop.run import RESULTS_FILE, read_config
 from fastcoop.zeroshot import zeroshot_classifier
 
@@ -161,8 +162,8 @@ def summary_table(summaries: list[dict], names: list[str]) -> str:
     per_dataset = [_table_rows(summary) for summary in summaries]
     for name, rows in zip(names, per_dataset):
         for method, (zero, by_shots) in rows.items():
-            lines.append(f"| {name} | {method} | {_percent([zero] if zero is not None else [])} | "
-                         + " | ".join(_percent(by_shots.get(s, [])) for s in shots) + " |")
+            lines.append(f"| {name} | {method} | {percent([zero])} | "
+                         + " | ".join(percent(by_shots.get(s, [])) for s in shots) + " |")
     if len(summaries) > 1:
         average: dict[str, tuple] = {}
         for method in [m for m in per_dataset[0] if all(m in rows for rows in per_dataset)]:
@@ -178,8 +179,8 @@ def summary_table(summaries: list[dict], names: list[str]) -> str:
                      if all(rows[method][1].get(s) for rows in per_dataset)}
             average[method] = (statistics.mean(zeros) if None not in zeros else None, cells)
         for method, (zero, cells) in average.items():
-            lines.append(f"| average of {len(summaries)} | {method} | {_percent([zero] if zero is not None else [])} | "
-                         + " | ".join(_percent(cells.get(s, [])) for s in shots) + " |")
+            lines.append(f"| average of {len(summaries)} | {method} | {percent([zero])} | "
+                         + " | ".join(percent(cells.get(s, [])) for s in shots) + " |")
     return "\n".join(lines)
 
 
@@ -194,13 +195,6 @@ def _table_rows(summary: dict) -> dict[str, tuple[float | None, dict[int, list[f
         rows[variant + " H"] = (harmonic_mean(zero, zero_new), {
             s: [harmonic_mean(statistics.mean(base[s]), statistics.mean(new[s]))] for s in base if new.get(s)})
     return rows
-
-
-def _percent(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = f"{100 * statistics.mean(values):.2f}"
-    return mean + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def plot_accuracy(summary: dict, path: Path, title: str) -> None:

@@ -35,7 +35,8 @@ def test_a_sweep_needs_every_subset_in_its_cache(tmp_path, capsys, split_cache):
 
 @pytest.mark.parametrize("option, value, message", [("--csc", "maybe", "--csc takes no, yes"),
                                                      ("--position", "top", "--position takes end, middle, front"),
-                                                     ("--seeds", "", "--seeds must be comma-separated")])
+                                                     ("--seeds", "", "--seeds must be comma-separated"),
+                                                     ("--n-ctx", "0", "--shots and --n-ctx take positive integers")])
 def test_bad_values_are_one_line_exit_2(tmp_path, capsys, split_cache, option, value, message):
     args = [a if a != "no,yes" or option != "--csc" else value for a in SWEEP]
     if option != "--csc":
