@@ -1,16 +1,36 @@
 """The `fastcoop` command line: a thin layer over the Python API; bad input is one line on stderr and exit code 2."""
 
 import dataclasses
+import gc
+import itertools
 import logging
 import signal
 import sys
 import warnings
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from fastcoop.errors import FastCoopError
+
+
+@contextmanager
+def _importing():
+    """Import a command's modules with the cyclic garbage collector paused, then freeze what they made. Importing
+    torch and open_clip makes about a million long-lived objects, which the collector would otherwise scan again
+    and again while importing and once more at exit (together a third of a short command's start and exit). Only
+    the process's first import of torch is managed; a caller that imported it already is left as it is."""
+    if "torch" in sys.modules:
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _int_list(value: str, option: str) -> list[int]:
@@ -66,13 +86,14 @@ def cache(root, out, model, pretrained, layout, image_root, classnames_file, sho
 
     Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
     first writes the file, the same file as one process makes."""
-    from fastcoop import fewshot
-    from fastcoop.data import read_dataset
-    from fastcoop.cache import extract_features
-    from fastcoop.devices import resolve_device, resolve_precision
-    from fastcoop.distributed import join
-    from fastcoop.models import load_model
-    from fastcoop.outputs import check_writable
+    with _importing():
+        from fastcoop import fewshot
+        from fastcoop.data import read_dataset
+        from fastcoop.cache import extract_features
+        from fastcoop.devices import resolve_device, resolve_precision
+        from fastcoop.distributed import join
+        from fastcoop.models import load_model
+        from fastcoop.outputs import check_writable
 
     try:
         n_shots = None if shots == "all" else [fewshot.parse_shots(s) for s in shots.split(",")]
@@ -192,14 +213,15 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
     --overwrite is given."""
     start = time.perf_counter()
-    from fastcoop import fewshot
-    from fastcoop.backends import resolve
-    from fastcoop.cache import FeatureCache
-    from fastcoop.config import TrainConfig
-    from fastcoop.devices import resolve_device
-    from fastcoop.models import load_model
-    from fastcoop.pipeline import train_to_run_dir
-    from fastcoop.run import plan_run_dir
+    with _importing():
+        from fastcoop import fewshot
+        from fastcoop.backends import resolve
+        from fastcoop.cache import FeatureCache
+        from fastcoop.config import TrainConfig
+        from fastcoop.devices import resolve_device
+        from fastcoop.models import load_model
+        from fastcoop.pipeline import train_to_run_dir
+        from fastcoop.run import plan_run_dir
 
     imported = time.perf_counter()
     try:
@@ -244,10 +266,11 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
 @click.option("--device", default="auto", show_default=True)
 def evaluate(run_dir, cache_file, split, classes, device):
     """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
-    from fastcoop.cache import FeatureCache
-    from fastcoop.devices import resolve_device
-    from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
-    from fastcoop.run import load_run, record_evaluation
+    with _importing():
+        from fastcoop.cache import FeatureCache
+        from fastcoop.devices import resolve_device
+        from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
+        from fastcoop.run import load_run, record_evaluation
 
     if run_dir.is_file() and cache_file.is_dir():
         raise FastCoopError(f"the arguments are swapped: `fastcoop eval RUN_DIR CACHE` ({run_dir} is a file, "
@@ -275,11 +298,12 @@ def evaluate(run_dir, cache_file, split, classes, device):
 @click.option("--device", default="auto", show_default=True)
 def zeroshot(cache_file, template, templates, cupl, split, device):
     """Zero-shot accuracy: a hand-written prompt (default 'a photo of a {}.'), an ensemble, or CuPL."""
-    from fastcoop.cache import FeatureCache
-    from fastcoop.devices import resolve_device
-    from fastcoop.evaluate import evaluate_split, text_classifier
-    from fastcoop.models import load_model
-    from fastcoop.zeroshot import check_templates, read_templates, zeroshot_classifier
+    with _importing():
+        from fastcoop.cache import FeatureCache
+        from fastcoop.devices import resolve_device
+        from fastcoop.evaluate import evaluate_split, text_classifier
+        from fastcoop.models import load_model
+        from fastcoop.zeroshot import check_templates, read_templates, zeroshot_classifier
 
     if sum(x is not None for x in (template, templates, cupl)) > 1:
         raise FastCoopError("give one of --template, --templates, --cupl")
@@ -303,9 +327,10 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
 @click.option("--device", default="auto", show_default=True)
 def predict(run_dir, images, top_k, device):
     """Classify image files with a trained prompt."""
-    from fastcoop.devices import resolve_device
-    from fastcoop.predict import predict_images
-    from fastcoop.run import load_run
+    with _importing():
+        from fastcoop.devices import resolve_device
+        from fastcoop.predict import predict_images
+        from fastcoop.run import load_run
 
     device = resolve_device(device)
     run = load_run(run_dir, device)
@@ -319,8 +344,9 @@ def predict(run_dir, images, top_k, device):
 @click.option("--seed", default=1, show_default=True, type=int)
 def linear_probe(cache_file, shots, seed):
     """The paper's linear-probe baseline on a cache's few-shot subset (needs its val and test splits)."""
-    from fastcoop.cache import FeatureCache
-    from fastcoop.linear_probe import linear_probe as probe
+    with _importing():
+        from fastcoop.cache import FeatureCache
+        from fastcoop.linear_probe import linear_probe as probe
 
     with FeatureCache(cache_file) as cache:
         result = probe(cache, shots, seed)
@@ -350,15 +376,14 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     base-to-new protocol (base, new and H). Rerun to finish an interrupted
     sweep: finished runs are kept. Under `torchrun --nproc-per-node N -m fastcoop sweep ...` the runs are shared
     among N processes (GPUs)."""
-    import itertools
-
-    from fastcoop.cache import FeatureCache
-    from fastcoop.config import TrainConfig
-    from fastcoop.devices import resolve_device
-    from fastcoop.distributed import join
-    from fastcoop.models import load_model
-    from fastcoop.outputs import check_writable
-    from fastcoop.sweep import TABLE_FILE, Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
+    with _importing():
+        from fastcoop.cache import FeatureCache
+        from fastcoop.config import TrainConfig
+        from fastcoop.devices import resolve_device
+        from fastcoop.distributed import join
+        from fastcoop.models import load_model
+        from fastcoop.outputs import check_writable
+        from fastcoop.sweep import TABLE_FILE, Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
 
     shot_list, seed_list = _int_list(shots, "--shots"), _int_list(seeds, "--seeds")
     contexts = _int_list(n_ctx, "--n-ctx") if n_ctx else [None]
@@ -399,8 +424,9 @@ def _choice(value: str, choices: dict, option: str):
 def report(run_dirs):
     """A Markdown table of runs, or of sweeps: test accuracy averaged over seeds (mean ± std), as the paper reports
     it; several sweeps (one per dataset) also get their average."""
-    from fastcoop.report import collect, summary_table
-    from fastcoop.sweep import read_summaries, summary_table as sweep_table
+    with _importing():
+        from fastcoop.report import collect, summary_table
+        from fastcoop.sweep import read_summaries, summary_table as sweep_table
 
     sweeps = read_summaries(list(run_dirs))
     click.echo(sweep_table(sweeps, [Path(d).name for d in run_dirs]) if sweeps else
@@ -413,8 +439,9 @@ def report(run_dirs):
 @click.option("--class", "class_name", default=None, help="With class-specific context: which class (default: first).")
 def interpret(run_dir, top_k, class_name):
     """The vocabulary words nearest to each learned context vector."""
-    from fastcoop.interpret import nearest_words
-    from fastcoop.run import load_run
+    with _importing():
+        from fastcoop.interpret import nearest_words
+        from fastcoop.run import load_run
 
     run = load_run(run_dir)
     names = run.learner.classnames
@@ -437,7 +464,8 @@ def interpret(run_dir, top_k, class_name):
 @click.option("--device", default="auto", show_default=True)
 def demo(folder, model, pretrained, device):
     """Run the whole pipeline on a built-in example image set."""
-    from fastcoop.demo import run_demo
+    with _importing():
+        from fastcoop.demo import run_demo
 
     run_demo(folder, model, pretrained, device)
 
