@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -121,13 +122,17 @@ def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
 
 
 def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict,
-                  results: dict) -> None:
-    """A finished run: final context, metrics, curve, results, then the config saying so; the checkpoint goes."""
+                  results: dict, since: float | None = None) -> None:
+    """A finished run: final context, metrics, curve, results, then the config saying so; the checkpoint goes.
+    `since`: when the caller's test-and-save stage began (time.perf_counter); results.json's timings then say how
+    long it took, up to the last two small files."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_metrics(run_dir, result.history)
     _write_prompt(run_dir, result.learner, result.learner.trainable())
     plot_curve(run_dir, result.history, {"coop": "CoOp", "cocoop": "CoCoOp"}[result.config.method])
+    if since is not None:
+        results["timings"]["save_and_test_s"] = time.perf_counter() - since
     _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
     _write_config(run_dir, result, cache, loaded, request, "complete", len(result.history))
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
