@@ -92,11 +92,7 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
     muted = logging.root.manager.disable
     logging.disable(logging.ERROR)  # open_clip logs each failure; the one line below says it
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random init is reproducible: a cache and a run made with 'none' agree
-            net, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if tag == "none" else tag, device=device,
-                force_quick_gelu=trained_with_quick_gelu(name, tag))
+        net, preprocess = _build(name, tag, device)
     except Exception as exc:  # any failure to fetch or parse weights becomes one clear line
         reason = textwrap.shorten((str(exc).splitlines() or [type(exc).__name__])[0], 200)
         if Path(tag).exists():
@@ -110,6 +106,50 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
         logging.disable(muted)
     net.eval().requires_grad_(False)
     return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), spec, tag)
+
+
+def _build(name: str, tag: str, device) -> tuple[torch.nn.Module, object]:
+    """The model and its eval transform. A model whose weights come from a checkpoint is built on the meta device
+    and then filled from the checkpoint: its random initialisation, most of the time of building it and all
+    overwritten by the load, is skipped. The causal attention masks, the only tensors a checkpoint does not hold,
+    are rebuilt; a model with other such tensors is built the plain way."""
+    quick_gelu = trained_with_quick_gelu(name, tag)
+    if tag != "none" and not tag.endswith((".npz", ".npy")):  # big_vision .npz loads assign only some tensors
+        with torch.device("meta"):
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, load_weights=False, device="meta", force_quick_gelu=quick_gelu)
+        masks = _causal_mask_buffers(net)
+        if masks is not None:
+            net.to_empty(device=device)
+            open_clip.load_checkpoint(net, _checkpoint_file(name, tag), strict=True)
+            for module, buffer in masks:
+                getattr(module, buffer).fill_(float("-inf")).triu_(1)  # as open_clip's build_causal_mask
+            return net, preprocess
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random init is reproducible: a cache and a run made with 'none' agree
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if tag == "none" else tag, device=device, force_quick_gelu=quick_gelu)
+    return net, preprocess
+
+
+def _causal_mask_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]] | None:
+    """(module, name) of every buffer a checkpoint does not hold, if all are square causal masks ('attn_mask');
+    None otherwise."""
+    found = []
+    for module in model.modules():
+        for buffer in module._non_persistent_buffers_set:
+            value = getattr(module, buffer)
+            if value is None:
+                continue
+            if buffer != "attn_mask" or value.ndim != 2 or value.shape[0] != value.shape[1]:
+                return None
+            found.append((module, buffer))
+    return found
+
+
+def _checkpoint_file(name: str, tag: str) -> str:
+    """The local file behind a checkpoint path or an open_clip weight tag (downloaded already, by then)."""
+    return tag if Path(tag).exists() else open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
 
 
 def preprocess_config(model: torch.nn.Module) -> dict:

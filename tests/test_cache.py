@@ -156,6 +156,43 @@ def test_local_checkpoint_and_bad_weights(tmp_path, capsys, tiny_vit, example_im
     assert code == 2 and "unknown model 'ViT-B-99'" in err
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("which", ["tiny_vit", "tiny_rn"])
+def test_a_checkpoint_fills_a_meta_built_model_exactly(tmp_path, request, which, suffix):
+    """Weights from a file go into a model built on the meta device (no random init): every parameter and buffer,
+    the rebuilt causal masks included, equals the model the checkpoint was saved from, and so do its features."""
+    from safetensors.torch import save_file
+
+    from fastcoop.models import _causal_mask_buffers, preprocess_config
+
+    source = request.getfixturevalue(which)
+    state = {name: t.contiguous() for name, t in source.model.state_dict().items()}
+    ckpt = tmp_path / f"model{suffix}"
+    save_file(state, ckpt) if suffix == ".safetensors" else torch.save(state, ckpt)
+    loaded = load_model(source.name, str(ckpt))
+    assert _causal_mask_buffers(loaded.model)  # the meta-built path was taken: its masks were rebuilt
+    theirs = dict(source.model.named_buffers()) | dict(source.model.named_parameters())
+    ours = dict(loaded.model.named_buffers()) | dict(loaded.model.named_parameters())
+    assert theirs.keys() == ours.keys() and "attn_mask" in ours
+    for name in theirs:
+        assert torch.equal(theirs[name], ours[name]), name
+    tokens = source.tokenizer(["a photo of a dog.", "a cat"])
+    images = torch.randn(2, 3, *preprocess_config(source.model)["size"])
+    assert torch.equal(source.model.encode_text(tokens), loaded.model.encode_text(tokens))
+    assert torch.equal(source.model.encode_image(images), loaded.model.encode_image(images))
+
+
+def test_only_models_whose_unsaved_buffers_are_causal_masks_are_built_on_meta():
+    from fastcoop.models import _causal_mask_buffers
+
+    model = torch.nn.Module()
+    model.register_buffer("attn_mask", torch.zeros(4, 4), persistent=False)
+    model.register_buffer("running_mean", torch.zeros(4))  # saved: a checkpoint fills it
+    assert _causal_mask_buffers(model) == [(model, "attn_mask")]
+    model.register_buffer("freqs", torch.zeros(4), persistent=False)  # unsaved and unknown: built the plain way
+    assert _causal_mask_buffers(model) is None
+
+
 def test_unreadable_partial_file_is_started_over(tmp_path, tiny_vit, example_images):
     """A kill -9 can leave the .partial file unreadable: the next run starts it over and still ends right."""
     data = read_dataset(example_images)
@@ -235,7 +272,8 @@ def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
     with pytest.raises(FastCoopError, match="could not load weights 'openai'"):
         load_model("ViT-B-16", "openai")
-    assert calls == [("ViT-B-16", {"pretrained": "openai", "device": "cpu", "force_quick_gelu": True})]
+    assert calls == [("ViT-B-16", {"pretrained": "openai", "load_weights": False, "device": "meta",
+                                   "force_quick_gelu": True})]
     # and open_clip honours the request: the text tower's MLP activation becomes QuickGELU
     name = resolve_model_name(TINY_VIT)
     for force, activation in ((False, torch.nn.GELU), (True, QuickGELU)):
