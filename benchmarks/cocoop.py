@@ -2,11 +2,13 @@
 through the text encoder, the image re-encoded every step) against fastcoop's (cached features, every image's
 prompts packed into one fast-encoder call, the step graphed on GPU), measured in the same run."""
 
+import tempfile
+
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import classnames_of, median_ms, real_classnames
-from benchmarks.full_run import run_fastcoop_train
+from benchmarks.full_run import run_fastcoop_train, save_checkpoint
 from benchmarks.step import random_batch
 from fastcoop.backends import resolve
 from fastcoop.cocoop import CoCoOpLearner, cocoop_logits, cocoop_loss
@@ -80,7 +82,9 @@ def run_cocoop_section(model_name: str, k: int, batches: list[int], eval_images:
     seconds = median_ms(lambda: classify(test_features), device, max(1, repeats // 10)) / 1000
     rows.append({"model": model_name, "classes": k, "eval_images": eval_images, "eval_seconds": seconds})
     print(f"  cocoop evaluation {model_name}: {eval_images} test images × {k} classes in {seconds:.1f} s", flush=True)
-    run = run_fastcoop_train(dataset, device, model_name, options=("--method", "cocoop", "--classes", "base"))
+    with tempfile.TemporaryDirectory() as folder:
+        run = run_fastcoop_train(dataset, device, model_name, options=("--method", "cocoop", "--classes", "base"),
+                                 weights=save_checkpoint(loaded.model, folder))
     base = class_subset(len(classnames_of(dataset)), "base")
     published = median_ms(published_cocoop_step(loaded, model, [classnames_of(dataset)[c] for c in base], 1, device),
                           device, repeats)

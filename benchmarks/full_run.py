@@ -10,6 +10,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+from safetensors.torch import save_file
 
 from benchmarks.common import classnames_of
 from fastcoop.cache.store import SCHEMA_VERSION
@@ -23,9 +25,10 @@ FEATURE_DIM = {"ViT-B-16": 512, "RN50": 1024}
 
 
 def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", shots: int | list[int] = 16,
-                          seeds: list[int] = (1,)) -> int:
+                          seeds: list[int] = (1,), weights: str = "none") -> int:
     """A valid feature cache with random features and real class names: per class as many images as the most
-    shots, and a subset for every (shots, seed). Returns the number of classes."""
+    shots, and a subset for every (shots, seed); `weights`: the model's weights (a checkpoint path, or 'none').
+    Returns the number of classes."""
     names = classnames_of(dataset)
     shot_list = [shots] if isinstance(shots, int) else list(shots)
     per_class = max(shot_list)
@@ -33,7 +36,7 @@ def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", sho
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         f.attrs.update({
-            "schema_version": SCHEMA_VERSION, "complete": True, "model": model, "pretrained": "none",
+            "schema_version": SCHEMA_VERSION, "complete": True, "model": model, "pretrained": weights,
             "open_clip_version": "synthetic", "preprocessing": "{}", "classnames": json.dumps(names),
             "dataset_fingerprint": f"synthetic-{dataset}", "splits": json.dumps(["train"]), "views": 0,
             "subsets_requested": json.dumps({"shots": shots, "seeds": list(seeds)}),
@@ -46,6 +49,14 @@ def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", sho
                 f[f"train/subsets/shots{s}_seed{seed}"] = np.concatenate(
                     [c * per_class + rng.permutation(per_class)[:s] for c in range(len(names))])
     return len(names)
+
+
+def save_checkpoint(model: torch.nn.Module, folder: str | Path) -> str:
+    """The model's weights as a safetensors file: a full run then loads them by path, as a user's real weights
+    load (random init, 'none', takes a different and slower path)."""
+    path = Path(folder).resolve() / "weights.safetensors"
+    save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}, path)
+    return str(path)
 
 
 def schedule(dataset: str, shots: int = 16) -> tuple[int, int]:
@@ -74,15 +85,15 @@ def help_seconds() -> float:
 
 
 def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16", kernel_cache: str | None = None,
-                       options: tuple[str, ...] = ()) -> dict:
+                       options: tuple[str, ...] = (), weights: str = "none") -> dict:
     """`fastcoop train` as a user runs it: wall time from process start to finish, split by the stages the run
     records (imports, model, setup, loop with its first epoch, save and test); the rest is the interpreter's start
     and exit. `kernel_cache`: Triton's cache folder (a fresh one times a cold first run); `options`: more
-    `fastcoop train` options (e.g. --method cocoop)."""
+    `fastcoop train` options (e.g. --method cocoop); `weights`: a checkpoint path (save_checkpoint), or 'none'."""
     env = os.environ | ({"TRITON_CACHE_DIR": kernel_cache} if kernel_cache else {})
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / f"{dataset}.h5"
-        k = write_synthetic_cache(cache, dataset, model)
+        k = write_synthetic_cache(cache, dataset, model, weights=weights)
         command = [sys.executable, "-m", "fastcoop", "train", str(cache), "--out", str(Path(tmp) / "run"),
                    "--shots", "16", "--seed", "1", "--device", device, *options]
         start = time.perf_counter()
