@@ -84,6 +84,31 @@ def help_seconds() -> float:
     return time.perf_counter() - start
 
 
+# what `fastcoop train` imports, in the order it first imports them, and the packages inside them worth naming
+IMPORT_STAGES = ("torch", "open_clip", "fastcoop.pipeline")
+IMPORTS_INSIDE = {"open_clip": ("torchvision", "torch._dynamo", "timm")}
+
+
+def import_seconds() -> dict:
+    """Where `fastcoop train`'s import time goes: seconds for torch, then open_clip (of which torchvision, the
+    torch._dynamo that torchvision imports, and timm), then fastcoop's own modules and the rest they import
+    (Triton, h5py, ...), imported in a fresh process as the CLI imports them (cyclic GC paused). `python -X
+    importtime` adds its own overhead: compare the parts, not the total with the stage times."""
+    code = "import gc; gc.disable(); " + "; ".join(f"import {name}" for name in IMPORT_STAGES)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                          check=True)
+    cumulative = {}
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, total, name = line.split("|")
+            if total.strip().isdigit():
+                cumulative.setdefault(name.strip(), int(total) / 1e6)
+    seconds = {name: cumulative.get(name, 0.0) for name in IMPORT_STAGES}
+    for outer, inner in IMPORTS_INSIDE.items():
+        seconds |= {f"{outer}: {name}": cumulative.get(name, 0.0) for name in inner}
+    return seconds
+
+
 def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16", kernel_cache: str | None = None,
                        options: tuple[str, ...] = (), weights: str = "none") -> dict:
     """`fastcoop train` as a user runs it: wall time from process start to finish, split by the stages the run

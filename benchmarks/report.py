@@ -267,6 +267,9 @@ def write_report(results_dir: Path, readme: Path) -> None:
             lines += [f"![{name}]({where}/{name})", ""]
         if result.get("help_seconds"):
             lines += [f"`fastcoop --help` takes {result['help_seconds']:.2f} s (whole process).", ""]
+        if result.get("import_seconds"):
+            lines += ["Where the imports go (`python -X importtime`, which adds overhead of its own): " + ", ".join(
+                f"{name} {seconds:.2f} s" for name, seconds in result["import_seconds"].items()) + ".", ""]
         for note in result.get("notes", []):
             lines.append(f"- {note}")
         lines.append("")
