@@ -73,7 +73,7 @@ def encoder_views_per_second(loaded, device: str, batch: int, precision: str, re
 
 def run_cache_section(device: str, model: str, images: int, views: int, batch: int, repeats: int) -> dict:
     precision = "fp16" if device.startswith("cuda") else "fp32"
-    workers = default_workers()
+    workers = default_workers(device)
     loaded = load_model(model, "none", device)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpegs(Path(tmp) / "images", images)

@@ -137,9 +137,14 @@ def plan_rows(data: LabelledImages, splits: list[str], shots: list[int] | None, 
     return rows, subsets, short
 
 
-def default_workers() -> int:
-    """Decode workers: one per core this process may use, at most 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+def default_workers(device: str) -> int:
+    """Decode-and-crop workers, from the cores this process may use, shared among torchrun's processes on the
+    node. Encoding on a GPU: one per core but one (the process feeding the GPU keeps it), at most 32, since the
+    crops are what limits extraction there. On the CPU, where the encoder needs the cores too: one per core, at
+    most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(32, share - 1)) if device.startswith("cuda") else min(8, share)
 
 
 def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel, *, splits=("train", "test"),
@@ -176,7 +181,7 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         "short_classes": json.dumps(short),
     }
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
-    job = _Job(loaded, pre, views_of, batch_size, default_workers() if workers is None else workers, device,
+    job = _Job(loaded, pre, views_of, batch_size, default_workers(device) if workers is None else workers, device,
                precision, skip_bad, progress and world.is_writer, world)
     partial = out.with_name(out.name + ".partial")
     plan, f = None, None

@@ -74,7 +74,8 @@ def cli():
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
               help="Views per encoder call.")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
-              help="Decode/crop worker processes  [default: one per core, at most 8]")
+              help="Decode/crop worker processes  [default: on a GPU one per core but one, at most 32; on the CPU "
+                   "one per core, at most 8; torchrun's processes on a node share the cores]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               help="Autocast precision on GPU (auto: fp16, as published); CPU runs fp32.")

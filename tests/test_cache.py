@@ -1,3 +1,5 @@
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -191,6 +193,19 @@ def test_only_models_whose_unsaved_buffers_are_causal_masks_are_built_on_meta():
     assert _causal_mask_buffers(model) == [(model, "attn_mask")]
     model.register_buffer("freqs", torch.zeros(4), persistent=False)  # unsaved and unknown: built the plain way
     assert _causal_mask_buffers(model) is None
+
+
+def test_default_workers_leave_the_gpu_feeder_a_core_and_share_the_node(monkeypatch):
+    from fastcoop.cache.extract import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (default_workers("cuda"), default_workers("cuda:1"), default_workers("cpu")) == (15, 15, 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 GPUs on the node: 2 cores each
+    assert (default_workers("cuda"), default_workers("cpu")) == (1, 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(256)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert (default_workers("cuda"), default_workers("cpu")) == (32, 8)
 
 
 def test_unreadable_partial_file_is_started_over(tmp_path, tiny_vit, example_images):
