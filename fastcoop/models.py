@@ -148,8 +148,16 @@ def _causal_mask_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, 
 
 
 def _checkpoint_file(name: str, tag: str) -> str:
-    """The local file behind a checkpoint path or an open_clip weight tag (downloaded already, by then)."""
-    return tag if Path(tag).exists() else open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
+    """The local file behind a checkpoint path or an open_clip weight tag. A tag's file was fetched a moment ago
+    by open_clip (building the model resolves it), so it is looked up offline: no second request to the hub."""
+    if Path(tag).exists():
+        return tag
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
 def preprocess_config(model: torch.nn.Module) -> dict:

@@ -184,6 +184,25 @@ def test_a_checkpoint_fills_a_meta_built_model_exactly(tmp_path, request, which,
     assert torch.equal(source.model.encode_image(images), loaded.model.encode_image(images))
 
 
+def test_a_weight_tag_is_fetched_once(monkeypatch, tmp_path):
+    """Building the model fetches a tag's file (open_clip, online); finding it again for the load stays offline."""
+    import huggingface_hub
+    import open_clip
+
+    from fastcoop.models import _checkpoint_file
+
+    asked = []
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {"hf_hub": f"org/{name}-{tag}/"})
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg: asked.append(
+        huggingface_hub.constants.HF_HUB_OFFLINE) or str(tmp_path / "cached.bin"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert _checkpoint_file("ViT-B-16", "openai") == str(tmp_path / "cached.bin")
+    assert asked == [True] and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    ckpt = tmp_path / "local.pt"
+    ckpt.write_bytes(b"")
+    assert _checkpoint_file("ViT-B-16", str(ckpt)) == str(ckpt) and asked == [True]  # a path is not looked up
+
+
 def test_only_models_whose_unsaved_buffers_are_causal_masks_are_built_on_meta():
     from fastcoop.models import _causal_mask_buffers
 
