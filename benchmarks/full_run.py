@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import classnames_of
+from fastcoop.cache.extract import auto_views, feature_chunks
 from fastcoop.cache.store import SCHEMA_VERSION
 from fastcoop.run import RESULTS_FILE
 from fastcoop.schedule import published_epochs
@@ -27,21 +28,28 @@ FEATURE_DIM = {"ViT-B-16": 512, "RN50": 1024}
 def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", shots: int | list[int] = 16,
                           seeds: list[int] = (1,), weights: str = "none") -> int:
     """A valid feature cache with random features and real class names: per class as many images as the most
-    shots, and a subset for every (shots, seed); `weights`: the model's weights (a checkpoint path, or 'none').
-    Returns the number of classes."""
+    shots, a subset for every (shots, seed), and as many augmented views per image as `fastcoop cache` holds by
+    default (one per epoch of the longest published schedule), so that a run reads what a default run reads;
+    `weights`: the model's weights (a checkpoint path, or 'none'). Returns the number of classes."""
     names = classnames_of(dataset)
     shot_list = [shots] if isinstance(shots, int) else list(shots)
     per_class = max(shot_list)
     n = len(names) * per_class
+    views = auto_views(shot_list, len(names))
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         f.attrs.update({
             "schema_version": SCHEMA_VERSION, "complete": True, "model": model, "pretrained": weights,
             "open_clip_version": "synthetic", "preprocessing": "{}", "classnames": json.dumps(names),
-            "dataset_fingerprint": f"synthetic-{dataset}", "splits": json.dumps(["train"]), "views": 0,
+            "dataset_fingerprint": f"synthetic-{dataset}", "splits": json.dumps(["train"]), "views": views,
             "subsets_requested": json.dumps({"shots": shots, "seeds": list(seeds)}),
         })
-        f["train/features"] = rng.standard_normal((1, n, FEATURE_DIM[model])).astype(np.float16)
+        shape = (1 + views, n, FEATURE_DIM[model])  # chunked as `fastcoop cache` writes its default batches
+        chunks = feature_chunks(*shape, max(1, 256 // shape[0]))
+        features = f.create_dataset("train/features", shape, dtype=np.float16, chunks=chunks)
+        for lo in range(0, n, chunks[1]):  # a chunk at a time: the whole array in float64 would take gigabytes
+            rows = min(n, lo + chunks[1]) - lo
+            features[:, lo:lo + rows] = rng.standard_normal((shape[0], rows, shape[2]), np.float32).astype(np.float16)
         f["train/labels"] = np.repeat(np.arange(len(names)), per_class)
         f["train/paths"] = np.array([f"synthetic/{i}.jpg" for i in range(n)], dtype=object).astype("S")
         for s in shot_list:

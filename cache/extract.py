@@ -137,6 +137,13 @@ def plan_rows(data: LabelledImages, splits: list[str], shots: list[int] | None, 
     return rows, subsets, short
 
 
+def feature_chunks(views: int, n: int, dim: int, images_per_batch: int) -> tuple[int, int, int]:
+    """HDF5 chunks of a split's features: whole batches of images with all their views, of at least ~1 MB (fast
+    whole-split reads)."""
+    rows = max(images_per_batch, math.ceil(CHUNK_BYTES / (views * dim * 2)))
+    return views, min(n, rows), dim
+
+
 def default_workers(device: str) -> int:
     """Decode-and-crop workers, from the cores this process may use, shared among torchrun's processes on the
     node. Encoding on a GPU: one per core but one (the process feeding the GPU keeps it), at most 32, since the
@@ -276,9 +283,8 @@ class _Job:
         if "features" not in group:
             views, n = self.views_of[split], len(items)
             dim = self.feature_dim()
-            # chunks of whole batches of images with all their views, of at least ~1 MB (fast whole-split reads)
-            rows = max(self.images_per_batch(split), math.ceil(CHUNK_BYTES / (views * dim * 2)))
-            group.create_dataset("features", (views, n, dim), dtype="float16", chunks=(views, min(n, rows), dim))
+            group.create_dataset("features", (views, n, dim), dtype="float16",
+                                 chunks=feature_chunks(views, n, dim, self.images_per_batch(split)))
             group.create_dataset("labels", data=np.array([label for _, label in items], dtype=np.int64))
             group.create_dataset("paths", data=[path for path, _ in items], dtype=STRING)
             group.create_dataset("readable", data=np.ones(n, dtype=bool))
