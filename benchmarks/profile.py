@@ -9,8 +9,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
-def kernel_profile(fn, steps: int = 5, top: int = 15) -> dict:
-    """Per step: number of kernels, their summed time (ms), and the `top` kernels by time."""
+def kernel_profile(fn, steps: int = 5, top: int | None = None) -> dict:
+    """Per step: number of kernels, their summed time (ms), and the kernels by time (the `top` first, or all: the
+    whole list is what plans a fusion)."""
     fn()  # compiled and warm before profiling
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
