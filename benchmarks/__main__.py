@@ -185,7 +185,8 @@ def main():
                 row["published_step_ms"] = published_step_ms(row["classes"], args.device, todo["repeats"], loaded)
                 row["published_estimate_seconds"] = row["published_step_ms"] * schedule(dataset)[1] / 1000
                 result["full_run"].append(row)
-                print(f"  full run {dataset} ({row['kernel_cache']} kernels): {row['process_seconds']:.1f} s = "
+                print(f"  full run {dataset} ({row['kernel_cache']} kernels, {row['kernels_compiled']} compiled): "
+                      f"{row['process_seconds']:.1f} s = "
                       f"interpreter {row['interpreter_seconds']:.1f} + imports {row['imports_seconds']:.1f} + "
                       f"model {row['model_seconds']:.1f} + setup {row['setup_seconds']:.1f} + loop "
                       f"{row['loop_seconds']:.1f} (first epoch {row['first_epoch_seconds']:.1f}) + save and test "

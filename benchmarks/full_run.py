@@ -117,13 +117,20 @@ def import_seconds() -> dict:
     return seconds
 
 
+def compiled_kernels(folder: str | Path) -> int:
+    """GPU binaries in a Triton cache folder: how many kernel variants have been compiled into it."""
+    return sum(1 for path in Path(folder).rglob("*") if path.suffix in (".cubin", ".hsaco"))
+
+
 def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16", kernel_cache: str | None = None,
                        options: tuple[str, ...] = (), weights: str = "none") -> dict:
     """`fastcoop train` as a user runs it: wall time from process start to finish, split by the stages the run
     records (imports, model, setup, loop with its first epoch, save and test); the rest is the interpreter's start
-    and exit. `kernel_cache`: Triton's cache folder (a fresh one times a cold first run); `options`: more
+    and exit. `kernel_cache`: Triton's cache folder (a fresh one times a cold first run; the row counts the kernel
+    variants the run compiled into it: a warm run that compiles any met shapes it had not met); `options`: more
     `fastcoop train` options (e.g. --method cocoop); `weights`: a checkpoint path (save_checkpoint), or 'none'."""
     env = os.environ | ({"TRITON_CACHE_DIR": kernel_cache} if kernel_cache else {})
+    compiled_before = compiled_kernels(kernel_cache) if kernel_cache else None
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / f"{dataset}.h5"
         k = write_synthetic_cache(cache, dataset, model, weights=weights)
@@ -136,7 +143,9 @@ def run_fastcoop_train(dataset: str, device: str, model: str = "ViT-B-16", kerne
             raise RuntimeError(f"fastcoop train failed on {dataset}: {done.stderr.strip()[-500:]}")
         results = json.loads((Path(tmp) / "run" / RESULTS_FILE).read_text())
     timings = results["timings"]
+    compiled = compiled_kernels(kernel_cache) - compiled_before if kernel_cache else None
     return {"dataset": dataset, "classes": k, "epochs": results["epochs"], "steps": results["steps"],
+            "kernels_compiled": compiled,
             "process_seconds": wall, **{name.removesuffix("_s") + "_seconds": t for name, t in timings.items()},
             **derived_times(wall, timings, results["steps"], results["epochs"]),
             "warnings": [line.strip() for line in done.stderr.splitlines() if "warning" in line.lower()][:5]}

@@ -99,10 +99,16 @@ def full_run_table(rows: list[dict]) -> list[str]:
         seconds = [r.get(f"{s}_seconds") for s in stages] + [r.get("first_epoch_seconds"),
                                                               r.get("start_to_loop_seconds")]
         lines.append(f"| {r['dataset']} | {r['classes']} | {r['epochs']} | {r['steps']} | "
-                     f"{r.get('kernel_cache', '–')} | {fmt(r['process_seconds'])} | "
+                     f"{_kernel_cache(r)} | {fmt(r['process_seconds'])} | "
                      f"{' | '.join(fmt(s) for s in seconds)} | {fmt(r.get('loop_ms_per_step'), 2)} | "
                      f"{fmt(est)} | {ratio} |")
     return lines
+
+
+def _kernel_cache(row: dict) -> str:
+    """cold or warm, and how many kernel variants the run compiled (where counted)."""
+    cache = row.get("kernel_cache", "–")
+    return cache if row.get("kernels_compiled") is None else f"{cache}, {row['kernels_compiled']} compiled"
 
 
 def cocoop_table(rows: list[dict]) -> list[str]:
