@@ -112,9 +112,10 @@ def _build(name: str, tag: str, device) -> tuple[torch.nn.Module, object]:
     """The model and its eval transform. A model whose weights come from a checkpoint is built on the meta device
     and then filled from the checkpoint: its random initialisation, most of the time of building it and all
     overwritten by the load, is skipped. The causal attention masks, the only tensors a checkpoint does not hold,
-    are rebuilt; a model with other such tensors is built the plain way."""
+    are rebuilt. Built the plain way: random init, towers from timm or Hugging Face (_own_towers), models with
+    other unsaved tensors, and big_vision .npz checkpoints (their loader assigns only some tensors)."""
     quick_gelu = trained_with_quick_gelu(name, tag)
-    if tag != "none" and not tag.endswith((".npz", ".npy")):  # big_vision .npz loads assign only some tensors
+    if tag != "none" and not tag.endswith((".npz", ".npy")) and _own_towers(name):
         with torch.device("meta"):
             net, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=tag, load_weights=False, device="meta", force_quick_gelu=quick_gelu)
@@ -130,6 +131,13 @@ def _build(name: str, tag: str, device) -> tuple[torch.nn.Module, object]:
         net, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=None if tag == "none" else tag, device=device, force_quick_gelu=quick_gelu)
     return net, preprocess
+
+
+def _own_towers(name: str) -> bool:
+    """Whether both towers are open_clip's own modules: timm image towers and Hugging Face text towers build their
+    own way, and may load base weights while being built."""
+    cfg = open_clip.get_model_config(name) or {}
+    return "timm_model_name" not in cfg.get("vision_cfg", {}) and "hf_model_name" not in cfg.get("text_cfg", {})
 
 
 def _causal_mask_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]] | None:

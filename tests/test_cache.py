@@ -204,8 +204,10 @@ def test_a_weight_tag_is_fetched_once(monkeypatch, tmp_path):
 
 
 def test_only_models_whose_unsaved_buffers_are_causal_masks_are_built_on_meta():
-    from fastcoop.models import _causal_mask_buffers
+    from fastcoop.models import _causal_mask_buffers, _own_towers
 
+    assert _own_towers("ViT-B-16") and _own_towers("RN50") and _own_towers(resolve_model_name(TINY_VIT))
+    assert not _own_towers("convnext_base") and not _own_towers("xlm-roberta-base-ViT-B-32")  # timm, HF towers
     model = torch.nn.Module()
     model.register_buffer("attn_mask", torch.zeros(4, 4), persistent=False)
     model.register_buffer("running_mean", torch.zeros(4))  # saved: a checkpoint fills it
