@@ -13,13 +13,16 @@ Layout (schema 1), readable with h5py alone:
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import subset_key
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 IDENTITY_ATTRS = ("model", "pretrained", "preprocessing", "dataset_fingerprint", "splits", "subsets_requested")
@@ -31,7 +34,8 @@ def identity(attrs) -> dict:
 
 
 class FeatureCache:
-    """A finished feature file, opened read-only; arrays come back as torch tensors."""
+    """A finished feature file, opened read-only; arrays come back as torch tensors. Opening and checking it
+    imports no torch (the readers of arrays do), so that commands check their cache before loading torch."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -96,15 +100,19 @@ class FeatureCache:
         """Images left out as unreadable (`fastcoop cache --skip-bad`)."""
         return [p.decode() if isinstance(p, bytes) else p for p in self.file.get("skipped", [])]
 
-    def features(self, split: str, rows: np.ndarray | None = None, view: int | None = None) -> torch.Tensor:
+    def features(self, split: str, rows: np.ndarray | None = None, view: int | None = None) -> "torch.Tensor":
         """float16 features: (views, n, D), or (n, D) for one view; rows default to the whole split."""
+        import torch
+
         data = self._split(split)["features"]
         block = data[()] if view is None else data[view]
         if rows is not None:
             block = block[..., rows, :]
         return torch.from_numpy(np.ascontiguousarray(block))
 
-    def labels(self, split: str, rows: np.ndarray | None = None) -> torch.Tensor:
+    def labels(self, split: str, rows: np.ndarray | None = None) -> "torch.Tensor":
+        import torch
+
         labels = self._split(split)["labels"][()]
         return torch.from_numpy(labels if rows is None else labels[rows])
 

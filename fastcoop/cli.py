@@ -87,14 +87,9 @@ def cache(root, out, model, pretrained, layout, image_root, classnames_file, sho
 
     Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
     first writes the file, the same file as one process makes."""
-    with _importing():
-        from fastcoop import fewshot
-        from fastcoop.data import read_dataset
-        from fastcoop.cache import extract_features
-        from fastcoop.devices import resolve_device, resolve_precision
-        from fastcoop.distributed import join
-        from fastcoop.models import load_model
-        from fastcoop.outputs import check_writable
+    from fastcoop import fewshot
+    from fastcoop.data import read_dataset
+    from fastcoop.outputs import check_writable
 
     try:
         n_shots = None if shots == "all" else [fewshot.parse_shots(s) for s in shots.split(",")]
@@ -102,8 +97,14 @@ def cache(root, out, model, pretrained, layout, image_root, classnames_file, sho
         raise FastCoopError(str(exc)) from None
     n_views = _views(views)
     seed_list = _int_list(seeds, "--seeds")
-    data = read_dataset(root, layout, image_root, classnames_file)
+    data = read_dataset(root, layout, image_root, classnames_file)  # bad input is answered before torch loads
     check_writable(out, "feature cache")
+    with _importing():
+        from fastcoop.cache import extract_features
+        from fastcoop.devices import resolve_device, resolve_precision
+        from fastcoop.distributed import join
+        from fastcoop.models import load_model
+
     world, device = join(resolve_device(device))
     if data.layout == "flat" and split_ratios != "none":
         data = _split_flat(data, root, out, split_ratios, world)
@@ -214,30 +215,31 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
     --overwrite is given."""
     start = time.perf_counter()
-    with _importing():
-        from fastcoop import fewshot
-        from fastcoop.backends import resolve
-        from fastcoop.cache import FeatureCache
-        from fastcoop.config import TrainConfig
-        from fastcoop.devices import resolve_device
-        from fastcoop.models import load_model
-        from fastcoop.pipeline import train_to_run_dir
-        from fastcoop.run import plan_run_dir
+    from fastcoop import fewshot
+    from fastcoop.cache import FeatureCache
+    from fastcoop.config import TrainConfig
 
-    imported = time.perf_counter()
     try:
         n_shots = fewshot.parse_shots(shots)
     except ValueError as exc:
         raise FastCoopError(str(exc)) from None
     if n_ctx is not None and n_ctx < 1:
         raise FastCoopError(f"--n-ctx must be at least 1, not {n_ctx}")
+    cache = FeatureCache(cache_file)
+    cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before importing torch
+    with _importing():
+        from fastcoop.backends import resolve
+        from fastcoop.devices import resolve_device
+        from fastcoop.models import load_model
+        from fastcoop.pipeline import train_to_run_dir
+        from fastcoop.run import plan_run_dir
+
+    imported = time.perf_counter()
     device = resolve_device(device)
     config = TrainConfig(method=method, shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc,
                          position=position, init=init, epochs=epochs, batch_size=batch_size, lr=lr,
                          precision=precision, device=device, text_path=text_path, graph=not no_graph,
                          fused=not no_fused, fused_mlp=fused_mlp, attention=attention)
-    cache = FeatureCache(cache_file)
-    cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before loading any model
     backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
     if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
         click.echo(f"resuming the unfinished run in {run_dir}")
@@ -267,17 +269,18 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
 @click.option("--device", default="auto", show_default=True)
 def evaluate(run_dir, cache_file, split, classes, device):
     """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
-    with _importing():
-        from fastcoop.cache import FeatureCache
-        from fastcoop.devices import resolve_device
-        from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
-        from fastcoop.run import load_run, record_evaluation
+    from fastcoop.cache import FeatureCache
 
     if run_dir.is_file() and cache_file.is_dir():
         raise FastCoopError(f"the arguments are swapped: `fastcoop eval RUN_DIR CACHE` ({run_dir} is a file, "
                             f"{cache_file} a folder)")
+    cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
+    with _importing():
+        from fastcoop.devices import resolve_device
+        from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
+        from fastcoop.run import load_run, record_evaluation
+
     device = resolve_device(device)
-    cache = FeatureCache(cache_file)
     run = load_run(run_dir, device)
     check_same_model(cache, run.loaded.name, run.loaded.pretrained)
     run, classes = run_on_classes(run, cache, classes)
@@ -299,20 +302,21 @@ def evaluate(run_dir, cache_file, split, classes, device):
 @click.option("--device", default="auto", show_default=True)
 def zeroshot(cache_file, template, templates, cupl, split, device):
     """Zero-shot accuracy: a hand-written prompt (default 'a photo of a {}.'), an ensemble, or CuPL."""
+    from fastcoop.cache import FeatureCache
+
+    if sum(x is not None for x in (template, templates, cupl)) > 1:
+        raise FastCoopError("give one of --template, --templates, --cupl")
+    cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
     with _importing():
-        from fastcoop.cache import FeatureCache
         from fastcoop.devices import resolve_device
         from fastcoop.evaluate import evaluate_split, text_classifier
         from fastcoop.models import load_model
         from fastcoop.zeroshot import check_templates, read_templates, zeroshot_classifier
 
-    if sum(x is not None for x in (template, templates, cupl)) > 1:
-        raise FastCoopError("give one of --template, --templates, --cupl")
     chosen = read_templates(templates) if templates else [template] if template else None
     if chosen:
         check_templates(chosen)
     device = resolve_device(device)
-    cache = FeatureCache(cache_file)
     loaded = load_model(cache.model, cache.pretrained, device)
     text = zeroshot_classifier(loaded, cache.classnames, chosen, cupl, device)
     scores = evaluate_split(cache, text_classifier(text), split)
@@ -345,11 +349,12 @@ def predict(run_dir, images, top_k, device):
 @click.option("--seed", default=1, show_default=True, type=int)
 def linear_probe(cache_file, shots, seed):
     """The paper's linear-probe baseline on a cache's few-shot subset (needs its val and test splits)."""
-    with _importing():
-        from fastcoop.cache import FeatureCache
-        from fastcoop.linear_probe import linear_probe as probe
+    from fastcoop.cache import FeatureCache
 
     with FeatureCache(cache_file) as cache:
+        cache.rows("train", shots, seed)  # a wrong path or a missing subset is answered before the imports
+        with _importing():
+            from fastcoop.linear_probe import linear_probe as probe
         result = probe(cache, shots, seed)
     click.echo(f"linear probe, {shots} shots, seed {seed}: test top-1 {result['test']['top1']:.2%} "
                f"(C = {result['C']:.3g}, chosen on {result['val_top1']:.1%} validation accuracy)")
@@ -377,14 +382,8 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     base-to-new protocol (base, new and H). Rerun to finish an interrupted
     sweep: finished runs are kept. Under `torchrun --nproc-per-node N -m fastcoop sweep ...` the runs are shared
     among N processes (GPUs)."""
-    with _importing():
-        from fastcoop.cache import FeatureCache
-        from fastcoop.config import TrainConfig
-        from fastcoop.devices import resolve_device
-        from fastcoop.distributed import join
-        from fastcoop.models import load_model
-        from fastcoop.outputs import check_writable
-        from fastcoop.sweep import TABLE_FILE, Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
+    from fastcoop.cache import FeatureCache
+    from fastcoop.config import TrainConfig
 
     shot_list, seed_list = _int_list(shots, "--shots"), _int_list(seeds, "--seeds")
     contexts = _int_list(n_ctx, "--n-ctx") if n_ctx else [None]
@@ -394,13 +393,21 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
         raise FastCoopError("--shots and --n-ctx take positive integers")
     # the published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
     base = TrainConfig(method=method, classes=classes, n_ctx=contexts[0], epochs=epochs, device=device)
+    cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
+    with _importing():
+        from fastcoop.devices import resolve_device
+        from fastcoop.distributed import join
+        from fastcoop.models import load_model
+        from fastcoop.outputs import check_writable
+        from fastcoop.sweep import TABLE_FILE, Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
+
     variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
     for variant in variants:  # options the method does not have fail here, before any work
         dataclasses.replace(base, **dataclasses.asdict(variant))
     world, device = join(resolve_device(device))
     check_writable(out, "sweep folder")
     base = dataclasses.replace(base, device=device)
-    with FeatureCache(cache_file) as cache:
+    with cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)
         check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base))
         loaded = load_model(cache.model, cache.pretrained, "cpu")

@@ -85,3 +85,21 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(capsys, written, examp
     assert message.format(w=written) in lines[0] and "Traceback" not in err
     assert "RANDOM-INIT" not in out  # e.g. an unknown model is not first taken for unavailable weights
     assert _tree(written) == before
+
+
+def test_a_wrong_path_or_subset_is_answered_before_torch_is_imported(written, tmp_path):
+    """The commonest mistakes cost a fraction of a second: the answer comes before torch or open_clip load."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fastcoop.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+            "    assert exc.code == 2, exc.code\nprint(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    missing, out = str(tmp_path / "missing.h5"), str(tmp_path / "out")
+    for args, said in ((["train", missing, "--out", out], "does not exist"),
+                       (["train", str(written / "f.h5"), "--out", out, "--shots", "3"], "has no 3-shot subset"),
+                       (["eval", out, missing], "does not exist"), (["zeroshot", missing], "does not exist"),
+                       (["linear-probe", str(written / "f.h5"), "--shots", "3"], "has no 3-shot subset"),
+                       (["sweep", missing, "--out", out], "does not exist"),
+                       (["cache", str(tmp_path / "no-images"), "--out", missing], "does not exist")):
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert done.stdout.strip() == "[]" and said in done.stderr, (args, done.stdout, done.stderr)
