@@ -32,11 +32,11 @@ SECTIONS = ("step", "exactness", "full_run", "cocoop", "cache", "sweep", "kernel
 
 def plan(name: str, device: str) -> dict:
     """What each section runs: the issue's full grid; `quick`, a subset that finishes on a CPU in minutes;
-    `headline`, the README's headline numbers on a GPU in about 5 minutes."""
+    `headline`, the README's headline numbers on a GPU in about 7 minutes."""
     if name == "headline":
         return {"step": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 1000, 16, False), ("ViT-B-16", 1000, 16, True)],
                 "repeats": 20,
-                "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat"],
+                "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat", "imagenet"],
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
                 "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None)],
