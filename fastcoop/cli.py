@@ -225,6 +225,10 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
         raise FastCoopError(str(exc)) from None
     if n_ctx is not None and n_ctx < 1:
         raise FastCoopError(f"--n-ctx must be at least 1, not {n_ctx}")
+    config = TrainConfig(method=method, shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc,
+                         position=position, init=init, epochs=epochs, batch_size=batch_size, lr=lr,
+                         precision=precision, device=device, text_path=text_path, graph=not no_graph,
+                         fused=not no_fused, fused_mlp=fused_mlp, attention=attention)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before importing torch
     with _importing():
@@ -236,10 +240,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
 
     imported = time.perf_counter()
     device = resolve_device(device)
-    config = TrainConfig(method=method, shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc,
-                         position=position, init=init, epochs=epochs, batch_size=batch_size, lr=lr,
-                         precision=precision, device=device, text_path=text_path, graph=not no_graph,
-                         fused=not no_fused, fused_mlp=fused_mlp, attention=attention)
+    config = dataclasses.replace(config, device=device)
     backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
     if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
         click.echo(f"resuming the unfinished run in {run_dir}")
