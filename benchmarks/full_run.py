@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from benchmarks.common import classnames_of
 from fastcoop.cache.extract import auto_views, feature_chunks
 from fastcoop.cache.store import SCHEMA_VERSION
-from fastcoop.run import RESULTS_FILE
+from fastcoop.run_files import RESULTS_FILE
 from fastcoop.schedule import published_epochs
 from fastcoop.train import batches_per_epoch
 

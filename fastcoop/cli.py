@@ -271,11 +271,13 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
 def evaluate(run_dir, cache_file, split, classes, device):
     """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
     from fastcoop.cache import FeatureCache
+    from fastcoop.run_files import complete_config
 
     if run_dir.is_file() and cache_file.is_dir():
         raise FastCoopError(f"the arguments are swapped: `fastcoop eval RUN_DIR CACHE` ({run_dir} is a file, "
                             f"{cache_file} a folder)")
-    cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
+    cache = FeatureCache(cache_file)  # a wrong path or run is answered before torch is imported
+    complete_config(run_dir)
     with _importing():
         from fastcoop.devices import resolve_device
         from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
@@ -333,6 +335,9 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
 @click.option("--device", default="auto", show_default=True)
 def predict(run_dir, images, top_k, device):
     """Classify image files with a trained prompt."""
+    from fastcoop.run_files import complete_config
+
+    complete_config(run_dir)  # a wrong or unfinished run is answered before torch is imported
     with _importing():
         from fastcoop.devices import resolve_device
         from fastcoop.predict import predict_images
@@ -400,7 +405,8 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
         from fastcoop.distributed import join
         from fastcoop.models import load_model
         from fastcoop.outputs import check_writable
-        from fastcoop.sweep import TABLE_FILE, Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
+        from fastcoop.run_files import TABLE_FILE
+        from fastcoop.sweep import Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
 
     variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
     for variant in variants:  # options the method does not have fail here, before any work
@@ -433,11 +439,9 @@ def _choice(value: str, choices: dict, option: str):
 def report(run_dirs):
     """A Markdown table of runs, or of sweeps: test accuracy averaged over seeds (mean ± std), as the paper reports
     it; several sweeps (one per dataset) also get their average."""
-    with _importing():
-        from fastcoop.report import collect, summary_table
-        from fastcoop.sweep import read_summaries, summary_table as sweep_table
+    from fastcoop.report import collect, read_sweep_summaries, summary_table, sweep_table
 
-    sweeps = read_summaries(list(run_dirs))
+    sweeps = read_sweep_summaries(list(run_dirs))
     click.echo(sweep_table(sweeps, [Path(d).name for d in run_dirs]) if sweeps else
                summary_table(collect(list(run_dirs))))
 
@@ -448,15 +452,17 @@ def report(run_dirs):
 @click.option("--class", "class_name", default=None, help="With class-specific context: which class (default: first).")
 def interpret(run_dir, top_k, class_name):
     """The vocabulary words nearest to each learned context vector."""
+    from fastcoop.run_files import complete_config
+
+    names = complete_config(run_dir)["classnames"]  # mistakes are answered before torch is imported
+    if class_name is not None and class_name.replace("_", " ") not in names:
+        raise FastCoopError(f"no class '{class_name}' in {run_dir}")
+    index = names.index(class_name.replace("_", " ")) if class_name else 0
     with _importing():
         from fastcoop.interpret import nearest_words
         from fastcoop.run import load_run
 
     run = load_run(run_dir)
-    names = run.learner.classnames
-    if class_name is not None and class_name.replace("_", " ") not in names:
-        raise FastCoopError(f"no class '{class_name}' in {run_dir}")
-    index = names.index(class_name.replace("_", " ")) if class_name else 0
     whose = f" of class '{names[index]}'" if run.learner.csc else ""
     click.echo(f"the {top_k} vocabulary words nearest to each context vector{whose} "
                "(Euclidean distance in the token-embedding space):")

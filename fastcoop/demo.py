@@ -19,8 +19,8 @@ from fastcoop.models import load_model, resolve_model_name
 from fastcoop.outputs import check_writable
 from fastcoop.pipeline import train_to_run_dir
 from fastcoop.report import collect, summary_table
-from fastcoop.run import RESULTS_FILE
-from fastcoop.sweep import FIGURE_FILE, SWEEP_FILE, TABLE_FILE, Variant, run_sweep
+from fastcoop.run_files import FIGURE_FILE, RESULTS_FILE, SWEEP_FILE, TABLE_FILE
+from fastcoop.sweep import Variant, run_sweep
 from fastcoop.zeroshot import zeroshot_classifier
 
 

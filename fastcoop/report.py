@@ -1,5 +1,6 @@
-"""A table of trained runs, averaged over seeds as the CoOp paper reports them; runs of the base-to-new protocol
-(trained on base classes) also get the new classes' accuracy and the harmonic mean H, as CoCoOp reports them."""
+"""Tables of trained runs and of sweeps, averaged over seeds as the CoOp paper reports them; runs of the
+base-to-new protocol (trained on base classes) also get the new classes' accuracy and the harmonic mean H, as
+CoCoOp reports them. Read from the run and sweep directories' JSON files alone, without torch."""
 
 import json
 import statistics
@@ -7,7 +8,8 @@ from pathlib import Path
 
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import harmonic_mean
-from fastcoop.run import CONFIG_FILE, RESULTS_FILE, check_complete, read_config, read_evaluations
+from fastcoop.run_files import (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, check_complete, read_config,
+                                read_evaluations)
 
 DEFAULTS = {"method": "coop", "classes": "all"}  # what runs recorded before these options existed were
 GROUP_BY = ("method", "classes", "shots", "n_ctx", "csc", "position", "init", "epochs")
@@ -97,3 +99,74 @@ def percent(values: list[float | None]) -> str:
         return "–"
     return f"{100 * statistics.mean(values):.2f}" + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1
                                                       else "")
+
+
+def read_sweep_summaries(folders: list[Path]) -> list[dict]:
+    """The summaries of sweep folders; [] when none is a sweep; mixing sweeps and runs is refused."""
+    is_sweep = [(Path(f) / SUMMARY_FILE).is_file() for f in folders]
+    if not any(is_sweep):
+        return []
+    if not all(is_sweep):
+        odd = folders[is_sweep.index(False)]
+        raise FastCoopError(f"{odd} is not a finished sweep (no {SUMMARY_FILE}); report sweeps or runs, not both")
+    return [json.loads((Path(f) / SUMMARY_FILE).read_text()) for f in folders]
+
+
+def sweep_curves(summary: dict) -> dict[str, dict[int, list[float]]]:
+    """name → shots → test accuracies over seeds: each variant (base-to-new: on base and on new classes), and the
+    linear probe."""
+    table: dict[str, dict[int, list[float]]] = {}
+    base_to_new = summary.get("trained_on") == "base"
+    for run in summary["runs"]:
+        for key, suffix in (("test", " base" if base_to_new else ""), ("test_new", " new")):
+            if run.get(key) is not None:
+                table.setdefault(run["variant"] + suffix, {}).setdefault(run["shots"], []).append(run[key])
+    for probe in summary.get("linear_probe", []):
+        table.setdefault("linear probe", {}).setdefault(probe["shots"], []).append(probe["test"]["top1"])
+    return table
+
+
+def sweep_table(summaries: list[dict], names: list[str]) -> str:
+    """Markdown: test top-1 (%) mean ± std over seeds, per dataset and variant (rows) and shots (columns); with
+    several datasets, their average too (the paper's first panel). Base-to-new sweeps show each variant's base, new
+    and H rows, H from the mean base and mean new accuracy as CoCoOp reports it (for the average: from the
+    averaged base and new)."""
+    shots = sorted({run["shots"] for s in summaries for run in s["runs"]})
+    lines = ["| dataset | method | zero-shot | " + " | ".join(f"{s} shots" for s in shots) + " |",
+             "|" + " --- |" * (3 + len(shots))]
+    per_dataset = [_sweep_rows(summary) for summary in summaries]
+    for name, rows in zip(names, per_dataset):
+        for method, (zero, by_shots) in rows.items():
+            lines.append(f"| {name} | {method} | {percent([zero])} | "
+                         + " | ".join(percent(by_shots.get(s, [])) for s in shots) + " |")
+    if len(summaries) > 1:
+        average: dict[str, tuple] = {}
+        for method in [m for m in per_dataset[0] if all(m in rows for rows in per_dataset)]:
+            if method.endswith(" H"):  # from the averaged base and new rows
+                variant = method.removesuffix(" H")
+                base, new = average.get(variant + " base"), average.get(variant + " new")
+                if base and new:
+                    cells = {s: [harmonic_mean(base[1][s][0], new[1][s][0])] for s in base[1] if s in new[1]}
+                    average[method] = (harmonic_mean(base[0], new[0]), cells)
+                continue
+            zeros = [rows[method][0] for rows in per_dataset]
+            cells = {s: [statistics.mean(statistics.mean(rows[method][1][s]) for rows in per_dataset)] for s in shots
+                     if all(rows[method][1].get(s) for rows in per_dataset)}
+            average[method] = (statistics.mean(zeros) if None not in zeros else None, cells)
+        for method, (zero, cells) in average.items():
+            lines.append(f"| average of {len(summaries)} | {method} | {percent([zero])} | "
+                         + " | ".join(percent(cells.get(s, [])) for s in shots) + " |")
+    return "\n".join(lines)
+
+
+def _sweep_rows(summary: dict) -> dict[str, tuple[float | None, dict[int, list[float]]]]:
+    """Row name → (zero-shot top-1 beside it, shots → test accuracies over seeds); base-to-new sweeps get each
+    variant's H row too."""
+    rows = {name: (summary.get("zero_shot_new" if name.endswith(" new") else "zero_shot"), by_shots)
+            for name, by_shots in sweep_curves(summary).items()}
+    for name in [n for n in rows if n.endswith(" base")]:
+        variant = name.removesuffix(" base")
+        (zero, base), (zero_new, new) = rows[name], rows.get(variant + " new", (None, {}))
+        rows[variant + " H"] = (harmonic_mean(zero, zero_new), {
+            s: [harmonic_mean(statistics.mean(base[s]), statistics.mean(new[s]))] for s in base if new.get(s)})
+    return rows

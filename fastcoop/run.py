@@ -25,26 +25,11 @@ from fastcoop.models import LoadedModel, load_model
 from fastcoop.outputs import check_writable
 from fastcoop.cocoop import new_learner
 from fastcoop.prompts import PromptLearner
+from fastcoop.run_files import (CHECKPOINT_FILE, CONFIG_FILE, CURVE_FILE, EVALUATIONS_FILE, METRICS_FILE,
+                                PROMPT_FILE, RESULTS_FILE, RESUMABLE, RUN_FILES, complete_config, read_config,
+                                read_evaluations)
 
-PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE, EVALUATIONS_FILE = (
-    "prompt.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json", "curve.png",
-    "evaluations.json")
-RUN_FILES = (PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE, EVALUATIONS_FILE)
-RESUMABLE = ("running", "interrupted")
 MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned tensor
-
-
-def read_config(run_dir: Path) -> dict | None:
-    """The run's config.json, or None where there is no run; an older run without a state is complete."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FastCoopError(f"{path} is not readable ({exc}); choose another --out or pass --overwrite") from None
-    config.setdefault("state", "complete")
-    return config
 
 
 def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: bool) -> str:
@@ -138,12 +123,6 @@ def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
-def read_evaluations(run_dir: Path) -> dict:
-    """What `fastcoop eval` measured of a finished run, by cache, split and classes."""
-    path = Path(run_dir) / EVALUATIONS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def record_evaluation(run_dir: Path, cache: FeatureCache, split: str, classes: str, scores: dict) -> None:
     """Add (or renew) one evaluation in the run's evaluations.json, so that reports can show transfer tables; the
     run's own files are not touched."""
@@ -220,14 +199,6 @@ def plot_curve(run_dir: Path, history: list[dict], method: str = "CoOp") -> None
     plt.close(fig)
 
 
-def check_complete(run_dir: Path, config: dict) -> None:
-    if config["state"] != "complete":
-        epochs = config.get("train", {}).get("epochs")
-        raise FastCoopError(f"{run_dir} holds an unfinished run ({config['state']} after epoch "
-                            f"{config.get('epochs_done', 0)} of {epochs}); run its `fastcoop train` command again "
-                            "to finish it")
-
-
 @dataclasses.dataclass
 class Run:
     """A trained prompt loaded back: its config, its model, and the learner holding the learned context."""
@@ -240,11 +211,7 @@ class Run:
 def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | None = None) -> Run:
     """A complete run's prompt; an unfinished one is refused with the command that finishes it."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    if config is None or not (run_dir / PROMPT_FILE).is_file():
-        what = "a file, not a run directory" if run_dir.is_file() else "not a fastcoop run directory"
-        raise FastCoopError(f"{run_dir} is {what} (no {CONFIG_FILE} / {PROMPT_FILE})")
-    check_complete(run_dir, config)
+    config = complete_config(run_dir)
     loaded = loaded or load_model(config["model"], config["pretrained"], device)
     learner = _learner(loaded, config, config["classnames"], load_file(run_dir / PROMPT_FILE), device)
     return Run(config, loaded, learner)

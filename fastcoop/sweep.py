@@ -21,16 +21,13 @@ from fastcoop.config import TrainConfig
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, text_classifier
-from fastcoop.fewshot import class_subset, harmonic_mean
+from fastcoop.fewshot import class_subset
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
-from fastcoop.report import percent
-from fastcoop.run import RESULTS_FILE, read_config
+from fastcoop.report import sweep_curves, sweep_table
+from fastcoop.run_files import FIGURE_FILE, RESULTS_FILE, SUMMARY_FILE, SWEEP_FILE, TABLE_FILE, read_config
 from fastcoop.zeroshot import zeroshot_classifier
-
-SWEEP_FILE, SUMMARY_FILE, TABLE_FILE, FIGURE_FILE = "sweep.json", "summary.json", "summary.md", "accuracy.png"
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -107,7 +104,7 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     elif "val" in cache.splits and "test" in cache.splits:  # the linear probe is CoOp's baseline, on all classes
         summary["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    (out / TABLE_FILE).write_text(summary_table([summary], [out.name]) + "\n")
+    (out / TABLE_FILE).write_text(sweep_table([summary], [out.name]) + "\n")
     plot_accuracy(summary, out / FIGURE_FILE, title=Path(cache.path).stem)
     return summary
 
@@ -126,77 +123,6 @@ def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str, classes: s
                           classes=classes)["top1"]
 
 
-def read_summaries(folders: list[Path]) -> list[dict]:
-    """The summaries of sweep folders; [] when none is a sweep; mixing sweeps and runs is refused."""
-    is_sweep = [(Path(f) / SUMMARY_FILE).is_file() for f in folders]
-    if not any(is_sweep):
-        return []
-    if not all(is_sweep):
-        odd = folders[is_sweep.index(False)]
-        raise FastCoopError(f"{odd} is not a finished sweep (no {SUMMARY_FILE}); report sweeps or runs, not both")
-    return [json.loads((Path(f) / SUMMARY_FILE).read_text()) for f in folders]
-
-
-def curves(summary: dict) -> dict[str, dict[int, list[float]]]:
-    """name → shots → test accuracies over seeds: each variant (base-to-new: on base and on new classes), and the
-    linear probe."""
-    table: dict[str, dict[int, list[float]]] = {}
-    base_to_new = summary.get("trained_on") == "base"
-    for run in summary["runs"]:
-        for key, suffix in (("test", " base" if base_to_new else ""), ("test_new", " new")):
-            if run.get(key) is not None:
-                table.setdefault(run["variant"] + suffix, {}).setdefault(run["shots"], []).append(run[key])
-    for probe in summary.get("linear_probe", []):
-        table.setdefault("linear probe", {}).setdefault(probe["shots"], []).append(probe["test"]["top1"])
-    return table
-
-
-def summary_table(summaries: list[dict], names: list[str]) -> str:
-    """Markdown: test top-1 (%) mean ± std over seeds, per dataset and variant (rows) and shots (columns); with
-    several datasets, their average too (the paper's first panel). Base-to-new sweeps show each variant's base, new
-    and H rows, H from the mean base and mean new accuracy as CoCoOp reports it (for the average: from the
-    averaged base and new)."""
-    shots = sorted({run["shots"] for s in summaries for run in s["runs"]})
-    lines = ["| dataset | method | zero-shot | " + " | ".join(f"{s} shots" for s in shots) + " |",
-             "|" + " --- |" * (3 + len(shots))]
-    per_dataset = [_table_rows(summary) for summary in summaries]
-    for name, rows in zip(names, per_dataset):
-        for method, (zero, by_shots) in rows.items():
-            lines.append(f"| {name} | {method} | {percent([zero])} | "
-                         + " | ".join(percent(by_shots.get(s, [])) for s in shots) + " |")
-    if len(summaries) > 1:
-        average: dict[str, tuple] = {}
-        for method in [m for m in per_dataset[0] if all(m in rows for rows in per_dataset)]:
-            if method.endswith(" H"):  # from the averaged base and new rows
-                variant = method.removesuffix(" H")
-                base, new = average.get(variant + " base"), average.get(variant + " new")
-                if base and new:
-                    cells = {s: [harmonic_mean(base[1][s][0], new[1][s][0])] for s in base[1] if s in new[1]}
-                    average[method] = (harmonic_mean(base[0], new[0]), cells)
-                continue
-            zeros = [rows[method][0] for rows in per_dataset]
-            cells = {s: [statistics.mean(statistics.mean(rows[method][1][s]) for rows in per_dataset)] for s in shots
-                     if all(rows[method][1].get(s) for rows in per_dataset)}
-            average[method] = (statistics.mean(zeros) if None not in zeros else None, cells)
-        for method, (zero, cells) in average.items():
-            lines.append(f"| average of {len(summaries)} | {method} | {percent([zero])} | "
-                         + " | ".join(percent(cells.get(s, [])) for s in shots) + " |")
-    return "\n".join(lines)
-
-
-def _table_rows(summary: dict) -> dict[str, tuple[float | None, dict[int, list[float]]]]:
-    """Row name → (zero-shot top-1 beside it, shots → test accuracies over seeds); base-to-new sweeps get each
-    variant's H row too."""
-    rows = {name: (summary.get("zero_shot_new" if name.endswith(" new") else "zero_shot"), by_shots)
-            for name, by_shots in curves(summary).items()}
-    for name in [n for n in rows if n.endswith(" base")]:
-        variant = name.removesuffix(" base")
-        (zero, base), (zero_new, new) = rows[name], rows.get(variant + " new", (None, {}))
-        rows[variant + " H"] = (harmonic_mean(zero, zero_new), {
-            s: [harmonic_mean(statistics.mean(base[s]), statistics.mean(new[s]))] for s in base if new.get(s)})
-    return rows
-
-
 def plot_accuracy(summary: dict, path: Path, title: str) -> None:
     """The paper's figure: test accuracy against shots (1, 2, 4, 8, 16 on a log axis), a curve per variant and
     the linear probe, zero-shot CLIP as a star at zero shots."""
@@ -206,7 +132,7 @@ def plot_accuracy(summary: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for method, by_shots in curves(summary).items():
+    for method, by_shots in sweep_curves(summary).items():
         shots = sorted(by_shots)
         means = [100 * statistics.mean(by_shots[s]) for s in shots]
         errors = [100 * statistics.stdev(by_shots[s]) if len(by_shots[s]) > 1 else 0 for s in shots]

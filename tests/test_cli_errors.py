@@ -88,7 +88,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(capsys, written, examp
 
 
 def test_a_wrong_path_or_subset_is_answered_before_torch_is_imported(written, tmp_path):
-    """The commonest mistakes cost a fraction of a second: the answer comes before torch or open_clip load."""
+    """The commonest mistakes cost a fraction of a second: the answer comes before torch or open_clip load (and
+    `report`, which reads JSON alone, never loads them)."""
     import subprocess
     import sys
 
@@ -100,6 +101,10 @@ def test_a_wrong_path_or_subset_is_answered_before_torch_is_imported(written, tm
                        (["eval", out, missing], "does not exist"), (["zeroshot", missing], "does not exist"),
                        (["linear-probe", str(written / "f.h5"), "--shots", "3"], "has no 3-shot subset"),
                        (["sweep", missing, "--out", out], "does not exist"),
-                       (["cache", str(tmp_path / "no-images"), "--out", missing], "does not exist")):
+                       (["cache", str(tmp_path / "no-images"), "--out", missing], "does not exist"),
+                       (["eval", out, str(written / "f.h5")], "not a fastcoop run directory"),
+                       (["predict", out, "x.jpg"], "not a fastcoop run directory"),
+                       (["interpret", out], "not a fastcoop run directory"),
+                       (["report", out], "not a finished fastcoop run")):
         done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         assert done.stdout.strip() == "[]" and said in done.stderr, (args, done.stdout, done.stderr)

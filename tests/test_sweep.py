@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -82,6 +84,12 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
     shutil.copytree(out, tmp_path / "again")  # a second "dataset": report averages the two
     code, stdout, _ = run_cli(capsys, "report", out, tmp_path / "again")
     assert code == 0 and "| average of 2 | M2-csc-end |" in stdout
+    # a report reads JSON alone: in a fresh process it never imports torch, for a sweep or for runs
+    code = ("import sys\nfrom fastcoop.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+            "    assert exc.code == 0, exc.code\nassert 'torch' not in sys.modules\n")
+    for folder, row in ((out, f"| {out.name} | M2-csc-end |"), (out / "M2-csc-end" / "1shot-seed1", "| s12.h5 |")):
+        done = subprocess.run([sys.executable, "-c", code, "report", str(folder)], capture_output=True, text=True)
+        assert done.returncode == 0 and row in done.stdout, (done.stdout, done.stderr)
 
 
 def test_torchrun_shares_the_runs_and_writes_the_same_directories(tmp_path, split_cache):
