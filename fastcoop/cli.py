@@ -234,6 +234,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     with _importing():
         from fastcoop.backends import resolve
         from fastcoop.devices import resolve_device
+        from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
         from fastcoop.pipeline import train_to_run_dir
         from fastcoop.run import plan_run_dir
@@ -242,6 +243,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     device = resolve_device(device)
     config = dataclasses.replace(config, device=device)
     backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
+    hash_triton_in_background(device)
     if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
         click.echo(f"resuming the unfinished run in {run_dir}")
     timings = {"imports_s": imported - start}
@@ -403,6 +405,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     with _importing():
         from fastcoop.devices import resolve_device
         from fastcoop.distributed import join
+        from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
         from fastcoop.outputs import check_writable
         from fastcoop.run_files import TABLE_FILE
@@ -413,6 +416,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
         dataclasses.replace(base, **dataclasses.asdict(variant))
     world, device = join(resolve_device(device))
     check_writable(out, "sweep folder")
+    hash_triton_in_background(device)
     base = dataclasses.replace(base, device=device)
     with cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)

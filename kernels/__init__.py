@@ -9,8 +9,11 @@ add layer norm: a block's residual add and the layer norm after it (add_layer_no
 add_layer_norm_reference.py), and QuickGELU (quick_gelu_kernel.py; reference: open_clip's module), used by
 FastTextEncoder on GPU. mlp_kernel.py: a text block's MLP with its activation inside the matrix products
 (reference: open_clip's module), FastTextEncoder's fused_mlp option.
-Only the dispatcher is exported here; import the rest from its module.
+Only the dispatcher (and hash_triton_in_background, for a process's first launch) is exported here; import the
+rest from its module.
 """
+
+import threading
 
 from fastcoop.kernels import cosine_ce_reference as reference
 
@@ -39,4 +42,20 @@ def cosine_ce(image_features, text_features, logit_scale, labels, reduction="mea
                                          return_argmax)
 
 
-__all__ = ["INTERPRET", "TRITON", "cosine_ce"]
+def hash_triton_in_background(device: str) -> threading.Thread | None:
+    """Triton keys its kernel cache with a hash of its own compiler, its ~0.5 GB shared library included, made at
+    a process's first kernel launch even when every kernel is cached (~0.35 s on a 2-core CPU). A thread that
+    makes it now, while the model loads, hides that (reading and hashing release the GIL), and the launch finds
+    it made. Only for CUDA devices; None where Triton is missing or keeps that hash elsewhere."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return None
+    if not device.startswith("cuda"):
+        return None
+    thread = threading.Thread(target=triton_key, name="triton-cache-key", daemon=True)
+    thread.start()
+    return thread
+
+
+__all__ = ["INTERPRET", "TRITON", "cosine_ce", "hash_triton_in_background"]

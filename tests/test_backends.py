@@ -112,3 +112,16 @@ def test_only_the_cli_and_the_pipeline_import_the_training_loop():
             if "fastcoop.train" in names:
                 importers.add(path.name)
     assert importers <= {"cli.py", "pipeline.py"}, importers
+
+
+def test_tritons_cache_key_is_made_in_the_background_for_a_cuda_run():
+    """The hash Triton makes at a process's first kernel launch is made by a thread instead, and cached for it."""
+    from triton.runtime.cache import triton_key
+
+    from fastcoop.kernels import hash_triton_in_background
+
+    assert hash_triton_in_background("cpu") is None
+    triton_key.cache_clear()
+    thread = hash_triton_in_background("cuda")
+    thread.join()
+    assert triton_key.cache_info().currsize == 1
