@@ -392,6 +392,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     among N processes (GPUs)."""
     from fastcoop.cache import FeatureCache
     from fastcoop.config import TrainConfig
+    from fastcoop.run_files import TABLE_FILE
 
     shot_list, seed_list = _int_list(shots, "--shots"), _int_list(seeds, "--seeds")
     contexts = _int_list(n_ctx, "--n-ctx") if n_ctx else [None]
@@ -408,7 +409,6 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
         from fastcoop.outputs import check_writable
-        from fastcoop.run_files import TABLE_FILE
         from fastcoop.sweep import Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
 
     variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]

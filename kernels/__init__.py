@@ -47,11 +47,11 @@ def hash_triton_in_background(device: str) -> threading.Thread | None:
     a process's first kernel launch even when every kernel is cached (~0.35 s on a 2-core CPU). A thread that
     makes it now, while the model loads, hides that (reading and hashing release the GIL), and the launch finds
     it made. Only for CUDA devices; None where Triton is missing or keeps that hash elsewhere."""
+    if not device.startswith("cuda"):
+        return None
     try:
         from triton.runtime.cache import triton_key
     except ImportError:
-        return None
-    if not device.startswith("cuda"):
         return None
     thread = threading.Thread(target=triton_key, name="triton-cache-key", daemon=True)
     thread.start()
