@@ -95,7 +95,7 @@ def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 1
     tower, fast = TextTower.of(model), FastTextEncoder(model, learner)
     text = fast().detach().requires_grad_()
     scale = model.logit_scale.exp().detach()
-    buffer, lr = torch.zeros_like(learner.ctx), torch.tensor(0.002, device=device)
+    buffer, lr = torch.zeros_like(learner.ctx), torch.tensor([0.002], device=device)
 
     def text_fwd_bwd(encode):
         return lambda: torch.autograd.grad(encode().float().square().sum(), learner.ctx)
@@ -106,7 +106,7 @@ def time_breakdown(loaded, classnames, device: str, repeats: int, n_ctx: int = 1
 
     def update():
         with torch.no_grad():
-            sgd_update_(learner.ctx, learner.ctx, buffer, lr, 0.9, 5e-4)
+            sgd_update_([learner.ctx], [learner.ctx], [buffer], lr, 0.9, 5e-4)
 
     parts = {"image encoder (32 images)": image_encoder,
              "text 77 tokens fwd+bwd": text_fwd_bwd(lambda: reference_text_features(tower, learner)),

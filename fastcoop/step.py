@@ -11,16 +11,17 @@ replays of the graph per epoch, one copy of the epoch's feature view, and a look
 import warnings
 
 import torch
+from torch.optim.sgd import sgd
 
 from fastcoop.kernels import cosine_ce
 
 
-def sgd_update_(param, grad, momentum_buffer, lr, momentum: float, weight_decay: float) -> None:
-    """torch.optim.SGD's update (dampening 0, not Nesterov), with lr a device tensor:
-    d = g + wd·p;  buf = momentum·buf + d  (buf starts at 0, so the first step gives buf = d);  p −= lr·buf."""
-    d = grad + weight_decay * param
-    momentum_buffer.mul_(momentum).add_(d)
-    param.sub_(lr * momentum_buffer)
+def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
+    """torch.optim.SGD's update (dampening 0, not Nesterov) of every tensor in one launch: PyTorch's fused SGD,
+    with lr a one-element device tensor.  d = g + wd·p;  buf = momentum·buf + d;  p −= lr·buf. The buffers start
+    at 0, so the first step gives buf = d, as SGD's first step does."""
+    sgd(params, grads, momentum_buffers, fused=True, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        dampening=0.0, nesterov=False, maximize=False)
 
 
 def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str | None = None):
@@ -79,9 +80,8 @@ class TrainStep:
         grads = iter(torch.autograd.grad(losses, [p for params in self.params for p in params]))
         with torch.no_grad():
             for run, params in enumerate(self.params):
-                lr = self.lrs[run].index_select(0, epoch)
-                for param, buffer in zip(params, self.momentum_buffers[run]):
-                    sgd_update_(param, next(grads), buffer, lr, self.momentum, self.weight_decay)
+                sgd_update_(params, [next(grads) for _ in params], self.momentum_buffers[run],
+                            self.lrs[run].index_select(0, epoch), self.momentum, self.weight_decay)
                 self.loss_sums[run].index_add_(0, epoch, losses[run].detach().view(1))
                 self.correct[run].index_add_(0, epoch, (predicted[run] == labels[run]).sum().view(1))
             self.step.add_(1)

@@ -23,7 +23,7 @@ def test_sgd_update_equals_torch_sgd():
         optimizer.param_groups[0]["lr"] = lr
         theirs.grad = grad.clone()
         optimizer.step()
-        sgd_update_(ours, grad, buffer, torch.tensor(lr), 0.9, 5e-4)
+        sgd_update_([ours], [grad], [buffer], torch.tensor([lr]), 0.9, 5e-4)
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-7)
 
 
