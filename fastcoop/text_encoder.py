@@ -141,7 +141,7 @@ class FastTextEncoder:
         return prefix_attention_reference(qkv, self.layout)
 
     def _add_norm(self, x, delta, norm, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream x + delta, and its norm in out_dtype."""
+        """The residual stream x + delta (x without delta), and its norm in out_dtype."""
         if self.backends.add_norm == "triton" and add_layer_norm_kernel.supports(norm):
             return add_layer_norm_kernel.add_layer_norm_triton(x, delta, norm, out_dtype)
         return add_layer_norm_reference(x, delta, norm, out_dtype)
@@ -167,7 +167,9 @@ class FastTextEncoder:
         device = x.device.type
         gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         blocks = list(self.tower.blocks)
-        y = blocks[0].ln_1(x).to(gemm_dtype)  # each norm's output goes to a GEMM, which would cast it anyway
+        # each norm's output goes to a GEMM, which would cast it anyway (the final one's only when projected)
+        x, y = self._add_norm(x, None, blocks[0].ln_1, gemm_dtype)
+        final_dtype = x.dtype if self.tower.text_projection is None else gemm_dtype
         for i, block in enumerate(blocks):
             last = i == len(blocks) - 1
             qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
@@ -175,8 +177,7 @@ class FastTextEncoder:
             if last:  # only each class's EOS row is read after the last block
                 x, attn = x[eos_rows], attn[eos_rows]
             x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
-            # the next block's first norm, or after the last block the final norm, whose output stays in fp32
-            next_norm, next_dtype = (self.tower.ln_final, x.dtype) if last else (blocks[i + 1].ln_1, gemm_dtype)
+            next_norm, next_dtype = (self.tower.ln_final, final_dtype) if last else (blocks[i + 1].ln_1, gemm_dtype)
             x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), next_norm, next_dtype)
         features = self.tower.project(y)
         return features if ctx is None else features.unflatten(0, (runs, -1))

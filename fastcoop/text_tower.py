@@ -36,18 +36,21 @@ class TextTower:
 
     def copy_to(self, device, matrix_dtype: torch.dtype | None = None) -> "TextTower":
         """A copy of what runs on every call (positions, blocks, final norm, projection) on `device`, the blocks'
-        matrix weights in matrix_dtype. Training holds only this on the accelerator, not the whole fp32 tower
-        (the token embedding alone is 0.1 GB). With matrix_dtype the autocast dtype, the numbers are those of
-        autocast casting the fp32 weights at every call (it rounds them the same way), without the casts."""
+        matrix weights and the projection in matrix_dtype. Training holds only this on the accelerator, not the
+        whole fp32 tower (the token embedding alone is 0.1 GB). With matrix_dtype the autocast dtype, the numbers
+        are those of autocast casting the fp32 weights at every call (it rounds them the same way), without the
+        casts."""
         blocks = copy.deepcopy(self.blocks)
         if matrix_dtype is not None:  # before the move, so the device never holds the fp32 matrices
             for block in blocks:
                 block.attn.to(matrix_dtype)  # the packed q/k/v projection and the output projection
                 block.mlp.to(matrix_dtype)
         blocks.to(device)
+        projection = copy.deepcopy(self.text_projection)
+        if projection is not None:
+            projection = projection.to(device, matrix_dtype)
         return TextTower(None, self.positional_embedding.detach().to(device), blocks,
-                         copy.deepcopy(self.ln_final).to(device),
-                         None if self.text_projection is None else copy.deepcopy(self.text_projection).to(device),
+                         copy.deepcopy(self.ln_final).to(device), projection,
                          None if self.attn_mask is None else self.attn_mask.to(device), self.pool_type, self.eos_id)
 
     def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:

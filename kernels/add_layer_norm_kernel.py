@@ -3,7 +3,9 @@ of each result, instead of an add, a norm and a cast kernel (and, backward, a no
 of the two gradients reaching the residual stream). A transformer block has two of these per pass; at K = 100
 classes the training step is bound by kernel count, not bytes (benchmarks/CHANGELOG.md).
 
-Forward, per row: h = x + delta; y = (h − mean)·rstd·w + b, statistics in fp32.
+Forward, per row: h = x + delta; y = (h − mean)·rstd·w + b, statistics in fp32. Without delta (the first
+block's norm, which follows the embedding) h is x itself: the norm alone, its output cast, its backward adding
+the stream's other gradient — one launch each way instead of three.
 Backward, per row, with x̂ = (h − mean)·rstd and g = w·dy:
     dh = dh_later + rstd·(g − mean(g) − x̂·mean(g·x̂));  dx = ddelta = dh
 where dh_later is the gradient h itself receives from where the stream goes on. The norm's weight and bias are
@@ -16,17 +18,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_layer_norm_forward(X, DELTA, W, B, H, Y, MEAN, RSTD, N, D, eps,
+def _add_layer_norm_forward(X, DELTA, W, B, H, Y, MEAN, RSTD, N, D, eps, HAS_DELTA: tl.constexpr,
                             BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < N, cols < D
     mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * D + cols[None, :]
-    h = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) + \
-        tl.load(DELTA + offsets, mask=mask, other=0.0).to(tl.float32)
-    h = h.to(H.dtype.element_ty)  # the stream is stored, and normalised, in its own dtype (as x + delta is)
-    tl.store(H + offsets, h, mask=mask)
+    h = tl.load(X + offsets, mask=mask, other=0.0)
+    if HAS_DELTA:
+        h = h.to(tl.float32) + tl.load(DELTA + offsets, mask=mask, other=0.0).to(tl.float32)
+        h = h.to(H.dtype.element_ty)  # the stream is stored, and normalised, in its own dtype (as x + delta is)
+        tl.store(H + offsets, h, mask=mask)
     h = h.to(tl.float32)
     mean = tl.sum(h, 1) / D
     centered = tl.where(mask, h - mean[:, None], 0.0)
@@ -40,7 +43,7 @@ def _add_layer_norm_forward(X, DELTA, W, B, H, Y, MEAN, RSTD, N, D, eps,
 
 
 @triton.jit
-def _add_layer_norm_backward(H, W, MEAN, RSTD, DY, DH_LATER, DX, DDELTA, N, D,
+def _add_layer_norm_backward(H, W, MEAN, RSTD, DY, DH_LATER, DX, DDELTA, N, D, HAS_DELTA: tl.constexpr,
                              HAS_DH_LATER: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -58,7 +61,8 @@ def _add_layer_norm_backward(H, W, MEAN, RSTD, DY, DH_LATER, DX, DDELTA, N, D,
     if HAS_DH_LATER:
         dh += tl.load(DH_LATER + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + offsets, dh.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DDELTA + offsets, dh.to(DDELTA.dtype.element_ty), mask=mask)
+    if HAS_DELTA:
+        tl.store(DDELTA + offsets, dh.to(DDELTA.dtype.element_ty), mask=mask)
 
 
 def _launch(D: int, N: int) -> tuple[dict, tuple]:
@@ -71,19 +75,22 @@ def _launch(D: int, N: int) -> tuple[dict, tuple]:
 
 
 class AddLayerNorm(torch.autograd.Function):
-    """Autograd wrapper: (h, y) from (x, delta); gradients for x and delta (the norm's parameters are frozen)."""
+    """Autograd wrapper: (h, y) from (x, delta); gradients for x and delta (the norm's parameters are frozen).
+    delta None: h is x (a view of it), y its norm."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps, out_dtype):
         D = x.shape[-1]
-        x2, delta2 = x.reshape(-1, D).contiguous(), delta.reshape(-1, D).contiguous()
+        x2 = x.reshape(-1, D).contiguous()
         N = len(x2)
-        h, y = torch.empty_like(x2), torch.empty(N, D, device=x.device, dtype=out_dtype)
+        h = x2 if delta is None else torch.empty_like(x2)
+        y = torch.empty(N, D, device=x.device, dtype=out_dtype)
         mean, rstd = torch.empty(2, N, device=x.device, dtype=torch.float32)
         tiles, grid = _launch(D, N)
-        _add_layer_norm_forward[grid](x2, delta2, weight, bias, h, y, mean, rstd, N, D, eps, **tiles)
+        _add_layer_norm_forward[grid](x2, x2 if delta is None else delta.reshape(-1, D).contiguous(), weight, bias,
+                                      h, y, mean, rstd, N, D, eps, HAS_DELTA=delta is not None, **tiles)
         ctx.save_for_backward(h, weight, mean, rstd)
-        ctx.shape, ctx.delta_dtype = x.shape, delta.dtype
+        ctx.shape, ctx.delta_dtype = x.shape, None if delta is None else delta.dtype
         ctx.set_materialize_grads(False)  # an unused h (after the final norm) then costs no zero-filled gradient
         return h.view(x.shape), y.view(x.shape)
 
@@ -94,11 +101,12 @@ class AddLayerNorm(torch.autograd.Function):
         dy = grad_y.reshape(-1, D).contiguous() if grad_y is not None else torch.zeros_like(h)
         dh_later = grad_h.reshape(-1, D).contiguous() if grad_h is not None else dy  # unread without grad_h
         dx = torch.empty_like(h)
-        ddelta = torch.empty(N, D, device=h.device, dtype=ctx.delta_dtype)
+        has_delta = ctx.delta_dtype is not None
+        ddelta = torch.empty(N, D, device=h.device, dtype=ctx.delta_dtype) if has_delta else None
         tiles, grid = _launch(D, N)
-        _add_layer_norm_backward[grid](h, weight, mean, rstd, dy, dh_later, dx, ddelta, N, D,
-                                       HAS_DH_LATER=grad_h is not None, **tiles)
-        return dx.view(ctx.shape), ddelta.view(ctx.shape), None, None, None, None
+        _add_layer_norm_backward[grid](h, weight, mean, rstd, dy, dh_later, dx, ddelta if has_delta else dx, N, D,
+                                       HAS_DELTA=has_delta, HAS_DH_LATER=grad_h is not None, **tiles)
+        return dx.view(ctx.shape), ddelta.view(ctx.shape) if has_delta else None, None, None, None, None
 
 
 def supports(norm: torch.nn.Module) -> bool:
@@ -107,10 +115,10 @@ def supports(norm: torch.nn.Module) -> bool:
             and not norm.weight.requires_grad and not norm.bias.requires_grad)
 
 
-def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor, norm: torch.nn.LayerNorm,
+def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.LayerNorm,
                           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as add_layer_norm_reference, for a norm whose weight and bias are frozen."""
-    if not supports(norm) or delta.shape != x.shape:
+    if not supports(norm) or (delta is not None and delta.shape != x.shape):
         raise ValueError("add_layer_norm_triton needs x and delta of one shape and a frozen 1-D layer norm with a "
                          "bias (it computes no gradient for the norm's weight and bias)")
     return AddLayerNorm.apply(x, delta, norm.weight, norm.bias, norm.eps, out_dtype)

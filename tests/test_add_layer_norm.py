@@ -67,3 +67,27 @@ def test_refuses_a_trainable_norm():
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="computes no gradient for the norm"):
         add_layer_norm_triton(x, x, norm, torch.float32)
+
+
+@pytest.mark.parametrize("use_h", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_norm_alone(out_dtype, use_h):
+    """Without delta (the first block's norm): h is x, y its norm; x's gradient sums what reaches it through y and
+    through h."""
+    gen = torch.Generator().manual_seed(2)
+    x0 = (3 * torch.randn(45, 96, generator=gen) + 1).to(DEVICE)
+    norm = frozen_norm(96)
+    results = []
+    for fn in (add_layer_norm_triton, add_layer_norm_reference):
+        x = x0.clone().requires_grad_()
+        h, y = fn(x, None, norm, out_dtype)
+        loss = (y.float() * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum()
+        if use_h:
+            loss = loss + (h * torch.linspace(2, 0, h.numel(), device=DEVICE).view_as(h)).sum()
+        assert torch.equal(h.detach(), x0)
+        results.append([y.detach(), *torch.autograd.grad(loss, [x])])
+    (y, dx), (y_ref, dx_ref) = results
+    assert y.dtype == y_ref.dtype == out_dtype
+    bound = 1e-5 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
+    assert (y.float() - y_ref.float()).abs().max() <= bound * y_ref.float().abs().max()
+    assert (dx - dx_ref).abs().max() <= 1e-5 * dx_ref.abs().max()
