@@ -16,13 +16,13 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False, labels=None, seed=0,
-            tiles=None):
+            tiles=None, w_dtype=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=gen).to(dtype)
     w = torch.randn(K, D, generator=gen)
     if near_duplicates:  # classes that differ by a hair: the softmax is nearly flat, then sharp at scale 100
         w = w[:1] + 1e-3 * w
-    w = w.to(dtype)
+    w = w.to(w_dtype or dtype)
     y = (labels if labels is not None else torch.randint(K, (B,), generator=gen)).to(DEVICE)
     x, w = x.to(DEVICE), w.to(DEVICE)
     results = []
@@ -40,7 +40,15 @@ def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False,
     assert (argmax == ref_argmax).float().mean() >= (1.0 if dtype == torch.float32 else 0.97)
     for name, g, r in zip(("x", "w", "scale"), grads, ref_grads):
         assert g.dtype == r.dtype and g.shape == r.shape
-        assert relative(g, r) <= tol, name
+        assert relative(g, r) <= (TOLERANCE[w_dtype] if name == "w" and w_dtype else tol), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, K, D", [(32, 100, 512), (33, 130, 65)])
+def test_fp32_images_and_bf16_text(B, K, D):
+    """Training's mix: cached fp32 features, text features from the bf16 encoder. The kernels read the text in its
+    own dtype and compute in fp32, as the reference does; its gradient comes back in bf16."""
+    compare(B, K, D, torch.float32, w_dtype=torch.bfloat16)
 
 
 @needs_kernel
