@@ -108,18 +108,24 @@ class FastTextEncoder:
         frozen = learner.frozen(tower.token_embedding, classes, positions)  # looked up where the embedding is
         self.frozen = (frozen + self.tower.positional_embedding[positions]).detach()
         self.ctx_rows = (slot >= 0).nonzero()[:, 0]  # rows holding a context vector, and which one
-        self.ctx_index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
+        index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
+        # None where the rows hold the context in its own order (a shared prefix, or CSC with the name after it)
+        self.ctx_index = None if torch.equal(index, torch.arange(len(learner.flat_ctx()), device=device)) else index
         self.eos_rows = P + layout.starts + layout.lengths - 1  # each class's EOS row
         self.block_mask = prefix_class_block_mask(layout) if self.backends.attention == "flex" else None
 
     def _embed(self, ctx: torch.Tensor | None) -> torch.Tensor:
         """Token + positional embeddings of the packed rows, the learned context added where it goes (for R stacked
-        contexts, R copies of the rows, one after another). Only context rows are gathered, so the gradient's
-        scatter has no duplicate targets in the default layout."""
+        contexts, R copies of the rows, one after another). Gathers and scatters are index_select and index_add,
+        whose gradients are each other, not indexing, whose gradient sorts its indices on a GPU."""
         if ctx is None:
-            rows = self.learner.flat_ctx()[self.ctx_index]
+            rows = self.learner.flat_ctx()
+            if self.ctx_index is not None:
+                rows = rows.index_select(0, self.ctx_index)
             return self.frozen.index_add(0, self.ctx_rows, rows.to(self.frozen.dtype))
-        rows = ctx.reshape(len(ctx), -1, ctx.shape[-1])[:, self.ctx_index]
+        rows = ctx.reshape(len(ctx), -1, ctx.shape[-1])
+        if self.ctx_index is not None:
+            rows = rows.index_select(1, self.ctx_index)
         stacked = self.frozen.expand(len(ctx), -1, -1).index_add(1, self.ctx_rows, rows.to(self.frozen.dtype))
         return stacked.flatten(0, 1)
 
@@ -175,7 +181,7 @@ class FastTextEncoder:
             qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
             attn = self._attend_stacked(qkv, runs, block.attn.num_heads)
             if last:  # only each class's EOS row is read after the last block
-                x, attn = x[eos_rows], attn[eos_rows]
+                x, attn = x.index_select(0, eos_rows), attn.index_select(0, eos_rows)
             x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
             next_norm, next_dtype = (self.tower.ln_final, final_dtype) if last else (blocks[i + 1].ln_1, gemm_dtype)
             x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), next_norm, next_dtype)
