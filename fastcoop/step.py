@@ -32,8 +32,8 @@ def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str |
         with torch.autocast(labels.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None, cache_enabled=False):
             text = encode_text()
-        per_run = [cosine_ce(images[run], text[run], logit_scale, labels[run], return_argmax=True,
-                             backend=loss_backend) for run in range(len(text))]
+        per_run = [cosine_ce(images[run], run_text, logit_scale, labels[run], return_argmax=True,
+                             backend=loss_backend) for run, run_text in enumerate(text.unbind())]
         return [loss for loss, _ in per_run], [predicted for _, predicted in per_run]
     return losses
 
@@ -56,6 +56,7 @@ class TrainStep:
         self.momentum, self.weight_decay = momentum, weight_decay
         device = labels.device
         self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.loss_seed = torch.ones((), device=device)  # d(loss)/d(loss), made once rather than at every step
         self.params = [list(learner.trainable().values()) for learner in self.learners]
         self.momentum_buffers = [[torch.zeros_like(p) for p in params] for params in self.params]
         self.loss_sums = torch.zeros(runs, epochs, device=device)  # per run and epoch
@@ -77,7 +78,8 @@ class TrainStep:
         labels = self.labels.gather(1, rows)
         losses, predicted = self.loss(images, labels)
         # the runs' losses together: each reaches only its own run's parameters
-        grads = iter(torch.autograd.grad(losses, [p for params in self.params for p in params]))
+        grads = iter(torch.autograd.grad(losses, [p for params in self.params for p in params],
+                                         grad_outputs=[self.loss_seed] * len(losses)))
         with torch.no_grad():
             for run, params in enumerate(self.params):
                 sgd_update_(params, [next(grads) for _ in params], self.momentum_buffers[run],

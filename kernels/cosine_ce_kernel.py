@@ -280,10 +280,13 @@ class CosineCE(torch.autograd.Function):
         ctx.save_for_backward(x, w, labels, scale, lse)
         ctx.tiles = tiles
         ctx.mark_non_differentiable(argmax)
+        ctx.set_materialize_grads(False)  # argmax gets no gradient: no zero-filled one to pass to backward
         return loss, argmax
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_argmax):
+        if grad_loss is None:
+            return None, None, None, None, None
         x, w, labels, scale, lse = ctx.saved_tensors
         (B, D), K = x.shape, w.shape[0]
         tiles = ctx.tiles
