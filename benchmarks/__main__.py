@@ -20,6 +20,7 @@ from benchmarks.exactness import run_exactness_section
 from benchmarks.full_run import (DATASETS, help_seconds, import_seconds, run_fastcoop_train, save_checkpoint,
                                  schedule)
 from benchmarks.kernel import run_kernel_section
+from benchmarks.launches import device_ops, interpreted_step_device_ops
 from benchmarks.report import write_report
 from benchmarks.sweep import run_sweep_section
 from benchmarks.profile import kernel_profile
@@ -36,14 +37,15 @@ def plan(name: str, device: str) -> dict:
     if name == "headline":
         return {"step": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 1000, 16, False), ("ViT-B-16", 1000, 16, True)],
                 "repeats": 20,
-                "breakdown": ("ViT-B-16", 1000), "datasets": ["caltech101", "eurosat", "imagenet"],
+                "breakdown": ("ViT-B-16", 1000), "device_ops": ("ViT-B-16", 100),
+                "datasets": ["caltech101", "eurosat", "imagenet"],
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
                 "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None)],
                 "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101")}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
-                "breakdown": ("ViT-B-16", 100), "datasets": ["eurosat"],
+                "breakdown": ("ViT-B-16", 100), "device_ops": ("ViT-B-16", 37), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
                 "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)],
@@ -51,6 +53,7 @@ def plan(name: str, device: str) -> dict:
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
+            "device_ops": ("ViT-B-16", 100),
             "datasets": list(DATASETS), "kernel": [(b, k) for b in (32, 1024, 16384, 131072) for k in (100, 1000)],
             "attention": [37, 100, 397, 1000],
             "exactness": grid, "exact_steps": 100,
@@ -86,8 +89,9 @@ def gpu_memory_and_profile(configs, device: str, step_rows: list[dict]) -> tuple
             graph_ms = next((r["median_ms"] for r in step_rows if r["variant"] == "fastcoop_graph" and
                              (r["model"], r["classes"], r["n_ctx"], r["csc"]) == (model_name, k, n_ctx, csc)), None)
             profiles.append({"model": model_name, "classes": k, "n_ctx": n_ctx, "graph_ms": graph_ms,
-                             **kernel_profile(eager)})
-            print(f"  profile {model_name} K={k}: {profiles[-1]['kernels_per_step']:.0f} kernels, "
+                             "device_ops_per_step": sum(device_ops(eager).values()), **kernel_profile(eager)})
+            print(f"  profile {model_name} K={k}: {profiles[-1]['kernels_per_step']:.0f} kernels "
+                  f"({profiles[-1]['device_ops_per_step']} device operations), "
                   f"{profiles[-1]['kernel_ms_per_step']:.3f} ms kernel time per step", flush=True)
         except Exception as exc:  # a measurement failing here must not lose the step section
             print(f"  memory/profile {model_name} K={k}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
@@ -149,6 +153,11 @@ def main():
         if args.device.startswith("cuda"):
             result["training_memory"], result["profile"] = gpu_memory_and_profile(todo["step"], args.device,
                                                                                   result["step"])
+        else:  # the GPU path's operations, counted with its Triton kernels interpreted
+            model, k = todo["device_ops"]
+            result["device_ops"] = [interpreted_step_device_ops(model, k)]
+            print(f"  device operations {model} K={k}: {result['device_ops'][0]['device_ops_per_step']} per "
+                  f"step", flush=True)
         save("step")
     def run_kernel():
         result["kernel"] = run_kernel_section(todo["kernel"], args.device, todo["repeats"])

@@ -25,7 +25,7 @@ autocast on GPU, fp32 on CPU. Each section is stamped with the plan, commit and 
 
 
 GRAPH_VARIANTS = list(STEP_GRAPH_VARIANTS)
-STEP_KEYS = ("step", "training_memory", "profile")  # measured by the step section
+STEP_KEYS = ("step", "training_memory", "profile", "device_ops")  # measured by the step section
 
 
 def fmt(value, digits=1):
@@ -72,11 +72,23 @@ def memory_table(rows: list[dict]) -> list[str]:
 def profile_table(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
-        lines += [f"{r['model']}, K = {r['classes']}, eager step: {r['kernels_per_step']:.0f} kernels, "
+        ops = f" from {r['device_ops_per_step']} device operations" if r.get("device_ops_per_step") else ""
+        lines += [f"{r['model']}, K = {r['classes']}, eager step: {r['kernels_per_step']:.0f} kernels{ops}, "
                   f"{r['kernel_ms_per_step']:.3f} ms of kernel time per step (the graphed step measured "
                   f"{fmt(r.get('graph_ms'), 3)} ms).", "", "| kernel | calls per step | ms per step |",
                   "|" + " --- |" * 3]
         lines += [f"| `{t['kernel']}` | {t['calls_per_step']:g} | {t['ms_per_step']:.4f} |" for t in r["top"]]
+        lines.append("")
+    return lines
+
+
+def device_ops_table(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        lines += [f"{r['model']}, K = {r['classes']}: {r['device_ops_per_step']} device operations per step "
+                  "(PyTorch operators that compute or write, and Triton launches; each is one GPU kernel or more).",
+                  "", "| operation | per step |", "| --- | --- |"]
+        lines += [f"| `{name}` | {count} |" for name, count in r["ops"].items()]
         lines.append("")
     return lines
 
@@ -252,6 +264,8 @@ def write_report(results_dir: Path, readme: Path) -> None:
         for title, key, table in (("Step time", "step", step_table),
                                   ("Memory of a training run", "training_memory", memory_table),
                                   ("Where the step's GPU time goes", "profile", profile_table),
+                                  ("What the GPU step launches, counted on the CPU (its Triton kernels interpreted)",
+                                   "device_ops", device_ops_table),
                                   ("One layer's packed attention (bf16), by implementation", "attention",
                                    attention_table),
                                   ("Full 16-shot runs", "full_run", full_run_table),

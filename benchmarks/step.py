@@ -30,9 +30,11 @@ def random_batch(model, num_classes: int, device: str, batch: int = 32):
     return images, torch.randint(num_classes, (batch,), device=device), features
 
 
-def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, precision=None, graph=True):
+def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, precision=None, graph=True,
+                  backends=None):
     """name → a function running one step; all share one learner and random batch (speed ignores values).
-    precision: the autocast dtype (None: fp32). The published step always runs fp16 autocast on GPU."""
+    precision: the autocast dtype (None: fp32). The published step always runs fp16 autocast on GPU.
+    backends: fastcoop_eager's implementations (default: fastcoop.backends' choice for the device)."""
     model = loaded.model.to(device)
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx, csc=csc).to(device)
     images, labels, features = random_batch(model, len(classnames), device, batch)
@@ -58,7 +60,8 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
 
     variants = {"published": published,
                 "cached_77_tokens": make(lambda: reference_text_features(tower, learner), published_dtype)[1]}
-    step, eager = make(FastTextEncoder(model, learner, resolve(device), weight_dtype=precision), precision)
+    step, eager = make(FastTextEncoder(model, learner, backends or resolve(device), weight_dtype=precision),
+                       precision)
     variants["fastcoop_eager"] = eager
     if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, norms fused or not
         for name, options in GRAPH_VARIANTS.items():

@@ -7,7 +7,12 @@ import torch
 
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.data import read_dataset
-from fastcoop.step import sgd_update_
+from benchmarks.launches import GPU_BACKENDS, device_ops
+from conftest import DEVICE, needs_kernel
+from fastcoop.prompts import PromptLearner
+from fastcoop.step import TrainStep, coop_loss, sgd_update_
+from fastcoop.text_encoder import FastTextEncoder
+from fastcoop.text_tower import TextTower
 from fastcoop.train import TrainConfig, train
 
 
@@ -65,3 +70,26 @@ def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_
         for name, theirs in by_itself.learner.trainable().items():
             torch.testing.assert_close(together.learner.trainable()[name].detach().cpu(), theirs.detach().cpu(),
                                        rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_the_gpu_step_stays_within_its_launch_budget(tiny_vit):
+    """The step as a GPU runs it (Triton kernels, bf16 weights under autocast), its device operations counted
+    (benchmarks/launches.py): 17 per block (4 products and 4 Triton launches forward, 4 products, 4 Triton
+    launches and the activation's backward back), 29 outside the blocks, and none of the operations that cost a
+    GPU extra kernels for nothing: casts (the kernels read and write each dtype), indexing (its gradient sorts),
+    zero-filled or all-ones gradients."""
+    model = copy.deepcopy(tiny_vit.model).to(DEVICE)
+    learner = PromptLearner(model, tiny_vit.tokenizer, ["dog", "sea lion", "kite (bird of prey)"], n_ctx=4).to(DEVICE)
+    encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
+    n = 8
+    features = torch.randn(1, n, model.visual.output_dim, device=DEVICE)
+    labels = torch.arange(n, device=DEVICE)[None] % 3
+    step = TrainStep([learner], coop_loss(lambda: encode()[None], model.logit_scale.exp().detach(), torch.bfloat16),
+                     features, labels, torch.randperm(n, device=DEVICE).view(1, 1, 2, 4),
+                     torch.full((1, 1), 0.002, device=DEVICE), 0.9, 5e-4)
+    step()
+    ops = device_ops(step)
+    blocks = len(TextTower.of(model).blocks)
+    assert sum(ops.values()) <= 17 * blocks + 29, ops
+    assert not set(ops) & {"_to_copy", "index", "index_put", "select_backward", "zeros", "ones_like"}, ops

@@ -1,0 +1,126 @@
+"""What a step asks the device to do, counted from the calls themselves: every PyTorch operator that computes or
+writes (each launches one GPU kernel or more) and every Triton kernel launch. It needs no GPU: on the CPU the
+step's Triton kernels run under TRITON_INTERPRET=1 and the same calls are made in the same order, so the count
+tracks the graphed step's kernel count where torch.profiler cannot run. Views and uninitialised allocations
+launch nothing and are not counted; an operator that launches several kernels on a GPU counts once (the GPU
+profile, benchmarks/profile.py, counts kernels).
+
+    python -m benchmarks.launches --model ViT-B-16 --classes 100   (on the CPU: with TRITON_INTERPRET=1)
+"""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.common import real_classnames
+from fastcoop.backends import Backends
+from fastcoop.models import load_model
+
+# allocations without a fill: no kernel
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
+
+
+def _is_view(func) -> bool:
+    """An operator whose every result aliases an input without writing it (view, select, expand, ...)."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+class _DeviceOps(TorchDispatchMode):
+    def __init__(self, counts: Counter, inside_triton: list):
+        super().__init__()
+        self.counts, self.inside_triton = counts, inside_triton
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside_triton[0] and name not in _ALLOCATIONS and not _is_view(func):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _triton_launches(counts: Counter, inside_triton: list):
+    """Counts each Triton launch (compiled or interpreted) by its kernel's name; what the interpreter does with
+    torch while it runs a kernel is the kernel's own work, not more launches."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # no Triton: nothing of it to count
+        yield
+        return
+    originals = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
+
+    def counted(run):
+        def launch(self, *args, **kwargs):
+            if kwargs.get("warmup"):
+                return run(self, *args, **kwargs)
+            counts[f"triton {self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
+            inside_triton[0] += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                inside_triton[0] -= 1
+        return launch
+    for cls, run in originals.items():
+        cls.run = counted(run)
+    try:
+        yield
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
+
+
+def device_ops(fn) -> Counter:
+    """Operator name → calls made by one call of fn (Triton kernels as 'triton <name>')."""
+    counts, inside_triton = Counter(), [0]
+    with _triton_launches(counts, inside_triton), _DeviceOps(counts, inside_triton):
+        fn()
+    return counts
+
+
+# what a GPU step runs (fastcoop.backends.resolve on a CUDA device, the opt-in MLP kernel aside)
+GPU_BACKENDS = Backends(loss="triton", attention="triton", add_norm="triton", activation="triton")
+
+
+def step_device_ops(model_name: str, classes: int, device: str, n_ctx: int = 16) -> Counter:
+    """The device operations of one eager training step as a GPU runs it (bf16 weights under autocast, the Triton
+    kernels), with real class names; on the CPU the kernels are interpreted (TRITON_INTERPRET=1). The step is
+    called as the GPU profile calls it, after the benchmark's reset of its step counter (one fill)."""
+    from benchmarks.step import step_variants
+
+    torch.manual_seed(0)
+    step = step_variants(load_model(model_name, "none", device), real_classnames(classes), device, n_ctx=n_ctx,
+                         precision=torch.bfloat16, graph=False, backends=GPU_BACKENDS)["fastcoop_eager"]
+    step()  # the first call may do one-off work (casts, compiles)
+    return device_ops(step)
+
+
+def interpreted_step_device_ops(model_name: str, classes: int) -> dict:
+    """step_device_ops on the CPU, in a process of its own: Triton reads TRITON_INTERPRET when it is imported."""
+    command = [sys.executable, "-m", "benchmarks.launches", "--model", model_name, "--classes", str(classes)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TRITON_INTERPRET": "1"},
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Device operations of one GPU-path training step, counted.")
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--classes", type=int, default=100)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    ops = step_device_ops(args.model, args.classes, "cpu")
+    print(json.dumps({"model": args.model, "classes": args.classes, "device_ops_per_step": sum(ops.values()),
+                      "ops": dict(ops.most_common())}))
+
+
+if __name__ == "__main__":
+    main()
