@@ -12,12 +12,15 @@ OUT=${OUT:-/tmp/fastcoop-gpu}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  # what start-up time depends on: the host's CPU, and whether imports find their bytecode cached
+  echo "cpu: $(nproc) × $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  python3 benchmarks/bytecode.py torch torchvision open_clip timm triton
 } | tee "$OUT/gpu.txt"
 flex=tests/test_text_encoder.py::test_flex_attention_fast_path_equals_reference  # each case compiles ~10-35 s
 # most telling first: graph == eager (CoOp and CoCoOp, stacked), the kernels' own matrices, then the whole fast
