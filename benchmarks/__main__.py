@@ -45,7 +45,7 @@ def plan(name: str, device: str) -> dict:
                 "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101")}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
-                "breakdown": ("ViT-B-16", 100), "device_ops": ("ViT-B-16", 37), "datasets": ["eurosat"],
+                "breakdown": ("ViT-B-16", 100), "device_ops": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
                 "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)],
