@@ -93,8 +93,10 @@ def main():
                     DH_LATER="*fp32", DX="*fp32", DDELTA=p, N="i32", D="i32", eps="fp32")
         tiles, _ = add_layer_norm._launch(512, 4096)
         tiles.pop("num_warps")
-        print(compile_for_hopper(add_layer_norm._add_layer_norm_forward, norm, tiles))
-        print(compile_for_hopper(add_layer_norm._add_layer_norm_backward, norm, dict(tiles, HAS_DH_LATER=True)))
+        for has_delta in (True, False):  # without delta: the first block's norm, after the embedding
+            print(compile_for_hopper(add_layer_norm._add_layer_norm_forward, norm, dict(tiles, HAS_DELTA=has_delta)))
+            print(compile_for_hopper(add_layer_norm._add_layer_norm_backward, norm,
+                                     dict(tiles, HAS_DELTA=has_delta, HAS_DH_LATER=True)))
         # the MLP's products with the activation inside: every tile size for bf16, GELU and QuickGELU; fp32 once
         fused_mlp = dict(Y=p, W=p, BIAS=p, H=p, G=p, DOUT=p, DH=p, M="i32", HIDDEN="i32", WIDTH="i32")
         tile_sizes = ((128, 128, 8), (64, 128, 4), (64, 64, 4)) if dtype == "bf16" else ((64, 64, 4),)

@@ -46,8 +46,8 @@ def compare(B, K, D, dtype, scale=14.3, reduction="mean", near_duplicates=False,
 @needs_kernel
 @pytest.mark.parametrize("B, K, D", [(32, 100, 512), (33, 130, 65)])
 def test_fp32_images_and_bf16_text(B, K, D):
-    """Training's mix: cached fp32 features, text features from the bf16 encoder. The kernels read the text in its
-    own dtype and compute in fp32, as the reference does; its gradient comes back in bf16."""
+    """Training's mix: cached fp32 features, text features from the bf16 encoder, computed in fp32 as the
+    reference does; the text's gradient comes back in bf16."""
     compare(B, K, D, torch.float32, w_dtype=torch.bfloat16)
 
 

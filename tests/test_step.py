@@ -76,9 +76,9 @@ def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_
 def test_the_gpu_step_stays_within_its_launch_budget(tiny_vit):
     """The step as a GPU runs it (Triton kernels, bf16 weights under autocast), its device operations counted
     (benchmarks/launches.py): 17 per block (4 products and 4 Triton launches forward, 4 products, 4 Triton
-    launches and the activation's backward back), 29 outside the blocks, and none of the operations that cost a
-    GPU extra kernels for nothing: casts (the kernels read and write each dtype), indexing (its gradient sorts),
-    zero-filled or all-ones gradients."""
+    launches and the activation's backward back), 31 outside the blocks, and none of the operations that cost a
+    GPU extra kernels for nothing: casts but the loss's of the text features (fp32 for the cached features, and
+    the gradient back), indexing (its gradient sorts), zero-filled or all-ones gradients."""
     model = copy.deepcopy(tiny_vit.model).to(DEVICE)
     learner = PromptLearner(model, tiny_vit.tokenizer, ["dog", "sea lion", "kite (bird of prey)"], n_ctx=4).to(DEVICE)
     encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
@@ -91,5 +91,5 @@ def test_the_gpu_step_stays_within_its_launch_budget(tiny_vit):
     step()
     ops = device_ops(step)
     blocks = len(TextTower.of(model).blocks)
-    assert sum(ops.values()) <= 17 * blocks + 29, ops
-    assert not set(ops) & {"_to_copy", "index", "index_put", "select_backward", "zeros", "ones_like"}, ops
+    assert sum(ops.values()) <= 17 * blocks + 31, ops
+    assert ops["_to_copy"] <= 2 and not set(ops) & {"index", "index_put", "select_backward", "zeros", "ones_like"}, ops
