@@ -46,9 +46,11 @@ class TextTower:
                 block.attn.to(matrix_dtype)  # the packed q/k/v projection and the output projection
                 block.mlp.to(matrix_dtype)
         blocks.to(device)
-        projection = copy.deepcopy(self.text_projection)
-        if projection is not None:
-            projection = projection.to(device, matrix_dtype)
+        projection = self.text_projection
+        if isinstance(projection, torch.nn.Module):
+            projection = copy.deepcopy(projection).to(device, matrix_dtype)
+        elif projection is not None:
+            projection = projection.detach().to(device, matrix_dtype)
         return TextTower(None, self.positional_embedding.detach().to(device), blocks,
                          copy.deepcopy(self.ln_final).to(device), projection,
                          None if self.attn_mask is None else self.attn_mask.to(device), self.pool_type, self.eos_id)

@@ -193,7 +193,9 @@ def test_tower_copy_holds_only_what_runs_with_matrices_in_the_asked_dtype(tiny_v
     assert block.attn.in_proj_weight.dtype == block.mlp.c_fc.weight.dtype == torch.bfloat16
     assert block.ln_1.weight.dtype == copy.ln_final.weight.dtype == torch.float32  # norms stay as autocast runs them
     assert torch.equal(block.mlp.c_proj.weight, original.mlp.c_proj.weight.to(torch.bfloat16))
-    assert original.attn.in_proj_weight.dtype == torch.float32  # the model is untouched
+    assert torch.equal(copy.text_projection, tower.text_projection.to(torch.bfloat16))
+    assert not copy.text_projection.requires_grad  # a constant, not a cast autograd would trace back
+    assert original.attn.in_proj_weight.dtype == tower.text_projection.dtype == torch.float32  # model untouched
 
 
 @pytest.mark.parametrize("csc, position", [(False, "end"), (False, "middle"), (True, "front")])
