@@ -47,22 +47,22 @@ class _DeviceOps(TorchDispatchMode):
 
 
 @contextmanager
-def _triton_launches(counts: Counter, inside_triton: list):
-    """Counts each Triton launch (compiled or interpreted) by its kernel's name; what the interpreter does with
-    torch while it runs a kernel is the kernel's own work, not more launches."""
+def _triton_launches(on_launch, inside_triton: list):
+    """Calls on_launch(kernel, args, kwargs) at each Triton launch (compiled or interpreted); what the interpreter
+    does with torch while it runs a kernel is the kernel's own work, not more launches."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
-    except ImportError:  # no Triton: nothing of it to count
+    except ImportError:  # no Triton: nothing of it to see
         yield
         return
     originals = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
 
-    def counted(run):
+    def seen(run):
         def launch(self, *args, **kwargs):
             if kwargs.get("warmup"):
                 return run(self, *args, **kwargs)
-            counts[f"triton {self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
+            on_launch(self, args, kwargs)
             inside_triton[0] += 1
             try:
                 return run(self, *args, **kwargs)
@@ -70,7 +70,7 @@ def _triton_launches(counts: Counter, inside_triton: list):
                 inside_triton[0] -= 1
         return launch
     for cls, run in originals.items():
-        cls.run = counted(run)
+        cls.run = seen(run)
     try:
         yield
     finally:
@@ -81,9 +81,36 @@ def _triton_launches(counts: Counter, inside_triton: list):
 def device_ops(fn) -> Counter:
     """Operator name → calls made by one call of fn (Triton kernels as 'triton <name>')."""
     counts, inside_triton = Counter(), [0]
-    with _triton_launches(counts, inside_triton), _DeviceOps(counts, inside_triton):
+
+    def count(kernel, args, kwargs):
+        counts[f"triton {kernel.fn.__name__}"] += 1
+    with _triton_launches(count, inside_triton), _DeviceOps(counts, inside_triton):
         fn()
     return counts
+
+
+def triton_variants(fn) -> set:
+    """The compiled kernels fn's Triton launches need on a Hopper GPU: each launch's key in Triton's kernel cache
+    (the kernel, its arguments' types and specialisations, its options), computed without a GPU and whether or not
+    the launch is interpreted. Pointers' alignment is left out: the GPU's allocator aligns every tensor to more
+    than the 16 bytes Triton specialises on, the CPU's need not."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend, binders, variants = make_backend(GPUTarget("cuda", 90, 32)), {}, set()
+
+    def key(kernel, args, kwargs):
+        if kernel.fn not in binders:  # an interpreted kernel keeps what triton.jit was given: compile it so
+            jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+            binders[kernel.fn] = create_function_from_signature(jit.signature, jit.params, backend)
+        launch_options = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        _, specialization, options = binders[kernel.fn](*args, **launch_options)
+        kinds = tuple(s[:1] if str(s[0]).startswith("*") else s for s in specialization)
+        variants.add((kernel.fn.__name__, kinds, str(options)))
+    with _triton_launches(key, [0]):
+        fn()
+    return variants
 
 
 # what a GPU step runs (fastcoop.backends.resolve on a CUDA device, the opt-in MLP kernel aside)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _add_layer_norm_forward(X, DELTA, W, B, H, Y, MEAN, RSTD, N, D, eps, HAS_DELTA: tl.constexpr,
                             BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -42,7 +42,7 @@ def _add_layer_norm_forward(X, DELTA, W, B, H, Y, MEAN, RSTD, N, D, eps, HAS_DEL
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _add_layer_norm_backward(H, W, MEAN, RSTD, DY, DH_LATER, DX, DDELTA, N, D, HAS_DELTA: tl.constexpr,
                              HAS_DH_LATER: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)

@@ -49,7 +49,7 @@ def _cos_tile(X, W, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
     return acc * rx[:, None] * rw[None, :], rx, rw
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K", "COLS_PER_SPLIT"])
 def _cosine_ce_forward(X, W, Y, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, B, K, D, COLS_PER_SPLIT,
                        stride_x, stride_w, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -87,7 +87,7 @@ def _cosine_ce_forward(X, W, Y, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_P
     tl.store(INDEX_PART + part, best_index, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "SPLITS"])
 def _cosine_ce_forward_combine(LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, LOSS, LSE, ARGMAX, B, SPLITS,
                                BLOCK: tl.constexpr):
     """Each row's loss, log-sum-exp and argmax from its splits' partials (splits in class order)."""
@@ -137,7 +137,7 @@ def _row_stats(Y, G, LSE, rows, row_ok):
     return y, g, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K", "COLS_PER_SPLIT"])
 def _cosine_ce_grad_x(X, W, Y, SCALE, LSE, G, DX_PART, DSCALE_PART, B, K, D, COLS_PER_SPLIT, stride_x, stride_w,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -173,7 +173,7 @@ def _cosine_ce_grad_x(X, W, Y, SCALE, LSE, G, DX_PART, DSCALE_PART, B, K, D, COL
         tl.store(DSCALE_PART + part, dscale, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K", "ROWS_PER_SPLIT"])
 def _cosine_ce_grad_w(X, W, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):

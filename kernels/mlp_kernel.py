@@ -37,7 +37,7 @@ def _product(A, B, rows, cols, M, N, K, stride_bk, stride_bn, BLOCK_M: tl.conste
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _linear_activation_forward(Y, W, BIAS, H, G, M, HIDDEN, WIDTH, HAS_BIAS: tl.constexpr, QUICK: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -56,7 +56,7 @@ def _linear_activation_forward(Y, W, BIAS, H, G, M, HIDDEN, WIDTH, HAS_BIAS: tl.
     tl.store(G + out, g.to(G.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _activation_input_grad(DOUT, W, H, DH, M, HIDDEN, WIDTH, QUICK: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                            UPCAST: tl.constexpr):

@@ -16,7 +16,7 @@ from fastcoop.kernels.triton_common import activation, activation_derivative
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _quick_gelu_forward(X, Y, N, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < N
@@ -24,7 +24,7 @@ def _quick_gelu_forward(X, Y, N, BLOCK: tl.constexpr):
     tl.store(Y + offsets, activation(x, QUICK=True).to(Y.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _quick_gelu_backward(X, DY, DX, N, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < N

@@ -1,5 +1,10 @@
 """What the Triton kernels share: whether they run interpreted, a dot product that stays right when they do and
-its precision by dtype, the MLP activations, and how many programs fill the device."""
+its precision by dtype, the MLP activations, and how many programs fill the device.
+
+Every kernel leaves its size arguments that follow the data (rows, classes, segments, splits) out of Triton's
+specialisation (`do_not_specialize`): Triton would otherwise compile a variant for each size that is 1 or a
+multiple of 16, so a dataset of another size could miss a warm kernel cache. Feature widths and strides, fixed by
+the model, stay specialised (their multiples of 16 give vectorised loads)."""
 
 import os
 

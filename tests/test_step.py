@@ -7,7 +7,8 @@ import torch
 
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.data import read_dataset
-from benchmarks.launches import GPU_BACKENDS, device_ops
+from benchmarks.common import real_classnames
+from benchmarks.launches import GPU_BACKENDS, device_ops, triton_variants
 from conftest import DEVICE, needs_kernel
 from fastcoop.prompts import PromptLearner
 from fastcoop.step import TrainStep, coop_loss, sgd_update_
@@ -72,24 +73,39 @@ def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_
                                        rtol=1e-5, atol=1e-6)
 
 
+def gpu_step(tiny_vit, classnames, images: int = 8) -> TrainStep:
+    """A training step as a GPU runs it (Triton kernels, bf16 weights under autocast), on the tiny ViT."""
+    model = copy.deepcopy(tiny_vit.model).to(DEVICE)
+    learner = PromptLearner(model, tiny_vit.tokenizer, classnames, n_ctx=4).to(DEVICE)
+    encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
+    features = torch.randn(1, images, model.visual.output_dim, device=DEVICE)
+    labels = torch.arange(images, device=DEVICE)[None] % len(classnames)
+    return TrainStep([learner], coop_loss(lambda: encode()[None], model.logit_scale.exp().detach(), torch.bfloat16),
+                     features, labels, torch.randperm(images, device=DEVICE).view(1, 1, 2, images // 2),
+                     torch.full((1, 1), 0.002, device=DEVICE), 0.9, 5e-4)
+
+
 @needs_kernel
 def test_the_gpu_step_stays_within_its_launch_budget(tiny_vit):
-    """The step as a GPU runs it (Triton kernels, bf16 weights under autocast), its device operations counted
-    (benchmarks/launches.py): 17 per block (4 products and 4 Triton launches forward, 4 products, 4 Triton
-    launches and the activation's backward back), 31 outside the blocks, and none of the operations that cost a
-    GPU extra kernels for nothing: casts but the loss's of the text features (fp32 for the cached features, and
-    the gradient back), indexing (its gradient sorts), zero-filled or all-ones gradients."""
-    model = copy.deepcopy(tiny_vit.model).to(DEVICE)
-    learner = PromptLearner(model, tiny_vit.tokenizer, ["dog", "sea lion", "kite (bird of prey)"], n_ctx=4).to(DEVICE)
-    encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
-    n = 8
-    features = torch.randn(1, n, model.visual.output_dim, device=DEVICE)
-    labels = torch.arange(n, device=DEVICE)[None] % 3
-    step = TrainStep([learner], coop_loss(lambda: encode()[None], model.logit_scale.exp().detach(), torch.bfloat16),
-                     features, labels, torch.randperm(n, device=DEVICE).view(1, 1, 2, 4),
-                     torch.full((1, 1), 0.002, device=DEVICE), 0.9, 5e-4)
+    """The step's device operations counted (benchmarks/launches.py): 17 per block (4 products and 4 Triton
+    launches forward, 4 products, 4 Triton launches and the activation's backward back), 31 outside the blocks,
+    and none of the operations that cost a GPU extra kernels for nothing: casts but the loss's of the text
+    features (fp32 for the cached features, and the gradient back), indexing (its gradient sorts), zero-filled or
+    all-ones gradients."""
+    step = gpu_step(tiny_vit, ["dog", "sea lion", "kite (bird of prey)"])
     step()
     ops = device_ops(step)
-    blocks = len(TextTower.of(model).blocks)
+    blocks = len(TextTower.of(tiny_vit.model).blocks)
     assert sum(ops.values()) <= 17 * blocks + 31, ops
     assert ops["_to_copy"] <= 2 and not set(ops) & {"index", "index_put", "select_backward", "zeros", "ones_like"}, ops
+
+
+@needs_kernel
+def test_one_set_of_triton_kernels_serves_every_dataset_size(tiny_vit):
+    """A warm kernel cache serves a dataset of any size: the step's Triton launches need the same compiled
+    variants whatever the number of classes, packed rows, attention segments and loss splits (Triton would
+    specialise on sizes that are 1 or multiples of 16; here 17 classes take one loss split, 40 and 100 more).
+    What may differ is chosen, not specialised: the attention's tile height follows how the rows pack (64 once
+    a dataset has more than a handful of classes)."""
+    variants = [triton_variants(gpu_step(tiny_vit, real_classnames(classes))) for classes in (17, 40, 100)]
+    assert variants[0] == variants[1] == variants[2]
