@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch.optim.sgd import sgd
 
-from fastcoop.kernels import cosine_ce
+from fastcoop.kernels import compiling_in_parallel, cosine_ce
 
 
 def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
@@ -127,13 +127,17 @@ def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGra
 
 
 class CudaGraphStep:
-    """Captures a TrainStep once (after warm-up, then undone) and replays it."""
+    """Captures a TrainStep once (after its kernels are compiled side by side and a warm-up, then undone) and
+    replays it."""
 
     def __init__(self, step: TrainStep, warmup: int = 3):
         self.step = step
         saved = [t.clone() for t in step.state()]
         first_step = step.step.clone()
-        try:  # every warm-up run and the capture start at the same batch
+        try:
+            with compiling_in_parallel(step.labels.device):  # the step's launches only compile, in parallel
+                step()
+            # every warm-up run and the capture start at the same batch
             self.graph = capture_graph(step, warmup, reset=lambda: step.step.copy_(first_step))
         finally:  # capture records without running; undo the warm-up steps (also when capture fails)
             for tensor, value in zip(step.state(), saved):

@@ -9,19 +9,20 @@ add layer norm: a block's residual add and the layer norm after it (add_layer_no
 add_layer_norm_reference.py), and QuickGELU (quick_gelu_kernel.py; reference: open_clip's module), used by
 FastTextEncoder on GPU. mlp_kernel.py: a text block's MLP with its activation inside the matrix products
 (reference: open_clip's module), FastTextEncoder's fused_mlp option.
-Only the dispatcher (and hash_triton_in_background, for a process's first launch) is exported here; import the
-rest from its module.
+Only the dispatcher, and for a process's first launches hash_triton_in_background and compiling_in_parallel, are
+exported here; import the rest from its module.
 """
 
+import contextlib
 import threading
 
 from fastcoop.kernels import cosine_ce_reference as reference
 
 try:
     from fastcoop.kernels import cosine_ce_kernel as kernel
-    from fastcoop.kernels.triton_common import INTERPRET
-except ImportError:  # no Triton on this platform
-    kernel, INTERPRET = None, False
+    from fastcoop.kernels.triton_common import INTERPRET, compiling_in_parallel
+except ImportError:  # no Triton on this platform: nothing to compile
+    kernel, INTERPRET, compiling_in_parallel = None, False, lambda device: contextlib.nullcontext()
 TRITON = kernel is not None  # the kernels import (fastcoop.backends decides where they run)
 
 
@@ -58,4 +59,4 @@ def hash_triton_in_background(device: str) -> threading.Thread | None:
     return thread
 
 
-__all__ = ["INTERPRET", "TRITON", "cosine_ce", "hash_triton_in_background"]
+__all__ = ["INTERPRET", "TRITON", "compiling_in_parallel", "cosine_ce", "hash_triton_in_background"]

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcoop.kernels.triton_common import launch_kernel
+
 
 @triton.jit(do_not_specialize=["N"])
 def _add_layer_norm_forward(X, DELTA, W, B, H, Y, MEAN, RSTD, N, D, eps, HAS_DELTA: tl.constexpr,
@@ -87,8 +89,8 @@ class AddLayerNorm(torch.autograd.Function):
         y = torch.empty(N, D, device=x.device, dtype=out_dtype)
         mean, rstd = torch.empty(2, N, device=x.device, dtype=torch.float32)
         tiles, grid = _launch(D, N)
-        _add_layer_norm_forward[grid](x2, x2 if delta is None else delta.reshape(-1, D).contiguous(), weight, bias,
-                                      h, y, mean, rstd, N, D, eps, HAS_DELTA=delta is not None, **tiles)
+        launch_kernel(_add_layer_norm_forward, grid, x2, x2 if delta is None else delta.reshape(-1, D).contiguous(),
+                      weight, bias, h, y, mean, rstd, N, D, eps, HAS_DELTA=delta is not None, **tiles)
         ctx.save_for_backward(h, weight, mean, rstd)
         ctx.shape, ctx.delta_dtype = x.shape, None if delta is None else delta.dtype
         ctx.set_materialize_grads(False)  # an unused h (after the final norm) then costs no zero-filled gradient
@@ -104,8 +106,8 @@ class AddLayerNorm(torch.autograd.Function):
         has_delta = ctx.delta_dtype is not None
         ddelta = torch.empty(N, D, device=h.device, dtype=ctx.delta_dtype) if has_delta else None
         tiles, grid = _launch(D, N)
-        _add_layer_norm_backward[grid](h, weight, mean, rstd, dy, dh_later, dx, ddelta if has_delta else dx, N, D,
-                                       HAS_DELTA=has_delta, HAS_DH_LATER=grad_h is not None, **tiles)
+        launch_kernel(_add_layer_norm_backward, grid, h, weight, mean, rstd, dy, dh_later, dx,
+                      ddelta if has_delta else dx, N, D, HAS_DELTA=has_delta, HAS_DH_LATER=grad_h is not None, **tiles)
         return dx.view(ctx.shape), ddelta.view(ctx.shape) if has_delta else None, None, None, None, None
 
 

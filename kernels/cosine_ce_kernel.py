@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import INTERPRET, dot_precision, mma, multiprocessors, target_programs
+from fastcoop.kernels.triton_common import (INTERPRET, dot_precision, launch_kernel, mma, multiprocessors,
+                                            target_programs)
 
 
 @triton.jit
@@ -268,13 +269,15 @@ class CosineCE(torch.autograd.Function):
         splits = triton.cdiv(K, cols_per_split)
         lse_part, target_part, best_part = torch.empty(3, splits, B, device=x.device, dtype=torch.float32)
         index_part = torch.empty(splits, B, device=x.device, dtype=torch.int64)
-        _cosine_ce_forward[(row_blocks, splits)](
+        launch_kernel(
+            _cosine_ce_forward, (row_blocks, splits),
             x, w, labels, scale, lse_part, target_part, best_part, index_part, B, K, D, cols_per_split,
             x.stride(0), w.stride(0), BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features,
             PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.forward_warps)
         loss, lse = torch.empty(2, B, device=x.device, dtype=torch.float32)
         argmax = torch.empty(B, device=x.device, dtype=torch.int64)
-        _cosine_ce_forward_combine[(triton.cdiv(B, BLOCK_COMBINE),)](
+        launch_kernel(
+            _cosine_ce_forward_combine, (triton.cdiv(B, BLOCK_COMBINE),),
             lse_part, target_part, best_part, index_part, loss, lse, argmax, B, splits, BLOCK=BLOCK_COMBINE)
         ctx.save_for_backward(x, w, labels, scale, lse)
         ctx.tiles = tiles
@@ -301,7 +304,8 @@ class CosineCE(torch.autograd.Function):
             splits = triton.cdiv(K, cols_per_split)
             parts = _partials(splits, B, D, x.dtype, x.device)
             dscale_parts = torch.empty(splits, B, device=x.device, dtype=torch.float32)
-            _cosine_ce_grad_x[(row_blocks, chunks, splits)](
+            launch_kernel(
+                _cosine_ce_grad_x, (row_blocks, chunks, splits),
                 *args, parts, dscale_parts, B, K, D, cols_per_split, x.stride(0), w.stride(0), **blocks)
             dx = _total(parts, x.dtype)
             dscale = dscale_parts.sum().reshape(()) if ctx.needs_input_grad[2] else None
@@ -310,7 +314,8 @@ class CosineCE(torch.autograd.Function):
             rows_per_split = _per_split(B, tiles.rows, class_blocks * chunks, x.device)
             splits = triton.cdiv(B, rows_per_split)
             parts = _partials(splits, K, D, w.dtype, x.device)
-            _cosine_ce_grad_w[(class_blocks, chunks, splits)](
+            launch_kernel(
+                _cosine_ce_grad_w, (class_blocks, chunks, splits),
                 *args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0), **blocks)
             dw = _total(parts, w.dtype)
         return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None, None

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from open_clip.transformer import QuickGELU
 
-from fastcoop.kernels.triton_common import (INTERPRET, activation, activation_derivative, dot_precision, mma,
-                                            multiprocessors)
+from fastcoop.kernels.triton_common import (INTERPRET, activation, activation_derivative, dot_precision,
+                                            launch_kernel, mma, multiprocessors)
 
 
 @triton.jit
@@ -90,8 +90,8 @@ class FusedMLP(torch.autograd.Function):
         g = torch.empty_like(h)
         tiles = _tiles(M, N, y.device)
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
-        _linear_activation_forward[grid](y, w1, b1 if b1 is not None else y, h, g, M, N, K, HAS_BIAS=b1 is not None,
-                                         QUICK=quick, PRECISION=dot_precision(y.dtype), UPCAST=INTERPRET, **tiles)
+        launch_kernel(_linear_activation_forward, grid, y, w1, b1 if b1 is not None else y, h, g, M, N, K,
+                      HAS_BIAS=b1 is not None, QUICK=quick, PRECISION=dot_precision(y.dtype), UPCAST=INTERPRET, **tiles)
         ctx.save_for_backward(h, w1, w2)
         ctx.quick = quick
         return F.linear(g, w2, b2)
@@ -103,8 +103,8 @@ class FusedMLP(torch.autograd.Function):
         dh = torch.empty_like(h)
         tiles = _tiles(M, N, h.device)
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
-        _activation_input_grad[grid](grad_out.to(h.dtype).contiguous(), w2, h, dh, M, N, K, QUICK=ctx.quick,
-                                     PRECISION=dot_precision(h.dtype), UPCAST=INTERPRET, **tiles)
+        launch_kernel(_activation_input_grad, grid, grad_out.to(h.dtype).contiguous(), w2, h, dh, M, N, K,
+                      QUICK=ctx.quick, PRECISION=dot_precision(h.dtype), UPCAST=INTERPRET, **tiles)
         return dh @ w1, None, None, None, None, None
 
 

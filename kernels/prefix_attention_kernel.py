@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import INTERPRET, dot_precision, mma, target_programs
+from fastcoop.kernels.triton_common import INTERPRET, dot_precision, launch_kernel, mma, target_programs
 from fastcoop.kernels.prefix_attention_reference import PackedLayout
 
 
@@ -180,7 +180,8 @@ def add_prefix_partials_(dqkv: torch.Tensor, parts: torch.Tensor) -> None:
     """dqkv[:P, 1:] += parts.sum(1).transpose(0, 1) (parts: 2 × groups × P × H × dh, fp32) in one launch
     instead of PyTorch's two."""
     _, groups, P, H, dh = parts.shape
-    _add_prefix_partials[(triton.cdiv(P * H * dh, BLOCK_PARTIALS), 2)](
+    launch_kernel(
+        _add_prefix_partials, (triton.cdiv(P * H * dh, BLOCK_PARTIALS), 2),
         parts, dqkv, groups, P * H * dh, H, dh, dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), BLOCK_G=16,
         BLOCK=BLOCK_PARTIALS)
 
@@ -224,7 +225,8 @@ class PackedAttention(torch.autograd.Function):
         tiles = dict(BLOCK_P=_tile(layout.prefix_len), BLOCK_DH=_tile(dh), PACKED=layout.pack_rows is not None,
                      PRECISION=dot_precision(qkv.dtype), UPCAST=INTERPRET, num_warps=num_warps)
         for launch in _launches(layout, group, separate_prefix):
-            _attention_forward[_grid(launch, H)](
+            launch_kernel(
+                _attention_forward, _grid(launch, H),
                 qkv, out, lse, layout.segment_starts, layout.segment_lengths, layout.first_row,
                 P=layout.prefix_len, H=H, sm_scale=1.0 / math.sqrt(dh), stride_t=qkv.stride(0),
                 stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch, **tiles)
@@ -242,7 +244,8 @@ class PackedAttention(torch.autograd.Function):
         groups = _grid(launches[-1], H)[0]  # the launch that holds the classes sends the prefix its gradients
         parts = torch.empty(2, groups, max(P, 1), H, dh, device=qkv.device, dtype=torch.float32)
         for launch in launches:
-            _attention_backward[_grid(launch, H)](
+            launch_kernel(
+                _attention_backward, _grid(launch, H),
                 qkv, out, grad_out.contiguous(), lse, dqkv, parts[0], parts[1], layout.segment_starts,
                 layout.segment_lengths, layout.first_row, P=P, H=H, sm_scale=1.0 / math.sqrt(dh),
                 stride_t=qkv.stride(0), stride_part=qkv.stride(1), stride_h=qkv.stride(2), DH=dh, **launch,

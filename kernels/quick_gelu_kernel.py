@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcoop.kernels.triton_common import activation, activation_derivative
+from fastcoop.kernels.triton_common import activation, activation_derivative, launch_kernel
 
 BLOCK = 1024
 
@@ -38,7 +38,7 @@ class QuickGELUFunction(torch.autograd.Function):
     def forward(ctx, x):
         x = x.contiguous()
         y = torch.empty_like(x)
-        _quick_gelu_forward[(triton.cdiv(x.numel(), BLOCK),)](x, y, x.numel(), BLOCK=BLOCK)
+        launch_kernel(_quick_gelu_forward, (triton.cdiv(x.numel(), BLOCK),), x, y, x.numel(), BLOCK=BLOCK)
         ctx.save_for_backward(x)
         return y
 
@@ -46,7 +46,8 @@ class QuickGELUFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, = ctx.saved_tensors
         dx = torch.empty_like(x)
-        _quick_gelu_backward[(triton.cdiv(x.numel(), BLOCK),)](x, grad_y.contiguous(), dx, x.numel(), BLOCK=BLOCK)
+        launch_kernel(_quick_gelu_backward, (triton.cdiv(x.numel(), BLOCK),), x, grad_y.contiguous(), dx, x.numel(),
+                      BLOCK=BLOCK)
         return dx
 
 

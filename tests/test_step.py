@@ -109,3 +109,33 @@ def test_one_set_of_triton_kernels_serves_every_dataset_size(tiny_vit):
     a dataset has more than a handful of classes)."""
     variants = [triton_variants(gpu_step(tiny_vit, real_classnames(classes))) for classes in (17, 40, 100)]
     assert variants[0] == variants[1] == variants[2]
+
+
+@needs_kernel
+def test_compiling_in_parallel_asks_for_every_kernel_and_runs_none(tiny_vit, monkeypatch):
+    """What CudaGraphStep does before capture: the step once more with each Triton launch turned into a compile
+    (in a pool of threads on a GPU; the interpreter has nothing to compile). Every launch the step makes is asked
+    for, none runs, and the PyTorch operators between them run as usual."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from fastcoop.kernels import compiling_in_parallel
+
+    step = gpu_step(tiny_vit, real_classnames(17))
+    asked = []
+    for cls in (InterpretedFunction, JITFunction):  # a compile is a launch with warmup=True
+        def run(self, *args, grid, warmup, _run=cls.run, **options):
+            if warmup:
+                asked.append(self.fn.__name__)
+            return _run(self, *args, grid=grid, warmup=warmup, **options)
+        monkeypatch.setattr(cls, "run", run)
+    saved = [t.clone() for t in step.state()]
+    with compiling_in_parallel(torch.device(DEVICE)):
+        inside = device_ops(step)
+    for tensor, value in zip(step.state(), saved):  # what it computed from unwritten outputs, undone
+        tensor.copy_(value)
+    outside = device_ops(step)
+    launched = {name: n for name, n in outside.items() if name.startswith("triton ")}
+    assert launched and not any(name.startswith("triton ") for name in inside)
+    assert sorted(asked) == sorted(name.removeprefix("triton ") for name, n in launched.items() for _ in range(n))
+    assert {n: c for n, c in inside.items()} == {n: c for n, c in outside.items() if not n.startswith("triton ")}
