@@ -101,7 +101,7 @@ def triton_variants(fn) -> set:
     backend, binders, variants = make_backend(GPUTarget("cuda", 90, 32)), {}, set()
 
     def key(kernel, args, kwargs):
-        if kernel.fn not in binders:  # an interpreted kernel keeps what triton.jit was given: compile it so
+        if kernel.fn not in binders:  # an interpreted kernel keeps triton.jit's arguments: the GPU's kernel from them
             jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
             binders[kernel.fn] = create_function_from_signature(jit.signature, jit.params, backend)
         launch_options = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
