@@ -77,8 +77,9 @@ def compiling_in_parallel(device: torch.device):
     """Inside, each kernel launch starts compiling its kernel in a pool of threads (Triton's AsyncCompileMode)
     instead of running it; leaving waits until every kernel is compiled and cached. Triton compiles a kernel at its
     first launch, one after another; its compiler releases the GIL, so threads compile side by side. What runs
-    inside reads kernel outputs never written: run it for its launches alone, on state the caller restores. The interpreter has nothing to compile (nothing runs
-    either); without AsyncCompileMode (Triton < 3.4) launches run as usual."""
+    inside reads kernel outputs never written: run it for its launches alone, on state the caller restores. The
+    interpreter has nothing to compile (nothing runs either); without AsyncCompileMode (Triton < 3.4) launches run
+    as usual."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:
