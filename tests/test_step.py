@@ -5,11 +5,11 @@ import warnings
 import pytest
 import torch
 
-from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.data import read_dataset
 from benchmarks.common import real_classnames
 from benchmarks.launches import GPU_BACKENDS, device_ops, triton_variants
 from conftest import DEVICE, needs_kernel
+from fastcoop.cache import FeatureCache, extract_features
+from fastcoop.data import read_dataset
 from fastcoop.prompts import PromptLearner
 from fastcoop.step import TrainStep, coop_loss, sgd_update_
 from fastcoop.text_encoder import FastTextEncoder
@@ -138,4 +138,4 @@ def test_compiling_in_parallel_asks_for_every_kernel_and_runs_none(tiny_vit, mon
     launched = {name: n for name, n in outside.items() if name.startswith("triton ")}
     assert launched and not any(name.startswith("triton ") for name in inside)
     assert sorted(asked) == sorted(name.removeprefix("triton ") for name, n in launched.items() for _ in range(n))
-    assert {n: c for n, c in inside.items()} == {n: c for n, c in outside.items() if not n.startswith("triton ")}
+    assert dict(inside) == {name: n for name, n in outside.items() if not name.startswith("triton ")}
