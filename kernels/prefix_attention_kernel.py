@@ -73,7 +73,7 @@ def _scores(q, ks, kp, i, n, class_first, j, visible, sm_scale, HAS_PREFIX: tl.c
     return s_self, s_pre
 
 
-@triton.jit(do_not_specialize=["FIRST", "END", "GROUP"])
+@triton.jit(do_not_specialize=["FIRST", "END", "GROUP", "H"])
 def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROUP, P, H, sm_scale, stride_t,
                        stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr, PACKED: tl.constexpr, BLOCK_S: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -106,7 +106,7 @@ def _attention_forward(QKV, O, LSE, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROU
         tl.store(LSE + rows * H + h, m + tl.log(total), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["FIRST", "END", "GROUP"])
+@triton.jit(do_not_specialize=["FIRST", "END", "GROUP", "H"])
 def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGTHS, FIRST_ROW, FIRST, END, GROUP,
                         P, H, sm_scale, stride_t, stride_part, stride_h, DH, HAS_PREFIX: tl.constexpr,
                         PACKED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DH: tl.constexpr,
@@ -153,7 +153,7 @@ def _attention_backward(QKV, O, DO, LSE, DQKV, DKP_PART, DVP_PART, STARTS, LENGT
         tl.store(DVP_PART + part, dvp, mask=(j < P)[:, None] & d_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["GROUPS"])
+@triton.jit(do_not_specialize=["GROUPS", "H"])
 def _add_prefix_partials(PARTS, DQKV, GROUPS, PHD, H, DH, stride_t, stride_part, stride_h, BLOCK_G: tl.constexpr,
                          BLOCK: tl.constexpr):
     """The prefix rows' key (program_id(1) = 0) or value (1) gradients += the sum over the class groups'

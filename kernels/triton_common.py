@@ -2,8 +2,8 @@
 its precision by dtype, the MLP activations, how many programs fill the device, and how they are launched
 (launch_kernel: run, or compiled side by side inside compiling_in_parallel).
 
-Every kernel leaves its size arguments that follow the data (rows, classes, segments, splits) out of Triton's
-specialisation (`do_not_specialize`): Triton would otherwise compile a variant for each size that is 1 or a
+Every kernel leaves its size arguments that follow the data (rows, classes, segments, splits, and heads, which
+stacked runs multiply) out of Triton's specialisation (`do_not_specialize`): Triton would otherwise compile a variant for each size that is 1 or a
 multiple of 16, so a dataset of another size could miss a warm kernel cache. Feature widths and strides, fixed by
 the model, stay specialised (their multiples of 16 give vectorised loads)."""
 

@@ -139,3 +139,19 @@ def test_compiling_in_parallel_asks_for_every_kernel_and_runs_none(tiny_vit, mon
     assert launched and not any(name.startswith("triton ") for name in inside)
     assert sorted(asked) == sorted(name.removeprefix("triton ") for name, n in launched.items() for _ in range(n))
     assert dict(inside) == {name: n for name, n in outside.items() if not name.startswith("triton ")}
+
+
+@needs_kernel
+def test_stacked_runs_need_no_kernels_of_their_own(tiny_vit):
+    """Runs stacked in one step (a sweep's seeds) are more heads of the same attention launches: 8 runs of the tiny
+    ViT's 2 heads make 16, a multiple of 16 that Triton would specialise on."""
+    model = copy.deepcopy(tiny_vit.model).to(DEVICE)
+    learner = PromptLearner(model, tiny_vit.tokenizer, real_classnames(17), n_ctx=4).to(DEVICE)
+    encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
+
+    def forward_backward(runs: int):
+        contexts = learner.ctx.detach().expand(runs, -1, -1).clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            features = encode(contexts)
+        features.float().sum().backward()
+    assert triton_variants(lambda: forward_backward(1)) == triton_variants(lambda: forward_backward(8))
