@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import real_classnames
-from fastcoop.backends import Backends
+from fastcoop.backends import resolve
 from fastcoop.models import load_model
 
 # allocations without a fill: no kernel
@@ -47,9 +47,10 @@ class _DeviceOps(TorchDispatchMode):
 
 
 @contextmanager
-def _triton_launches(on_launch, inside_triton: list):
-    """Calls on_launch(kernel, args, kwargs) at each Triton launch (compiled or interpreted); what the interpreter
-    does with torch while it runs a kernel is the kernel's own work, not more launches."""
+def _triton_launches(on_launch, inside_triton: list, compiles: bool = False):
+    """Calls on_launch(kernel, args, kwargs) at each Triton launch (compiled or interpreted), or with compiles at
+    each compile-only call (warmup=True) instead; what the interpreter does with torch while it runs a kernel is
+    the kernel's own work, not more launches."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
@@ -60,7 +61,7 @@ def _triton_launches(on_launch, inside_triton: list):
 
     def seen(run):
         def launch(self, *args, **kwargs):
-            if kwargs.get("warmup"):
+            if bool(kwargs.get("warmup")) != compiles:
                 return run(self, *args, **kwargs)
             on_launch(self, args, kwargs)
             inside_triton[0] += 1
@@ -89,6 +90,17 @@ def device_ops(fn) -> Counter:
     return counts
 
 
+def compile_requests(fn) -> Counter:
+    """Kernel name → compile-only calls (launches with warmup=True, as inside compiling_in_parallel) fn makes."""
+    requests = Counter()
+
+    def count(kernel, args, kwargs):
+        requests[kernel.fn.__name__] += 1
+    with _triton_launches(count, [0], compiles=True):
+        fn()
+    return requests
+
+
 def triton_variants(fn) -> set:
     """The compiled kernels fn's Triton launches need on a Hopper GPU: each launch's key in Triton's kernel cache
     (the kernel, its arguments' types and specialisations, its options), computed without a GPU and whether or not
@@ -113,8 +125,7 @@ def triton_variants(fn) -> set:
     return variants
 
 
-# what a GPU step runs (fastcoop.backends.resolve on a CUDA device, the opt-in MLP kernel aside)
-GPU_BACKENDS = Backends(loss="triton", attention="triton", add_norm="triton", activation="triton")
+GPU_BACKENDS = resolve("cuda")  # what a GPU step runs (choosing needs no GPU)
 
 
 def step_device_ops(model_name: str, classes: int, device: str, n_ctx: int = 16) -> Counter:
