@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import real_classnames
 from fastcoop.backends import resolve
+from fastcoop.kernels import INTERPRET
 from fastcoop.models import load_model
 
 # allocations without a fill: no kernel
@@ -154,8 +155,11 @@ def main():
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--classes", type=int, default=100)
     args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not INTERPRET:
+        parser.error("without a GPU the step's Triton kernels must run interpreted: set TRITON_INTERPRET=1")
     logging.disable(logging.WARNING)
-    ops = step_device_ops(args.model, args.classes, "cpu")
+    ops = step_device_ops(args.model, args.classes, device)
     print(json.dumps({"model": args.model, "classes": args.classes, "device_ops_per_step": sum(ops.values()),
                       "ops": dict(ops.most_common())}))
 
