@@ -17,6 +17,7 @@ from benchmarks.cache import run_cache_section
 from benchmarks.cocoop import run_cocoop_section
 from benchmarks.common import classnames_of, device_slug, environment, median_ms, real_classnames
 from benchmarks.exactness import run_exactness_section
+from benchmarks.bytecode import bytecode_state
 from benchmarks.full_run import (DATASETS, help_seconds, import_seconds, run_fastcoop_train, save_checkpoint,
                                  schedule)
 from benchmarks.kernel import run_kernel_section
@@ -178,7 +179,9 @@ def main():
         result["help_seconds"] = help_seconds()
         print(f"  fastcoop --help: {result['help_seconds']:.2f} s", flush=True)
         result["import_seconds"] = import_seconds()
-        print("  imports: " + ", ".join(f"{name} {t:.2f} s" for name, t in result["import_seconds"].items()),
+        result["bytecode"] = {name: bytecode_state(name) for name in ("torch", "open_clip")}
+        print("  imports: " + ", ".join(f"{name} {t:.2f} s" for name, t in result["import_seconds"].items())
+              + "; bytecode: " + ", ".join(f"{name} {state}" for name, state in result["bytecode"].items()),
               flush=True)
         loaded = load_model("ViT-B-16", "none", args.device)
         with tempfile.TemporaryDirectory() as kernels:

@@ -1,5 +1,6 @@
 """Whether Python finds the named packages' bytecode cached, or compiles their sources at every import (a
-read-only install without .pyc files, or PYTHONDONTWRITEBYTECODE): start-up time depends on it.
+read-only install without .pyc files, or PYTHONDONTWRITEBYTECODE): start-up time depends on it. Exits 1 when
+any named package's bytecode is not cached.
 
     python benchmarks/bytecode.py torch open_clip
 """
@@ -15,12 +16,16 @@ def bytecode_state(package: str) -> str:
         return "not found"
     cached = importlib.util.cache_from_source(spec.origin)
     folder = os.path.dirname(cached)
-    writable = os.access(folder if os.path.isdir(folder) else os.path.dirname(folder), os.W_OK)
+    while not os.path.isdir(folder):  # Python makes the missing folders (a pycache prefix's, or __pycache__)
+        folder = os.path.dirname(folder)
+    writable = os.access(folder, os.W_OK)
     return f"{'cached' if os.path.exists(cached) else 'not cached'}, cache {'writable' if writable else 'read-only'}"
 
 
 if __name__ == "__main__":
     print(f"python {sys.version.split()[0]}, dont_write_bytecode {sys.flags.dont_write_bytecode}, "
           f"pycache_prefix {sys.pycache_prefix}")
-    for name in sys.argv[1:]:
-        print(f"  {name}: {bytecode_state(name)}")
+    states = {name: bytecode_state(name) for name in sys.argv[1:]}
+    for name, state in states.items():
+        print(f"  {name}: {state}")
+    sys.exit(0 if all(state.startswith("cached") for state in states.values()) else 1)

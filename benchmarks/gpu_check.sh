@@ -22,6 +22,14 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
   echo "cpu: $(nproc) × $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   python3 benchmarks/bytecode.py torch torchvision open_clip timm triton
 } | tee "$OUT/gpu.txt"
+# An install without cached bytecode (e.g. uv's default, or a read-only one) compiles every module it imports, in
+# every process: not what an install with bytecode, as pip's, pays. Then the first imports (the tests') write
+# bytecode to a folder of their own, and the whole runs timed later read it; gpu.txt keeps the host's own state.
+if ! python3 benchmarks/bytecode.py torch open_clip >/dev/null; then
+  export PYTHONPYCACHEPREFIX=/tmp/fastcoop-pycache
+  unset PYTHONDONTWRITEBYTECODE
+  echo "bytecode: not cached here; written to $PYTHONPYCACHEPREFIX by the first imports" | tee -a "$OUT/gpu.txt"
+fi
 # most telling first: graph == eager (CoOp and CoCoOp, stacked), the fused norm, the whole fast path on CUDA
 # (without its FlexAttention cases, which compile for tens of seconds each), then the kernels' own matrices; one
 # line per test, so a part cut short by its limit still says what passed. A shorter recheck names its own:

@@ -290,6 +290,9 @@ def write_report(results_dir: Path, readme: Path) -> None:
         if result.get("import_seconds"):
             lines += ["Where the imports go (`python -X importtime`, which adds overhead of its own): " + ", ".join(
                 f"{name} {seconds:.2f} s" for name, seconds in result["import_seconds"].items()) + ".", ""]
+        if result.get("bytecode"):
+            lines += ["Bytecode during the whole runs: " + ", ".join(
+                f"{name} {state}" for name, state in result["bytecode"].items()) + ".", ""]
         for note in result.get("notes", []):
             lines.append(f"- {note}")
         lines.append("")
