@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
+READ_BYTES = 64 << 20  # FeatureCache.features reads whole chunks up to about this much at a time
 IDENTITY_ATTRS = ("model", "pretrained", "preprocessing", "dataset_fingerprint", "splits", "subsets_requested")
 
 
@@ -100,15 +101,36 @@ class FeatureCache:
         """Images left out as unreadable (`fastcoop cache --skip-bad`)."""
         return [p.decode() if isinstance(p, bytes) else p for p in self.file.get("skipped", [])]
 
-    def features(self, split: str, rows: np.ndarray | None = None, view: int | None = None) -> "torch.Tensor":
-        """float16 features: (views, n, D), or (n, D) for one view; rows default to the whole split."""
+    def features(self, split: str, rows: np.ndarray | None = None, view: int | slice | None = None
+                 ) -> "torch.Tensor":
+        """float16 features: (views, n, D), (n, D) for one view (`view` an int), or the views a slice names; rows
+        (in their order) default to the whole split. Rows are read by runs of the chunks that hold them, up to
+        READ_BYTES at a time: a few-shot subset reads its share of a cache made for several shot counts and seeds,
+        and holds no more than its own rows and one read in memory."""
         import torch
 
         data = self._split(split)["features"]
-        block = data[()] if view is None else data[view]
-        if rows is not None:
-            block = block[..., rows, :]
-        return torch.from_numpy(np.ascontiguousarray(block))
+        views = slice(None) if view is None else view
+        if rows is None:
+            return torch.from_numpy(data[views])
+        rows = np.asarray(rows, dtype=np.int64)
+        placed = np.argsort(rows, kind="stable")  # where each row, in increasing order, goes in the result
+        ordered = rows[placed]
+        out = np.empty(data[views, :0].shape[:-2] + (len(rows), data.shape[2]), dtype=data.dtype)
+        if not len(rows):
+            return torch.from_numpy(out)
+        per_chunk = data.chunks[1] if data.chunks else data.shape[1]
+        chunk_bytes = out.itemsize * per_chunk * int(np.prod(out.shape[:-2])) * data.shape[2]
+        # reads: runs of consecutive chunks holding wanted rows, each cut into pieces of at most READ_BYTES
+        chunk = ordered // per_chunk
+        run = np.concatenate([[0], np.cumsum(np.diff(chunk) > 1)])
+        piece = (chunk - chunk[np.searchsorted(run, run)]) // max(1, READ_BYTES // chunk_bytes)
+        cuts = np.flatnonzero((np.diff(run) != 0) | (np.diff(piece) != 0)) + 1
+        for start, end in zip([0, *cuts], [*cuts, len(rows)]):
+            lo = int(chunk[start]) * per_chunk
+            block = data[views, lo:int(ordered[end - 1]) + 1]
+            out[..., placed[start:end], :] = block[..., ordered[start:end] - lo, :]
+        return torch.from_numpy(out)
 
     def labels(self, split: str, rows: np.ndarray | None = None) -> "torch.Tensor":
         import torch

@@ -1,3 +1,4 @@
+import itertools
 import os
 
 import h5py
@@ -74,6 +75,28 @@ def test_features_equal_direct_encoding(tmp_path, tiny_vit, example_images):
         with torch.no_grad():  # every view encoded on its own equals the batched multi-view extraction
             alone = torch.cat([tiny_vit.model.encode_image(x[None]) for x in expected]).half()
         torch.testing.assert_close(feats[:, row], alone, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("read_bytes", [64 << 20, 1, 5000])  # one read; a chunk per read; a few chunks per read
+def test_rows_and_views_read_as_taken_from_the_whole_split(tmp_path, monkeypatch, read_bytes):
+    """Reading a few rows and views (by runs of the chunks holding them) gives what taking them from the whole
+    split gives: any row order, repeated rows, rows in far-apart chunks, none."""
+    import fastcoop.cache.store as store
+
+    monkeypatch.setattr(store, "READ_BYTES", read_bytes)
+    whole = np.random.default_rng(0).standard_normal((5, 103, 8)).astype(np.float16)
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.attrs.update(schema_version=store.SCHEMA_VERSION, complete=True, classnames='["a"]', model="m",
+                       pretrained="none", preprocessing="{}", dataset_fingerprint="x", splits='["train", "test"]')
+        f.create_dataset("train/features", data=whole, chunks=(5, 6, 8))
+        f.create_dataset("test/features", data=whole)  # not chunked
+    rows = [np.array([5, 3, 100, 7, 6, 50, 3]), np.arange(103), np.array([102]), np.array([], dtype=np.int64),
+            np.random.default_rng(1).permutation(103)[:40], np.arange(0, 103, 7)]
+    with FeatureCache(tmp_path / "c.h5") as cache:
+        for split, subset, view in itertools.product(("train", "test"), rows, (None, 0, 3, slice(1, 4), slice(1, None))):
+            read = cache.features(split, subset, view)
+            expected = whole[slice(None) if view is None else view][..., subset, :]
+            assert read.dtype == torch.float16 and np.array_equal(read.numpy(), expected), (split, subset, view)
 
 
 def test_interrupted_run_resumes_to_identical_file(tmp_path, tiny_vit, example_images, monkeypatch):
