@@ -18,6 +18,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -82,23 +83,24 @@ class Checkpoint:
         return self.epochs_done
 
 
-def epoch_views(cached: torch.Tensor, epochs: int) -> tuple[torch.Tensor, dict]:
-    """The views epochs cycle through (epoch e trains on view e mod their number), and what that means for the
-    run; warns once when they are fewer than the epochs, since the published recipe draws a fresh crop of every
-    image in every epoch. `cached`: the cache's views × n × D, the eval view first."""
-    augmented = len(cached) - 1
+def epoch_views(cached_views: int, epochs: int) -> tuple[slice, dict]:
+    """The views the epochs train on (epoch e on the e-th of them, cycling when they are fewer than the epochs)
+    as a slice of the cache's views, and what that means for the run; warns when they are fewer, since the
+    published recipe draws a fresh crop of every image in every epoch. `cached_views`: the cache's views per
+    train image, the eval view (view 0) included."""
+    augmented = cached_views - 1
     record = {"cached_views": augmented, "distinct_views_per_image": min(augmented, epochs),
               "fresh_view_every_epoch": augmented >= epochs}
     if augmented == 0:
         warnings.warn(f"the cache holds no augmented views: all {epochs} epochs train on each image's un-augmented "
                       "view, where the published recipe draws a fresh random crop every epoch; recache with "
                       "--views auto for a faithful run")
-        return cached, record
+        return slice(0, 1), record
     if augmented < epochs:
         warnings.warn(f"the cache holds {augmented} augmented views per image for {epochs} epochs: each image's "
                       f"views repeat every {augmented} epochs, where the published recipe draws a fresh random "
                       f"crop every epoch; recache with --views auto (or ≥ {epochs}) for a faithful run")
-    return cached[1:], record
+    return slice(1, 1 + min(augmented, epochs)), record
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -161,11 +163,16 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     else:
         loss = coop_loss(_text_features(model, learners, backends, dtype, base.text_path), scale, dtype,
                          backends.loss)
-    cached = cache.features("train")  # every view of every cached train image, read once for all the runs
-    views = []
-    for subset in rows:
-        run_views, augmentation = epoch_views(cached[:, subset], epochs)  # on the host, float16
-        views.append(run_views.pin_memory() if device.startswith("cuda") else run_views)  # copied asynchronously
+    # only the views the epochs use, of the images the runs use (on the host, float16)
+    used_views, augmentation = epoch_views(cache.num_views("train"), epochs)
+    if len(rows) == 1:
+        views = [cache.features("train", rows[0], used_views)]
+    else:  # the stack's images read once, each run's taken from them
+        images = np.unique(np.concatenate(rows))
+        cached = cache.features("train", images, used_views)
+        views = [cached[:, np.searchsorted(images, subset)] for subset in rows]
+    if device.startswith("cuda"):
+        views = [run_views.pin_memory() for run_views in views]  # then copied to the device asynchronously
     features = torch.empty(len(configs), *views[0].shape[1:], device=device)  # each run's epoch view, float32
     tables = [schedule_tables(labels.shape[1], config) for config in configs]
     orders, lrs = (torch.stack(t).to(device) for t in zip(*tables))

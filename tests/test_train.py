@@ -204,15 +204,17 @@ def _views_per_epoch(cache, tiny_vit, monkeypatch, epochs):
     return seen, train(cache, tiny_vit, config, progress=False)
 
 
-def test_epoch_e_trains_on_view_e(tmp_path, tiny_vit, example_images, monkeypatch, recwarn):
+@pytest.mark.parametrize("epochs", [5, 3])  # as many views as epochs; more (the run reads only those it uses)
+def test_epoch_e_trains_on_view_e(tmp_path, tiny_vit, example_images, monkeypatch, recwarn, epochs):
     path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1],
                             views=5, batch_size=64, workers=0, progress=False)
     with FeatureCache(path) as cache:
         cached = cache.features("train", cache.rows("train", 4, 1)).float()
-        seen, result = _views_per_epoch(cache, tiny_vit, monkeypatch, epochs=5)
-    assert [torch.equal(block, cached[1 + e]) for e, block in enumerate(seen)] == [True] * 5
-    assert not any(torch.equal(seen[a], seen[b]) for a in range(5) for b in range(a))  # no view twice
-    assert result.augmentation == {"cached_views": 5, "distinct_views_per_image": 5, "fresh_view_every_epoch": True}
+        seen, result = _views_per_epoch(cache, tiny_vit, monkeypatch, epochs=epochs)
+    assert [torch.equal(block, cached[1 + e]) for e, block in enumerate(seen)] == [True] * epochs
+    assert not any(torch.equal(seen[a], seen[b]) for a in range(epochs) for b in range(a))  # no view twice
+    assert result.augmentation == {"cached_views": 5, "distinct_views_per_image": epochs,
+                                   "fresh_view_every_epoch": True}
     assert not [w for w in recwarn if "augmented views" in str(w.message)]
 
 
