@@ -26,14 +26,15 @@ FEATURE_DIM = {"ViT-B-16": 512, "RN50": 1024}
 
 
 def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", shots: int | list[int] = 16,
-                          seeds: list[int] = (1,), weights: str = "none") -> int:
-    """A valid feature cache with random features and real class names: per class as many images as the most
-    shots, a subset for every (shots, seed), and as many augmented views per image as `fastcoop cache` holds by
-    default (one per epoch of the longest published schedule), so that a run reads what a default run reads;
-    `weights`: the model's weights (a checkpoint path, or 'none'). Returns the number of classes."""
+                          seeds: list[int] = (1, 2, 3), weights: str = "none") -> int:
+    """A valid feature cache with random features and real class names, shaped as `fastcoop cache` makes it (by
+    default for 16 shots and seeds 1, 2, 3), so that a run reads what a default run reads: a subset for every
+    (shots, seed), each its own images (as in a dataset with many images per class), and as many augmented views
+    per image as the longest published schedule has epochs; `weights`: the model's weights (a checkpoint path, or
+    'none'). Returns the number of classes."""
     names = classnames_of(dataset)
     shot_list = [shots] if isinstance(shots, int) else list(shots)
-    per_class = max(shot_list)
+    per_class = sum(shot_list) * len(seeds)
     n = len(names) * per_class
     views = auto_views(shot_list, len(names))
     rng = np.random.default_rng(0)
@@ -52,10 +53,12 @@ def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", sho
             features[:, lo:lo + rows] = rng.standard_normal((shape[0], rows, shape[2]), np.float32).astype(np.float16)
         f["train/labels"] = np.repeat(np.arange(len(names)), per_class)
         f["train/paths"] = np.array([f"synthetic/{i}.jpg" for i in range(n)], dtype=object).astype("S")
+        drawn = np.stack([c * per_class + rng.permutation(per_class) for c in range(len(names))])
+        first = 0  # each subset takes the next images of every class's shuffled rows
         for s in shot_list:
             for seed in seeds:
-                f[f"train/subsets/shots{s}_seed{seed}"] = np.concatenate(
-                    [c * per_class + rng.permutation(per_class)[:s] for c in range(len(names))])
+                f[f"train/subsets/shots{s}_seed{seed}"] = drawn[:, first:first + s].ravel()
+                first += s
     return len(names)
 
 
