@@ -248,7 +248,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
         click.echo(f"resuming the unfinished run in {run_dir}")
     timings = {"imports_s": imported - start}
     loading = time.perf_counter()
-    loaded = load_model(cache.model, cache.pretrained, "cpu")  # training copies to the device only what it runs
+    loaded = load_model(cache.model, cache.pretrained, "cpu", image_tower=False)  # the device gets only what runs
     timings["model_s"] = time.perf_counter() - loading
     _say_weights(loaded)
     if verbose:
@@ -286,7 +286,7 @@ def evaluate(run_dir, cache_file, split, classes, device):
         from fastcoop.run import load_run, record_evaluation
 
     device = resolve_device(device)
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, image_tower=False)
     check_same_model(cache, run.loaded.name, run.loaded.pretrained)
     run, classes = run_on_classes(run, cache, classes)
     scores = evaluate_split(cache, run_classifier(run), split, classes)
@@ -322,7 +322,7 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
     if chosen:
         check_templates(chosen)
     device = resolve_device(device)
-    loaded = load_model(cache.model, cache.pretrained, device)
+    loaded = load_model(cache.model, cache.pretrained, device, image_tower=False)
     text = zeroshot_classifier(loaded, cache.classnames, chosen, cupl, device)
     scores = evaluate_split(cache, text_classifier(text), split)
     what = "CuPL" if cupl else f"{len(chosen)} templates" if chosen and len(chosen) > 1 else "one template"
@@ -421,7 +421,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     with cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)
         check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base))
-        loaded = load_model(cache.model, cache.pretrained, "cpu")
+        loaded = load_model(cache.model, cache.pretrained, "cpu", image_tower=False)
         if world.is_writer:
             _say_weights(loaded)
             click.echo(f"{len(runs)} runs: {len(variants)} variant(s) × shots {shots} × seeds {seeds}")
@@ -466,7 +466,7 @@ def interpret(run_dir, top_k, class_name):
         from fastcoop.interpret import nearest_words
         from fastcoop.run import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, image_tower=False)
     whose = f" of class '{names[index]}'" if run.learner.csc else ""
     click.echo(f"the {top_k} vocabulary words nearest to each context vector{whose} "
                "(Euclidean distance in the token-embedding space):")

@@ -1,5 +1,6 @@
 """Frozen CLIP-like models from open_clip: architecture by name (or a JSON config), weights by tag, path or none."""
 
+import contextlib
 import difflib
 import logging
 import socket
@@ -10,6 +11,7 @@ from pathlib import Path
 import huggingface_hub
 import open_clip
 import torch
+from safetensors import safe_open
 
 from fastcoop.errors import FastCoopError
 
@@ -79,10 +81,11 @@ def hub_reachable() -> bool:
         return False
 
 
-def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
-               ) -> LoadedModel:
+def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu",
+               image_tower: bool = True) -> LoadedModel:
     """Create the model in fp32 with every parameter frozen, with the activation its weights were trained with;
-    mixed precision is applied by autocast where used."""
+    mixed precision is applied by autocast where used. image_tower=False, for work on cached image features: with
+    weights from a checkpoint, the image tower's tensors stay unread and unallocated (on the meta device)."""
     name = resolve_model_name(model)
     tag = resolve_pretrained(name, pretrained)
     spec = str(Path(model).resolve()) if model.endswith(".json") else name
@@ -92,7 +95,7 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
     muted = logging.root.manager.disable
     logging.disable(logging.ERROR)  # open_clip logs each failure; the one line below says it
     try:
-        net, preprocess = _build(name, tag, device)
+        net, preprocess = _build(name, tag, device, image_tower)
     except Exception as exc:  # any failure to fetch or parse weights becomes one clear line
         reason = textwrap.shorten((str(exc).splitlines() or [type(exc).__name__])[0], 200)
         if Path(tag).exists():
@@ -108,12 +111,13 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
     return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), spec, tag)
 
 
-def _build(name: str, tag: str, device) -> tuple[torch.nn.Module, object]:
+def _build(name: str, tag: str, device, image_tower: bool = True) -> tuple[torch.nn.Module, object]:
     """The model and its eval transform. A model whose weights come from a checkpoint is built on the meta device
     and then filled from the checkpoint: its random initialisation, most of the time of building it and all
-    overwritten by the load, is skipped. The causal attention masks, the only tensors a checkpoint does not hold,
-    are rebuilt. Built the plain way: random init, towers from timm or Hugging Face (_own_towers), models with
-    other unsaved tensors, and big_vision .npz checkpoints (their loader assigns only some tensors)."""
+    overwritten by the load, is skipped; without image_tower, only the rest is filled (_load_all_but_image_tower),
+    where the checkpoint allows. The causal attention masks, the only tensors a checkpoint does not hold, are
+    rebuilt. Built the plain way: random init, towers from timm or Hugging Face (_own_towers), models with other
+    unsaved tensors, and big_vision .npz checkpoints (their loader assigns only some tensors)."""
     quick_gelu = trained_with_quick_gelu(name, tag)
     if tag != "none" and not tag.endswith((".npz", ".npy")) and _own_towers(name):
         with torch.device("meta"):
@@ -121,8 +125,10 @@ def _build(name: str, tag: str, device) -> tuple[torch.nn.Module, object]:
                 name, pretrained=tag, load_weights=False, device="meta", force_quick_gelu=quick_gelu)
         masks = _causal_mask_buffers(net)
         if masks is not None:
-            net.to_empty(device=device)
-            open_clip.load_checkpoint(net, _checkpoint_file(name, tag), strict=True)
+            file = _checkpoint_file(name, tag)
+            if image_tower or not _load_all_but_image_tower(net, file, device):
+                net.to_empty(device=device)
+                open_clip.load_checkpoint(net, file, strict=True)
             for module, buffer in masks:
                 getattr(module, buffer).fill_(float("-inf")).triu_(1)  # as open_clip's build_causal_mask
             return net, preprocess
@@ -131,6 +137,35 @@ def _build(name: str, tag: str, device) -> tuple[torch.nn.Module, object]:
         net, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=None if tag == "none" else tag, device=device, force_quick_gelu=quick_gelu)
     return net, preprocess
+
+
+def _load_all_but_image_tower(net: torch.nn.Module, file: str, device) -> bool:
+    """Fill a meta-built model's tensors outside its image tower from a checkpoint, reading only theirs; the image
+    tower stays on the meta device. Only for a safetensors or torch file holding exactly the model's tensors under
+    its own names and shapes (as open_clip saves a model); False, with nothing done, for any other, which
+    open_clip's loader reads whole (it converts other layouts)."""
+    state = net.state_dict()
+    wanted = {key: t for key, t in state.items() if not key.startswith("visual.")}
+    with contextlib.ExitStack() as stack:
+        if file.endswith(".safetensors"):
+            opened = stack.enter_context(safe_open(file, "pt"))
+            shapes = {key: tuple(opened.get_slice(key).get_shape()) for key in opened.keys()}
+            read = opened.get_tensor
+        else:  # a torch file, mapped: only the tensors looked at are read
+            try:
+                held = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception:  # not a file torch maps (an old or TorchScript one): open_clip reads it
+                return False
+            if not isinstance(held, dict) or not all(isinstance(t, torch.Tensor) for t in held.values()):
+                return False
+            shapes, read = {key: tuple(t.shape) for key, t in held.items()}, held.__getitem__
+        if set(shapes) != set(state) or any(shapes[key] != tuple(t.shape) for key, t in wanted.items()):
+            return False
+        visual, net.visual = net.visual, None
+        net.to_empty(device=device)
+        net.visual = visual
+        net.load_state_dict({key: read(key) for key in wanted}, strict=False)
+    return True
 
 
 def _own_towers(name: str) -> bool:

@@ -208,11 +208,13 @@ class Run:
     learner: PromptLearner
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | None = None) -> Run:
-    """A complete run's prompt; an unfinished one is refused with the command that finishes it."""
+def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | None = None,
+             image_tower: bool = True) -> Run:
+    """A complete run's prompt; an unfinished one is refused with the command that finishes it. image_tower=False:
+    for work on cached image features (load_model)."""
     run_dir = Path(run_dir)
     config = complete_config(run_dir)
-    loaded = loaded or load_model(config["model"], config["pretrained"], device)
+    loaded = loaded or load_model(config["model"], config["pretrained"], device, image_tower)
     learner = _learner(loaded, config, config["classnames"], load_file(run_dir / PROMPT_FILE), device)
     return Run(config, loaded, learner)
 

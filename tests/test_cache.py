@@ -207,6 +207,79 @@ def test_a_checkpoint_fills_a_meta_built_model_exactly(tmp_path, request, which,
     assert torch.equal(source.model.encode_image(images), loaded.model.encode_image(images))
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "pt", "pt wrapped", "pt prefixed"])
+def test_without_the_image_tower_the_rest_loads_exactly_and_reads_only_its_tensors(tmp_path, tiny_vit, monkeypatch,
+                                                                                layout):
+    """image_tower=False: everything outside the image tower equals the full load (so do text features), the image
+    tower stays on the meta device, and its tensors are never read. Checkpoints in another layout (a training
+    checkpoint's {'state_dict': ...}, 'module.' names) are read whole by open_clip's loader, as before."""
+    import safetensors
+
+    from fastcoop.models import _causal_mask_buffers
+
+    state = {name: t.contiguous() for name, t in tiny_vit.model.state_dict().items()}
+    ckpt = tmp_path / f"model.{layout.split()[0]}"
+    if layout == "safetensors":
+        safetensors.torch.save_file(state, ckpt)
+    else:
+        torch.save({"state_dict": state} if layout == "pt wrapped" else
+                   {f"module.{k}": t for k, t in state.items()} if layout == "pt prefixed" else state, ckpt)
+    full = load_model(TINY_VIT, str(ckpt))
+    read = _record_checkpoint_reads(monkeypatch)
+    text_only = load_model(TINY_VIT, str(ckpt), image_tower=False)
+    fast = layout in ("safetensors", "pt")
+    assert _causal_mask_buffers(text_only.model)
+    if fast:
+        assert read and not [key for key in read if key.startswith("visual.")]
+    ours = text_only.model.state_dict()
+    for name, t in full.model.state_dict().items():
+        if name.startswith("visual."):
+            assert ours[name].is_meta == fast, name
+        else:
+            assert torch.equal(t, ours[name]), name
+    tokens = tiny_vit.tokenizer(["a photo of a dog.", "a cat"])
+    assert torch.equal(full.model.encode_text(tokens), text_only.model.encode_text(tokens))
+
+
+def _record_checkpoint_reads(monkeypatch) -> list[str]:
+    """The names of the tensors read from now on from a safetensors file (fastcoop.models' safe_open) or from the
+    dict torch.load returns."""
+    import fastcoop.models as models
+
+    read, real_open, real_load = [], models.safe_open, torch.load
+
+    class RecordingFile:
+        def __init__(self, *args, **kwargs):
+            self.opened = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.opened.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.opened.__exit__(*exc)
+
+        def keys(self):
+            return self.opened.keys()
+
+        def get_slice(self, key):
+            return self.opened.get_slice(key)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.opened.get_tensor(key)
+
+    class RecordingDict(dict):
+        def __getitem__(self, key):
+            read.append(key)
+            return super().__getitem__(key)
+
+    monkeypatch.setattr(models, "safe_open", RecordingFile)
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (
+        lambda held: RecordingDict(held) if isinstance(held, dict) else held)(real_load(*args, **kwargs)))
+    return read
+
+
 def test_a_weight_tag_is_fetched_once(monkeypatch, tmp_path):
     """Building the model fetches a tag's file (open_clip, online); finding it again for the load stays offline."""
     import huggingface_hub

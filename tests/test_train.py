@@ -276,3 +276,32 @@ def test_runs_trained_stacked_equal_runs_trained_alone(cache_path, tiny_vit, csc
         assert [r["loss"] for r in together.history] == pytest.approx([r["loss"] for r in by_itself.history],
                                                                       rel=1e-5)
     assert not torch.equal(stacked[0].learner.ctx, stacked[1].learner.ctx)
+
+
+def test_commands_on_cached_features_leave_the_image_tower_unread(tmp_path, capsys, tiny_vit, example_images,
+                                                                  monkeypatch):
+    """With weights from a checkpoint, train, eval, zeroshot and interpret fill only what is outside the image
+    tower; cache and predict, which encode images, load it whole."""
+    import fastcoop.models as models
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_vit.model.state_dict(), ckpt)
+    calls = []
+    load_rest = models._load_all_but_image_tower
+    monkeypatch.setattr(models, "_load_all_but_image_tower", lambda *args: calls.append(load_rest(*args)) or calls[-1])
+
+    def command(*args) -> list:
+        calls.clear()
+        code, _, err = run_cli(capsys, *args)
+        assert code == 0, err
+        return list(calls)
+
+    cache, run = tmp_path / "f.h5", tmp_path / "run"
+    assert command("cache", example_images, "--out", cache, "--model", TINY_VIT, "--pretrained", ckpt, "--shots",
+                   "2", "--seeds", "1", "--views", "1", "--workers", "0") == []
+    assert command("train", cache, "--out", run, "--shots", "2", "--n-ctx", "2", "--epochs", "1") == [True]
+    assert command("eval", run, cache) == [True]
+    assert command("zeroshot", cache) == [True]
+    assert command("interpret", run, "--top-k", "1") == [True]
+    image = read_dataset(example_images).split("test")[0][0]
+    assert command("predict", run, image, "--top-k", "1") == []
