@@ -201,7 +201,8 @@ def main():
                       f"{row['process_seconds']:.1f} s = "
                       f"interpreter {row['interpreter_seconds']:.1f} + imports {row['imports_seconds']:.1f} + "
                       f"model {row['model_seconds']:.1f} + setup {row['setup_seconds']:.1f} + loop "
-                      f"{row['loop_seconds']:.1f} (first epoch {row['first_epoch_seconds']:.1f}) + save and test "
+                      f"{row['loop_seconds']:.1f} (first epoch {row['first_epoch_seconds']:.1f}: kernels "
+                      f"{row['kernels_seconds']:.1f}, capture {row['capture_seconds']:.1f}) + save and test "
                       f"{row['save_and_test_seconds']:.1f}; published ≈ {row['published_estimate_seconds']:.0f} s",
                       flush=True)
                 _note(result, "Published full-run times are estimates: the published step time (no data loading) "

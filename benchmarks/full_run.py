@@ -77,11 +77,15 @@ def schedule(dataset: str, shots: int = 16) -> tuple[int, int]:
     return epochs, epochs * batches_per_epoch(k * shots, 32)
 
 
+# parts of the loop's time, not stages of their own
+INSIDE_LOOP = ("first_epoch_s", "kernels_s", "capture_s")
+
+
 def derived_times(wall: float, timings: dict, steps: int, epochs: int) -> dict:
-    """What the stage times imply: the interpreter's own start and exit (the first epoch lies inside the loop),
-    and the loop's time per step after its first epoch (graph capture and kernel loading). The host enqueues
+    """What the stage times imply: the interpreter's own start and exit, and the loop's time per step after its
+    first epoch (which holds the kernels' compilation or loading and the graph capture). The host enqueues
     steps without waiting, so only whole-loop times measure the device's steps."""
-    stages = sum(t for name, t in timings.items() if name != "first_epoch_s")
+    stages = sum(t for name, t in timings.items() if name not in INSIDE_LOOP)
     after_first = timings["loop_s"] - timings["first_epoch_s"]
     return {"interpreter_seconds": wall - stages,
             "start_to_loop_seconds": wall - timings["loop_s"] - timings["save_and_test_s"],

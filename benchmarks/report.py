@@ -103,13 +103,13 @@ def full_run_table(rows: list[dict]) -> list[str]:
     stages = ("interpreter", "imports", "model", "setup", "loop", "save_and_test")
     lines = ["| dataset | K | epochs | steps | Triton kernels | whole process s | " +
              " | ".join(f"{s.replace('_', ' ')} s" for s in stages) + " | of the loop: first epoch s | "
-             "process start → loop s | loop ms per step after the first epoch | published estimate s | ratio |",
-             "|" + " --- |" * 17]
+             "of it: kernels s | of it: graph capture s | process start → loop s | "
+             "loop ms per step after the first epoch | published estimate s | ratio |",
+             "|" + " --- |" * 19]
     for r in rows:
         est = r.get("published_estimate_seconds")
         ratio = "–" if est is None else f"{est / r['process_seconds']:.1f}×"
-        seconds = [r.get(f"{s}_seconds") for s in stages] + [r.get("first_epoch_seconds"),
-                                                              r.get("start_to_loop_seconds")]
+        seconds = [r.get(f"{s}_seconds") for s in (*stages, "first_epoch", "kernels", "capture", "start_to_loop")]
         lines.append(f"| {r['dataset']} | {r['classes']} | {r['epochs']} | {r['steps']} | "
                      f"{_kernel_cache(r)} | {fmt(r['process_seconds'])} | "
                      f"{' | '.join(fmt(s) for s in seconds)} | {fmt(r.get('loop_ms_per_step'), 2)} | "

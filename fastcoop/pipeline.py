@@ -84,7 +84,8 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[Tr
                     loaded.model, _on_new_classes(loaded, cache, result), result.backends), classes="new")
                 results["harmonic_mean"] = harmonic_mean(results["test"]["top1"], results["test_new"]["top1"])
         results["timings"] = {**(timings or {}), "setup_s": result.setup_seconds,
-                              "first_epoch_s": result.first_epoch_seconds, "loop_s": result.seconds}
+                              "first_epoch_s": result.first_epoch_seconds, "kernels_s": result.kernels_seconds,
+                              "capture_s": result.capture_seconds, "loop_s": result.seconds}
         save_complete(run_dir, result, cache, loaded, request, results, since=finish_start)
         done.append((result, results))
     return done

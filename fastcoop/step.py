@@ -8,6 +8,7 @@ weight decay) is written out as tensor ops. Nothing in a step depends on the hos
 replays of the graph per epoch, one copy of the epoch's feature view, and a look at the results now and then.
 """
 
+import time
 import warnings
 
 import torch
@@ -128,20 +129,26 @@ def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGra
 
 class CudaGraphStep:
     """Captures a TrainStep once (after its kernels are compiled side by side and a warm-up, then undone) and
-    replays it."""
+    replays it. `kernels_seconds`: compiling the step's Triton kernels (finding them, when Triton's cache holds
+    them); `capture_seconds`: the warm-up steps and the capture, the kernels' loading onto the GPU included."""
 
     def __init__(self, step: TrainStep, warmup: int = 3):
         self.step = step
         saved = [t.clone() for t in step.state()]
         first_step = step.step.clone()
+        start = time.perf_counter()
         try:
             with compiling_in_parallel(step.labels.device):  # the step's launches only compile, in parallel
                 step()
+            torch.cuda.synchronize()
+            compiled = time.perf_counter()
             # every warm-up run and the capture start at the same batch
             self.graph = capture_graph(step, warmup, reset=lambda: step.step.copy_(first_step))
         finally:  # capture records without running; undo the warm-up steps (also when capture fails)
             for tensor, value in zip(step.state(), saved):
                 tensor.copy_(value)
+        torch.cuda.synchronize()
+        self.kernels_seconds, self.capture_seconds = compiled - start, time.perf_counter() - compiled
 
     def __call__(self) -> None:
         self.graph.replay()

@@ -50,6 +50,8 @@ class TrainResult:
     seconds: float = 0.0  # the epochs' loop (graph capture and kernel compilation included)
     setup_seconds: float = 0.0  # features to the device, learner, text encoder: what runs before the loop
     first_epoch_seconds: float = 0.0  # the loop's first epoch, graph capture and kernel compilation included
+    kernels_seconds: float = 0.0  # of the first epoch: compiling (or finding) the graphed step's Triton kernels
+    capture_seconds: float = 0.0  # of the first epoch: the graphed step's warm-up and capture
     checkpoint: "Checkpoint | None" = None  # the state after the last epoch the host has seen
 
 
@@ -201,6 +203,9 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
                     step.load_view(run, run_views[epoch % len(run_views)])
                 if run_step is None:
                     run_step = graphed_or_eager(step) if use_graph else step
+                    for result in results:
+                        result.kernels_seconds = getattr(run_step, "kernels_seconds", 0.0)
+                        result.capture_seconds = getattr(run_step, "capture_seconds", 0.0)
                 for _ in range(orders.shape[2]):
                     run_step()
                 step.end_epoch(epoch)

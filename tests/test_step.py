@@ -45,8 +45,11 @@ def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, positi
                              precision="fp32", device="cuda", graph=graph)
         with FeatureCache(path) as cache, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            contexts.append(train(cache, loaded, config, progress=False).learner.ctx.detach().cpu())
+            result = train(cache, loaded, config, progress=False)
+            contexts.append(result.learner.ctx.detach().cpu())
         assert not any("capture failed" in str(w.message) for w in caught)  # the graph really ran
+        # the first epoch's parts a graphed step adds, timed
+        assert (result.kernels_seconds > 0, result.capture_seconds > 0) == (graph, graph)
     torch.testing.assert_close(contexts[1], contexts[0], rtol=1e-5, atol=1e-6)
 
 
