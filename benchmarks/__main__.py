@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.attention import run_attention_section
+from benchmarks.bytecode import bytecode_state
 from benchmarks.cache import run_cache_section
 from benchmarks.cocoop import run_cocoop_section
 from benchmarks.common import classnames_of, device_slug, environment, median_ms, real_classnames
 from benchmarks.exactness import run_exactness_section
-from benchmarks.bytecode import bytecode_state
 from benchmarks.full_run import (DATASETS, help_seconds, import_seconds, run_fastcoop_train, save_checkpoint,
                                  schedule)
 from benchmarks.kernel import run_kernel_section

@@ -32,7 +32,7 @@ from fastcoop.fewshot import class_subset, relabel
 from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
-from fastcoop.step import TrainStep, coop_loss, graphed_or_eager
+from fastcoop.step import CudaGraphStep, TrainStep, coop_loss, graphed_or_eager
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -203,9 +203,10 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
                     step.load_view(run, run_views[epoch % len(run_views)])
                 if run_step is None:
                     run_step = graphed_or_eager(step) if use_graph else step
-                    for result in results:
-                        result.kernels_seconds = getattr(run_step, "kernels_seconds", 0.0)
-                        result.capture_seconds = getattr(run_step, "capture_seconds", 0.0)
+                    if isinstance(run_step, CudaGraphStep):
+                        for result in results:
+                            result.kernels_seconds = run_step.kernels_seconds
+                            result.capture_seconds = run_step.capture_seconds
                 for _ in range(orders.shape[2]):
                     run_step()
                 step.end_epoch(epoch)
