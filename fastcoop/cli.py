@@ -201,7 +201,7 @@ def _describe_cache(path, seconds):
               help="Fast-path attention: auto is the Triton kernel on GPU and plain PyTorch on CPU.")
 @click.option("--fused-mlp", is_flag=True,
               help="On GPU, each MLP's activation inside Triton matrix products (opt-in).")
-@click.option("--verbose", is_flag=True, help="Print which implementation runs each op.")
+@click.option("--verbose", is_flag=True, help="Print which implementation runs each op, and where the time went.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (finished, or made otherwise).")
 @click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between checkpoints while training.")
@@ -260,6 +260,11 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
                + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "")
                + (f" (base); new {results['test_new']['top1']:.2%}, H {results['harmonic_mean']:.2%}"
                   if "test_new" in results else "") + f" → {run_dir}")
+    if verbose:
+        t = results["timings"]
+        click.echo(f"time: imports {t['imports_s']:.1f} s, model {t['model_s']:.1f} s, setup {t['setup_s']:.1f} s, "
+                   f"loop {t['loop_s']:.1f} s (first epoch {t['first_epoch_s']:.1f} s: kernels {t['kernels_s']:.1f} "
+                   f"s, graph capture {t['capture_s']:.1f} s)")
 
 
 @cli.command("eval")

@@ -96,6 +96,7 @@ def test_a_run_records_its_implementations_and_verbose_prints_them(tmp_path, cap
     assert code == 0, err
     expected = resolve("cpu")
     assert f"implementations: {expected.describe()}" in out
+    assert "time: imports " in out and "(first epoch " in out and "graph capture 0.0 s" in out  # no graph on CPU
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["backends"] == vars(expected) and config["train"]["attention"] == expected.attention
     assert config["request"]["attention"] == "auto"  # what was asked stays beside what ran
