@@ -165,14 +165,11 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     else:
         loss = coop_loss(_text_features(model, learners, backends, dtype, base.text_path), scale, dtype,
                          backends.loss)
-    # only the views the epochs use, of the images the runs use (on the host, float16)
+    # only the views the epochs use, of the images the runs use, in one read (a chunk shared by runs is read once;
+    # on the host, float16)
     used_views, augmentation = epoch_views(cache.num_views("train"), epochs)
-    if len(rows) == 1:
-        views = [cache.features("train", rows[0], used_views)]
-    else:  # the stack's images read once, each run's taken from them
-        images = np.unique(np.concatenate(rows))
-        cached = cache.features("train", images, used_views)
-        views = [cached[:, np.searchsorted(images, subset)] for subset in rows]
+    read = cache.features("train", np.concatenate(rows), used_views)
+    views = [run_views.contiguous() for run_views in read.split([len(subset) for subset in rows], dim=1)]
     if device.startswith("cuda"):
         views = [run_views.pin_memory() for run_views in views]  # then copied to the device asynchronously
     features = torch.empty(len(configs), *views[0].shape[1:], device=device)  # each run's epoch view, float32
