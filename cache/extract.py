@@ -37,7 +37,7 @@ from fastcoop.data import LabelledImages
 from fastcoop.devices import autocast_dtype
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
-from fastcoop.fewshot import sample_few_shot, subset_key
+from fastcoop.fewshot import sample_train_and_val, subset_key
 from fastcoop.models import LoadedModel, preprocess_config
 from fastcoop.schedule import published_epochs
 
@@ -117,12 +117,14 @@ def dataset_fingerprint(data: LabelledImages) -> str:
 
 
 def plan_rows(data: LabelledImages, splits: list[str], shots: list[int] | None, seeds: list[int]):
-    """Which images of each split to encode, the few-shot subsets (every shot count × seed) as row indices into
-    the cached train rows, and the classes with fewer train images than the most shots asked."""
+    """Which images of each split to encode; the few-shot subsets (every shot count × seed) of each split as row
+    indices into its cached rows — train's, and val's where val is cached, drawn as the published code draws them
+    (fewshot.sample_train_and_val); the classes with fewer train images than the most shots asked."""
     rows = {split: list(range(len(data.split(split)))) for split in splits}
     if shots is None or "train" not in splits:
         return rows, {}, {}
     labels = [label for _, label in data.split("train")]
+    val_labels = [label for _, label in data.split("val")] if "val" in splits else []
     counts = np.bincount(labels, minlength=len(data.classnames))
     short = {data.classnames[c]: int(n) for c, n in enumerate(counts) if n < max(shots)}
     if short:
@@ -130,10 +132,12 @@ def plan_rows(data: LabelledImages, splits: list[str], shots: list[int] | None, 
         warnings.warn(f"{len(short)} of {len(data.classnames)} classes have fewer than {max(shots)} train images "
                       f"(fewest: '{fewest}', {short[fewest]}); their subsets hold every image they have "
                       "(recorded in the cache as short_classes)")
-    picked = {(s, seed): sample_few_shot(labels, s, seed) for s in shots for seed in seeds}
-    rows["train"] = sorted(set().union(*picked.values()))
+    picked = {(s, seed): sample_train_and_val(labels, val_labels, s, seed) for s in shots for seed in seeds}
+    rows["train"] = sorted(set().union(*(train for train, _ in picked.values())))
     position = {index: row for row, index in enumerate(rows["train"])}
-    subsets = {subset_key(s, seed): [position[i] for i in chosen] for (s, seed), chosen in picked.items()}
+    subsets = {"train": {subset_key(s, seed): [position[i] for i in train] for (s, seed), (train, _) in picked.items()}}
+    if "val" in splits:
+        subsets["val"] = {subset_key(s, seed): val for (s, seed), (_, val) in picked.items()}
     return rows, subsets, short
 
 
@@ -172,7 +176,8 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     if missing and world.is_writer:
         warnings.warn(f"the dataset has no {', '.join(missing)} split; caching {', '.join(data.splits)} only")
     splits = [s for s in splits if s in data.splits]
-    shot_list = None if shots is None else sorted({shots} if isinstance(shots, int) else set(shots))
+    shot_list = None if shots is None or "train" not in splits else sorted({shots} if isinstance(shots, int)
+                                                                            else set(shots))
     if views == "auto":
         views = auto_views(shot_list, len(data.classnames)) if "train" in splits else 0
     pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
@@ -184,8 +189,10 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         "classnames": json.dumps(data.classnames), "dataset_fingerprint": dataset_fingerprint(data),
         "splits": json.dumps(splits), "views": views,
         "subsets_requested": json.dumps({"shots": shot_list[0] if shot_list and len(shot_list) == 1 else shot_list,
-                                         "seeds": sorted(seeds) if shot_list else None}),
-        "short_classes": json.dumps(short),
+                                         "seeds": sorted(seeds) if shot_list else None}
+                                        | ({"val_shots": "min(shots, 4)"} if subsets.get("val") else {})),
+        "short_classes": json.dumps(short), "dataset": data.dataset,
+        "class_ids": json.dumps(data.class_ids),
     }
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
     job = _Job(loaded, pre, views_of, batch_size, default_workers(device) if workers is None else workers, device,
@@ -240,7 +247,7 @@ def _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets):
     done = {}
     for split, split_rows in rows.items():
         items = [data.split(split)[i] for i in split_rows]
-        done[split] = job.prepare_split(f, split, items, subsets if split == "train" else {})
+        done[split] = job.prepare_split(f, split, items, subsets.get(split, {}))
         if 0 < done[split] < len(items) and job.progress:
             tqdm.write(f"resuming {partial}: {split} from image {done[split]} of {len(items)}")
     return done, f

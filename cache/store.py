@@ -3,11 +3,15 @@
 Layout (schema 1), readable with h5py alone:
     attrs: schema_version, complete, model, pretrained, open_clip_version, preprocessing (JSON),
            classnames (JSON list), dataset_fingerprint, splits (JSON list), views, subsets_requested (JSON),
-           short_classes (JSON {class: images} for classes with fewer train images than the shots asked)
+           short_classes (JSON {class: images} for classes with fewer train images than the shots asked),
+           dataset (the CoOp dataset's config name, or ''), class_ids (JSON list of the classes' WordNet IDs, or
+           null)
     /<split>/features  float16 (views, N, D): view 0 is the eval transform, views 1.. are augmented (train only)
     /<split>/labels    int64 (N,)
     /<split>/paths     utf-8 strings (N,)
     /train/subsets/shots<S>_seed<R>  int64 row indices into /train, in the published sampler's order
+    /val/subsets/shots<S>_seed<R>    int64 row indices into /val: the published code's few-shot val images
+                                     (min(S, 4) per class), drawn after train's from the same seeded stream
     /skipped           utf-8 strings: images that could not be decoded (with --skip-bad)
 """
 
@@ -59,6 +63,8 @@ class FeatureCache:
         self.preprocessing: dict = json.loads(attrs["preprocessing"])
         self.dataset_fingerprint: str = attrs["dataset_fingerprint"]
         self.splits: list[str] = json.loads(attrs["splits"])
+        self.dataset: str = attrs.get("dataset", "")
+        self.class_ids: list[str] | None = json.loads(attrs.get("class_ids", "null"))
 
     def identity(self) -> dict:
         """The cache's identity as plain JSON values (run directories and sweeps record it)."""
@@ -71,7 +77,8 @@ class FeatureCache:
         return sorted(pairs)
 
     def rows(self, split: str, shots: int | None = None, seed: int | None = None) -> np.ndarray:
-        """Row indices of a split, or of a few-shot subset of the train split."""
+        """Row indices of a split, or of a few-shot subset of the train split (or of the val split: the val images
+        the published code draws for that subset)."""
         group = self._split(split)
         if shots is None:
             requested = json.loads(self.file.attrs.get("subsets_requested", "{}"))
@@ -81,11 +88,14 @@ class FeatureCache:
                                     "--shots all`")
             return np.arange(group["labels"].shape[0])
         key = subset_key(shots, seed)
-        if split != "train" or key not in group.get("subsets", {}):
-            held = ", ".join(f"{s} shots seed {r}" for s, r in self.subsets()) or "only the full split (--shots all)"
-            raise FastCoopError(f"{self.path} has no {shots}-shot subset for seed {seed} (it has {held}); "
-                                f"rerun `fastcoop cache` with --shots {shots} --seeds {seed}")
-        return group["subsets"][key][()]
+        if key in group.get("subsets", {}) and split in ("train", "val"):
+            return group["subsets"][key][()]
+        if split == "val" and key in self.file.get("train/subsets", {}):
+            raise FastCoopError(f"{self.path} has no few-shot val subset for {shots} shots, seed {seed}; cache "
+                                "again (--overwrite) to record the val images the published code draws")
+        held = ", ".join(f"{s} shots seed {r}" for s, r in self.subsets()) or "only the full split (--shots all)"
+        raise FastCoopError(f"{self.path} has no {shots}-shot subset for seed {seed} (it has {held}); "
+                            f"rerun `fastcoop cache` with --shots {shots} --seeds {seed}")
 
     def num_views(self, split: str) -> int:
         return self._split(split)["features"].shape[0]

@@ -14,7 +14,7 @@ _PUBLIC = {
     "LabelledImages": "fastcoop.data", "LoadedModel": "fastcoop.models", "PromptLearner": "fastcoop.prompts",
     "TrainConfig": "fastcoop.config",  # the loop itself: fastcoop.train.train
     "encode_prompts": "fastcoop.text_encoder", "load_model": "fastcoop.models", "read_coop_split": "fastcoop.data",
-    "read_csv": "fastcoop.data", "read_dataset": "fastcoop.data", "read_imagefolder": "fastcoop.data",
+    "read_csv": "fastcoop.data", "read_dataset": "fastcoop.datasets", "read_imagefolder": "fastcoop.data",
     "sample_few_shot": "fastcoop.fewshot",
 }
 __all__ = sorted(_PUBLIC)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from fastcoop.datasets import DATASETS
 from fastcoop.errors import FastCoopError
 
 
@@ -56,7 +57,10 @@ def cli():
 @click.option("--pretrained", default="openai", show_default=True,
               help="open_clip weight tag, local checkpoint path, or 'none' (random init).")
 @click.option("--layout", default="auto", show_default=True,
-              type=click.Choice(["auto", "imagefolder", "coop", "csv"]), help="How ROOT is organised.")
+              type=click.Choice(["auto", "imagefolder", "coop", "csv"]),
+              help="How ROOT is organised (auto also recognises CoOp's dataset folders).")
+@click.option("--dataset", type=click.Choice(list(DATASETS)),
+              help="Read ROOT (or ROOT/<its folder>) as this one of CoOp's datasets, named as its configs are.")
 @click.option("--image-root", type=click.Path(path_type=Path), help="Image folder of a CoOp split file.")
 @click.option("--classnames", "classnames_file", type=click.Path(path_type=Path),
               help="Class names, one per line (CSV with integer labels).")
@@ -66,7 +70,8 @@ def cli():
 @click.option("--views", default="auto", show_default=True,
               help="Augmented views per train image besides the eval view; auto: one per epoch of the published "
                    "schedule for --shots (a fresh view every epoch, as the published loader draws).")
-@click.option("--splits", default="train,test", show_default=True, help="Splits to encode.")
+@click.option("--splits", default=None,
+              help="Splits to encode  [default: train,test; test for ImageNet's four variants, which have only it]")
 @click.option("--split-ratios", default="0.5,0.2", show_default=True,
               help="A folder of classes without train/val/test folders is split per class into these train,val "
                    "fractions (test: the rest), as the published code does, and the split saved beside --out as "
@@ -81,14 +86,14 @@ def cli():
               help="Autocast precision on GPU (auto: fp16, as published); CPU runs fp32.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (recorded in the file) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
-def cache(root, out, model, pretrained, layout, image_root, classnames_file, shots, seeds, views, splits,
+def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_file, shots, seeds, views, splits,
           split_ratios, batch_size, workers, device, precision, skip_bad, overwrite):
     """Encode the images under ROOT once with the frozen image encoder into an HDF5 feature file.
 
     Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
     first writes the file, the same file as one process makes."""
     from fastcoop import fewshot
-    from fastcoop.data import read_dataset
+    from fastcoop.datasets import read_dataset
     from fastcoop.outputs import check_writable
 
     try:
@@ -97,8 +102,14 @@ def cache(root, out, model, pretrained, layout, image_root, classnames_file, sho
         raise FastCoopError(str(exc)) from None
     n_views = _views(views)
     seed_list = _int_list(seeds, "--seeds")
-    data = read_dataset(root, layout, image_root, classnames_file)  # bad input is answered before torch loads
+    data = read_dataset(root, layout, image_root, classnames_file, dataset)  # answered before torch loads
     check_writable(out, "feature cache")
+    if data.dataset:
+        sizes = ", ".join("val = test" if split == "val" and items is data.splits.get("test") else
+                          f"{split} {len(items):,}" for split, items in data.splits.items())
+        click.echo(f"{root}: CoOp's {data.dataset}, {len(data.classnames)} classes ({sizes} images)")
+    if splits is None:
+        splits = "train,test" if "train" in data.splits else ",".join(s for s in ("val", "test") if s in data.splits)
     with _importing():
         from fastcoop.cache import extract_features
         from fastcoop.devices import resolve_device, resolve_precision
@@ -118,6 +129,18 @@ def cache(root, out, model, pretrained, layout, image_root, classnames_file, sho
                             skip_bad=skip_bad, overwrite=overwrite, world=world)
     if world.is_writer:
         _describe_cache(path, time.perf_counter() - start)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--check-images", is_flag=True,
+              help="Also read each image's first bytes and count those that are no image (slow on a cold disk).")
+def datasets(data, check_images):
+    """Which of the CoOp papers' 15 datasets the folder DATA holds (laid out as CoOp's DATASETS.md says), read as
+    `fastcoop cache` reads them: classes and images per split, what is wrong, and the command that caches each."""
+    from fastcoop.survey import survey, survey_table
+
+    click.echo(survey_table(survey(data, check_images), data))
 
 
 def _split_flat(data, root, out, ratios, world):
@@ -388,8 +411,11 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
 @click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's seeds.")
+@click.option("--eval-on", default=None,
+              help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
+                   "variants: the domain-generalisation table (or cross-dataset transfer).")
 @click.option("--device", default="auto", show_default=True)
-def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, epochs, no_stack, device):
+def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, epochs, no_stack, eval_on, device):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
     base-to-new protocol (base, new and H). Rerun to finish an interrupted
@@ -408,14 +434,21 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     # the published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
     base = TrainConfig(method=method, classes=classes, n_ctx=contexts[0], epochs=epochs, device=device)
     cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
+    others = [FeatureCache(Path(p.strip())) for p in eval_on.split(",") if p.strip()] if eval_on else []
+    for other in others:
+        if "test" not in other.splits:
+            raise FastCoopError(f"--eval-on {other.path} has no test split to test the runs on")
     with _importing():
         from fastcoop.devices import resolve_device
         from fastcoop.distributed import join
+        from fastcoop.evaluate import check_same_model
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
         from fastcoop.outputs import check_writable
         from fastcoop.sweep import Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
 
+    for other in others:
+        check_same_model(other, cache.model, cache.pretrained)
     variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
     for variant in variants:  # options the method does not have fail here, before any work
         dataclasses.replace(base, **dataclasses.asdict(variant))
@@ -431,7 +464,8 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
             _say_weights(loaded)
             click.echo(f"{len(runs)} runs: {len(variants)} variant(s) × shots {shots} × seeds {seeds}")
         run_sweep(cache, loaded, out, shot_list, seed_list, variants, base, progress=world.is_writer,
-                  echo=click.echo if world.is_writer else lambda _: None, world=world, stack=not no_stack)
+                  echo=click.echo if world.is_writer else lambda _: None, world=world, stack=not no_stack,
+                  eval_on=others)
     if world.is_writer:
         click.echo((out / TABLE_FILE).read_text().rstrip())
         click.echo(f"summary, table and figure in {out}")

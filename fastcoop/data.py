@@ -1,47 +1,37 @@
-"""Dataset readers: ImageFolder, CoOp split JSON and CSV, each giving (path, label) lists per split and class names."""
+"""Generic dataset readers: ImageFolder, CoOp split JSON and CSV, each giving (path, label) lists per split and
+class names. CoOp's own dataset folders, and the choice of reader for a path, are in fastcoop.datasets."""
 
 import csv
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcoop.errors import FastCoopError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+IMAGE_NAME = re.compile(r"[^.].*\.(" + "|".join(s[1:] for s in IMAGE_SUFFIXES) + r")\Z", re.IGNORECASE | re.DOTALL)
 SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
 class LabelledImages:
     """Class names and, per split, a list of (absolute image path, integer label); `layout` says where they came
-    from ('flat': a folder of classes without split folders, read as train only)."""
+    from ('flat': a folder of classes without split folders, read as train only); `dataset` names the CoOp dataset
+    read (its config name) and `class_ids` its classes' folder names (WordNet IDs) where it has them."""
 
     classnames: list[str]
     splits: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     layout: str = ""
+    dataset: str = ""
+    class_ids: list[str] | None = None
 
     def split(self, name: str) -> list[tuple[str, int]]:
         if name not in self.splits:
             raise FastCoopError(f"the dataset has no '{name}' split (it has: {', '.join(self.splits) or 'none'})")
         return self.splits[name]
-
-
-def read_dataset(root: str | Path, layout: str = "auto", image_root: str | Path | None = None,
-                 classnames_file: str | Path | None = None) -> LabelledImages:
-    """Read a dataset by layout, or pick the layout from what ROOT is (auto)."""
-    root = Path(root)
-    if not root.exists():
-        raise FastCoopError(f"dataset path {root} does not exist")
-    if layout == "auto":
-        layout = _guess_layout(root)
-    readers = {"imagefolder": lambda: read_imagefolder(root),
-               "coop": lambda: read_coop_split(_find_coop_split(root), image_root),
-               "csv": lambda: read_csv(root, classnames_file)}
-    if layout not in readers:
-        raise FastCoopError(f"unknown layout '{layout}' (choose auto, imagefolder, coop or csv)")
-    return readers[layout]()
 
 
 def split_flat_folder(data: LabelledImages, train: float = 0.5, val: float = 0.2, seed: int = 1) -> LabelledImages:
@@ -76,50 +66,88 @@ def write_coop_split(data: LabelledImages, path: Path, image_root: Path) -> None
     Path(path).write_text(json.dumps(split, indent=1) + "\n")
 
 
-def _guess_layout(root: Path) -> str:
-    if root.is_file():
-        if root.suffix == ".json":
-            return "coop"
-        if root.suffix == ".csv":
-            return "csv"
-        raise FastCoopError(f"{root} is neither a CoOp split .json, a .csv nor a folder")
-    if list(root.glob("split_zhou_*.json")):
-        return "coop"
-    return "imagefolder"
-
-
-def _find_coop_split(root: Path) -> Path:
-    if root.is_file():
-        return root
-    found = sorted(root.glob("split_zhou_*.json"))
-    if len(found) != 1:
-        raise FastCoopError(f"expected one split_zhou_*.json in {root}, found {len(found)}")
-    return found[0]
-
-
 def read_imagefolder(root: Path) -> LabelledImages:
-    """root/<class>/<image>, or root/<split>/<class>/<image> when root holds train/val/test folders."""
+    """root/<class>/<image>, or root/<split>/<class>/<image> when root holds train/val/test folders. Folders named
+    by WordNet IDs, or a single class holding every image, are refused: read as classes they would put a wnid or a
+    folder name in every prompt."""
     root = Path(root)
     if not root.is_dir():
         raise FastCoopError(f"{root} is not a folder")
-    split_dirs = {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
+    split_dirs = {name: name for name in SPLIT_NAMES if (root / name).is_dir()}
     flat = not split_dirs
     if flat:  # every image is read as train; split_flat_folder makes val and test
-        split_dirs = {"train": root}
-    class_dirs = sorted({d.name for folder in split_dirs.values() for d in folder.iterdir() if d.is_dir()})
+        split_dirs = {"train": ""}
+    class_dirs = sorted({name for folder in split_dirs.values() for name in subfolders(root / folder)})
     if not class_dirs:
         raise FastCoopError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    if all(WNID.fullmatch(name) for name in class_dirs):
+        raise FastCoopError(f"the class folders of {root} are WordNet IDs ({class_dirs[0]}, ...), not class names: "
+                            "point at the dataset's folder as CoOp lays it out (with its classnames.txt), or name "
+                            "the classes in a CSV (--layout csv --classnames FILE)")
+    if len(class_dirs) == 1:
+        raise FastCoopError(f"{root} has a single class folder, '{class_dirs[0]}', holding every image: a dataset "
+                            "needs a folder per class" + _coop_hint(root / class_dirs[0]))
     labels = {name: i for i, name in enumerate(class_dirs)}
-    data = LabelledImages([name.replace("_", " ") for name in class_dirs], layout="flat" if flat else "imagefolder")
+    data = LabelledImages([spoken(name) for name in class_dirs], layout="flat" if flat else "imagefolder")
     for split, folder in split_dirs.items():
+        split_root = os.path.join(str(root.resolve()), folder)
         items = []
-        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
-            images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for name in subfolders(split_root):
+            class_dir = os.path.join(split_root, name)
+            images = image_files(class_dir)
             if not images:
-                raise FastCoopError(f"class folder {class_dir} has no images")
-            items += [(str(p.resolve()), labels[class_dir.name]) for p in images]
+                raise FastCoopError(f"class folder {root / folder / name} has no images")
+            items += [(os.path.join(class_dir, image), labels[name]) for image in images]
         data.splits[split] = items
     return data
+
+
+WNID = re.compile(r"n\d{8}")
+
+
+def spoken(classname: str) -> str:
+    """A class name as the prompts say it: CoOp's prompt learner writes underscores as spaces."""
+    return classname.replace("_", " ")
+
+
+def subfolders(folder: str | Path) -> list[str]:
+    """The names of a folder's subfolders, hidden ones left out, sorted."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def image_files(folder: str | Path) -> list[str]:
+    """The names of a folder's image files (by suffix; hidden files left out), sorted by name. The published code
+    takes os.listdir's order, which is the filesystem's and differs between machines; sorted, a folder reads the
+    same everywhere. Names alone are read (no stat per file): ImageNet's train split is 1.28 M of them."""
+    return sorted(filter(IMAGE_NAME.match, os.listdir(folder)))
+
+
+def check_listed(paths: list[str], listed_in: str | Path) -> None:
+    """Refuse a list that names images which are not there, naming the first few and counting them. Existence is
+    read from one listing per folder, far cheaper than a stat per image for a split of a million images."""
+    listings: dict[str, set[str]] = {}
+    missing = []
+    for path in paths:
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder))
+            except OSError:
+                listings[folder] = set()
+        if name not in listings[folder]:
+            missing.append(path)
+    if len(missing) == 1:
+        raise FastCoopError(f"{listed_in} lists {missing[0]}, which does not exist")
+    if missing:
+        raise FastCoopError(f"{listed_in} lists {len(missing)} images that do not exist: "
+                            + ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
+
+
+def _coop_hint(folder: Path) -> str:
+    """A pointer to CoOp's layout when a folder of images sits beside files that name its classes."""
+    beside = [name for name in ("variants.txt", "classnames.txt") if (folder.parent / name).is_file()]
+    return f" ({folder.parent} has {beside[0]}: point at that folder instead)" if beside else ""
 
 
 def read_coop_split(split_file: Path, image_root: str | Path | None = None) -> LabelledImages:
@@ -131,11 +159,11 @@ def read_coop_split(split_file: Path, image_root: str | Path | None = None) -> L
     if not isinstance(raw, dict) or not any(raw.get(s) for s in SPLIT_NAMES):
         raise FastCoopError(f"{split_file} has no train/val/test lists")
     rows = {s: raw[s] for s in SPLIT_NAMES if raw.get(s)}
-    image_root = Path(image_root) if image_root else _find_image_root(Path(split_file).parent, rows)
     names: dict[int, str] = {}
     for split, entries in rows.items():
         for entry in entries:
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and isinstance(entry[1], int)):
                 raise FastCoopError(f"{split_file}: malformed {split} entry {entry!r}")
             _, label, classname = entry
             if names.setdefault(label, classname) != classname:
@@ -145,9 +173,14 @@ def read_coop_split(split_file: Path, image_root: str | Path | None = None) -> L
         missing = sorted(set(range(num_classes)) - set(names))
         raise FastCoopError(f"{split_file}: labels must be 0..{num_classes - 1} without gaps "
                             f"(min {min(names)}, missing {missing[:5]})")
-    data = LabelledImages([names[i].replace("_", " ") for i in range(num_classes)], layout="coop")
+    image_root = Path(image_root) if image_root else _find_image_root(Path(split_file).parent, rows)
+    if not image_root.is_dir():
+        raise FastCoopError(f"the image folder {image_root} of {split_file} does not exist")
+    data = LabelledImages([spoken(names[i]) for i in range(num_classes)], layout="coop")
+    root = str(image_root.resolve())
     for split, entries in rows.items():
-        data.splits[split] = [(_existing(image_root / rel, split_file), label) for rel, label, _ in entries]
+        data.splits[split] = [(os.path.normpath(os.path.join(root, rel)), label) for rel, label, _ in entries]
+        check_listed([path for path, _ in data.splits[split]], split_file)
     return data
 
 
@@ -177,7 +210,8 @@ def read_csv(csv_file: Path, classnames_file: str | Path | None = None) -> Label
     else:
         classnames = sorted({label for _, label, _ in rows})
     index = {name: i for i, name in enumerate(classnames)}
-    data = LabelledImages([n.replace("_", " ") for n in classnames], layout="csv")
+    root = str(csv_file.parent.resolve())
+    data = LabelledImages([spoken(n) for n in classnames], layout="csv")
     for line, (rel, label, split) in enumerate(rows, start=2):
         if label.isdigit() and label not in index:
             number = int(label)
@@ -187,11 +221,7 @@ def read_csv(csv_file: Path, classnames_file: str | Path | None = None) -> Label
             raise FastCoopError(f"{csv_file}:{line}: label '{label}' is not in the class names")
         else:
             number = index[label]
-        data.splits.setdefault(split, []).append((_existing(csv_file.parent / rel, csv_file), number))
+        data.splits.setdefault(split, []).append((os.path.normpath(os.path.join(root, rel)), number))
+    for items in data.splits.values():
+        check_listed([path for path, _ in items], csv_file)
     return data
-
-
-def _existing(path: Path, listed_in: Path) -> str:
-    if not path.is_file():
-        raise FastCoopError(f"{listed_in} lists {path}, which does not exist")
-    return str(path.resolve())

@@ -10,7 +10,7 @@ import click
 
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.config import TrainConfig
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, text_classifier

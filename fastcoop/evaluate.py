@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from fastcoop.backends import Backends
 from fastcoop.cache import FeatureCache
 from fastcoop.cocoop import cocoop_logits
+from fastcoop.data import spoken
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
 from fastcoop.kernels import cosine_ce
@@ -72,13 +73,13 @@ def run_on_classes(run: Run, cache: FeatureCache, classes: str | None) -> tuple[
     (ImageNet-A and -R) — the run is tested on the cache's classes: a context shared by all classes carries over
     to any; a class-specific one only to the classes it has a context for."""
     trained_on = run.config["train"].get("classes", "all")
-    names = {which: [_spoken(cache.classnames[k]) for k in class_subset(len(cache.classnames), which)]
+    names = {which: [spoken(cache.classnames[k]) for k in class_subset(len(cache.classnames), which)]
              for which in ("all", "base", "new")}
     if run.learner.classnames != names[trained_on]:
         if classes not in (None, "all"):
             raise FastCoopError(f"--classes {classes} names a half of the run's own dataset; {cache.path} has "
                                 "other class names: test the run on all of them")
-        return with_classnames(run, names["all"]), "all"
+        return with_classnames(run, names["all"], cache.class_ids), "all"
     classes = classes or trained_on
     if classes == trained_on:
         return run, classes
@@ -86,11 +87,6 @@ def run_on_classes(run: Run, cache: FeatureCache, classes: str | None) -> tuple[
         raise FastCoopError(f"the run was trained on {trained_on} classes: test it on those"
                             + (", or, trained on base classes, on the new ones" if trained_on == "base" else ""))
     return with_classnames(run, names["new"]), classes
-
-
-def _spoken(classname: str) -> str:
-    """A class name as the prompts say it (and as a run records it)."""
-    return classname.replace("_", " ")
 
 
 def check_same_model(cache: FeatureCache, model: str, pretrained: str) -> None:

@@ -13,10 +13,28 @@ def sample_few_shot(labels: list[int], shots: int, seed: int) -> list[int]:
     The published code seeds Python's global `random` with the run's seed and samples per class in that order;
     a private random.Random(seed) gives the same stream without touching global state.
     """
+    return _sample(labels, shots, random.Random(seed))
+
+
+def sample_train_and_val(train_labels: list[int], val_labels: list[int], shots: int, seed: int
+                         ) -> tuple[list[int], list[int]]:
+    """The few-shot train and val subsets the published code draws for (shots, seed): CoOp's datasets sample the
+    train split (`shots` per class) and then the val split (min(shots, 4) per class) from the one random stream
+    seeded with the run's seed, so the val images follow from the train split's draws."""
+    rng = random.Random(seed)
+    train = _sample(train_labels, shots, rng)
+    return train, _sample(val_labels, val_shots(shots), rng)
+
+
+def val_shots(shots: int) -> int:
+    """1, 2, 4, 4, 4 val images per class for 1, 2, 4, 8, 16 shots."""
+    return min(shots, 4)
+
+
+def _sample(labels: list[int], shots: int, rng: random.Random) -> list[int]:
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
         by_class.setdefault(label, []).append(index)
-    rng = random.Random(seed)
     chosen = []
     for items in by_class.values():
         chosen += rng.sample(items, shots) if len(items) >= shots else items

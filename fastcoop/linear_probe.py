@@ -5,7 +5,8 @@ The published search (CoOp's lpclip/linear_probe.py): fit C in 1e6, 1e4, …, 1e
 (the first on ties); then, from [C/10, 10·C], 8 steps that fit both ends, keep the better (the left one on ties)
 and halve the interval in log10 towards it; the classifier kept at the last step is the one tested. Validation
 holds min(shots, 4) images per class. The train images here are the cache's few-shot subset — the images the
-CoOp runs of that seed train on — and the validation images are drawn by the same sampler with the same seed.
+CoOp runs of that seed train on — and the validation images those CoOp's datasets draw for that seed (the cache's
+val subset: fewshot.sample_train_and_val), where the published script draws both anew with NumPy.
 Features are the eval view as the image encoder returns them (not normalised) in float64, as the published
 script's features are (lists of Python floats).
 """
@@ -18,15 +19,9 @@ from sklearn.linear_model import LogisticRegression
 
 from fastcoop.cache import FeatureCache
 from fastcoop.errors import FastCoopError
-from fastcoop.fewshot import sample_few_shot
 
 GRID = (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
 STEPS = 8
-
-
-def validation_shots(shots: int) -> int:
-    """1, 2, 4, 4, 4 validation images per class for 1, 2, 4, 8, 16 shots."""
-    return min(shots, 4)
 
 
 def fit(features: np.ndarray, labels: np.ndarray, c: float) -> LogisticRegression:
@@ -69,9 +64,7 @@ def linear_probe(cache: FeatureCache, shots: int, seed: int) -> dict:
                                 "`fastcoop cache ... --splits train,val,test`")
     rows = cache.rows("train", shots, seed)
     train_x, train_y = _arrays(cache, "train", rows)
-    val_labels = cache.labels("val").numpy()
-    val_rows = np.array(sample_few_shot(val_labels.tolist(), validation_shots(shots), seed))
-    val_x, val_y = _arrays(cache, "val", val_rows)
+    val_x, val_y = _arrays(cache, "val", cache.rows("val", shots, seed))
     test_x, test_y = _arrays(cache, "test", None)
     c, classifier = search(train_x, train_y, val_x, val_y)
     return {"shots": shots, "seed": seed, "C": float(c), "val_top1": accuracy(classifier, val_x, val_y),

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from fastcoop.datasets import DATASETS, IMAGENET_VARIANTS
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import harmonic_mean
 from fastcoop.run_files import (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, check_complete, read_config,
@@ -35,10 +36,12 @@ def collect(run_dirs: list[Path]) -> list[dict]:
 
 
 def _transfer(config: dict, evaluations: dict) -> dict:
-    """Top-1 on other caches (`fastcoop eval RUN OTHER_CACHE`), by the cache's name (and split, if not test)."""
-    own = config["cache"]["path"]
+    """Top-1 on other datasets (`fastcoop eval RUN OTHER_CACHE`), by the dataset's name (and split, if not test);
+    a score on the run's own cache (another split or class half) is not a transfer score."""
+    own = config["cache"].get("identity")
     return {e["dataset"] + ("" if e["split"] == "test" else f" ({e['split']})"): e["top1"]
-            for e in evaluations.values() if e["cache"] != own}
+            for e in evaluations.values() if e.get("identity") != own and e["cache"] != config["cache"]["path"]
+            and e.get("classes", "all") == "all"}
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -58,25 +61,43 @@ def summary_table(rows: list[dict]) -> str:
                      f"{'CSC' if csc else 'unified'} | {position} | {init or 'random'} | {epochs} | "
                      f"{','.join(str(r['seed']) for r in runs)} | {percent([r['test'] for r in runs])} | "
                      + (new if base_to_new else "") + f"{seconds:.1f} |")
-    return "\n".join(lines + _transfer_table(groups))
+    columns = ["cache", "model", "method", "classes", "shots", "seeds"]
+    labelled = [([cache, model, method, classes, str(shots or "all"), ",".join(str(r["seed"]) for r in runs)], runs)
+                for (cache, model, _, method, classes, shots, *_), runs in groups.items()]
+    return "\n".join(lines + transfer_tables(columns, labelled))
 
 
-def _transfer_table(groups: dict[tuple, list[dict]]) -> list[str]:
-    """Cross-dataset and domain-shift results as CoCoOp tabulates them: each run's source, then every other cache
-    it was evaluated on, and their average (means over the seeds evaluated there)."""
-    targets = sorted({name for runs in groups.values() for r in runs for name in r["transfer"]})
-    if not targets:
-        return []
-    lines = ["", "Transfer: test top-1 on other caches (mean over seeds)", "",
-             "| source | model | method | classes | shots | seeds | " + " | ".join(targets) + " | average |",
-             "|" + " --- |" * (7 + len(targets))]
-    for key, runs in groups.items():
-        cache, model, _, method, classes, shots = key[:6]
-        means = [_mean([r["transfer"].get(t) for r in runs]) for t in targets]
-        lines.append(f"| {cache} | {model} | {method} | {classes} | {shots or 'all'} | "
-                     f"{','.join(str(r['seed']) for r in runs)} | {' | '.join(percent([m]) for m in means)} | "
-                     f"{percent([_mean(means)])} |")
+def transfer_tables(columns: list[str], groups: list[tuple[list[str], list[dict]]]) -> list[str]:
+    """The papers' transfer tables: domain generalisation (ImageNet's context on ImageNetV2, -Sketch, -A and -R)
+    and cross-dataset transfer (on every other dataset). A row per group of runs (its `columns` cells), with the
+    runs' own test top-1 as the source, then each target's and their average (means over the seeds evaluated
+    there); runs are dicts with 'test' and 'transfer' ({dataset: top-1})."""
+    targets = {name for _, runs in groups for r in runs for name in r.get("transfer", {})}
+    variants = [t for t in _in_paper_order(targets) if t in IMAGENET_VARIANTS]
+    others = [t for t in _in_paper_order(targets) if t not in IMAGENET_VARIANTS]
+    lines = []
+    for title, targets in (("Domain generalisation", variants), ("Cross-dataset transfer", others)):
+        if not targets:
+            continue
+        lines += ["", f"{title}: test top-1 on other datasets (mean over seeds)", "",
+                  "| " + " | ".join(columns) + " | source | " + " | ".join(_paper_name(t) for t in targets)
+                  + " | average |", "|" + " --- |" * (len(columns) + len(targets) + 2)]
+        for cells, runs in groups:
+            means = [_mean([r.get("transfer", {}).get(t) for r in runs]) for t in targets]
+            if any(m is not None for m in means):
+                lines.append("| " + " | ".join(cells) + f" | {percent([r['test'] for r in runs])} | "
+                             + " | ".join(percent([m]) for m in means) + f" | {percent([_mean(means)])} |")
     return lines
+
+
+def _in_paper_order(names: set[str]) -> list[str]:
+    """CoOp's datasets in the order of its tables, then any others by name."""
+    known = [n for n in DATASETS if n in names]
+    return known + sorted(names - set(known))
+
+
+def _paper_name(name: str) -> str:
+    return DATASETS[name].paper_name if name in DATASETS else name
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -156,7 +177,11 @@ def sweep_table(summaries: list[dict], names: list[str]) -> str:
         for method, (zero, cells) in average.items():
             lines.append(f"| average of {len(summaries)} | {method} | {percent([zero])} | "
                          + " | ".join(percent(cells.get(s, [])) for s in shots) + " |")
-    return "\n".join(lines)
+    groups: dict[tuple, list[dict]] = {}  # (dataset, variant, shots) → runs, for the runs evaluated elsewhere
+    for name, summary in zip(names, summaries):
+        for run in summary["runs"]:
+            groups.setdefault((name, run["variant"], str(run["shots"])), []).append(run)
+    return "\n".join(lines + transfer_tables(["dataset", "method", "shots"], [(list(k), v) for k, v in groups.items()]))
 
 
 def _sweep_rows(summary: dict) -> dict[str, tuple[float | None, dict[int, list[float]]]]:

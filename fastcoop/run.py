@@ -21,6 +21,7 @@ import fastcoop
 from fastcoop.cache import FeatureCache
 from fastcoop.config import TrainConfig
 from fastcoop.errors import FastCoopError
+from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel, load_model
 from fastcoop.outputs import check_writable
 from fastcoop.cocoop import new_learner
@@ -127,11 +128,16 @@ def record_evaluation(run_dir: Path, cache: FeatureCache, split: str, classes: s
     """Add (or renew) one evaluation in the run's evaluations.json, so that reports can show transfer tables; the
     run's own files are not touched."""
     evaluations = read_evaluations(run_dir)
-    evaluations[f"{Path(cache.path).name} {split} {classes}"] = {
-        "cache": str(Path(cache.path).resolve()), "dataset": Path(cache.path).stem, "identity": cache.identity(),
+    evaluations[evaluation_key(cache, split, classes)] = {
+        "cache": str(Path(cache.path).resolve()), "dataset": cache.dataset or Path(cache.path).stem,
+        "identity": cache.identity(),
         "split": split, "classes": classes, **scores}
     _atomic(Path(run_dir) / EVALUATIONS_FILE,
             lambda path: Path(path).write_text(json.dumps(evaluations, indent=2) + "\n"))
+
+
+def evaluation_key(cache: FeatureCache, split: str, classes: str) -> str:
+    return f"{Path(cache.path).name} {split} {classes}"
 
 
 def _write_prompt(run_dir: Path, learner: PromptLearner, params: dict[str, torch.Tensor]) -> None:
@@ -153,8 +159,10 @@ def _write_config(run_dir, result, cache, loaded, request, state, epochs_done) -
         "model": loaded.name, "pretrained": loaded.pretrained, "classnames": result.learner.classnames,
         "train": dataclasses.asdict(result.config), "request": request, "backends": vars(result.backends),
         "augmentation": result.augmentation,
-        "cache": {"path": str(Path(cache.path).resolve()), "identity": cache.identity()},
+        "cache": {"path": str(Path(cache.path).resolve()), "identity": cache.identity(), "dataset": cache.dataset},
     }
+    if cache.class_ids:  # for matching class-specific contexts to another cache's classes by id, not by name
+        config["class_ids"] = [cache.class_ids[k] for k in class_subset(len(cache.classnames), result.config.classes)]
     _atomic(run_dir / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
 
 
@@ -225,17 +233,25 @@ def _learner(loaded: LoadedModel, config: dict, classnames: list[str], params: d
     return new_learner(loaded.model, loaded.tokenizer, classnames, TrainConfig(**config["train"]), params).to(device)
 
 
-def with_classnames(run: Run, classnames: list[str]) -> Run:
+def with_classnames(run: Run, classnames: list[str], class_ids: list[str] | None = None) -> Run:
     """The run's learned context on other class names (unseen classes, another dataset): a context shared by all
-    classes carries over to any; a class-specific one only to classes the run has a context for (those rows)."""
+    classes carries over to any; a class-specific one only to classes the run has a context for (those rows),
+    matched by class id where both sides have them (ImageNet's wnids: two of its classes share a name), else by
+    name."""
     params = run.learner.trainable()
     if run.learner.csc:
-        known = run.learner.classnames
-        missing = [name for name in classnames if name not in known]
+        own_ids = run.config.get("class_ids")
+        by_id = bool(class_ids and own_ids)
+        known, wanted = (own_ids, class_ids) if by_id else (run.learner.classnames, classnames)
+        missing = [name for name, key in zip(classnames, wanted) if key not in known]
         if missing:
             shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
                                                                  else "")
             raise FastCoopError(f"this run learned a context per class (--csc) and has none for {shown}: it "
                                 "carries over only to a subset of its own classes")
-        params = {**params, "ctx": params["ctx"][[known.index(name) for name in classnames]]}
+        twice = [key for key in wanted if known.count(key) > 1]
+        if twice:
+            raise FastCoopError(f"this run learned a context per class (--csc) and has two classes named "
+                                f"'{twice[0]}': which context '{twice[0]}' takes is ambiguous without class ids")
+        params = {**params, "ctx": params["ctx"][[known.index(key) for key in wanted]]}
     return Run(run.config, run.loaded, _learner(run.loaded, run.config, classnames, params, run.learner.ctx.device))

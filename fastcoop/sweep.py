@@ -13,6 +13,7 @@ others. DIR/sweep.json records what the sweep is, so a different sweep never wri
 
 import json
 import statistics
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,13 +21,15 @@ from fastcoop.cache import FeatureCache
 from fastcoop.config import TrainConfig
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import evaluate_split, text_classifier
+from fastcoop.evaluate import evaluate_split, run_classifier, run_on_classes, text_classifier
 from fastcoop.fewshot import class_subset
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
 from fastcoop.report import sweep_curves, sweep_table
-from fastcoop.run_files import FIGURE_FILE, RESULTS_FILE, SUMMARY_FILE, SWEEP_FILE, TABLE_FILE, read_config
+from fastcoop.run import evaluation_key, load_run, record_evaluation
+from fastcoop.run_files import (FIGURE_FILE, RESULTS_FILE, SUMMARY_FILE, SWEEP_FILE, TABLE_FILE, read_config,
+                                read_evaluations)
 from fastcoop.zeroshot import zeroshot_classifier
 
 @dataclass(frozen=True)
@@ -58,11 +61,12 @@ def check_sweep_dir(out: Path, request: dict) -> None:
 
 def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[int], seeds: list[int],
               variants: list[Variant], base: TrainConfig, progress: bool = True, echo=print,
-              world: World = World(), stack: bool = True) -> dict | None:
+              world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = ()) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
     `stack`: new runs of one variant and shot count (they differ only in seed) train together, one text-encoder
-    pass per step for all of them. Under torchrun each rank trains every N-th run and the first writes the
-    summary (None elsewhere)."""
+    pass per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
+    generalisation, cross-dataset transfer), recorded in each run's evaluations and tabulated. Under torchrun
+    each rank trains every N-th run and the first writes the summary (None elsewhere)."""
     out = Path(out)
     runs = sweep_runs(cache, shots, seeds, variants)
     request = sweep_request(cache, shots, seeds, variants, base)
@@ -95,7 +99,8 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         scores = json.loads((run_dir / RESULTS_FILE).read_text())
         results.append({"variant": variant.name, "shots": s, "seed": seed, "run": str(run_dir),
                         "test": scores.get("test", {}).get("top1"),
-                        **({"test_new": scores["test_new"]["top1"]} if "test_new" in scores else {})})
+                        **({"test_new": scores["test_new"]["top1"]} if "test_new" in scores else {}),
+                        **({"transfer": _transfer(run_dir, loaded, eval_on)} if eval_on else {})})
     summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames), "method": base.method,
                "trained_on": base.classes, "runs": results,
                "zero_shot": _zero_shot(cache, loaded, base.device, base.classes)}
@@ -107,6 +112,25 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     (out / TABLE_FILE).write_text(sweep_table([summary], [out.name]) + "\n")
     plot_accuracy(summary, out / FIGURE_FILE, title=Path(cache.path).stem)
     return summary
+
+
+def _transfer(run_dir: Path, loaded: LoadedModel, caches: list[FeatureCache]) -> dict[str, float]:
+    """A run's test top-1 on each of `caches` (the whole test split, all its classes), recorded in the run's
+    evaluations as `fastcoop eval` records them; one measured before on the same cache is read back."""
+    evaluations, scores, run = read_evaluations(run_dir), {}, None
+    for cache in caches:
+        done = evaluations.get(evaluation_key(cache, "test", "all"))
+        if done is None or done.get("identity") != cache.identity():
+            run = run or load_run(run_dir, loaded=loaded)
+            try:
+                on_cache, classes = run_on_classes(run, cache, None)
+            except FastCoopError as exc:  # a class-specific context on classes it has none for
+                warnings.warn(f"{run_dir} is not tested on {cache.path}: {exc}")
+                continue
+            done = evaluate_split(cache, run_classifier(on_cache), "test", classes)
+            record_evaluation(run_dir, cache, "test", classes, done)
+        scores[cache.dataset or Path(cache.path).stem] = done["top1"]
+    return scores
 
 
 def sweep_request(cache, shots, seeds, variants, base: TrainConfig) -> dict:

@@ -10,7 +10,7 @@ import fastcoop.backends as backends
 from conftest import run_cli
 from fastcoop.backends import Backends, resolve
 from fastcoop.cache import extract_features
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.errors import FastCoopError
 
 

@@ -32,7 +32,7 @@ def test_the_split_and_relabelling_follow_the_published_rule():
 
 def test_train_on_base_then_test_on_base_and_new(tmp_path, capsys, tiny_vit, example_images):
     from fastcoop.cache import FeatureCache, extract_features
-    from fastcoop.data import read_dataset
+    from fastcoop.datasets import read_dataset
 
     cache = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1], views=1,
                              workers=0, progress=False)
@@ -67,7 +67,7 @@ def test_train_on_base_then_test_on_base_and_new(tmp_path, capsys, tiny_vit, exa
 
 def test_base_runs_record_new_and_h_and_report_shows_them(tmp_path, capsys, tiny_vit, example_images):
     from fastcoop.cache import extract_features
-    from fastcoop.data import read_dataset
+    from fastcoop.datasets import read_dataset
 
     cache = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1, 2],
                              views=1, workers=0, progress=False)
@@ -96,7 +96,7 @@ def test_cross_dataset_and_named_subset_evaluation(tmp_path, capsys, tiny_vit, e
     ImageNet-A and -R are of ImageNet): a shared context carries over to both, a class-specific one to the subset
     only, with its rows for those classes."""
     from fastcoop.cache import FeatureCache, extract_features
-    from fastcoop.data import read_dataset
+    from fastcoop.datasets import read_dataset
     from fastcoop.evaluate import evaluate_split, run_classifier
     from fastcoop.run import load_run, with_classnames
 

@@ -12,7 +12,7 @@ from torchvision import transforms
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.cache.extract import ImageViews, augment_transform, model_input, split_eval_transform, view_seed
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import sample_few_shot
 from fastcoop.models import load_model, preprocess_config, resolve_model_name

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import extract_features
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +15,10 @@ def written(tmp_path_factory, tiny_vit, example_images):
     extract_features(read_dataset(example_images), folder / "f.h5", tiny_vit, shots=2, seeds=[1], views=1,
                      batch_size=32, workers=0, progress=False)
     (folder / "notes.txt").write_text("a file where a folder is expected")
-    (folder / "flat" / "a_class").mkdir(parents=True)
-    (folder / "flat" / "a_class" / "x.jpg").write_bytes((example_images / "train" / "red_circle" / "000.jpg")
-                                                          .read_bytes())
+    for name in ("a_class", "b_class"):
+        (folder / "flat" / name).mkdir(parents=True)
+        (folder / "flat" / name / "x.jpg").write_bytes((example_images / "train" / "red_circle" / "000.jpg")
+                                                       .read_bytes())
     return folder
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import ctrl_c_after_epoch, relative, run_cli
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.cocoop import CoCoOpLearner, cocoop_logits
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.run import load_run
 from fastcoop.schedule import lr_at
 from fastcoop.train import TrainConfig, batches_per_epoch, train

@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import FeatureCache
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.errors import FastCoopError
 
 

@@ -7,13 +7,7 @@ from fastcoop.fewshot import sample_few_shot
 def published_rule(labels, shots, seed):
     """The published code's rule, written out independently: global random, classes by first appearance."""
     random.seed(seed)
-    tracker = defaultdict(list)
-    for i, label in enumerate(labels):
-        tracker[label].append(i)
-    out = []
-    for label, items in tracker.items():
-        out.extend(random.sample(items, shots) if len(items) >= shots else items)
-    return out
+    return published_rule_continuing(labels, shots)
 
 
 def test_same_images_as_published_rule():
@@ -30,3 +24,31 @@ def test_seeds_differ_and_counts_are_per_class():
     a, b = sample_few_shot(labels, 4, 1), sample_few_shot(labels, 4, 2)
     assert a != b and len(a) == 20
     assert sorted(labels[i] for i in a) == sorted(list(range(5)) * 4)
+
+
+def test_val_is_drawn_after_train_from_the_same_stream():
+    """CoOp's datasets call generate_fewshot_dataset on train, then on val with min(shots, 4), after one
+    set_random_seed: the val images depend on the train draws before them."""
+    from fastcoop.fewshot import sample_train_and_val
+
+    rng = random.Random(7)
+    train = [rng.randrange(6) for _ in range(300)]
+    val = [rng.randrange(6) for _ in range(60)] + [6]  # a class with a single val image
+    for seed in (1, 2, 3):
+        for shots in (1, 2, 4, 8, 16):
+            random.seed(seed)
+            expected_train = published_rule_continuing(train, shots)
+            expected_val = published_rule_continuing(val, min(shots, 4))
+            assert sample_train_and_val(train, val, shots, seed) == (expected_train, expected_val)
+    assert sample_train_and_val(train, val, 4, 1)[1] != sample_few_shot(val, 4, 1)  # not a fresh stream
+
+
+def published_rule_continuing(labels, shots):
+    """published_rule without seeding: the global stream as the previous draw left it."""
+    tracker = defaultdict(list)
+    for i, label in enumerate(labels):
+        tracker[label].append(i)
+    out = []
+    for label, items in tracker.items():
+        out.extend(random.sample(items, shots) if len(items) >= shots else items)
+    return out

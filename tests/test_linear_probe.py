@@ -73,9 +73,36 @@ def test_linear_probe_on_a_cache_and_its_cli(capsys, split_cache):
 
 def test_linear_probe_needs_a_val_split(tmp_path, capsys, tiny_vit, example_images):
     from fastcoop.cache import extract_features
-    from fastcoop.data import read_dataset
+    from fastcoop.datasets import read_dataset
 
     path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=2, seeds=[1], views=0,
                             workers=0, progress=False)
     code, _, err = run_cli(capsys, "linear-probe", path, "--shots", "2")
     assert code == 2 and "has no val split" in err and "--splits train,val,test" in err
+
+
+def test_its_val_images_are_those_coops_datasets_draw(tmp_path, capsys, example_images):
+    """The few-shot val images of (shots, seed): drawn as CoOp's datasets draw them, after the train images from
+    the same seeded stream (the published rule written out in coop_layouts, on the saved split). 9 images per
+    class split 4 / 4 / 1, so that both draws are random."""
+    import os
+
+    import coop_layouts as coop
+
+    for split in ("train", "test"):
+        for image in (example_images / split).glob("*/*.jpg"):
+            (tmp_path / "flat" / image.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, tmp_path / "flat" / image.parent.name / f"{split}-{image.name}")
+    code, _, err = run_cli(capsys, "cache", tmp_path / "flat", "--out", tmp_path / "f.h5", "--model", TINY_VIT,
+                           "--pretrained", "none", "--shots", "2", "--seeds", "1,2", "--views", "0", "--splits",
+                           "train,val,test", "--split-ratios", "0.4,0.4", "--workers", "0")
+    assert code == 0, err
+    published = coop.coop_split(tmp_path, "f.split.json", "flat")
+    assert len(published["train"]) == len(published["val"]) == 4 * 12
+    with FeatureCache(tmp_path / "f.h5") as cache:
+        for seed in (1, 2):
+            expected = coop.coop_few_shot(published, 2, seed)
+            for split in ("train", "val"):
+                paths = cache.paths(split)
+                got = [os.path.realpath(paths[i]) for i in cache.rows(split, 2, seed)]
+                assert got == [os.path.realpath(p) for p, _, _ in expected[split]]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import ctrl_c_after_epoch, run_cli
 from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at

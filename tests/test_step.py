@@ -9,7 +9,7 @@ from benchmarks.common import real_classnames
 from benchmarks.launches import GPU_BACKENDS, compile_requests, device_ops, triton_variants
 from conftest import DEVICE, needs_kernel
 from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.prompts import PromptLearner
 from fastcoop.step import TrainStep, coop_loss, sgd_update_
 from fastcoop.text_encoder import FastTextEncoder

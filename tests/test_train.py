@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.data import read_dataset
+from fastcoop.datasets import read_dataset
 from fastcoop.evaluate import run_text_features
 from fastcoop.predict import predict_images
 from fastcoop.run import load_run
