@@ -86,7 +86,7 @@ def read_imagefolder(root: Path) -> LabelledImages:
                             "the classes in a CSV (--layout csv --classnames FILE)")
     if len(class_dirs) == 1:
         raise FastCoopError(f"{root} has a single class folder, '{class_dirs[0]}', holding every image: a dataset "
-                            "needs a folder per class" + _coop_hint(root / class_dirs[0]))
+                            "needs a folder per class")
     labels = {name: i for i, name in enumerate(class_dirs)}
     data = LabelledImages([spoken(name) for name in class_dirs], layout="flat" if flat else "imagefolder")
     for split, folder in split_dirs.items():
@@ -142,12 +142,6 @@ def check_listed(paths: list[str], listed_in: str | Path) -> None:
     if missing:
         raise FastCoopError(f"{listed_in} lists {len(missing)} images that do not exist: "
                             + ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
-
-
-def _coop_hint(folder: Path) -> str:
-    """A pointer to CoOp's layout when a folder of images sits beside files that name its classes."""
-    beside = [name for name in ("variants.txt", "classnames.txt") if (folder.parent / name).is_file()]
-    return f" ({folder.parent} has {beside[0]}: point at that folder instead)" if beside else ""
 
 
 def read_coop_split(split_file: Path, image_root: str | Path | None = None) -> LabelledImages:

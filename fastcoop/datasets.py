@@ -85,7 +85,19 @@ def read_dataset(root: str | Path, layout: str = "auto", image_root: str | Path 
         raise FastCoopError(f"unknown layout '{layout}' (choose auto, imagefolder, coop or csv)")
     if layout == "csv" and root.is_dir():
         raise FastCoopError(f"--layout csv reads a .csv file; {root} is a folder")
-    return readers[layout]()
+    try:
+        return readers[layout]()
+    except FastCoopError as exc:
+        raise FastCoopError(f"{exc}{_coop_hint(root)}") from None
+
+
+def _coop_hint(root: Path) -> str:
+    """Where a generic reader failed on one of CoOp's dataset folders, or on a folder inside one: say so."""
+    for path, advice in ((root, "leave --layout out to read it as such"), (root.parent, f"point at {root.parent}")):
+        spec = recognise(path) if path.is_dir() else None
+        if spec is not None:
+            return f" ({path} is CoOp's {spec.name} folder: {advice})"
+    return ""
 
 
 def dataset_named(name: str) -> CoopDataset:

@@ -61,9 +61,10 @@ def summary_table(rows: list[dict]) -> str:
                      f"{'CSC' if csc else 'unified'} | {position} | {init or 'random'} | {epochs} | "
                      f"{','.join(str(r['seed']) for r in runs)} | {percent([r['test'] for r in runs])} | "
                      + (new if base_to_new else "") + f"{seconds:.1f} |")
-    columns = ["cache", "model", "method", "classes", "shots", "seeds"]
-    labelled = [([cache, model, method, classes, str(shots or "all"), ",".join(str(r["seed"]) for r in runs)], runs)
-                for (cache, model, _, method, classes, shots, *_), runs in groups.items()]
+    columns = ["cache", "model", "method", "context", "classes", "shots", "seeds"]
+    labelled = [([cache, model, method, f"M{n_ctx} {'CSC' if csc else 'unified'}", classes, str(shots or "all"),
+                  ",".join(str(r["seed"]) for r in runs)], runs)
+                for (cache, model, _, method, classes, shots, n_ctx, csc, *_), runs in groups.items()]
     return "\n".join(lines + transfer_tables(columns, labelled))
 
 

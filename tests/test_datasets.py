@@ -147,7 +147,9 @@ def _broken(tmp_path, case):
                 f.write("1234567 Boeing 9000\n")
             return folder, "names variant 'Boeing 9000', which is not in"
         if case == "fgvc_as_a_flat_folder":  # what reading it as a folder of classes would do
-            return folder, "a single class folder, 'images', holding every image.*has variants.txt"
+            return folder, "a single class folder, 'images', holding every image.*is CoOp's fgvc_aircraft folder: leave"
+        if case == "fgvc_images_folder":
+            return folder / "images", "has no class folders .*is CoOp's fgvc_aircraft folder: point at"
     if case.startswith("variant"):
         which = case.split("_")[1]
         folder = coop.make_imagenet_variant(data, which, rng)
@@ -165,7 +167,7 @@ def _broken(tmp_path, case):
 
 BROKEN = ["imagenet_no_classnames", "imagenet_wnid_not_named", "imagenet_val_lacks_a_class",
           "imagenet_images_folder", "imagenet_no_val", "fgvc_missing_images", "fgvc_no_variants",
-          "fgvc_unknown_variant", "fgvc_as_a_flat_folder", "variant_v2", "variant_a", "variant_sketch",
+          "fgvc_unknown_variant", "fgvc_as_a_flat_folder", "fgvc_images_folder", "variant_v2", "variant_a", "variant_sketch",
           "dtd_no_split_file"]
 
 
@@ -278,7 +280,7 @@ def test_a_run_on_imagenet_is_tested_on_its_variants_and_reported(tmp_path, caps
     targets = [sum(e[f"{t}.h5 test all"]["top1"] for e in evaluations) / 2 for t in ("imagenetv2", "sketch", "a", "r")]
     source = sum(r["test"]["top1"] for r in results) / 2
     std = lambda a, b: abs(a - b) / 2 ** 0.5  # noqa: E731  the sample std of two
-    expected = (f"| imagenet.h5 | tiny-vit | coop | all | 2 | 1,2 | {100 * source:.2f} ± "
+    expected = (f"| imagenet.h5 | tiny-vit | coop | M2 unified | all | 2 | 1,2 | {100 * source:.2f} ± "
                 f"{100 * std(*[r['test']['top1'] for r in results]):.2f} | "
                 + " | ".join(f"{100 * t:.2f}" for t in targets) + f" | {100 * sum(targets) / 4:.2f} |")
     assert expected in out
