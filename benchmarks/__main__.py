@@ -21,6 +21,7 @@ from benchmarks.exactness import run_exactness_section
 from benchmarks.full_run import (DATASETS, help_seconds, import_seconds, run_fastcoop_train, save_checkpoint,
                                  schedule)
 from benchmarks.kernel import run_kernel_section
+from benchmarks.protocol import SHAPES, run_protocol_section, startup_seconds
 from benchmarks.launches import device_ops, interpreted_step_device_ops
 from benchmarks.report import write_report
 from benchmarks.sweep import run_sweep_section
@@ -29,7 +30,7 @@ from benchmarks.step import run_step_section, step_variants, time_breakdown, tra
 from fastcoop.models import load_model
 
 # the default order: the most telling first, so that a run cut short keeps them
-SECTIONS = ("step", "exactness", "full_run", "cocoop", "cache", "sweep", "kernel", "attention")
+SECTIONS = ("step", "exactness", "full_run", "protocol", "cocoop", "cache", "sweep", "kernel", "attention")
 
 
 def plan(name: str, device: str) -> dict:
@@ -43,13 +44,14 @@ def plan(name: str, device: str) -> dict:
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
                 "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None)],
+                "protocol": [("caltech101", False)],
                 "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101")}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
                 "breakdown": ("ViT-B-16", 100), "device_ops": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
-                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)],
+                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)], "protocol": [("eurosat", True)],
                 "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat")}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
@@ -61,6 +63,8 @@ def plan(name: str, device: str) -> dict:
             "cache": ("ViT-B-16", 1000, 200, 512) if device.startswith("cuda") else ("ViT-B-16", 32, 15, 64),
             "sweep": [(d, None) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
             else [("eurosat", 2), ("caltech101", 1)],
+            "protocol": [(d, False) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
+            else [("eurosat", True)],
             "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "imagenet") if device.startswith("cuda")
             else ("ViT-B-16", 37, [1, 4], 256, "eurosat")}
 
@@ -222,13 +226,25 @@ def main():
             seeds = [1, 2] if epochs else [1, 2, 3]
             result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs))
             save("sweep")
+    def run_protocol():
+        result["protocol"] = []
+        loaded = load_model("ViT-B-16", "none", args.device)
+        startup = startup_seconds()
+        for dataset, quick in todo["protocol"]:
+            step_ms = published_step_ms(SHAPES[dataset][0], args.device, todo["repeats"], loaded)
+            result["protocol"].append(run_protocol_section(dataset, args.device, step_ms, startup, quick))
+            _note(result, "Published protocol times are estimates: the published step time (no data loading) × "
+                          "the runs' steps, plus one start-up (importing torch and open_clip) per run; fastcoop's "
+                          "are its two commands' whole processes on generated JPEGs.")
+            save("protocol")
     def run_cocoop():
         model, k, batches, eval_images, dataset = todo["cocoop"]
         result["cocoop"] = run_cocoop_section(model, k, batches, eval_images, dataset, args.device, todo["repeats"])
         save("cocoop")
 
     runners = {"step": run_step, "kernel": run_kernel, "attention": run_attention, "exactness": run_exactness,
-               "full_run": run_full_run, "cache": run_cache, "sweep": run_sweep, "cocoop": run_cocoop}
+               "full_run": run_full_run, "cache": run_cache, "sweep": run_sweep, "cocoop": run_cocoop,
+               "protocol": run_protocol}
     for section in sections:  # in the order named: a run cut short keeps the first ones
         runners[section]()
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastcoop.cache.extract import (ImageViews, augment_transform, default_workers, model_input,
-                                    split_eval_transform)
+from fastcoop.cache.extract import default_workers
+from fastcoop.cache.crops import crop_boxes, resized_crops
+from fastcoop.cache.views import ImageViews, model_input, split_eval_transform, view_seed
 from fastcoop.devices import autocast_dtype
 from fastcoop.models import load_model, preprocess_config
 
@@ -34,16 +35,41 @@ def write_jpegs(root: Path, images: int, classes: int = 10, size=(500, 375)) -> 
     return root
 
 
-def decode_views_per_second(paths: list[str], loaded, views: int, workers: int) -> float:
-    """Views per second that `workers` processes decode and crop, the encoder left out."""
+def decode_views_per_second(paths: list[str], loaded, views: int, workers: int, engine: str = "pil") -> float:
+    """Views per second that `workers` processes hand over, the encoder left out: decoded and cut ('pil'), or
+    decoded with their boxes drawn ('device', which cuts them where the encoder runs)."""
     pre = preprocess_config(loaded.model)
     eval_image, _ = split_eval_transform(loaded.preprocess)
-    dataset = ImageViews(paths, eval_image, augment_transform(pre), views, "train", pre["size"])
+    dataset = ImageViews(paths, eval_image, views, "train", pre["size"], engine)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers)
     start = time.perf_counter()
     for _ in loader:
         pass
     return len(paths) * (1 + views) / (time.perf_counter() - start)
+
+
+def device_crop_views_per_second(paths: list[str], loaded, views: int, device: str, images: int = 8) -> float:
+    """Views per second that the 'device' crop engine cuts from decoded images already on the device."""
+    pre = preprocess_config(loaded.model)
+    decoded = []
+    for i, path in enumerate(paths[:images]):
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        seeds = [view_seed("train", i, v) for v in range(1, 1 + views)]
+        decoded.append((torch.from_numpy(np.array(rgb)).permute(2, 0, 1).to(device),
+                        *crop_boxes(rgb.height, rgb.width, seeds, pre["size"])))
+    resized_crops(*decoded[0], pre["size"])  # warm-up
+    _synchronize(device)
+    start = time.perf_counter()
+    for image, boxes, flips in decoded:
+        resized_crops(image, boxes, flips, pre["size"])
+    _synchronize(device)
+    return len(decoded) * views / (time.perf_counter() - start)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def encoder_views_per_second(loaded, device: str, batch: int, precision: str, repeats: int) -> tuple[float, float]:
@@ -79,7 +105,9 @@ def run_cache_section(device: str, model: str, images: int, views: int, batch: i
         root = write_jpegs(Path(tmp) / "images", images)
         paths = sorted(str(p) for p in root.rglob("*.jpg"))
         random.Random(0).shuffle(paths)
-        decode = decode_views_per_second(paths, loaded, views, workers)
+        crops = "device" if device.startswith("cuda") else "pil"  # what `fastcoop cache` picks by default
+        decode = decode_views_per_second(paths, loaded, views, workers, crops)
+        device_crops = device_crop_views_per_second(paths, loaded, views, device) if crops == "device" else None
         encoder, encoder_gb = encoder_views_per_second(loaded, device, batch, precision, repeats)
         command = [sys.executable, "-m", "fastcoop", "cache", str(root), "--out", str(Path(tmp) / "f.h5"),
                    "--model", model, "--pretrained", "none", "--shots", "all", "--splits", "train", "--split-ratios", "none",
@@ -94,6 +122,7 @@ def run_cache_section(device: str, model: str, images: int, views: int, batch: i
         file_gb = (Path(tmp) / "f.h5").stat().st_size / 1e9
     total = images * (1 + views)
     row = {"model": model, "images": images, "views_per_image": 1 + views, "batch": batch, "workers": workers,
+           "crops": crops, "device_crop_views_per_s": device_crops,
            "precision": precision, "process_seconds": wall, "images_per_s": images / wall,
            "views_per_s": total / wall, "extract_seconds": float(match.group(1)) if match else None, "decode_views_per_s": decode, "encoder_views_per_s": encoder,
            "process_vs_encoder": total / wall / encoder, "peak_rss_gb": peak_rss, "encoder_gpu_gb": encoder_gb,
@@ -102,5 +131,6 @@ def run_cache_section(device: str, model: str, images: int, views: int, batch: i
     print(f"  cache {model}, {images} JPEGs × {1 + views} views: {wall:.1f} s for the whole command, "
           f"{row['extract_seconds']} s extracting "
           f"({row['views_per_s']:.1f} views/s = {row['process_vs_encoder']:.0%} of the encoder alone, "
-          f"{encoder:.1f} views/s); decode + crop alone with {workers} workers {decode:.0f} views/s", flush=True)
+          f"{encoder:.1f} views/s); the workers alone ({crops} crops) {decode:.0f} views/s"
+          + (f", device crops alone {device_crops:.0f} views/s" if device_crops else ""), flush=True)
     return row

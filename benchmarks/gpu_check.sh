@@ -30,7 +30,8 @@ if ! python3 benchmarks/bytecode.py torch open_clip >/dev/null; then
   unset PYTHONDONTWRITEBYTECODE
   echo "bytecode: not cached here; written to $PYTHONPYCACHEPREFIX by the first imports" | tee -a "$OUT/gpu.txt"
 fi
-# most telling first: graph == eager (CoOp and CoCoOp, stacked), the fused norm, the whole fast path on CUDA
+# most telling first: graph == eager (CoOp and CoCoOp, stacked), the device crops against PIL's on the GPU, the
+# fused norm, the whole fast path on CUDA
 # (without its FlexAttention cases, which compile for tens of seconds each), then the kernels' own matrices; one
 # line per test, so a part cut short by its limit still says what passed. A shorter recheck names its own:
 # FASTCOOP_TESTS (test files, space-separated) with FASTCOOP_TEST_K (a pytest -k expression), FASTCOOP_SECTIONS
@@ -40,12 +41,13 @@ if [ -n "${FASTCOOP_TESTS:-}" ]; then
   read -r -a tests <<< "$FASTCOOP_TESTS"
   tests+=(-k "${FASTCOOP_TEST_K:-not real_rn50 and not real_vit_b16}")
 else
-  tests=(tests/test_step.py tests/test_add_layer_norm.py tests/test_text_encoder.py tests/test_cosine_ce.py
-         tests/test_quick_gelu.py tests/test_mlp.py tests/test_prefix_attention.py
+  tests=(tests/test_step.py tests/test_crops.py tests/test_add_layer_norm.py tests/test_text_encoder.py
+         tests/test_cosine_ce.py tests/test_quick_gelu.py tests/test_mlp.py tests/test_prefix_attention.py
          -k "not real_rn50 and not real_vit_b16 and not flex")
 fi
 timeout "${FASTCOOP_TEST_SECONDS:-150}" python3 -m pytest -v --tb=short -p no:cacheprovider "${tests[@]}" 2>&1 \
   | tee "$OUT/tests.log"
 timeout "${FASTCOOP_BENCH_SECONDS:-380}" python3 -m benchmarks --device cuda --plan headline --out "$OUT/results" \
-  --sections "${FASTCOOP_SECTIONS:-step,full_run,exactness,cocoop,attention,kernel,cache}" 2>&1 | tee "$OUT/bench.log"
+  --sections "${FASTCOOP_SECTIONS:-step,protocol,full_run,cache,exactness,cocoop,attention,kernel}" 2>&1 \
+  | tee "$OUT/bench.log"
 rm -f "$OUT"/results/*.png "$OUT/results/README.md"  # made again from the JSON

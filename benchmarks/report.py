@@ -141,12 +141,15 @@ def cocoop_table(rows: list[dict]) -> list[str]:
 
 
 def cache_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | JPEGs (500×375) | views each | batch | workers | whole command s | of it extracting s | "
-             "views/s (whole / extracting) | decode + crop alone views/s | encoder alone views/s | extracting ÷ "
-             "encoder | peak RSS GB | file GB |", "|" + " --- |" * 13]
+    lines = ["| model | JPEGs (500×375) | views each | batch | workers | crops | whole command s | of it extracting s | "
+             "views/s (whole / extracting) | workers alone views/s | encoder alone views/s | extracting ÷ "
+             "encoder | peak RSS GB | file GB |", "|" + " --- |" * 14]
     for r in rows:
         ratio = r["extract_views_per_s"] / r["encoder_views_per_s"] if r.get("extract_views_per_s") else None
+        crops = r.get("crops", "pil") + (f" ({fmt(r['device_crop_views_per_s'], 0)} views/s alone)"
+                                         if r.get("device_crop_views_per_s") else "")
         lines.append(f"| {r['model']} | {r['images']} | {r['views_per_image']} | {r['batch']} | {r['workers']} | "
+                     f"{crops} | "
                      f"{fmt(r['process_seconds'])} | {fmt(r.get('extract_seconds'))} | {fmt(r['views_per_s'])} / "
                      f"{fmt(r.get('extract_views_per_s'))} | {fmt(r['decode_views_per_s'])} | "
                      f"{fmt(r['encoder_views_per_s'])} | {'–' if ratio is None else f'{ratio:.0%}'} | "
@@ -163,6 +166,21 @@ def sweep_table(rows: list[dict]) -> list[str]:
                      f"{fmt(r['sweep_seconds'])} | {fmt(r.get('unstacked_sweep_seconds'))} | "
                      f"{fmt(r['separate_seconds'])} | {r['separate_vs_sweep']:.1f}× | "
                      f"{fmt(r['published_estimate_seconds'], 0)} |")
+    return lines
+
+
+def protocol_table(rows: list[dict]) -> list[str]:
+    lines = ["| dataset | K | runs | JPEGs per class (train / test), size | `fastcoop cache` s | `fastcoop sweep` s | "
+             "protocol s | published estimate s (steps × step + start-ups) | published ÷ protocol |",
+             "|" + " --- |" * 9]
+    for r in rows:
+        width, height = r["image_size"]
+        lines.append(f"| {r['dataset']}{' (quick)' if r['quick'] else ''} | {r['classes']} | {r['runs']} | "
+                     f"{r['train_images_per_class']} / {r['test_images_per_class']}, {width}×{height} | "
+                     f"{fmt(r['cache_seconds'])} | {fmt(r['sweep_seconds'])} | **{fmt(r['protocol_seconds'])}** | "
+                     f"{fmt(r['published_estimate_seconds'], 0)} ({r['steps']} × {fmt(r['published_step_ms'])} ms + "
+                     f"{r['runs']} × {fmt(r['published_startup_seconds'])} s) | "
+                     f"{r['published_vs_protocol']:.1f}× |")
     return lines
 
 
@@ -261,7 +279,9 @@ def write_report(results_dir: Path, readme: Path) -> None:
         result = json.loads(path.read_text())
         env, slug = result["environment"], path.stem
         lines += [f"## {device_title(env)}", "", f"Raw numbers in `{where}/{path.name}`.", ""]
-        for title, key, table in (("Step time", "step", step_table),
+        for title, key, table in (("The protocol of one dataset, as a user waits for it: `fastcoop cache` of JPEGs "
+                                   "+ `fastcoop sweep` of its 15 runs", "protocol", protocol_table),
+                                  ("Step time", "step", step_table),
                                   ("Memory of a training run", "training_memory", memory_table),
                                   ("Where the step's GPU time goes", "profile", profile_table),
                                   ("What the GPU step launches, counted on the CPU (its Triton kernels interpreted)",

@@ -1,15 +1,18 @@
-"""Feature extraction: every image decoded once, all its views cut from the decoded image, encoded by the frozen
-image encoder, written to HDF5 batch by batch.
+"""Feature extraction: every image decoded once, all its views cut from the decoded image (views.py), encoded by
+the frozen image encoder, written to HDF5 batch by batch.
 
-Worker processes decode and crop, and hand over uint8 pixels (a quarter of float32's bytes to move); the tensor
-conversion and CLIP normalisation run batched where the encoder runs, with the same operations in the same order
-as torchvision's ToTensor + Normalize. Augmented views are seeded per (split, row, view), so a view does not
-depend on batching, workers or processes.
+Worker processes decode (and, with the 'pil' crop engine, crop) and hand over uint8 pixels (a quarter of
+float32's bytes to move); with the 'device' engine the views are cut where the encoder runs. The tensor conversion
+and CLIP normalisation run batched there, with the same operations in the same order as torchvision's ToTensor +
+Normalize. Augmented views are seeded per (split, row, view), so a view does not depend on batching, workers or
+processes.
 
 The output is written as FILE.partial and renamed when complete, so a half-written file is never taken for a
 finished one. Each batch is flushed with a row counter; the same command run again resumes after the last flushed
-batch and gives the same file as an uninterrupted run. Under torchrun each rank encodes every N-th batch and rank 0
-writes them in order: the batches, and so the file, are those of a one-process run.
+batch and gives the same file as an uninterrupted run (with another --batch-size too, as after running out of GPU
+memory: the views are the same, and the features differ at most by the encoder's rounding at another batch
+shape). A partial file made with other settings is refused, naming them. Under torchrun each rank encodes every
+N-th batch and rank 0 writes them in order: the batches, and so the file, are those of a one-process run.
 """
 
 import errno
@@ -19,20 +22,17 @@ import math
 import os
 import time
 import warnings
-import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import h5py
 import numpy as np
 import open_clip
 import torch
-from PIL import Image
-from torchvision import transforms
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from fastcoop.cache.store import SCHEMA_VERSION, identity
+from fastcoop.cache.views import AUGMENT_SEED, ENGINES, ImageViews, cut_views, model_input, split_eval_transform
 from fastcoop.data import LabelledImages
 from fastcoop.devices import autocast_dtype
 from fastcoop.distributed import World
@@ -41,70 +41,14 @@ from fastcoop.fewshot import sample_train_and_val, subset_key
 from fastcoop.models import LoadedModel, preprocess_config
 from fastcoop.schedule import published_epochs
 
-AUGMENT_SEED = 0
 CHUNK_BYTES = 1 << 20
 STRING = h5py.string_dtype()
-
-
-def augment_transform(pre: dict) -> transforms.Compose:
-    """CoOp's training augmentation on a decoded image: random resized crop (scale 0.08–1, ratio 3/4–4/3,
-    bicubic, which PIL antialiases), then a horizontal flip with p = 0.5. Tensor conversion and CLIP's
-    normalisation follow in `model_input`."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(pre["size"], scale=(0.08, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-    ])
-
-
-def split_eval_transform(preprocess: transforms.Compose) -> tuple[transforms.Compose, transforms.Normalize]:
-    """The model's eval transform as (its image part: resize, crop, mode; its Normalize). open_clip's transforms
-    end in ToTensor + Normalize; anything else is refused rather than guessed."""
-    steps = list(preprocess.transforms)
-    if len(steps) < 2 or not isinstance(steps[-2], transforms.ToTensor) or \
-            not isinstance(steps[-1], transforms.Normalize):
-        raise FastCoopError(f"the model's image transform does not end in ToTensor + Normalize: {preprocess}")
-    return transforms.Compose(steps[:-2]), steps[-1]
 
 
 def auto_views(shots: list[int] | None, num_classes: int) -> int:
     """Augmented views per train image for a fresh view in every epoch of the longest published schedule that
     uses them."""
     return max(published_epochs(s, num_classes) for s in shots or [None])
-
-
-def model_input(pixels: torch.Tensor, normalize: transforms.Normalize) -> torch.Tensor:
-    """uint8 (..., 3, H, W) → the encoder's input, by ToTensor's and Normalize's own operations (÷255 in the
-    default float dtype, then − mean, ÷ std): bit for bit the per-image transform's result on the same device."""
-    return TF.normalize(pixels.to(torch.get_default_dtype()).div(255), normalize.mean, normalize.std)
-
-
-class ImageViews(torch.utils.data.Dataset):
-    """Row → (uint8 views (1 + views, 3, H, W): the eval view, then the augmented ones; row; decode error or '')."""
-
-    def __init__(self, paths, eval_transform, augment, views: int, split: str, size):
-        self.paths, self.eval_transform, self.augment = paths, eval_transform, augment
-        self.views, self.split, self.size = views, split, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, row):
-        try:
-            with Image.open(self.paths[row]) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return torch.zeros(1 + self.views, 3, *self.size, dtype=torch.uint8), row, f"{type(exc).__name__}: {exc}"
-        views = [TF.pil_to_tensor(self.eval_transform(image))]
-        with torch.random.fork_rng(devices=[]):
-            for view in range(1, 1 + self.views):
-                torch.manual_seed(view_seed(self.split, row, view))
-                views.append(TF.pil_to_tensor(self.augment(image)))
-        return torch.stack(views), row, ""
-
-
-def view_seed(split: str, row: int, view: int) -> int:
-    return zlib.crc32(f"{AUGMENT_SEED}/{split}/{row}/{view}".encode())
 
 
 def dataset_fingerprint(data: LabelledImages) -> str:
@@ -148,6 +92,14 @@ def feature_chunks(views: int, n: int, dim: int, images_per_batch: int) -> tuple
     return views, min(n, rows), dim
 
 
+def crop_engine(crops: str, device: str) -> str:
+    """'auto' → 'device' on a GPU (the views cut where the encoder runs), 'pil' on the CPU (where PIL's own
+    crops cost the cores no more)."""
+    if crops not in ("auto", *ENGINES):
+        raise FastCoopError(f"--crops takes auto, {', '.join(ENGINES)}, not '{crops}'")
+    return ("device" if device.startswith("cuda") else "pil") if crops == "auto" else crops
+
+
 def default_workers(device: str) -> int:
     """Decode-and-crop workers, from the cores this process may use, shared among torchrun's processes on the
     node. Encoding on a GPU: one per core but one (the process feeding the GPU keeps it), at most 32, since the
@@ -163,12 +115,15 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
                      batch_size: int = 256,
                      workers: int | None = None, device: str = "cpu", precision: str = "fp32",
                      skip_bad: bool = False, overwrite: bool = False, progress: bool = True,
-                     world: World = World()) -> Path:
+                     world: World = World(), crops: str = "auto", verbose: bool = False) -> Path:
     """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file.
 
     `shots`: a shot count or several (their subsets share the cached images), None for the whole train split.
     `views`: augmented views per train image besides the eval view; "auto" gives one per epoch of the longest
-    published schedule among `shots`. `batch_size`: views per encoder call (an image's views stay in one batch)."""
+    published schedule among `shots`. `batch_size`: views per encoder call (an image's views stay in one batch).
+    `crops`: where the augmented views are cut, 'pil' (in the decoding workers, the published computation) or
+    'device' (where the encoder runs, equal to PIL's); 'auto' is 'device' on a GPU. `verbose`: the progress bar
+    also shows each stage's share of the time, and the end says where it went."""
     out = Path(out)
     missing = [s for s in splits if s not in data.splits]
     if len(missing) == len(splits):
@@ -180,8 +135,11 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
                                                                             else set(shots))
     if views == "auto":
         views = auto_views(shot_list, len(data.classnames)) if "train" in splits else 0
+    engine = crop_engine(crops, device) if views else "pil"
     pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
                                              "augment": "RandomResizedCrop(0.08-1, bicubic)+HFlip"}
+    if engine == "device":  # recorded only where it is not the published computation, PIL's
+        pre["crops"] = "device"
     rows, subsets, short = plan_rows(data, splits, shot_list, list(seeds))
     attrs = {
         "schema_version": SCHEMA_VERSION, "model": loaded.name, "pretrained": loaded.pretrained,
@@ -196,7 +154,7 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     }
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
     job = _Job(loaded, pre, views_of, batch_size, default_workers(device) if workers is None else workers, device,
-               precision, skip_bad, progress and world.is_writer, world)
+               precision, skip_bad, progress and world.is_writer, world, engine, verbose)
     partial = out.with_name(out.name + ".partial")
     plan, f = None, None
     if world.is_writer:
@@ -219,13 +177,14 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
             skipped = _drop_skipped(f, splits)
             if skipped:
                 f.create_dataset("skipped", data=skipped, dtype=STRING)
-            del f.attrs["batch_size"]
             f.attrs["complete"] = True
     finally:
         if f is not None:
             f.close()
     if world.is_writer:
         os.replace(partial, out)
+        if verbose and job.stages.seconds:
+            tqdm.write(f"time: {job.stages.describe(seconds=True)}")
     world.from_writer(None)  # every rank returns once the file is in place
     return out
 
@@ -239,11 +198,15 @@ def _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets):
             raise FastCoopError(f"{out} exists and was made with other settings ({_differences(out, attrs)}); "
                                 "choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if partial.exists() and not _matches(partial, attrs | {"batch_size": job.batch_size}):
-        partial.unlink()  # our own unfinished file, from another command: start over
+    if partial.exists() and not _matches(partial, attrs):
+        differences = _differences(partial, attrs)
+        if not overwrite and differences != "unreadable":  # an unreadable one (a kill mid-write) cannot resume
+            raise FastCoopError(f"{partial} is an unfinished cache made with other settings ({differences}); run "
+                                "its command again to finish it, or pass --overwrite to start over")
+        partial.unlink()
     f = h5py.File(partial, "a", rdcc_nbytes=64 * CHUNK_BYTES)  # a chunk being filled stays in memory
     if "schema_version" not in f.attrs:
-        f.attrs.update(attrs | {"batch_size": job.batch_size, "complete": False})
+        f.attrs.update(attrs | {"complete": False})
     done = {}
     for split, split_rows in rows.items():
         items = [data.split(split)[i] for i in split_rows]
@@ -266,9 +229,11 @@ def _disk_full(exc: Exception) -> bool:
 class _Job:
     """What every split's extraction shares: the model, its transforms, the batching and the writer."""
 
-    def __init__(self, loaded, pre, views_of, batch_size, workers, device, precision, skip_bad, progress, world):
+    def __init__(self, loaded, pre, views_of, batch_size, workers, device, precision, skip_bad, progress, world,
+                 engine="pil", verbose=False):
         self.loaded, self.pre, self.views_of, self.batch_size = loaded, pre, views_of, batch_size
         self.workers, self.device, self.skip_bad, self.progress, self.world = workers, device, skip_bad, progress, world
+        self.engine, self.verbose, self.stages = engine, verbose, Stages(synchronize=verbose)
         self.eval_image, self.normalize = split_eval_transform(loaded.preprocess)
         dtype = autocast_dtype(precision)
         self.autocast = torch.autocast("cuda", dtype=dtype) if dtype and device.startswith("cuda") else nullcontext()
@@ -279,9 +244,14 @@ class _Job:
     def encode(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 (images, views, 3, H, W) → float16 features (views, images, D), `batch_size` views per call."""
         flat = pixels.to(self.device, non_blocking=True).flatten(0, 1)
-        with torch.no_grad(), self.autocast:
-            feats = torch.cat([self.loaded.model.encode_image(model_input(chunk, self.normalize)).float()
-                               for chunk in flat.split(self.batch_size)])
+        try:
+            with torch.no_grad(), self.autocast:
+                feats = torch.cat([self.loaded.model.encode_image(model_input(chunk, self.normalize)).float()
+                                   for chunk in flat.split(self.batch_size)])
+        except torch.cuda.OutOfMemoryError:
+            raise FastCoopError(f"out of GPU memory encoding {self.batch_size} views per call: run the same command "
+                                f"with --batch-size {max(1, self.batch_size // 2)} (it goes on after the images "
+                                "already written)") from None
         return feats.view(len(pixels), pixels.shape[1], -1).transpose(0, 1).cpu().numpy().astype(np.float16)
 
     def prepare_split(self, f, split, items, subsets) -> int:
@@ -329,11 +299,11 @@ class _Job:
             return
         step = self.images_per_batch(split)
         batches = [list(range(lo, min(lo + step, n))) for lo in range(start, n, step)]
-        dataset = ImageViews([p for p, _ in items], self.eval_image, augment_transform(self.pre), per_image - 1,
-                             split, self.pre["size"])
+        engine = self.engine if per_image > 1 else "pil"  # nothing to cut without augmented views
+        dataset = ImageViews([p for p, _ in items], self.eval_image, per_image - 1, split, self.pre["size"], engine)
         mine = batches[world.rank::world.size]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=min(self.workers, len(mine)),
-                                             pin_memory=self.device.startswith("cuda"))
+                                             collate_fn=dataset.collate, pin_memory=self.device.startswith("cuda"))
         group = f[split] if f is not None else None
         bar = tqdm(total=n, initial=start, desc=f"encode {split}", unit="img", disable=not self.progress)
         with bar:
@@ -342,14 +312,20 @@ class _Job:
                 has_batch = first + world.rank < len(batches)
                 payload = None
                 if has_batch:
-                    pixels, rows, errors = next(batch_iter)
-                    payload = (int(rows[0]), int(rows[-1]) + 1, self.encode(pixels), list(errors))
+                    with self.stages.timing("decode"):  # waiting for the workers
+                        *pixels, rows, errors = next(batch_iter)
+                    if engine == "device":
+                        with self.stages.timing("crop", self.device):
+                            pixels = [cut_views(*pixels, self.pre["size"], self.device)]
+                    with self.stages.timing("encode"):
+                        payload = (int(rows[0]), int(rows[-1]) + 1, self.encode(pixels[0]), list(errors))
                 gathered = world.gather_to_writer(payload)
                 failure = None
                 if group is not None:
                     try:
-                        failure = self._write(f, group, items, [p for p in gathered if p is not None], bar,
-                                              per_image)
+                        with self.stages.timing("write"):
+                            failure = self._write(f, group, items, [p for p in gathered if p is not None], bar,
+                                                  per_image)
                     except OSError as exc:
                         failure = _failure(exc, Path(f.filename))
                 failure = world.from_writer(failure)
@@ -370,8 +346,33 @@ class _Job:
             bar.update(hi - lo)
         rate = bar.format_dict.get("rate")
         if rate:
-            bar.set_postfix_str(f"{rate * per_image:,.0f} views/s", refresh=False)
+            bar.set_postfix_str(f"{rate * per_image:,.0f} views/s"
+                                + (f", {self.stages.describe()}" if self.verbose else ""), refresh=False)
         return None
+
+
+class Stages:
+    """Seconds spent in each stage of extraction (waiting for decoded images, cutting views, encoding, writing):
+    the largest share is the stage the others wait on. `synchronize`: wait for the device at the end of each stage, so that
+    its asynchronous work is counted where it was launched (costs a little overlap; for --verbose)."""
+
+    def __init__(self, synchronize: bool = False):
+        self.seconds: dict[str, float] = {}
+        self.synchronize = synchronize
+
+    @contextmanager
+    def timing(self, stage: str, device: str = "cpu"):
+        start = time.perf_counter()
+        yield
+        if self.synchronize and device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def describe(self, seconds: bool = False) -> str:
+        """'decode 74%, encode 25%, write 1%' (with seconds: 'decode 0.5 s (74%), ...')."""
+        total = sum(self.seconds.values()) or 1.0
+        return ", ".join(f"{name} {t:.1f} s ({t / total:.0%})" if seconds else f"{name} {t / total:.0%}"
+                         for name, t in self.seconds.items())
 
 
 def write_rows(group: h5py.Group, lo: int, hi: int, feats: np.ndarray, bad: list[int]) -> None:
@@ -401,6 +402,8 @@ def _differences(path: Path, attrs: dict) -> str:
             continue
         if key in ("preprocessing", "subsets_requested") and theirs[key]:  # JSON: name the fields that differ
             a, b = json.loads(theirs[key]), json.loads(ours[key])
+            if key == "preprocessing":  # views cut by PIL record no engine
+                a.setdefault("crops", "pil"), b.setdefault("crops", "pil")
             parts += [f"{k}: {a.get(k)} → {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
         elif key == "dataset_fingerprint":
             parts.append("the images or labels")
@@ -412,8 +415,7 @@ def _differences(path: Path, attrs: dict) -> str:
 def _matches(path: Path, attrs: dict) -> bool:
     try:
         with h5py.File(path, "r") as f:
-            same_batches = "batch_size" not in attrs or f.attrs.get("batch_size") == attrs["batch_size"]
-            return identity(f.attrs) == identity(attrs) and same_batches
+            return identity(f.attrs) == identity(attrs)
     except OSError:
         return False  # unreadable (e.g. killed mid-write): not a match
 

@@ -111,7 +111,7 @@ def recognise(root: Path) -> CoopDataset | None:
     if root.is_file():
         return next((d for d in DATASETS.values() if d.split_file and d.split_file == root.name), None)
     by_name = next((d for d in DATASETS.values() if d.folder == root.name), None)
-    if by_name is not None:
+    if by_name is not None and _has_a_mark_of(root, by_name):
         return by_name
     for spec in DATASETS.values():
         if spec.split_file and (root / spec.split_file).is_file():
@@ -127,6 +127,15 @@ def recognise(root: Path) -> CoopDataset | None:
     if images.is_dir() and ((root / CLASSNAMES_FILE).is_file() or _wnid_folders(images)):
         return DATASETS["imagenet_sketch"]
     return None
+
+
+def _has_a_mark_of(root: Path, spec: CoopDataset) -> bool:
+    """Whether a folder named as one of CoOp's holds anything of that dataset's layout (its split file, image
+    folder or list files); a folder of someone's own data that only shares the name is read as what it is."""
+    marks = [spec.split_file, spec.image_dir, "cars_train" if spec.name == "stanford_cars" else "",
+             *((CLASSNAMES_FILE,) if spec.name.startswith("imagenet") else ()),
+             *(("variants.txt", *FGVC_SPLITS.values()) if spec.name == "fgvc_aircraft" else ())]
+    return any(mark and (root / mark).exists() for mark in marks)
 
 
 def read_coop_dataset(folder: Path, spec: CoopDataset, image_root: str | Path | None = None) -> LabelledImages:

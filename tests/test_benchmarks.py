@@ -33,3 +33,18 @@ def test_the_interpreter_time_leaves_out_the_parts_of_the_loop():
     derived = derived_times(10.0, timings, steps=1000, epochs=200)
     assert derived["interpreter_seconds"] == 10.0 - 7.0 and derived["start_to_loop_seconds"] == 10.0 - 4.25
     assert abs(derived["loop_ms_per_step"] - 1000 * 2.5 / 995) < 1e-9
+
+
+def test_the_protocol_section_runs_both_commands_quick(capsys):
+    """The protocol section (quick, with the tiny model): a cache of generated JPEGs for every (shots, seed) and
+    a sweep of its runs, each a whole `fastcoop` process, beside the published estimate's parts."""
+    from benchmarks.protocol import run_protocol_section
+    from conftest import TINY_VIT
+
+    row = run_protocol_section("eurosat", "cpu", published_step_ms=10.0, startup_seconds=1.0, quick=True,
+                               model=TINY_VIT)
+    assert row["runs"] == 4 and row["classes"] == 10 and row["model"] == "tiny-vit"
+    assert row["cache_output"].startswith("wrote ") and "subsets 1-shot seed 1, 1-shot seed 2, 2-shot" in \
+        row["cache_output"]
+    assert row["protocol_seconds"] == row["cache_seconds"] + row["sweep_seconds"] > 0
+    assert row["published_estimate_seconds"] == 10.0 * row["steps"] / 1000 + 4 * 1.0

@@ -11,7 +11,8 @@ from torchvision import transforms
 
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.cache.extract import ImageViews, augment_transform, model_input, split_eval_transform, view_seed
+from fastcoop.cache.crops import augment_transform
+from fastcoop.cache.views import ImageViews, model_input, split_eval_transform, view_seed
 from fastcoop.datasets import read_dataset
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import sample_few_shot
@@ -56,9 +57,10 @@ def test_features_equal_direct_encoding(tmp_path, tiny_vit, example_images):
         assert cache.features("test").shape[0] == 1 and cache.labels("test").numel() == 36
     pre = preprocess_config(tiny_vit.model)
     eval_image, normalize = split_eval_transform(tiny_vit.preprocess)
-    views = ImageViews(paths, eval_image, augment_transform(pre), 2, "train", pre["size"])
+    views = ImageViews(paths, eval_image, 2, "train", pre["size"])
     # the views as the per-image torchvision transforms make them: crop, flip, ToTensor, Normalize on PIL images
-    per_image_augment = transforms.Compose([*augment_transform(pre).transforms, transforms.ToTensor(), normalize])
+    per_image_augment = transforms.Compose([*augment_transform(pre["size"]).transforms, transforms.ToTensor(),
+                                            normalize])
     for row in (0, len(paths) - 1):
         pixels, _, error = views[row]
         assert not error and pixels.dtype == torch.uint8
@@ -99,9 +101,11 @@ def test_rows_and_views_read_as_taken_from_the_whole_split(tmp_path, monkeypatch
             assert read.dtype == torch.float16 and np.array_equal(read.numpy(), expected), (split, subset, view)
 
 
-def test_interrupted_run_resumes_to_identical_file(tmp_path, tiny_vit, example_images, monkeypatch):
+@pytest.mark.parametrize("crops", ["pil", "device"])
+def test_interrupted_run_resumes_to_identical_file(tmp_path, tiny_vit, example_images, monkeypatch, crops):
     data = read_dataset(example_images)
-    whole = extract_features(data, tmp_path / "whole.h5", tiny_vit, **OPTS)
+    opts = OPTS | {"crops": crops}
+    whole = extract_features(data, tmp_path / "whole.h5", tiny_vit, **opts)
     calls = {"n": 0}
     encode = tiny_vit.model.encode_image
 
@@ -113,14 +117,14 @@ def test_interrupted_run_resumes_to_identical_file(tmp_path, tiny_vit, example_i
 
     monkeypatch.setattr(tiny_vit.model, "encode_image", dying_encode)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(data, tmp_path / "resumed.h5", tiny_vit, **OPTS)
+        extract_features(data, tmp_path / "resumed.h5", tiny_vit, **opts)
     assert not (tmp_path / "resumed.h5").exists() and (tmp_path / "resumed.h5.partial").exists()
     with pytest.raises(FastCoopError, match="unfinished"):
         FeatureCache(tmp_path / "resumed.h5")
     monkeypatch.setattr(tiny_vit.model, "encode_image", encode)
     with h5py.File(tmp_path / "resumed.h5.partial", "r") as f:
         assert 0 < f["train"].attrs["done"] < f["train/labels"].shape[0]
-    extract_features(data, tmp_path / "resumed.h5", tiny_vit, **OPTS)
+    extract_features(data, tmp_path / "resumed.h5", tiny_vit, **opts)
     assert not (tmp_path / "resumed.h5.partial").exists()
     _assert_same_file(whole, tmp_path / "resumed.h5")
 
@@ -463,3 +467,32 @@ def test_bad_views_is_one_line_exit_2(tmp_path, capsys, example_images, views):
     assert code == 2 and err.strip().splitlines() == [f"error: --views must be a non-negative integer or 'auto', "
                                                       f"not '{views}'"]
     assert not list(tmp_path.iterdir())
+
+
+def test_out_of_gpu_memory_names_a_batch_size_and_the_smaller_one_resumes(tmp_path, capsys, tiny_vit,
+                                                                           example_images, monkeypatch):
+    """The encoder running out of memory (simulated): one line naming --batch-size and half the size, exit 2; the
+    same command with that size goes on from the rows already written, to the same views and features (up to the
+    float16 rounding of another batch shape)."""
+    data = read_dataset(example_images)
+    whole = extract_features(data, tmp_path / "whole.h5", tiny_vit, **OPTS | {"batch_size": 12})
+    encode, calls = tiny_vit.model.encode_image, {"n": 0}
+
+    def out_of_memory(x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return encode(x)
+
+    monkeypatch.setattr(tiny_vit.model, "encode_image", out_of_memory)
+    with pytest.raises(FastCoopError, match="out of GPU memory encoding 12 views per call: run the same command "
+                                            "with --batch-size 6"):
+        extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS | {"batch_size": 12})
+    monkeypatch.setattr(tiny_vit.model, "encode_image", encode)
+    with h5py.File(tmp_path / "f.h5.partial", "r") as f:
+        assert f["train"].attrs["done"] > 0
+    extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS | {"batch_size": 6})
+    with FeatureCache(whole) as a, FeatureCache(tmp_path / "f.h5") as b:
+        for split in ("train", "test"):
+            torch.testing.assert_close(a.features(split), b.features(split), atol=2e-3, rtol=2e-3)
+        assert a.identity() == b.identity()

@@ -121,7 +121,7 @@ def test_run_dir_from_another_cache_is_refused(capsys, tmp_path, tiny_vit, examp
 def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_vit):
     """One epoch of fastcoop on cached views against the published step re-encoding the same augmented images
     (same batches and views); they differ only by the float16 rounding of the cached features."""
-    from fastcoop.cache.extract import ImageViews, augment_transform, model_input, split_eval_transform
+    from fastcoop.cache.views import ImageViews, model_input, split_eval_transform
     from fastcoop.models import preprocess_config
     from fastcoop.prompts import PromptLearner
     from fastcoop.reference import published_step
@@ -134,7 +134,7 @@ def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_
         classnames = cache.classnames
     pre = preprocess_config(tiny_vit.model)
     eval_image, normalize = split_eval_transform(tiny_vit.preprocess)
-    views = ImageViews(paths, eval_image, augment_transform(pre), 2, "train", pre["size"])
+    views = ImageViews(paths, eval_image, 2, "train", pre["size"])
     torch.manual_seed(1)
     learner = PromptLearner(tiny_vit.model, tiny_vit.tokenizer, classnames, n_ctx=4)
     optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
