@@ -16,7 +16,8 @@ from PIL import Image
 
 from fastcoop.cache.extract import default_workers
 from fastcoop.cache.crops import crop_boxes, resized_crops
-from fastcoop.cache.views import ImageViews, model_input, split_eval_transform, view_seed
+from fastcoop.cache.encoder import ImageEncoder
+from fastcoop.cache.views import ImageViews, split_eval_transform, view_seed
 from fastcoop.devices import autocast_dtype
 from fastcoop.models import load_model, preprocess_config
 
@@ -72,26 +73,22 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def encoder_views_per_second(loaded, device: str, batch: int, precision: str, repeats: int) -> tuple[float, float]:
-    """(views per second, peak GPU GB) of normalisation + the image encoder on pixels already on the device."""
+def encoder_views_per_second(loaded, device: str, batch: int, precision: str, repeats: int,
+                             graph: bool = False) -> tuple[float, float]:
+    """(views per second, peak GPU GB) of the encoder as extraction calls it (normalisation included; `graph`:
+    replayed from a CUDA graph) on pixels already on the device, the features read back."""
     pre = preprocess_config(loaded.model)
     _, normalize = split_eval_transform(loaded.preprocess)
     pixels = torch.randint(0, 256, (batch, 3, *pre["size"]), dtype=torch.uint8, device=device)
-    dtype = autocast_dtype(precision)
     on_gpu = device.startswith("cuda")
-
-    def encode():
-        with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
-                                             enabled=dtype is not None):
-            return loaded.model.encode_image(model_input(pixels, normalize)).float().cpu()
-
-    encode()  # warm-up
+    encoder = ImageEncoder(loaded.model, normalize, batch, device, autocast_dtype(precision), graph=graph)
+    encoder(pixels).cpu()  # warm-up (and the graph's capture)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        encode()
+        encoder(pixels).cpu()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None
     return batch / sorted(times)[len(times) // 2], peak
@@ -109,6 +106,8 @@ def run_cache_section(device: str, model: str, images: int, views: int, batch: i
         decode = decode_views_per_second(paths, loaded, views, workers, crops)
         device_crops = device_crop_views_per_second(paths, loaded, views, device) if crops == "device" else None
         encoder, encoder_gb = encoder_views_per_second(loaded, device, batch, precision, repeats)
+        graphed = encoder_views_per_second(loaded, device, batch, precision, repeats, graph=True)[0] \
+            if device.startswith("cuda") else None
         command = [sys.executable, "-m", "fastcoop", "cache", str(root), "--out", str(Path(tmp) / "f.h5"),
                    "--model", model, "--pretrained", "none", "--shots", "all", "--splits", "train", "--split-ratios", "none",
                    "--views", str(views), "--batch-size", str(batch), "--device", device]
@@ -122,7 +121,7 @@ def run_cache_section(device: str, model: str, images: int, views: int, batch: i
         file_gb = (Path(tmp) / "f.h5").stat().st_size / 1e9
     total = images * (1 + views)
     row = {"model": model, "images": images, "views_per_image": 1 + views, "batch": batch, "workers": workers,
-           "crops": crops, "device_crop_views_per_s": device_crops,
+           "crops": crops, "device_crop_views_per_s": device_crops, "encoder_graph_views_per_s": graphed,
            "precision": precision, "process_seconds": wall, "images_per_s": images / wall,
            "views_per_s": total / wall, "extract_seconds": float(match.group(1)) if match else None, "decode_views_per_s": decode, "encoder_views_per_s": encoder,
            "process_vs_encoder": total / wall / encoder, "peak_rss_gb": peak_rss, "encoder_gpu_gb": encoder_gb,

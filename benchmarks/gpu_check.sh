@@ -41,8 +41,9 @@ if [ -n "${FASTCOOP_TESTS:-}" ]; then
   read -r -a tests <<< "$FASTCOOP_TESTS"
   tests+=(-k "${FASTCOOP_TEST_K:-not real_rn50 and not real_vit_b16}")
 else
-  tests=(tests/test_step.py tests/test_crops.py tests/test_add_layer_norm.py tests/test_text_encoder.py
-         tests/test_cosine_ce.py tests/test_quick_gelu.py tests/test_mlp.py tests/test_prefix_attention.py
+  tests=(tests/test_step.py tests/test_crops.py tests/test_encoder.py tests/test_add_layer_norm.py
+         tests/test_text_encoder.py tests/test_cosine_ce.py tests/test_quick_gelu.py tests/test_mlp.py
+         tests/test_prefix_attention.py
          -k "not real_rn50 and not real_vit_b16 and not flex")
 fi
 timeout "${FASTCOOP_TEST_SECONDS:-150}" python3 -m pytest -v --tb=short -p no:cacheprovider "${tests[@]}" 2>&1 \

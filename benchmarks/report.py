@@ -141,8 +141,8 @@ def cocoop_table(rows: list[dict]) -> list[str]:
 
 
 def cache_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | JPEGs (500×375) | views each | batch | workers | crops | whole command s | of it extracting s | "
-             "views/s (whole / extracting) | workers alone views/s | encoder alone views/s | extracting ÷ "
+    lines = ["| model | JPEGs (500×375) | views each | batch | workers | crops | whole command s | "
+             "of it extracting s | views/s (whole / extracting) | workers alone views/s | encoder alone views/s | extracting ÷ "
              "encoder | peak RSS GB | file GB |", "|" + " --- |" * 14]
     for r in rows:
         ratio = r["extract_views_per_s"] / r["encoder_views_per_s"] if r.get("extract_views_per_s") else None
@@ -152,7 +152,9 @@ def cache_table(rows: list[dict]) -> list[str]:
                      f"{crops} | "
                      f"{fmt(r['process_seconds'])} | {fmt(r.get('extract_seconds'))} | {fmt(r['views_per_s'])} / "
                      f"{fmt(r.get('extract_views_per_s'))} | {fmt(r['decode_views_per_s'])} | "
-                     f"{fmt(r['encoder_views_per_s'])} | {'–' if ratio is None else f'{ratio:.0%}'} | "
+                     f"{fmt(r['encoder_views_per_s'])}"
+                     + (f" (graphed {fmt(r['encoder_graph_views_per_s'])})" if r.get("encoder_graph_views_per_s")
+                        else "") + f" | {'–' if ratio is None else f'{ratio:.0%}'} | "
                      f"{fmt(r['peak_rss_gb'], 2)} | {fmt(r['file_gb'], 3)} |")
     return lines
 

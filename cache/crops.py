@@ -2,13 +2,14 @@
 RandomResizedCrop on a PIL image, bicubic, then a horizontal flip) and on the device as matrix products, where the
 encoder runs, so that all of an image's views come from one upload of its pixels.
 
-Both draw each view's box and flip from torch's RNG seeded with the view's own seed, so they cut the same boxes.
-PIL resizes in two passes, one per axis (the order depends on the crop's shape and Pillow's version): each output
-pixel is a weighted sum over a window of input pixels, bicubic weights (a = -0.5) on a support widened by the shrink factor (its antialiasing), normalised to
-sum 1 and rounded to 22-bit fixed point, each pass's sum rounded to uint8. On the device each pass is a product
-with a matrix of exactly those fixed-point weights, zero outside the crop (so every view of an image is a product
-with the same image), in float64, where every product and sum of 8-bit pixels and 22-bit weights is exact: the
-views are PIL's, to the bit (tests/test_crops.py compares them on awkward sizes and real photos).
+Both draw each view's box and flip from torch's RNG seeded with the view's own seed, so they cut the same boxes. PIL
+resizes in two passes, one per axis (the order depends on the crop's shape and Pillow's version): each output pixel
+is a weighted sum over a window of input pixels, bicubic weights (a = -0.5) on a support widened by the shrink
+factor (its antialiasing), normalised to sum 1 and rounded to 22-bit fixed point, each pass's sum rounded to uint8.
+On the device each pass is a product with a matrix of exactly those fixed-point weights, zero outside the crop (so
+every view of an image is a product with the same image), in float64, where every product and sum of 8-bit pixels
+and 22-bit weights is exact: the views are PIL's, to the bit (tests/test_crops.py compares them on awkward sizes and
+real photos).
 """
 
 import PIL

@@ -22,7 +22,8 @@ import math
 import os
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -32,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from fastcoop.cache.store import SCHEMA_VERSION, identity
-from fastcoop.cache.views import AUGMENT_SEED, ENGINES, ImageViews, cut_views, model_input, split_eval_transform
+from fastcoop.cache.encoder import ImageEncoder
+from fastcoop.cache.views import AUGMENT_SEED, ENGINES, ImageViews, cut_views, split_eval_transform
 from fastcoop.data import LabelledImages
 from fastcoop.devices import autocast_dtype
 from fastcoop.distributed import World
@@ -115,7 +117,8 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
                      batch_size: int = 256,
                      workers: int | None = None, device: str = "cpu", precision: str = "fp32",
                      skip_bad: bool = False, overwrite: bool = False, progress: bool = True,
-                     world: World = World(), crops: str = "auto", verbose: bool = False) -> Path:
+                     world: World = World(), crops: str = "auto", verbose: bool = False,
+                     encoder: str = "eager") -> Path:
     """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file.
 
     `shots`: a shot count or several (their subsets share the cached images), None for the whole train split.
@@ -123,7 +126,8 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     published schedule among `shots`. `batch_size`: views per encoder call (an image's views stay in one batch).
     `crops`: where the augmented views are cut, 'pil' (in the decoding workers, the published computation) or
     'device' (where the encoder runs, equal to PIL's); 'auto' is 'device' on a GPU. `verbose`: the progress bar
-    also shows each stage's share of the time, and the end says where it went."""
+    also shows each stage's share of the time, and the end says where it went. `encoder`: 'graph' replays the
+    image encoder from a CUDA graph (encoder.ImageEncoder)."""
     out = Path(out)
     missing = [s for s in splits if s not in data.splits]
     if len(missing) == len(splits):
@@ -154,7 +158,7 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     }
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
     job = _Job(loaded, pre, views_of, batch_size, default_workers(device) if workers is None else workers, device,
-               precision, skip_bad, progress and world.is_writer, world, engine, verbose)
+               precision, skip_bad, progress and world.is_writer, world, engine, verbose, encoder)
     partial = out.with_name(out.name + ".partial")
     plan, f = None, None
     if world.is_writer:
@@ -230,29 +234,22 @@ class _Job:
     """What every split's extraction shares: the model, its transforms, the batching and the writer."""
 
     def __init__(self, loaded, pre, views_of, batch_size, workers, device, precision, skip_bad, progress, world,
-                 engine="pil", verbose=False):
+                 engine="pil", verbose=False, encoder="eager"):
         self.loaded, self.pre, self.views_of, self.batch_size = loaded, pre, views_of, batch_size
         self.workers, self.device, self.skip_bad, self.progress, self.world = workers, device, skip_bad, progress, world
         self.engine, self.verbose, self.stages = engine, verbose, Stages(synchronize=verbose)
-        self.eval_image, self.normalize = split_eval_transform(loaded.preprocess)
-        dtype = autocast_dtype(precision)
-        self.autocast = torch.autocast("cuda", dtype=dtype) if dtype and device.startswith("cuda") else nullcontext()
+        self.eval_image, normalize = split_eval_transform(loaded.preprocess)
+        self.encoder = ImageEncoder(loaded.model, normalize, batch_size, device, autocast_dtype(precision),
+                                    graph=encoder == "graph")
 
     def images_per_batch(self, split: str) -> int:
         return max(1, self.batch_size // self.views_of[split])
 
-    def encode(self, pixels: torch.Tensor) -> np.ndarray:
-        """uint8 (images, views, 3, H, W) → float16 features (views, images, D), `batch_size` views per call."""
-        flat = pixels.to(self.device, non_blocking=True).flatten(0, 1)
-        try:
-            with torch.no_grad(), self.autocast:
-                feats = torch.cat([self.loaded.model.encode_image(model_input(chunk, self.normalize)).float()
-                                   for chunk in flat.split(self.batch_size)])
-        except torch.cuda.OutOfMemoryError:
-            raise FastCoopError(f"out of GPU memory encoding {self.batch_size} views per call: run the same command "
-                                f"with --batch-size {max(1, self.batch_size // 2)} (it goes on after the images "
-                                "already written)") from None
-        return feats.view(len(pixels), pixels.shape[1], -1).transpose(0, 1).cpu().numpy().astype(np.float16)
+    def encode(self, pixels: torch.Tensor) -> "Features":
+        """uint8 (images, views, 3, H, W) → float16 features (views, images, D), `batch_size` views per call. On a
+        GPU they come back to pinned host memory asynchronously: the host goes on to the next batch meanwhile."""
+        feats = self.encoder(pixels.to(self.device, non_blocking=True).flatten(0, 1))
+        return Features(feats.view(len(pixels), pixels.shape[1], -1).transpose(0, 1))
 
     def prepare_split(self, f, split, items, subsets) -> int:
         """Create the split's datasets if new; return how many of its images are already written."""
@@ -272,7 +269,7 @@ class _Job:
 
     def feature_dim(self) -> int:
         dim = getattr(self.loaded.model.visual, "output_dim", None)
-        return dim or self.encode(torch.zeros(1, 1, 3, *self.pre["size"], dtype=torch.uint8)).shape[-1]
+        return dim or self.encode(torch.zeros(1, 1, 3, *self.pre["size"], dtype=torch.uint8)).array().shape[-1]
 
     def announce(self, rows, done):
         """The work ahead before it starts: images, views, feature size, and a time from a probe of the encoder."""
@@ -282,9 +279,9 @@ class _Job:
         on_gpu = self.device.startswith("cuda")
         probe = torch.zeros(1, min(self.batch_size, 32 if on_gpu else 4), 3, *self.pre["size"], dtype=torch.uint8)
         if on_gpu:
-            self.encode(probe)  # the first call also starts cuBLAS and cuDNN
+            self.encode(probe).array()  # the first call also starts cuBLAS and cuDNN
         start = time.perf_counter()
-        dim = self.encode(probe).shape[-1]
+        dim = self.encode(probe).array().shape[-1]
         per_view = (time.perf_counter() - start) / probe.shape[1] / self.world.size
         parts = ", ".join(f"{s} {len(rows[s]) - done[s]} images × {self.views_of[s]} view(s)" for s in rows)
         size = encodes * dim * 2
@@ -306,31 +303,50 @@ class _Job:
                                              collate_fn=dataset.collate, pin_memory=self.device.startswith("cuda"))
         group = f[split] if f is not None else None
         bar = tqdm(total=n, initial=start, desc=f"encode {split}", unit="img", disable=not self.progress)
-        with bar:
-            batch_iter = iter(loader)
-            for first in range(0, len(batches), world.size):
-                has_batch = first + world.rank < len(batches)
-                payload = None
-                if has_batch:
-                    with self.stages.timing("decode"):  # waiting for the workers
-                        *pixels, rows, errors = next(batch_iter)
-                    if engine == "device":
-                        with self.stages.timing("crop", self.device):
-                            pixels = [cut_views(*pixels, self.pre["size"], self.device)]
-                    with self.stages.timing("encode"):
-                        payload = (int(rows[0]), int(rows[-1]) + 1, self.encode(pixels[0]), list(errors))
-                gathered = world.gather_to_writer(payload)
-                failure = None
-                if group is not None:
-                    try:
-                        with self.stages.timing("write"):
-                            failure = self._write(f, group, items, [p for p in gathered if p is not None], bar,
-                                                  per_image)
-                    except OSError as exc:
-                        failure = _failure(exc, Path(f.filename))
-                failure = world.from_writer(failure)
+        writer = ThreadPoolExecutor(max_workers=1) if group is not None else None  # writes while the next encodes
+        pending = None  # the write of the batch before
+        try:
+            with bar:
+                batch_iter = iter(loader)
+                for first in range(0, len(batches), world.size):
+                    payload = None
+                    if first + world.rank < len(batches):
+                        with self.stages.timing("decode"):  # waiting for the workers
+                            *pixels, rows, errors = next(batch_iter)
+                        if engine == "device":
+                            with self.stages.timing("crop", self.device):
+                                pixels = [cut_views(*pixels, self.pre["size"], self.device)]
+                        with self.stages.timing("encode"):
+                            features = self.encode(pixels[0])
+                        # other ranks' features travel to the writer pickled, as arrays
+                        payload = (int(rows[0]), int(rows[-1]) + 1, features.array() if world.size > 1 else features,
+                                   list(errors))
+                    gathered = world.gather_to_writer(payload)
+                    with self.stages.timing("write"):  # waiting for the batch before to be written
+                        failure = self._written(pending, f)
+                    pending = None
+                    if group is not None and failure is None:
+                        pending = writer.submit(self._write, f, group, items, [p for p in gathered if p is not None],
+                                                bar, per_image)
+                    failure = world.from_writer(failure)
+                    if failure:
+                        raise FastCoopError(failure)
+                failure = world.from_writer(self._written(pending, f))
                 if failure:
                     raise FastCoopError(failure)
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=True)  # a write under way ends before the file closes (a resume starts there)
+
+    @staticmethod
+    def _written(pending, f) -> str | None:
+        """Wait for a submitted write: its failure, or None."""
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except OSError as exc:
+            return _failure(exc, Path(f.filename))
 
     def _write(self, f, group, items, payloads, bar, per_image) -> str | None:
         """Write gathered batches in row order; a decode error without --skip-bad stops before writing."""
@@ -340,7 +356,8 @@ class _Job:
                 return (f"cannot read image {items[lo + bad[0]][0]} ({errors[bad[0]]}); fix or remove it, "
                         "or pass --skip-bad")
         for lo, hi, feats, errors in payloads:
-            write_rows(group, lo, hi, feats, [i for i, e in enumerate(errors) if e])
+            write_rows(group, lo, hi, feats.array() if isinstance(feats, Features) else feats,
+                       [i for i, e in enumerate(errors) if e])
             group.attrs["done"] = hi
             f.flush()
             bar.update(hi - lo)
@@ -351,10 +368,30 @@ class _Job:
         return None
 
 
+class Features:
+    """A batch's features on their way to the host: on a GPU copied into pinned memory without waiting, `array()`
+    waits for that copy alone (the writer's thread calls it, so the host never waits for the device)."""
+
+    def __init__(self, features: torch.Tensor):
+        if features.is_cuda:
+            self.host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            self.host.copy_(features, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host, self.copied = features.contiguous(), None
+
+    def array(self) -> np.ndarray:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.numpy()
+
+
 class Stages:
-    """Seconds spent in each stage of extraction (waiting for decoded images, cutting views, encoding, writing):
-    the largest share is the stage the others wait on. `synchronize`: wait for the device at the end of each stage, so that
-    its asynchronous work is counted where it was launched (costs a little overlap; for --verbose)."""
+    """Seconds spent in each stage of extraction (waiting for decoded images, cutting views, encoding, waiting
+    for the write before): the largest share is the stage the others wait on. `synchronize`: wait for the device
+    at the end of each stage, so that its asynchronous work is counted where it was launched (costs a little
+    overlap; for --verbose)."""
 
     def __init__(self, synchronize: bool = False):
         self.seconds: dict[str, float] = {}

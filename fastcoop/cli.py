@@ -87,12 +87,15 @@ def cli():
 @click.option("--crops", default="auto", show_default=True, type=click.Choice(["auto", "pil", "device"]),
               help="Where the augmented views are cut: pil (in the decoding workers) or device (where the encoder "
                    "runs, equal to PIL's to the bit); auto: device on a GPU, pil on the CPU.")
+@click.option("--encoder", default="eager", show_default=True, type=click.Choice(["eager", "graph"]),
+              help="graph: on a GPU, replay the image encoder from a CUDA graph captured for --batch-size views.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (recorded in the file) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
 @click.option("--verbose", is_flag=True,
-              help="Show each stage's share of the time (decode, crop, encode, write), and which one the others wait on.")
+              help="Show each stage's share of the time (decode, crop, encode, write): the largest is what the "
+                   "others wait on.")
 def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_file, shots, seeds, views, splits,
-          split_ratios, batch_size, workers, device, precision, crops, skip_bad, overwrite, verbose):
+          split_ratios, batch_size, workers, device, precision, crops, encoder, skip_bad, overwrite, verbose):
     """Encode the images under ROOT once with the frozen image encoder into an HDF5 feature file.
 
     Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
@@ -122,6 +125,8 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         from fastcoop.models import load_model
 
     world, device = join(resolve_device(device))
+    if encoder == "graph" and not device.startswith("cuda"):
+        raise FastCoopError(f"--encoder graph needs a GPU; the device is {device}")
     if data.layout == "flat" and split_ratios != "none":
         data = _split_flat(data, root, out, split_ratios, world)
     loaded = load_model(model, pretrained, device)
@@ -131,7 +136,8 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     path = extract_features(data, out, loaded, splits=[s.strip() for s in splits.split(",")], shots=n_shots,
                             seeds=seed_list, views=n_views, batch_size=batch_size, workers=workers,
                             device=device, precision=resolve_precision(precision, device, "fp16"),
-                            skip_bad=skip_bad, overwrite=overwrite, world=world, crops=crops, verbose=verbose)
+                            skip_bad=skip_bad, overwrite=overwrite, world=world, crops=crops, verbose=verbose,
+                            encoder=encoder)
     if world.is_writer:
         _describe_cache(path, time.perf_counter() - start)
 

@@ -179,7 +179,8 @@ def read_coop_split(split_file: Path, image_root: str | Path | None = None) -> L
 
 
 def _find_image_root(folder: Path, rows: dict) -> Path:
-    """CoOp's datasets keep images in a dataset-specific subfolder (images/, jpg/, 2750/, ...): find the one that fits."""
+    """A split file's image folder when none is named: the folder or a subfolder of it where the first image
+    listed is."""
     first = next(iter(rows.values()))[0][0]
     for candidate in [folder, *sorted(d for d in folder.iterdir() if d.is_dir())]:
         if (candidate / first).exists():

@@ -21,8 +21,9 @@ from fastcoop.errors import FastCoopError
 @dataclass(frozen=True)
 class CoopDataset:
     """One dataset as CoOp keeps it: `name` as its config is named (configs/datasets/<name>.yaml), `folder` its
-    folder under $DATA, `paper_name` as the papers' tables name it, `split_file` the split file of the nine that have one, `image_dir` where its images are
-    (relative to the folder), `test_only` for the domain-shift targets, which have only test images."""
+    folder under $DATA, `paper_name` as the papers' tables name it, `split_file` the split file of the nine that
+    have one, `image_dir` where its images are (relative to the folder), `test_only` for the domain-shift
+    targets, which have only test images."""
 
     name: str
     folder: str

@@ -98,7 +98,8 @@ def survey_table(found: list[Found], root: Path) -> str:
             status = "missing" if f.folder is None else f"cannot be read ({len(problems) + 1})"
             if f.folder is not None:
                 problems.append(f"({len(problems) + 1}) {f.spec.name}: {f.problem}")
-            lines.append(f"| {f.spec.name} | {folder} | – | – | – | – | " + ("– | " if checked else "") + f"{status} |")
+            lines.append(f"| {f.spec.name} | {folder} | – | – | – | – | " + ("– | " if checked else "")
+                         + f"{status} |")
             continue
         counts = [_count(f.data, split) for split in ("train", "val", "test")]
         bad = len(f.unreadable or [])

@@ -167,8 +167,8 @@ def _broken(tmp_path, case):
 
 BROKEN = ["imagenet_no_classnames", "imagenet_wnid_not_named", "imagenet_val_lacks_a_class",
           "imagenet_images_folder", "imagenet_no_val", "fgvc_missing_images", "fgvc_no_variants",
-          "fgvc_unknown_variant", "fgvc_as_a_flat_folder", "fgvc_images_folder", "variant_v2", "variant_a", "variant_sketch",
-          "dtd_no_split_file"]
+          "fgvc_unknown_variant", "fgvc_as_a_flat_folder", "fgvc_images_folder", "variant_v2", "variant_a",
+          "variant_sketch", "dtd_no_split_file"]
 
 
 @pytest.mark.parametrize("case", BROKEN)
