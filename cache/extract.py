@@ -316,7 +316,7 @@ class _Job:
                         if engine == "device":
                             with self.stages.timing("crop", self.device):
                                 pixels = [cut_views(*pixels, self.pre["size"], self.device)]
-                        with self.stages.timing("encode"):
+                        with self.stages.timing("encode", self.device):
                             features = self.encode(pixels[0])
                         # other ranks' features travel to the writer pickled, as arrays
                         payload = (int(rows[0]), int(rows[-1]) + 1, features.array() if world.size > 1 else features,
