@@ -51,4 +51,9 @@ timeout "${FASTCOOP_TEST_SECONDS:-150}" python3 -m pytest -v --tb=short -p no:ca
 timeout "${FASTCOOP_BENCH_SECONDS:-380}" python3 -m benchmarks --device cuda --plan headline --out "$OUT/results" \
   --sections "${FASTCOOP_SECTIONS:-step,protocol,full_run,cache,exactness,cocoop,attention,kernel}" 2>&1 \
   | tee "$OUT/bench.log"
+# where a graphed step's time goes: a profiler trace of 20 steps of a Caltech101-shaped run (chrome://tracing)
+python3 -c "import pathlib; from benchmarks.full_run import write_synthetic_cache as w
+w(pathlib.Path('/tmp/fastcoop-profile.h5'), 'caltech101', shots=[16], seeds=[1])" && \
+  timeout 120 python3 -m fastcoop train /tmp/fastcoop-profile.h5 --out /tmp/fastcoop-profile-run --epochs 2 \
+  --overwrite --profile "$OUT/trace_caltech101.json" 2>&1 | tail -2
 rm -f "$OUT"/results/*.png "$OUT/results/README.md"  # made again from the JSON

@@ -241,8 +241,12 @@ def _describe_cache(path, seconds):
               help="Seconds between checkpoints while training.")
 @click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base", "new"]),
               help="Train on a class subset of the base-to-new protocol (labels in order; the first half is base).")
+@click.option("--profile", "profile", type=click.Path(path_type=Path),
+              help="Write a PyTorch profiler trace (Chrome's JSON, for chrome://tracing or Perfetto) of 20 steps "
+                   "after the first epoch.")
 def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision,
-          device, text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes):
+          device, text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes,
+          profile):
     """Learn CoOp (or CoCoOp) prompts from a feature cache; writes the learned tensors, config, metrics and a curve
     to RUN_DIR.
 
@@ -265,6 +269,10 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
                          fused=not no_fused, fused_mlp=fused_mlp, attention=attention)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before importing torch
+    if profile is not None:
+        from fastcoop.outputs import check_writable
+
+        check_writable(profile, "profiler trace")
     with _importing():
         from fastcoop.backends import resolve
         from fastcoop.devices import resolve_device
@@ -288,12 +296,14 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     if verbose:
         click.echo(f"implementations: {backends.describe()}")
     result, results = train_to_run_dir(cache, loaded, config, run_dir, timings=timings, overwrite=overwrite,
-                                       save_every=save_every)
+                                       save_every=save_every, profile=profile)
     last = result.history[-1]
     click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"
                + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "")
                + (f" (base); new {results['test_new']['top1']:.2%}, H {results['harmonic_mean']:.2%}"
                   if "test_new" in results else "") + f" → {run_dir}")
+    if profile is not None:
+        click.echo(f"profiler trace of the steps after the first epoch: {profile}")
     if verbose:
         t = results["timings"]
         click.echo(f"time: imports {t['imports_s']:.1f} s, model {t['model_s']:.1f} s, setup {t['setup_s']:.1f} s, "

@@ -17,21 +17,21 @@ from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, Train
 
 def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, run_dir: Path,
                      progress: bool = True, timings: dict | None = None, overwrite: bool = False,
-                     save_every: float = 10.0) -> tuple[TrainResult, dict]:
+                     save_every: float = 10.0, profile: str | None = None) -> tuple[TrainResult, dict]:
     """Train into `run_dir`, or go on with the unfinished run there made with the same options and cache.
 
     The run is checkpointed every `save_every` seconds (each save costs milliseconds), and on Ctrl-C or SIGTERM
     before it exits; on a non-finite loss it keeps the last good epoch. A complete run writes the curve and
     results.json (train loss/accuracy, where the time went, and test accuracy when cached). `timings`: the
-    caller's own stages (imports, model)."""
+    caller's own stages (imports, model). `profile`: a trace file of a few steps (train_stack)."""
     (result, results), = train_to_run_dirs(cache, loaded, [config], [run_dir], progress, timings, overwrite,
-                                           save_every)
+                                           save_every, profile)
     return result, results
 
 
 def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], run_dirs: list[Path],
                       progress: bool = True, timings: dict | None = None, overwrite: bool = False,
-                      save_every: float = 10.0) -> list[tuple[TrainResult, dict]]:
+                      save_every: float = 10.0, profile: str | None = None) -> list[tuple[TrainResult, dict]]:
     """Runs that differ only in their seed, trained together (train_stack), each into its own run directory with
     everything train_to_run_dir promises; unfinished runs resumed together must have stopped after the same
     epoch."""
@@ -55,7 +55,7 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[Tr
 
     try:
         trained = train_stack(cache, loaded, configs, progress=progress, on_report=every_few_seconds,
-                              resumes=resumes)
+                              resumes=resumes, profile=profile)
     except NonFiniteLoss as exc:  # the failed runs keep their last good epoch; the others can resume
         save(exc.results, ["failed" if run in exc.failed else "interrupted" for run in range(len(configs))])
         raise

@@ -38,6 +38,7 @@ from fastcoop.text_tower import TextTower
 
 
 REPORT_SECONDS = 0.5  # how often the host waits for the device to read the results back
+PROFILE_STEPS = 20  # steps in a --profile trace
 
 
 @dataclass
@@ -118,14 +119,17 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
 
 
 def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], progress: bool = True,
-                on_report=None, resumes: list[Checkpoint | None] | None = None) -> list[TrainResult]:
+                on_report=None, resumes: list[Checkpoint | None] | None = None,
+                profile: str | None = None) -> list[TrainResult]:
     """Train runs that differ only in their seed (so in their images, order and initial context) together: every
     step runs all their prompts in one text-encoder pass; each run keeps its own loss, momentum and schedule, and
     ends exactly where it would alone. `resumes`: each run's checkpoint, all after the same epoch, or None.
 
     The host enqueues each epoch's steps without waiting for them, and looks at the results after the first epoch,
     then every REPORT_SECONDS and at the end; `on_report(results)` is called then, each `result.checkpoint` the
-    state after the last epoch seen."""
+    state after the last epoch seen. `profile`: a file for a PyTorch profiler trace (Chrome's format) of the
+    first PROFILE_STEPS steps after the first epoch (the graph captured, the kernels compiled); training is
+    otherwise the same."""
     setup_start = time.perf_counter()
     base = configs[0]
     if any(dataclasses.replace(c, seed=base.seed) != base for c in configs):
@@ -204,8 +208,11 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
                         for result in results:
                             result.kernels_seconds = run_step.kernels_seconds
                             result.capture_seconds = run_step.capture_seconds
-                for _ in range(orders.shape[2]):
-                    run_step()
+                with _profiled(profile if epoch == min(first_epoch + 1, epochs - 1) else None, device) as steps:
+                    for i in range(orders.shape[2]):
+                        run_step()
+                        if i + 1 == PROFILE_STEPS:
+                            steps.stop()
                 step.end_epoch(epoch)
                 now = time.perf_counter()
                 if epoch == first_epoch or epoch + 1 == epochs or now - seen_at >= REPORT_SECONDS or \
@@ -252,6 +259,34 @@ def _context_text_features(model, learner, backends, dtype, text_path):
         tower = TextTower.of(model)
         return lambda contexts: torch.stack([reference_text_features(tower, learner, ctx) for ctx in contexts])
     return encoder
+
+
+@contextmanager
+def _profiled(path: str | None, device: str):
+    """A PyTorch profiler around an epoch's steps, writing its trace to `path` once stopped (`.stop()` on what
+    this yields, or at the epoch's end); a no-op without a path."""
+    trace = _Trace(path, device)
+    try:
+        yield trace
+    finally:
+        trace.stop()
+
+
+class _Trace:
+    def __init__(self, path: str | None, device: str):
+        self.profiler = None
+        if path is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+            self.profiler = profile(activities=activities, on_trace_ready=lambda p: p.export_chrome_trace(str(path)))
+            self.profiler.start()
+
+    def stop(self) -> None:
+        """End the trace and write it (once)."""
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
 
 
 @contextmanager

@@ -305,3 +305,20 @@ def test_commands_on_cached_features_leave_the_image_tower_unread(tmp_path, caps
     assert command("interpret", run, "--top-k", "1") == [True]
     image = read_dataset(example_images).split("test")[0][0]
     assert command("predict", run, image, "--top-k", "1") == []
+
+
+def test_profile_writes_a_trace_of_a_few_steps_and_trains_the_same(tmp_path, capsys, cache_path):
+    """`train --profile`: a Chrome trace of the steps after the first epoch; the run itself is the same."""
+    import json
+
+    from safetensors.torch import load_file
+
+    args = ["--shots", "4", "--n-ctx", "2", "--epochs", "3", "--device", "cpu"]
+    assert run_cli(capsys, "train", cache_path, "--out", tmp_path / "plain", *args)[0] == 0
+    code, _, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "profiled", *args,
+                           "--profile", tmp_path / "trace.json")
+    assert code == 0, err
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert any("aten::" in e.get("name", "") for e in events)
+    assert torch.equal(load_file(tmp_path / "plain" / "prompt.safetensors")["ctx"],
+                       load_file(tmp_path / "profiled" / "prompt.safetensors")["ctx"])
