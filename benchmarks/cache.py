@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastcoop.cache.extract import default_workers
+from benchmarks.common import median_ms
 from fastcoop.cache.crops import crop_boxes, resized_crops
 from fastcoop.cache.encoder import ImageEncoder
+from fastcoop.cache.extract import default_workers
 from fastcoop.cache.views import ImageViews, split_eval_transform, view_seed
 from fastcoop.devices import autocast_dtype
 from fastcoop.models import load_model, preprocess_config
@@ -59,18 +60,8 @@ def device_crop_views_per_second(paths: list[str], loaded, views: int, device: s
         seeds = [view_seed("train", i, v) for v in range(1, 1 + views)]
         decoded.append((torch.from_numpy(np.array(rgb)).permute(2, 0, 1).to(device),
                         *crop_boxes(rgb.height, rgb.width, seeds, pre["size"])))
-    resized_crops(*decoded[0], pre["size"])  # warm-up
-    _synchronize(device)
-    start = time.perf_counter()
-    for image, boxes, flips in decoded:
-        resized_crops(image, boxes, flips, pre["size"])
-    _synchronize(device)
-    return len(decoded) * views / (time.perf_counter() - start)
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    ms = median_ms(lambda: [resized_crops(*cut, pre["size"]) for cut in decoded], device, repeats=3)
+    return len(decoded) * views / (ms / 1000)
 
 
 def encoder_views_per_second(loaded, device: str, batch: int, precision: str, repeats: int,

@@ -331,14 +331,13 @@ def evaluate(run_dir, cache_file, split, classes, device):
     complete_config(run_dir)
     with _importing():
         from fastcoop.devices import resolve_device
-        from fastcoop.evaluate import check_same_model, evaluate_split, run_classifier, run_on_classes
+        from fastcoop.evaluate import check_same_model, score_run
         from fastcoop.run import load_run, record_evaluation
 
     device = resolve_device(device)
     run = load_run(run_dir, device, image_tower=False)
     check_same_model(cache, run.loaded.name, run.loaded.pretrained)
-    run, classes = run_on_classes(run, cache, classes)
-    scores = evaluate_split(cache, run_classifier(run), split, classes)
+    scores, classes = score_run(run, cache, split, classes)
     click.echo(f"{split}: top-1 {scores['top1']:.2%}, mean per-class {scores['mean_per_class']:.2%} "
                f"({scores['images']} images)")
     try:  # for `fastcoop report`'s transfer table; the score above stands without it

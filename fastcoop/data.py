@@ -80,7 +80,7 @@ def read_imagefolder(root: Path) -> LabelledImages:
     class_dirs = sorted({name for folder in split_dirs.values() for name in subfolders(root / folder)})
     if not class_dirs:
         raise FastCoopError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-    if all(WNID.fullmatch(name) for name in class_dirs):
+    if named_by_wnids(class_dirs):
         raise FastCoopError(f"the class folders of {root} are WordNet IDs ({class_dirs[0]}, ...), not class names: "
                             "point at the dataset's folder as CoOp lays it out (with its classnames.txt), or name "
                             "the classes in a CSV (--layout csv --classnames FILE)")
@@ -103,6 +103,11 @@ def read_imagefolder(root: Path) -> LabelledImages:
 
 
 WNID = re.compile(r"n\d{8}")
+
+
+def named_by_wnids(folders: list[str]) -> bool:
+    """Whether folders are named by WordNet IDs (n01440764, ...): ImageNet's classes without their names."""
+    return bool(folders) and all(WNID.fullmatch(name) for name in folders)
 
 
 def spoken(classname: str) -> str:

@@ -13,8 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastcoop.data import (WNID, LabelledImages, check_listed, image_files, read_coop_split, read_csv,
-                           read_imagefolder, spoken, subfolders)
+from fastcoop.data import (LabelledImages, check_listed, image_files, read_coop_split, read_csv,
+                           named_by_wnids, read_imagefolder, spoken, subfolders)
 from fastcoop.errors import FastCoopError
 
 
@@ -125,7 +125,7 @@ def recognise(root: Path) -> CoopDataset | None:
     images = root / "images"
     if images.is_dir() and (images / "train").is_dir() and (images / "val").is_dir():
         return DATASETS["imagenet"]
-    if images.is_dir() and ((root / CLASSNAMES_FILE).is_file() or _wnid_folders(images)):
+    if images.is_dir() and ((root / CLASSNAMES_FILE).is_file() or named_by_wnids(subfolders(images))):
         return DATASETS["imagenet_sketch"]
     return None
 
@@ -280,11 +280,6 @@ def _class_images(images: Path, folders: list[str]) -> list[tuple[str, int]]:
         prefix = str(class_dir)
         items += [(f"{prefix}/{file}", label) for file in files]
     return items
-
-
-def _wnid_folders(folder: Path) -> bool:
-    names = subfolders(folder)
-    return bool(names) and all(WNID.fullmatch(n) for n in names)
 
 
 def _refuse_data_folder(root: Path) -> None:

@@ -89,6 +89,14 @@ def run_on_classes(run: Run, cache: FeatureCache, classes: str | None) -> tuple[
     return with_classnames(run, names["new"]), classes
 
 
+def score_run(run: Run, cache: FeatureCache, split: str = "test",
+              classes: str | None = None) -> tuple[dict, str]:
+    """A run's scores on a cache's split (run_on_classes: its own classes by default, or the cache's), and the
+    class subset they are of."""
+    run, classes = run_on_classes(run, cache, classes)
+    return evaluate_split(cache, run_classifier(run), split, classes), classes
+
+
 def check_same_model(cache: FeatureCache, model: str, pretrained: str) -> None:
     if (cache.model, cache.pretrained) != (model, pretrained):
         raise FastCoopError(f"{cache.path} was made with {cache.model} '{cache.pretrained}', the prompt with "

@@ -21,7 +21,7 @@ from fastcoop.cache import FeatureCache
 from fastcoop.config import TrainConfig
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import evaluate_split, run_classifier, run_on_classes, text_classifier
+from fastcoop.evaluate import evaluate_split, score_run, text_classifier
 from fastcoop.fewshot import class_subset
 from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
@@ -123,11 +123,10 @@ def _transfer(run_dir: Path, loaded: LoadedModel, caches: list[FeatureCache]) ->
         if done is None or done.get("identity") != cache.identity():
             run = run or load_run(run_dir, loaded=loaded)
             try:
-                on_cache, classes = run_on_classes(run, cache, None)
+                done, classes = score_run(run, cache)
             except FastCoopError as exc:  # a class-specific context on classes it has none for
                 warnings.warn(f"{run_dir} is not tested on {cache.path}: {exc}")
                 continue
-            done = evaluate_split(cache, run_classifier(on_cache), "test", classes)
             record_evaluation(run_dir, cache, "test", classes, done)
         scores[cache.dataset or Path(cache.path).stem] = done["top1"]
     return scores

@@ -208,11 +208,14 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
                         for result in results:
                             result.kernels_seconds = run_step.kernels_seconds
                             result.capture_seconds = run_step.capture_seconds
-                with _profiled(profile if epoch == min(first_epoch + 1, epochs - 1) else None, device) as steps:
-                    for i in range(orders.shape[2]):
-                        run_step()
-                        if i + 1 == PROFILE_STEPS:
-                            steps.stop()
+                traced = min(PROFILE_STEPS, orders.shape[2]) if profile and \
+                    epoch == min(first_epoch + 1, epochs - 1) else 0
+                if traced:
+                    with _profiled(profile, device):
+                        for _ in range(traced):
+                            run_step()
+                for _ in range(orders.shape[2] - traced):
+                    run_step()
                 step.end_epoch(epoch)
                 now = time.perf_counter()
                 if epoch == first_epoch or epoch + 1 == epochs or now - seen_at >= REPORT_SECONDS or \
@@ -262,31 +265,14 @@ def _context_text_features(model, learner, backends, dtype, text_path):
 
 
 @contextmanager
-def _profiled(path: str | None, device: str):
-    """A PyTorch profiler around an epoch's steps, writing its trace to `path` once stopped (`.stop()` on what
-    this yields, or at the epoch's end); a no-op without a path."""
-    trace = _Trace(path, device)
-    try:
-        yield trace
-    finally:
-        trace.stop()
+def _profiled(path: str, device: str):
+    """A PyTorch profiler around the steps inside, its trace (Chrome's format) written to `path` at the end."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-class _Trace:
-    def __init__(self, path: str | None, device: str):
-        self.profiler = None
-        if path is not None:
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-            self.profiler = profile(activities=activities, on_trace_ready=lambda p: p.export_chrome_trace(str(path)))
-            self.profiler.start()
-
-    def stop(self) -> None:
-        """End the trace and write it (once)."""
-        if self.profiler is not None:
-            self.profiler.stop()
-            self.profiler = None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as profiler:
+        yield
+    profiler.export_chrome_trace(str(path))
 
 
 @contextmanager
