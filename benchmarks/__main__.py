@@ -43,7 +43,7 @@ def plan(name: str, device: str) -> dict:
                 "datasets": ["caltech101", "eurosat", "imagenet"],
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
-                "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None)],
+                "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None, True)],
                 "protocol": [("caltech101", False)],
                 "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101")}
     if name == "quick":
@@ -51,7 +51,7 @@ def plan(name: str, device: str) -> dict:
                 "breakdown": ("ViT-B-16", 100), "device_ops": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
-                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2)], "protocol": [("eurosat", True)],
+                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2, True)], "protocol": [("eurosat", True)],
                 "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat")}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
@@ -61,8 +61,8 @@ def plan(name: str, device: str) -> dict:
             "attention": [37, 100, 397, 1000],
             "exactness": grid, "exact_steps": 100,
             "cache": ("ViT-B-16", 1000, 200, 512) if device.startswith("cuda") else ("ViT-B-16", 32, 15, 64),
-            "sweep": [(d, None) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
-            else [("eurosat", 2), ("caltech101", 1)],
+            "sweep": [(d, None, True) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
+            else [("eurosat", None, False), ("eurosat", 2, True)],
             "protocol": [(d, False) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
             else [("eurosat", True)],
             "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "imagenet") if device.startswith("cuda")
@@ -219,12 +219,13 @@ def main():
     def run_sweep():
         result["sweep"] = []
         loaded = load_model("ViT-B-16", "none", args.device)
-        for dataset, epochs in todo["sweep"]:
+        for dataset, epochs, alone in todo["sweep"]:
             k = len(classnames_of(dataset))
             step_ms = published_step_ms(k, args.device, todo["repeats"], loaded)
             shots = [1, 2] if epochs else [1, 2, 4, 8, 16]
             seeds = [1, 2] if epochs else [1, 2, 3]
-            result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs))
+            result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs,
+                                                      alone))
             save("sweep")
     def run_protocol():
         result["protocol"] = []

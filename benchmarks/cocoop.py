@@ -43,14 +43,14 @@ def fastcoop_cocoop_step(loaded, model, classnames, batch: int, device: str):
     learner = CoCoOpLearner(model, loaded.tokenizer, classnames).to(device)
     _, labels, features = random_batch(model, len(classnames), device, batch)
     encoder = FastTextEncoder(model, learner, resolve(device), weight_dtype=dtype)
-    loss = cocoop_loss([learner], encoder, model.logit_scale.exp().detach(), dtype)
+    loss = cocoop_loss(encoder, model.logit_scale.exp().detach(), dtype)
     order = torch.arange(batch, device=device)[None, None, None]
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
                      0.9, 5e-4)
     run = graphed_or_eager(step) if device.startswith("cuda") else step
 
     def one_step():
-        step.step.zero_()
+        step.start_at_epoch(0, 0)
         run()
     return one_step
 

@@ -35,7 +35,7 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
             generator = torch.Generator().manual_seed(1)
             epochs = -(-steps // 4)  # 4 steps of 32 per epoch
             orders = torch.stack([torch.randperm(128, generator=generator) for _ in range(epochs)]).view(epochs, 4, 32)
-            step = TrainStep([learner], coop_loss(lambda e=encode: e()[None], model.logit_scale.exp().detach()),
+            step = TrainStep([learner], coop_loss(lambda learners, e=encode: e()[None], model.logit_scale.exp().detach()),
                              features[None], labels[None], orders[None].to(device),
                              torch.full((1, epochs), 0.002, device=device), 0.9, 5e-4)
             for _ in range(steps):

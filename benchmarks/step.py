@@ -49,12 +49,12 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
             published_step(model, learner, images, labels, optimizer)
 
     def make(encode_text, dtype):
-        step = TrainStep([learner], coop_loss(lambda: encode_text()[None], scale, dtype), features[None],
+        step = TrainStep([learner], coop_loss(lambda learners: encode_text()[None], scale, dtype), features[None],
                          labels[None], torch.arange(batch, device=device)[None, None, None],
                          torch.full((1, 1), 0.002, device=device), 0.9, 5e-4)
 
         def run():
-            step.step.zero_()
+            step.start_at_epoch(0, 0)
             step()
         return step, run
 
@@ -73,7 +73,7 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
             except Exception as exc:  # one attention failing on this GPU must not cost the others their numbers
                 print(f"  step variant {name}: failed ({str(exc).splitlines()[0][:160]})", flush=True)
                 continue
-            variants[name] = lambda step=step, graphed=graphed: (step.step.zero_(), graphed())
+            variants[name] = lambda step=step, graphed=graphed: (step.start_at_epoch(0, 0), graphed())
     return variants
 
 
@@ -136,7 +136,7 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     labels = torch.arange(n, device=device) % len(classnames)
     encode = FastTextEncoder(model, learner, resolve(device), weight_dtype=precision)
     order = torch.randperm(n, device=device)[:n // batch * batch].view(1, 1, n // batch, batch)
-    loss = coop_loss(lambda: encode()[None], model.logit_scale.exp().detach().to(device), precision)
+    loss = coop_loss(lambda learners: encode()[None], model.logit_scale.exp().detach().to(device), precision)
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
                      0.9, 5e-4)
     resident = torch.cuda.memory_allocated() - before

@@ -78,17 +78,18 @@ def cocoop_logits(model, learner: CoCoOpLearner, image_features: torch.Tensor, m
     return cosine_logits_per_image(image_features, text, model.logit_scale.exp())
 
 
-def cocoop_loss(learners: list[CoCoOpLearner], encode_contexts, logit_scale, autocast_dtype=None):
-    """The CoCoOp training loss of R stacked runs for TrainStep: each run's batch of images (R × B × D) gets its
-    own contexts; all R·B of them go through `encode_contexts` (→ R·B × K × D text features) in one call; each
-    image's logits against its own prompts, cross-entropy averaged over the batch as published."""
-    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[list, torch.Tensor]:
-        runs, batch = labels.shape
-        with torch.autocast(labels.device.type, dtype=autocast_dtype or torch.float32,
+def cocoop_loss(encode_contexts, logit_scale, autocast_dtype=None):
+    """The CoCoOp training loss of stacked runs for TrainStep: each run's batch of images (B_r × D) gets its own
+    contexts from its learner; all of them go through `encode_contexts` (→ ΣB_r × K × D text features) in one
+    call; each image's logits against its own prompts, cross-entropy averaged over each run's batch as published."""
+    def losses(learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
+        sizes = [len(run_labels) for run_labels in labels]
+        with torch.autocast(labels[0].device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None, cache_enabled=False):
-            contexts = torch.cat([learner.contexts(images[run]) for run, learner in enumerate(learners)])
+            contexts = torch.cat([learner.contexts(run_images) for learner, run_images in zip(learners, images)])
             text = encode_contexts(contexts)
-        logits = cosine_logits_per_image(images, text.unflatten(0, (runs, batch)), logit_scale)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(runs, batch)
-        return list(loss.mean(dim=1).unbind()), logits.argmax(dim=-1)
+        images, labels = torch.cat(images), torch.cat(labels)
+        logits = cosine_logits_per_image(images, text, logit_scale)
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        return [run_loss.mean() for run_loss in loss.split(sizes)], list(logits.argmax(dim=-1).split(sizes))
     return losses

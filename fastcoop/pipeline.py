@@ -32,9 +32,8 @@ def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConf
 def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], run_dirs: list[Path],
                       progress: bool = True, timings: dict | None = None, overwrite: bool = False,
                       save_every: float = 10.0, profile: str | None = None) -> list[tuple[TrainResult, dict]]:
-    """Runs that differ only in their seed, trained together (train_stack), each into its own run directory with
-    everything train_to_run_dir promises; unfinished runs resumed together must have stopped after the same
-    epoch."""
+    """Runs that differ only in their seed, shots and epochs, trained together (train_stack), each into its own run
+    directory with everything train_to_run_dir promises (unfinished ones resumed, each from its own epoch)."""
     requests = [dataclasses.asdict(config) for config in configs]  # as asked, before the loop resolves defaults
     plans = [plan_run_dir(d, cache, r, overwrite) for d, r in zip(run_dirs, requests)]
     resumes = [Checkpoint(**read_checkpoint(d)) if plan == "resume" else None for d, plan in zip(run_dirs, plans)]
@@ -60,13 +59,14 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[Tr
         save(exc.results, ["failed" if run in exc.failed else "interrupted" for run in range(len(configs))])
         raise
     except TrainingInterrupted as exc:
-        first = exc.results[0]
-        if first.checkpoint is None:
+        if all(result.checkpoint is None for result in exc.results):
             raise KeyboardInterrupt(f"nothing was trained yet in {run_dirs[0]}") from None
         save(exc.results, ["interrupted"] * len(configs))
-        where = run_dirs[0] if len(run_dirs) == 1 else f"{len(run_dirs)} runs ({run_dirs[0]}, ...)"
-        raise KeyboardInterrupt(f"{where} saved after epoch {first.checkpoint.epochs_done} of "
-                                f"{first.config.epochs}; run the same command again to resume") from None
+        first = exc.results[0]
+        where = (f"{run_dirs[0]} saved after epoch {first.checkpoint.epochs_done} of {first.config.epochs}"
+                 if len(run_dirs) == 1 else
+                 f"{len(run_dirs)} runs ({run_dirs[0]}, ...) saved at their last epoch's end")
+        raise KeyboardInterrupt(f"{where}; run the same command again to resume") from None
     done = []
     for run_dir, result, request, resume in zip(run_dirs, trained, requests, resumes):
         finish_start = time.perf_counter()

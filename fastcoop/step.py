@@ -2,10 +2,11 @@
 stack of runs at once (one run is a stack of one). The loss is a part: CoOp's here (coop_loss), CoCoOp's in
 fastcoop.cocoop (cocoop_loss); the step updates every tensor the learners train.
 
-The whole schedule lives on the device: every epoch's batch order (epochs × steps × batch rows) and learning rate
-are tables indexed by a step counter, each step adds its loss and hits into its epoch's slot, and SGD (momentum,
-weight decay) is written out as tensor ops. Nothing in a step depends on the host: the training loop is `steps`
-replays of the graph per epoch, one copy of the epoch's feature view, and a look at the results now and then.
+The whole schedule lives on the device: every run's batch orders (its steps × batch rows) and learning rates are
+tables indexed by the run's own step counter, each step adds each run's loss and hits into the slot of that run's
+epoch, and SGD (momentum, weight decay) is PyTorch's fused update. Nothing in a step depends on the host: the
+training loop is replays of the graph, a copy of a run's feature view when its epoch begins, and a look at the
+results now and then.
 """
 
 import time
@@ -26,87 +27,135 @@ def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: flo
 
 
 def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str | None = None):
-    """CoOp's training loss of R stacked runs for TrainStep: the runs' K prompts in one encoder call
-    (`encode_text()` → R × K × D), then each run's batch against its own text features with the fused cosine
-    cross-entropy. `loss_backend` None: fastcoop.backends' choice for the device."""
-    def losses(images: torch.Tensor, labels: torch.Tensor) -> tuple[list, list]:
-        with torch.autocast(labels.device.type, dtype=autocast_dtype or torch.float32,
+    """CoOp's training loss of stacked runs for TrainStep: the runs' K prompts in one encoder call
+    (`encode_text(learners)` → R × K × D), then each run's batch against its own text features with the fused
+    cosine cross-entropy. `loss_backend` None: fastcoop.backends' choice for the device."""
+    def losses(learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
+        with torch.autocast(labels[0].device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None, cache_enabled=False):
-            text = encode_text()
-        per_run = [cosine_ce(images[run], run_text, logit_scale, labels[run], return_argmax=True,
-                             backend=loss_backend) for run, run_text in enumerate(text.unbind())]
+            text = encode_text(learners)
+        per_run = [cosine_ce(run_images, run_text, logit_scale, run_labels, return_argmax=True,
+                             backend=loss_backend) for run_images, run_text, run_labels in zip(images, text, labels)]
         return [loss for loss, _ in per_run], [predicted for _, predicted in per_run]
     return losses
 
 
 class TrainStep:
-    """One step of R stacked runs on static device tensors: gather each run's batch → the runs' losses (`loss`,
-    e.g. coop_loss or cocoop_loss: R × B × D images and R × B labels → each run's loss and B predictions) →
-    gradients → each run's SGD update of every tensor its learner trains. Runs of a stack share the schedule's
-    shape (epochs, steps, batch) and the prompt layout; they differ in data, order, parameters and learning rate.
+    """One step of stacked runs on static device tensors: gather each run's batch → the runs' losses (`loss`,
+    e.g. coop_loss or cocoop_loss: the runs' learners, their B_r × D images and B_r labels → each run's loss and
+    predictions) → gradients → each run's SGD update of every tensor its learner trains.
 
-    `features`: the static R × n × D buffer holding the current epoch's view of each run's images; `labels`:
-    R × n; `orders`: R × epochs × steps × batch rows; `lrs`: R × epochs. `step` counts steps from the runs'
-    start."""
+    Runs of a stack share the prompt layout; each has its own images, schedule (epochs, steps per epoch, batch
+    size), order, parameters and learning rates, and its own step counter, so runs of different shot counts, or
+    resumed after different epochs, train side by side and each ends exactly where it would alone. The step
+    trains the `active` runs (set_active; all at first): a run whose schedule is over leaves the stack, and the
+    caller captures the step again.
+
+    `features`: the static R × n × D buffer holding the current epoch's view of each run's images (n: the most
+    images of any run); `labels`: R × n; `orders`: each run's epochs × steps × batch rows (a list, or one
+    R × epochs × steps × batch tensor when they share a shape); `lrs`: each run's per-epoch learning rates."""
 
     def __init__(self, learners, loss, features, labels, orders, lrs, momentum: float, weight_decay: float):
         self.learners, self.loss = list(learners), loss
         self.features, self.labels = features, labels
-        runs, epochs, self.steps, self.batch_size = orders.shape
-        self.orders, self.lrs = orders.reshape(runs, epochs * self.steps, self.batch_size), lrs
         self.momentum, self.weight_decay = momentum, weight_decay
         device = labels.device
-        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        runs, n = labels.shape
+        self.epochs = [len(order) for order in orders]
+        self.steps_per_epoch = [order.shape[1] for order in orders]
+        self.batch_sizes = [order.shape[2] for order in orders]
+        # Per-step tables of every run, flattened: run r's step t is entry r·longest + t. Each holds the step's rows
+        # of the flattened R·n features, its (run, epoch) slot in the R × epochs metrics, and its learning rate.
+        longest = max(e * s for e, s in zip(self.epochs, self.steps_per_epoch))
+        self.step_rows = torch.zeros(runs, longest, max(self.batch_sizes), dtype=torch.long)
+        self.step_slot = torch.zeros(runs, longest, dtype=torch.long)
+        self.step_lr = torch.zeros(runs, longest)
+        for run, (order, run_lrs) in enumerate(zip(orders, lrs)):
+            steps = len(order) * order.shape[1]
+            self.step_rows[run, :steps, :order.shape[2]] = order.reshape(steps, -1).cpu() + run * n
+            epoch = torch.arange(steps) // order.shape[1]
+            self.step_slot[run, :steps] = run * max(self.epochs) + epoch
+            self.step_lr[run, :steps] = torch.as_tensor(run_lrs).cpu().float()[epoch]
+        self.step_rows, self.step_slot, self.step_lr = (table.flatten(0, 1).to(device) for table in
+                                                        (self.step_rows, self.step_slot, self.step_lr))
+        self.position = torch.arange(runs, device=device) * longest  # each run's next entry in the tables
         self.loss_seed = torch.ones((), device=device)  # d(loss)/d(loss), made once rather than at every step
         self.params = [list(learner.trainable().values()) for learner in self.learners]
         self.momentum_buffers = [[torch.zeros_like(p) for p in params] for params in self.params]
-        self.loss_sums = torch.zeros(runs, epochs, device=device)  # per run and epoch
-        self.correct = torch.zeros(runs, epochs, dtype=torch.long, device=device)
-        self.epoch_finite = torch.ones(runs, epochs, dtype=torch.bool, device=device)
+        self.loss_sums = torch.zeros(runs, max(self.epochs), device=device)  # per run and epoch
+        self.correct = torch.zeros(runs, max(self.epochs), dtype=torch.long, device=device)
+        self.epoch_finite = torch.ones(runs, max(self.epochs), dtype=torch.bool, device=device)
         self.all_finite = torch.ones(runs, dtype=torch.bool, device=device)
-        # each run's parameters after its last epoch of a finite run so far
+        # each run at the end of its last epoch: its parameters (while all its epochs were finite) and momentum
         self.good_params = [[p.detach().clone() for p in params] for params in self.params]
+        self.epoch_end_momentum = [[torch.zeros_like(p) for p in params] for params in self.params]
+        self.active = []
+        self.set_active(range(runs))
+
+    def set_active(self, runs) -> None:
+        """Train only `runs` (indices into the stack) from now on; their positions are the step's own tensor."""
+        if self.active:
+            self.position.index_copy_(0, self.active_index, self.active_position)
+        self.active = list(runs)
+        self.active_index = torch.tensor(self.active, dtype=torch.long, device=self.labels.device)
+        self.active_position = self.position.index_select(0, self.active_index)
+
+    def start_at_epoch(self, run: int, epoch: int) -> None:
+        """Make `run` (active) train from the start of `epoch` (a resumed run)."""
+        longest = len(self.step_rows) // len(self.labels)
+        self.active_position[self.active.index(run)] = run * longest + epoch * self.steps_per_epoch[run]
 
     def load_view(self, run: int, features: torch.Tensor) -> None:
-        """A run's view of its images for this epoch (n × D, on the host or the device, any float dtype) into the
-        static buffer; from pinned host memory the transfer does not wait for the host."""
-        self.features[run].copy_(features.to(self.features.device, non_blocking=True))
+        """A run's view of its images for this epoch (n_run × D, on the host or the device, any float dtype) into
+        the static buffer; from pinned host memory the transfer does not wait for the host."""
+        self.features[run, :len(features)].copy_(features.to(self.features.device, non_blocking=True))
 
     def __call__(self) -> None:
-        epoch = torch.div(self.step, self.steps, rounding_mode="floor")
-        rows = self.orders.index_select(1, self.step)[:, 0]  # runs × batch
-        images = self.features.gather(1, rows[..., None].expand(-1, -1, self.features.shape[-1]))
-        labels = self.labels.gather(1, rows)
-        losses, predicted = self.loss(images, labels)
+        rows = self.step_rows.index_select(0, self.active_position)  # active runs × largest batch
+        images = self.features.flatten(0, 1).index_select(0, rows.flatten()).view(*rows.shape, -1)
+        labels = self.labels.flatten().index_select(0, rows.flatten()).view(rows.shape)
+        sizes = [self.batch_sizes[run] for run in self.active]
+        labels = [labels[i, :b] for i, b in enumerate(sizes)]  # each run's own batch (views, not copies)
+        losses, predicted = self.loss([self.learners[run] for run in self.active],
+                                      [images[i, :b] for i, b in enumerate(sizes)], labels)
+        params = [p for run in self.active for p in self.params[run]]
         # the runs' losses together: each reaches only its own run's parameters
-        grads = iter(torch.autograd.grad(losses, [p for params in self.params for p in params],
-                                         grad_outputs=[self.loss_seed] * len(losses)))
+        grads = iter(torch.autograd.grad(losses, params, grad_outputs=[self.loss_seed] * len(losses)))
         with torch.no_grad():
-            for run, params in enumerate(self.params):
-                sgd_update_(params, [next(grads) for _ in params], self.momentum_buffers[run],
-                            self.lrs[run].index_select(0, epoch), self.momentum, self.weight_decay)
-                self.loss_sums[run].index_add_(0, epoch, losses[run].detach().view(1))
-                self.correct[run].index_add_(0, epoch, (predicted[run] == labels[run]).sum().view(1))
-            self.step.add_(1)
+            lrs = self.step_lr.index_select(0, self.active_position)
+            for i, run in enumerate(self.active):
+                sgd_update_(self.params[run], [next(grads) for _ in self.params[run]], self.momentum_buffers[run],
+                            lrs[i:i + 1], self.momentum, self.weight_decay)
+            slots = self.step_slot.index_select(0, self.active_position)
+            self.loss_sums.view(-1).index_add_(0, slots, _joined([loss.detach() for loss in losses]))
+            self.correct.view(-1).index_add_(0, slots, _joined([(p == l).sum() for p, l in zip(predicted, labels)]))
+            self.active_position.add_(1)
 
-    def end_epoch(self, epoch: int) -> None:
-        """After an epoch's steps, on the device: a run's epoch is good if its loss and its parameters after it
-        are finite (the last update can overflow); while all its epochs have been good, its parameters are the
-        last good ones."""
+    def end_epoch(self, run: int, epoch: int) -> None:
+        """After a run's epoch, on the device: the epoch is good if its loss and the parameters after it are
+        finite (the last update can overflow); while all its epochs have been good, its parameters are the last
+        good ones. The momentum is kept as it is here, for a checkpoint at this epoch's end."""
         with torch.no_grad():
-            for run, params in enumerate(self.params):
-                finite = torch.isfinite(self.loss_sums[run, epoch])
-                for param in params:
-                    finite = finite & torch.isfinite(param).all()
-                self.epoch_finite[run, epoch] = finite
-                self.all_finite[run] &= finite
-                for param, good in zip(params, self.good_params[run]):
-                    good.copy_(torch.where(self.all_finite[run], param, good))
+            finite = torch.isfinite(self.loss_sums[run, epoch])
+            for param in self.params[run]:
+                finite = finite & torch.isfinite(param).all()
+            self.epoch_finite[run, epoch] = finite
+            self.all_finite[run] &= finite
+            for param, good, buffer, kept in zip(self.params[run], self.good_params[run],
+                                                 self.momentum_buffers[run], self.epoch_end_momentum[run]):
+                good.copy_(torch.where(self.all_finite[run], param, good))
+                kept.copy_(buffer)
 
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step writes (to undo the warm-up steps run before capture)."""
-        return [*(p.data for params in self.params for p in params),
-                *(b for buffers in self.momentum_buffers for b in buffers), self.loss_sums, self.correct, self.step]
+        return [*(p.data for run in self.active for p in self.params[run]),
+                *(b for run in self.active for b in self.momentum_buffers[run]), self.loss_sums, self.correct,
+                self.active_position]
+
+
+def _joined(scalars: list[torch.Tensor]) -> torch.Tensor:
+    """One-element tensors as one vector (a view, not a copy, when there is one)."""
+    return scalars[0].view(1) if len(scalars) == 1 else torch.stack(scalars)
 
 
 def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGraph:
@@ -135,7 +184,7 @@ class CudaGraphStep:
     def __init__(self, step: TrainStep, warmup: int = 3):
         self.step = step
         saved = [t.clone() for t in step.state()]
-        first_step = step.step.clone()
+        first_position = step.active_position.clone()
         start = time.perf_counter()
         try:
             with compiling_in_parallel(step.labels.device):  # the step's launches only compile, in parallel
@@ -143,7 +192,7 @@ class CudaGraphStep:
             torch.cuda.synchronize()
             compiled = time.perf_counter()
             # every warm-up run and the capture start at the same batch
-            self.graph = capture_graph(step, warmup, reset=lambda: step.step.copy_(first_step))
+            self.graph = capture_graph(step, warmup, reset=lambda: step.active_position.copy_(first_position))
         finally:  # capture records without running; undo the warm-up steps (also when capture fails)
             for tensor, value in zip(step.state(), saved):
                 tensor.copy_(value)

@@ -4,8 +4,9 @@ figure (accuracy against shots). With CoCoOp's protocol (`--method cocoop --clas
 the base classes and is tested on base and new, and the table gives base, new and H beside zero-shot CLIP's.
 
 The runs go in this process, sharing the model, the cache and the compiled kernels, so no run pays a process's
-start-up; new runs that differ only in their seed train stacked, all their prompts in one text-encoder pass per
-step; under torchrun the runs are shared among the processes (GPUs). Each is an ordinary
+start-up; a variant's unfinished runs (every shot count and seed) train stacked, all their prompts in one
+text-encoder pass per step, each on its own schedule, leaving the stack when it ends; under torchrun the runs are
+shared among the processes (GPUs). Each is an ordinary
 run directory (DIR/<variant>/<shots>shot-seed<seed>), so `eval`,
 `predict` and `interpret` work on it; rerunning the same sweep keeps the finished runs and resumes or redoes the
 others. DIR/sweep.json records what the sweep is, so a different sweep never writes into it.
@@ -16,6 +17,8 @@ import statistics
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import torch
 
 from fastcoop.cache import FeatureCache
 from fastcoop.config import TrainConfig
@@ -28,8 +31,8 @@ from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
 from fastcoop.report import sweep_curves, sweep_table
 from fastcoop.run import evaluation_key, load_run, record_evaluation
-from fastcoop.run_files import (FIGURE_FILE, RESULTS_FILE, SUMMARY_FILE, SWEEP_FILE, TABLE_FILE, read_config,
-                                read_evaluations)
+from fastcoop.run_files import (FIGURE_FILE, RESULTS_FILE, RESUMABLE, SUMMARY_FILE, SWEEP_FILE, TABLE_FILE,
+                                read_config, read_evaluations)
 from fastcoop.zeroshot import zeroshot_classifier
 
 @dataclass(frozen=True)
@@ -63,8 +66,8 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
               variants: list[Variant], base: TrainConfig, progress: bool = True, echo=print,
               world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = ()) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
-    `stack`: new runs of one variant and shot count (they differ only in seed) train together, one text-encoder
-    pass per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
+    `stack`: a variant's unfinished runs (they differ in shots and seed) train together, one text-encoder pass
+    per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
     generalisation, cross-dataset transfer), recorded in each run's evaluations and tabulated. Under torchrun
     each rank trains every N-th run and the first writes the summary (None elsewhere)."""
     out = Path(out)
@@ -74,22 +77,26 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     if world.is_writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
-    groups: dict[tuple, list] = {}  # (variant, shots) → this rank's runs to start, trained together when stacked
+    groups: dict[Variant, list] = {}  # variant → this rank's runs to start or resume, trained together if stacked
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
         run_dir = out / variant.name / f"{s}shot-seed{seed}"
         config = replace(base, shots=s, seed=seed, **asdict(variant))
         done = read_config(run_dir)
-        if done is None and stack:
-            groups.setdefault((variant, s), []).append((config, run_dir))
+        if stack and (done is None or done["state"] in RESUMABLE and done.get("request") == asdict(config)):
+            groups.setdefault(variant, []).append((config, run_dir))
         elif done is None or done["state"] != "complete" or done.get("request") != asdict(config):
             echo(f"[{i}/{len(runs)}] {variant.name}, {s} shots, seed {seed}")
             train_to_run_dir(cache, loaded, config, run_dir, progress=progress, overwrite=done is not None
                              and done["state"] == "complete")
-    for (variant, s), group in groups.items():
-        echo(f"{variant.name}, {s} shots, seeds {', '.join(str(c.seed) for c, _ in group)}")
-        train_to_run_dirs(cache, loaded, [c for c, _ in group], [d for _, d in group], progress=progress)
+    for variant, group in groups.items():
+        if len(group) == 1:
+            echo(f"{variant.name}, {group[0][0].shots} shots, seed {group[0][0].seed}")
+        else:
+            echo(f"{variant.name}: {len(group)} runs stacked ({_listed({c.shots for c, _ in group})} shots, "
+                 f"seeds {_listed({c.seed for c, _ in group})})")
+        _train_stacked(cache, loaded, group, progress, echo)
     world.from_writer(None)  # every rank's runs are finished
     if not world.is_writer:
         return None
@@ -112,6 +119,26 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     (out / TABLE_FILE).write_text(sweep_table([summary], [out.name]) + "\n")
     plot_accuracy(summary, out / FIGURE_FILE, title=Path(cache.path).stem)
     return summary
+
+
+def _listed(values) -> str:
+    return ", ".join(str(v) for v in sorted(values, key=lambda v: (v is None, v)))
+
+
+def _train_stacked(cache: FeatureCache, loaded: LoadedModel, group: list, progress: bool, echo) -> None:
+    """Train (config, run_dir) pairs as one stack; a stack the device's memory cannot hold is split in two and
+    each half trained in turn (each run resumes from whatever its half saved)."""
+    try:
+        train_to_run_dirs(cache, loaded, [c for c, _ in group], [d for _, d in group], progress=progress)
+    except torch.OutOfMemoryError:
+        if len(group) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(group) // 2
+        echo(f"  {len(group)} runs stacked do not fit in the device's memory: training them as {half} and "
+             f"{len(group) - half}")
+        _train_stacked(cache, loaded, group[:half], progress, echo)
+        _train_stacked(cache, loaded, group[half:], progress, echo)
 
 
 def _transfer(run_dir: Path, loaded: LoadedModel, caches: list[FeatureCache]) -> dict[str, float]:

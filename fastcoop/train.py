@@ -69,21 +69,22 @@ class Checkpoint:
 
     @classmethod
     def of(cls, step, run: int, history: list[dict]) -> "Checkpoint":
+        """The run as it was at the end of its last epoch (the step may be inside the next one)."""
         names = step.learners[run].trainable()
-        return cls(len(history), {n: p.detach().clone() for n, p in zip(names, step.params[run])},
-                   {n: b.clone() for n, b in zip(names, step.momentum_buffers[run])}, list(history))
+        return cls(len(history), {n: p.clone() for n, p in zip(names, step.good_params[run])},
+                   {n: b.clone() for n, b in zip(names, step.epoch_end_momentum[run])}, list(history))
 
-    def restore(self, step, run: int) -> int:
-        """Load into a fresh TrainStep's run; returns the first epoch still to train."""
+    def restore(self, step, run: int) -> None:
+        """Load into a fresh TrainStep's run, which then trains from epoch `epochs_done`."""
         names = step.learners[run].trainable()
         with torch.no_grad():
-            for name, param, good, buffer in zip(names, step.params[run], step.good_params[run],
-                                                 step.momentum_buffers[run]):
+            for name, param, good, buffer, kept in zip(names, step.params[run], step.good_params[run],
+                                                       step.momentum_buffers[run], step.epoch_end_momentum[run]):
                 param.copy_(self.params[name])
                 good.copy_(self.params[name])
                 buffer.copy_(self.momentum[name])
-            step.step.fill_(self.epochs_done * step.steps)
-        return self.epochs_done
+                kept.copy_(self.momentum[name])
+            step.start_at_epoch(run, self.epochs_done)
 
 
 def epoch_views(cached_views: int, epochs: int) -> tuple[slice, dict]:
@@ -121,26 +122,25 @@ def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progres
 def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], progress: bool = True,
                 on_report=None, resumes: list[Checkpoint | None] | None = None,
                 profile: str | None = None) -> list[TrainResult]:
-    """Train runs that differ only in their seed (so in their images, order and initial context) together: every
-    step runs all their prompts in one text-encoder pass; each run keeps its own loss, momentum and schedule, and
-    ends exactly where it would alone. `resumes`: each run's checkpoint, all after the same epoch, or None.
+    """Train runs that differ only in their seed, shot count and epochs (so in their images, order, schedule and
+    initial context) together: every step runs all their prompts in one text-encoder pass; each run keeps its own
+    loss, momentum, step counter and schedule, and ends exactly where it would alone. A run whose schedule is over
+    leaves the stack. `resumes`: each run's checkpoint, or None.
 
-    The host enqueues each epoch's steps without waiting for them, and looks at the results after the first epoch,
+    The host enqueues steps without waiting for them and looks at the results after the first epoch that ends,
     then every REPORT_SECONDS and at the end; `on_report(results)` is called then, each `result.checkpoint` the
-    state after the last epoch seen. `profile`: a file for a PyTorch profiler trace (Chrome's format) of the
-    first PROFILE_STEPS steps after the first epoch (the graph captured, the kernels compiled); training is
+    run's state after its last epoch seen. `profile`: a file for a PyTorch profiler trace (Chrome's format) of up
+    to PROFILE_STEPS steps after the first epoch (the graph captured, the kernels compiled); training is
     otherwise the same."""
     setup_start = time.perf_counter()
     base = configs[0]
-    if any(dataclasses.replace(c, seed=base.seed) != base for c in configs):
-        raise ValueError("runs trained together may differ only in their seed")
-    resumes = resumes or [None] * len(configs)
+    if any(dataclasses.replace(c, seed=base.seed, shots=base.shots, epochs=base.epochs) != base for c in configs):
+        raise ValueError("runs trained together may differ only in their seed, shots and epochs")
     device = resolve_device(base.device)
     dtype = autocast_dtype(resolve_precision(base.precision, device, "bf16"))
     if base.batch_size < 1 or base.lr <= 0:
         raise FastCoopError("--batch-size must be ≥ 1 and --lr > 0")
     backends = resolve(device, base.attention, base.fused, base.fused_mlp)
-    epochs = base.epochs or published_epochs(base.shots, len(cache.classnames))
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
     classnames = [cache.classnames[k] for k in kept]
     rows, labels = [], []
@@ -149,7 +149,6 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
         in_subset, run_labels = relabel(cache.labels("train", subset), kept)
         rows.append(subset[in_subset.numpy()])
         labels.append(run_labels)
-    labels = torch.stack(labels).to(device)  # the same number of images per class for every seed
 
     model = loaded.model
     if base.text_path == "reference" or TextTower.of(model).fast_path_problem():
@@ -160,75 +159,101 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
         torch.manual_seed(config.seed)
         learners.append(new_learner(model, loaded.tokenizer, classnames, config).to(device))
     # the runs' options with every default resolved; the caller's configs stay as they were given
-    configs = [dataclasses.replace(c, epochs=epochs, n_ctx=learners[0].n_ctx, attention=backends.attention)
-               for c in configs]
+    configs = [dataclasses.replace(c, epochs=c.epochs or published_epochs(c.shots, len(cache.classnames)),
+                                   n_ctx=learners[0].n_ctx, attention=backends.attention) for c in configs]
     scale = model.logit_scale.exp().detach().to(device)
     if base.method == "cocoop":
-        loss = cocoop_loss(learners, _context_text_features(model, learners[0], backends, dtype, base.text_path),
-                           scale, dtype)
+        loss = cocoop_loss(_context_text_features(model, learners[0], backends, dtype, base.text_path), scale, dtype)
     else:
-        loss = coop_loss(_text_features(model, learners, backends, dtype, base.text_path), scale, dtype,
+        loss = coop_loss(_text_features(model, learners[0], backends, dtype, base.text_path), scale, dtype,
                          backends.loss)
     # only the views the epochs use, of the images the runs use, in one read (a chunk shared by runs is read once;
     # on the host, float16)
-    used_views, augmentation = epoch_views(cache.num_views("train"), epochs)
-    read = cache.features("train", np.concatenate(rows), used_views)
-    views = [run_views.contiguous() for run_views in read.split([len(subset) for subset in rows], dim=1)]
+    used = [epoch_views(cache.num_views("train"), config.epochs) for config in configs]
+    read = cache.features("train", np.concatenate(rows), max((views for views, _ in used), key=lambda s: s.stop))
+    views = [run_views[:run_slice.stop - run_slice.start].contiguous()
+             for run_views, (run_slice, _) in zip(read.split([len(subset) for subset in rows], dim=1), used)]
     if device.startswith("cuda"):
         views = [run_views.pin_memory() for run_views in views]  # then copied to the device asynchronously
-    features = torch.empty(len(configs), *views[0].shape[1:], device=device)  # each run's epoch view, float32
-    tables = [schedule_tables(labels.shape[1], config) for config in configs]
-    orders, lrs = (torch.stack(t).to(device) for t in zip(*tables))
-    step = TrainStep(learners, loss, features, labels, orders, lrs, base.momentum, base.weight_decay)
-    results = [TrainResult(learner, config, backends, augmentation=augmentation)
-               for learner, config in zip(learners, configs)]
-    if len({r.epochs_done if r else 0 for r in resumes}) > 1:
-        raise ValueError("runs resumed together must have stopped after the same epoch")
-    first_epoch = 0
-    for run, resume in enumerate(resumes):
+    most = max(len(subset) for subset in rows)
+    features = torch.zeros(len(configs), most, read.shape[-1], device=device)  # each run's epoch view, float32
+    padded_labels = torch.zeros(len(configs), most, dtype=torch.long)
+    for run, run_labels in enumerate(labels):
+        padded_labels[run, :len(run_labels)] = run_labels
+    orders, lrs = zip(*(schedule_tables(len(subset), config) for subset, config in zip(rows, configs)))
+    step = TrainStep(learners, loss, features, padded_labels.to(device), orders, lrs, base.momentum,
+                     base.weight_decay)
+    results = [TrainResult(learner, config, backends, augmentation=record)
+               for learner, config, (_, record) in zip(learners, configs, used)]
+    for run, resume in enumerate(resumes or [None] * len(configs)):
         if resume is not None:
-            first_epoch = resume.restore(step, run)
+            resume.restore(step, run)
             results[run].history = list(resume.history)
-    use_graph = base.graph and device.startswith("cuda")
-    run_step = None  # the graph is captured at the first epoch, once the static tensors hold real data
+            results[run].checkpoint = resume
     start = time.perf_counter()
     for result in results:
         result.setup_seconds = start - setup_start
-    seen, seen_at = first_epoch, start  # epochs whose results the host has read, and when
-    bar = tqdm(total=epochs, initial=first_epoch, desc="train" if len(configs) == 1 else f"train ×{len(configs)}",
-               unit="epoch", disable=not progress)
+    _train_loop(step, views, results, base.graph and device.startswith("cuda"), progress, on_report, profile, device)
+    for result in results:
+        result.seconds = time.perf_counter() - start
+    return results
+
+
+def _train_loop(step: TrainStep, views: list[torch.Tensor], results: list[TrainResult], use_graph: bool,
+                progress: bool, on_report, profile: str | None, device: str) -> None:
+    """Run the stack's steps to the end of every run's schedule: the steps up to the next end of some run's
+    epoch, then that run's epoch end (and its next view) on the device; a look at the results as train_stack
+    says. The step is captured (graphed) when first run, and again each time the stack shrinks."""
+    start = time.perf_counter()
+    steps = step.steps_per_epoch
+    done = [len(result.history) * s for result, s in zip(results, steps)]  # each run's steps, as the host counts
+    total = [result.config.epochs * s for result, s in zip(results, steps)]
+    seen, seen_at, to_trace = [len(result.history) for result in results], start, PROFILE_STEPS if profile else 0
+    steps_since = 0  # the stack's steps since the last look
+    for run, run_views in enumerate(views):
+        if done[run] < total[run]:
+            step.load_view(run, run_views[done[run] // steps[run] % len(run_views)])
+    active, run_step = [], None
+    bar = tqdm(total=sum(r.config.epochs for r in results), initial=sum(seen), unit="epoch", disable=not progress,
+               desc="train" if len(results) == 1 else f"train ×{len(results)}")
     try:
         with _stop_at_epoch_end() as stop_requested:
-            for epoch in range(first_epoch, epochs):
-                for run, run_views in enumerate(views):
-                    step.load_view(run, run_views[epoch % len(run_views)])
-                if run_step is None:
-                    run_step = graphed_or_eager(step) if use_graph else step
-                    if isinstance(run_step, CudaGraphStep):
-                        for result in results:
-                            result.kernels_seconds = run_step.kernels_seconds
-                            result.capture_seconds = run_step.capture_seconds
-                traced = min(PROFILE_STEPS, orders.shape[2]) if profile and \
-                    epoch == min(first_epoch + 1, epochs - 1) else 0
+            while any(d < t for d, t in zip(done, total)):
+                if active != [run for run in range(len(results)) if done[run] < total[run]]:
+                    active = [run for run in range(len(results)) if done[run] < total[run]]
+                    step.set_active(active)  # the stack shrinks when runs finish: capture it again
+                    run_step = _captured(step, results) if use_graph else step
+                span = min(steps[run] - done[run] % steps[run] for run in active)  # to the next end of an epoch
+                traced = min(to_trace, span) if seen_at > start or all(
+                    done[run] + span == total[run] for run in active) else 0
                 if traced:
                     with _profiled(profile, device):
                         for _ in range(traced):
                             run_step()
-                for _ in range(orders.shape[2] - traced):
+                    to_trace = 0
+                for _ in range(span - traced):
                     run_step()
-                step.end_epoch(epoch)
+                steps_since += span
+                for run in active:
+                    done[run] += span
+                    if done[run] % steps[run] == 0:
+                        step.end_epoch(run, done[run] // steps[run] - 1)
+                        if done[run] < total[run]:
+                            step.load_view(run, views[run][done[run] // steps[run] % len(views[run])])
                 now = time.perf_counter()
-                if epoch == first_epoch or epoch + 1 == epochs or now - seen_at >= REPORT_SECONDS or \
-                        stop_requested:
-                    _read_back(step, results, seen, epoch + 1, now - seen_at)  # waits for the device
-                    bar.update(epoch + 1 - seen)
-                    seen, seen_at = epoch + 1, time.perf_counter()
-                    if epoch == first_epoch:
+                finished = all(d == t for d, t in zip(done, total))
+                if seen_at == start or finished or now - seen_at >= REPORT_SECONDS or stop_requested:
+                    epochs_now = [d // s for d, s in zip(done, steps)]
+                    _read_back(step, results, seen, epochs_now, now - seen_at)  # waits for the device
+                    bar.update(sum(epochs_now) - sum(seen))
+                    if seen_at == start:
                         for result in results:
-                            result.first_epoch_seconds = seen_at - start
-                    last = results[0].history[-1]
+                            result.first_epoch_seconds = time.perf_counter() - start
+                    training = [r for r in results if r.history and len(r.history) < r.config.epochs]
+                    last = (training or [r for r in results if r.history])[0].history[-1]  # a run still training
                     bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.1%}",
-                                    steps_s=f"{last['steps'] / last['seconds']:.0f}")
+                                    steps_s=f"{steps_since / (now - seen_at):.0f}")
+                    seen, seen_at, steps_since = epochs_now, time.perf_counter(), 0
                     if stop_requested:
                         raise KeyboardInterrupt
                     if on_report:
@@ -237,21 +262,29 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
         raise TrainingInterrupted(results) from None
     finally:
         bar.close()
-    for result in results:
-        result.seconds = time.perf_counter() - start
-    return results
 
 
-def _text_features(model, learners, backends, dtype, text_path):
-    """A function giving the runs' R × K × D text features: one fast-encoder pass for all of them, or the
-    published computation per run."""
-    encoder = None if text_path == "reference" else FastTextEncoder(model, learners[0], backends, weight_dtype=dtype)
-    if encoder is None or (encoder.problem and len(learners) > 1):  # a tower the fast path cannot run: one by one
+def _captured(step: TrainStep, results: list[TrainResult]):
+    """The step in a CUDA graph (or eager where capture fails); the first capture's costs go into the results."""
+    run_step = graphed_or_eager(step)
+    if isinstance(run_step, CudaGraphStep) and not results[0].capture_seconds:
+        for result in results:
+            result.kernels_seconds = run_step.kernels_seconds
+            result.capture_seconds = run_step.capture_seconds
+    return run_step
+
+
+def _text_features(model, learner, backends, dtype, text_path):
+    """A function from the stacked runs' learners (sharing `learner`'s prompt layout) to their R × K × D text
+    features: one fast-encoder pass for all of them, or the published computation per run."""
+    encoder = None if text_path == "reference" else FastTextEncoder(model, learner, backends, weight_dtype=dtype)
+    if encoder is None or encoder.problem:  # a tower the fast path cannot run: one by one
         tower = TextTower.of(model)
-        return lambda: torch.stack([reference_text_features(tower, learner) for learner in learners])
-    if len(learners) == 1:  # (the encoder shares the first learner's layout with every run)
-        return lambda: encoder()[None]
-    return lambda: encoder(torch.stack([learner.ctx for learner in learners]))
+        return lambda learners: torch.stack([reference_text_features(tower, each) for each in learners])
+
+    def encode(learners):
+        return encoder(learners[0].ctx[None] if len(learners) == 1 else torch.stack([each.ctx for each in learners]))
+    return encode
 
 
 def _context_text_features(model, learner, backends, dtype, text_path):
@@ -277,8 +310,8 @@ def _profiled(path: str, device: str):
 
 @contextmanager
 def _stop_at_epoch_end():
-    """While training, Ctrl-C and SIGTERM ask the loop to stop at the end of the current epoch, so that what is
-    saved is exactly an epoch's end; a second one stops at once."""
+    """While training, Ctrl-C and SIGTERM ask the loop to stop at the next end of a run's epoch (each run is saved
+    as it was at the end of its last epoch); a second one stops at once."""
     requested = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -308,15 +341,17 @@ def schedule_tables(n: int, config: TrainConfig) -> tuple[torch.Tensor, torch.Te
     return orders.view(config.epochs, steps, batch_size), lrs
 
 
-def _read_back(step: TrainStep, results: list[TrainResult], first: int, end: int, seconds: float) -> None:
-    """Epochs first..end-1 into each run's history (their time shared evenly), and a checkpoint after them; when a
-    run had a non-finite epoch, its last good context is restored and NonFiniteLoss raised (the others keep the
-    state after their last epoch)."""
-    loss_sums, correct, finite = (t[:, first:end].tolist() for t in (step.loss_sums, step.correct, step.epoch_finite))
+def _read_back(step: TrainStep, results: list[TrainResult], first: list[int], end: list[int],
+               seconds: float) -> None:
+    """Each run's epochs first[run]..end[run]-1 into its history (the time shared evenly among its epochs read),
+    and a checkpoint after them; when a run had a non-finite epoch, its last good context is restored and
+    NonFiniteLoss raised (the others keep the state after their last epoch)."""
+    loss_sums, correct, finite = (t.tolist() for t in (step.loss_sums, step.correct, step.epoch_finite))
     failed = {}
     for run, result in enumerate(results):
-        for i, epoch in enumerate(range(first, end)):
-            if not finite[run][i]:
+        steps, batch = step.steps_per_epoch[run], step.batch_sizes[run]
+        for epoch in range(first[run], end[run]):
+            if not finite[run][epoch]:
                 failed[run] = epoch
                 with torch.no_grad():
                     for param, good in zip(step.params[run], step.good_params[run]):
@@ -324,10 +359,11 @@ def _read_back(step: TrainStep, results: list[TrainResult], first: int, end: int
                 break
             config = result.config
             lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
-            result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[run][i] / step.steps,
-                                   "train_acc": correct[run][i] / (step.steps * step.batch_size),
-                                   "steps": step.steps, "seconds": seconds / (end - first)})
-        result.checkpoint = Checkpoint.of(step, run, result.history)
+            result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[run][epoch] / steps,
+                                   "train_acc": correct[run][epoch] / (steps * batch), "steps": steps,
+                                   "seconds": seconds / (end[run] - first[run])})
+        if result.history:
+            result.checkpoint = Checkpoint.of(step, run, result.history)
     if failed:
         raise NonFiniteLoss(failed, results)
 

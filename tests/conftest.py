@@ -67,8 +67,8 @@ def ctrl_c_after_epoch(monkeypatch, epochs: int) -> None:
 
     end_epoch = TrainStep.end_epoch
 
-    def end_epoch_then_ctrl_c(self, epoch):
-        end_epoch(self, epoch)
+    def end_epoch_then_ctrl_c(self, run, epoch):
+        end_epoch(self, run, epoch)
         if epoch + 1 == epochs:
             os.kill(os.getpid(), signal.SIGINT)
 

@@ -118,6 +118,7 @@ def _wait_for_checkpoint(process, run_dir, epochs: int):
     raise AssertionError(f"the run ended before a checkpoint: {process.stderr.read()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_train_resumes_to_the_uninterrupted_context(tmp_path, cache_path, how):
     """A real kill -9 (the last checkpoint stays) or SIGTERM (saved before exit), then the same command."""
@@ -158,13 +159,13 @@ def test_a_finished_run_is_kept_unless_overwrite_and_then_nothing_old_remains(tm
 
 def test_an_unfinished_run_with_other_settings_is_refused_naming_them(tmp_path, capsys, cache_path, monkeypatch):
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(TrainStep, "end_epoch", lambda self, epoch: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(TrainStep, "end_epoch", lambda self, run, epoch: (_ for _ in ()).throw(KeyboardInterrupt))
     assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 130
     assert not (run_dir / "config.json").exists()  # interrupted before any epoch was seen: nothing to keep
     monkeypatch.undo()
     monkeypatch.setattr("fastcoop.train.REPORT_SECONDS", 0.0)
     end_epoch = TrainStep.end_epoch
-    monkeypatch.setattr(TrainStep, "end_epoch", lambda self, epoch: end_epoch(self, epoch) if epoch < 3 else
+    monkeypatch.setattr(TrainStep, "end_epoch", lambda self, run, epoch: end_epoch(self, run, epoch) if epoch < 3 else
                         (_ for _ in ()).throw(KeyboardInterrupt))
     assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 130
     code, _, err = run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN[:-4], "--epochs", "9", "--lr",

@@ -56,15 +56,17 @@ def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, positi
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method", ["coop", "cocoop"])
 def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_vit, example_images, method):
-    """Two seeds stacked into one graphed step (their contexts as more attention heads of one encoder pass)
-    against each seed trained alone without a graph; CoOp, and CoCoOp (per-image contexts, Meta-Net)."""
+    """Runs of two seeds and different shot counts and epochs stacked into one graphed step (their contexts as
+    more attention heads of one encoder pass; captured again as runs finish) against each run trained alone
+    without a graph; CoOp, and CoCoOp (per-image contexts, Meta-Net)."""
     from fastcoop.train import train_stack
 
-    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=4, seeds=[1, 2],
+    path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=[1, 4], seeds=[1, 2],
                             views=2, batch_size=32, workers=0, progress=False)
     loaded = copy.deepcopy(tiny_vit)
-    configs = [TrainConfig(method=method, shots=4, seed=seed, epochs=3, batch_size=4, lr=0.05, precision="fp32",
-                           device="cuda", graph=True) for seed in (1, 2)]
+    configs = [TrainConfig(method=method, shots=shots, seed=seed, epochs=epochs, batch_size=4, lr=0.05,
+                           precision="fp32", device="cuda", graph=True)
+               for shots, seed, epochs in ((4, 1, 3), (1, 2, 2), (4, 2, 4))]
     with FeatureCache(path) as cache, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stacked = train_stack(cache, loaded, configs, progress=False)
@@ -83,7 +85,8 @@ def gpu_step(tiny_vit, classnames, images: int = 8) -> TrainStep:
     encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
     features = torch.randn(1, images, model.visual.output_dim, device=DEVICE)
     labels = torch.arange(images, device=DEVICE)[None] % len(classnames)
-    return TrainStep([learner], coop_loss(lambda: encode()[None], model.logit_scale.exp().detach(), torch.bfloat16),
+    loss = coop_loss(lambda learners: encode()[None], model.logit_scale.exp().detach(), torch.bfloat16)
+    return TrainStep([learner], loss,
                      features, labels, torch.randperm(images, device=DEVICE).view(1, 1, 2, images // 2),
                      torch.full((1, 1), 0.002, device=DEVICE), 0.9, 5e-4)
 

@@ -92,6 +92,7 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
         assert done.returncode == 0 and row in done.stdout, (done.stdout, done.stderr)
 
 
+@pytest.mark.slow
 def test_torchrun_shares_the_runs_and_writes_the_same_directories(tmp_path, split_cache):
     """Two gloo processes on CPU: each trains every other run; the contexts equal a one-process sweep's."""
     import os
@@ -148,3 +149,33 @@ def test_a_cocoop_base_to_new_sweep_stacks_seeds_and_reports_base_new_and_h(tmp_
     code, _, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", tmp_path / "x", "--method", "cocoop",
                            "--csc", "yes", "--shots", "2", "--device", "cpu")
     assert code == 2 and "CoCoOp learns one context" in err and not (tmp_path / "x").exists()
+
+
+def test_a_stack_too_big_for_the_device_is_split_and_says_so(tmp_path, capsys, split_cache, monkeypatch):
+    """Out of device memory, a variant's stack trains as halves (down to stacks that fit), each run as it would
+    have in the one stack."""
+    import torch
+
+    import fastcoop.sweep
+
+    train_to_run_dirs, stacks = fastcoop.sweep.train_to_run_dirs, []
+
+    def fits_two(cache, loaded, configs, run_dirs, **options):
+        if len(configs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        stacks.append(len(configs))
+        return train_to_run_dirs(cache, loaded, configs, run_dirs, **options)
+
+    monkeypatch.setattr(fastcoop.sweep, "train_to_run_dirs", fits_two)
+    args = [a if a != "no,yes" else "no" for a in SWEEP]
+    code, stdout, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", tmp_path / "split", *args)
+    assert code == 0, err
+    assert "4 runs stacked do not fit in the device's memory: training them as 2 and 2" in stdout and stacks == [2, 2]
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", tmp_path / "whole", *args)
+    assert code == 0, err
+    runs = sorted(run.relative_to(tmp_path / "whole") for run in (tmp_path / "whole").glob("*/*shot-seed*"))
+    assert len(runs) == 4
+    for run in runs:
+        assert torch.equal(*(load_file(tmp_path / sweep / run / "prompt.safetensors")["ctx"]
+                             for sweep in ("whole", "split")))

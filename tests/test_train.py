@@ -322,3 +322,53 @@ def test_profile_writes_a_trace_of_a_few_steps_and_trains_the_same(tmp_path, cap
     assert any("aten::" in e.get("name", "") for e in events)
     assert torch.equal(load_file(tmp_path / "plain" / "prompt.safetensors")["ctx"],
                        load_file(tmp_path / "profiled" / "prompt.safetensors")["ctx"])
+
+
+@pytest.fixture(scope="module")
+def protocol_cache(tmp_path_factory, tiny_vit, example_images):
+    """1-, 2- and 4-shot subsets of seeds 1 and 2: runs of different sizes and schedules."""
+    out = tmp_path_factory.mktemp("protocol") / "f.h5"
+    return extract_features(read_dataset(example_images), out, tiny_vit, splits=["train"], shots=[1, 2, 4],
+                            seeds=[1, 2], views=2, batch_size=32, workers=0, progress=False)
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache, tiny_vit, method):
+    """The protocol's shape in one stack: runs of 1, 2 and 4 shots (other batch sizes and steps per epoch) and two
+    seeds, each with its own epochs; each leaves the stack when its schedule is over and ends, bit for bit on the
+    CPU, where it would alone."""
+    from fastcoop.train import train_stack
+
+    recipe = dict(method=method, n_ctx=3, batch_size=5 if method == "coop" else 2, lr=0.05, device="cpu")
+    configs = [TrainConfig(shots=4, seed=1, epochs=3, **recipe), TrainConfig(shots=1, seed=2, epochs=2, **recipe),
+               TrainConfig(shots=2, seed=1, epochs=5, **recipe), TrainConfig(shots=4, seed=2, epochs=4, **recipe)]
+    with FeatureCache(protocol_cache) as cache:
+        stacked = train_stack(cache, tiny_vit, configs, progress=False)
+        alone = [train(cache, tiny_vit, config, progress=False) for config in configs]
+    assert len({r.history[0]["steps"] for r in stacked}) == 3  # the runs' epochs really differ in length
+    for together, by_itself in zip(stacked, alone):
+        for name, tensor in by_itself.learner.trainable().items():
+            assert torch.equal(together.learner.trainable()[name], tensor), name
+        assert [r["loss"] for r in together.history] == [r["loss"] for r in by_itself.history]
+        assert [r["train_acc"] for r in together.history] == [r["train_acc"] for r in by_itself.history]
+        assert together.checkpoint.epochs_done == together.config.epochs
+
+
+def test_a_stack_resumes_each_run_from_its_own_epoch(protocol_cache, tiny_vit, monkeypatch):
+    """Runs of a stack saved at different epochs (an interrupted protocol) go on together, each from its own
+    checkpoint, and end equal to the runs trained without a stop."""
+    from fastcoop.train import train_stack
+
+    monkeypatch.setattr("fastcoop.train.REPORT_SECONDS", 0.0)  # a checkpoint after every epoch
+    configs = [TrainConfig(shots=shots, seed=1, n_ctx=3, epochs=4, batch_size=5, lr=0.05, device="cpu")
+               for shots in (4, 1)]
+    with FeatureCache(protocol_cache) as cache:
+        checkpoints = [{}, {}]
+        uninterrupted = train_stack(cache, tiny_vit, configs, progress=False, on_report=lambda results: [
+            saved.setdefault(r.checkpoint.epochs_done, r.checkpoint) for saved, r in zip(checkpoints, results)
+            if r.checkpoint])
+        resumed = train_stack(cache, tiny_vit, configs, progress=False,
+                              resumes=[checkpoints[0][1], checkpoints[1][3]])
+    for run, (theirs, ours) in enumerate(zip(uninterrupted, resumed)):
+        assert torch.equal(ours.learner.ctx, theirs.learner.ctx), run
+        assert ours.history == [dict(r, seconds=ours.history[i]["seconds"]) for i, r in enumerate(theirs.history)]
