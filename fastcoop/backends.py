@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fastcoop.errors import FastCoopError
-from fastcoop.kernels import INTERPRET, TRITON
+from fastcoop.kernels import triton_runs_on
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,6 @@ class Backends:
 
     def describe(self) -> str:
         return ", ".join(f"{op} {choice}" for op, choice in vars(self).items())
-
-
-def triton_runs_on(device: str | torch.device) -> bool:
-    return TRITON and (torch.device(device).type == "cuda" or INTERPRET)
 
 
 def loss_backend(device: str | torch.device) -> str:

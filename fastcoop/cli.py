@@ -430,7 +430,7 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
-@click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's seeds.")
+@click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's runs.")
 @click.option("--eval-on", default=None,
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")
@@ -515,12 +515,13 @@ def report(run_dirs):
 @click.option("--class", "class_name", default=None, help="With class-specific context: which class (default: first).")
 def interpret(run_dir, top_k, class_name):
     """The vocabulary words nearest to each learned context vector."""
+    from fastcoop.classnames import spoken
     from fastcoop.run_files import complete_config
 
     names = complete_config(run_dir)["classnames"]  # mistakes are answered before torch is imported
-    if class_name is not None and class_name.replace("_", " ") not in names:
+    if class_name is not None and spoken(class_name) not in names:
         raise FastCoopError(f"no class '{class_name}' in {run_dir}")
-    index = names.index(class_name.replace("_", " ")) if class_name else 0
+    index = names.index(spoken(class_name)) if class_name else 0
     with _importing():
         from fastcoop.interpret import nearest_words
         from fastcoop.run import load_run

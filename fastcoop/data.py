@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -108,11 +109,6 @@ WNID = re.compile(r"n\d{8}")
 def named_by_wnids(folders: list[str]) -> bool:
     """Whether folders are named by WordNet IDs (n01440764, ...): ImageNet's classes without their names."""
     return bool(folders) and all(WNID.fullmatch(name) for name in folders)
-
-
-def spoken(classname: str) -> str:
-    """A class name as the prompts say it: CoOp's prompt learner writes underscores as spaces."""
-    return classname.replace("_", " ")
 
 
 def subfolders(folder: str | Path) -> list[str]:

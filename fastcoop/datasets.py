@@ -13,8 +13,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastcoop.classnames import spoken
 from fastcoop.data import (LabelledImages, check_listed, image_files, read_coop_split, read_csv,
-                           named_by_wnids, read_imagefolder, spoken, subfolders)
+                           named_by_wnids, read_imagefolder, subfolders)
 from fastcoop.errors import FastCoopError
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fastcoop.backends import Backends
 from fastcoop.cache import FeatureCache
 from fastcoop.cocoop import cocoop_logits
-from fastcoop.data import spoken
+from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
 from fastcoop.kernels import cosine_ce

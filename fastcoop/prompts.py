@@ -8,6 +8,7 @@ the learnable context, with the class tokens at the end, the middle or the front
 import torch
 from torch import nn
 
+from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
 from fastcoop.text_tower import TextTower
 
@@ -28,9 +29,9 @@ class PromptLearner(nn.Module):
             raise FastCoopError("CoOp's prompt layout needs a CLIP-style tokenizer with a start-of-text token")
         tower = TextTower.of(model)
         embed = tower.token_embedding
-        names = [name.replace("_", " ") for name in classnames]
+        names = [spoken(name) for name in classnames]
         if init:
-            init = init.replace("_", " ").strip()
+            init = spoken(init).strip()
             n_ctx = len(tokenizer.encode(init))
             if n_ctx == 0:
                 raise FastCoopError("--init has no words")

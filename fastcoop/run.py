@@ -79,8 +79,6 @@ def read_checkpoint(run_dir: Path) -> dict:
     """The state an unfinished run saved: the learned tensors, their momentum, epochs done and their metrics."""
     tensors = load_file(Path(run_dir) / CHECKPOINT_FILE)
     epochs_done = int(tensors.pop("epochs_done").item())
-    if "momentum_buffer" in tensors:  # the layout before CoCoOp: the context's momentum alone
-        tensors[MOMENTUM + "ctx"] = tensors.pop("momentum_buffer")
     lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
     momentum = {name.removeprefix(MOMENTUM): t for name, t in tensors.items() if name.startswith(MOMENTUM)}
     return {"epochs_done": epochs_done, "momentum": momentum,

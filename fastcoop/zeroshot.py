@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import normalized_mean
 from fastcoop.models import LoadedModel
@@ -44,11 +45,11 @@ def read_cupl(path: str | Path, classnames: list[str]) -> list[list[str]]:
         table = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FastCoopError(f"cannot read CuPL file {path}: {exc}") from exc
-    key = {name.lower().replace("_", " "): texts for name, texts in table.items()}
-    missing = [name for name in classnames if name.lower().replace("_", " ") not in key]
+    key = {spoken(name).lower(): texts for name, texts in table.items()}
+    missing = [name for name in classnames if spoken(name).lower() not in key]
     if missing:
         raise FastCoopError(f"{path} has no descriptions for {len(missing)} class(es), e.g. {missing[:3]}")
-    return [key[name.lower().replace("_", " ")] for name in classnames]
+    return [key[spoken(name).lower()] for name in classnames]
 
 
 def class_text_features(loaded: LoadedModel, texts_per_class: list[list[str]], device: str = "cpu",

@@ -16,6 +16,8 @@ exported here; import the rest from its module.
 import contextlib
 import threading
 
+import torch
+
 from fastcoop.kernels import cosine_ce_reference as reference
 
 try:
@@ -26,17 +28,20 @@ except ImportError:  # no Triton on this platform: nothing to compile
 TRITON = kernel is not None  # the kernels import (fastcoop.backends decides where they run)
 
 
+def triton_runs_on(device) -> bool:
+    """Whether Triton kernels run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
+    return TRITON and (torch.device(device).type == "cuda" or INTERPRET)
+
+
 def cosine_ce(image_features, text_features, logit_scale, labels, reduction="mean", return_argmax=False,
               backend: str | None = None):
     """Cross-entropy of logit_scale · cos(image, text) (B × K logits never materialised by the kernel).
 
     image_features B × D, text_features K × D (bf16, fp16 or fp32), logit_scale a scalar (already exp'd),
     labels B int64 in [0, K). Returns the loss (and each row's argmax with return_argmax). backend: "triton" or
-    "reference"; None: fastcoop.backends' choice for the tensors' device."""
+    "reference"; None: the kernel wherever Triton runs (fastcoop.backends' choice too)."""
     if backend is None:
-        from fastcoop.backends import loss_backend  # the resolver imports this package: import on use
-
-        backend = loss_backend(image_features.device)
+        backend = "triton" if triton_runs_on(image_features.device) else "reference"
     if backend == "triton":
         return kernel.cosine_ce_triton(image_features, text_features, logit_scale, labels, reduction, return_argmax)
     return reference.cosine_ce_reference(image_features, text_features, logit_scale, labels, reduction,
@@ -59,4 +64,5 @@ def hash_triton_in_background(device: str) -> threading.Thread | None:
     return thread
 
 
-__all__ = ["INTERPRET", "TRITON", "compiling_in_parallel", "cosine_ce", "hash_triton_in_background"]
+__all__ = ["INTERPRET", "TRITON", "compiling_in_parallel", "cosine_ce", "hash_triton_in_background",
+           "triton_runs_on"]

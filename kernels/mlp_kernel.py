@@ -11,11 +11,12 @@ derivative, computed in fp32, multiplies it. Exact GELU (erf) and QuickGELU, x·
 open_clip's own MLP module.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from open_clip.transformer import QuickGELU
 
 from fastcoop.kernels.triton_common import (INTERPRET, activation, activation_derivative, dot_precision,
                                             launch_kernel, mma, multiprocessors)
@@ -108,6 +109,17 @@ class FusedMLP(torch.autograd.Function):
         return dh @ w1, None, None, None, None, None
 
 
+@functools.cache  # per module: asked at every call of mlp_triton
+def _is_quick_gelu(act: torch.nn.Module) -> bool:
+    """QuickGELU (OpenAI's activation, x·σ(1.702·x)), recognised by what it computes: a module without parameters
+    whose output on a probe equals it (so this package needs no model library)."""
+    if any(True for _ in act.parameters()) or isinstance(act, torch.nn.GELU):
+        return False
+    probe = torch.linspace(-4, 4, 17)
+    with torch.no_grad():
+        return torch.equal(act(probe.clone()), probe * torch.sigmoid(1.702 * probe))
+
+
 def supports(mlp: torch.nn.Module) -> bool:
     """open_clip's plain MLP (c_fc, exact GELU or QuickGELU, c_proj) with frozen weights of one dtype."""
     if list(dict(mlp.named_children())) != ["c_fc", "gelu", "c_proj"]:
@@ -115,11 +127,11 @@ def supports(mlp: torch.nn.Module) -> bool:
     act = mlp.gelu
     exact_gelu = type(act) is torch.nn.GELU and act.approximate == "none"
     frozen = not any(p.requires_grad for p in mlp.parameters())
-    return (exact_gelu or type(act) is QuickGELU) and frozen and mlp.c_fc.weight.dtype == mlp.c_proj.weight.dtype
+    return (exact_gelu or _is_quick_gelu(act)) and frozen and mlp.c_fc.weight.dtype == mlp.c_proj.weight.dtype
 
 
 def mlp_triton(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
     """mlp(y) for a module that supports() accepts; y (T × D) in the weights' dtype, as FastTextEncoder holds
     them under autocast."""
     return FusedMLP.apply(y, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
-                          type(mlp.gelu) is QuickGELU)
+                          _is_quick_gelu(mlp.gelu))

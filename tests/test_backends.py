@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import fastcoop.backends as backends
+import fastcoop.kernels as kernels
 from conftest import run_cli
 from fastcoop.backends import Backends, resolve
 from fastcoop.cache import extract_features
@@ -16,14 +16,14 @@ from fastcoop.errors import FastCoopError
 
 @pytest.fixture
 def triton_interpreted(monkeypatch):
-    monkeypatch.setattr(backends, "TRITON", True)
-    monkeypatch.setattr(backends, "INTERPRET", True)
+    monkeypatch.setattr(kernels, "TRITON", True)
+    monkeypatch.setattr(kernels, "INTERPRET", True)
 
 
 @pytest.fixture
 def triton_compiled(monkeypatch):
-    monkeypatch.setattr(backends, "TRITON", True)
-    monkeypatch.setattr(backends, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "TRITON", True)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
 
 
 def test_gpu_defaults_are_every_kernel_but_the_opt_in_mlp(triton_compiled):
@@ -45,14 +45,14 @@ def test_cpu_runs_the_references_and_the_interpreted_kernels_only_when_asked(tri
         resolve("cpu", attention="flex")
     with pytest.raises(FastCoopError, match="unknown attention 'fast'"):
         resolve("cpu", attention="fast")
-    monkeypatch.setattr(backends, "INTERPRET", True)  # the tests' interpreter: the loss kernel runs on CPU tensors
+    monkeypatch.setattr(kernels, "INTERPRET", True)  # the tests' interpreter: the loss kernel runs on CPU tensors
     assert resolve("cpu") == Backends(loss="triton")
     assert resolve("cpu", attention="triton", fused_mlp=True) == Backends(loss="triton", attention="triton",
                                                                            mlp="triton")
 
 
 def test_without_triton_every_op_is_its_reference(monkeypatch):
-    monkeypatch.setattr(backends, "TRITON", False)
+    monkeypatch.setattr(kernels, "TRITON", False)
     assert resolve("cuda") == Backends()
     with pytest.raises(FastCoopError, match="needs a GPU with Triton"):
         resolve("cuda", attention="triton")

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -35,6 +37,7 @@ def test_the_interpreter_time_leaves_out_the_parts_of_the_loop():
     assert abs(derived["loop_ms_per_step"] - 1000 * 2.5 / 995) < 1e-9
 
 
+@pytest.mark.slow
 def test_the_protocol_section_runs_both_commands_quick(capsys):
     """The protocol section (quick, with the tiny model): a cache of generated JPEGs for every (shots, seed) and
     a sweep of its runs, each a whole `fastcoop` process, beside the published estimate's parts."""

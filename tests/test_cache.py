@@ -357,6 +357,7 @@ def test_cli_caches_a_coop_split_file(tmp_path, capsys, example_images):
         assert cache.splits == ["train", "test"] and len(cache.rows("train", 2, 1)) == 24
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """A real SIGKILL of `fastcoop cache` after some batches; the same command then finishes the same file."""
     import os
@@ -417,6 +418,7 @@ def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
         assert type(model.transformer.resblocks[0].mlp.gelu) is activation
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_the_one_process_file(tmp_path, example_images):
     """torchrun with the gloo backend on CPU: each rank encodes every other batch, rank 0 writes."""
     import os

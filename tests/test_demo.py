@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import TINY_VIT, run_cli
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_end_to_end(tmp_path, capsys):
     code, out, err = run_cli(capsys, "demo", "--dir", tmp_path, "--model", TINY_VIT, "--pretrained", "none",
                              "--device", "cpu")

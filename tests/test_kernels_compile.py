@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.slow
 def test_triton_kernels_compile_for_sm90():
     """Every kernel variant goes through Triton's real compiler (PTX and ptxas) for Hopper, without a GPU."""
     pytest.importorskip("triton.backends.nvidia")
