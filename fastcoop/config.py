@@ -10,6 +10,16 @@ METHODS = ("coop", "cocoop")
 # M = 4 from "a photo of a", batch size 1, 10 epochs whatever the shot count
 COCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 1, "epochs": 10}
 COOP_RECIPE = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None}  # epochs None: by shot count
+# How a run is computed rather than what it computes: implementations of the same math (equal up to float rounding,
+# graph or not bit for bit). An interrupted run goes on with other values of these; the device stays part of the
+# recipe, since it decides the default precision.
+RUNTIME_FIELDS = ("text_path", "graph", "fused", "fused_mlp", "attention")
+
+
+def recipe(options: dict) -> dict:
+    """What defines a run — its identity for resuming it, what its results are grouped by — from its options (a
+    TrainConfig as a dict): all but the runtime ones."""
+    return {key: value for key, value in options.items() if key not in RUNTIME_FIELDS}
 
 
 @dataclass

@@ -4,6 +4,7 @@ CoCoOp reports them. Read from the run and sweep directories' JSON files alone, 
 
 import json
 import statistics
+import warnings
 from pathlib import Path
 
 from fastcoop.datasets import DATASETS, IMAGENET_VARIANTS
@@ -12,7 +13,6 @@ from fastcoop.fewshot import harmonic_mean
 from fastcoop.run_files import (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, check_complete, read_config,
                                 read_evaluations)
 
-DEFAULTS = {"method": "coop", "classes": "all"}  # what runs recorded before these options existed were
 GROUP_BY = ("method", "classes", "shots", "n_ctx", "csc", "position", "init", "epochs")
 
 
@@ -27,7 +27,7 @@ def collect(run_dirs: list[Path]) -> list[dict]:
         results = json.loads(results_path.read_text())
         rows.append({"run": str(run_dir), "cache": Path(config["cache"]["path"]).name,
                      "model": Path(config["model"]).stem, "pretrained": Path(config["pretrained"]).name,
-                     **{k: config["train"].get(k, DEFAULTS.get(k)) for k in GROUP_BY},
+                     **{k: config["train"][k] for k in GROUP_BY},
                      "seed": config["train"]["seed"], "test": results.get("test", {}).get("top1"),
                      "test_new": results.get("test_new", {}).get("top1"),
                      "transfer": _transfer(config, read_evaluations(run_dir)),
@@ -48,7 +48,13 @@ def summary_table(rows: list[dict]) -> str:
     """Markdown: one line per (cache, model, weights, recipe), test accuracy mean ± std over its seeds."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault(tuple(row[k] for k in ("cache", "model", "pretrained", *GROUP_BY)), []).append(row)
+        group = groups.setdefault(tuple(row[k] for k in ("cache", "model", "pretrained", *GROUP_BY)), [])
+        twin = next((r for r in group if r["seed"] == row["seed"]), None)
+        if twin is None:
+            group.append(row)
+        elif Path(twin["run"]).resolve() != Path(row["run"]).resolve():  # one seed is one sample of the mean
+            warnings.warn(f"{row['run']} repeats {twin['run']} (same recipe, cache and seed {row['seed']}): "
+                          "counted once")
     base_to_new = any(r["test_new"] is not None for r in rows)
     lines = ["| cache | model | weights | method | classes | shots | M | context | position | init | epochs | seeds | "
              "test top-1 (mean ± std) | " + ("new top-1 | H | " if base_to_new else "") + "train s (mean) |",

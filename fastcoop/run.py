@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import fastcoop
 from fastcoop.cache import FeatureCache
-from fastcoop.config import TrainConfig
+from fastcoop.config import TrainConfig, recipe
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel, load_model
@@ -63,7 +63,8 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
 def _differences(config: dict, cache: FeatureCache, request: dict) -> str:
     """The settings in which an earlier run differs from this request, as 'name: was → now'."""
     was = config.get("request", {})
-    differ = [f"{key}: {was.get(key)!r} → {value!r}" for key, value in request.items() if was.get(key) != value]
+    differ = [f"{key}: {was.get(key)!r} → {value!r}" for key, value in recipe(request).items()
+              if was.get(key) != value]
     if config.get("cache", {}).get("identity") != cache.identity():
         differ.insert(0, f"feature cache: {config.get('cache', {}).get('path')} → {Path(cache.path).resolve()}")
     return "; ".join(differ)

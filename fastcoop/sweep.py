@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastcoop.cache import FeatureCache
-from fastcoop.config import TrainConfig
+from fastcoop.config import TrainConfig, recipe
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, score_run, text_classifier
@@ -84,9 +84,10 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         run_dir = out / variant.name / f"{s}shot-seed{seed}"
         config = replace(base, shots=s, seed=seed, **asdict(variant))
         done = read_config(run_dir)
-        if stack and (done is None or done["state"] in RESUMABLE and done.get("request") == asdict(config)):
+        same = done is not None and recipe(done.get("request", {})) == recipe(asdict(config))
+        if stack and (done is None or done["state"] in RESUMABLE and same):
             groups.setdefault(variant, []).append((config, run_dir))
-        elif done is None or done["state"] != "complete" or done.get("request") != asdict(config):
+        elif done is None or done["state"] != "complete" or not same:
             echo(f"[{i}/{len(runs)}] {variant.name}, {s} shots, seed {seed}")
             train_to_run_dir(cache, loaded, config, run_dir, progress=progress, overwrite=done is not None
                              and done["state"] == "complete")
@@ -161,7 +162,7 @@ def _transfer(run_dir: Path, loaded: LoadedModel, caches: list[FeatureCache]) ->
 
 def sweep_request(cache, shots, seeds, variants, base: TrainConfig) -> dict:
     return {"cache": cache.identity(), "shots": shots, "seeds": seeds,
-            "variants": [asdict(v) for v in variants], "recipe": asdict(replace(base, shots=None, seed=0))}
+            "variants": [asdict(v) for v in variants], "recipe": recipe(asdict(replace(base, shots=None, seed=0)))}
 
 
 def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str, classes: str = "all") -> float | None:

@@ -284,6 +284,13 @@ def test_a_run_on_imagenet_is_tested_on_its_variants_and_reported(tmp_path, caps
                 f"{100 * std(*[r['test']['top1'] for r in results]):.2f} | "
                 + " | ".join(f"{100 * t:.2f}" for t in targets) + f" | {100 * sum(targets) / 4:.2f} |")
     assert expected in out
+    shutil.copytree(tmp_path / "unified-1", tmp_path / "copy-of-unified-1")  # one seed given twice is one sample
+    with pytest.warns(UserWarning) as warned:
+        code, again, err = run_cli(capsys, "report", *(tmp_path / f"unified-{s}" for s in (1, 2)),
+                                   tmp_path / "copy-of-unified-1", tmp_path / "unified-1")
+    assert code == 0 and expected in again, err
+    assert [str(w.message) for w in warned] == [f"{tmp_path / 'copy-of-unified-1'} repeats {tmp_path / 'unified-1'} "
+                                                "(same recipe, cache and seed 1): counted once"]
 
 
 def test_a_sweep_tests_every_run_on_the_caches_it_is_given(tmp_path, capsys, imagenet_caches):

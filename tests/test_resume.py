@@ -100,6 +100,23 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 8
 
 
+@pytest.mark.parametrize("how", [["--no-graph"], ["--text-path", "reference"]])
+def test_an_interrupted_run_resumes_with_another_implementation(tmp_path, capsys, cache_path, monkeypatch, how):
+    """What a run computes (its recipe) is its identity; how (graph, fused kernels, attention, text path) is not:
+    an interrupted run goes on under another implementation and ends where the uninterrupted one does."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli(capsys, "train", cache_path, "--out", whole, *TRAIN)[0] == 0
+    with monkeypatch.context() as patch:
+        ctrl_c_after_epoch(patch, 3)
+        assert run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN)[0] == 130
+    code, out, err = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN, *how)
+    assert code == 0 and "resuming" in out, err
+    theirs = _ctx(whole)
+    assert (_ctx(resumed) - theirs).norm() <= 1e-5 * theirs.norm()
+    assert json.loads((resumed / "config.json").read_text())["request"]["graph" if how == ["--no-graph"] else
+                                                                        "text_path"] in (False, "reference")
+
+
 def _train_process(cache_path, run_dir, *extra):
     command = [sys.executable, "-m", "fastcoop", "train", str(cache_path), "--out", str(run_dir), *TRAIN[:-4],
                "--epochs", "60", "--device", "cpu", *extra]
