@@ -196,6 +196,9 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
 def _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets):
     """(rows already encoded per split, the open partial file), or (None, None) when `out` is already done."""
     if out.exists():
+        if _differences(out, attrs) == "unreadable":
+            raise FastCoopError(f"{out} exists and is not a fastcoop feature cache; it is never replaced: choose "
+                                "another --out")
         if _matches(out, attrs) and not overwrite:
             return None, None
         if not overwrite:

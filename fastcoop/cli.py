@@ -4,6 +4,7 @@ import dataclasses
 import gc
 import itertools
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -102,7 +103,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     first writes the file, the same file as one process makes."""
     from fastcoop import fewshot
     from fastcoop.datasets import read_dataset
-    from fastcoop.outputs import check_writable
+    from fastcoop.outputs import check_writable, held
 
     try:
         n_shots = None if shots == "all" else [fewshot.parse_shots(s) for s in shots.split(",")]
@@ -111,7 +112,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     n_views = _views(views)
     seed_list = _int_list(seeds, "--seeds")
     data = read_dataset(root, layout, image_root, classnames_file, dataset)  # answered before torch loads
-    check_writable(out, "feature cache")
+    check_writable(out, "feature cache", folder=False)
     if data.dataset:
         sizes = ", ".join("val = test" if split == "val" and items is data.splits.get("test") else
                           f"{split} {len(items):,}" for split, items in data.splits.items())
@@ -125,6 +126,8 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         from fastcoop.models import load_model
 
     world, device = join(resolve_device(device))
+    if world.is_writer:
+        click.get_current_context().with_resource(held(out))  # until the command ends
     if encoder == "graph" and not device.startswith("cuda"):
         raise FastCoopError(f"--encoder graph needs a GPU; the device is {device}")
     if data.layout == "flat" and split_ratios != "none":
@@ -222,7 +225,7 @@ def _describe_cache(path, seconds):
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Default: the published count (CoOp: by shots; CoCoOp: 10).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: CoOp 32, CoCoOp 1.")
-@click.option("--lr", default=0.002, show_default=True, type=float)
+@click.option("--lr", default=0.002, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Autocast on GPU (auto: bf16); CPU runs fp32.")
 @click.option("--device", default="auto", show_default=True)
@@ -272,12 +275,13 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     if profile is not None:
         from fastcoop.outputs import check_writable
 
-        check_writable(profile, "profiler trace")
+        check_writable(profile, "profiler trace", folder=False)
     with _importing():
         from fastcoop.backends import resolve
         from fastcoop.devices import resolve_device
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
+        from fastcoop.outputs import check_writable, held
         from fastcoop.pipeline import train_to_run_dir
         from fastcoop.run import plan_run_dir
 
@@ -286,6 +290,8 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     config = dataclasses.replace(config, device=device)
     backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
     hash_triton_in_background(device)
+    check_writable(run_dir, "run directory", folder=True)
+    click.get_current_context().with_resource(held(run_dir))  # until the command ends
     if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
         click.echo(f"resuming the unfinished run in {run_dir}")
     timings = {"imports_s": imported - start}
@@ -464,7 +470,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
         from fastcoop.evaluate import check_same_model
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
-        from fastcoop.outputs import check_writable
+        from fastcoop.outputs import check_writable, held
         from fastcoop.sweep import Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
 
     for other in others:
@@ -473,7 +479,9 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     for variant in variants:  # options the method does not have fail here, before any work
         dataclasses.replace(base, **dataclasses.asdict(variant))
     world, device = join(resolve_device(device))
-    check_writable(out, "sweep folder")
+    check_writable(out, "sweep folder", folder=True)
+    if world.is_writer:
+        click.get_current_context().with_resource(held(out))  # until the command ends
     hash_triton_in_background(device)
     base = dataclasses.replace(base, device=device)
     with cache:
@@ -551,6 +559,10 @@ def demo(folder, model, pretrained, device):
 
 def main(argv: list[str] | None = None):
     """Entry point: FastCoopError → 'error: …' and exit 2; Ctrl-C or SIGTERM → exit 130, saying what was kept."""
+    # Before torch loads: OpenMP threads that wait sleep instead of spinning, so that a CPU run beside other work
+    # gets its share rather than waiting on its own descheduled threads (export OMP_WAIT_POLICY=ACTIVE on a
+    # machine of its own)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.ERROR)  # our own lines say what open_clip's warnings would
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves like Ctrl-C
@@ -559,8 +571,8 @@ def main(argv: list[str] | None = None):
     except FastCoopError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # a bad option: one line too, as click's message says it
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort) as exc:
         said = str(exc.__cause__ if isinstance(exc, click.exceptions.Abort) else exc)  # click wraps Ctrl-C

@@ -59,6 +59,6 @@ class TrainConfig:
         recipe = COCOOP_RECIPE if self.method == "cocoop" else COOP_RECIPE
         if self.n_ctx is None and self.init is None:  # the published context; a given M starts random, as published
             self.n_ctx, self.init = recipe["n_ctx"], recipe["init"]
-        for name in ("n_ctx", "batch_size", "epochs"):
+        for name in ("batch_size", "epochs"):  # (given words set M: n_ctx stays None, the learner counts them)
             if getattr(self, name) is None:
                 setattr(self, name, recipe[name])

@@ -1,19 +1,66 @@
-"""Where commands write: checked before any work, so a bad location is one clear line, not a traceback later."""
+"""Where commands write: checked before any work, so a bad location is one clear line, not a traceback later; and
+held while written, so that two commands never write one output."""
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastcoop.errors import FastCoopError
 
+_held: set[Path] = set()  # outputs this process holds (holding one again is a no-op)
 
-def check_writable(path: str | Path, what: str) -> None:
+
+def check_writable(path: str | Path, what: str, folder: bool | None = None) -> None:
     """`path` (a file or folder to write, maybe not there yet) can be written: its nearest existing ancestor is a
-    writable folder. `what` names it in the message."""
+    writable folder, and what is there already is of the kind written (`folder` True: a folder; False: a file;
+    None: either). `what` names it in the message."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise FastCoopError(f"cannot write {what} {path}: {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FastCoopError(f"cannot write {what} {path}: {folder} is not writable")
+    if folder is True and path.exists() and not path.is_dir():
+        raise FastCoopError(f"cannot write {what} {path}: it is a file, not a folder")
+    if folder is False and path.is_dir():
+        raise FastCoopError(f"cannot write {what} {path}: it is a folder")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FastCoopError(f"cannot write {what} {path}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FastCoopError(f"cannot write {what} {path}: {parent} is not writable")
+
+
+@contextmanager
+def held(path: str | Path, option: str = "--out"):
+    """Hold the output `path` for this process while it is written: another fastcoop command asking for it fails
+    at once with one line, instead of both writing. An OS lock (flock) on `.NAME.lock` beside it, which the OS
+    releases however the process ends, so a killed command never blocks its own resume."""
+    path = Path(path).absolute()
+    if path in _held:
+        yield
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FastCoopError(f"{path} is being written by another fastcoop command (process {holder}); wait "
+                                f"for it to end, or choose another {option}") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the last holder removed the file between our open and our lock: take the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held.add(path)
+    try:
+        yield
+    finally:
+        _held.discard(path)
+        lock.unlink(missing_ok=True)  # while still locked, so nobody holds the file being removed
+        os.close(fd)

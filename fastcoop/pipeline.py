@@ -1,6 +1,7 @@
 """Train a prompt into a run directory: the loop, checkpoints, resume, the curve and the final accuracies, in one
 call (used by `fastcoop train` and the demo)."""
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from fastcoop.config import TrainConfig
 from fastcoop.evaluate import evaluate_split, prompt_classifier
 from fastcoop.fewshot import class_subset, harmonic_mean
 from fastcoop.models import LoadedModel
+from fastcoop.outputs import held
 from fastcoop.run import clear_run_dir, plan_run_dir, read_checkpoint, save_complete, save_progress
 from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, TrainResult, train_stack
 
@@ -34,6 +36,14 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[Tr
                       save_every: float = 10.0, profile: str | None = None) -> list[tuple[TrainResult, dict]]:
     """Runs that differ only in their seed, shots and epochs, trained together (train_stack), each into its own run
     directory with everything train_to_run_dir promises (unfinished ones resumed, each from its own epoch)."""
+    with contextlib.ExitStack() as holding:
+        for run_dir in run_dirs:
+            holding.enter_context(held(run_dir))
+        return _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, save_every, profile)
+
+
+def _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, save_every, profile):
+    """train_to_run_dirs, its run directories held by this process."""
     requests = [dataclasses.asdict(config) for config in configs]  # as asked, before the loop resolves defaults
     plans = [plan_run_dir(d, cache, r, overwrite) for d, r in zip(run_dirs, requests)]
     resumes = [Checkpoint(**read_checkpoint(d)) if plan == "resume" else None for d, plan in zip(run_dirs, plans)]

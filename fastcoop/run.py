@@ -27,8 +27,8 @@ from fastcoop.outputs import check_writable
 from fastcoop.cocoop import new_learner
 from fastcoop.prompts import PromptLearner
 from fastcoop.run_files import (CHECKPOINT_FILE, CONFIG_FILE, CURVE_FILE, EVALUATIONS_FILE, METRICS_FILE,
-                                PROMPT_FILE, RESULTS_FILE, RESUMABLE, RUN_FILES, complete_config, read_config,
-                                read_evaluations)
+                                PROMPT_FILE, RESULTS_FILE, RESUMABLE, RUN_FILES, SWEEP_FILE, complete_config,
+                                read_config, read_evaluations)
 
 MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned tensor
 
@@ -38,7 +38,9 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
     must be writable, and an existing run is resumed only when made with the same options and cache, replaced
     only with --overwrite."""
     run_dir = Path(run_dir)
-    check_writable(run_dir, "run directory")
+    check_writable(run_dir, "run directory", folder=True)
+    if (run_dir / SWEEP_FILE).exists():
+        raise FastCoopError(f"{run_dir} holds a sweep, not a run; choose another --out")
     config = read_config(run_dir)
     if config is None:
         return "new"

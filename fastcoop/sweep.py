@@ -31,8 +31,8 @@ from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
 from fastcoop.report import sweep_curves, sweep_table
 from fastcoop.run import evaluation_key, load_run, record_evaluation
-from fastcoop.run_files import (FIGURE_FILE, RESULTS_FILE, RESUMABLE, SUMMARY_FILE, SWEEP_FILE, TABLE_FILE,
-                                read_config, read_evaluations)
+from fastcoop.run_files import (CONFIG_FILE, FIGURE_FILE, RESULTS_FILE, RESUMABLE, SUMMARY_FILE, SWEEP_FILE,
+                                TABLE_FILE, read_config, read_evaluations)
 from fastcoop.zeroshot import zeroshot_classifier
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def sweep_runs(cache: FeatureCache, shots: list[int], seeds: list[int], variants
 
 
 def check_sweep_dir(out: Path, request: dict) -> None:
+    if (Path(out) / CONFIG_FILE).exists():
+        raise FastCoopError(f"{out} holds a run, not a sweep; choose another --out")
     path = Path(out) / SWEEP_FILE
     if path.is_file() and json.loads(path.read_text()) != request:
         raise FastCoopError(f"{out} holds a different sweep (see its {SWEEP_FILE}); choose another --out")

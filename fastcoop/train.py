@@ -138,8 +138,10 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
         raise ValueError("runs trained together may differ only in their seed, shots and epochs")
     device = resolve_device(base.device)
     dtype = autocast_dtype(resolve_precision(base.precision, device, "bf16"))
-    if base.batch_size < 1 or base.lr <= 0:
-        raise FastCoopError("--batch-size must be ≥ 1 and --lr > 0")
+    if base.batch_size < 1:
+        raise FastCoopError(f"--batch-size must be at least 1, not {base.batch_size}")
+    if base.lr <= 0:
+        raise FastCoopError(f"--lr must be above 0, not {base.lr}")
     backends = resolve(device, base.attention, base.fused, base.fused_mlp)
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
     classnames = [cache.classnames[k] for k in kept]

@@ -15,6 +15,8 @@ def written(tmp_path_factory, tiny_vit, example_images):
     extract_features(read_dataset(example_images), folder / "f.h5", tiny_vit, shots=2, seeds=[1], views=1,
                      batch_size=32, workers=0, progress=False)
     (folder / "notes.txt").write_text("a file where a folder is expected")
+    (folder / "sweep").mkdir()
+    (folder / "sweep" / "sweep.json").write_text("{}")  # a sweep's folder, which no run may be written into
     for name in ("a_class", "b_class"):
         (folder / "flat" / name).mkdir(parents=True)
         (folder / "flat" / name / "x.jpg").write_bytes((example_images / "train" / "red_circle" / "000.jpg")
@@ -67,6 +69,18 @@ CASES = [  # (command line, what the one error line must say)
     ("interpret {w}/run --class zebra", "no class 'zebra'"),
     ("demo --dir {w}/notes.txt/demo --model " + TINY_VIT, "{w}/notes.txt is a file"),
     ("demo --dir {w}/demo --model ViT-X-99", "unknown model 'ViT-X-99'"),
+    ("train {w}/f.h5 --out {w}/r --shots 2 --lr -1", "Invalid value for '--lr'"),
+    ("train {w}/f.h5 --out {w}/r --shots 2 --init", "requires an argument"),
+    # outputs that are something else already: never written into, never replaced
+    ("train {w}/f.h5 --out {w}/notes.txt --shots 2", "cannot write run directory {w}/notes.txt: it is a file"),
+    ("train {w}/f.h5 --out {w}/f.h5 --shots 2", "cannot write run directory {w}/f.h5: it is a file"),
+    ("train {w}/f.h5 --out {w}/sweep --shots 2", "{w}/sweep holds a sweep, not a run"),
+    ("sweep {w}/f.h5 --out {w}/run --shots 2 --seeds 1", "{w}/run holds a run, not a sweep"),
+    ("sweep {w}/f.h5 --out {w}/notes.txt --shots 2 --seeds 1", "cannot write sweep folder {w}/notes.txt: it is a file"),
+    ("cache {images} --out {w}/flat", "cannot write feature cache {w}/flat: it is a folder"),
+    ("cache {images} --out {w}/notes.txt --overwrite --model " + TINY_VIT + " --pretrained none --shots 2 --seeds 1",
+     "{w}/notes.txt exists and is not a fastcoop feature cache; it is never replaced"),
+    ("demo --dir {w}/notes.txt --model " + TINY_VIT, "cannot write demo folder {w}/notes.txt: it is a file"),
 ]
 
 
@@ -109,3 +123,45 @@ def test_a_wrong_path_or_subset_is_answered_before_torch_is_imported(written, tm
                        (["report", out], "not a finished fastcoop run")):
         done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         assert done.stdout.strip() == "[]" and said in done.stderr, (args, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("command", ["train", "cache", "sweep"])
+def test_an_output_another_command_is_writing_is_refused(tmp_path, capsys, written, example_images, command):
+    """Two commands never write one output: the second is refused at once, naming the first's process, and
+    writes nothing (the first holds an OS lock beside the output until it ends, however it ends)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / ("c.h5" if command == "cache" else "out")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fastcoop.outputs import held\n"
+                               f"with held({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = {"train": ["train", written / "f.h5", "--out", out, "--shots", "2", "--device", "cpu"],
+                "cache": ["cache", example_images, "--out", out, "--model", TINY_VIT, "--pretrained", "none"],
+                "sweep": ["sweep", written / "f.h5", "--out", out, "--shots", "2", "--seeds", "1", "--device", "cpu"]}
+        code, _, err = run_cli(capsys, *args[command])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and err.strip() == (f"error: {out} is being written by another fastcoop command (process "
+                                         f"{holder.pid}); wait for it to end, or choose another --out")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cpu_threads_wait_without_spinning_unless_asked(tmp_path, preset, expected):
+    """On a shared machine a CPU run must get its share: before torch loads, the CLI makes OpenMP's waiting threads
+    sleep (OMP_WAIT_POLICY=PASSIVE) unless the user chose otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset
+                                                                            else {})
+    code = ("import os, sys\nfrom fastcoop.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nprint(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, "datasets", str(tmp_path)], capture_output=True, text=True,
+                          env=env)
+    assert done.stdout.strip().splitlines()[-1] == f"{expected} False", done.stderr

@@ -372,3 +372,20 @@ def test_a_stack_resumes_each_run_from_its_own_epoch(protocol_cache, tiny_vit, m
     for run, (theirs, ours) in enumerate(zip(uninterrupted, resumed)):
         assert torch.equal(ours.learner.ctx, theirs.learner.ctx), run
         assert ours.history == [dict(r, seconds=ours.history[i]["seconds"]) for i, r in enumerate(theirs.history)]
+
+
+@pytest.mark.parametrize("init, n_ctx, message", [
+    ("a photo of a", 8, "--init 'a photo of a' is 4 token(s), which set M = 4; --n-ctx 8 contradicts it: give one "
+                        "of them"),
+    ("", None, "--init has no words"), ("  ", 4, "--init has no words")])
+def test_context_words_that_contradict_m_or_say_nothing_are_refused(capsys, cache_path, tmp_path, init, n_ctx,
+                                                                     message):
+    """Given words set M; a different --n-ctx beside them, or words that are none, is a mistake to name, not a
+    silent choice of one (M = 4) or the other (a random context of 16). The same words with their own M train."""
+    common = ["train", cache_path, "--shots", "4", "--epochs", "1", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *common, "--out", tmp_path / "r", "--init", init,
+                           *(["--n-ctx", str(n_ctx)] if n_ctx else []))
+    assert code == 2 and err.strip() == f"error: {message}"
+    assert not (tmp_path / "r" / "config.json").exists()
+    code, _, err = run_cli(capsys, *common, "--out", tmp_path / "ok", "--init", "a photo of a", "--n-ctx", "4")
+    assert code == 0, err
