@@ -272,6 +272,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
                          fused=not no_fused, fused_mlp=fused_mlp, attention=attention)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before importing torch
+    fewshot.check_classes(len(cache.classnames), classes)
     if profile is not None:
         from fastcoop.outputs import check_writable
 
@@ -292,7 +293,11 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     hash_triton_in_background(device)
     check_writable(run_dir, "run directory", folder=True)
     click.get_current_context().with_resource(held(run_dir))  # until the command ends
-    if plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite) == "resume":  # early, before the model
+    plan = plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite)  # early, before the model
+    if plan == "done":  # as cache and sweep do: a script rerun after a kill goes on
+        click.echo(f"{run_dir} holds this run, finished: nothing to do (--overwrite trains it again)")
+        return
+    if plan == "resume":
         click.echo(f"resuming the unfinished run in {run_dir}")
     timings = {"imports_s": imported - start}
     loading = time.perf_counter()
@@ -449,6 +454,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     among N processes (GPUs)."""
     from fastcoop.cache import FeatureCache
     from fastcoop.config import TrainConfig
+    from fastcoop.fewshot import check_classes
     from fastcoop.run_files import TABLE_FILE
 
     shot_list, seed_list = _int_list(shots, "--shots"), _int_list(seeds, "--seeds")
@@ -460,6 +466,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     # the published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
     base = TrainConfig(method=method, classes=classes, n_ctx=contexts[0], epochs=epochs, device=device)
     cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
+    check_classes(len(cache.classnames), classes)
     others = [FeatureCache(Path(p.strip())) for p in eval_on.split(",") if p.strip()] if eval_on else []
     for other in others:
         if "test" not in other.splits:

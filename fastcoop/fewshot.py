@@ -4,6 +4,8 @@ images and 'base' the same classes."""
 import math
 import random
 
+from fastcoop.errors import FastCoopError
+
 CLASS_SUBSETS = ("all", "base", "new")
 
 
@@ -59,6 +61,16 @@ def class_subset(num_classes: int, which: str) -> list[int]:
     order, the first ⌈K/2⌉ are base, the rest new. A label's place in the list is its label within the subset."""
     half = math.ceil(num_classes / 2)
     return {"all": list(range(num_classes)), "base": list(range(half)), "new": list(range(half, num_classes))}[which]
+
+
+def check_classes(num_classes: int, which: str) -> None:
+    """Refuse a class subset too small to train or test a classifier on: one class (its loss is 0, its accuracy
+    100 %), or a base-to-new half of one class (H would be inflated)."""
+    if which == "all" and num_classes < 2:
+        raise FastCoopError(f"a classifier needs at least 2 classes; the cache has {num_classes}")
+    if which != "all" and num_classes < 4:
+        raise FastCoopError(f"--classes {which}: the base-to-new protocol needs at least 4 classes (2 in each "
+                            f"half); the cache has {num_classes}")
 
 
 def harmonic_mean(base: float | None, new: float | None) -> float | None:

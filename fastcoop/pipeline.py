@@ -9,6 +9,7 @@ from pathlib import Path
 from fastcoop.cache import FeatureCache
 from fastcoop.cocoop import new_learner
 from fastcoop.config import TrainConfig
+from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, prompt_classifier
 from fastcoop.fewshot import class_subset, harmonic_mean
 from fastcoop.models import LoadedModel
@@ -46,6 +47,9 @@ def _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, 
     """train_to_run_dirs, its run directories held by this process."""
     requests = [dataclasses.asdict(config) for config in configs]  # as asked, before the loop resolves defaults
     plans = [plan_run_dir(d, cache, r, overwrite) for d, r in zip(run_dirs, requests)]
+    if "done" in plans:
+        raise FastCoopError(f"{run_dirs[plans.index('done')]} holds this run, finished; pass --overwrite to train it "
+                            "again")
     resumes = [Checkpoint(**read_checkpoint(d)) if plan == "resume" else None for d, plan in zip(run_dirs, plans)]
     for run_dir, plan in zip(run_dirs, plans):
         if plan == "replace":

@@ -34,9 +34,9 @@ MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned 
 
 
 def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: bool) -> str:
-    """What training into `run_dir` will do — 'new', 'resume' or 'replace' — checked before any work: the folder
-    must be writable, and an existing run is resumed only when made with the same options and cache, replaced
-    only with --overwrite."""
+    """What training into `run_dir` will do — 'new', 'resume', 'replace' or 'done' (it holds this run, finished) —
+    checked before any work: the folder must be writable, and an existing run is resumed only when made with the
+    same recipe and cache, replaced only with --overwrite."""
     run_dir = Path(run_dir)
     check_writable(run_dir, "run directory", folder=True)
     if (run_dir / SWEEP_FILE).exists():
@@ -49,7 +49,10 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
     state = config["state"]
     differences = _differences(config, cache, request)
     if state == "complete":
-        raise FastCoopError(f"{run_dir} holds a finished run; pass --overwrite to replace it, or choose another --out")
+        if differences:
+            raise FastCoopError(f"{run_dir} holds a finished run made with other settings ({differences}); pass "
+                                "--overwrite to replace it, or choose another --out")
+        return "done"
     if differences:
         raise FastCoopError(f"{run_dir} holds an unfinished run made with other settings ({differences}); run its "
                             "command again to finish it, or pass --overwrite")

@@ -28,7 +28,7 @@ from fastcoop.cocoop import cocoop_loss, new_learner
 from fastcoop.config import TrainConfig
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
-from fastcoop.fewshot import class_subset, relabel
+from fastcoop.fewshot import check_classes, class_subset, relabel
 from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
@@ -143,6 +143,7 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     if base.lr <= 0:
         raise FastCoopError(f"--lr must be above 0, not {base.lr}")
     backends = resolve(device, base.attention, base.fused, base.fused_mlp)
+    check_classes(len(cache.classnames), base.classes)
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
     classnames = [cache.classnames[k] for k in kept]
     rows, labels = [], []

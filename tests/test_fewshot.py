@@ -1,6 +1,8 @@
 import random
 from collections import defaultdict
 
+import pytest
+
 from fastcoop.fewshot import sample_few_shot
 
 
@@ -52,3 +54,15 @@ def published_rule_continuing(labels, shots):
     for label, items in tracker.items():
         out.extend(random.sample(items, shots) if len(items) >= shots else items)
     return out
+
+
+def test_class_subsets_too_small_to_mean_anything_are_refused():
+    """One class trains nothing (its loss is 0) and scores 100 %; a base-to-new half of one class inflates H."""
+    from fastcoop.errors import FastCoopError
+    from fastcoop.fewshot import check_classes
+
+    for num_classes, which in ((1, "all"), (3, "base"), (3, "new"), (0, "all")):
+        with pytest.raises(FastCoopError):
+            check_classes(num_classes, which)
+    for num_classes, which in ((2, "all"), (4, "base"), (4, "new")):
+        check_classes(num_classes, which)

@@ -163,9 +163,12 @@ def test_a_finished_run_is_kept_unless_overwrite_and_then_nothing_old_remains(tm
     run_dir = tmp_path / "run"
     assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 0
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code, out, _ = run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)  # a rerun, e.g. of a script
+    assert code == 0 and f"{run_dir} holds this run, finished: nothing to do" in out
     code, _, err = run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN[:-4], "--epochs", "3")
     assert code == 2 and err.strip().splitlines() == [
-        f"error: {run_dir} holds a finished run; pass --overwrite to replace it, or choose another --out"]
+        f"error: {run_dir} holds a finished run made with other settings (epochs: 8 → 3); pass --overwrite to "
+        "replace it, or choose another --out"]
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     code, _, _ = run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN[:-4], "--epochs", "3",
                          "--overwrite")

@@ -114,7 +114,7 @@ def test_run_dir_from_another_cache_is_refused(capsys, tmp_path, tiny_vit, examp
     assert run_cli(capsys, "train", cache_path, *base)[0] == 0
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     code, _, err = run_cli(capsys, "train", other, *base)
-    assert code == 2 and "holds a finished run; pass --overwrite" in err
+    assert code == 2 and "holds a finished run made with other settings (feature cache: " in err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
