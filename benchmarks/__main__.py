@@ -23,6 +23,7 @@ from benchmarks.full_run import (DATASETS, help_seconds, import_seconds, run_fas
 from benchmarks.kernel import run_kernel_section
 from benchmarks.protocol import SHAPES, run_protocol_section, startup_seconds
 from benchmarks.launches import device_ops, interpreted_step_device_ops
+from benchmarks.load import run_load_section
 from benchmarks.report import write_report
 from benchmarks.sweep import run_sweep_section
 from benchmarks.profile import kernel_profile
@@ -30,7 +31,7 @@ from benchmarks.step import run_step_section, step_variants, time_breakdown, tra
 from fastcoop.models import load_model
 
 # the default order: the most telling first, so that a run cut short keeps them
-SECTIONS = ("step", "exactness", "full_run", "protocol", "cocoop", "cache", "sweep", "kernel", "attention")
+SECTIONS = ("step", "exactness", "full_run", "protocol", "cocoop", "cache", "sweep", "kernel", "attention", "load")
 
 
 def plan(name: str, device: str) -> dict:
@@ -243,7 +244,11 @@ def main():
         result["cocoop"] = run_cocoop_section(model, k, batches, eval_images, dataset, args.device, todo["repeats"])
         save("cocoop")
 
-    runners = {"step": run_step, "kernel": run_kernel, "attention": run_attention, "exactness": run_exactness,
+    def run_load():
+        result["load"] = [run_load_section()] if not args.device.startswith("cuda") else []
+        save("load")
+
+    runners = {"load": run_load, "step": run_step, "kernel": run_kernel, "attention": run_attention, "exactness": run_exactness,
                "full_run": run_full_run, "cache": run_cache, "sweep": run_sweep, "cocoop": run_cocoop,
                "protocol": run_protocol}
     for section in sections:  # in the order named: a run cut short keeps the first ones

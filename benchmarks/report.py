@@ -174,6 +174,17 @@ def sweep_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def load_table(rows: list[dict]) -> list[str]:
+    kinds = [k for k in rows[0] if k.startswith("beside_")] if rows else []
+    lines = ["| dataset | cores | epochs | alone s | " + " | ".join(
+        k.removeprefix("beside_").removesuffix("_seconds").replace("_", " ") + " busy s" for k in kinds) + " |",
+             "|" + " --- |" * (4 + len(kinds))]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['cores']} | {r['epochs']} | {fmt(r['alone_seconds'])} | " + " | ".join(
+            f"{fmt(r[k])} ({r[k] / r['alone_seconds']:.1f}×)" for k in kinds) + " |")
+    return lines
+
+
 def protocol_table(rows: list[dict]) -> list[str]:
     lines = ["| dataset | K | runs | JPEGs per class (train / test), size | `fastcoop cache` s | `fastcoop sweep` s | "
              "protocol s | published estimate s (steps × step + start-ups) | published ÷ protocol |",
@@ -297,6 +308,8 @@ def write_report(results_dir: Path, readme: Path) -> None:
                                   ("`fastcoop cache`: the whole command against its halves alone", "cache",
                                    cache_table),
                                   ("The protocol: one `fastcoop sweep` against separate runs", "sweep", sweep_table),
+                                  ("A CPU run on a shared machine: alone and beside busy processes", "load",
+                                   load_table),
                                   ("CoCoOp: the step (published per-image 77-token prompts from pixels against "
                                    "fastcoop on cached features) and test-set evaluation", "cocoop", cocoop_table),
                                   ("cosine_ce forward + backward (launched: as a program calls it, host overhead "

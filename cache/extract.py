@@ -32,7 +32,7 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from fastcoop.cache.store import SCHEMA_VERSION, identity, strings
+from fastcoop.cache.store import SCHEMA_VERSION, identity
 from fastcoop.cache.encoder import ImageEncoder
 from fastcoop.cache.views import AUGMENT_SEED, ENGINES, ImageViews, cut_views, split_eval_transform
 from fastcoop.data import LabelledImages
@@ -469,8 +469,7 @@ def _drop_skipped(f, splits) -> list[str]:
         del group["readable"]
         if readable.all():
             continue
-        paths = group["paths"][()]
-        skipped += strings(paths[~readable])
+        skipped += group["paths"].asstr()[()][~readable].tolist()
         keep = np.flatnonzero(readable)
         new_row = np.full(len(readable), -1)
         new_row[keep] = np.arange(len(keep))

@@ -38,11 +38,6 @@ def identity(attrs) -> dict:
     return {key: attrs.get(key) for key in IDENTITY_ATTRS}
 
 
-def strings(values) -> list[str]:
-    """An HDF5 string dataset's values as str (h5py gives variable-length strings as bytes)."""
-    return [v.decode() if isinstance(v, bytes) else v for v in values]
-
-
 class FeatureCache:
     """A finished feature file, opened read-only; arrays come back as torch tensors. Opening and checking it
     imports no torch (the readers of arrays do), so that commands check their cache before loading torch."""
@@ -114,7 +109,7 @@ class FeatureCache:
 
     def skipped(self) -> list[str]:
         """Images left out as unreadable (`fastcoop cache --skip-bad`)."""
-        return strings(self.file.get("skipped", []))
+        return self.file["skipped"].asstr()[()].tolist() if "skipped" in self.file else []
 
     def features(self, split: str, rows: np.ndarray | None = None, view: int | slice | None = None
                  ) -> "torch.Tensor":
@@ -154,7 +149,7 @@ class FeatureCache:
         return torch.from_numpy(labels if rows is None else labels[rows])
 
     def paths(self, split: str) -> list[str]:
-        return strings(self._split(split)["paths"][()])
+        return self._split(split)["paths"].asstr()[()].tolist()
 
     def _split(self, split: str) -> h5py.Group:
         if split not in self.splits:

@@ -213,7 +213,8 @@ def _describe_cache(path, seconds):
 @click.argument("cache_file", type=click.Path(path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--shots", default="16", show_default=True, help="Few-shot subset to train on, or 'all'.")
-@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--seed", default=1, show_default=True, type=int,
+              help="Which cached few-shot subset (and the context's initialisation and batch order).")
 @click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop"]),
               help="cocoop: each image shifts the context through a Meta-Net (CoCoOp); its own published recipe.")
 @click.option("--n-ctx", default=None, type=int,
@@ -225,10 +226,11 @@ def _describe_cache(path, seconds):
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Default: the published count (CoOp: by shots; CoCoOp: 10).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: CoOp 32, CoCoOp 1.")
-@click.option("--lr", default=0.002, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=0.002, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="SGD's learning rate after the warm-up epoch (cosine decay; published: 0.002).")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Autocast on GPU (auto: bf16); CPU runs fp32.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--text-path", default="fast", show_default=True, type=click.Choice(["fast", "reference"]),
               help="reference: the published 77-token text computation (slow; for comparison).")
 @click.option("--no-graph", is_flag=True, help="On GPU, run the step eagerly instead of replaying a CUDA graph.")
@@ -239,7 +241,7 @@ def _describe_cache(path, seconds):
 @click.option("--fused-mlp", is_flag=True,
               help="On GPU, each MLP's activation inside Triton matrix products (opt-in).")
 @click.option("--verbose", is_flag=True, help="Print which implementation runs each op, and where the time went.")
-@click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (finished, or made otherwise).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out (finished, or made otherwise).")
 @click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between checkpoints while training.")
 @click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base", "new"]),
@@ -251,7 +253,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
           device, text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes,
           profile):
     """Learn CoOp (or CoCoOp) prompts from a feature cache; writes the learned tensors, config, metrics and a curve
-    to RUN_DIR.
+    to the folder --out.
 
     An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
     --overwrite is given."""
@@ -308,8 +310,11 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
         click.echo(f"implementations: {backends.describe()}")
     result, results = train_to_run_dir(cache, loaded, config, run_dir, timings=timings, overwrite=overwrite,
                                        save_every=save_every, profile=profile)
-    last = result.history[-1]
-    click.echo(f"trained {results['steps']} steps in {result.seconds:.1f} s: train acc {last['train_acc']:.1%}"
+    last, resumed_at = result.history[-1], results["resumed_at_epoch"] or 0
+    steps = sum(epoch["steps"] for epoch in result.history[resumed_at:])  # what this command trained
+    click.echo(f"trained {steps} steps in {result.seconds:.1f} s"
+               + (f" (epochs {resumed_at + 1}–{len(result.history)})" if resumed_at else "")
+               + f": train acc {last['train_acc']:.1%}"
                + (f", test acc {results['test']['top1']:.2%}" if "test" in results else "")
                + (f" (base); new {results['test_new']['top1']:.2%}, H {results['harmonic_mean']:.2%}"
                   if "test_new" in results else "") + f" → {run_dir}")
@@ -329,7 +334,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
 @click.option("--classes", type=click.Choice(["all", "base", "new"]), default=None,
               help="Class subset to test on  [default: the run's own]; a run trained on base classes can be "
                    "tested on the new ones (the base-to-new protocol).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def evaluate(run_dir, cache_file, split, classes, device):
     """Top-1 and mean per-class accuracy of a trained prompt on a cached split."""
     from fastcoop.cache import FeatureCache
@@ -363,7 +368,7 @@ def evaluate(run_dir, cache_file, split, classes, device):
 @click.option("--templates", default=None, help="Template ensemble: a built-in set (e.g. imagenet) or a file.")
 @click.option("--cupl", type=click.Path(path_type=Path), help="CuPL descriptions JSON {class: [texts]}.")
 @click.option("--split", default="test", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def zeroshot(cache_file, template, templates, cupl, split, device):
     """Zero-shot accuracy: a hand-written prompt (default 'a photo of a {}.'), an ensemble, or CuPL."""
     from fastcoop.cache import FeatureCache
@@ -393,7 +398,7 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def predict(run_dir, images, top_k, device):
     """Classify image files with a trained prompt."""
     from fastcoop.run_files import complete_config
@@ -412,8 +417,8 @@ def predict(run_dir, images, top_k, device):
 
 @cli.command("linear-probe")
 @click.argument("cache_file", type=click.Path(path_type=Path))
-@click.option("--shots", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--shots", default=16, show_default=True, type=click.IntRange(min=1), help="Which cached subset.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Which cached subset.")
 def linear_probe(cache_file, shots, seed):
     """The paper's linear-probe baseline on a cache's few-shot subset (needs its val and test splits)."""
     from fastcoop.cache import FeatureCache
@@ -445,7 +450,7 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--eval-on", default=None,
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, epochs, no_stack, eval_on, device):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
@@ -555,7 +560,7 @@ def interpret(run_dir, top_k, class_name):
 @click.option("--model", default="ViT-B-32", show_default=True)
 @click.option("--pretrained", default="openai", show_default=True,
               help="Weights to try; random init is used when they cannot be had.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 def demo(folder, model, pretrained, device):
     """Run the whole pipeline on a built-in example image set."""
     with _importing():
@@ -564,12 +569,30 @@ def demo(folder, model, pretrained, device):
     run_demo(folder, model, pretrained, device)
 
 
+def others_running() -> float:
+    """How much else runs now: the kernel's count of runnable threads less this one, the least of three looks 5 ms
+    apart (a passing process is not load); where there is no /proc, the 1-minute load average."""
+    try:
+        counts = []
+        for _ in range(3):
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+            time.sleep(0.005)
+        return min(counts)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+
+
+def wait_policy(others: float) -> str:
+    """How torch's OpenMP threads wait: on an idle machine they spin (the fastest hand-over between small ops);
+    beside other work they sleep, so that a run gets its share of the cores instead of waiting on its own
+    descheduled, spinning threads."""
+    return "ACTIVE" if others < 0.5 else "PASSIVE"
+
+
 def main(argv: list[str] | None = None):
     """Entry point: FastCoopError → 'error: …' and exit 2; Ctrl-C or SIGTERM → exit 130, saying what was kept."""
-    # Before torch loads: OpenMP threads that wait sleep instead of spinning, so that a CPU run beside other work
-    # gets its share rather than waiting on its own descheduled threads (export OMP_WAIT_POLICY=ACTIVE on a
-    # machine of its own)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:  # read once, when torch loads: decided before any import of it
+        os.environ["OMP_WAIT_POLICY"] = wait_policy(others_running())
     logging.basicConfig(level=logging.ERROR)  # our own lines say what open_clip's warnings would
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves like Ctrl-C

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from fastcoop.errors import FastCoopError
 
 METHODS = ("coop", "cocoop")
+METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp"}  # as the papers and tables write them
 # CoCoOp's published recipe where it differs from CoOp's (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1):
 # M = 4 from "a photo of a", batch size 1, 10 epochs whatever the shot count
 COCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 1, "epochs": 10}

@@ -160,7 +160,7 @@ def sweep_table(summaries: list[dict], names: list[str]) -> str:
     and H rows, H from the mean base and mean new accuracy as CoCoOp reports it (for the average: from the
     averaged base and new)."""
     shots = sorted({run["shots"] for s in summaries for run in s["runs"]})
-    lines = ["| dataset | method | zero-shot | " + " | ".join(f"{s} shots" for s in shots) + " |",
+    lines = ["| dataset | method | zero-shot | " + " | ".join(f"{s} shot{'s' if s != 1 else ''}" for s in shots) + " |",
              "|" + " --- |" * (3 + len(shots))]
     per_dataset = [_sweep_rows(summary) for summary in summaries]
     for name, rows in zip(names, per_dataset):

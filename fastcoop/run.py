@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import fastcoop
 from fastcoop.cache import FeatureCache
-from fastcoop.config import TrainConfig, recipe
+from fastcoop.config import METHOD_NAMES, TrainConfig, recipe
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel, load_model
@@ -120,7 +120,7 @@ def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_metrics(run_dir, result.history)
     _write_prompt(run_dir, result.learner, result.learner.trainable())
-    plot_curve(run_dir, result.history, {"coop": "CoOp", "cocoop": "CoCoOp"}[result.config.method])
+    plot_curve(run_dir, result.history, METHOD_NAMES[result.config.method])
     if since is not None:
         results["timings"]["save_and_test_s"] = time.perf_counter() - since
     _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))

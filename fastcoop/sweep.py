@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastcoop.cache import FeatureCache
-from fastcoop.config import TrainConfig, recipe
+from fastcoop.config import METHOD_NAMES, TrainConfig, recipe
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, score_run, text_classifier
@@ -107,7 +107,8 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     for variant, s, seed in runs:
         run_dir = out / variant.name / f"{s}shot-seed{seed}"
         scores = json.loads((run_dir / RESULTS_FILE).read_text())
-        results.append({"variant": variant.name, "shots": s, "seed": seed, "run": str(run_dir),
+        results.append({"variant": f"{METHOD_NAMES[base.method]} {variant.name}", "shots": s, "seed": seed,
+                        "run": str(run_dir),
                         "test": scores.get("test", {}).get("top1"),
                         **({"test_new": scores["test_new"]["top1"]} if "test_new" in scores else {}),
                         **({"transfer": _transfer(run_dir, loaded, eval_on)} if eval_on else {})})

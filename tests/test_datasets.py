@@ -308,7 +308,7 @@ def test_a_sweep_tests_every_run_on_the_caches_it_is_given(tmp_path, capsys, ima
         assert run["transfer"] == {"imagenet_a": evaluations["a.h5 test all"]["top1"],
                                    "imagenet_r": evaluations["r.h5 test all"]["top1"]}
     assert "| dataset | method | shots | source | ImageNet-A | ImageNet-R | average |" in out
-    assert "| s | M2-unified-end | 2 |" in (tmp_path / "s" / "summary.md").read_text()
+    assert "| s | CoOp M2-unified-end | 2 |" in (tmp_path / "s" / "summary.md").read_text()
     code, _, err = run_cli(capsys, "sweep", imagenet_caches["imagenet"], "--out", tmp_path / "t", "--shots", "2",
                            "--eval-on", tmp_path / "none.h5")
     assert code == 2 and "does not exist" in err and not (tmp_path / "t").exists()

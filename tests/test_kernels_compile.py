@@ -15,3 +15,17 @@ def test_triton_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("bytes of sm_90 code") == 67
+
+
+def test_the_kernels_package_stands_alone():
+    """kernels/ is the bottom layer: importing it (every kernel module) loads no other part of fastcoop and no
+    open_clip; callers pass what they choose."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib\nimport fastcoop.kernels as k\n"
+            "for m in pkgutil.iter_modules(k.__path__):\n    importlib.import_module('fastcoop.kernels.' + m.name)\n"
+            "print(sorted(n for n in sys.modules if (n.startswith('fastcoop') and not n.startswith('fastcoop.kernels')"
+            " and n != 'fastcoop') or n.split('.')[0] == 'open_clip'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

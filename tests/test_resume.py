@@ -93,6 +93,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
         assert code == 2 and "unfinished run (interrupted after epoch" in err and "again to finish it" in err
     code, out, _ = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN)
     assert code == 0 and "resuming" in out and _state(resumed) == "complete"
+    assert "(epochs 7–8)" in out  # what this command trained, not the whole run
     assert torch.equal(_ctx(resumed), _ctx(whole))
     assert not (resumed / "checkpoint.safetensors").exists()
     results = json.loads((resumed / "results.json").read_text())

@@ -57,8 +57,8 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 8 and len(summary["linear_probe"]) == 4 and summary["zero_shot"] is not None
     table = (out / "summary.md").read_text()
-    assert "| M2-csc-end |" in table and "| linear probe |" in table and (out / "accuracy.png").stat().st_size > 0
-    assert "| M2-unified-end |" in stdout
+    assert "| CoOp M2-csc-end |" in table and "| linear probe |" in table and (out / "accuracy.png").stat().st_size > 0
+    assert "| CoOp M2-unified-end |" in stdout
     for variant, csc in (("M2-unified-end", []), ("M2-csc-end", ["--csc"])):  # each equals a separate run
         alone = tmp_path / f"alone-{variant}"
         code, _, err = run_cli(capsys, "train", split_cache / "s12.h5", "--out", alone, "--shots", "2", "--seed", "2",
@@ -83,11 +83,11 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     shutil.copytree(out, tmp_path / "again")  # a second "dataset": report averages the two
     code, stdout, _ = run_cli(capsys, "report", out, tmp_path / "again")
-    assert code == 0 and "| average of 2 | M2-csc-end |" in stdout
+    assert code == 0 and "| average of 2 | CoOp M2-csc-end |" in stdout
     # a report reads JSON alone: in a fresh process it never imports torch, for a sweep or for runs
     code = ("import sys\nfrom fastcoop.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
             "    assert exc.code == 0, exc.code\nassert 'torch' not in sys.modules\n")
-    for folder, row in ((out, f"| {out.name} | M2-csc-end |"), (out / "M2-csc-end" / "1shot-seed1", "| s12.h5 |")):
+    for folder, row in ((out, f"| {out.name} | CoOp M2-csc-end |"), (out / "M2-csc-end" / "1shot-seed1", "| s12.h5 |")):
         done = subprocess.run([sys.executable, "-c", code, "report", str(folder)], capture_output=True, text=True)
         assert done.returncode == 0 and row in done.stdout, (done.stdout, done.stderr)
 
@@ -141,11 +141,11 @@ def test_a_cocoop_base_to_new_sweep_stacks_seeds_and_reports_base_new_and_h(tmp_
     harmonic = 2 * mean_base * mean_new / (mean_base + mean_new) if mean_base + mean_new else 0.0
     zero, zero_new = summary["zero_shot"], summary["zero_shot_new"]
     zero_h = 2 * zero * zero_new / (zero + zero_new) if zero + zero_new else 0.0
-    assert "| M4-unified-end base |" in stdout and "| M4-unified-end new |" in stdout
-    assert f"| M4-unified-end H | {100 * zero_h:.2f} | {100 * harmonic:.2f} |" in stdout
+    assert "| CoCoOp M4-unified-end base |" in stdout and "| CoCoOp M4-unified-end new |" in stdout
+    assert f"| CoCoOp M4-unified-end H | {100 * zero_h:.2f} | {100 * harmonic:.2f} |" in stdout
     shutil.copytree(out, tmp_path / "again")
     code, stdout, _ = run_cli(capsys, "report", out, tmp_path / "again")
-    assert code == 0 and f"| average of 2 | M4-unified-end H | {100 * zero_h:.2f} | {100 * harmonic:.2f} |" in stdout
+    assert code == 0 and f"| average of 2 | CoCoOp M4-unified-end H | {100 * zero_h:.2f} | {100 * harmonic:.2f} |" in stdout
     code, _, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", tmp_path / "x", "--method", "cocoop",
                            "--csc", "yes", "--shots", "2", "--device", "cpu")
     assert code == 2 and "CoCoOp learns one context" in err and not (tmp_path / "x").exists()
