@@ -215,8 +215,11 @@ def _describe_cache(path, seconds):
 @click.option("--shots", default="16", show_default=True, help="Few-shot subset to train on, or 'all'.")
 @click.option("--seed", default=1, show_default=True, type=int,
               help="Which cached few-shot subset (and the context's initialisation and batch order).")
-@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop"]),
-              help="cocoop: each image shifts the context through a Meta-Net (CoCoOp); its own published recipe.")
+@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop", "kgcoop"]),
+              help="cocoop: each image shifts the context through a Meta-Net (CoCoOp); kgcoop: CoOp kept near the "
+                   "hand-written prompt (KgCoOp). Each with its own published recipe.")
+@click.option("--kg-weight", default=None, type=click.FloatRange(min=0),
+              help="KgCoOp's λ, the weight of the distance to the hand-written prompt (published: 8).")
 @click.option("--n-ctx", default=None, type=int,
               help="Context vectors M (published: CoOp 16, random; CoCoOp 4, from 'a photo of a').")
 @click.option("--csc", is_flag=True, help="Class-specific context (one context per class).")
@@ -249,9 +252,9 @@ def _describe_cache(path, seconds):
 @click.option("--profile", "profile", type=click.Path(path_type=Path),
               help="Write a PyTorch profiler trace (Chrome's JSON, for chrome://tracing or Perfetto) of 20 steps "
                    "after the first epoch.")
-def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr, precision,
-          device, text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every, classes,
-          profile):
+def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr,
+          precision, device, text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every,
+          classes, profile):
     """Learn CoOp (or CoCoOp) prompts from a feature cache; writes the learned tensors, config, metrics and a curve
     to the folder --out.
 
@@ -271,7 +274,7 @@ def train(cache_file, run_dir, method, shots, seed, n_ctx, csc, position, init, 
     config = TrainConfig(method=method, shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc,
                          position=position, init=init, epochs=epochs, batch_size=batch_size, lr=lr,
                          precision=precision, device=device, text_path=text_path, graph=not no_graph,
-                         fused=not no_fused, fused_mlp=fused_mlp, attention=attention)
+                         fused=not no_fused, fused_mlp=fused_mlp, attention=attention, kg_weight=kg_weight)
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before importing torch
     fewshot.check_classes(len(cache.classnames), classes)
@@ -437,12 +440,13 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for every run and the summary.")
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Shot counts (each cached).")
 @click.option("--seeds", default="1,2,3", show_default=True)
-@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop"]),
-              help="cocoop: CoCoOp's runs with its published recipe.")
+@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop", "kgcoop"]),
+              help="cocoop or kgcoop: CoCoOp's or KgCoOp's runs, each with its published recipe.")
 @click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base"]),
               help="base: the base-to-new protocol (train on base classes; test on base and new, with H).")
 @click.option("--n-ctx", default=None,
-              help="Context lengths M, comma-separated (default: the method's published M, CoOp 16, CoCoOp 4).")
+              help="Context lengths M, comma-separated (default: the method's published M, CoOp 16, CoCoOp and "
+                   "KgCoOp 4).")
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")

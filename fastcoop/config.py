@@ -1,16 +1,20 @@
-"""TrainConfig: every option of a CoOp or CoCoOp run, defaulting to the method's published recipe. Kept apart from
+"""TrainConfig: every option of a CoOp, CoCoOp or KgCoOp run, defaulting to the method's published recipe. Kept apart from
 the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
 
 from dataclasses import dataclass
 
 from fastcoop.errors import FastCoopError
 
-METHODS = ("coop", "cocoop")
-METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp"}  # as the papers and tables write them
+METHODS = ("coop", "cocoop", "kgcoop")
+METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "kgcoop": "KgCoOp"}  # as the papers and tables write them
 # CoCoOp's published recipe where it differs from CoOp's (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1):
 # M = 4 from "a photo of a", batch size 1, 10 epochs whatever the shot count
 COCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 1, "epochs": 10}
 COOP_RECIPE = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None}  # epochs None: by shot count
+# KgCoOp's (configs/trainers/KgCoOp/vit_b16_ep100_ctxv1, scripts/base2new_train.sh): M = 4 from "a photo of a",
+# batch size 128, 100 epochs, λ = 8; CoOp's SGD and schedule
+KGCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100, "kg_weight": 8.0}
+RECIPES = {"coop": COOP_RECIPE, "cocoop": COCOOP_RECIPE, "kgcoop": KGCOOP_RECIPE}
 # How a run is computed rather than what it computes: implementations of the same math (equal up to float rounding,
 # graph or not bit for bit). An interrupted run goes on with other values of these; the device stays part of the
 # recipe, since it decides the default precision.
@@ -49,6 +53,8 @@ class TrainConfig:
     fused: bool = True  # on GPU, the text blocks' elementwise work in fused Triton kernels (FastTextEncoder)
     fused_mlp: bool = False  # the MLP with its activation inside Triton matrix products (opt-in)
     attention: str = "auto"  # fast path attention: grid, triton, flex; auto: triton on GPU, grid on CPU
+    kg_weight: float | None = None  # KgCoOp's λ (None: the published 8)
+    kg_template: str | None = None  # KgCoOp's hand-written prompt (None: the dataset's, fastcoop.kgcoop)
     # which implementation each of these picks: fastcoop.backends.resolve
 
     def __post_init__(self):
@@ -57,9 +63,13 @@ class TrainConfig:
         if self.method == "cocoop" and (self.csc or self.position != "end"):
             raise FastCoopError("CoCoOp learns one context shared by all classes, before the class name: "
                                 "--csc and --position are CoOp's options")
-        recipe = COCOOP_RECIPE if self.method == "cocoop" else COOP_RECIPE
+        if self.method != "kgcoop" and (self.kg_weight is not None or self.kg_template is not None):
+            raise FastCoopError("--kg-weight is KgCoOp's option (--method kgcoop)")
+        published = RECIPES[self.method]
         if self.n_ctx is None and self.init is None:  # the published context; a given M starts random, as published
-            self.n_ctx, self.init = recipe["n_ctx"], recipe["init"]
+            self.n_ctx, self.init = published["n_ctx"], published["init"]
+        if self.method == "kgcoop" and self.kg_weight is None:
+            self.kg_weight = published["kg_weight"]
         for name in ("batch_size", "epochs"):  # (given words set M: n_ctx stays None, the learner counts them)
             if getattr(self, name) is None:
-                setattr(self, name, recipe[name])
+                setattr(self, name, published[name])

@@ -16,6 +16,7 @@ import torch
 from torch.optim.sgd import sgd
 
 from fastcoop.kernels import compiling_in_parallel, cosine_ce
+from fastcoop.kgcoop import knowledge_gap
 
 
 def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
@@ -26,17 +27,22 @@ def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: flo
         dampening=0.0, nesterov=False, maximize=False)
 
 
-def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str | None = None):
+def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str | None = None,
+              anchor: torch.Tensor | None = None, anchor_weight: float = 0.0):
     """CoOp's training loss of stacked runs for TrainStep: the runs' K prompts in one encoder call
     (`encode_text(learners)` → R × K × D), then each run's batch against its own text features with the fused
-    cosine cross-entropy. `loss_backend` None: fastcoop.backends' choice for the device."""
+    cosine cross-entropy. `loss_backend` None: fastcoop.backends' choice for the device. With `anchor` (K × D, the
+    hand-written prompts' features), KgCoOp's loss: plus anchor_weight · knowledge_gap(run's text, anchor)."""
     def losses(learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
         with torch.autocast(labels[0].device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None, cache_enabled=False):
             text = encode_text(learners)
         per_run = [cosine_ce(run_images, run_text, logit_scale, run_labels, return_argmax=True,
                              backend=loss_backend) for run_images, run_text, run_labels in zip(images, text, labels)]
-        return [loss for loss, _ in per_run], [predicted for _, predicted in per_run]
+        losses = [loss for loss, _ in per_run]
+        if anchor is not None:
+            losses = [loss + anchor_weight * knowledge_gap(run_text, anchor) for loss, run_text in zip(losses, text)]
+        return losses, [predicted for _, predicted in per_run]
     return losses
 
 

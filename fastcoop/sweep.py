@@ -119,6 +119,9 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         summary["zero_shot_new"] = _zero_shot(cache, loaded, base.device, "new")
     elif "val" in cache.splits and "test" in cache.splits:  # the linear probe is CoOp's baseline, on all classes
         summary["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
+    elif "test" in cache.splits:
+        warnings.warn(f"{cache.path} has no val split, so the table has no linear probe (CoOp's baseline selects "
+                      "its regularisation on val): cache with --splits train,val,test for it")
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (out / TABLE_FILE).write_text(sweep_table([summary], [out.name]) + "\n")
     plot_accuracy(summary, out / FIGURE_FILE, title=Path(cache.path).stem)

@@ -29,6 +29,7 @@ from fastcoop.config import TrainConfig
 from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import check_classes, class_subset, relabel
+from fastcoop.kgcoop import hand_written_features, hand_written_template
 from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at, published_epochs
@@ -168,8 +169,13 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     if base.method == "cocoop":
         loss = cocoop_loss(_context_text_features(model, learners[0], backends, dtype, base.text_path), scale, dtype)
     else:
+        anchor = None
+        if base.method == "kgcoop":  # the hand-written prompt's features the learned ones are kept near
+            template = base.kg_template or hand_written_template(cache.dataset)
+            anchor = hand_written_features(loaded, classnames, template, device)
+            configs = [dataclasses.replace(c, kg_template=template) for c in configs]
         loss = coop_loss(_text_features(model, learners[0], backends, dtype, base.text_path), scale, dtype,
-                         backends.loss)
+                         backends.loss, anchor, base.kg_weight or 0.0)
     # only the views the epochs use, of the images the runs use, in one read (a chunk shared by runs is read once;
     # on the host, float16)
     used = [epoch_views(cache.num_views("train"), config.epochs) for config in configs]

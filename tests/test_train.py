@@ -332,7 +332,7 @@ def protocol_cache(tmp_path_factory, tiny_vit, example_images):
                             seeds=[1, 2], views=2, batch_size=32, workers=0, progress=False)
 
 
-@pytest.mark.parametrize("method", ["coop", "cocoop"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop"])
 def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache, tiny_vit, method):
     """The protocol's shape in one stack: runs of 1, 2 and 4 shots (other batch sizes and steps per epoch) and two
     seeds, each with its own epochs; each leaves the stack when its schedule is over and ends, bit for bit on the
