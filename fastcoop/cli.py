@@ -418,6 +418,44 @@ def predict(run_dir, images, top_k, device):
         click.echo(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
 
 
+@cli.command("tip-adapter")
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--shots", default=16, show_default=True, type=click.IntRange(min=1), help="Which cached subset.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Which cached subset.")
+@click.option("--finetune", is_flag=True, help="Also Tip-Adapter-F: the keys trained with its published recipe.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the results (JSON) to this file too.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+def tip_adapter(cache_file, shots, seed, finetune, out, device):
+    """Tip-Adapter (and -F) beside zero-shot CLIP on a cache's few-shot subset: α and β searched on val, test
+    accuracy; the published recipe of the cache's dataset (needs val and test splits)."""
+    import json
+
+    from fastcoop.cache import FeatureCache
+    from fastcoop.outputs import check_writable
+
+    cache = FeatureCache(cache_file)  # a wrong path or subset is answered before torch is imported
+    cache.rows("train", shots, seed)
+    if out is not None:
+        check_writable(out, "results file", folder=False)
+    with _importing():
+        from fastcoop.devices import resolve_device
+        from fastcoop.models import load_model
+        from fastcoop.tip_adapter import run_tip_adapter
+
+    device = resolve_device(device)
+    loaded = load_model(cache.model, cache.pretrained, device, image_tower=False)
+    _say_weights(loaded)
+    with cache:
+        result = run_tip_adapter(cache, loaded, shots, seed, finetune, device)
+    rows = [("zero-shot CLIP", result["zero_shot"]), ("Tip-Adapter", result["tip_adapter"])] + (
+        [("Tip-Adapter-F", result["tip_adapter_f"])] if finetune else [])
+    for name, scores in rows:
+        chosen = f" (β {scores['beta']:.2f}, α {scores['alpha']:.2f} from val)" if "beta" in scores else ""
+        click.echo(f"{name}: val {scores['val']:.2%}, test {scores['test']:.2%}{chosen}")
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 @cli.command("linear-probe")
 @click.argument("cache_file", type=click.Path(path_type=Path))
 @click.option("--shots", default=16, show_default=True, type=click.IntRange(min=1), help="Which cached subset.")

@@ -1,5 +1,5 @@
-"""TrainConfig: every option of a CoOp, CoCoOp or KgCoOp run, defaulting to the method's published recipe. Kept apart from
-the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
+"""TrainConfig: every option of a CoOp, CoCoOp or KgCoOp run, defaulting to the method's published recipe. Kept
+apart from the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
 
 from dataclasses import dataclass
 
