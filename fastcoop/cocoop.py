@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcoop.errors import FastCoopError
 from fastcoop.prompts import PromptLearner
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
@@ -52,6 +53,9 @@ def new_learner(model, tokenizer, classnames, config, params: dict[str, torch.Te
         learner = CoCoOpLearner(model, tokenizer, classnames, config.n_ctx, config.init)
     else:
         learner = PromptLearner(model, tokenizer, classnames, config.n_ctx, config.csc, config.position, config.init)
+    if config.init is not None and config.n_ctx is not None and config.n_ctx != learner.n_ctx:
+        raise FastCoopError(f"--init '{learner.init}' is {learner.n_ctx} token(s), which set M = {learner.n_ctx}; "
+                            f"--n-ctx {config.n_ctx} contradicts it: give one of them")
     if params is not None:
         learner.load_trainable(params)
     return learner

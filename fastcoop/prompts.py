@@ -22,7 +22,7 @@ class PromptLearner(nn.Module):
 
     def __init__(self, model, tokenizer, classnames, n_ctx: int | None = 16, csc: bool = False,
                  position: str = "end", init: str | None = None):
-        """`init`: words the context starts from; they set M, so `n_ctx` is None or their token count."""
+        """`init`: words the context starts from; they set M (`n_ctx` is then not used)."""
         super().__init__()
         if position not in POSITIONS:
             raise FastCoopError(f"class token position must be one of {', '.join(POSITIONS)}, not '{position}'")
@@ -33,13 +33,9 @@ class PromptLearner(nn.Module):
         names = [spoken(name) for name in classnames]
         if init is not None:
             init = spoken(init).strip()
-            words = len(tokenizer.encode(init))
-            if words == 0:
+            n_ctx = len(tokenizer.encode(init))
+            if n_ctx == 0:
                 raise FastCoopError("--init has no words")
-            if n_ctx is not None and n_ctx != words:
-                raise FastCoopError(f"--init '{init}' is {words} token(s), which set M = {words}; --n-ctx {n_ctx} "
-                                    "contradicts it: give one of them")
-            n_ctx = words
         if n_ctx < 1:
             raise FastCoopError(f"the context needs at least one vector (--n-ctx {n_ctx})")
         placeholder = " ".join(["X"] * n_ctx)
