@@ -130,8 +130,9 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         click.get_current_context().with_resource(held(out))  # until the command ends
     if encoder == "graph" and not device.startswith("cuda"):
         raise FastCoopError(f"--encoder graph needs a GPU; the device is {device}")
+    new_split = None
     if data.layout == "flat" and split_ratios != "none":
-        data = _split_flat(data, root, out, split_ratios, world)
+        data, new_split = _split_flat(data, root, out, split_ratios, world)
     loaded = load_model(model, pretrained, device)
     if world.is_writer:
         _say_weights(loaded)
@@ -142,6 +143,10 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
                             skip_bad=skip_bad, overwrite=overwrite, world=world, crops=crops, verbose=verbose,
                             encoder=encoder)
     if world.is_writer:
+        if new_split is not None:  # saved once the cache is made, so that a refusal leaves no file behind
+            from fastcoop.data import write_coop_split
+
+            write_coop_split(data, new_split, root)
         _describe_cache(path, time.perf_counter() - start)
 
 
@@ -158,14 +163,15 @@ def datasets(data, check_images):
 
 
 def _split_flat(data, root, out, ratios, world):
-    """Train/val/test for a flat folder: the split saved beside the cache, or made now and saved there."""
-    from fastcoop.data import read_coop_split, split_flat_folder, write_coop_split
+    """Train/val/test for a flat folder: the split saved beside the cache, or made now (the same every time: a
+    fixed seed) with the path to save it at once the cache is made."""
+    from fastcoop.data import read_coop_split, split_flat_folder
 
     path = Path(out).with_suffix(".split.json")
     if path.is_file():
         if world.is_writer:
             click.echo(f"{root} has no split folders: using the split in {path}")
-        return read_coop_split(path, root)
+        return read_coop_split(path, root), None
     try:
         train, val = (float(r) for r in ratios.split(","))
     except ValueError:
@@ -173,11 +179,9 @@ def _split_flat(data, root, out, ratios, world):
                             f"not '{ratios}'") from None
     data = split_flat_folder(data, train, val)
     if world.is_writer:
-        path.parent.mkdir(parents=True, exist_ok=True)  # as the cache itself does for --out
-        write_coop_split(data, path, root)
         click.echo(f"{root} has no split folders: split each class {train:.0%} / {val:.0%} / "
-                   f"{1 - train - val:.0%} into train / val / test, saved in {path}")
-    return data
+                   f"{1 - train - val:.0%} into train / val / test, saved in {path} with the cache")
+    return data, path
 
 
 def _views(value: str) -> int | str:

@@ -29,6 +29,26 @@ def check_writable(path: str | Path, what: str, folder: bool | None = None) -> N
         raise FastCoopError(f"cannot write {what} {path}: {parent} is not writable")
 
 
+def _lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def holder(path: str | Path) -> str | None:
+    """The process writing the output `path` now (as its lock file names it), or None when no command holds it.
+    Reads only: creates nothing."""
+    try:
+        fd = os.open(_lock_file(Path(path).absolute()), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # free (closing the file releases the lock we took to see it)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def held(path: str | Path, option: str = "--out"):
     """Hold the output `path` for this process while it is written: another fastcoop command asking for it fails
@@ -38,7 +58,7 @@ def held(path: str | Path, option: str = "--out"):
     if path in _held:
         yield
         return
-    lock = path.with_name(f".{path.name}.lock")
+    lock = _lock_file(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from fastcoop.errors import FastCoopError
+from fastcoop.outputs import holder
 
 PROMPT_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CURVE_FILE, EVALUATIONS_FILE = (
     "prompt.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl", "results.json", "curve.png",
@@ -29,11 +30,17 @@ def read_config(run_dir: Path) -> dict | None:
 
 
 def check_complete(run_dir: Path, config: dict) -> None:
+    """Refuse an unfinished run, saying what became of it: a run still 'running' is being trained now if a command
+    holds its directory, else it was killed."""
     if config["state"] != "complete":
-        epochs = config.get("train", {}).get("epochs")
-        raise FastCoopError(f"{run_dir} holds an unfinished run ({config['state']} after epoch "
-                            f"{config.get('epochs_done', 0)} of {epochs}); run its `fastcoop train` command again "
-                            "to finish it")
+        epochs, done = config.get("train", {}).get("epochs"), config.get("epochs_done", 0)
+        process = holder(run_dir) if config["state"] == "running" else None
+        if process:
+            raise FastCoopError(f"{run_dir} is being trained now (process {process}; epoch {done} of {epochs} "
+                                "saved); wait for it to finish")
+        state = "killed" if config["state"] == "running" else config["state"]
+        raise FastCoopError(f"{run_dir} holds an unfinished run ({state} after epoch {done} of {epochs}); run its "
+                            "`fastcoop train` command again to finish it")
 
 
 def complete_config(run_dir: Path) -> dict:

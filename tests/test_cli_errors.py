@@ -46,6 +46,7 @@ CASES = [  # (command line, what the one error line must say)
     ("cache {images} --out {w}/g.h5 --model ViT-X-99", "unknown model 'ViT-X-99'"),
     ("cache {images} --out {w}/notes.txt/g.h5", "cannot write feature cache {w}/notes.txt/g.h5: {w}/notes.txt is a file"),
     ("cache {w}/flat --out {w}/g.h5 --split-ratios half", "--split-ratios must be 'train,val' fractions"),
+    ("cache {images}/train --out {w}/g.h5 --model ViT-X-99", "unknown model 'ViT-X-99'"),  # no g.split.json left
     ("cache {w}/flat --out {w}/g.h5 --split-ratios 0.5,0.2", "class 'a class' has 1 images: too few to split"),
     ("cache {images} --out {w}/f.h5 --model " + TINY_VIT + " --pretrained none --shots 2 --seeds 1 --views 3",
      "exists and was made with other settings (views: 1 → 3)"),

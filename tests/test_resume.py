@@ -206,3 +206,26 @@ def test_output_location_problems_fail_before_any_work(tmp_path, capsys, cache_p
                         real_access(path, mode))
     code, _, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "run", *TRAIN)
     assert code == 2 and f"{tmp_path} is not writable" in err
+
+
+def test_readers_tell_a_run_in_training_from_a_killed_one(tmp_path, capsys, cache_path, monkeypatch):
+    """A run whose config still says 'running' is being trained if a command holds its directory (the readers say
+    by which process), and was killed if none does."""
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        ctrl_c_after_epoch(patch, 2)
+        assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 130
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(config | {"state": "running"}))  # as kill -9 leaves it
+    code, _, err = run_cli(capsys, "eval", run_dir, cache_path)
+    assert code == 2 and "holds an unfinished run (killed after epoch 2 of 8)" in err
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom fastcoop.outputs import held\n"
+                               f"with held({str(run_dir)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_cli(capsys, "report", run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and f"is being trained now (process {holder.pid}; epoch 2 of 8 saved)" in err
