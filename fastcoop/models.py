@@ -2,6 +2,7 @@
 
 import contextlib
 import difflib
+import json
 import logging
 import socket
 import textwrap
@@ -37,6 +38,13 @@ def resolve_model_name(model: str) -> str:
         path = Path(model)
         if not path.is_file():
             raise FastCoopError(f"model config {model} does not exist")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FastCoopError(f"model config {model} is not a JSON file ({exc})") from None
+        if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
+            raise FastCoopError(f"model config {model} is no open_clip model config (it needs embed_dim, "
+                                "vision_cfg and text_cfg)")
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():

@@ -3,6 +3,7 @@ held while written, so that two commands never write one output."""
 
 import fcntl
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def check_writable(path: str | Path, what: str, folder: bool | None = None) -> N
         raise FastCoopError(f"cannot write {what} {path}: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise FastCoopError(f"cannot write {what} {path}: {parent} is not writable")
+    try:  # what the permissions do not tell (a read-only mount, /proc): a file made and removed there
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise FastCoopError(f"cannot write {what} {path}: {parent} takes no files ({exc.strerror or exc})") from None
 
 
 def _lock_file(path: Path) -> Path:

@@ -17,6 +17,7 @@ def written(tmp_path_factory, tiny_vit, example_images):
     extract_features(read_dataset(example_images), folder / "f.h5", tiny_vit, shots=2, seeds=[1], views=1,
                      batch_size=32, workers=0, progress=False)
     (folder / "notes.txt").write_text("a file where a folder is expected")
+    (folder / "bad.json").write_text("{not json")
     (folder / "sweep").mkdir()
     (folder / "sweep" / "sweep.json").write_text("{}")  # a sweep's folder, which no run may be written into
     for name in ("a_class", "b_class"):
@@ -46,6 +47,8 @@ CASES = [  # (command line, what the one error line must say)
     ("cache {images} --out {w}/g.h5 --model ViT-X-99", "unknown model 'ViT-X-99'"),
     ("cache {images} --out {w}/notes.txt/g.h5", "cannot write feature cache {w}/notes.txt/g.h5: {w}/notes.txt is a file"),
     ("cache {w}/flat --out {w}/g.h5 --split-ratios half", "--split-ratios must be 'train,val' fractions"),
+    ("cache {images} --out {w}/g.h5 --model {w}/bad.json", "model config {w}/bad.json is not a JSON file"),
+    ("train {w}/f.h5 --out /proc/fastcoop-run --shots 2", "cannot write run directory /proc/fastcoop-run: /proc"),
     ("cache {images}/train --out {w}/g.h5 --model ViT-X-99", "unknown model 'ViT-X-99'"),  # no g.split.json left
     ("cache {w}/flat --out {w}/g.h5 --split-ratios 0.5,0.2", "class 'a class' has 1 images: too few to split"),
     ("cache {images} --out {w}/f.h5 --model " + TINY_VIT + " --pretrained none --shots 2 --seeds 1 --views 3",
