@@ -119,6 +119,9 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         click.echo(f"{root}: CoOp's {data.dataset}, {len(data.classnames)} classes ({sizes} images)")
     if splits is None:
         splits = "train,test" if "train" in data.splits else ",".join(s for s in ("val", "test") if s in data.splits)
+    unknown = [s.strip() for s in splits.split(",") if s.strip() not in ("train", "val", "test")]
+    if unknown:
+        raise FastCoopError(f"--splits takes train, val and test (comma-separated), not {', '.join(unknown)}")
     with _importing():
         from fastcoop.cache import extract_features
         from fastcoop.devices import resolve_device, resolve_precision

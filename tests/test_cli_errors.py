@@ -49,6 +49,9 @@ CASES = [  # (command line, what the one error line must say)
     ("cache {w}/flat --out {w}/g.h5 --split-ratios half", "--split-ratios must be 'train,val' fractions"),
     ("cache {images} --out {w}/g.h5 --model {w}/bad.json", "model config {w}/bad.json is not a JSON file"),
     ("train {w}/f.h5 --out /proc/fastcoop-run --shots 2", "cannot write run directory /proc/fastcoop-run: /proc"),
+    ("cache {images} --out {w}/g.h5 --splits train,validation", "--splits takes train, val and test (comma-separated), "
+                                                                "not validation"),
+    ("cache {w}/flat --out {w}/g.h5 --layout csv", "--layout csv reads a .csv file; {w}/flat is a folder"),
     ("cache {images}/train --out {w}/g.h5 --model ViT-X-99", "unknown model 'ViT-X-99'"),  # no g.split.json left
     ("cache {w}/flat --out {w}/g.h5 --split-ratios 0.5,0.2", "class 'a class' has 1 images: too few to split"),
     ("cache {images} --out {w}/f.h5 --model " + TINY_VIT + " --pretrained none --shots 2 --seeds 1 --views 3",
