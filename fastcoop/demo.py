@@ -16,7 +16,7 @@ from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, text_classifier
 from fastcoop.example import make_example_images
 from fastcoop.models import load_model, resolve_model_name
-from fastcoop.outputs import check_writable
+from fastcoop.outputs import check_writable, held
 from fastcoop.pipeline import train_to_run_dir
 from fastcoop.report import collect, summary_table
 from fastcoop.run_files import FIGURE_FILE, RESULTS_FILE, SWEEP_FILE, TABLE_FILE
@@ -49,6 +49,11 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
     check_writable(folder, "demo folder", folder=True)
     device = resolve_device(device)
     resolve_model_name(model)  # an unknown architecture is an error before anything is written
+    with held(folder, "--dir"):  # one demo per folder at a time
+        _run_demo(folder, model, pretrained, device, epochs)
+
+
+def _run_demo(folder: Path, model: str, pretrained: str, device: str, epochs: int):
     times = {}
 
     def stage(name, start):

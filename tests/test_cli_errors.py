@@ -135,7 +135,7 @@ def test_a_wrong_path_or_subset_is_answered_before_torch_is_imported(written, tm
         assert done.stdout.strip() == "[]" and said in done.stderr, (args, done.stdout, done.stderr)
 
 
-@pytest.mark.parametrize("command", ["train", "cache", "sweep"])
+@pytest.mark.parametrize("command", ["train", "cache", "sweep", "demo"])
 def test_an_output_another_command_is_writing_is_refused(tmp_path, capsys, written, example_images, command):
     """Two commands never write one output: the second is refused at once, naming the first's process, and
     writes nothing (the first holds an OS lock beside the output until it ends, however it ends)."""
@@ -150,13 +150,15 @@ def test_an_output_another_command_is_writing_is_refused(tmp_path, capsys, writt
         assert holder.stdout.readline().strip() == "held"
         args = {"train": ["train", written / "f.h5", "--out", out, "--shots", "2", "--device", "cpu"],
                 "cache": ["cache", example_images, "--out", out, "--model", TINY_VIT, "--pretrained", "none"],
-                "sweep": ["sweep", written / "f.h5", "--out", out, "--shots", "2", "--seeds", "1", "--device", "cpu"]}
+                "sweep": ["sweep", written / "f.h5", "--out", out, "--shots", "2", "--seeds", "1", "--device", "cpu"],
+                "demo": ["demo", "--dir", out, "--model", TINY_VIT, "--device", "cpu"]}
         code, _, err = run_cli(capsys, *args[command])
     finally:
         holder.kill()
         holder.wait()
     assert code == 2 and err.strip() == (f"error: {out} is being written by another fastcoop command (process "
-                                         f"{holder.pid}); wait for it to end, or choose another --out")
+                                         f"{holder.pid}); wait for it to end, or choose another "
+                                         f"{'--dir' if command == 'demo' else '--out'}")
     assert not out.exists()
 
 
