@@ -7,7 +7,11 @@ TRITON_INTERPRET=1 (how the tests run it):
     add_norm    each residual add with the layer norm after it: "triton" | "reference"
     activation  QuickGELU (OpenAI's weights): "triton" | "reference" (exact-GELU towers run PyTorch's)
     mlp         the MLP with its activation inside the matrix products: "triton" | "reference"
-A Backends record is frozen; a run stores it in config.json and `fastcoop train --verbose` prints it.
+    text        the text computation: "fast" (packed, exact) | "reference" (the published 77-token one), which a
+                tower the fast path cannot run exactly gets whatever was asked
+    step        the training step: "graph" (captured once, replayed; CUDA only) | "eager"
+A Backends record is frozen; a run stores it in config.json and `fastcoop train --verbose` prints it; a step whose
+capture fails runs eagerly and its record says so.
 """
 
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ class Backends:
     add_norm: str = "reference"
     activation: str = "reference"
     mlp: str = "reference"
+    text: str = "fast"
+    step: str = "eager"
 
     def describe(self) -> str:
         return ", ".join(f"{op} {choice}" for op, choice in vars(self).items())
@@ -36,12 +42,14 @@ def loss_backend(device: str | torch.device) -> str:
 
 
 def resolve(device: str | torch.device, attention: str = "auto", fused: bool = True,
-            fused_mlp: bool = False) -> Backends:
+            fused_mlp: bool = False, text_path: str = "fast", graph: bool = True, tower=None) -> Backends:
     """The implementations for a run on `device`.
 
     attention: auto (the Triton kernel on a GPU, the grid reference elsewhere), grid, triton or flex (GPU only:
     FlexAttention has no CPU backward). fused: the fused add + norm and activation kernels on a GPU (on the CPU
-    the interpreter would only be slow); False: PyTorch's ops. fused_mlp: the MLP kernel (opt-in)."""
+    the interpreter would only be slow); False: PyTorch's ops. fused_mlp: the MLP kernel (opt-in). text_path:
+    fast or reference; `tower` (a TextTower), when given, is checked for what the fast path cannot run. graph:
+    capture the step where CUDA graphs exist."""
     on_gpu = torch.device(device).type == "cuda"
     triton = triton_runs_on(device)
     if attention == "auto":
@@ -55,5 +63,7 @@ def resolve(device: str | torch.device, attention: str = "auto", fused: bool = T
     if fused_mlp and not triton:
         raise FastCoopError("--fused-mlp needs a GPU with Triton")
     elementwise = "triton" if fused and on_gpu and triton else "reference"
+    text = "reference" if text_path == "reference" or (tower is not None and tower.fast_path_problem()) else "fast"
     return Backends(loss=loss_backend(device), attention=attention, add_norm=elementwise, activation=elementwise,
-                    mlp="triton" if fused_mlp else "reference")
+                    mlp="triton" if fused_mlp else "reference", text=text,
+                    step="graph" if graph and on_gpu else "eager")

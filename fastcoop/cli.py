@@ -301,7 +301,7 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
     imported = time.perf_counter()
     device = resolve_device(device)
     config = dataclasses.replace(config, device=device)
-    backends = resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
+    resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
     hash_triton_in_background(device)
     check_writable(run_dir, "run directory", folder=True)
     click.get_current_context().with_resource(held(run_dir))  # until the command ends
@@ -316,8 +316,6 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
     loaded = load_model(cache.model, cache.pretrained, "cpu", image_tower=False)  # the device gets only what runs
     timings["model_s"] = time.perf_counter() - loading
     _say_weights(loaded)
-    if verbose:
-        click.echo(f"implementations: {backends.describe()}")
     result, results = train_to_run_dir(cache, loaded, config, run_dir, timings=timings, overwrite=overwrite,
                                        save_every=save_every, profile=profile)
     last, resumed_at = result.history[-1], results["resumed_at_epoch"] or 0
@@ -330,7 +328,8 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
                   if "test_new" in results else "") + f" → {run_dir}")
     if profile is not None:
         click.echo(f"profiler trace of the steps after the first epoch: {profile}")
-    if verbose:
+    if verbose:  # what ran (resolved once, in the training loop, and recorded in config.json)
+        click.echo(f"implementations: {result.backends.describe()}")
         t = results["timings"]
         click.echo(f"time: imports {t['imports_s']:.1f} s, model {t['model_s']:.1f} s, setup {t['setup_s']:.1f} s, "
                    f"loop {t['loop_s']:.1f} s (first epoch {t['first_epoch_s']:.1f} s: kernels {t['kernels_s']:.1f} "

@@ -143,7 +143,11 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
         raise FastCoopError(f"--batch-size must be at least 1, not {base.batch_size}")
     if base.lr <= 0:
         raise FastCoopError(f"--lr must be above 0, not {base.lr}")
-    backends = resolve(device, base.attention, base.fused, base.fused_mlp)
+    tower = TextTower.of(loaded.model)
+    backends = resolve(device, base.attention, base.fused, base.fused_mlp, base.text_path, base.graph, tower)
+    if backends.text != base.text_path:
+        warnings.warn(f"fast text path is not exact for this model ({tower.fast_path_problem()}): using the "
+                      "reference path")
     check_classes(len(cache.classnames), base.classes)
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
     classnames = [cache.classnames[k] for k in kept]
@@ -155,7 +159,7 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
         labels.append(run_labels)
 
     model = loaded.model
-    if base.text_path == "reference" or TextTower.of(model).fast_path_problem():
+    if backends.text == "reference":
         move_text_tower(model, device)  # the published text path runs the model's own tower
     # else the model stays where it is: the fast encoder runs a copy of the tower's blocks on the device
     learners = []
@@ -167,14 +171,14 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
                                    n_ctx=learners[0].n_ctx, attention=backends.attention) for c in configs]
     scale = model.logit_scale.exp().detach().to(device)
     if base.method == "cocoop":
-        loss = cocoop_loss(_context_text_features(model, learners[0], backends, dtype, base.text_path), scale, dtype)
+        loss = cocoop_loss(_context_text_features(model, learners[0], backends, dtype), scale, dtype)
     else:
         anchor = None
         if base.method == "kgcoop":  # the hand-written prompt's features the learned ones are kept near
             template = base.kg_template or hand_written_template(cache.dataset)
             anchor = hand_written_features(loaded, classnames, template, device)
             configs = [dataclasses.replace(c, kg_template=template) for c in configs]
-        loss = coop_loss(_text_features(model, learners[0], backends, dtype, base.text_path), scale, dtype,
+        loss = coop_loss(_text_features(model, learners[0], backends, dtype), scale, dtype,
                          backends.loss, anchor, base.kg_weight or 0.0)
     # only the views the epochs use, of the images the runs use, in one read (a chunk shared by runs is read once;
     # on the host, float16)
@@ -202,7 +206,7 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     start = time.perf_counter()
     for result in results:
         result.setup_seconds = start - setup_start
-    _train_loop(step, views, results, base.graph and device.startswith("cuda"), progress, on_report, profile, device)
+    _train_loop(step, views, results, backends.step == "graph", progress, on_report, profile, device)
     for result in results:
         result.seconds = time.perf_counter() - start
     return results
@@ -274,36 +278,38 @@ def _train_loop(step: TrainStep, views: list[torch.Tensor], results: list[TrainR
 
 
 def _captured(step: TrainStep, results: list[TrainResult]):
-    """The step in a CUDA graph (or eager where capture fails); the first capture's costs go into the results."""
+    """The step in a CUDA graph, or eager where capture fails (the results' records then say so); the first
+    capture's costs go into the results."""
     run_step = graphed_or_eager(step)
-    if isinstance(run_step, CudaGraphStep) and not results[0].capture_seconds:
-        for result in results:
+    for result in results:
+        if not isinstance(run_step, CudaGraphStep):
+            result.backends = dataclasses.replace(result.backends, step="eager")
+        elif not result.capture_seconds:
             result.kernels_seconds = run_step.kernels_seconds
             result.capture_seconds = run_step.capture_seconds
     return run_step
 
 
-def _text_features(model, learner, backends, dtype, text_path):
+def _text_features(model, learner, backends, dtype):
     """A function from the stacked runs' learners (sharing `learner`'s prompt layout) to their R × K × D text
-    features: one fast-encoder pass for all of them, or the published computation per run."""
-    encoder = None if text_path == "reference" else FastTextEncoder(model, learner, backends, weight_dtype=dtype)
-    if encoder is None or encoder.problem:  # a tower the fast path cannot run: one by one
+    features: one fast-encoder pass for all of them, or (backends.text) the published computation per run."""
+    if backends.text == "reference":
         tower = TextTower.of(model)
         return lambda learners: torch.stack([reference_text_features(tower, each) for each in learners])
+    encoder = FastTextEncoder(model, learner, backends, weight_dtype=dtype)
 
     def encode(learners):
         return encoder(learners[0].ctx[None] if len(learners) == 1 else torch.stack([each.ctx for each in learners]))
     return encode
 
 
-def _context_text_features(model, learner, backends, dtype, text_path):
-    """A function from C contexts (C × M × D) to their C × K × D text features: one fast-encoder pass, or the
-    published computation per context."""
-    encoder = None if text_path == "reference" else FastTextEncoder(model, learner, backends, weight_dtype=dtype)
-    if encoder is None or encoder.problem:
+def _context_text_features(model, learner, backends, dtype):
+    """A function from C contexts (C × M × D) to their C × K × D text features: one fast-encoder pass, or (backends.
+    text) the published computation per context."""
+    if backends.text == "reference":
         tower = TextTower.of(model)
         return lambda contexts: torch.stack([reference_text_features(tower, learner, ctx) for ctx in contexts])
-    return encoder
+    return FastTextEncoder(model, learner, backends, weight_dtype=dtype)
 
 
 @contextmanager

@@ -28,8 +28,8 @@ def triton_compiled(monkeypatch):
 
 def test_gpu_defaults_are_every_kernel_but_the_opt_in_mlp(triton_compiled):
     assert resolve("cuda") == Backends(loss="triton", attention="triton", add_norm="triton", activation="triton",
-                                       mlp="reference")
-    assert resolve("cuda:1", fused=False) == Backends(loss="triton", attention="triton")
+                                       mlp="reference", text="fast", step="graph")
+    assert resolve("cuda:1", fused=False, graph=False) == Backends(loss="triton", attention="triton")
     assert resolve("cuda", attention="flex", fused_mlp=True).attention == "flex"
     assert resolve("cuda", fused_mlp=True).mlp == "triton"
     assert resolve("cuda", attention="grid").attention == "grid"
@@ -53,7 +53,7 @@ def test_cpu_runs_the_references_and_the_interpreted_kernels_only_when_asked(tri
 
 def test_without_triton_every_op_is_its_reference(monkeypatch):
     monkeypatch.setattr(kernels, "TRITON", False)
-    assert resolve("cuda") == Backends()
+    assert resolve("cuda") == Backends(step="graph")  # CUDA graphs need no Triton
     with pytest.raises(FastCoopError, match="needs a GPU with Triton"):
         resolve("cuda", attention="triton")
 
@@ -126,3 +126,41 @@ def test_tritons_cache_key_is_made_in_the_background_for_a_cuda_run():
     thread = hash_triton_in_background("cuda")
     thread.join()
     assert triton_key.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize("config", ["tiny-vit.json", "tiny-bidirectional.json"])
+def test_the_record_is_what_ran(tmp_path, example_images, monkeypatch, config):
+    """One resolver decides the text path and the step too: a tower the fast path cannot run exactly is recorded
+    as the reference path and only the reference computation runs; a CPU run is recorded eager and captures
+    nothing. Checked by counting what the training actually called."""
+    import warnings
+
+    import fastcoop.train as train_module
+    from fastcoop.cache import FeatureCache
+    from fastcoop.config import TrainConfig
+    from fastcoop.models import load_model
+
+    loaded = load_model(str(Path(__file__).parent / "configs" / config), "none")
+    cache = extract_features(read_dataset(example_images), tmp_path / "f.h5", loaded, shots=2, seeds=[1], views=1,
+                             workers=0, progress=False)
+    called = {"fast": 0, "reference": 0, "graph": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            called[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(train_module.FastTextEncoder, "__init__",
+                        counted("fast", train_module.FastTextEncoder.__init__))
+    monkeypatch.setattr(train_module, "reference_text_features",
+                        counted("reference", train_module.reference_text_features))
+    monkeypatch.setattr(train_module, "graphed_or_eager", counted("graph", lambda step: step))
+    with FeatureCache(cache) as opened, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train_module.train(opened, loaded, TrainConfig(shots=2, n_ctx=2, epochs=1, device="cpu"),
+                                    progress=False)
+    ran = "reference" if called["reference"] else "fast"
+    assert result.backends.text == ran == ("reference" if "bidirectional" in config else "fast")
+    assert (called["fast"] == 0) == (ran == "reference")
+    assert result.backends.step == "eager" and called["graph"] == 0
