@@ -47,7 +47,7 @@ def holder(path: str | Path) -> str | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # free (closing the file releases the lock we took to see it)
+        return None  # free: closing the file lets go of the lock taken to look
     except BlockingIOError:
         return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
     finally:
