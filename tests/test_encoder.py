@@ -9,6 +9,7 @@ from fastcoop.cache.views import split_eval_transform
 from fastcoop.models import load_model
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("model", [TINY_VIT, "ViT-B-16"])
 def test_the_graphed_encoder_equals_the_plain_one(model):

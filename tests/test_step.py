@@ -33,6 +33,7 @@ def test_sgd_update_equals_torch_sgd():
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("csc, position", [(False, "end"), (True, "front")])
 def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, position):
@@ -53,6 +54,7 @@ def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, positi
     torch.testing.assert_close(contexts[1], contexts[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method", ["coop", "cocoop"])
 def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_vit, example_images, method):
