@@ -271,6 +271,7 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
     from fastcoop import fewshot
     from fastcoop.cache import FeatureCache
     from fastcoop.config import TrainConfig
+    from fastcoop.outputs import check_writable
 
     try:
         n_shots = fewshot.parse_shots(shots)
@@ -285,16 +286,15 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
     cache = FeatureCache(cache_file)
     cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before importing torch
     fewshot.check_classes(len(cache.classnames), classes)
+    check_writable(run_dir, "run directory", folder=True)
     if profile is not None:
-        from fastcoop.outputs import check_writable
-
         check_writable(profile, "profiler trace", folder=False)
     with _importing():
         from fastcoop.backends import resolve
         from fastcoop.devices import resolve_device
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
-        from fastcoop.outputs import check_writable, held
+        from fastcoop.outputs import held
         from fastcoop.pipeline import train_to_run_dir
         from fastcoop.run import plan_run_dir
 
@@ -303,7 +303,6 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
     config = dataclasses.replace(config, device=device)
     resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
     hash_triton_in_background(device)
-    check_writable(run_dir, "run directory", folder=True)
     click.get_current_context().with_resource(held(run_dir))  # until the command ends
     plan = plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite)  # early, before the model
     if plan == "done":  # as cache and sweep do: a script rerun after a kill goes on

@@ -166,10 +166,12 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: 
     result["tip_adapter"] = {"beta": beta, "alpha": alpha, "val": val_acc,
                              "test": accuracy(tip_logits(test[0], keys, values, clip_weights, alpha, beta), test[1])}
     if finetuned:
-        first = 1 + recipe.augment_epoch  # views the keys were not averaged from, while there are enough
-        views = cache.features("train", rows).to(device)
-        epoch_views = [views[first + e if first + recipe.train_epoch <= len(views) else 1 + e % augmented]
-                       for e in range(recipe.train_epoch)]
+        # views the keys were not averaged from, while the cache holds enough; else its views in turn
+        fresh = 1 + recipe.augment_epoch + recipe.train_epoch <= 1 + augmented
+        used = slice(1 + recipe.augment_epoch, 1 + recipe.augment_epoch + recipe.train_epoch) if fresh else \
+            slice(1, 1 + min(augmented, recipe.train_epoch))
+        views = cache.features("train", rows, used).to(device)  # only the views the epochs use
+        epoch_views = [views[e % len(views)] for e in range(recipe.train_epoch)]
         tuned = finetune(keys, values, clip_weights, epoch_views, train_labels, recipe, seed)
         beta, alpha, val_acc = search(*val, tuned, values, clip_weights, recipe)
         result["tip_adapter_f"] = {"beta": beta, "alpha": alpha, "val": val_acc, "epochs": recipe.train_epoch,

@@ -232,8 +232,9 @@ def _train_loop(step: TrainStep, views: list[torch.Tensor], results: list[TrainR
     try:
         with _stop_at_epoch_end() as stop_requested:
             while any(d < t for d, t in zip(done, total)):
-                if active != [run for run in range(len(results)) if done[run] < total[run]]:
-                    active = [run for run in range(len(results)) if done[run] < total[run]]
+                unfinished = [run for run in range(len(results)) if done[run] < total[run]]
+                if active != unfinished:
+                    active = unfinished
                     step.set_active(active)  # the stack shrinks when runs finish: capture it again
                     run_step = _captured(step, results) if use_graph else step
                 span = min(steps[run] - done[run] % steps[run] for run in active)  # to the next end of an epoch
