@@ -17,7 +17,7 @@ from PIL import Image
 from benchmarks.common import median_ms
 from fastcoop.cache.crops import crop_boxes, resized_crops
 from fastcoop.cache.encoder import ImageEncoder
-from fastcoop.cache.extract import default_workers
+from fastcoop.cache.plan import default_workers
 from fastcoop.cache.views import ImageViews, split_eval_transform, view_seed
 from fastcoop.devices import autocast_dtype
 from fastcoop.models import load_model, preprocess_config

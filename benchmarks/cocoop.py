@@ -11,7 +11,7 @@ from benchmarks.common import classnames_of, median_ms, real_classnames
 from benchmarks.full_run import run_fastcoop_train, save_checkpoint
 from benchmarks.step import random_batch
 from fastcoop.backends import resolve
-from fastcoop.cocoop import CoCoOpLearner, cocoop_logits, cocoop_loss
+from fastcoop.cocoop import CoCoOpLearner, CoCoOpLoss, cocoop_logits
 from fastcoop.evaluate import prompt_classifier
 from fastcoop.fewshot import class_subset
 from fastcoop.models import load_model
@@ -43,7 +43,7 @@ def fastcoop_cocoop_step(loaded, model, classnames, batch: int, device: str):
     learner = CoCoOpLearner(model, loaded.tokenizer, classnames).to(device)
     _, labels, features = random_batch(model, len(classnames), device, batch)
     encoder = FastTextEncoder(model, learner, resolve(device), weight_dtype=dtype)
-    loss = cocoop_loss(encoder, model.logit_scale.exp().detach(), dtype)
+    loss = CoCoOpLoss(encoder, model.logit_scale.exp().detach(), dtype)
     order = torch.arange(batch, device=device)[None, None, None]
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
                      0.9, 5e-4)

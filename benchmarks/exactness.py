@@ -6,9 +6,8 @@ from benchmarks.common import real_classnames
 from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import TrainStep, coop_loss
-from fastcoop.text_encoder import FastTextEncoder, reference_text_features
-from fastcoop.text_tower import TextTower
+from fastcoop.step import CoOpLoss, TrainStep
+from fastcoop.text_encoder import FastTextEncoder, ReferenceTextEncoder
 
 
 def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
@@ -20,7 +19,6 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
         if model_name not in loaded:
             loaded = {model_name: load_model(model_name, "none", device)}
         model, tokenizer = loaded[model_name].model, loaded[model_name].tokenizer
-        tower = TextTower.of(model)
         gen = torch.Generator().manual_seed(0)
         features = torch.randn(4 * 32, model.text_projection.shape[-1], generator=gen).to(device)
         labels = torch.randint(k, (4 * 32,), generator=gen).to(device)
@@ -28,14 +26,13 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
         for fast in (True, False):
             torch.manual_seed(0)
             learner = PromptLearner(model, tokenizer, real_classnames(k), n_ctx=n_ctx, csc=csc).to(device)
-            encode = (FastTextEncoder(model, learner, backends) if fast
-                      else (lambda l=learner: reference_text_features(tower, l)))
+            encode = FastTextEncoder(model, learner, backends) if fast else ReferenceTextEncoder(model, learner)
             with torch.no_grad():
                 texts.append(encode().float())
             generator = torch.Generator().manual_seed(1)
             epochs = -(-steps // 4)  # 4 steps of 32 per epoch
             orders = torch.stack([torch.randperm(128, generator=generator) for _ in range(epochs)]).view(epochs, 4, 32)
-            step = TrainStep([learner], coop_loss(lambda learners, e=encode: e()[None], model.logit_scale.exp().detach()),
+            step = TrainStep([learner], CoOpLoss(encode, model.logit_scale.exp().detach(), None, backends.loss),
                              features[None], labels[None], orders[None].to(device),
                              torch.full((1, epochs), 0.002, device=device), 0.9, 5e-4)
             for _ in range(steps):

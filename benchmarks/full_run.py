@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import classnames_of
-from fastcoop.cache.extract import auto_views, feature_chunks
+from fastcoop.cache.plan import auto_views
+from fastcoop.cache.writer import feature_chunks
 from fastcoop.cache.store import SCHEMA_VERSION
 from fastcoop.run_files import RESULTS_FILE
 from fastcoop.schedule import published_epochs

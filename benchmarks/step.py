@@ -15,8 +15,8 @@ from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
-from fastcoop.step import CudaGraphStep, TrainStep, coop_loss
-from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, reference_text_features
+from fastcoop.step import CoOpLoss, CudaGraphStep, TrainStep
+from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, ReferenceTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
 
@@ -41,15 +41,16 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
     scale = model.logit_scale.exp().detach()
     optimizer = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
     published_dtype = torch.float16 if device.startswith("cuda") else None
-    tower = TextTower.of(model)
 
     def published():
         with torch.autocast(device.split(":")[0], dtype=published_dtype or torch.float32,
                             enabled=published_dtype is not None):
             published_step(model, learner, images, labels, optimizer)
 
-    def make(encode_text, dtype):
-        step = TrainStep([learner], coop_loss(lambda learners: encode_text()[None], scale, dtype), features[None],
+    loss_backend = (backends or resolve(device)).loss
+
+    def make(encoder, dtype):
+        step = TrainStep([learner], CoOpLoss(encoder, scale, dtype, loss_backend), features[None],
                          labels[None], torch.arange(batch, device=device)[None, None, None],
                          torch.full((1, 1), 0.002, device=device), 0.9, 5e-4)
 
@@ -59,7 +60,7 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
         return step, run
 
     variants = {"published": published,
-                "cached_77_tokens": make(lambda: reference_text_features(tower, learner), published_dtype)[1]}
+                "cached_77_tokens": make(ReferenceTextEncoder(model, learner), published_dtype)[1]}
     step, eager = make(FastTextEncoder(model, learner, backends or resolve(device), weight_dtype=precision),
                        precision)
     variants["fastcoop_eager"] = eager
@@ -136,7 +137,7 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     labels = torch.arange(n, device=device) % len(classnames)
     encode = FastTextEncoder(model, learner, resolve(device), weight_dtype=precision)
     order = torch.randperm(n, device=device)[:n // batch * batch].view(1, 1, n // batch, batch)
-    loss = coop_loss(lambda learners: encode()[None], model.logit_scale.exp().detach().to(device), precision)
+    loss = CoOpLoss(encode, model.logit_scale.exp().detach().to(device), precision, resolve(device).loss)
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
                      0.9, 5e-4)
     resident = torch.cuda.memory_allocated() - before

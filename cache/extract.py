@@ -15,10 +15,7 @@ shape). A partial file made with other settings is refused, naming them. Under t
 N-th batch and rank 0 writes them in order: the batches, and so the file, are those of a one-process run.
 """
 
-import errno
-import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -26,90 +23,21 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import h5py
 import numpy as np
-import open_clip
 import torch
 from tqdm import tqdm
 
-from fastcoop.cache.store import SCHEMA_VERSION, identity
+from fastcoop.cache import writer
 from fastcoop.cache.encoder import ImageEncoder
-from fastcoop.cache.views import AUGMENT_SEED, ENGINES, ImageViews, cut_views, split_eval_transform
+from fastcoop.cache.plan import auto_views, cache_attrs, crop_engine, dataset_fingerprint, default_workers, plan_rows
+from fastcoop.cache.views import ImageViews, cut_views, split_eval_transform
 from fastcoop.data import LabelledImages
 from fastcoop.devices import autocast_dtype
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
-from fastcoop.fewshot import sample_train_and_val, subset_key
-from fastcoop.models import LoadedModel, preprocess_config
-from fastcoop.schedule import published_epochs
+from fastcoop.models import LoadedModel
 
-CHUNK_BYTES = 1 << 20
-STRING = h5py.string_dtype()
-
-
-def auto_views(shots: list[int] | None, num_classes: int) -> int:
-    """Augmented views per train image for a fresh view in every epoch of the longest published schedule that
-    uses them."""
-    return max(published_epochs(s, num_classes) for s in shots or [None])
-
-
-def dataset_fingerprint(data: LabelledImages) -> str:
-    """sha256 of class names and every (split, path, size, label): changes when any image or label changes."""
-    digest = hashlib.sha256(json.dumps(data.classnames).encode())
-    for split in sorted(data.splits):
-        for path, label in data.splits[split]:
-            digest.update(f"{split}\0{path}\0{os.path.getsize(path)}\0{label}\n".encode())
-    return digest.hexdigest()
-
-
-def plan_rows(data: LabelledImages, splits: list[str], shots: list[int] | None, seeds: list[int]):
-    """Which images of each split to encode; the few-shot subsets (every shot count × seed) of each split as row
-    indices into its cached rows — train's, and val's where val is cached, drawn as the published code draws them
-    (fewshot.sample_train_and_val); the classes with fewer train images than the most shots asked."""
-    rows = {split: list(range(len(data.split(split)))) for split in splits}
-    if shots is None or "train" not in splits:
-        return rows, {}, {}
-    labels = [label for _, label in data.split("train")]
-    val_labels = [label for _, label in data.split("val")] if "val" in splits else []
-    counts = np.bincount(labels, minlength=len(data.classnames))
-    short = {data.classnames[c]: int(n) for c, n in enumerate(counts) if n < max(shots)}
-    if short:
-        fewest = min(short, key=short.get)
-        warnings.warn(f"{len(short)} of {len(data.classnames)} classes have fewer than {max(shots)} train images "
-                      f"(fewest: '{fewest}', {short[fewest]}); their subsets hold every image they have "
-                      "(recorded in the cache as short_classes)")
-    picked = {(s, seed): sample_train_and_val(labels, val_labels, s, seed) for s in shots for seed in seeds}
-    rows["train"] = sorted(set().union(*(train for train, _ in picked.values())))
-    position = {index: row for row, index in enumerate(rows["train"])}
-    subsets = {"train": {subset_key(s, seed): [position[i] for i in train] for (s, seed), (train, _) in picked.items()}}
-    if "val" in splits:
-        subsets["val"] = {subset_key(s, seed): val for (s, seed), (_, val) in picked.items()}
-    return rows, subsets, short
-
-
-def feature_chunks(views: int, n: int, dim: int, images_per_batch: int) -> tuple[int, int, int]:
-    """HDF5 chunks of a split's features: whole batches of images with all their views, of at least ~1 MB (fast
-    whole-split reads)."""
-    rows = max(images_per_batch, math.ceil(CHUNK_BYTES / (views * dim * 2)))
-    return views, min(n, rows), dim
-
-
-def crop_engine(crops: str, device: str) -> str:
-    """'auto' → 'device' on a GPU (the views cut where the encoder runs), 'pil' on the CPU (where PIL's own
-    crops cost the cores no more)."""
-    if crops not in ("auto", *ENGINES):
-        raise FastCoopError(f"--crops takes auto, {', '.join(ENGINES)}, not '{crops}'")
-    return ("device" if device.startswith("cuda") else "pil") if crops == "auto" else crops
-
-
-def default_workers(device: str) -> int:
-    """Decode-and-crop workers, from the cores this process may use, shared among torchrun's processes on the
-    node. Encoding on a GPU: one per core but one (the process feeding the GPU keeps it), at most 32, since the
-    crops are what limits extraction there. On the CPU, where the encoder needs the cores too: one per core, at
-    most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(32, share - 1)) if device.startswith("cuda") else min(8, share)
+__all__ = ["auto_views", "dataset_fingerprint", "default_workers", "extract_features"]
 
 
 def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel, *, splits=("train", "test"),
@@ -129,43 +57,26 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     also shows each stage's share of the time, and the end says where it went. `encoder`: 'graph' replays the
     image encoder from a CUDA graph (encoder.ImageEncoder)."""
     out = Path(out)
-    missing = [s for s in splits if s not in data.splits]
-    if len(missing) == len(splits):
-        data.split(missing[0])  # the clear error for a split the dataset lacks
-    if missing and world.is_writer:
-        warnings.warn(f"the dataset has no {', '.join(missing)} split; caching {', '.join(data.splits)} only")
-    splits = [s for s in splits if s in data.splits]
+    splits = _present(data, splits, world)
     shot_list = None if shots is None or "train" not in splits else sorted({shots} if isinstance(shots, int)
                                                                             else set(shots))
     if views == "auto":
         views = auto_views(shot_list, len(data.classnames)) if "train" in splits else 0
     engine = crop_engine(crops, device) if views else "pil"
-    pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
-                                             "augment": "RandomResizedCrop(0.08-1, bicubic)+HFlip"}
-    if engine == "device":  # recorded only where it is not the published computation, PIL's
-        pre["crops"] = "device"
     rows, subsets, short = plan_rows(data, splits, shot_list, list(seeds))
-    attrs = {
-        "schema_version": SCHEMA_VERSION, "model": loaded.name, "pretrained": loaded.pretrained,
-        "open_clip_version": open_clip.__version__, "preprocessing": json.dumps(pre, sort_keys=True),
-        "classnames": json.dumps(data.classnames), "dataset_fingerprint": dataset_fingerprint(data),
-        "splits": json.dumps(splits), "views": views,
-        "subsets_requested": json.dumps({"shots": shot_list[0] if shot_list and len(shot_list) == 1 else shot_list,
-                                         "seeds": sorted(seeds) if shot_list else None}
-                                        | ({"val_shots": "min(shots, 4)"} if subsets.get("val") else {})),
-        "short_classes": json.dumps(short), "dataset": data.dataset,
-        "class_ids": json.dumps(data.class_ids),
-    }
+    attrs = cache_attrs(data, loaded, splits, shot_list, seeds, views, engine, subsets, short)
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
-    job = _Job(loaded, pre, views_of, batch_size, default_workers(device) if workers is None else workers, device,
-               precision, skip_bad, progress and world.is_writer, world, engine, verbose, encoder)
+    job = _Job(loaded, json.loads(attrs["preprocessing"]), views_of, batch_size,
+               default_workers(device) if workers is None else workers, device, precision, skip_bad,
+               progress and world.is_writer, world, engine, verbose, encoder)
     partial = out.with_name(out.name + ".partial")
     plan, f = None, None
     if world.is_writer:
         try:
-            plan, f = _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets)
+            plan, f = writer.open_for_writing(out, partial, attrs, overwrite,
+                                              lambda f: job.prepare_splits(f, data, rows, subsets))
         except (FastCoopError, OSError) as exc:
-            plan = _failure(exc, partial)
+            plan = writer.failure(exc, partial)
     plan = world.from_writer(plan)
     if isinstance(plan, str):
         raise FastCoopError(plan)
@@ -175,13 +86,9 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         job.announce(rows, plan)
     try:
         for split in splits:
-            items = [data.split(split)[i] for i in rows[split]]
-            job.run_split(f, split, items, plan[split])
+            job.run_split(f, split, [data.split(split)[i] for i in rows[split]], plan[split])
         if f is not None:
-            skipped = _drop_skipped(f, splits)
-            if skipped:
-                f.create_dataset("skipped", data=skipped, dtype=STRING)
-            f.attrs["complete"] = True
+            writer.finish(f, splits)
     finally:
         if f is not None:
             f.close()
@@ -193,44 +100,14 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     return out
 
 
-def _open_for_writing(out, partial, attrs, overwrite, job, data, rows, subsets):
-    """(rows already encoded per split, the open partial file), or (None, None) when `out` is already done."""
-    if out.exists():
-        if _differences(out, attrs) == "unreadable":
-            raise FastCoopError(f"{out} exists and is not a fastcoop feature cache; it is never replaced: choose "
-                                "another --out")
-        if _matches(out, attrs) and not overwrite:
-            return None, None
-        if not overwrite:
-            raise FastCoopError(f"{out} exists and was made with other settings ({_differences(out, attrs)}); "
-                                "choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if partial.exists() and not _matches(partial, attrs):
-        differences = _differences(partial, attrs)
-        if not overwrite and differences != "unreadable":  # an unreadable one (a kill mid-write) cannot resume
-            raise FastCoopError(f"{partial} is an unfinished cache made with other settings ({differences}); run "
-                                "its command again to finish it, or pass --overwrite to start over")
-        partial.unlink()
-    f = h5py.File(partial, "a", rdcc_nbytes=64 * CHUNK_BYTES)  # a chunk being filled stays in memory
-    if "schema_version" not in f.attrs:
-        f.attrs.update(attrs | {"complete": False})
-    done = {}
-    for split, split_rows in rows.items():
-        items = [data.split(split)[i] for i in split_rows]
-        done[split] = job.prepare_split(f, split, items, subsets.get(split, {}))
-        if 0 < done[split] < len(items) and job.progress:
-            tqdm.write(f"resuming {partial}: {split} from image {done[split]} of {len(items)}")
-    return done, f
-
-
-def _failure(exc: Exception, partial: Path) -> str:
-    if _disk_full(exc):
-        return (f"the disk is full while writing {partial}; free space and run the same command again to resume")
-    return str(exc) if isinstance(exc, FastCoopError) else f"cannot write {partial}: {exc}"
-
-
-def _disk_full(exc: Exception) -> bool:
-    return isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in str(exc))
+def _present(data: LabelledImages, splits, world: World) -> list[str]:
+    """The asked splits the dataset has (a warning names the others; none at all is an error)."""
+    missing = [s for s in splits if s not in data.splits]
+    if len(missing) == len(splits):
+        data.split(missing[0])  # the clear error for a split the dataset lacks
+    if missing and world.is_writer:
+        warnings.warn(f"the dataset has no {', '.join(missing)} split; caching {', '.join(data.splits)} only")
+    return [s for s in splits if s in data.splits]
 
 
 class _Job:
@@ -254,21 +131,16 @@ class _Job:
         feats = self.encoder(pixels.to(self.device, non_blocking=True).flatten(0, 1))
         return Features(feats.view(len(pixels), pixels.shape[1], -1).transpose(0, 1))
 
-    def prepare_split(self, f, split, items, subsets) -> int:
-        """Create the split's datasets if new; return how many of its images are already written."""
-        group = f.require_group(split)
-        if "features" not in group:
-            views, n = self.views_of[split], len(items)
-            dim = self.feature_dim()
-            group.create_dataset("features", (views, n, dim), dtype="float16",
-                                 chunks=feature_chunks(views, n, dim, self.images_per_batch(split)))
-            group.create_dataset("labels", data=np.array([label for _, label in items], dtype=np.int64))
-            group.create_dataset("paths", data=[path for path, _ in items], dtype=STRING)
-            group.create_dataset("readable", data=np.ones(n, dtype=bool))
-            for key, subset in subsets.items():
-                group.create_dataset(f"subsets/{key}", data=np.array(subset, dtype=np.int64))
-            group.attrs["done"] = 0
-        return int(group.attrs["done"])
+    def prepare_splits(self, f, data: LabelledImages, rows: dict, subsets: dict) -> dict[str, int]:
+        """Each split's datasets created where new (writer.create_split); how many images of each are written."""
+        done = {}
+        for split, split_rows in rows.items():
+            items = [data.split(split)[i] for i in split_rows]
+            done[split] = writer.create_split(f, split, items, subsets.get(split, {}), self.views_of[split],
+                                              self.feature_dim, self.images_per_batch(split))
+            if 0 < done[split] < len(items) and self.progress:
+                tqdm.write(f"resuming {f.filename}: {split} from image {done[split]} of {len(items)}")
+        return done
 
     def feature_dim(self) -> int:
         dim = getattr(self.loaded.model.visual, "output_dim", None)
@@ -349,7 +221,7 @@ class _Job:
         try:
             return pending.result()
         except OSError as exc:
-            return _failure(exc, Path(f.filename))
+            return writer.failure(exc, Path(f.filename))
 
     def _write(self, f, group, items, payloads, bar, per_image) -> str | None:
         """Write gathered batches in row order; a decode error without --skip-bad stops before writing."""
@@ -359,7 +231,7 @@ class _Job:
                 return (f"cannot read image {items[lo + bad[0]][0]} ({errors[bad[0]]}); fix or remove it, "
                         "or pass --skip-bad")
         for lo, hi, feats, errors in payloads:
-            write_rows(group, lo, hi, feats.array() if isinstance(feats, Features) else feats,
+            writer.write_rows(group, lo, hi, feats.array() if isinstance(feats, Features) else feats,
                        [i for i, e in enumerate(errors) if e])
             group.attrs["done"] = hi
             f.flush()
@@ -415,70 +287,8 @@ class Stages:
                          for name, t in self.seconds.items())
 
 
-def write_rows(group: h5py.Group, lo: int, hi: int, feats: np.ndarray, bad: list[int]) -> None:
-    """Rows lo..hi of a split's features; rows that could not be decoded are marked for removal."""
-    group["features"][:, lo:hi] = feats
-    if bad:
-        readable = group["readable"][lo:hi]
-        readable[bad] = False
-        group["readable"][lo:hi] = readable
-
-
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
         f"{seconds / 3600:.1f} h"
 
 
-def _differences(path: Path, attrs: dict) -> str:
-    """How an existing file's identity differs from the one asked for, as 'name: file's → asked'."""
-    try:
-        with h5py.File(path, "r") as f:
-            theirs = identity(f.attrs)
-    except OSError:
-        return "unreadable"
-    ours, parts = identity(attrs), []
-    for key in ours:
-        if theirs[key] == ours[key]:
-            continue
-        if key in ("preprocessing", "subsets_requested") and theirs[key]:  # JSON: name the fields that differ
-            a, b = json.loads(theirs[key]), json.loads(ours[key])
-            if key == "preprocessing":  # views cut by PIL record no engine
-                a.setdefault("crops", "pil"), b.setdefault("crops", "pil")
-            parts += [f"{k}: {a.get(k)} → {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-        elif key == "dataset_fingerprint":
-            parts.append("the images or labels")
-        else:
-            parts.append(f"{key}: {theirs[key]} → {ours[key]}")
-    return "; ".join(parts)
-
-
-def _matches(path: Path, attrs: dict) -> bool:
-    try:
-        with h5py.File(path, "r") as f:
-            return identity(f.attrs) == identity(attrs)
-    except OSError:
-        return False  # unreadable (e.g. killed mid-write): not a match
-
-
-def _drop_skipped(f, splits) -> list[str]:
-    """Remove rows whose image could not be decoded, remapping the few-shot subsets; return their paths."""
-    skipped = []
-    for split in splits:
-        group = f[split]
-        readable = group["readable"][()]
-        del group["readable"]
-        if readable.all():
-            continue
-        skipped += group["paths"].asstr()[()][~readable].tolist()
-        keep = np.flatnonzero(readable)
-        new_row = np.full(len(readable), -1)
-        new_row[keep] = np.arange(len(keep))
-        for name in ("features", "labels", "paths"):
-            values = group[name][()][..., keep, :] if name == "features" else group[name][()][keep]
-            del group[name]
-            group.create_dataset(name, data=values, dtype=STRING if name == "paths" else values.dtype)
-        for key in list(group.get("subsets", {})):
-            mapped = new_row[group["subsets"][key][()]]
-            del group["subsets"][key]
-            group.create_dataset(f"subsets/{key}", data=mapped[mapped >= 0])
-    return skipped

@@ -12,7 +12,7 @@ _PUBLIC = {
     "CoCoOpLearner": "fastcoop.cocoop", "cocoop_logits": "fastcoop.cocoop", "FastCoopError": "fastcoop.errors",
     "FastTextEncoder": "fastcoop.text_encoder",
     "LabelledImages": "fastcoop.data", "LoadedModel": "fastcoop.models", "PromptLearner": "fastcoop.prompts",
-    "TrainConfig": "fastcoop.config",  # the loop itself: fastcoop.train.train
+    "Recipe": "fastcoop.config", "Runtime": "fastcoop.config",  # the loop itself: fastcoop.train.train
     "encode_prompts": "fastcoop.text_encoder", "load_model": "fastcoop.models", "read_coop_split": "fastcoop.data",
     "read_csv": "fastcoop.data", "read_dataset": "fastcoop.datasets", "read_imagefolder": "fastcoop.data",
     "sample_few_shot": "fastcoop.fewshot",

@@ -9,11 +9,13 @@ import signal
 import sys
 import warnings
 import time
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from fastcoop.config import Recipe, Runtime, option_fields, parse_impl_detail
 from fastcoop.datasets import DATASETS
 from fastcoop.errors import FastCoopError
 
@@ -43,6 +45,61 @@ def _int_list(value: str, option: str) -> list[int]:
     if not numbers:
         raise FastCoopError(f"{option} must be comma-separated integers such as 1,2,3, not '{value}'")
     return numbers
+
+
+class _Shots(click.ParamType):
+    """A shot count: a positive integer, or 'all' (None: the whole train split)."""
+
+    name = "shots"
+
+    def convert(self, value, param, ctx):
+        from fastcoop.fewshot import parse_shots
+
+        if value is None or isinstance(value, int):
+            return value
+        try:
+            return parse_shots(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _ImplDetail(click.ParamType):
+    """--impl-detail's 'op=choice,...', checked against the ops and their implementations."""
+
+    name = "op=choice,..."
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, tuple) else parse_impl_detail(value)
+
+
+def _field_options(cls, names: tuple[str, ...], **overrides):
+    """The click options of a Recipe's or Runtime's fields `names`, declared once in their metadata
+    (fastcoop.config.option); `overrides`: a field's metadata changed for this command."""
+    def decorate(command):
+        for f in reversed(option_fields(cls, names)):
+            settings = {**f.metadata, **overrides.get(f.name, {})}
+            kind, choices = settings.pop("kind", None), settings.pop("choices", None)
+            low, min_open = settings.pop("min", None), settings.pop("min_open", False)
+            numeric = float if float in (f.type, *typing.get_args(f.type)) else int
+            if kind is not None:
+                settings["type"] = {"shots": _Shots(), "impl_detail": _ImplDetail()}[kind]
+            elif choices:
+                settings["type"] = click.Choice(choices)
+            elif low is not None:
+                settings["type"] = (click.FloatRange(min=low, min_open=min_open) if numeric is float else
+                                    click.IntRange(min=low))
+            elif f.type in (int, float):
+                settings["type"] = f.type
+            default = "" if f.default == () else f.default
+            command = click.option("--" + f.name.replace("_", "-"), f.name, default=default,
+                                   show_default=default not in (None, False, ""), **settings)(command)
+        return command
+    return decorate
+
+
+def _from_options(cls, options: dict):
+    """A Recipe or Runtime from a command's options (those it has of the class's fields)."""
+    return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -219,73 +276,31 @@ def _describe_cache(path, seconds):
 @cli.command()
 @click.argument("cache_file", type=click.Path(path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--shots", default="16", show_default=True, help="Few-shot subset to train on, or 'all'.")
-@click.option("--seed", default=1, show_default=True, type=int,
-              help="Which cached few-shot subset (and the context's initialisation and batch order).")
-@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop", "kgcoop"]),
-              help="cocoop: each image shifts the context through a Meta-Net (CoCoOp); kgcoop: CoOp kept near the "
-                   "hand-written prompt (KgCoOp). Each with its own published recipe.")
-@click.option("--kg-weight", default=None, type=click.FloatRange(min=0),
-              help="KgCoOp's λ, the weight of the distance to the hand-written prompt (published: 8).")
-@click.option("--n-ctx", default=None, type=int,
-              help="Context vectors M (published: CoOp 16, random; CoCoOp 4, from 'a photo of a').")
-@click.option("--csc", is_flag=True, help="Class-specific context (one context per class).")
-@click.option("--position", default="end", show_default=True, type=click.Choice(["end", "middle", "front"]),
-              help="Where the class name goes.")
-@click.option("--init", default=None, help="Initialise the context from words, e.g. 'a photo of a' (sets M).")
-@click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="Default: the published count (CoOp: by shots; CoCoOp: 10).")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: CoOp 32, CoCoOp 1.")
-@click.option("--lr", default=0.002, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="SGD's learning rate after the warm-up epoch (cosine decay; published: 0.002).")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Autocast on GPU (auto: bf16); CPU runs fp32.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--text-path", default="fast", show_default=True, type=click.Choice(["fast", "reference"]),
-              help="reference: the published 77-token text computation (slow; for comparison).")
-@click.option("--no-graph", is_flag=True, help="On GPU, run the step eagerly instead of replaying a CUDA graph.")
-@click.option("--no-fused", is_flag=True,
-              help="On GPU, run the text blocks' norms, residual adds and activation in PyTorch, not fused kernels.")
-@click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "grid", "triton", "flex"]),
-              help="Fast-path attention: auto is the Triton kernel on GPU and plain PyTorch on CPU.")
-@click.option("--fused-mlp", is_flag=True,
-              help="On GPU, each MLP's activation inside Triton matrix products (opt-in).")
+@_field_options(Recipe, ("method", "shots", "seed", "classes", "n_ctx", "csc", "position", "init", "epochs",
+                         "batch_size", "lr", "precision", "kg_weight"))
+@_field_options(Runtime, ("device", "impl", "impl_detail"))
 @click.option("--verbose", is_flag=True, help="Print which implementation runs each op, and where the time went.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out (finished, or made otherwise).")
 @click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between checkpoints while training.")
-@click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base", "new"]),
-              help="Train on a class subset of the base-to-new protocol (labels in order; the first half is base).")
 @click.option("--profile", "profile", type=click.Path(path_type=Path),
               help="Write a PyTorch profiler trace (Chrome's JSON, for chrome://tracing or Perfetto) of 20 steps "
                    "after the first epoch.")
-def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, position, init, epochs, batch_size, lr,
-          precision, device, text_path, no_graph, no_fused, attention, fused_mlp, verbose, overwrite, save_every,
-          classes, profile):
-    """Learn CoOp (or CoCoOp) prompts from a feature cache; writes the learned tensors, config, metrics and a curve
-    to the folder --out.
+def train(cache_file, run_dir, verbose, overwrite, save_every, profile, **options):
+    """Learn CoOp, CoCoOp or KgCoOp prompts from a feature cache; writes the learned tensors, config, metrics and a
+    curve to the run directory --out.
 
-    An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command; a finished one is kept unless
-    --overwrite is given."""
+    An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command, also under another --impl or
+    --device; a finished one is kept unless --overwrite is given."""
     start = time.perf_counter()
     from fastcoop import fewshot
     from fastcoop.cache import FeatureCache
-    from fastcoop.config import TrainConfig
     from fastcoop.outputs import check_writable
 
-    try:
-        n_shots = fewshot.parse_shots(shots)
-    except ValueError as exc:
-        raise FastCoopError(str(exc)) from None
-    if n_ctx is not None and n_ctx < 1:
-        raise FastCoopError(f"--n-ctx must be at least 1, not {n_ctx}")
-    config = TrainConfig(method=method, shots=n_shots, seed=seed, classes=classes, n_ctx=n_ctx, csc=csc,
-                         position=position, init=init, epochs=epochs, batch_size=batch_size, lr=lr,
-                         precision=precision, device=device, text_path=text_path, graph=not no_graph,
-                         fused=not no_fused, fused_mlp=fused_mlp, attention=attention, kg_weight=kg_weight)
+    recipe, runtime = _from_options(Recipe, options), _from_options(Runtime, options)
     cache = FeatureCache(cache_file)
-    cache.rows("train", n_shots, seed if n_shots else None)  # a clear error before importing torch
-    fewshot.check_classes(len(cache.classnames), classes)
+    cache.rows("train", recipe.shots, recipe.seed if recipe.shots else None)  # a clear error before importing torch
+    fewshot.check_classes(len(cache.classnames), recipe.classes)
     check_writable(run_dir, "run directory", folder=True)
     if profile is not None:
         check_writable(profile, "profiler trace", folder=False)
@@ -299,12 +314,12 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
         from fastcoop.run import plan_run_dir
 
     imported = time.perf_counter()
-    device = resolve_device(device)
-    config = dataclasses.replace(config, device=device)
-    resolve(device, attention, not no_fused, fused_mlp)  # an impossible request fails here, early
+    device = resolve_device(runtime.device)
+    resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
     hash_triton_in_background(device)
     click.get_current_context().with_resource(held(run_dir))  # until the command ends
-    plan = plan_run_dir(run_dir, cache, dataclasses.asdict(config), overwrite)  # early, before the model
+    request = dataclasses.asdict(recipe.published(len(cache.classnames), device))
+    plan = plan_run_dir(run_dir, cache, request, overwrite)  # early, before the model
     if plan == "done":  # as cache and sweep do: a script rerun after a kill goes on
         click.echo(f"{run_dir} holds this run, finished: nothing to do (--overwrite trains it again)")
         return
@@ -315,8 +330,14 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
     loaded = load_model(cache.model, cache.pretrained, "cpu", image_tower=False)  # the device gets only what runs
     timings["model_s"] = time.perf_counter() - loading
     _say_weights(loaded)
-    result, results = train_to_run_dir(cache, loaded, config, run_dir, timings=timings, overwrite=overwrite,
-                                       save_every=save_every, profile=profile)
+    result, results = train_to_run_dir(cache, loaded, recipe, run_dir, runtime, timings=timings,
+                                       overwrite=overwrite, save_every=save_every, profile=profile)
+    _say_trained(result, results, run_dir, profile, verbose)
+
+
+def _say_trained(result, results: dict, run_dir: Path, profile: Path | None, verbose: bool) -> None:
+    """What `train` did: steps, accuracies, where it went; with --verbose what ran (the record config.json keeps)
+    and where the time went."""
     last, resumed_at = result.history[-1], results["resumed_at_epoch"] or 0
     steps = sum(epoch["steps"] for epoch in result.history[resumed_at:])  # what this command trained
     click.echo(f"trained {steps} steps in {result.seconds:.1f} s"
@@ -327,7 +348,7 @@ def train(cache_file, run_dir, method, kg_weight, shots, seed, n_ctx, csc, posit
                   if "test_new" in results else "") + f" → {run_dir}")
     if profile is not None:
         click.echo(f"profiler trace of the steps after the first epoch: {profile}")
-    if verbose:  # what ran (resolved once, in the training loop, and recorded in config.json)
+    if verbose:
         click.echo(f"implementations: {result.backends.describe()}")
         t = results["timings"]
         click.echo(f"time: imports {t['imports_s']:.1f} s, model {t['model_s']:.1f} s, setup {t['setup_s']:.1f} s, "
@@ -482,30 +503,28 @@ def linear_probe(cache_file, shots, seed):
 @click.argument("cache_file", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for every run and the summary.")
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Shot counts (each cached).")
-@click.option("--seeds", default="1,2,3", show_default=True)
-@click.option("--method", default="coop", show_default=True, type=click.Choice(["coop", "cocoop", "kgcoop"]),
-              help="cocoop or kgcoop: CoCoOp's or KgCoOp's runs, each with its published recipe.")
-@click.option("--classes", default="all", show_default=True, type=click.Choice(["all", "base"]),
-              help="base: the base-to-new protocol (train on base classes; test on base and new, with H).")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Few-shot sampling seeds (each cached).")
+@_field_options(Recipe, ("method", "classes"), classes={
+    "choices": ("all", "base"),
+    "help": "base: the base-to-new protocol (train on base classes; test on base and new, with H)."})
 @click.option("--n-ctx", default=None,
               help="Context lengths M, comma-separated (default: the method's published M, CoOp 16, CoCoOp and "
                    "KgCoOp 4).")
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
-@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Default: the published count by shots.")
+@_field_options(Recipe, ("epochs", "lr", "precision", "kg_weight"))
 @click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's runs.")
 @click.option("--eval-on", default=None,
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, epochs, no_stack, eval_on, device):
+@_field_options(Runtime, ("device", "impl", "impl_detail"))
+def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, no_stack, eval_on, **options):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
     base-to-new protocol (base, new and H). Rerun to finish an interrupted
     sweep: finished runs are kept. Under `torchrun --nproc-per-node N -m fastcoop sweep ...` the runs are shared
     among N processes (GPUs)."""
     from fastcoop.cache import FeatureCache
-    from fastcoop.config import TrainConfig
     from fastcoop.fewshot import check_classes
     from fastcoop.run_files import TABLE_FILE
 
@@ -516,14 +535,16 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     if min(shot_list) < 1 or (n_ctx and min(contexts) < 1):
         raise FastCoopError("--shots and --n-ctx take positive integers")
     # the published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
-    base = TrainConfig(method=method, classes=classes, n_ctx=contexts[0], epochs=epochs, device=device)
+    base = _from_options(Recipe, {**options, "n_ctx": contexts[0]}).with_published_context()
+    runtime = _from_options(Runtime, options)
     cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
-    check_classes(len(cache.classnames), classes)
+    check_classes(len(cache.classnames), base.classes)
     others = [FeatureCache(Path(p.strip())) for p in eval_on.split(",") if p.strip()] if eval_on else []
     for other in others:
         if "test" not in other.splits:
             raise FastCoopError(f"--eval-on {other.path} has no test split to test the runs on")
     with _importing():
+        from fastcoop.backends import resolve
         from fastcoop.devices import resolve_device
         from fastcoop.distributed import join
         from fastcoop.evaluate import check_same_model
@@ -537,12 +558,13 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
     variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
     for variant in variants:  # options the method does not have fail here, before any work
         dataclasses.replace(base, **dataclasses.asdict(variant))
-    world, device = join(resolve_device(device))
+    world, device = join(resolve_device(runtime.device))
+    runtime = dataclasses.replace(runtime, device=device)
+    resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
     check_writable(out, "sweep folder", folder=True)
     if world.is_writer:
         click.get_current_context().with_resource(held(out))  # until the command ends
     hash_triton_in_background(device)
-    base = dataclasses.replace(base, device=device)
     with cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)
         check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base))
@@ -550,7 +572,7 @@ def sweep(cache_file, out, shots, seeds, method, classes, n_ctx, csc, position, 
         if world.is_writer:
             _say_weights(loaded)
             click.echo(f"{len(runs)} runs: {len(variants)} variant(s) × shots {shots} × seeds {seeds}")
-        run_sweep(cache, loaded, out, shot_list, seed_list, variants, base, progress=world.is_writer,
+        run_sweep(cache, loaded, out, shot_list, seed_list, variants, base, runtime, progress=world.is_writer,
                   echo=click.echo if world.is_writer else lambda _: None, world=world, stack=not no_stack,
                   eval_on=others)
     if world.is_writer:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcoop.backends import Backends
 from fastcoop.errors import FastCoopError
 from fastcoop.prompts import PromptLearner
-from fastcoop.text_encoder import FastTextEncoder, reference_text_features
-from fastcoop.text_tower import TextTower
+from fastcoop.text_encoder import text_encoder
 
 
 class CoCoOpLearner(PromptLearner):
@@ -47,7 +47,7 @@ class CoCoOpLearner(PromptLearner):
 
 def new_learner(model, tokenizer, classnames, config, params: dict[str, torch.Tensor] | None = None
                 ) -> PromptLearner:
-    """The learner a run's options ask for (a TrainConfig): CoOp's, or CoCoOp's with its Meta-Net; holding the
+    """The learner a run's options ask for (a Recipe): CoOp's, or CoCoOp's with its Meta-Net; holding the
     learned `params` (a trained run's, on these class names) when given."""
     if config.method == "cocoop":
         learner = CoCoOpLearner(model, tokenizer, classnames, config.n_ctx, config.init)
@@ -68,32 +68,30 @@ def cosine_logits_per_image(image_features: torch.Tensor, text: torch.Tensor, lo
 
 
 def cocoop_logits(model, learner: CoCoOpLearner, image_features: torch.Tensor, mode: str = "fast",
-                  encoder: FastTextEncoder | None = None) -> torch.Tensor:
-    """B × K logits: logit_scale · cos(image b, the K text features of image b's own prompts). `encoder`: a
-    FastTextEncoder built once for `learner` (fast mode), instead of one per call."""
-    contexts = learner.contexts(image_features)
-    if mode == "reference":
-        tower = TextTower.of(model)
-        text = torch.stack([reference_text_features(tower, learner, ctx) for ctx in contexts])
-    elif mode == "fast":
-        text = (encoder or FastTextEncoder(model, learner))(contexts)
-    else:
-        raise ValueError(f"mode must be 'fast' or 'reference', not '{mode}'")
+                  encoder=None) -> torch.Tensor:
+    """B × K logits: logit_scale · cos(image b, the K text features of image b's own prompts). `encoder`: one built
+    once for `learner` (fastcoop.text_encoder.text_encoder) instead of one per call; else `mode`'s."""
+    if encoder is None:
+        encoder = text_encoder(model, learner, Backends(text=mode))
+    text = encoder(learner.contexts(image_features))
     return cosine_logits_per_image(image_features, text, model.logit_scale.exp())
 
 
-def cocoop_loss(encode_contexts, logit_scale, autocast_dtype=None):
+class CoCoOpLoss:
     """The CoCoOp training loss of stacked runs for TrainStep: each run's batch of images (B_r × D) gets its own
-    contexts from its learner; all of them go through `encode_contexts` (→ ΣB_r × K × D text features) in one
-    call; each image's logits against its own prompts, cross-entropy averaged over each run's batch as published."""
-    def losses(learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
+    contexts from its learner; all of them go through `encoder` (→ ΣB_r × K × D text features) in one call; each
+    image's logits against its own prompts, cross-entropy averaged over each run's batch as published."""
+
+    def __init__(self, encoder, logit_scale, autocast_dtype=None):
+        self.encoder, self.logit_scale, self.autocast_dtype = encoder, logit_scale, autocast_dtype
+
+    def __call__(self, learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
         sizes = [len(run_labels) for run_labels in labels]
-        with torch.autocast(labels[0].device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None, cache_enabled=False):
+        with torch.autocast(labels[0].device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
             contexts = torch.cat([learner.contexts(run_images) for learner, run_images in zip(learners, images)])
-            text = encode_contexts(contexts)
+            text = self.encoder(contexts)
         images, labels = torch.cat(images), torch.cat(labels)
-        logits = cosine_logits_per_image(images, text, logit_scale)
+        logits = cosine_logits_per_image(images, text, self.logit_scale)
         loss = F.cross_entropy(logits, labels, reduction="none")
         return [run_loss.mean() for run_loss in loss.split(sizes)], list(logits.argmax(dim=-1).split(sizes))
-    return losses

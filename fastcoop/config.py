@@ -1,9 +1,13 @@
-"""TrainConfig: every option of a CoOp, CoCoOp or KgCoOp run, defaulting to the method's published recipe. Kept
-apart from the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
+"""A run's Recipe — what it learns: its identity for resuming it, what its results are grouped by — and its
+Runtime — where and by which implementations it is computed, which changes nothing beyond float rounding (the
+CUDA graph not even that), so an interrupted run may go on under another runtime. Both are frozen; each field's
+metadata is its command-line option (help text, choices), declared once here for `train` and `sweep`. Kept apart
+from the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 from fastcoop.errors import FastCoopError
+from fastcoop.schedule import published_epochs
 
 METHODS = ("coop", "cocoop", "kgcoop")
 METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "kgcoop": "KgCoOp"}  # as the papers and tables write them
@@ -15,47 +19,55 @@ COOP_RECIPE = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None}  # e
 # batch size 128, 100 epochs, λ = 8; CoOp's SGD and schedule
 KGCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100, "kg_weight": 8.0}
 RECIPES = {"coop": COOP_RECIPE, "cocoop": COCOOP_RECIPE, "kgcoop": KGCOOP_RECIPE}
-# How a run is computed rather than what it computes: implementations of the same math (equal up to float rounding,
-# graph or not bit for bit). An interrupted run goes on with other values of these; the device stays part of the
-# recipe, since it decides the default precision.
-RUNTIME_FIELDS = ("text_path", "graph", "fused", "fused_mlp", "attention")
+IMPLS = ("fast", "reference")
+# each op's implementations (fastcoop.backends says what each is), the first its reference
+IMPL_CHOICES = {"loss": ("reference", "triton"), "attention": ("grid", "triton", "flex"),
+                "add_norm": ("reference", "triton"), "activation": ("reference", "triton"),
+                "mlp": ("reference", "triton"), "text": ("reference", "fast"), "step": ("eager", "graph"),
+                "eval_dtype": ("fp32", "bf16")}
 
 
-def recipe(options: dict) -> dict:
-    """What defines a run — its identity for resuming it, what its results are grouped by — from its options (a
-    TrainConfig as a dict): all but the runtime ones."""
-    return {key: value for key, value in options.items() if key not in RUNTIME_FIELDS}
+def option(help: str, **click_settings) -> dict:
+    """A field's command-line option: its help, and choices, is_flag, min/max (a range) or kind (a value the
+    command line parses itself: "shots", "impl_detail")."""
+    return {"help": help, **click_settings}
 
 
-@dataclass
-class TrainConfig:
-    """Every option of a run; what is left None is the method's published recipe (__post_init__ fills it in)."""
+@dataclass(frozen=True)
+class Recipe:
+    """What a run learns; what is left None is the method's published recipe (`published` fills it in)."""
 
-    method: str = "coop"  # or "cocoop": the context shifted per image by a Meta-Net
-    shots: int | None = 16  # None: the whole cached train split
-    seed: int = 1
-    classes: str = "all"  # or base / new: the base-to-new protocol's halves (sampled first, then kept, relabelled)
-    n_ctx: int | None = None
-    csc: bool = False
-    position: str = "end"
-    init: str | None = None  # words the context starts from (they set M)
-    epochs: int | None = None  # None: the published count (CoOp's by shot count)
-    batch_size: int | None = None
-    lr: float = 0.002
+    method: str = field(default="coop", metadata=option(
+        "cocoop: each image shifts the context through a Meta-Net (CoCoOp); kgcoop: CoOp kept near the hand-written "
+        "prompt (KgCoOp). Each with its own published recipe.", choices=METHODS))
+    shots: int | None = field(default=16, metadata=option("Few-shot subset to train on, or 'all'.", kind="shots"))
+    seed: int = field(default=1, metadata=option(
+        "Which cached few-shot subset (and the context's initialisation and batch order)."))
+    classes: str = field(default="all", metadata=option(
+        "Train on a class subset of the base-to-new protocol (labels in order; the first half is base; few-shot "
+        "sampled first, then kept and relabelled, as published).", choices=("all", "base", "new")))
+    n_ctx: int | None = field(default=None, metadata=option(
+        "Context vectors M (published: CoOp 16, random; CoCoOp and KgCoOp 4, from 'a photo of a').", min=1))
+    csc: bool = field(default=False, metadata=option("Class-specific context (one context per class).",
+                                                     is_flag=True))
+    position: str = field(default="end", metadata=option("Where the class name goes.",
+                                                         choices=("end", "middle", "front")))
+    init: str | None = field(default=None, metadata=option(
+        "Initialise the context from words, e.g. 'a photo of a' (sets M)."))
+    epochs: int | None = field(default=None, metadata=option(
+        "Default: the published count (CoOp: by shots; CoCoOp 10; KgCoOp 100).", min=1))
+    batch_size: int | None = field(default=None, metadata=option("Default: CoOp 32, CoCoOp 1, KgCoOp 128.", min=1))
+    lr: float = field(default=0.002, metadata=option(
+        "SGD's learning rate after the warm-up epoch (cosine decay; published: 0.002).", min=0, min_open=True))
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    precision: str = "auto"  # GPU: bf16 autocast by default; CPU: fp32
-    device: str = "auto"
-    text_path: str = "fast"  # or "reference": the published text computation
-    graph: bool = True  # on GPU, capture the whole step once in a CUDA graph and replay it
-    fused: bool = True  # on GPU, the text blocks' elementwise work in fused Triton kernels (FastTextEncoder)
-    fused_mlp: bool = False  # the MLP with its activation inside Triton matrix products (opt-in)
-    attention: str = "auto"  # fast path attention: grid, triton, flex; auto: triton on GPU, grid on CPU
-    kg_weight: float | None = None  # KgCoOp's λ (None: the published 8)
+    precision: str = field(default="auto", metadata=option(
+        "Autocast on GPU (auto: bf16); CPU runs fp32.", choices=("auto", "fp32", "bf16", "fp16")))
+    kg_weight: float | None = field(default=None, metadata=option(
+        "KgCoOp's λ, the weight of the distance to the hand-written prompt (published: 8).", min=0))
     kg_template: str | None = None  # KgCoOp's hand-written prompt (None: the dataset's, fastcoop.kgcoop)
-    # which implementation each of these picks: fastcoop.backends.resolve
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -65,11 +77,64 @@ class TrainConfig:
                                 "--csc and --position are CoOp's options")
         if self.method != "kgcoop" and (self.kg_weight is not None or self.kg_template is not None):
             raise FastCoopError("--kg-weight is KgCoOp's option (--method kgcoop)")
-        published = RECIPES[self.method]
-        if self.n_ctx is None and self.init is None:  # the published context; a given M starts random, as published
-            self.n_ctx, self.init = published["n_ctx"], published["init"]
+        if self.n_ctx is not None and self.n_ctx < 1:
+            raise FastCoopError(f"--n-ctx must be at least 1, not {self.n_ctx}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise FastCoopError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.lr <= 0:
+            raise FastCoopError(f"--lr must be above 0, not {self.lr}")
+
+    def published(self, num_classes: int, device: str) -> "Recipe":
+        """This recipe with the published values where it leaves them None (the context's M and words, batch size,
+        epochs — CoOp's by shot count and class count —, KgCoOp's λ) and its precision for `device` (auto: bf16
+        on a GPU, fp32 elsewhere). Given words set M: n_ctx stays None, the learner counts them."""
+        recipe = RECIPES[self.method]
+        filled = {name: recipe[name] for name in ("batch_size", "epochs") if getattr(self, name) is None}
         if self.method == "kgcoop" and self.kg_weight is None:
-            self.kg_weight = published["kg_weight"]
-        for name in ("batch_size", "epochs"):  # (given words set M: n_ctx stays None, the learner counts them)
-            if getattr(self, name) is None:
-                setattr(self, name, published[name])
+            filled["kg_weight"] = recipe["kg_weight"]
+        if self.epochs is None and filled.get("epochs") is None:
+            filled["epochs"] = published_epochs(self.shots, num_classes)
+        if self.precision == "auto":
+            filled["precision"] = "bf16" if device.startswith("cuda") else "fp32"
+        return replace(self.with_published_context(), **filled)
+
+    def with_published_context(self) -> "Recipe":
+        """The published context (M and the words it starts from) when neither is given; a given M starts random,
+        as published."""
+        if self.n_ctx is not None or self.init is not None:
+            return self
+        return replace(self, n_ctx=RECIPES[self.method]["n_ctx"], init=RECIPES[self.method]["init"])
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run is computed. `impl_detail`: single ops' implementations over what `impl` picks, as
+    (op, choice) pairs; fastcoop.backends.resolve decides from these what runs."""
+
+    device: str = field(default="auto", metadata=option("auto, cpu or cuda[:N]."))
+    impl: str = field(default="fast", metadata=option(
+        "fast: every op's fastest exact implementation on the device (fused Triton kernels and a CUDA graph on a "
+        "GPU); reference: the published 77-token text computation in plain PyTorch, eager (slow; for "
+        "comparison).", choices=IMPLS))
+    impl_detail: tuple[tuple[str, str], ...] = field(default=(), metadata=option(
+        "Expert: single ops' implementations over --impl, e.g. attention=flex,mlp=triton,step=eager (ops and "
+        "choices: the README's implementation table).", kind="impl_detail"))
+
+
+def parse_impl_detail(text: str) -> tuple[tuple[str, str], ...]:
+    """--impl-detail 'op=choice,...' as (op, choice) pairs, each checked against IMPL_CHOICES."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        op, _, choice = item.partition("=")
+        if op not in IMPL_CHOICES:
+            raise FastCoopError(f"--impl-detail: unknown op '{op}'; the ops are {', '.join(IMPL_CHOICES)}")
+        if choice not in IMPL_CHOICES[op]:
+            raise FastCoopError(f"--impl-detail: {op} takes {' or '.join(IMPL_CHOICES[op])}, not '{choice}'")
+        pairs.append((op, choice))
+    return tuple(pairs)
+
+
+def option_fields(cls, names: tuple[str, ...]) -> list:
+    """The dataclass fields of `cls` named `names`, in that order (for building command-line options)."""
+    by_name = {f.name: f for f in fields(cls)}
+    return [by_name[name] for name in names]

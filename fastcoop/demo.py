@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.config import TrainConfig
+from fastcoop.config import Recipe, Runtime
 from fastcoop.datasets import read_dataset
 from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
@@ -81,19 +81,20 @@ def _run_demo(folder: Path, model: str, pretrained: str, device: str, epochs: in
         sweep_dir = folder / "sweep"  # the demo's own sweep, remade each time (its cache is new)
         if (sweep_dir / SWEEP_FILE).is_file():
             shutil.rmtree(sweep_dir)
-        base = TrainConfig(init="a photo of a", epochs=epochs, device=device)
-        summary = run_sweep(cache, loaded, sweep_dir, list(SHOTS), [1], [Variant(n_ctx=4)], base, echo=lambda _: None)
+        base, runtime = Recipe(init="a photo of a", epochs=epochs), Runtime(device=device)
+        summary = run_sweep(cache, loaded, sweep_dir, list(SHOTS), [1], [Variant(n_ctx=4)], base, runtime,
+                            echo=lambda _: None)
         steps = sum(json.loads((Path(r["run"]) / RESULTS_FILE).read_text())["steps"] for r in summary["runs"])
         stage(f"CoOp at {len(SHOTS)} shot counts ({steps} steps)", start)
 
         start = time.perf_counter()  # the base-to-new protocol: CoOp and CoCoOp trained on the first 6 classes
         base_to_new, steps = [], 0
-        for method, config in (("coop", TrainConfig(shots=8, seed=1, n_ctx=4, init="a photo of a", epochs=epochs,
-                                                    classes="base", device=device)),
-                               ("cocoop", TrainConfig(method="cocoop", shots=8, seed=1, epochs=COCOOP_EPOCHS,
-                                                      classes="base", device=device))):
+        for method, recipe in (("coop", Recipe(shots=8, seed=1, n_ctx=4, init="a photo of a", epochs=epochs,
+                                               classes="base")),
+                               ("cocoop", Recipe(method="cocoop", shots=8, seed=1, epochs=COCOOP_EPOCHS,
+                                                 classes="base"))):
             base_to_new.append(folder / f"base-to-new-{method}")
-            steps += train_to_run_dir(cache, loaded, config, base_to_new[-1], overwrite=True)[1]["steps"]
+            steps += train_to_run_dir(cache, loaded, recipe, base_to_new[-1], runtime, overwrite=True)[1]["steps"]
         stage(f"base-to-new ×2 ({steps} steps)", start)
     meaningless = "  [random-init weights: meaningless]" if loaded.random_init else ""
     eight_shot = next(r["test"] for r in summary["runs"] if r["shots"] == max(SHOTS))

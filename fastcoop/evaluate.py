@@ -5,7 +5,7 @@ prompts (CoCoOp)."""
 import torch
 import torch.nn.functional as F
 
-from fastcoop.backends import Backends
+from fastcoop.backends import Backends, resolve
 from fastcoop.cache import FeatureCache
 from fastcoop.cocoop import cocoop_logits
 from fastcoop.classnames import spoken
@@ -13,13 +13,20 @@ from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
 from fastcoop.kernels import cosine_ce
 from fastcoop.run import Run, with_classnames
-from fastcoop.text_encoder import FastTextEncoder
+from fastcoop.text_encoder import text_encoder
+from fastcoop.text_tower import TextTower
+
+
+def evaluation_backends(model, learner) -> Backends:
+    """The implementations for evaluating a learned prompt where its learner is (the resolver's fast choice)."""
+    return resolve(learner.ctx.device, tower=TextTower.of(model))
 
 
 def prompt_text_features(model, learner, backends: Backends | None = None) -> torch.Tensor:
-    """K × D text features of learned prompts, fp32, no autograd graph."""
+    """K × D text features of learned prompts, fp32, no autograd graph. `backends`: the training run's, or None
+    for evaluation_backends."""
     with torch.no_grad():
-        return FastTextEncoder(model, learner, backends)().float()
+        return text_encoder(model, learner, backends or evaluation_backends(model, learner))().float()
 
 
 def run_text_features(run: Run) -> torch.Tensor:
@@ -46,19 +53,20 @@ def text_classifier(text_features: torch.Tensor, chunk: int = 65536):
 def prompt_classifier(model, learner, backends: Backends | None = None):
     """A learned prompt's predictions: CoOp's K text features are computed once; CoCoOp's prompts depend on each
     image, so images go through the text encoder a chunk at a time (PROMPTS_PER_CALL prompts per call)."""
+    backends = backends or evaluation_backends(model, learner)
     if learner.method != "cocoop":
         return text_classifier(prompt_text_features(model, learner, backends))
-    # on GPU in bf16, as training runs (the published evaluation runs fp16): its work grows with the images
-    dtype = torch.bfloat16 if learner.ctx.is_cuda else None
-    encoder = FastTextEncoder(model, learner, backends, weight_dtype=dtype)
-    mode = "reference" if encoder.problem else "fast"
+    # backends.eval_dtype: on GPU bf16, as training runs (the published evaluation runs fp16): its work grows with
+    # the images
+    dtype = torch.bfloat16 if backends.eval_dtype == "bf16" else None
+    encoder = text_encoder(model, learner, backends, weight_dtype=dtype)
     per_call = max(1, PROMPTS_PER_CALL // learner.num_classes)
 
     def predict(image_features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
             return torch.cat([torch.empty(0, dtype=torch.long)] + [
-                cocoop_logits(model, learner, image_features[i:i + per_call].to(learner.ctx.device), mode,
-                              encoder).argmax(dim=-1).cpu() for i in range(0, len(image_features), per_call)])
+                cocoop_logits(model, learner, image_features[i:i + per_call].to(learner.ctx.device),
+                              encoder=encoder).argmax(dim=-1).cpu() for i in range(0, len(image_features), per_call)])
     return predict
 
 

@@ -2,13 +2,14 @@
 call (used by `fastcoop train` and the demo)."""
 
 import contextlib
-import dataclasses
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from fastcoop.cache import FeatureCache
 from fastcoop.cocoop import new_learner
-from fastcoop.config import TrainConfig
+from fastcoop.config import Recipe, Runtime
+from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, prompt_classifier
 from fastcoop.fewshot import class_subset, harmonic_mean
@@ -18,8 +19,8 @@ from fastcoop.run import clear_run_dir, plan_run_dir, read_checkpoint, save_comp
 from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, TrainResult, train_stack
 
 
-def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, run_dir: Path,
-                     progress: bool = True, timings: dict | None = None, overwrite: bool = False,
+def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, recipe: Recipe, run_dir: Path,
+                     runtime: Runtime = Runtime(), progress: bool = True, timings: dict | None = None, overwrite: bool = False,
                      save_every: float = 10.0, profile: str | None = None) -> tuple[TrainResult, dict]:
     """Train into `run_dir`, or go on with the unfinished run there made with the same options and cache.
 
@@ -27,25 +28,27 @@ def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, config: TrainConf
     before it exits; on a non-finite loss it keeps the last good epoch. A complete run writes the curve and
     results.json (train loss/accuracy, where the time went, and test accuracy when cached). `timings`: the
     caller's own stages (imports, model). `profile`: a trace file of a few steps (train_stack)."""
-    (result, results), = train_to_run_dirs(cache, loaded, [config], [run_dir], progress, timings, overwrite,
-                                           save_every, profile)
+    (result, results), = train_to_run_dirs(cache, loaded, [recipe], [run_dir], runtime, progress, timings,
+                                           overwrite, save_every, profile)
     return result, results
 
 
-def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], run_dirs: list[Path],
-                      progress: bool = True, timings: dict | None = None, overwrite: bool = False,
+def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], run_dirs: list[Path],
+                      runtime: Runtime = Runtime(), progress: bool = True, timings: dict | None = None, overwrite: bool = False,
                       save_every: float = 10.0, profile: str | None = None) -> list[tuple[TrainResult, dict]]:
     """Runs that differ only in their seed, shots and epochs, trained together (train_stack), each into its own run
     directory with everything train_to_run_dir promises (unfinished ones resumed, each from its own epoch)."""
     with contextlib.ExitStack() as holding:
         for run_dir in run_dirs:
             holding.enter_context(held(run_dir))
-        return _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, save_every, profile)
+        return _train_held(cache, loaded, recipes, run_dirs, runtime, progress, timings, overwrite, save_every,
+                           profile)
 
 
-def _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, save_every, profile):
+def _train_held(cache, loaded, recipes, run_dirs, runtime, progress, timings, overwrite, save_every, profile):
     """train_to_run_dirs, its run directories held by this process."""
-    requests = [dataclasses.asdict(config) for config in configs]  # as asked, before the loop resolves defaults
+    device = resolve_device(runtime.device)  # each run's identity: its recipe with the published defaults
+    requests = [asdict(recipe.published(len(cache.classnames), device)) for recipe in recipes]
     plans = [plan_run_dir(d, cache, r, overwrite) for d, r in zip(run_dirs, requests)]
     if "done" in plans:
         raise FastCoopError(f"{run_dirs[plans.index('done')]} holds this run, finished; pass --overwrite to train it "
@@ -58,7 +61,7 @@ def _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, 
 
     def save(results, states):
         for run_dir, result, request, state in zip(run_dirs, results, requests, states):
-            save_progress(run_dir, result, cache, loaded, request, state)
+            save_progress(run_dir, result, cache, loaded, request, runtime, state)
 
     def every_few_seconds(results):
         nonlocal last_save
@@ -67,17 +70,17 @@ def _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, 
             last_save = time.monotonic()
 
     try:
-        trained = train_stack(cache, loaded, configs, progress=progress, on_report=every_few_seconds,
+        trained = train_stack(cache, loaded, recipes, runtime, progress=progress, on_report=every_few_seconds,
                               resumes=resumes, profile=profile)
     except NonFiniteLoss as exc:  # the failed runs keep their last good epoch; the others can resume
-        save(exc.results, ["failed" if run in exc.failed else "interrupted" for run in range(len(configs))])
+        save(exc.results, ["failed" if run in exc.failed else "interrupted" for run in range(len(recipes))])
         raise
     except TrainingInterrupted as exc:
         if all(result.checkpoint is None for result in exc.results):
             raise KeyboardInterrupt(f"nothing was trained yet in {run_dirs[0]}") from None
-        save(exc.results, ["interrupted"] * len(configs))
+        save(exc.results, ["interrupted"] * len(recipes))
         first = exc.results[0]
-        where = (f"{run_dirs[0]} saved after epoch {first.checkpoint.epochs_done} of {first.config.epochs}"
+        where = (f"{run_dirs[0]} saved after epoch {first.checkpoint.epochs_done} of {first.recipe.epochs}"
                  if len(run_dirs) == 1 else
                  f"{len(run_dirs)} runs ({run_dirs[0]}, ...) saved at their last epoch's end")
         raise KeyboardInterrupt(f"{where}; run the same command again to resume") from None
@@ -86,21 +89,21 @@ def _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, 
         finish_start = time.perf_counter()
         last = result.history[-1]
         results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
-                   "setup_seconds": result.setup_seconds, "epochs": result.config.epochs,
+                   "setup_seconds": result.setup_seconds, "epochs": result.recipe.epochs,
                    "steps": sum(r["steps"] for r in result.history),
-                   "resumed_at_epoch": resume and resume.epochs_done, "trained_with": len(configs),
+                   "resumed_at_epoch": resume and resume.epochs_done, "trained_with": len(recipes),
                    "augmentation": result.augmentation}
         if "test" in cache.splits:
             results["test"] = evaluate_split(cache, prompt_classifier(loaded.model, result.learner, result.backends),
-                                             classes=result.config.classes)
-            if result.config.classes == "base" and not result.config.csc:  # the base-to-new protocol's other half
+                                             classes=result.recipe.classes)
+            if result.recipe.classes == "base" and not result.recipe.csc:  # the base-to-new protocol's other half
                 results["test_new"] = evaluate_split(cache, prompt_classifier(
                     loaded.model, _on_new_classes(loaded, cache, result), result.backends), classes="new")
                 results["harmonic_mean"] = harmonic_mean(results["test"]["top1"], results["test_new"]["top1"])
         results["timings"] = {**(timings or {}), "setup_s": result.setup_seconds,
                               "first_epoch_s": result.first_epoch_seconds, "kernels_s": result.kernels_seconds,
                               "capture_s": result.capture_seconds, "loop_s": result.seconds}
-        save_complete(run_dir, result, cache, loaded, request, results, since=finish_start)
+        save_complete(run_dir, result, cache, loaded, request, runtime, results, since=finish_start)
         done.append((result, results))
     return done
 
@@ -108,5 +111,5 @@ def _train_held(cache, loaded, configs, run_dirs, progress, timings, overwrite, 
 def _on_new_classes(loaded, cache: FeatureCache, result):
     """The learned context (and Meta-Net) on the new half's class names."""
     names = [cache.classnames[k] for k in class_subset(len(cache.classnames), "new")]
-    return new_learner(loaded.model, loaded.tokenizer, names, result.config,
+    return new_learner(loaded.model, loaded.tokenizer, names, result.recipe,
                        result.learner.trainable()).to(result.learner.ctx.device)

@@ -5,9 +5,10 @@ from PIL import Image
 
 from fastcoop.cocoop import cocoop_logits
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import run_text_features
+from fastcoop.evaluate import evaluation_backends, run_text_features
 from fastcoop.kernels.cosine_ce_reference import cosine_logits
 from fastcoop.run import Run
+from fastcoop.text_encoder import text_encoder
 
 
 def predict_images(run: Run, paths: list[str], top_k: int = 5, device: str = "cpu"
@@ -24,7 +25,8 @@ def predict_images(run: Run, paths: list[str], top_k: int = 5, device: str = "cp
     with torch.no_grad():
         image_features = model.encode_image(torch.stack(tensors).to(device))
         if run.learner.method == "cocoop":  # each image its own prompts
-            logits = cocoop_logits(model, run.learner, image_features)
+            encoder = text_encoder(model, run.learner, evaluation_backends(model, run.learner))
+            logits = cocoop_logits(model, run.learner, image_features, encoder=encoder)
         else:
             logits = cosine_logits(image_features, run_text_features(run), model.logit_scale.exp())
         probs = logits.softmax(dim=-1)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import fastcoop
 from fastcoop.cache import FeatureCache
-from fastcoop.config import METHOD_NAMES, TrainConfig, recipe
+from fastcoop.config import METHOD_NAMES, Recipe
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel, load_model
@@ -36,7 +36,8 @@ MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned 
 def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: bool) -> str:
     """What training into `run_dir` will do — 'new', 'resume', 'replace' or 'done' (it holds this run, finished) —
     checked before any work: the folder must be writable, and an existing run is resumed only when made with the
-    same recipe and cache, replaced only with --overwrite."""
+    same recipe (`request`: a Recipe's published form, as a dict) and cache, replaced only with --overwrite; the
+    runtime may differ."""
     run_dir = Path(run_dir)
     check_writable(run_dir, "run directory", folder=True)
     if (run_dir / SWEEP_FILE).exists():
@@ -68,8 +69,7 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
 def _differences(config: dict, cache: FeatureCache, request: dict) -> str:
     """The settings in which an earlier run differs from this request, as 'name: was → now'."""
     was = config.get("request", {})
-    differ = [f"{key}: {was.get(key)!r} → {value!r}" for key, value in recipe(request).items()
-              if was.get(key) != value]
+    differ = [f"{key}: {was.get(key)!r} → {value!r}" for key, value in request.items() if was.get(key) != value]
     if config.get("cache", {}).get("identity") != cache.identity():
         differ.insert(0, f"feature cache: {config.get('cache', {}).get('path')} → {Path(cache.path).resolve()}")
     return "; ".join(differ)
@@ -92,7 +92,7 @@ def read_checkpoint(run_dir: Path) -> dict:
             "history": [json.loads(line) for line in lines[:epochs_done]]}
 
 
-def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict,
+def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict, runtime,
                   state: str) -> None:
     """An unfinished run's last checkpoint (`result.checkpoint`, if any) and its state."""
     run_dir = Path(run_dir)
@@ -106,12 +106,13 @@ def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
                 **{MOMENTUM + name: _host(t) for name, t in checkpoint.momentum.items()},
                 "epochs_done": torch.tensor(checkpoint.epochs_done)}, path))
         _write_prompt(run_dir, result.learner, checkpoint.params)
-    _write_config(run_dir, result, cache, loaded, request, state, checkpoint.epochs_done if checkpoint else 0)
+    _write_config(run_dir, result, cache, loaded, request, runtime, state,
+                  checkpoint.epochs_done if checkpoint else 0)
     if state not in RESUMABLE:
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
-def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict,
+def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict, runtime,
                   results: dict, since: float | None = None) -> None:
     """A finished run: final context, metrics, curve, results, then the config saying so; the checkpoint goes.
     `since`: when the caller's test-and-save stage began (time.perf_counter); results.json's timings then say how
@@ -120,11 +121,11 @@ def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_metrics(run_dir, result.history)
     _write_prompt(run_dir, result.learner, result.learner.trainable())
-    plot_curve(run_dir, result.history, METHOD_NAMES[result.config.method])
+    plot_curve(run_dir, result.history, METHOD_NAMES[result.recipe.method])
     if since is not None:
         results["timings"]["save_and_test_s"] = time.perf_counter() - since
     _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
-    _write_config(run_dir, result, cache, loaded, request, "complete", len(result.history))
+    _write_config(run_dir, result, cache, loaded, request, runtime, "complete", len(result.history))
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
@@ -157,16 +158,19 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
             lambda path: Path(path).write_text("".join(json.dumps(r) + "\n" for r in history)))
 
 
-def _write_config(run_dir, result, cache, loaded, request, state, epochs_done) -> None:
+def _write_config(run_dir, result, cache, loaded, request, runtime, state, epochs_done) -> None:
+    """config.json: the run's state, its recipe as run ("train") and as asked ("request", its identity), the
+    runtime asked for and the implementations that ran ("backends")."""
     config = {
         "fastcoop_version": fastcoop.__version__, "state": state, "epochs_done": epochs_done,
         "model": loaded.name, "pretrained": loaded.pretrained, "classnames": result.learner.classnames,
-        "train": dataclasses.asdict(result.config), "request": request, "backends": vars(result.backends),
+        "train": dataclasses.asdict(result.recipe), "request": request, "runtime": dataclasses.asdict(runtime),
+        "backends": vars(result.backends),
         "augmentation": result.augmentation,
         "cache": {"path": str(Path(cache.path).resolve()), "identity": cache.identity(), "dataset": cache.dataset},
     }
     if cache.class_ids:  # for matching class-specific contexts to another cache's classes by id, not by name
-        config["class_ids"] = [cache.class_ids[k] for k in class_subset(len(cache.classnames), result.config.classes)]
+        config["class_ids"] = [cache.class_ids[k] for k in class_subset(len(cache.classnames), result.recipe.classes)]
     _atomic(run_dir / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
 
 
@@ -234,7 +238,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | Non
 def _learner(loaded: LoadedModel, config: dict, classnames: list[str], params: dict[str, torch.Tensor],
              device) -> PromptLearner:
     """A learner laid out as the run's, on `classnames`, holding the learned `params`."""
-    return new_learner(loaded.model, loaded.tokenizer, classnames, TrainConfig(**config["train"]), params).to(device)
+    return new_learner(loaded.model, loaded.tokenizer, classnames, Recipe(**config["train"]), params).to(device)
 
 
 def with_classnames(run: Run, classnames: list[str], class_ids: list[str] | None = None) -> Run:

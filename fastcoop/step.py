@@ -1,6 +1,6 @@
 """The training step as device work only, so that a whole step can be captured once in a CUDA graph; it trains a
-stack of runs at once (one run is a stack of one). The loss is a part: CoOp's here (coop_loss), CoCoOp's in
-fastcoop.cocoop (cocoop_loss); the step updates every tensor the learners train.
+stack of runs at once (one run is a stack of one). The loss is a part: CoOp's here (CoOpLoss), CoCoOp's in
+fastcoop.cocoop (CoCoOpLoss); the step updates every tensor the learners train.
 
 The whole schedule lives on the device: every run's batch orders (its steps × batch rows) and learning rates are
 tables indexed by the run's own step counter, each step adds each run's loss and hits into the slot of that run's
@@ -27,28 +27,36 @@ def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: flo
         dampening=0.0, nesterov=False, maximize=False)
 
 
-def coop_loss(encode_text, logit_scale, autocast_dtype=None, loss_backend: str | None = None,
-              anchor: torch.Tensor | None = None, anchor_weight: float = 0.0):
-    """CoOp's training loss of stacked runs for TrainStep: the runs' K prompts in one encoder call
-    (`encode_text(learners)` → R × K × D), then each run's batch against its own text features with the fused
-    cosine cross-entropy. `loss_backend` None: fastcoop.backends' choice for the device. With `anchor` (K × D, the
-    hand-written prompts' features), KgCoOp's loss: plus anchor_weight · knowledge_gap(run's text, anchor)."""
-    def losses(learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
-        with torch.autocast(labels[0].device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None, cache_enabled=False):
-            text = encode_text(learners)
-        per_run = [cosine_ce(run_images, run_text, logit_scale, run_labels, return_argmax=True,
-                             backend=loss_backend) for run_images, run_text, run_labels in zip(images, text, labels)]
+class CoOpLoss:
+    """CoOp's training loss of stacked runs for TrainStep: the runs' contexts through `encoder` in one call
+    (FastTextEncoder or ReferenceTextEncoder: R contexts → R × K × D), then each run's batch against its own text
+    features with the fused cosine cross-entropy (`loss_backend`: fastcoop.backends' choice). With `anchor`
+    (K × D, the hand-written prompts' features), KgCoOp's loss: plus anchor_weight · knowledge_gap(text, anchor)."""
+
+    def __init__(self, encoder, logit_scale, autocast_dtype=None, loss_backend: str = "reference",
+                 anchor: torch.Tensor | None = None, anchor_weight: float = 0.0):
+        self.encoder, self.logit_scale, self.autocast_dtype = encoder, logit_scale, autocast_dtype
+        self.loss_backend, self.anchor, self.anchor_weight = loss_backend, anchor, anchor_weight
+
+    def __call__(self, learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
+        # one run's context as a view; several stacked
+        contexts = learners[0].ctx[None] if len(learners) == 1 else torch.stack([each.ctx for each in learners])
+        with torch.autocast(labels[0].device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
+            text = self.encoder(contexts)
+        per_run = [cosine_ce(run_images, run_text, self.logit_scale, run_labels, return_argmax=True,
+                             backend=self.loss_backend)
+                   for run_images, run_text, run_labels in zip(images, text, labels)]
         losses = [loss for loss, _ in per_run]
-        if anchor is not None:
-            losses = [loss + anchor_weight * knowledge_gap(run_text, anchor) for loss, run_text in zip(losses, text)]
+        if self.anchor is not None:
+            losses = [loss + self.anchor_weight * knowledge_gap(run_text, self.anchor)
+                      for loss, run_text in zip(losses, text)]
         return losses, [predicted for _, predicted in per_run]
-    return losses
 
 
 class TrainStep:
     """One step of stacked runs on static device tensors: gather each run's batch → the runs' losses (`loss`,
-    e.g. coop_loss or cocoop_loss: the runs' learners, their B_r × D images and B_r labels → each run's loss and
+    e.g. CoOpLoss or CoCoOpLoss: the runs' learners, their B_r × D images and B_r labels → each run's loss and
     predictions) → gradients → each run's SGD update of every tensor its learner trains.
 
     Runs of a stack share the prompt layout; each has its own images, schedule (epochs, steps per epoch, batch

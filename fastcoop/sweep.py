@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from fastcoop.cache import FeatureCache
-from fastcoop.config import METHOD_NAMES, TrainConfig, recipe
+from fastcoop.config import METHOD_NAMES, Recipe, Runtime
+from fastcoop.devices import resolve_device
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError
 from fastcoop.evaluate import evaluate_split, score_run, text_classifier
@@ -65,8 +66,9 @@ def check_sweep_dir(out: Path, request: dict) -> None:
 
 
 def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[int], seeds: list[int],
-              variants: list[Variant], base: TrainConfig, progress: bool = True, echo=print,
-              world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = ()) -> dict | None:
+              variants: list[Variant], base: Recipe, runtime: Runtime = Runtime(), progress: bool = True,
+              echo=print, world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = ()
+              ) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
     `stack`: a variant's unfinished runs (they differ in shots and seed) train together, one text-encoder pass
     per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
@@ -79,19 +81,20 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     if world.is_writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
+    device = resolve_device(runtime.device)
     groups: dict[Variant, list] = {}  # variant → this rank's runs to start or resume, trained together if stacked
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
         run_dir = out / variant.name / f"{s}shot-seed{seed}"
-        config = replace(base, shots=s, seed=seed, **asdict(variant))
+        recipe = replace(base, shots=s, seed=seed, **asdict(variant))
         done = read_config(run_dir)
-        same = done is not None and recipe(done.get("request", {})) == recipe(asdict(config))
+        same = done is not None and done.get("request") == asdict(recipe.published(len(cache.classnames), device))
         if stack and (done is None or done["state"] in RESUMABLE and same):
-            groups.setdefault(variant, []).append((config, run_dir))
+            groups.setdefault(variant, []).append((recipe, run_dir))
         elif done is None or done["state"] != "complete" or not same:
             echo(f"[{i}/{len(runs)}] {variant.name}, {s} shots, seed {seed}")
-            train_to_run_dir(cache, loaded, config, run_dir, progress=progress, overwrite=done is not None
+            train_to_run_dir(cache, loaded, recipe, run_dir, runtime, progress=progress, overwrite=done is not None
                              and done["state"] == "complete")
     for variant, group in groups.items():
         if len(group) == 1:
@@ -99,7 +102,7 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         else:
             echo(f"{variant.name}: {len(group)} runs stacked ({_listed({c.shots for c, _ in group})} shots, "
                  f"seeds {_listed({c.seed for c, _ in group})})")
-        _train_stacked(cache, loaded, group, progress, echo)
+        _train_stacked(cache, loaded, group, runtime, progress, echo)
     world.from_writer(None)  # every rank's runs are finished
     if not world.is_writer:
         return None
@@ -114,9 +117,9 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
                         **({"transfer": _transfer(run_dir, loaded, eval_on)} if eval_on else {})})
     summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames), "method": base.method,
                "trained_on": base.classes, "runs": results,
-               "zero_shot": _zero_shot(cache, loaded, base.device, base.classes)}
+               "zero_shot": _zero_shot(cache, loaded, device, base.classes)}
     if base.classes == "base":  # the base-to-new protocol: zero-shot CLIP on the new half too
-        summary["zero_shot_new"] = _zero_shot(cache, loaded, base.device, "new")
+        summary["zero_shot_new"] = _zero_shot(cache, loaded, device, "new")
     elif "val" in cache.splits and "test" in cache.splits:  # the linear probe is CoOp's baseline, on all classes
         summary["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
     elif "test" in cache.splits:
@@ -132,11 +135,13 @@ def _listed(values) -> str:
     return ", ".join(str(v) for v in sorted(values, key=lambda v: (v is None, v)))
 
 
-def _train_stacked(cache: FeatureCache, loaded: LoadedModel, group: list, progress: bool, echo) -> None:
-    """Train (config, run_dir) pairs as one stack; a stack the device's memory cannot hold is split in two and
+def _train_stacked(cache: FeatureCache, loaded: LoadedModel, group: list, runtime: Runtime, progress: bool,
+                   echo) -> None:
+    """Train (recipe, run_dir) pairs as one stack; a stack the device's memory cannot hold is split in two and
     each half trained in turn (each run resumes from whatever its half saved)."""
     try:
-        train_to_run_dirs(cache, loaded, [c for c, _ in group], [d for _, d in group], progress=progress)
+        train_to_run_dirs(cache, loaded, [r for r, _ in group], [d for _, d in group], runtime=runtime,
+                          progress=progress)
     except torch.OutOfMemoryError:
         if len(group) == 1:
             raise
@@ -144,8 +149,8 @@ def _train_stacked(cache: FeatureCache, loaded: LoadedModel, group: list, progre
         half = len(group) // 2
         echo(f"  {len(group)} runs stacked do not fit in the device's memory: training them as {half} and "
              f"{len(group) - half}")
-        _train_stacked(cache, loaded, group[:half], progress, echo)
-        _train_stacked(cache, loaded, group[half:], progress, echo)
+        _train_stacked(cache, loaded, group[:half], runtime, progress, echo)
+        _train_stacked(cache, loaded, group[half:], runtime, progress, echo)
 
 
 def _transfer(run_dir: Path, loaded: LoadedModel, caches: list[FeatureCache]) -> dict[str, float]:
@@ -166,9 +171,10 @@ def _transfer(run_dir: Path, loaded: LoadedModel, caches: list[FeatureCache]) ->
     return scores
 
 
-def sweep_request(cache, shots, seeds, variants, base: TrainConfig) -> dict:
+def sweep_request(cache, shots, seeds, variants, base: Recipe) -> dict:
+    """What a sweep is (its sweep.json): the cache, the runs and the recipe they share."""
     return {"cache": cache.identity(), "shots": shots, "seeds": seeds,
-            "variants": [asdict(v) for v in variants], "recipe": recipe(asdict(replace(base, shots=None, seed=0)))}
+            "variants": [asdict(v) for v in variants], "recipe": asdict(replace(base, shots=None, seed=0))}
 
 
 def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str, classes: str = "all") -> float | None:

@@ -8,16 +8,14 @@ fast: the same numbers with less work, exact because the mask is causal and the 
      [SOS][V]_1..: its hidden states are the same for every class, so they are computed once and each class's
      few remaining tokens attend to the shared keys and values (broadcast, never copied);
   3. after the last block's attention only the EOS rows go on (output projection, MLP, final norm).
-Towers for which this is not exact (no causal mask, other pooling, custom blocks) fall back to `reference`.
+Towers for which this is not exact (no causal mask, other pooling, custom blocks) run `reference`: the resolver
+(fastcoop.backends) decides, and `text_encoder` builds what it decided.
 """
-
-import warnings
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU
 
-from fastcoop.backends import Backends, resolve
+from fastcoop.backends import Backends
 from fastcoop.kernels.add_layer_norm_reference import add_layer_norm_reference
 from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
@@ -35,17 +33,22 @@ except ImportError:  # no Triton on this platform
 # (benchmarks/CHANGELOG.md has the timings)
 PACK_ROWS = 64
 
-_warned: set[str] = set()
-
 
 def encode_prompts(model, learner: PromptLearner, mode: str = "fast") -> torch.Tensor:
-    """K × D text features as CLIP's encode_text returns them (before normalisation), differentiable in ctx.
-    In a loop, build a FastTextEncoder once instead: it prepares the packing once."""
-    if mode == "reference":
-        return reference_text_features(TextTower.of(model), learner)
-    if mode != "fast":
+    """K × D text features as CLIP's encode_text returns them (before normalisation), differentiable in ctx; fast:
+    the fast path with every op's reference. In a loop, build an encoder once instead (text_encoder): the fast one
+    prepares the packing once."""
+    if mode not in ("fast", "reference"):
         raise ValueError(f"mode must be 'fast' or 'reference', not '{mode}'")
-    return FastTextEncoder(model, learner)()
+    return text_encoder(model, learner, Backends(text=mode))()
+
+
+def text_encoder(model, learner: PromptLearner, backends: Backends, weight_dtype: torch.dtype | None = None):
+    """The text encoder `backends.text` names for `learner`: FastTextEncoder, or the published computation behind
+    the same call (ReferenceTextEncoder)."""
+    if backends.text == "reference":
+        return ReferenceTextEncoder(model, learner)
+    return FastTextEncoder(model, learner, backends, weight_dtype)
 
 
 def reference_text_features(tower: TextTower, learner: PromptLearner, ctx: torch.Tensor | None = None
@@ -58,6 +61,19 @@ def reference_text_features(tower: TextTower, learner: PromptLearner, ctx: torch
     x = tower.ln_final(x)
     rows = torch.arange(len(x), device=x.device)
     return tower.project(x[rows, tower.pool_positions(learner.tokens)])
+
+
+class ReferenceTextEncoder:
+    """The published computation called as FastTextEncoder is: K × D features of the learner's prompts, or, given R
+    contexts shaped like the learner's, R × K × D (each context's prompts in turn)."""
+
+    def __init__(self, model, learner: PromptLearner):
+        self.tower, self.learner = TextTower.of(model), learner
+
+    def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        if ctx is None:
+            return reference_text_features(self.tower, self.learner)
+        return torch.stack([reference_text_features(self.tower, self.learner, each) for each in ctx])
 
 
 class FastTextEncoder:
@@ -83,17 +99,14 @@ class FastTextEncoder:
     backends.mlp: each MLP's activation inside Triton matrix products (mlp_kernel.py) instead of passes of its
     own (opt-in: the step benchmark's fastcoop_graph_fused_mlp variant times it)."""
 
-    def __init__(self, model, learner: PromptLearner, backends: Backends | None = None,
+    def __init__(self, model, learner: PromptLearner, backends: Backends = Backends(),
                  weight_dtype: torch.dtype | None = None, pack_rows: int | None = PACK_ROWS):
         tower = TextTower.of(model)
-        self.backends = backends or resolve(learner.ctx.device)
-        self.tower, self.learner = tower, learner
-        self.problem = tower.fast_path_problem()
-        if self.problem:
-            if self.problem not in _warned:
-                _warned.add(self.problem)
-                warnings.warn(f"fast text path is not exact for this model ({self.problem}): using the reference path")
-            return
+        problem = tower.fast_path_problem()
+        if problem:
+            raise ValueError(f"the fast text path is not exact for this model ({problem}): fastcoop.backends.resolve "
+                             "chooses the reference path for it")
+        self.backends, self.tower, self.learner = backends, tower, learner
         device = learner.ctx.device
         if weight_dtype is not None or tower.positional_embedding.device != device:
             self.tower = tower.copy_to(device, weight_dtype)
@@ -148,24 +161,20 @@ class FastTextEncoder:
 
     def _add_norm(self, x, delta, norm, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x + delta (x without delta), and its norm in out_dtype."""
-        if self.backends.add_norm == "triton" and add_layer_norm_kernel.supports(norm):
+        if self.backends.add_norm == "triton":
             return add_layer_norm_kernel.add_layer_norm_triton(x, delta, norm, out_dtype)
         return add_layer_norm_reference(x, delta, norm, out_dtype)
 
     def _mlp(self, mlp, y) -> torch.Tensor:
-        if self.backends.mlp == "triton" and y.dtype == mlp.c_fc.weight.dtype and mlp_kernel.supports(mlp):
+        if self.backends.mlp == "triton":
             return mlp_kernel.mlp_triton(mlp, y)
-        if self.backends.activation == "triton" and type(mlp.gelu) is QuickGELU:
+        if self.backends.activation == "triton":
             return mlp.c_proj(quick_gelu_triton(mlp.c_fc(y)))
         return mlp(y)
 
     def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """K × D text features of the learner's prompts; with `ctx`, R contexts shaped like the learner's
         (R × M × D, or R × K × M × D class-specific), R × K × D: each context's prompts, all in one pass."""
-        if self.problem:
-            if ctx is not None:
-                raise ValueError(f"stacked contexts need the fast path, which is not exact here ({self.problem})")
-            return reference_text_features(self.tower, self.learner)
         runs = 1 if ctx is None else len(ctx)
         eos_rows = self.eos_rows if runs == 1 else \
             (torch.arange(runs, device=self.eos_rows.device)[:, None] * len(self.frozen) + self.eos_rows).flatten()

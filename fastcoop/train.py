@@ -10,13 +10,12 @@ cache's augmented view e of every image: each view is an independent draw of the
 a view per epoch cached this is the published loader's fresh random crop of every image in every epoch.
 """
 
-import dataclasses
 import signal
 import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -24,17 +23,17 @@ from tqdm import tqdm
 
 from fastcoop.backends import Backends, resolve
 from fastcoop.cache import FeatureCache
-from fastcoop.cocoop import cocoop_loss, new_learner
-from fastcoop.config import TrainConfig
-from fastcoop.devices import autocast_dtype, resolve_device, resolve_precision
+from fastcoop.cocoop import CoCoOpLoss, new_learner
+from fastcoop.config import Recipe, Runtime
+from fastcoop.devices import autocast_dtype, resolve_device
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import check_classes, class_subset, relabel
 from fastcoop.kgcoop import hand_written_features, hand_written_template
 from fastcoop.models import LoadedModel, move_text_tower
 from fastcoop.prompts import PromptLearner
-from fastcoop.schedule import lr_at, published_epochs
-from fastcoop.step import CudaGraphStep, TrainStep, coop_loss, graphed_or_eager
-from fastcoop.text_encoder import FastTextEncoder, reference_text_features
+from fastcoop.schedule import lr_at
+from fastcoop.step import CoOpLoss, CudaGraphStep, TrainStep, graphed_or_eager
+from fastcoop.text_encoder import text_encoder
 from fastcoop.text_tower import TextTower
 
 
@@ -45,7 +44,7 @@ PROFILE_STEPS = 20  # steps in a --profile trace
 @dataclass
 class TrainResult:
     learner: PromptLearner
-    config: TrainConfig  # as run: every default resolved
+    recipe: Recipe  # as run: every default resolved
     backends: Backends  # the implementation of each op
     history: list[dict] = field(default_factory=list)
     augmentation: dict = field(default_factory=dict)  # the cache's views and how many distinct ones each image saw
@@ -113,15 +112,15 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size if n >= batch_size else 1
 
 
-def train(cache: FeatureCache, loaded: LoadedModel, config: TrainConfig, progress: bool = True,
-          on_report=None, resume: Checkpoint | None = None) -> TrainResult:
+def train(cache: FeatureCache, loaded: LoadedModel, recipe: Recipe, runtime: Runtime = Runtime(),
+          progress: bool = True, on_report=None, resume: Checkpoint | None = None) -> TrainResult:
     """Learn the context on `cache`'s (shots, seed) subset, from the start or from `resume` (a stack of one)."""
-    return train_stack(cache, loaded, [config], progress, on_report and (lambda results: on_report(results[0])),
+    return train_stack(cache, loaded, [recipe], runtime, progress, on_report and (lambda results: on_report(results[0])),
                        [resume])[0]
 
 
-def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainConfig], progress: bool = True,
-                on_report=None, resumes: list[Checkpoint | None] | None = None,
+def train_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], runtime: Runtime = Runtime(),
+                progress: bool = True, on_report=None, resumes: list[Checkpoint | None] | None = None,
                 profile: str | None = None) -> list[TrainResult]:
     """Train runs that differ only in their seed, shot count and epochs (so in their images, order, schedule and
     initial context) together: every step runs all their prompts in one text-encoder pass; each run keeps its own
@@ -134,101 +133,118 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, configs: list[TrainCon
     to PROFILE_STEPS steps after the first epoch (the graph captured, the kernels compiled); training is
     otherwise the same."""
     setup_start = time.perf_counter()
-    base = configs[0]
-    if any(dataclasses.replace(c, seed=base.seed, shots=base.shots, epochs=base.epochs) != base for c in configs):
+    stack = prepare_stack(cache, loaded, recipes, runtime, resumes)
+    start = time.perf_counter()
+    for result in stack.results:
+        result.setup_seconds = start - setup_start
+    run_epochs(stack, progress, on_report, profile)
+    for result in stack.results:
+        result.seconds = time.perf_counter() - start
+    return stack.results
+
+
+@dataclass
+class Stack:
+    """Runs ready to train together: their step, each run's epoch views (host tensors), their results so far."""
+
+    step: TrainStep
+    views: list[torch.Tensor]
+    results: list[TrainResult]
+    device: str
+
+
+def prepare_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], runtime: Runtime,
+                  resumes: list[Checkpoint | None] | None = None) -> Stack:
+    """Everything the runs' loop needs, in reading order: the implementations, the runs' images, their learners
+    and loss, their epoch views and schedules in one step, each resumed run's state."""
+    device = resolve_device(runtime.device)
+    recipes = [recipe.published(len(cache.classnames), device) for recipe in recipes]
+    base = recipes[0]
+    if any(replace(r, seed=base.seed, shots=base.shots, epochs=base.epochs) != base for r in recipes):
         raise ValueError("runs trained together may differ only in their seed, shots and epochs")
-    device = resolve_device(base.device)
-    dtype = autocast_dtype(resolve_precision(base.precision, device, "bf16"))
-    if base.batch_size < 1:
-        raise FastCoopError(f"--batch-size must be at least 1, not {base.batch_size}")
-    if base.lr <= 0:
-        raise FastCoopError(f"--lr must be above 0, not {base.lr}")
-    tower = TextTower.of(loaded.model)
-    backends = resolve(device, base.attention, base.fused, base.fused_mlp, base.text_path, base.graph, tower)
-    if backends.text != base.text_path:
-        warnings.warn(f"fast text path is not exact for this model ({tower.fast_path_problem()}): using the "
-                      "reference path")
+    backends = resolve(device, runtime.impl, runtime.impl_detail, TextTower.of(loaded.model))
     check_classes(len(cache.classnames), base.classes)
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
     classnames = [cache.classnames[k] for k in kept]
-    rows, labels = [], []
-    for config in configs:
-        subset = cache.rows("train", config.shots, config.seed if config.shots else None)
-        in_subset, run_labels = relabel(cache.labels("train", subset), kept)
-        rows.append(subset[in_subset.numpy()])
-        labels.append(run_labels)
-
-    model = loaded.model
+    rows, labels = zip(*(_subset(cache, recipe, kept) for recipe in recipes))
     if backends.text == "reference":
-        move_text_tower(model, device)  # the published text path runs the model's own tower
+        move_text_tower(loaded.model, device)  # the published text path runs the model's own tower
     # else the model stays where it is: the fast encoder runs a copy of the tower's blocks on the device
     learners = []
-    for config in configs:
-        torch.manual_seed(config.seed)
-        learners.append(new_learner(model, loaded.tokenizer, classnames, config).to(device))
-    # the runs' options with every default resolved; the caller's configs stay as they were given
-    configs = [dataclasses.replace(c, epochs=c.epochs or published_epochs(c.shots, len(cache.classnames)),
-                                   n_ctx=learners[0].n_ctx, attention=backends.attention) for c in configs]
-    scale = model.logit_scale.exp().detach().to(device)
-    if base.method == "cocoop":
-        loss = cocoop_loss(_context_text_features(model, learners[0], backends, dtype), scale, dtype)
-    else:
-        anchor = None
-        if base.method == "kgcoop":  # the hand-written prompt's features the learned ones are kept near
-            template = base.kg_template or hand_written_template(cache.dataset)
-            anchor = hand_written_features(loaded, classnames, template, device)
-            configs = [dataclasses.replace(c, kg_template=template) for c in configs]
-        loss = coop_loss(_text_features(model, learners[0], backends, dtype), scale, dtype,
-                         backends.loss, anchor, base.kg_weight or 0.0)
-    # only the views the epochs use, of the images the runs use, in one read (a chunk shared by runs is read once;
-    # on the host, float16)
-    used = [epoch_views(cache.num_views("train"), config.epochs) for config in configs]
-    read = cache.features("train", np.concatenate(rows), max((views for views, _ in used), key=lambda s: s.stop))
-    views = [run_views[:run_slice.stop - run_slice.start].contiguous()
-             for run_views, (run_slice, _) in zip(read.split([len(subset) for subset in rows], dim=1), used)]
-    if device.startswith("cuda"):
-        views = [run_views.pin_memory() for run_views in views]  # then copied to the device asynchronously
+    for recipe in recipes:
+        torch.manual_seed(recipe.seed)
+        learners.append(new_learner(loaded.model, loaded.tokenizer, classnames, recipe).to(device))
+    recipes = [replace(r, n_ctx=learners[0].n_ctx) for r in recipes]  # as the words given set it
+    loss, recipes = _loss(loaded, cache, classnames, learners[0], recipes, backends, device)
+    used = [epoch_views(cache.num_views("train"), recipe.epochs) for recipe in recipes]
+    views = _read_views(cache, rows, [view_slice for view_slice, _ in used], device)
     most = max(len(subset) for subset in rows)
-    features = torch.zeros(len(configs), most, read.shape[-1], device=device)  # each run's epoch view, float32
-    padded_labels = torch.zeros(len(configs), most, dtype=torch.long)
+    features = torch.zeros(len(recipes), most, views[0].shape[-1], device=device)  # each run's epoch view
+    padded_labels = torch.zeros(len(recipes), most, dtype=torch.long)
     for run, run_labels in enumerate(labels):
         padded_labels[run, :len(run_labels)] = run_labels
-    orders, lrs = zip(*(schedule_tables(len(subset), config) for subset, config in zip(rows, configs)))
+    orders, lrs = zip(*(schedule_tables(len(subset), recipe) for subset, recipe in zip(rows, recipes)))
     step = TrainStep(learners, loss, features, padded_labels.to(device), orders, lrs, base.momentum,
                      base.weight_decay)
-    results = [TrainResult(learner, config, backends, augmentation=record)
-               for learner, config, (_, record) in zip(learners, configs, used)]
-    for run, resume in enumerate(resumes or [None] * len(configs)):
+    results = [TrainResult(learner, recipe, backends, augmentation=record)
+               for learner, recipe, (_, record) in zip(learners, recipes, used)]
+    for run, resume in enumerate(resumes or [None] * len(recipes)):
         if resume is not None:
             resume.restore(step, run)
             results[run].history = list(resume.history)
             results[run].checkpoint = resume
-    start = time.perf_counter()
-    for result in results:
-        result.setup_seconds = start - setup_start
-    _train_loop(step, views, results, backends.step == "graph", progress, on_report, profile, device)
-    for result in results:
-        result.seconds = time.perf_counter() - start
-    return results
+    return Stack(step, views, results, device)
 
 
-def _train_loop(step: TrainStep, views: list[torch.Tensor], results: list[TrainResult], use_graph: bool,
-                progress: bool, on_report, profile: str | None, device: str) -> None:
+def _subset(cache: FeatureCache, recipe: Recipe, kept: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+    """A run's train rows (its few-shot subset's images of the kept classes) and their labels among those."""
+    subset = cache.rows("train", recipe.shots, recipe.seed if recipe.shots else None)
+    in_subset, labels = relabel(cache.labels("train", subset), kept)
+    return subset[in_subset.numpy()], labels
+
+
+def _loss(loaded: LoadedModel, cache: FeatureCache, classnames: list[str], learner, recipes: list[Recipe],
+          backends: Backends, device: str):
+    """The stack's loss (CoOp's, KgCoOp's or CoCoOp's) with the text encoder the backends name, and the recipes
+    with KgCoOp's hand-written prompt filled in."""
+    base = recipes[0]
+    dtype = autocast_dtype(base.precision)
+    encoder = text_encoder(loaded.model, learner, backends, weight_dtype=dtype)
+    scale = loaded.model.logit_scale.exp().detach().to(device)
+    if base.method == "cocoop":
+        return CoCoOpLoss(encoder, scale, dtype), recipes
+    anchor = None
+    if base.method == "kgcoop":  # the hand-written prompt's features the learned ones are kept near
+        template = base.kg_template or hand_written_template(cache.dataset)
+        anchor = hand_written_features(loaded, classnames, template, device)
+        recipes = [replace(r, kg_template=template) for r in recipes]
+    return CoOpLoss(encoder, scale, dtype, backends.loss, anchor, base.kg_weight or 0.0), recipes
+
+
+def _read_views(cache: FeatureCache, rows: list[np.ndarray], used: list[slice], device: str) -> list[torch.Tensor]:
+    """Each run's epoch views (views × its images × D, float16 on the host; pinned for a GPU): only the views the
+    epochs use, of the images the runs use, in one read (a chunk shared by runs is read once)."""
+    read = cache.features("train", np.concatenate(rows), max(used, key=lambda s: s.stop))
+    views = [run_views[:run_slice.stop - run_slice.start].contiguous()
+             for run_views, run_slice in zip(read.split([len(subset) for subset in rows], dim=1), used)]
+    if device.startswith("cuda"):
+        views = [run_views.pin_memory() for run_views in views]  # then copied to the device asynchronously
+    return views
+
+
+def run_epochs(stack: Stack, progress: bool = True, on_report=None, profile: str | None = None) -> None:
     """Run the stack's steps to the end of every run's schedule: the steps up to the next end of some run's
     epoch, then that run's epoch end (and its next view) on the device; a look at the results as train_stack
     says. The step is captured (graphed) when first run, and again each time the stack shrinks."""
-    start = time.perf_counter()
+    step, results = stack.step, stack.results
     steps = step.steps_per_epoch
     done = [len(result.history) * s for result, s in zip(results, steps)]  # each run's steps, as the host counts
-    total = [result.config.epochs * s for result, s in zip(results, steps)]
-    seen, seen_at, to_trace = [len(result.history) for result in results], start, PROFILE_STEPS if profile else 0
-    steps_since = 0  # the stack's steps since the last look
-    for run, run_views in enumerate(views):
+    total = [result.recipe.epochs * s for result, s in zip(results, steps)]
+    for run in range(len(results)):
         if done[run] < total[run]:
-            step.load_view(run, run_views[done[run] // steps[run] % len(run_views)])
+            _load_epoch_view(stack, run, done[run] // steps[run])
+    looks = _Looks(results, progress, PROFILE_STEPS if profile else 0)
     active, run_step = [], None
-    bar = tqdm(total=sum(r.config.epochs for r in results), initial=sum(seen), unit="epoch", disable=not progress,
-               desc="train" if len(results) == 1 else f"train ×{len(results)}")
     try:
         with _stop_at_epoch_end() as stop_requested:
             while any(d < t for d, t in zip(done, total)):
@@ -236,38 +252,23 @@ def _train_loop(step: TrainStep, views: list[torch.Tensor], results: list[TrainR
                 if active != unfinished:
                     active = unfinished
                     step.set_active(active)  # the stack shrinks when runs finish: capture it again
-                    run_step = _captured(step, results) if use_graph else step
+                    run_step = _captured(step, results) if results[0].backends.step == "graph" else step
                 span = min(steps[run] - done[run] % steps[run] for run in active)  # to the next end of an epoch
-                traced = min(to_trace, span) if seen_at > start or all(
-                    done[run] + span == total[run] for run in active) else 0
+                traced = looks.steps_to_trace(span, all(done[run] + span == total[run] for run in active))
                 if traced:
-                    with _profiled(profile, device):
+                    with _profiled(profile, stack.device):
                         for _ in range(traced):
                             run_step()
-                    to_trace = 0
                 for _ in range(span - traced):
                     run_step()
-                steps_since += span
                 for run in active:
                     done[run] += span
                     if done[run] % steps[run] == 0:
                         step.end_epoch(run, done[run] // steps[run] - 1)
                         if done[run] < total[run]:
-                            step.load_view(run, views[run][done[run] // steps[run] % len(views[run])])
-                now = time.perf_counter()
-                finished = all(d == t for d, t in zip(done, total))
-                if seen_at == start or finished or now - seen_at >= REPORT_SECONDS or stop_requested:
-                    epochs_now = [d // s for d, s in zip(done, steps)]
-                    _read_back(step, results, seen, epochs_now, now - seen_at)  # waits for the device
-                    bar.update(sum(epochs_now) - sum(seen))
-                    if seen_at == start:
-                        for result in results:
-                            result.first_epoch_seconds = time.perf_counter() - start
-                    training = [r for r in results if r.history and len(r.history) < r.config.epochs]
-                    last = (training or [r for r in results if r.history])[0].history[-1]  # a run still training
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.1%}",
-                                    steps_s=f"{steps_since / (now - seen_at):.0f}")
-                    seen, seen_at, steps_since = epochs_now, time.perf_counter(), 0
+                            _load_epoch_view(stack, run, done[run] // steps[run])
+                if looks.due(span, all(d == t for d, t in zip(done, total)) or stop_requested):
+                    looks.look(step, [d // s for d, s in zip(done, steps)])
                     if stop_requested:
                         raise KeyboardInterrupt
                     if on_report:
@@ -275,7 +276,50 @@ def _train_loop(step: TrainStep, views: list[torch.Tensor], results: list[TrainR
     except KeyboardInterrupt:  # the caller saves each result.checkpoint, the state after the last epoch seen
         raise TrainingInterrupted(results) from None
     finally:
-        bar.close()
+        looks.bar.close()
+
+
+def _load_epoch_view(stack: Stack, run: int, epoch: int) -> None:
+    """The view a run's epoch trains on (cycling when the cache holds fewer than its epochs)."""
+    stack.step.load_view(run, stack.views[run][epoch % len(stack.views[run])])
+
+
+class _Looks:
+    """When the loop looks at the results (after the first epoch that ends, then every REPORT_SECONDS and at the
+    end), what it does then (reads them back, moves the progress bar), and when the profiler traces."""
+
+    def __init__(self, results: list[TrainResult], progress: bool, to_trace: int):
+        self.results, self.to_trace = results, to_trace
+        self.seen = [len(result.history) for result in results]
+        self.start = self.seen_at = time.perf_counter()
+        self.steps_since = 0  # the stack's steps since the last look
+        self.bar = tqdm(total=sum(r.recipe.epochs for r in results), initial=sum(self.seen), unit="epoch",
+                        disable=not progress, desc="train" if len(results) == 1 else f"train ×{len(results)}")
+
+    def steps_to_trace(self, span: int, last_span: bool) -> int:
+        """How many of the next `span` steps to trace: once, after the first look (compiled, captured), or in the
+        last span when there is no later one."""
+        traced = min(self.to_trace, span) if self.seen_at > self.start or last_span else 0
+        if traced:
+            self.to_trace = 0
+        return traced
+
+    def due(self, span: int, now_anyway: bool) -> bool:
+        self.steps_since += span
+        return self.seen_at == self.start or now_anyway or time.perf_counter() - self.seen_at >= REPORT_SECONDS
+
+    def look(self, step: TrainStep, epochs_now: list[int]) -> None:
+        now = time.perf_counter()
+        _read_back(step, self.results, self.seen, epochs_now, now - self.seen_at)  # waits for the device
+        self.bar.update(sum(epochs_now) - sum(self.seen))
+        if self.seen_at == self.start:
+            for result in self.results:
+                result.first_epoch_seconds = time.perf_counter() - self.start
+        training = [r for r in self.results if r.history and len(r.history) < r.recipe.epochs]
+        last = (training or [r for r in self.results if r.history])[0].history[-1]  # a run still training
+        self.bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.1%}",
+                             steps_s=f"{self.steps_since / (now - self.seen_at):.0f}")
+        self.seen, self.seen_at, self.steps_since = epochs_now, time.perf_counter(), 0
 
 
 def _captured(step: TrainStep, results: list[TrainResult]):
@@ -284,33 +328,11 @@ def _captured(step: TrainStep, results: list[TrainResult]):
     run_step = graphed_or_eager(step)
     for result in results:
         if not isinstance(run_step, CudaGraphStep):
-            result.backends = dataclasses.replace(result.backends, step="eager")
+            result.backends = replace(result.backends, step="eager")
         elif not result.capture_seconds:
             result.kernels_seconds = run_step.kernels_seconds
             result.capture_seconds = run_step.capture_seconds
     return run_step
-
-
-def _text_features(model, learner, backends, dtype):
-    """A function from the stacked runs' learners (sharing `learner`'s prompt layout) to their R × K × D text
-    features: one fast-encoder pass for all of them, or (backends.text) the published computation per run."""
-    if backends.text == "reference":
-        tower = TextTower.of(model)
-        return lambda learners: torch.stack([reference_text_features(tower, each) for each in learners])
-    encoder = FastTextEncoder(model, learner, backends, weight_dtype=dtype)
-
-    def encode(learners):
-        return encoder(learners[0].ctx[None] if len(learners) == 1 else torch.stack([each.ctx for each in learners]))
-    return encode
-
-
-def _context_text_features(model, learner, backends, dtype):
-    """A function from C contexts (C × M × D) to their C × K × D text features: one fast-encoder pass, or (backends.
-    text) the published computation per context."""
-    if backends.text == "reference":
-        tower = TextTower.of(model)
-        return lambda contexts: torch.stack([reference_text_features(tower, learner, ctx) for ctx in contexts])
-    return FastTextEncoder(model, learner, backends, weight_dtype=dtype)
 
 
 @contextmanager
@@ -346,15 +368,15 @@ def _stop_at_epoch_end():
             signal.signal(number, handler)
 
 
-def schedule_tables(n: int, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def schedule_tables(n: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """Every epoch's batch order (epochs × steps × batch, the last partial batch dropped) from one generator
     seeded with the run's seed, a permutation per epoch in epoch order; and every epoch's learning rate."""
-    batch_size, steps = min(config.batch_size, n), batches_per_epoch(n, config.batch_size)
-    generator = torch.Generator().manual_seed(config.seed)
-    orders = torch.stack([torch.randperm(n, generator=generator)[:steps * batch_size] for _ in range(config.epochs)])
-    lrs = torch.tensor([lr_at(e, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
-                        for e in range(config.epochs)])
-    return orders.view(config.epochs, steps, batch_size), lrs
+    batch_size, steps = min(recipe.batch_size, n), batches_per_epoch(n, recipe.batch_size)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    orders = torch.stack([torch.randperm(n, generator=generator)[:steps * batch_size] for _ in range(recipe.epochs)])
+    lrs = torch.tensor([lr_at(e, recipe.epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr)
+                        for e in range(recipe.epochs)])
+    return orders.view(recipe.epochs, steps, batch_size), lrs
 
 
 def _read_back(step: TrainStep, results: list[TrainResult], first: list[int], end: list[int],
@@ -373,8 +395,8 @@ def _read_back(step: TrainStep, results: list[TrainResult], first: list[int], en
                     for param, good in zip(step.params[run], step.good_params[run]):
                         param.copy_(good)
                 break
-            config = result.config
-            lr = lr_at(epoch, config.epochs, config.lr, config.warmup_epochs, config.warmup_lr)
+            recipe = result.recipe
+            lr = lr_at(epoch, recipe.epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr)
             result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[run][epoch] / steps,
                                    "train_acc": correct[run][epoch] / (steps * batch), "steps": steps,
                                    "seconds": seconds / (end[run] - first[run])})
@@ -399,7 +421,7 @@ class NonFiniteLoss(FastCoopError):
 
     def __init__(self, failed: dict[int, int], results: list[TrainResult]):
         run, epoch = next(iter(failed.items()))
-        which = "" if len(results) == 1 else f" of the run with seed {results[run].config.seed}"
+        which = "" if len(results) == 1 else f" of the run with seed {results[run].recipe.seed}"
         super().__init__(f"the loss{which} became non-finite in epoch {epoch + 1}; the last good context "
                          f"(after epoch {epoch}) is kept — try a lower --lr or --precision fp32")
         self.failed, self.results = failed, results

@@ -8,7 +8,7 @@ FlexAttention variant prefix_attention_flex.py), chosen by FastTextEncoder.
 add layer norm: a block's residual add and the layer norm after it (add_layer_norm_kernel.py; reference
 add_layer_norm_reference.py), and QuickGELU (quick_gelu_kernel.py; reference: open_clip's module), used by
 FastTextEncoder on GPU. mlp_kernel.py: a text block's MLP with its activation inside the matrix products
-(reference: open_clip's module), FastTextEncoder's fused_mlp option.
+(reference: open_clip's module), FastTextEncoder's opt-in `mlp` implementation.
 Only the dispatcher, and for a process's first launches hash_triton_in_background and compiling_in_parallel, are
 exported here; import the rest from its module.
 """

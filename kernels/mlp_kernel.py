@@ -133,5 +133,7 @@ def supports(mlp: torch.nn.Module) -> bool:
 def mlp_triton(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
     """mlp(y) for a module that supports() accepts; y (T × D) in the weights' dtype, as FastTextEncoder holds
     them under autocast."""
+    if y.dtype != mlp.c_fc.weight.dtype:
+        raise ValueError(f"mlp_triton takes its input in the weights' dtype ({mlp.c_fc.weight.dtype}), not {y.dtype}")
     return FusedMLP.apply(y, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
                           _is_quick_gelu(mlp.gelu))

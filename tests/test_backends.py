@@ -1,6 +1,8 @@
 """The one resolver: which implementation runs each op, for each device and option; what a run records of it."""
 
 import ast
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +10,10 @@ import pytest
 
 import fastcoop.kernels as kernels
 from conftest import run_cli
-from fastcoop.backends import Backends, resolve
+import torch
+
+from fastcoop.backends import REFERENCE, Backends, resolve
+from fastcoop.config import Recipe, parse_impl_detail
 from fastcoop.cache import extract_features
 from fastcoop.datasets import read_dataset
 from fastcoop.errors import FastCoopError
@@ -28,34 +33,77 @@ def triton_compiled(monkeypatch):
 
 def test_gpu_defaults_are_every_kernel_but_the_opt_in_mlp(triton_compiled):
     assert resolve("cuda") == Backends(loss="triton", attention="triton", add_norm="triton", activation="triton",
-                                       mlp="reference", text="fast", step="graph")
-    assert resolve("cuda:1", fused=False, graph=False) == Backends(loss="triton", attention="triton")
-    assert resolve("cuda", attention="flex", fused_mlp=True).attention == "flex"
-    assert resolve("cuda", fused_mlp=True).mlp == "triton"
-    assert resolve("cuda", attention="grid").attention == "grid"
+                                       mlp="reference", text="fast", step="graph", eval_dtype="bf16")
+    assert resolve("cuda:1", detail=(("add_norm", "reference"), ("activation", "reference"), ("step", "eager"))
+                   ) == Backends(loss="triton", attention="triton", eval_dtype="bf16")
+    assert resolve("cuda", detail=(("attention", "flex"), ("mlp", "triton"))).attention == "flex"
+    assert resolve("cuda", detail=(("mlp", "triton"),)).mlp == "triton"
+    assert resolve("cuda", detail=(("attention", "grid"),)).attention == "grid"
+    assert resolve("cuda", "reference") == REFERENCE == Backends(text="reference")  # every op's reference
 
 
 def test_cpu_runs_the_references_and_the_interpreted_kernels_only_when_asked(triton_compiled, monkeypatch):
     assert resolve("cpu") == Backends()  # every reference
-    with pytest.raises(FastCoopError, match="--attention triton needs a GPU with Triton"):
-        resolve("cpu", attention="triton")
-    with pytest.raises(FastCoopError, match="--fused-mlp needs a GPU with Triton"):
-        resolve("cpu", fused_mlp=True)
+    with pytest.raises(FastCoopError, match="--impl-detail attention=triton needs a GPU with Triton"):
+        resolve("cpu", detail=(("attention", "triton"),))
+    with pytest.raises(FastCoopError, match="--impl-detail mlp=triton needs a GPU with Triton"):
+        resolve("cpu", detail=(("mlp", "triton"),))
     with pytest.raises(FastCoopError, match="FlexAttention has no CPU backward"):
-        resolve("cpu", attention="flex")
-    with pytest.raises(FastCoopError, match="unknown attention 'fast'"):
-        resolve("cpu", attention="fast")
+        resolve("cpu", detail=(("attention", "flex"),))
+    with pytest.raises(FastCoopError, match="step=graph needs a CUDA GPU"):
+        resolve("cpu", detail=(("step", "graph"),))
+    with pytest.raises(FastCoopError, match="--impl takes fast or reference"):
+        resolve("cpu", "quick")
     monkeypatch.setattr(kernels, "INTERPRET", True)  # the tests' interpreter: the loss kernel runs on CPU tensors
     assert resolve("cpu") == Backends(loss="triton")
-    assert resolve("cpu", attention="triton", fused_mlp=True) == Backends(loss="triton", attention="triton",
-                                                                           mlp="triton")
+    assert resolve("cpu", detail=(("attention", "triton"), ("mlp", "triton"))) == Backends(
+        loss="triton", attention="triton", mlp="triton")
+
+
+def test_the_detail_is_parsed_and_checked_before_torch_loads():
+    assert parse_impl_detail("attention=flex, step=eager") == (("attention", "flex"), ("step", "eager"))
+    assert parse_impl_detail("") == ()
+    with pytest.raises(FastCoopError, match="unknown op 'norm'; the ops are loss, attention"):
+        parse_impl_detail("norm=triton")
+    with pytest.raises(FastCoopError, match="attention takes grid or triton or flex, not 'fast'"):
+        parse_impl_detail("attention=fast")
 
 
 def test_without_triton_every_op_is_its_reference(monkeypatch):
     monkeypatch.setattr(kernels, "TRITON", False)
-    assert resolve("cuda") == Backends(step="graph")  # CUDA graphs need no Triton
+    assert resolve("cuda") == Backends(step="graph", eval_dtype="bf16")  # CUDA graphs need no Triton
     with pytest.raises(FastCoopError, match="needs a GPU with Triton"):
-        resolve("cuda", attention="triton")
+        resolve("cuda", detail=(("attention", "triton"),))
+
+
+def test_kernels_that_cannot_serve_the_models_modules_are_decided_against_once(triton_compiled, tiny_vit, tiny_rn):
+    """A kernel is chosen for a tower only when it serves every module it would run (never a per-call fallback):
+    the QuickGELU kernel for OpenAI's activation only; a tower the fast path cannot run exactly gets the reference
+    text path and the encoder ops' references, and asking for a kernel it cannot run is an error."""
+    from fastcoop.text_tower import TextTower
+
+    vit, rn = TextTower.of(tiny_vit.model), TextTower.of(tiny_rn.model)
+    quick = [type(block.mlp.gelu).__name__ == "QuickGELU" for block in vit.blocks]
+    assert resolve("cuda", tower=vit).activation == ("triton" if all(quick) else "reference")
+    exact_gelu = replace_activations(vit, torch.nn.GELU())
+    assert resolve("cuda", tower=exact_gelu).activation == "reference"
+    with pytest.raises(FastCoopError, match="activation=triton cannot run this model: its activation is not"):
+        resolve("cuda", detail=(("activation", "triton"),), tower=exact_gelu)
+    bidirectional = dataclasses.replace(rn, attn_mask=None)
+    with pytest.warns(UserWarning, match="not exact for it .its attention is bidirectional"):
+        chosen = resolve("cuda", tower=bidirectional)
+    assert (chosen.text, chosen.attention, chosen.add_norm, chosen.loss, chosen.step) == (
+        "reference", "grid", "reference", "triton", "graph")
+    with pytest.raises(FastCoopError, match="attention=triton runs on the fast text path only"):
+        resolve("cuda", detail=(("text", "reference"), ("attention", "triton")))
+
+
+def replace_activations(tower, activation):
+    """A copy of `tower` whose MLPs run `activation`."""
+    blocks = copy.deepcopy(tower.blocks)
+    for block in blocks:
+        block.mlp.gelu = activation
+    return dataclasses.replace(tower, blocks=blocks)
 
 
 def test_the_encoder_and_the_loss_run_what_the_record_names(tiny_vit, monkeypatch):
@@ -98,8 +146,8 @@ def test_a_run_records_its_implementations_and_verbose_prints_them(tmp_path, cap
     assert f"implementations: {expected.describe()}" in out
     assert "time: imports " in out and "(first epoch " in out and "graph capture 0.0 s" in out  # no graph on CPU
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["backends"] == vars(expected) and config["train"]["attention"] == expected.attention
-    assert config["request"]["attention"] == "auto"  # what was asked stays beside what ran
+    assert config["backends"] == vars(expected)
+    assert config["runtime"] == {"device": "cpu", "impl": "fast", "impl_detail": []}  # what was asked, beside
 
 
 def test_only_the_cli_and_the_pipeline_import_the_training_loop():
@@ -137,7 +185,7 @@ def test_the_record_is_what_ran(tmp_path, example_images, monkeypatch, config):
 
     import fastcoop.train as train_module
     from fastcoop.cache import FeatureCache
-    from fastcoop.config import TrainConfig
+    from fastcoop import text_encoder
     from fastcoop.models import load_model
 
     loaded = load_model(str(Path(__file__).parent / "configs" / config), "none")
@@ -151,14 +199,14 @@ def test_the_record_is_what_ran(tmp_path, example_images, monkeypatch, config):
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(train_module.FastTextEncoder, "__init__",
-                        counted("fast", train_module.FastTextEncoder.__init__))
-    monkeypatch.setattr(train_module, "reference_text_features",
-                        counted("reference", train_module.reference_text_features))
+    monkeypatch.setattr(text_encoder.FastTextEncoder, "__init__",
+                        counted("fast", text_encoder.FastTextEncoder.__init__))
+    monkeypatch.setattr(text_encoder, "reference_text_features",
+                        counted("reference", text_encoder.reference_text_features))
     monkeypatch.setattr(train_module, "graphed_or_eager", counted("graph", lambda step: step))
     with FeatureCache(cache) as opened, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train_module.train(opened, loaded, TrainConfig(shots=2, n_ctx=2, epochs=1, device="cpu"),
+        result = train_module.train(opened, loaded, Recipe(shots=2, n_ctx=2, epochs=1),
                                     progress=False)
     ran = "reference" if called["reference"] else "fast"
     assert result.backends.text == ran == ("reference" if "bidirectional" in config else "fast")

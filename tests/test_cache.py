@@ -317,7 +317,7 @@ def test_only_models_whose_unsaved_buffers_are_causal_masks_are_built_on_meta():
 
 
 def test_default_workers_leave_the_gpu_feeder_a_core_and_share_the_node(monkeypatch):
-    from fastcoop.cache.extract import default_workers
+    from fastcoop.cache.plan import default_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -441,11 +441,11 @@ def test_torchrun_two_processes_write_the_one_process_file(tmp_path, example_ima
 def test_disk_full_is_exit_2_and_the_partial_file_resumes(tmp_path, capsys, tiny_vit, example_images, monkeypatch):
     import errno
 
-    from fastcoop.cache import extract
+    from fastcoop.cache import writer
 
     data = read_dataset(example_images)
     whole = extract_features(data, tmp_path / "whole.h5", tiny_vit, **OPTS)
-    write_rows, calls = extract.write_rows, {"n": 0}
+    write_rows, calls = writer.write_rows, {"n": 0}
 
     def full_disk(*args):
         calls["n"] += 1
@@ -453,11 +453,11 @@ def test_disk_full_is_exit_2_and_the_partial_file_resumes(tmp_path, capsys, tiny
             raise OSError(errno.ENOSPC, "No space left on device")
         write_rows(*args)
 
-    monkeypatch.setattr(extract, "write_rows", full_disk)
+    monkeypatch.setattr(writer, "write_rows", full_disk)
     with pytest.raises(FastCoopError, match="disk is full while writing .*resume"):
         extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS)
     assert (tmp_path / "f.h5.partial").exists() and not (tmp_path / "f.h5").exists()
-    monkeypatch.setattr(extract, "write_rows", write_rows)
+    monkeypatch.setattr(writer, "write_rows", write_rows)
     extract_features(data, tmp_path / "f.h5", tiny_vit, **OPTS)
     _assert_same_file(whole, tmp_path / "f.h5")
 

@@ -60,7 +60,7 @@ CASES = [  # (command line, what the one error line must say)
     ("train {w}/notes.txt --out {w}/r", "is not a readable HDF5 feature cache"),
     ("train {w} --out {w}/r", "is a folder, not a feature cache file"),
     ("train {w}/f.h5 --out {w}/r --shots 2 --device tpu", "unknown --device 'tpu'"),
-    ("train {w}/f.h5 --out {w}/r --shots 2 --n-ctx 0", "--n-ctx must be at least 1"),
+    ("train {w}/f.h5 --out {w}/r --shots 2 --n-ctx 0", "Invalid value for '--n-ctx'"),
     ("train {w}/f.h5 --out {w}/r --shots 8", "has no 8-shot subset for seed 1"),
     ("train {w}/f.h5 --out {w}/r --shots all", "holds only the train images of its few-shot subsets"),
     ("train {w}/f.h5 --out {w}/notes.txt/r --shots 2", "{w}/notes.txt is a file"),

@@ -12,7 +12,8 @@ from fastcoop.cocoop import CoCoOpLearner, cocoop_logits
 from fastcoop.datasets import read_dataset
 from fastcoop.run import load_run
 from fastcoop.schedule import lr_at
-from fastcoop.train import TrainConfig, batches_per_epoch, train
+from fastcoop.config import Recipe
+from fastcoop.train import batches_per_epoch, train
 
 NAMES = ["dog", "sea lion", "kite (bird of prey)", "a remarkably long class name of many word tokens", "cat"]
 
@@ -82,7 +83,7 @@ def _published_cocoop_training(cache_path, tiny_vit, seed, epochs, batch_size, l
 def test_cocoop_training_equals_the_published_loop(cache_path, tiny_vit):
     """fastcoop's CoCoOp run (fast per-image prompts, the schedule on the device) against the published loop: the
     context and every Meta-Net weight, fp32, a short schedule with warm-up and cosine decay."""
-    config = TrainConfig(method="cocoop", shots=4, seed=1, epochs=3, batch_size=4, lr=0.05, device="cpu")
+    config = Recipe(method="cocoop", shots=4, seed=1, epochs=3, batch_size=4, lr=0.05)
     with FeatureCache(cache_path) as cache:
         ours = train(cache, tiny_vit, config, progress=False).learner.trainable()
     theirs = _published_cocoop_training(cache_path, tiny_vit, 1, 3, 4, 0.05).trainable()
@@ -96,7 +97,7 @@ def test_cocoop_training_equals_the_published_loop(cache_path, tiny_vit):
 def test_cocoop_runs_stacked_equal_runs_alone(cache_path, tiny_vit):
     from fastcoop.train import train_stack
 
-    configs = [TrainConfig(method="cocoop", shots=4, seed=seed, epochs=2, batch_size=3, lr=0.05, device="cpu")
+    configs = [Recipe(method="cocoop", shots=4, seed=seed, epochs=2, batch_size=3, lr=0.05)
                for seed in (1, 2)]
     with FeatureCache(cache_path) as cache:
         stacked = train_stack(cache, tiny_vit, configs, progress=False)
@@ -107,13 +108,14 @@ def test_cocoop_runs_stacked_equal_runs_alone(cache_path, tiny_vit):
 
 
 def test_the_published_cocoop_recipe_is_the_default():
-    config = TrainConfig(method="cocoop")
+    config = Recipe(method="cocoop").published(num_classes=10, device="cpu")
     assert (config.n_ctx, config.init, config.batch_size, config.epochs, config.lr) == (4, "a photo of a", 1, 10,
                                                                                           0.002)
     assert (config.warmup_epochs, config.warmup_lr, config.momentum, config.weight_decay) == (1, 1e-5, 0.9, 5e-4)
-    assert TrainConfig(method="cocoop", n_ctx=8).init is None  # M = 8 and 16: random init, as published
-    coop = TrainConfig()
-    assert (coop.n_ctx, coop.init, coop.batch_size, coop.epochs) == (16, None, 32, None)
+    assert Recipe(method="cocoop", n_ctx=8).published(10, "cpu").init is None  # M = 8 and 16: random init, as published
+    coop = Recipe().published(num_classes=10, device="cpu")
+    assert (coop.n_ctx, coop.init, coop.batch_size, coop.epochs, coop.precision) == (16, None, 32, 200, "fp32")
+    assert Recipe().published(10, "cuda").precision == "bf16"
 
 
 def test_cli_trains_evaluates_predicts_and_resumes_a_cocoop_run(tmp_path, capsys, cache_path, example_images):

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from conftest import relative, run_cli
 from fastcoop.cache import extract_features
-from fastcoop.config import TrainConfig
+from fastcoop.config import Recipe
 from fastcoop.datasets import read_dataset
 from fastcoop.errors import FastCoopError
 from fastcoop.kgcoop import hand_written_features, hand_written_template
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import coop_loss
+from fastcoop.step import CoOpLoss
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -24,7 +24,7 @@ PETS = ["Abyssinian", "american_bulldog", "basset_hound", "Birman"]
 def test_the_published_kgcoop_recipe_is_the_default():
     """scripts/base2new_train.sh with configs/trainers/KgCoOp/vit_b16_ep100_ctxv1: M = 4 from 'a photo of a',
     batch 128, 100 epochs, λ = 8, CoOp's SGD and schedule; its hand-written prompts per dataset."""
-    config = TrainConfig(method="kgcoop")
+    config = Recipe(method="kgcoop").published(num_classes=10, device="cpu")
     assert (config.n_ctx, config.init, config.batch_size, config.epochs, config.kg_weight) == (
         4, "a photo of a", 128, 100, 8.0)
     assert (config.lr, config.momentum, config.weight_decay, config.warmup_epochs) == (0.002, 0.9, 5e-4, 1)
@@ -32,7 +32,7 @@ def test_the_published_kgcoop_recipe_is_the_default():
     assert hand_written_template("dtd") == "a photo of a {}, a type of texture."  # KgCoOp's, not CoOp's zsclip
     assert hand_written_template(None) == "a photo of a {}."
     with pytest.raises(FastCoopError, match="--kg-weight is KgCoOp's option"):
-        TrainConfig(method="coop", kg_weight=1.0)
+        Recipe(method="coop", kg_weight=1.0)
 
 
 def test_kgcoop_loss_and_gradient_equal_the_papers_formula(tiny_vit):
@@ -51,7 +51,7 @@ def test_kgcoop_loss_and_gradient_equal_the_papers_formula(tiny_vit):
     scale = model.logit_scale.exp().detach()
 
     encoder = FastTextEncoder(model, learner)
-    ours, = coop_loss(lambda learners: encoder()[None], scale, None, "reference", anchor, 8.0)(
+    ours, = CoOpLoss(encoder, scale, None, "reference", anchor, 8.0)(
         [learner], [images], [labels])[0]
     our_grad, = torch.autograd.grad(ours, learner.ctx)
 

@@ -19,7 +19,8 @@ from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
 from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at
 from fastcoop.text_encoder import encode_prompts
-from fastcoop.train import TrainConfig, TrainStep, batches_per_epoch, train
+from fastcoop.config import Recipe, Runtime
+from fastcoop.train import TrainStep, batches_per_epoch, train
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +46,15 @@ def test_the_loop_equals_a_plain_per_epoch_host_loop(cache_path, tiny_vit, monke
     the published schedule, the published text computation and cross-entropy, step by step on the host."""
     import fastcoop.train
 
-    config = dict(shots=4, seed=1, n_ctx=2, epochs=6, batch_size=16, lr=0.02, device="cpu")
+    config = dict(shots=4, seed=1, n_ctx=2, epochs=6, batch_size=16, lr=0.02)
     contexts = []
     for report_seconds in (0.0, 1e9):  # read back after every epoch, or only after the first and the last
         monkeypatch.setattr(fastcoop.train, "REPORT_SECONDS", report_seconds)
         with FeatureCache(cache_path) as cache:
-            contexts.append(train(cache, tiny_vit, TrainConfig(**config), progress=False).learner.ctx.detach())
+            contexts.append(train(cache, tiny_vit, Recipe(**config), progress=False).learner.ctx.detach())
     assert torch.equal(contexts[0], contexts[1])
     with FeatureCache(cache_path) as cache:  # the loop with the published text computation, against the plain one
-        ours = train(cache, tiny_vit, TrainConfig(**config, text_path="reference"), progress=False).learner.ctx
+        ours = train(cache, tiny_vit, Recipe(**config), Runtime(impl="reference"), progress=False).learner.ctx
 
     with FeatureCache(cache_path) as cache:
         rows = cache.rows("train", 4, 1)
@@ -101,10 +102,10 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 8
 
 
-@pytest.mark.parametrize("how", [["--no-graph"], ["--text-path", "reference"]])
+@pytest.mark.parametrize("how", [["--impl-detail", "step=eager"], ["--impl", "reference"]])
 def test_an_interrupted_run_resumes_with_another_implementation(tmp_path, capsys, cache_path, monkeypatch, how):
-    """What a run computes (its recipe) is its identity; how (graph, fused kernels, attention, text path) is not:
-    an interrupted run goes on under another implementation and ends where the uninterrupted one does."""
+    """What a run computes (its recipe) is its identity; how (graph, kernels, text path: its runtime) is not: an
+    interrupted run goes on under another implementation and ends where the uninterrupted one does."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert run_cli(capsys, "train", cache_path, "--out", whole, *TRAIN)[0] == 0
     with monkeypatch.context() as patch:
@@ -114,8 +115,9 @@ def test_an_interrupted_run_resumes_with_another_implementation(tmp_path, capsys
     assert code == 0 and "resuming" in out, err
     theirs = _ctx(whole)
     assert (_ctx(resumed) - theirs).norm() <= 1e-5 * theirs.norm()
-    assert json.loads((resumed / "config.json").read_text())["request"]["graph" if how == ["--no-graph"] else
-                                                                        "text_path"] in (False, "reference")
+    runtime = json.loads((resumed / "config.json").read_text())["runtime"]
+    assert (runtime["impl"], runtime["impl_detail"]) == (("reference", []) if "reference" in how else
+                                                         ("fast", [["step", "eager"]]))
 
 
 def _train_process(cache_path, run_dir, *extra):

@@ -1,5 +1,4 @@
 import copy
-import dataclasses
 import warnings
 
 import pytest
@@ -11,10 +10,11 @@ from conftest import DEVICE, needs_kernel
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.datasets import read_dataset
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import TrainStep, coop_loss, sgd_update_
+from fastcoop.step import CoOpLoss, TrainStep, sgd_update_
 from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
-from fastcoop.train import TrainConfig, train
+from fastcoop.config import Recipe, Runtime
+from fastcoop.train import train
 
 
 def test_sgd_update_equals_torch_sgd():
@@ -42,11 +42,12 @@ def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, positi
     loaded = copy.deepcopy(tiny_vit)  # training moves the text tower to the GPU: keep the shared fixture on CPU
     contexts = []
     for graph in (False, True):
-        config = TrainConfig(shots=4, seed=1, n_ctx=4, csc=csc, position=position, epochs=5, batch_size=16,
-                             precision="fp32", device="cuda", graph=graph)
+        recipe = Recipe(shots=4, seed=1, n_ctx=4, csc=csc, position=position, epochs=5, batch_size=16,
+                        precision="fp32")
+        runtime = Runtime(device="cuda", impl_detail=() if graph else (("step", "eager"),))
         with FeatureCache(path) as cache, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = train(cache, loaded, config, progress=False)
+            result = train(cache, loaded, recipe, runtime, progress=False)
             contexts.append(result.learner.ctx.detach().cpu())
         assert not any("capture failed" in str(w.message) for w in caught)  # the graph really ran
         # the first epoch's parts a graphed step adds, timed
@@ -66,13 +67,13 @@ def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_
     path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=[1, 4], seeds=[1, 2],
                             views=2, batch_size=32, workers=0, progress=False)
     loaded = copy.deepcopy(tiny_vit)
-    configs = [TrainConfig(method=method, shots=shots, seed=seed, epochs=epochs, batch_size=4, lr=0.05,
-                           precision="fp32", device="cuda", graph=True)
+    recipes = [Recipe(method=method, shots=shots, seed=seed, epochs=epochs, batch_size=4, lr=0.05, precision="fp32")
                for shots, seed, epochs in ((4, 1, 3), (1, 2, 2), (4, 2, 4))]
     with FeatureCache(path) as cache, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stacked = train_stack(cache, loaded, configs, progress=False)
-        alone = [train(cache, loaded, dataclasses.replace(config, graph=False), progress=False) for config in configs]
+        stacked = train_stack(cache, loaded, recipes, Runtime(device="cuda"), progress=False)
+        alone = [train(cache, loaded, recipe, Runtime(device="cuda", impl_detail=(("step", "eager"),)),
+                       progress=False) for recipe in recipes]
     assert not any("capture failed" in str(w.message) for w in caught)
     for together, by_itself in zip(stacked, alone):
         for name, theirs in by_itself.learner.trainable().items():
@@ -87,7 +88,7 @@ def gpu_step(tiny_vit, classnames, images: int = 8) -> TrainStep:
     encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
     features = torch.randn(1, images, model.visual.output_dim, device=DEVICE)
     labels = torch.arange(images, device=DEVICE)[None] % len(classnames)
-    loss = coop_loss(lambda learners: encode()[None], model.logit_scale.exp().detach(), torch.bfloat16)
+    loss = CoOpLoss(encode, model.logit_scale.exp().detach(), torch.bfloat16, GPU_BACKENDS.loss)
     return TrainStep([learner], loss,
                      features, labels, torch.randperm(images, device=DEVICE).view(1, 1, 2, images // 2),
                      torch.full((1, 1), 0.002, device=DEVICE), 0.9, 5e-4)

@@ -160,11 +160,11 @@ def test_a_stack_too_big_for_the_device_is_split_and_says_so(tmp_path, capsys, s
 
     train_to_run_dirs, stacks = fastcoop.sweep.train_to_run_dirs, []
 
-    def fits_two(cache, loaded, configs, run_dirs, **options):
-        if len(configs) > 2:
+    def fits_two(cache, loaded, recipes, run_dirs, **options):
+        if len(recipes) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        stacks.append(len(configs))
-        return train_to_run_dirs(cache, loaded, configs, run_dirs, **options)
+        stacks.append(len(recipes))
+        return train_to_run_dirs(cache, loaded, recipes, run_dirs, **options)
 
     monkeypatch.setattr(fastcoop.sweep, "train_to_run_dirs", fits_two)
     args = [a if a != "no,yes" else "no" for a in SWEEP]

@@ -8,12 +8,12 @@ import torch
 
 from conftest import CONFIGS, relative
 from fastcoop import kernels
-from fastcoop.backends import Backends
+from fastcoop.backends import Backends, resolve
 from fastcoop.kernels import mlp_kernel
 from fastcoop.kernels.mlp_kernel import mlp_triton as fused_mlp_triton
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, encode_prompts
+from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, encode_prompts, text_encoder
 from fastcoop.text_tower import TextTower
 
 # 1 to 10+ tokens, including names whose last token merges with the '.' in BPE
@@ -23,9 +23,10 @@ MATRIX = list(itertools.product([False, True], ["end", "middle", "front"], [None
 
 
 def features_and_grad(model, learner, mode, attention="grid", fused=False, pack_rows=PACK_ROWS, fused_mlp=False):
-    elementwise = "triton" if fused else "reference"
-    backends = Backends(attention=attention, add_norm=elementwise, activation=elementwise,
-                        mlp="triton" if fused_mlp else "reference")
+    # what the resolver picks for this tower on a GPU (the kernels that serve its modules), with these choices
+    detail = (("attention", attention), ("mlp", "triton" if fused_mlp else "reference")) + (
+        () if fused else (("add_norm", "reference"), ("activation", "reference")))
+    backends = resolve("cuda", detail=detail, tower=TextTower.of(model))
     features = (FastTextEncoder(model, learner, backends, pack_rows=pack_rows)()
                 if mode == "fast"
                 else encode_prompts(model, learner, mode))
@@ -131,12 +132,18 @@ def test_reference_equals_open_clip_encode_text_for_hand_written_words(tiny_vit)
         torch.testing.assert_close(encode_prompts(tiny_vit.model, learner, mode), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_bidirectional_tower_falls_back_to_exact_path():
+def test_a_bidirectional_tower_runs_the_published_path():
+    """The resolver gives a tower the fast path cannot run exactly the reference path (with a warning); the fast
+    encoder itself refuses it rather than compute something else."""
     loaded = load_model(str(CONFIGS / "tiny-bidirectional.json"), "none")
     learner = PromptLearner(loaded.model, loaded.tokenizer, CLASSNAMES, n_ctx=4)
     with pytest.warns(UserWarning, match="bidirectional"):
-        fast = encode_prompts(loaded.model, learner, "fast")
-    torch.testing.assert_close(fast, encode_prompts(loaded.model, learner, "reference"))
+        backends = resolve("cpu", tower=TextTower.of(loaded.model))
+    assert backends.text == "reference"
+    torch.testing.assert_close(text_encoder(loaded.model, learner, backends)(),
+                               encode_prompts(loaded.model, learner, "reference"))
+    with pytest.raises(ValueError, match="not exact for this model .its attention is bidirectional"):
+        FastTextEncoder(loaded.model, learner)
 
 
 def test_layouts_place_the_class_tokens(tiny_vit):

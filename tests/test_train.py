@@ -10,7 +10,8 @@ from fastcoop.evaluate import run_text_features
 from fastcoop.predict import predict_images
 from fastcoop.run import load_run
 from fastcoop.schedule import lr_at, published_epochs
-from fastcoop.train import TrainConfig, batches_per_epoch, train
+from fastcoop.config import Recipe, Runtime
+from fastcoop.train import batches_per_epoch, train
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,9 @@ def test_fast_and_reference_training_end_with_the_same_context(cache_path, tiny_
     """50 steps (48 train images / batch 16 = 3 steps × 17 epochs), same seed and batches, fp32."""
     contexts = {}
     for path in ("fast", "reference"):
-        config = TrainConfig(shots=4, seed=1, n_ctx=4, csc=csc, position=position, epochs=17, batch_size=16,
-                             lr=0.05, device="cpu", text_path=path)
+        recipe = Recipe(shots=4, seed=1, n_ctx=4, csc=csc, position=position, epochs=17, batch_size=16, lr=0.05)
         with FeatureCache(cache_path) as cache:
-            result = train(cache, tiny_vit, config, progress=False)
+            result = train(cache, tiny_vit, recipe, Runtime(impl=path), progress=False)
         assert sum(r["steps"] for r in result.history) == 51
         contexts[path] = result.learner.ctx.detach()
     fast, ref = contexts["fast"], contexts["reference"]
@@ -46,7 +46,7 @@ def test_fast_and_reference_training_end_with_the_same_context(cache_path, tiny_
 
 
 def test_training_learns(cache_path, tiny_vit):
-    config = TrainConfig(shots=4, seed=2, n_ctx=4, csc=True, epochs=60, batch_size=16, device="cpu")
+    config = Recipe(shots=4, seed=2, n_ctx=4, csc=True, epochs=60, batch_size=16)
     with FeatureCache(cache_path) as cache:
         result = train(cache, tiny_vit, config, progress=False)
     first, last = result.history[0], result.history[-1]
@@ -57,13 +57,13 @@ def test_training_learns(cache_path, tiny_vit):
 def test_cli_train_eval_predict_roundtrip(tmp_path, capsys, cache_path, example_images):
     run_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", cache_path, "--out", run_dir, "--shots", "4", "--seed", "1",
-                             "--n-ctx", "4", "--epochs", "3", "--device", "cpu", "--no-fused")
+                             "--n-ctx", "4", "--epochs", "3", "--device", "cpu", "--impl", "reference")
     assert code == 0, err
     assert {p.name for p in run_dir.iterdir()} == {"prompt.safetensors", "config.json", "metrics.jsonl",
                                                     "results.json", "curve.png"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["epochs"] == 3 and config["model"] == TINY_VIT and len(config["classnames"]) == 12
-    assert config["train"]["fused"] is False  # recorded, and read back by load_run below
+    assert config["runtime"]["impl"] == "reference" and config["backends"]["text"] == "reference"  # recorded
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] > 0 and results["train_seconds"] > 0 and results["setup_seconds"] > 0
@@ -98,7 +98,10 @@ def test_zeroshot_cli(capsys, cache_path, tmp_path):
     (["eval", "{tmp}", "{cache}"], "not a fastcoop run directory"),
     (["train", "{tmp}/missing.h5", "--out", "{tmp}/r"], "does not exist"),
     (["zeroshot", "{cache}", "--templates", "no-such-set"], "no built-in templates"),
-    (["train", "{cache}", "--out", "{tmp}/r", "--shots", "4", "--attention", "flex", "--device", "cpu"], "GPU only"),
+    (["train", "{cache}", "--out", "{tmp}/r", "--shots", "4", "--impl-detail", "attention=flex", "--device", "cpu"],
+     "GPU only"),
+    (["train", "{cache}", "--out", "{tmp}/r", "--impl-detail", "attention=fast"], "attention takes grid or triton or flex"),
+    (["train", "{cache}", "--out", "{tmp}/r", "--impl-detail", "norm=triton"], "unknown op 'norm'"),
     (["zeroshot", "{cache}", "--cupl", "{tmp}/missing.json"], "cannot read CuPL file"),
 ])
 def test_cli_errors(capsys, tmp_path, cache_path, args, message):
@@ -126,7 +129,7 @@ def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_
     from fastcoop.prompts import PromptLearner
     from fastcoop.reference import published_step
 
-    config = TrainConfig(shots=4, seed=1, n_ctx=4, epochs=2, batch_size=16, warmup_epochs=0, device="cpu")
+    config = Recipe(shots=4, seed=1, n_ctx=4, epochs=2, batch_size=16, warmup_epochs=0)
     with FeatureCache(cache_path) as cache:
         result = train(cache, tiny_vit, config, progress=False)
         rows = cache.rows("train", 4, 1)
@@ -200,7 +203,7 @@ def _views_per_epoch(cache, tiny_vit, monkeypatch, epochs):
     load_view = TrainStep.load_view
     monkeypatch.setattr(TrainStep, "load_view",
                         lambda self, run, features: (seen.append(features.clone()), load_view(self, run, features)))
-    config = TrainConfig(shots=4, seed=1, n_ctx=2, epochs=epochs, batch_size=16, device="cpu")
+    config = Recipe(shots=4, seed=1, n_ctx=2, epochs=epochs, batch_size=16)
     return seen, train(cache, tiny_vit, config, progress=False)
 
 
@@ -248,7 +251,7 @@ def test_a_cache_without_augmented_views_trains_on_the_eval_view_and_says_so(tmp
 
 
 def test_auto_views_cache_one_view_per_published_epoch(tmp_path, tiny_vit, example_images):
-    from fastcoop.cache.extract import auto_views
+    from fastcoop.cache.plan import auto_views
 
     assert [auto_views([s], 100) for s in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
     assert auto_views([1, 2, 4], 100) == 100 and auto_views(None, 100) == 50  # the longest schedule; 'all'
@@ -265,8 +268,8 @@ def test_runs_trained_stacked_equal_runs_trained_alone(cache_path, tiny_vit, csc
     full schedule with warm-up and cosine decay."""
     from fastcoop.train import train_stack
 
-    configs = [TrainConfig(shots=4, seed=seed, n_ctx=3, csc=csc, position=position, epochs=4, batch_size=16,
-                           lr=0.05, device="cpu") for seed in (1, 2)]
+    configs = [Recipe(shots=4, seed=seed, n_ctx=3, csc=csc, position=position, epochs=4, batch_size=16,
+                           lr=0.05) for seed in (1, 2)]
     with FeatureCache(cache_path) as cache:
         stacked = train_stack(cache, tiny_vit, configs, progress=False)
         alone = [train(cache, tiny_vit, config, progress=False) for config in configs]
@@ -339,9 +342,9 @@ def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache
     CPU, where it would alone."""
     from fastcoop.train import train_stack
 
-    recipe = dict(method=method, n_ctx=3, batch_size=5 if method == "coop" else 2, lr=0.05, device="cpu")
-    configs = [TrainConfig(shots=4, seed=1, epochs=3, **recipe), TrainConfig(shots=1, seed=2, epochs=2, **recipe),
-               TrainConfig(shots=2, seed=1, epochs=5, **recipe), TrainConfig(shots=4, seed=2, epochs=4, **recipe)]
+    recipe = dict(method=method, n_ctx=3, batch_size=5 if method == "coop" else 2, lr=0.05)
+    configs = [Recipe(shots=4, seed=1, epochs=3, **recipe), Recipe(shots=1, seed=2, epochs=2, **recipe),
+               Recipe(shots=2, seed=1, epochs=5, **recipe), Recipe(shots=4, seed=2, epochs=4, **recipe)]
     with FeatureCache(protocol_cache) as cache:
         stacked = train_stack(cache, tiny_vit, configs, progress=False)
         alone = [train(cache, tiny_vit, config, progress=False) for config in configs]
@@ -351,7 +354,7 @@ def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache
             assert torch.equal(together.learner.trainable()[name], tensor), name
         assert [r["loss"] for r in together.history] == [r["loss"] for r in by_itself.history]
         assert [r["train_acc"] for r in together.history] == [r["train_acc"] for r in by_itself.history]
-        assert together.checkpoint.epochs_done == together.config.epochs
+        assert together.checkpoint.epochs_done == together.recipe.epochs
 
 
 def test_a_stack_resumes_each_run_from_its_own_epoch(protocol_cache, tiny_vit, monkeypatch):
@@ -360,7 +363,7 @@ def test_a_stack_resumes_each_run_from_its_own_epoch(protocol_cache, tiny_vit, m
     from fastcoop.train import train_stack
 
     monkeypatch.setattr("fastcoop.train.REPORT_SECONDS", 0.0)  # a checkpoint after every epoch
-    configs = [TrainConfig(shots=shots, seed=1, n_ctx=3, epochs=4, batch_size=5, lr=0.05, device="cpu")
+    configs = [Recipe(shots=shots, seed=1, n_ctx=3, epochs=4, batch_size=5, lr=0.05)
                for shots in (4, 1)]
     with FeatureCache(protocol_cache) as cache:
         checkpoints = [{}, {}]
