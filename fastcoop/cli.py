@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from fastcoop import machine
 from fastcoop.config import Recipe, Runtime, option_fields, parse_impl_detail
 from fastcoop.datasets import DATASETS
 from fastcoop.errors import FastCoopError
@@ -278,7 +279,7 @@ def _describe_cache(path, seconds):
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @_field_options(Recipe, ("method", "shots", "seed", "classes", "n_ctx", "csc", "position", "init", "epochs",
                          "batch_size", "lr", "precision", "kg_weight"))
-@_field_options(Runtime, ("device", "impl", "impl_detail"))
+@_field_options(Runtime, ("device", "impl", "impl_detail", "threads"))
 @click.option("--verbose", is_flag=True, help="Print which implementation runs each op, and where the time went.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out (finished, or made otherwise).")
 @click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0),
@@ -316,6 +317,7 @@ def train(cache_file, run_dir, verbose, overwrite, save_every, profile, **option
     imported = time.perf_counter()
     device = resolve_device(runtime.device)
     resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
+    runtime = _with_threads(runtime)
     hash_triton_in_background(device)
     click.get_current_context().with_resource(held(run_dir))  # until the command ends
     request = dataclasses.asdict(recipe.published(len(cache.classnames), device))
@@ -333,6 +335,23 @@ def train(cache_file, run_dir, verbose, overwrite, save_every, profile, **option
     result, results = train_to_run_dir(cache, loaded, recipe, run_dir, runtime, timings=timings,
                                        overwrite=overwrite, save_every=save_every, profile=profile)
     _say_trained(result, results, run_dir, profile, verbose)
+    if verbose:
+        click.echo(f"CPU threads: {runtime.threads} ({machine.usable_cores()} cores usable, "
+                   f"{_others_running():.0f} other thread(s) running at the start)")
+
+
+def _others_running() -> float:
+    """What main() saw running beside this process when it started (0 when the CLI is called otherwise)."""
+    return (click.get_current_context().obj or {}).get("others_running", 0.0)
+
+
+def _with_threads(runtime):
+    """The runtime with torch's CPU threads set: --threads, or chosen from the machine (machine.cpu_threads)."""
+    import torch
+
+    threads = runtime.threads or machine.cpu_threads(_others_running(), machine.usable_cores())
+    torch.set_num_threads(threads)
+    return dataclasses.replace(runtime, threads=threads)
 
 
 def _say_trained(result, results: dict, run_dir: Path, profile: Path | None, verbose: bool) -> None:
@@ -517,7 +536,7 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--eval-on", default=None,
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")
-@_field_options(Runtime, ("device", "impl", "impl_detail"))
+@_field_options(Runtime, ("device", "impl", "impl_detail", "threads"))
 def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, no_stack, eval_on, **options):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
@@ -559,7 +578,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, no_stack, eval_on
     for variant in variants:  # options the method does not have fail here, before any work
         dataclasses.replace(base, **dataclasses.asdict(variant))
     world, device = join(resolve_device(runtime.device))
-    runtime = dataclasses.replace(runtime, device=device)
+    runtime = _with_threads(dataclasses.replace(runtime, device=device))
     resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
     check_writable(out, "sweep folder", folder=True)
     if world.is_writer:
@@ -638,35 +657,16 @@ def demo(folder, model, pretrained, device):
     run_demo(folder, model, pretrained, device)
 
 
-def others_running() -> float:
-    """How much else runs now: the kernel's count of runnable threads less this one, the least of three looks 5 ms
-    apart (a passing process is not load); where there is no /proc, the 1-minute load average."""
-    try:
-        counts = []
-        for _ in range(3):
-            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
-            time.sleep(0.005)
-        return min(counts)
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]
-
-
-def wait_policy(others: float) -> str:
-    """How torch's OpenMP threads wait: on an idle machine they spin (the fastest hand-over between small ops);
-    beside other work they sleep, so that a run gets its share of the cores instead of waiting on its own
-    descheduled, spinning threads."""
-    return "ACTIVE" if others < 0.5 else "PASSIVE"
-
-
 def main(argv: list[str] | None = None):
     """Entry point: FastCoopError → 'error: …' and exit 2; Ctrl-C or SIGTERM → exit 130, saying what was kept."""
+    others = machine.others_running()
     if "OMP_WAIT_POLICY" not in os.environ:  # read once, when torch loads: decided before any import of it
-        os.environ["OMP_WAIT_POLICY"] = wait_policy(others_running())
+        os.environ["OMP_WAIT_POLICY"] = machine.wait_policy(others)
     logging.basicConfig(level=logging.ERROR)  # our own lines say what open_clip's warnings would
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves like Ctrl-C
     try:
-        cli.main(args=argv, prog_name="fastcoop", standalone_mode=False)
+        cli.main(args=argv, prog_name="fastcoop", standalone_mode=False, obj={"others_running": others})
     except FastCoopError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -109,7 +109,8 @@ class Recipe:
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a run is computed. `impl_detail`: single ops' implementations over what `impl` picks, as
-    (op, choice) pairs; fastcoop.backends.resolve decides from these what runs."""
+    (op, choice) pairs; fastcoop.backends.resolve decides from these what runs. `threads`: torch's CPU threads
+    (None: chosen from the machine, fastcoop.machine.cpu_threads; a run records the number it used)."""
 
     device: str = field(default="auto", metadata=option("auto, cpu or cuda[:N]."))
     impl: str = field(default="fast", metadata=option(
@@ -119,6 +120,9 @@ class Runtime:
     impl_detail: tuple[tuple[str, str], ...] = field(default=(), metadata=option(
         "Expert: single ops' implementations over --impl, e.g. attention=flex,mlp=triton,step=eager (ops and "
         "choices: the README's implementation table).", kind="impl_detail"))
+    threads: int | None = field(default=None, metadata=option(
+        "torch's CPU threads  [default: one per core this process may use, less one per other busy thread on "
+        "the machine]", min=1))
 
 
 def parse_impl_detail(text: str) -> tuple[tuple[str, str], ...]:

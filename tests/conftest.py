@@ -73,3 +73,16 @@ def ctrl_c_after_epoch(monkeypatch, epochs: int) -> None:
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(TrainStep, "end_epoch", end_epoch_then_ctrl_c)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A parametrized test's first case is quick; its other cases (more shapes, dtypes, layouts of what the first
+    already runs) are `slow`, so that `-m "not slow"` still runs every test function once."""
+    seen = set()
+    for item in items:
+        if getattr(item, "callspec", None) is None:
+            continue
+        function = (item.path, item.originalname)
+        if function in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(function)

@@ -129,6 +129,7 @@ def test_interrupted_run_resumes_to_identical_file(tmp_path, tiny_vit, example_i
     _assert_same_file(whole, tmp_path / "resumed.h5")
 
 
+@pytest.mark.slow
 def test_corrupt_image_exit_2_or_skipped(tmp_path, capsys, example_images):
     import shutil
 

@@ -172,7 +172,7 @@ def test_cpu_threads_spin_only_on_an_idle_machine_unless_asked(tmp_path, capsys,
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     if preset:
         monkeypatch.setenv("OMP_WAIT_POLICY", preset)
-    monkeypatch.setattr("fastcoop.cli.others_running", lambda: load)
+    monkeypatch.setattr("fastcoop.machine.others_running", lambda: load)
     assert run_cli(capsys, "datasets", tmp_path)[0] == 0
     assert os.environ["OMP_WAIT_POLICY"] == expected
 
@@ -182,7 +182,7 @@ def test_busy_processes_are_seen_as_load():
     import sys
     import time
 
-    from fastcoop.cli import others_running
+    from fastcoop.machine import others_running
 
     busy = [subprocess.Popen([sys.executable, "-c", "while True:\n    pass"]) for _ in range(2)]
     try:
@@ -192,3 +192,21 @@ def test_busy_processes_are_seen_as_load():
         for process in busy:
             process.kill()
             process.wait()
+
+
+def test_cpu_threads_take_the_cores_left_by_other_work(monkeypatch, tmp_path):
+    """A thread per usable core on an idle machine, one fewer per other busy thread, never none; the cores are the
+    affinity's, capped by a container's CPU quota."""
+    from fastcoop import machine
+
+    assert [machine.cpu_threads(others, 2) for others in (0, 0.4, 1, 3)] == [2, 2, 1, 1]
+    assert [machine.cpu_threads(others, 16) for others in (0, 2, 15, 40)] == [16, 14, 1, 1]
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    real_path = machine.Path
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(machine, "Path", lambda p: quota if p == "/sys/fs/cgroup/cpu.max" else real_path(p))
+    quota.write_text("150000 100000\n")
+    assert machine.usable_cores() == 2
+    quota.write_text("max 100000\n")
+    assert machine.usable_cores() == 4
+

@@ -242,6 +242,7 @@ def imagenet_caches(tmp_path_factory, example_images):
     return caches
 
 
+@pytest.mark.slow
 def test_a_run_on_imagenet_is_tested_on_its_variants_and_reported(tmp_path, capsys, imagenet_caches):
     import json
 

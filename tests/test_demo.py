@@ -25,3 +25,13 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, capsys):
         assert f"| {method} | base |" in out and f"| {100 * results['test']['top1']:.2f} |" in out
         assert f"| {100 * results['test_new']['top1']:.2f} |" in out
     assert "new top-1 | H |" in out
+
+
+def test_demo_refuses_a_file_as_its_folder_and_an_unknown_model(tmp_path, capsys):
+    """Answered before anything is made or written."""
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    code, _, err = run_cli(capsys, "demo", "--dir", taken, "--model", TINY_VIT, "--device", "cpu")
+    assert code == 2 and "taken" in err and taken.read_text() == "mine"
+    code, _, err = run_cli(capsys, "demo", "--dir", tmp_path / "new", "--model", "no-such-model", "--device", "cpu")
+    assert code == 2 and "no-such-model" in err and not (tmp_path / "new").exists()

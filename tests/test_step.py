@@ -109,6 +109,7 @@ def test_the_gpu_step_stays_within_its_launch_budget(tiny_vit):
     assert ops["_to_copy"] <= 2 and not set(ops) & {"index", "index_put", "select_backward", "zeros", "ones_like"}, ops
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_one_set_of_triton_kernels_serves_every_dataset_size(tiny_vit):
     """A warm kernel cache serves a dataset of any size: the step's Triton launches need the same compiled
@@ -141,6 +142,7 @@ def test_compiling_in_parallel_asks_for_every_kernel_and_runs_none(tiny_vit):
     assert inside == {name: n for name, n in outside.items() if not name.startswith("triton ")}
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_stacked_runs_need_no_kernels_of_their_own(tiny_vit):
     """Runs stacked in one step (a sweep's seeds) are more heads of the same attention launches: 8 runs of the tiny

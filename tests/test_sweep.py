@@ -151,6 +151,7 @@ def test_a_cocoop_base_to_new_sweep_stacks_seeds_and_reports_base_new_and_h(tmp_
     assert code == 2 and "CoCoOp learns one context" in err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_stack_too_big_for_the_device_is_split_and_says_so(tmp_path, capsys, split_cache, monkeypatch):
     """Out of device memory, a variant's stack trains as halves (down to stacks that fit), each run as it would
     have in the one stack."""

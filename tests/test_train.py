@@ -45,6 +45,7 @@ def test_fast_and_reference_training_end_with_the_same_context(cache_path, tiny_
     assert (fast - ref).norm() <= 1e-4 * ref.norm()
 
 
+@pytest.mark.slow
 def test_training_learns(cache_path, tiny_vit):
     config = Recipe(shots=4, seed=2, n_ctx=4, csc=True, epochs=60, batch_size=16)
     with FeatureCache(cache_path) as cache:
@@ -109,6 +110,7 @@ def test_cli_errors(capsys, tmp_path, cache_path, args, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_run_dir_from_another_cache_is_refused(capsys, tmp_path, tiny_vit, example_images, cache_path):
     other = extract_features(read_dataset(example_images), tmp_path / "other.h5", tiny_vit, shots=4, seeds=[1],
                              batch_size=32, workers=0, progress=False)
@@ -154,6 +156,7 @@ def test_cached_training_follows_the_published_steps_on_pixels(cache_path, tiny_
     assert (ours - theirs).norm() <= 1e-3 * theirs.norm()
 
 
+@pytest.mark.slow
 def test_predict_and_eval_refuse_bad_input(capsys, tmp_path, cache_path, tiny_rn, example_images):
     run_dir = tmp_path / "run"
     assert run_cli(capsys, "train", cache_path, "--out", run_dir, "--shots", "4", "--n-ctx", "2", "--epochs", "1")[0] == 0
@@ -335,6 +338,7 @@ def protocol_cache(tmp_path_factory, tiny_vit, example_images):
                             seeds=[1, 2], views=2, batch_size=32, workers=0, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop"])
 def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache, tiny_vit, method):
     """The protocol's shape in one stack: runs of 1, 2 and 4 shots (other batch sizes and steps per epoch) and two
@@ -392,3 +396,25 @@ def test_context_words_that_contradict_m_or_say_nothing_are_refused(capsys, cach
     assert not (tmp_path / "r" / "config.json").exists()
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "ok", "--init", "a photo of a", "--n-ctx", "4")
     assert code == 0, err
+
+
+def test_a_run_records_the_cpu_threads_it_used_and_threads_overrides(tmp_path, capsys, monkeypatch, cache_path):
+    import json
+
+    import torch
+
+    monkeypatch.setattr("fastcoop.machine.others_running", lambda: 5)  # a busy machine: one thread
+    before = torch.get_num_threads()
+    try:
+        code, out, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "busy", "--shots", "4", "--n-ctx",
+                                 "2", "--epochs", "1", "--device", "cpu", "--verbose")
+        assert code == 0, err
+        assert "CPU threads: 1 (" in out and "5 other thread(s)" in out
+        assert json.loads((tmp_path / "busy" / "config.json").read_text())["runtime"]["threads"] == 1
+        code, _, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "asked", "--shots", "4", "--n-ctx",
+                               "2", "--epochs", "1", "--device", "cpu", "--threads", "3")
+        assert code == 0, err
+        assert json.loads((tmp_path / "asked" / "config.json").read_text())["runtime"]["threads"] == 3
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
