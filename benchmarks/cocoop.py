@@ -17,6 +17,7 @@ from fastcoop.fewshot import class_subset
 from fastcoop.models import load_model
 from fastcoop.step import TrainStep, graphed_or_eager
 from fastcoop.text_encoder import FastTextEncoder
+from fastcoop.text_tower import TextTower
 
 
 def published_cocoop_step(loaded, model, classnames, batch: int, device: str):
@@ -42,7 +43,7 @@ def fastcoop_cocoop_step(loaded, model, classnames, batch: int, device: str):
     dtype = torch.bfloat16 if device.startswith("cuda") else None
     learner = CoCoOpLearner(model, loaded.tokenizer, classnames).to(device)
     _, labels, features = random_batch(model, len(classnames), device, batch)
-    encoder = FastTextEncoder(model, learner, resolve(device), weight_dtype=dtype)
+    encoder = FastTextEncoder(model, learner, resolve(device, tower=TextTower.of(model)), weight_dtype=dtype)
     loss = CoCoOpLoss(encoder, model.logit_scale.exp().detach(), dtype)
     order = torch.arange(batch, device=device)[None, None, None]
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
@@ -78,7 +79,7 @@ def run_cocoop_section(model_name: str, k: int, batches: list[int], eval_images:
               f"({published / fast:.1f}×)", flush=True)
     learner = CoCoOpLearner(model, loaded.tokenizer, classnames).to(device)
     test_features = torch.randn(eval_images, model.visual.output_dim)
-    classify = prompt_classifier(model, learner, resolve(device))
+    classify = prompt_classifier(model, learner, resolve(device, tower=TextTower.of(model)))
     seconds = median_ms(lambda: classify(test_features), device, max(1, repeats // 10)) / 1000
     rows.append({"model": model_name, "classes": k, "eval_images": eval_images, "eval_seconds": seconds})
     print(f"  cocoop evaluation {model_name}: {eval_images} test images × {k} classes in {seconds:.1f} s", flush=True)

@@ -8,17 +8,18 @@ from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.step import CoOpLoss, TrainStep
 from fastcoop.text_encoder import FastTextEncoder, ReferenceTextEncoder
+from fastcoop.text_tower import TextTower
 
 
 def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
     """Max |Δ| of the text features (relative to their max magnitude), and of the context after `steps` SGD
     steps on the same random batches, fast path against the 77-token reference."""
     rows, loaded = [], {}
-    backends = resolve(device)  # what training uses here: the Triton kernels on GPU
     for model_name, k, n_ctx, csc in configs:
         if model_name not in loaded:
             loaded = {model_name: load_model(model_name, "none", device)}
         model, tokenizer = loaded[model_name].model, loaded[model_name].tokenizer
+        backends = resolve(device, tower=TextTower.of(model))  # what training runs here: the kernels on a GPU
         gen = torch.Generator().manual_seed(0)
         features = torch.randn(4 * 32, model.text_projection.shape[-1], generator=gen).to(device)
         labels = torch.randint(k, (4 * 32,), generator=gen).to(device)

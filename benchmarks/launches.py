@@ -21,9 +21,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import real_classnames
-from fastcoop.backends import resolve
+from fastcoop.backends import Backends, resolve
 from fastcoop.kernels import INTERPRET
 from fastcoop.models import load_model
+from fastcoop.text_tower import TextTower
 
 # allocations without a fill: no kernel
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
@@ -126,7 +127,9 @@ def triton_variants(fn) -> set:
     return variants
 
 
-GPU_BACKENDS = resolve("cuda")  # what a GPU step runs (choosing needs no GPU)
+def gpu_backends(model) -> Backends:
+    """What a GPU step runs for `model`'s tower (choosing needs no GPU)."""
+    return resolve("cuda", tower=TextTower.of(model))
 
 
 def step_device_ops(model_name: str, classes: int, device: str, n_ctx: int = 16) -> Counter:
@@ -136,8 +139,9 @@ def step_device_ops(model_name: str, classes: int, device: str, n_ctx: int = 16)
     from benchmarks.step import step_variants
 
     torch.manual_seed(0)
-    step = step_variants(load_model(model_name, "none", device), real_classnames(classes), device, n_ctx=n_ctx,
-                         precision=torch.bfloat16, graph=False, backends=GPU_BACKENDS)["fastcoop_eager"]
+    loaded = load_model(model_name, "none", device)
+    step = step_variants(loaded, real_classnames(classes), device, n_ctx=n_ctx, precision=torch.bfloat16,
+                         graph=False, backends=gpu_backends(loaded.model))["fastcoop_eager"]
     step()  # the first call may do one-off work (casts, compiles)
     return device_ops(step)
 

@@ -47,7 +47,8 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
                             enabled=published_dtype is not None):
             published_step(model, learner, images, labels, optimizer)
 
-    loss_backend = (backends or resolve(device)).loss
+    backends = backends or resolve(device, tower=TextTower.of(model))
+    loss_backend = backends.loss
 
     def make(encoder, dtype):
         step = TrainStep([learner], CoOpLoss(encoder, scale, dtype, loss_backend), features[None],
@@ -61,13 +62,13 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
 
     variants = {"published": published,
                 "cached_77_tokens": make(ReferenceTextEncoder(model, learner), published_dtype)[1]}
-    step, eager = make(FastTextEncoder(model, learner, backends or resolve(device), weight_dtype=precision),
+    step, eager = make(FastTextEncoder(model, learner, backends, weight_dtype=precision),
                        precision)
     variants["fastcoop_eager"] = eager
     if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, norms fused or not
         for name, options in GRAPH_VARIANTS.items():
             try:
-                backends = replace(resolve(device), **options.get("backends", {}))
+                backends = replace(resolve(device, tower=TextTower.of(model)), **options.get("backends", {}))
                 step, _ = make(FastTextEncoder(model, learner, backends, weight_dtype=precision,
                                                pack_rows=options.get("pack_rows", PACK_ROWS)), precision)
                 graphed = CudaGraphStep(step)
@@ -135,9 +136,10 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     n = shots * len(classnames)
     features = torch.randn(n, model.visual.output_dim, device=device)
     labels = torch.arange(n, device=device) % len(classnames)
-    encode = FastTextEncoder(model, learner, resolve(device), weight_dtype=precision)
+    backends = resolve(device, tower=TextTower.of(model))
+    encode = FastTextEncoder(model, learner, backends, weight_dtype=precision)
     order = torch.randperm(n, device=device)[:n // batch * batch].view(1, 1, n // batch, batch)
-    loss = CoOpLoss(encode, model.logit_scale.exp().detach().to(device), precision, resolve(device).loss)
+    loss = CoOpLoss(encode, model.logit_scale.exp().detach().to(device), precision, backends.loss)
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
                      0.9, 5e-4)
     resident = torch.cuda.memory_allocated() - before

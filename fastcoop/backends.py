@@ -76,7 +76,7 @@ def resolve(device: str | torch.device, impl: str = "fast", detail: tuple[tuple[
     for op, choice in asked.items():
         _check_runs(op, choice, on_gpu, triton)
     chosen = replace(chosen, **asked)
-    unfit = _unfit_for(tower, chosen) if tower is not None else {}
+    unfit = unfit_for(tower, chosen) if tower is not None else {}
     for op, why in unfit.items():
         if op in asked:
             raise FastCoopError(f"--impl-detail {op}={asked[op]} cannot run this model: {why}")
@@ -101,8 +101,9 @@ def _check_runs(op: str, choice: str, on_gpu: bool, triton: bool) -> None:
         raise FastCoopError(f"--impl-detail {op}={choice} needs a CUDA GPU")
 
 
-def _unfit_for(tower, chosen: Backends) -> dict[str, str]:
-    """The ops `chosen` names a faster implementation for that cannot run `tower` exactly, and why."""
+def unfit_for(tower, chosen: Backends) -> dict[str, str]:
+    """The ops `chosen` names a faster implementation for that cannot run `tower` exactly, and why (resolve decides
+    against them; FastTextEncoder refuses a record that names them)."""
     problem = tower.fast_path_problem()
     if chosen.text == "fast" and problem:
         return {"text": f"the fast text path is not exact for it ({problem})"}

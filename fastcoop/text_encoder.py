@@ -15,7 +15,7 @@ Towers for which this is not exact (no causal mask, other pooling, custom blocks
 import torch
 import torch.nn.functional as F
 
-from fastcoop.backends import Backends
+from fastcoop.backends import Backends, unfit_for
 from fastcoop.kernels.add_layer_norm_reference import add_layer_norm_reference
 from fastcoop.kernels.prefix_attention_flex import prefix_attention_flex, prefix_class_block_mask
 from fastcoop.kernels.prefix_attention_reference import PackedLayout, prefix_attention_reference
@@ -106,6 +106,11 @@ class FastTextEncoder:
         if problem:
             raise ValueError(f"the fast text path is not exact for this model ({problem}): fastcoop.backends.resolve "
                              "chooses the reference path for it")
+        unfit = unfit_for(tower, backends)
+        if unfit:  # what resolve(..., tower=) would have decided against: never computed wrongly, nor swapped here
+            op, why = next(iter(unfit.items()))
+            raise ValueError(f"{op}={getattr(backends, op)} cannot run this model ({why}): resolve the backends "
+                             "with its tower")
         self.backends, self.tower, self.learner = backends, tower, learner
         device = learner.ctx.device
         if weight_dtype is not None or tower.positional_embedding.device != device:

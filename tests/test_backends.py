@@ -89,6 +89,15 @@ def test_kernels_that_cannot_serve_the_models_modules_are_decided_against_once(t
     assert resolve("cuda", tower=exact_gelu).activation == "reference"
     with pytest.raises(FastCoopError, match="activation=triton cannot run this model: its activation is not"):
         resolve("cuda", detail=(("activation", "triton"),), tower=exact_gelu)
+    from fastcoop.prompts import PromptLearner
+    from fastcoop.text_encoder import FastTextEncoder
+
+    model = copy.deepcopy(tiny_vit.model)
+    for block in TextTower.of(model).blocks:
+        block.mlp.gelu = torch.nn.GELU()
+    learner = PromptLearner(model, tiny_vit.tokenizer, ["cat", "dog"], n_ctx=2)
+    with pytest.raises(ValueError, match="activation=triton cannot run this model"):  # a record made without it
+        FastTextEncoder(model, learner, Backends(activation="triton"))
     bidirectional = dataclasses.replace(rn, attn_mask=None)
     with pytest.warns(UserWarning, match="not exact for it .its attention is bidirectional"):
         chosen = resolve("cuda", tower=bidirectional)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks.common import real_classnames
-from benchmarks.launches import GPU_BACKENDS, compile_requests, device_ops, triton_variants
+from benchmarks.launches import compile_requests, device_ops, gpu_backends, triton_variants
 from conftest import DEVICE, needs_kernel
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.datasets import read_dataset
@@ -85,10 +85,11 @@ def gpu_step(tiny_vit, classnames, images: int = 8) -> TrainStep:
     """A training step as a GPU runs it (Triton kernels, bf16 weights under autocast), on the tiny ViT."""
     model = copy.deepcopy(tiny_vit.model).to(DEVICE)
     learner = PromptLearner(model, tiny_vit.tokenizer, classnames, n_ctx=4).to(DEVICE)
-    encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
+    backends = gpu_backends(model)
+    encode = FastTextEncoder(model, learner, backends, weight_dtype=torch.bfloat16)
     features = torch.randn(1, images, model.visual.output_dim, device=DEVICE)
     labels = torch.arange(images, device=DEVICE)[None] % len(classnames)
-    loss = CoOpLoss(encode, model.logit_scale.exp().detach(), torch.bfloat16, GPU_BACKENDS.loss)
+    loss = CoOpLoss(encode, model.logit_scale.exp().detach(), torch.bfloat16, backends.loss)
     return TrainStep([learner], loss,
                      features, labels, torch.randperm(images, device=DEVICE).view(1, 1, 2, images // 2),
                      torch.full((1, 1), 0.002, device=DEVICE), 0.9, 5e-4)
@@ -149,7 +150,7 @@ def test_stacked_runs_need_no_kernels_of_their_own(tiny_vit):
     ViT's 2 heads make 16, a multiple of 16 that Triton would specialise on."""
     model = copy.deepcopy(tiny_vit.model).to(DEVICE)
     learner = PromptLearner(model, tiny_vit.tokenizer, real_classnames(17), n_ctx=4).to(DEVICE)
-    encode = FastTextEncoder(model, learner, GPU_BACKENDS, weight_dtype=torch.bfloat16)
+    encode = FastTextEncoder(model, learner, gpu_backends(model), weight_dtype=torch.bfloat16)
 
     def forward_backward(runs: int):
         contexts = learner.ctx.detach().expand(runs, -1, -1).clone().requires_grad_()
