@@ -4,7 +4,7 @@ import contextlib
 import difflib
 import json
 import logging
-import socket
+import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,13 +80,49 @@ def trained_with_quick_gelu(model_name: str, tag: str) -> bool:
         open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
 
 
-def hub_reachable() -> bool:
-    """Whether huggingface.co answers (where open_clip fetches weight tags from), within 3 s."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers within `timeout` s, asked once through huggingface_hub's own HTTP
+    client (its proxies, endpoint and certificates), without its retries."""
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout)
         return True
-    except OSError:
+    except Exception:  # any failure to connect: not reachable now
         return False
+
+
+def weights_file(name: str, tag: str) -> str:
+    """The local file of a checkpoint path or an open_clip weight tag: found in the Hugging Face cache without a
+    request (an offline machine answers at once), else fetched by huggingface_hub (open_clip's download) after
+    one quick look that the hub answers. Nothing process-wide is changed; HF_HUB_OFFLINE=1 is honoured."""
+    if Path(tag).exists():
+        return tag
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    cached = _in_hub_cache(cfg)
+    if cached:
+        return cached
+    if cfg.get("hf_hub") and (huggingface_hub.constants.HF_HUB_OFFLINE or not hub_reachable()):
+        raise FastCoopError(
+            f"could not load weights '{tag}' for {name}: they are not in the local Hugging Face cache and "
+            f"{huggingface_hub.constants.ENDPOINT} cannot be reached (offline, or HF_HUB_OFFLINE is set); download "
+            "the checkpoint elsewhere and pass its path with --pretrained")
+    try:
+        return open_clip.download_pretrained(cfg)
+    except Exception as exc:  # the hub's or the URL's own failure, as one line
+        reason = textwrap.shorten((str(exc).splitlines() or [type(exc).__name__])[0], 200)
+        raise FastCoopError(f"could not load weights '{tag}' for {name} ({reason})") from exc
+
+
+def _in_hub_cache(cfg: dict) -> str | None:
+    """A tag's file already in the Hugging Face cache, looked for as open_clip names it (its safetensors first)."""
+    hub = cfg.get("hf_hub")
+    if not hub:
+        return None
+    repo, filename = os.path.split(hub)  # "org/model/" means open_clip's default file name
+    for candidate in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
+        found = huggingface_hub.try_to_load_from_cache(repo, candidate)
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu",
@@ -97,35 +133,29 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
     name = resolve_model_name(model)
     tag = resolve_pretrained(name, pretrained)
     spec = str(Path(model).resolve()) if model.endswith(".json") else name
-    offline = tag != "none" and not Path(tag).exists() and not hub_reachable()
-    if offline:  # only the local Hugging Face cache: an answer at once instead of retries
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    file = None if tag == "none" else weights_file(name, tag)
     muted = logging.root.manager.disable
     logging.disable(logging.ERROR)  # open_clip logs each failure; the one line below says it
     try:
-        net, preprocess = _build(name, tag, device, image_tower)
-    except Exception as exc:  # any failure to fetch or parse weights becomes one clear line
+        net, preprocess = _build(name, tag, file, device, image_tower)
+    except Exception as exc:  # a checkpoint that cannot be read becomes one clear line
         reason = textwrap.shorten((str(exc).splitlines() or [type(exc).__name__])[0], 200)
-        if Path(tag).exists():
-            raise FastCoopError(f"could not read checkpoint {tag} for {name}: {reason}") from exc
-        if offline:
-            raise FastCoopError(
-                f"could not load weights '{tag}' for {name}: they are not in the local cache and huggingface.co "
-                "cannot be reached; download the checkpoint elsewhere and pass its path with --pretrained") from exc
-        raise FastCoopError(f"could not load weights '{tag}' for {name} ({reason})") from exc
+        raise FastCoopError(f"could not read checkpoint {file} for {name}: {reason}") from exc
     finally:
         logging.disable(muted)
     net.eval().requires_grad_(False)
     return LoadedModel(net, preprocess, open_clip.get_tokenizer(name), spec, tag)
 
 
-def _build(name: str, tag: str, device, image_tower: bool = True) -> tuple[torch.nn.Module, object]:
+def _build(name: str, tag: str, file: str | None, device, image_tower: bool = True
+           ) -> tuple[torch.nn.Module, object]:
     """The model and its eval transform. A model whose weights come from a checkpoint is built on the meta device
     and then filled from the checkpoint: its random initialisation, most of the time of building it and all
     overwritten by the load, is skipped; without image_tower, only the rest is filled (_load_all_but_image_tower),
     where the checkpoint allows. The causal attention masks, the only tensors a checkpoint does not hold, are
     rebuilt. Built the plain way: random init, towers from timm or Hugging Face (_own_towers), models with other
-    unsaved tensors, and big_vision .npz checkpoints (their loader assigns only some tensors)."""
+    unsaved tensors, and big_vision .npz checkpoints (their loader assigns only some tensors). `file`: the
+    weights (weights_file), None for random init; the tag still gives the transform and the activation."""
     quick_gelu = trained_with_quick_gelu(name, tag)
     if tag != "none" and not tag.endswith((".npz", ".npy")) and _own_towers(name):
         with torch.device("meta"):
@@ -133,7 +163,6 @@ def _build(name: str, tag: str, device, image_tower: bool = True) -> tuple[torch
                 name, pretrained=tag, load_weights=False, device="meta", force_quick_gelu=quick_gelu)
         masks = _causal_mask_buffers(net)
         if masks is not None:
-            file = _checkpoint_file(name, tag)
             if image_tower or not _load_all_but_image_tower(net, file, device):
                 net.to_empty(device=device)
                 open_clip.load_checkpoint(net, file, strict=True)
@@ -143,7 +172,10 @@ def _build(name: str, tag: str, device, image_tower: bool = True) -> tuple[torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random init is reproducible: a cache and a run made with 'none' agree
         net, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if tag == "none" else tag, device=device, force_quick_gelu=quick_gelu)
+            name, pretrained=None if tag == "none" else tag, load_weights=False, device=device,
+            force_quick_gelu=quick_gelu)
+    if file is not None:
+        open_clip.load_checkpoint(net, file, strict=True)
     return net, preprocess
 
 
@@ -196,19 +228,6 @@ def _causal_mask_buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, 
                 return None
             found.append((module, buffer))
     return found
-
-
-def _checkpoint_file(name: str, tag: str) -> str:
-    """The local file behind a checkpoint path or an open_clip weight tag. A tag's file was fetched a moment ago
-    by open_clip (building the model resolves it), so it is looked up offline: no second request to the hub."""
-    if Path(tag).exists():
-        return tag
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        return open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
-    finally:
-        huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
 def preprocess_config(model: torch.nn.Module) -> dict:

@@ -285,23 +285,69 @@ def _record_checkpoint_reads(monkeypatch) -> list[str]:
     return read
 
 
-def test_a_weight_tag_is_fetched_once(monkeypatch, tmp_path):
-    """Building the model fetches a tag's file (open_clip, online); finding it again for the load stays offline."""
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A stand-in Hugging Face hub: `cached` (repo/file → path) is the local cache, `reachable` whether the endpoint
+    answers; each request made is recorded in `asked`."""
     import huggingface_hub
     import open_clip
 
-    from fastcoop.models import _checkpoint_file
-
-    asked = []
+    state = {"cached": {}, "reachable": True, "asked": []}
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: {"hf_hub": f"org/{name}-{tag}/"})
-    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg: asked.append(
-        huggingface_hub.constants.HF_HUB_OFFLINE) or str(tmp_path / "cached.bin"))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, filename: state["cached"].get(f"{repo}/{filename}"))
+
+    class Session:
+        def head(self, url, timeout):
+            state["asked"].append(("head", url, timeout))
+            if not state["reachable"]:
+                raise ConnectionError("no route")
+
+    monkeypatch.setattr(huggingface_hub, "get_session", Session)
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg: state["asked"].append(("download", cfg))
+                        or str(tmp_path / "downloaded.bin"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    assert _checkpoint_file("ViT-B-16", "openai") == str(tmp_path / "cached.bin")
-    assert asked == [True] and huggingface_hub.constants.HF_HUB_OFFLINE is False
-    ckpt = tmp_path / "local.pt"
-    ckpt.write_bytes(b"")
-    assert _checkpoint_file("ViT-B-16", str(ckpt)) == str(ckpt) and asked == [True]  # a path is not looked up
+    return state
+
+
+def test_weights_come_from_the_hub_cache_without_a_request(hub, tmp_path):
+    """A cached tag is found by huggingface_hub's cache lookup (its safetensors first) with no request at all, so an
+    offline machine answers at once; a checkpoint path is used as it is; nothing process-wide changes."""
+    import huggingface_hub
+
+    from fastcoop.models import weights_file
+
+    hub["cached"] = {"org/ViT-B-16-openai/open_clip_pytorch_model.bin": "/hf/model.bin"}
+    assert weights_file("ViT-B-16", "openai") == "/hf/model.bin"
+    hub["cached"]["org/ViT-B-16-openai/open_clip_model.safetensors"] = "/hf/model.safetensors"
+    assert weights_file("ViT-B-16", "openai") == "/hf/model.safetensors"
+    checkpoint = tmp_path / "local.pt"
+    checkpoint.write_bytes(b"")
+    assert weights_file("ViT-B-16", str(checkpoint)) == str(checkpoint)
+    assert hub["asked"] == [] and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_weights_not_cached_are_fetched_by_huggingface_hub_when_it_answers(hub):
+    """One quick look through huggingface_hub's own client (its proxies and endpoint), then open_clip's download
+    through huggingface_hub; unreachable, or HF_HUB_OFFLINE set, is one clear line and no download."""
+    import huggingface_hub
+
+    from fastcoop.models import weights_file
+
+    assert weights_file("ViT-B-16", "openai").endswith("downloaded.bin")
+    assert [a[0] for a in hub["asked"]] == ["head", "download"]
+    assert hub["asked"][0][1:] == (huggingface_hub.constants.ENDPOINT, 3.0)
+    hub["asked"].clear()
+    hub["reachable"] = False
+    with pytest.raises(FastCoopError, match="not in the local Hugging Face cache and .* cannot be reached.*--pretrained"):
+        weights_file("ViT-B-16", "openai")
+    assert [a[0] for a in hub["asked"]] == ["head"]
+    hub["asked"].clear()
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # the user's own offline mode: not even the look
+    with pytest.raises(FastCoopError, match="cannot be reached"):
+        weights_file("ViT-B-16", "openai")
+    assert hub["asked"] == []
 
 
 def test_only_models_whose_unsaved_buffers_are_causal_masks_are_built_on_meta():
@@ -408,7 +454,8 @@ def test_openai_weights_get_the_quick_gelu_they_were_trained_with(monkeypatch):
         raise RuntimeError("offline")
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
-    with pytest.raises(FastCoopError, match="could not load weights 'openai'"):
+    monkeypatch.setattr("fastcoop.models.weights_file", lambda name, tag: f"/cache/{name}-{tag}.safetensors")
+    with pytest.raises(FastCoopError, match="could not read checkpoint /cache/ViT-B-16-openai.safetensors"):
         load_model("ViT-B-16", "openai")
     assert calls == [("ViT-B-16", {"pretrained": "openai", "load_weights": False, "device": "meta",
                                    "force_quick_gelu": True})]
