@@ -9,6 +9,8 @@ Layout (schema 1), readable with h5py alone:
     /<split>/features  float16 (views, N, D): view 0 is the eval transform, views 1.. are augmented (train only)
     /<split>/labels    int64 (N,)
     /<split>/paths     utf-8 strings (N,)
+    /<split>/readable  bool (N,): False for an image that could not be decoded (`--skip-bad`); every reader
+                       leaves those rows out, so they are never rewritten away (absent: all readable)
     /train/subsets/shots<S>_seed<R>  int64 row indices into /train, in the published sampler's order
     /val/subsets/shots<S>_seed<R>    int64 row indices into /val: the published code's few-shot val images
                                      (min(S, 4) per class), drawn after train's from the same seeded stream
@@ -65,6 +67,7 @@ class FeatureCache:
         self.splits: list[str] = json.loads(attrs["splits"])
         self.dataset: str = attrs.get("dataset", "")
         self.class_ids: list[str] | None = json.loads(attrs.get("class_ids", "null"))
+        self._unreadable: dict[str, np.ndarray | None] = {}
 
     def identity(self) -> dict:
         """The cache's identity as plain JSON values (run directories and sweeps record it)."""
@@ -86,10 +89,10 @@ class FeatureCache:
                 raise FastCoopError(f"{self.path} holds only the train images of its few-shot subsets, not the "
                                     "whole train split; for --shots all, cache it with `fastcoop cache ... "
                                     "--shots all`")
-            return np.arange(group["labels"].shape[0])
+            return self._readable_rows(split)
         key = subset_key(shots, seed)
         if key in group.get("subsets", {}) and split in ("train", "val"):
-            return group["subsets"][key][()]
+            return self._kept(split, group["subsets"][key][()])
         if split == "val" and key in self.file.get("train/subsets", {}):
             raise FastCoopError(f"{self.path} has no few-shot val subset for {shots} shots, seed {seed}; cache "
                                 "again (--overwrite) to record the val images the published code draws")
@@ -101,7 +104,7 @@ class FeatureCache:
         return self._split(split)["features"].shape[0]
 
     def num_images(self, split: str) -> int:
-        return self._split(split)["features"].shape[1]
+        return len(self._readable_rows(split))
 
     @property
     def feature_dim(self) -> int:
@@ -121,8 +124,10 @@ class FeatureCache:
 
         data = self._split(split)["features"]
         views = slice(None) if view is None else view
-        if rows is None:
+        if rows is None and self._unreadable_mask(split) is None:
             return torch.from_numpy(data[views])
+        if rows is None:
+            rows = self._readable_rows(split)
         rows = np.asarray(rows, dtype=np.int64)
         placed = np.argsort(rows, kind="stable")  # where each row, in increasing order, goes in the result
         ordered = rows[placed]
@@ -146,10 +151,28 @@ class FeatureCache:
         import torch
 
         labels = self._split(split)["labels"][()]
-        return torch.from_numpy(labels if rows is None else labels[rows])
+        return torch.from_numpy(labels[self._readable_rows(split) if rows is None else rows])
 
-    def paths(self, split: str) -> list[str]:
-        return self._split(split)["paths"].asstr()[()].tolist()
+    def paths(self, split: str, rows: np.ndarray | None = None) -> list[str]:
+        paths = self._split(split)["paths"].asstr()[()]
+        return paths[self._readable_rows(split) if rows is None else rows].tolist()
+
+    def _unreadable_mask(self, split: str) -> np.ndarray | None:
+        """True for the rows whose image could not be decoded; None when there are none."""
+        if split not in self._unreadable:
+            group = self._split(split)
+            readable = group["readable"][()] if "readable" in group else None
+            self._unreadable[split] = None if readable is None or readable.all() else ~readable
+        return self._unreadable[split]
+
+    def _kept(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """`rows` without those of unreadable images."""
+        unreadable = self._unreadable_mask(split)
+        return rows if unreadable is None else rows[~unreadable[rows]]
+
+    def _readable_rows(self, split: str) -> np.ndarray:
+        """Every row of a split but those of unreadable images: what the readers mean by the whole split."""
+        return self._kept(split, np.arange(self._split(split)["labels"].shape[0]))
 
     def _split(self, split: str) -> h5py.Group:
         if split not in self.splits:

@@ -67,7 +67,7 @@ def create_split(f, split: str, items: list, subsets: dict, views: int, feature_
 
 
 def write_rows(group: h5py.Group, lo: int, hi: int, feats: np.ndarray, bad: list[int]) -> None:
-    """Rows lo..hi of a split's features; rows that could not be decoded are marked for removal."""
+    """Rows lo..hi of a split's features; rows whose image could not be decoded are marked unreadable."""
     group["features"][:, lo:hi] = feats
     if bad:
         readable = group["readable"][lo:hi]
@@ -76,8 +76,11 @@ def write_rows(group: h5py.Group, lo: int, hi: int, feats: np.ndarray, bad: list
 
 
 def finish(f, splits: list[str]) -> None:
-    """Mark the file complete, its unreadable images' rows dropped (their paths listed in /skipped)."""
-    skipped = _drop_skipped(f, splits)
+    """Mark the file complete, listing the images that could not be decoded in /skipped. Their rows stay, marked
+    unreadable, and every reader leaves them out (store.py): rewriting the datasets without them would leave the
+    old bytes in the file and lose the chunking that partial reads rely on."""
+    skipped = [path for split in splits
+               for path in f[split]["paths"].asstr()[()][~f[split]["readable"][()]].tolist()]
     if skipped:
         f.create_dataset("skipped", data=skipped, dtype=STRING)
     f.attrs["complete"] = True
@@ -119,27 +122,3 @@ def matches(path: Path, attrs: dict) -> bool:
             return identity(f.attrs) == identity(attrs)
     except OSError:
         return False  # unreadable (e.g. killed mid-write): not a match
-
-
-def _drop_skipped(f, splits) -> list[str]:
-    """Remove rows whose image could not be decoded, remapping the few-shot subsets; return their paths."""
-    skipped = []
-    for split in splits:
-        group = f[split]
-        readable = group["readable"][()]
-        del group["readable"]
-        if readable.all():
-            continue
-        skipped += group["paths"].asstr()[()][~readable].tolist()
-        keep = np.flatnonzero(readable)
-        new_row = np.full(len(readable), -1)
-        new_row[keep] = np.arange(len(keep))
-        for name in ("features", "labels", "paths"):
-            values = group[name][()][..., keep, :] if name == "features" else group[name][()][keep]
-            del group[name]
-            group.create_dataset(name, data=values, dtype=STRING if name == "paths" else values.dtype)
-        for key in list(group.get("subsets", {})):
-            mapped = new_row[group["subsets"][key][()]]
-            del group["subsets"][key]
-            group.create_dataset(f"subsets/{key}", data=mapped[mapped >= 0])
-    return skipped

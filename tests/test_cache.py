@@ -150,6 +150,43 @@ def test_corrupt_image_exit_2_or_skipped(tmp_path, capsys, example_images):
         assert [p.decode() for p in cache.file["skipped"][()]] == [str(bad)]
 
 
+@pytest.mark.slow
+def test_skipped_images_are_rows_every_reader_leaves_out_in_a_clean_caches_layout(tmp_path, capsys, example_images):
+    """--skip-bad rewrites nothing: the file has a clean cache's datasets, chunking and size, its unreadable row
+    marked; every reader (whole split, few-shot subsets, labels, paths, counts) leaves that row out and reads the
+    others as the clean cache holds them."""
+    import os
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(example_images, root)
+    bad = root / "train" / "red_circle" / "001.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated JPEG
+    args = ["--model", TINY_VIT, "--pretrained", "none", "--shots", "2", "--seeds", "1,2", "--workers", "0",
+            "--batch-size", "8", "--views", "1"]
+    assert run_cli(capsys, "cache", example_images, "--out", tmp_path / "clean.h5", *args)[0] == 0
+    assert run_cli(capsys, "cache", root, "--out", tmp_path / "skip.h5", *args, "--skip-bad")[0] == 0
+    with FeatureCache(tmp_path / "clean.h5") as clean, FeatureCache(tmp_path / "skip.h5") as skip:
+        for name in ("features", "labels", "paths"):
+            ours, theirs = skip.file["train"][name], clean.file["train"][name]
+            assert (ours.shape, ours.chunks) == (theirs.shape, theirs.chunks), name
+        features = skip.file["train/features"].id.get_storage_size()
+        assert features == clean.file["train/features"].id.get_storage_size()
+        every = clean.paths("train")
+        row = every.index(str(example_images / "train" / "red_circle" / "001.jpg"))
+        kept = [r for r in range(len(every)) if r != row]
+        assert skip.num_images("train") == len(kept) and len(skip.labels("train")) == len(kept)
+        assert [p.replace(str(root), str(example_images)) for p in skip.paths("train")] == [every[r] for r in kept]
+        torch.testing.assert_close(skip.features("train"), clean.features("train", kept), atol=2e-3, rtol=2e-3)
+        for seed in (1, 2):
+            theirs = clean.rows("train", 2, seed)
+            assert skip.rows("train", 2, seed).tolist() == [r for r in theirs.tolist() if r != row]
+        assert skip.rows("test").tolist() == clean.rows("test").tolist()
+    # the same file but for the /skipped list and the longer image folder's paths, not a second copy of the rows
+    assert abs(os.path.getsize(tmp_path / "skip.h5") - os.path.getsize(tmp_path / "clean.h5")) <= 4096
+    assert features > 4096
+
+
 def test_mismatched_existing_file_is_refused(tmp_path, capsys, example_images):
     out = tmp_path / "f.h5"
     base = ["cache", example_images, "--out", out, "--model", TINY_VIT, "--pretrained", "none", "--shots", "1",
