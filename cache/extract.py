@@ -147,22 +147,16 @@ class _Job:
         return dim or self.encode(torch.zeros(1, 1, 3, *self.pre["size"], dtype=torch.uint8)).array().shape[-1]
 
     def announce(self, rows, done):
-        """The work ahead before it starts: images, views, feature size, and a time from a probe of the encoder."""
+        """The work ahead before it starts: images, views and the size of their features. No time is promised
+        here: a probe short enough to be worth it is dominated by per-call costs (tens of times too long for a
+        small model); the progress bar's rate and remaining time, from the real batches, say it."""
         encodes = sum((len(rows[s]) - done[s]) * self.views_of[s] for s in rows)
         if not encodes:
             return
-        on_gpu = self.device.startswith("cuda")
-        probe = torch.zeros(1, min(self.batch_size, 32 if on_gpu else 4), 3, *self.pre["size"], dtype=torch.uint8)
-        if on_gpu:
-            self.encode(probe).array()  # the first call also starts cuBLAS and cuDNN
-        start = time.perf_counter()
-        dim = self.encode(probe).array().shape[-1]
-        per_view = (time.perf_counter() - start) / probe.shape[1] / self.world.size
         parts = ", ".join(f"{s} {len(rows[s]) - done[s]} images × {self.views_of[s]} view(s)" for s in rows)
-        size = encodes * dim * 2
+        size = encodes * self.feature_dim() * 2
         size = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-        tqdm.write(f"to encode: {parts} = {encodes:,} views, {size} of features; "
-                   f"≈ {_duration(encodes * per_view)} at the encoder's speed on a {probe.shape[1]}-view probe")
+        tqdm.write(f"to encode: {parts} = {encodes:,} views, {size} of features (the bar shows the time left)")
 
     def run_split(self, f, split, items, start: int):
         """Encode rows start.. of a split: this rank's share of the batches, written in order by the writer."""
@@ -285,10 +279,3 @@ class Stages:
         total = sum(self.seconds.values()) or 1.0
         return ", ".join(f"{name} {t:.1f} s ({t / total:.0%})" if seconds else f"{name} {t / total:.0%}"
                          for name, t in self.seconds.items())
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
-
-
