@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from fastcoop.cache.store import identity
-from fastcoop.errors import FastCoopError
+from fastcoop.errors import FastCoopError, changed
 
 CHUNK_BYTES = 1 << 20
 STRING = h5py.string_dtype()
@@ -108,11 +108,11 @@ def differences(path: Path, attrs: dict) -> str:
             a, b = json.loads(theirs[key]), json.loads(ours[key])
             if key == "preprocessing":  # views cut by PIL record no engine
                 a.setdefault("crops", "pil"), b.setdefault("crops", "pil")
-            parts += [f"{k}: {a.get(k)} → {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+            parts += changed(a, b)
         elif key == "dataset_fingerprint":
             parts.append("the images or labels")
         else:
-            parts.append(f"{key}: {theirs[key]} → {ours[key]}")
+            parts += changed({key: theirs[key]}, {key: ours[key]})
     return "; ".join(parts)
 
 

@@ -3,3 +3,10 @@
 
 class FastCoopError(Exception):
     """A problem with what the user asked for (bad path, mismatched cache, impossible option)."""
+
+
+def changed(was: dict, now: dict, show=str) -> list[str]:
+    """What differs between two sets of settings, as 'name: was → now' (each value written by `show`), for the
+    errors that refuse to mix an existing output with a different request."""
+    return [f"{key}: {show(was.get(key))} → {show(now.get(key))}" for key in sorted(was.keys() | now.keys())
+            if was.get(key) != now.get(key)]

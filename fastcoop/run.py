@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import fastcoop
 from fastcoop.cache import FeatureCache
 from fastcoop.config import METHOD_NAMES, Recipe
-from fastcoop.errors import FastCoopError
+from fastcoop.errors import FastCoopError, changed
 from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel, load_model
 from fastcoop.outputs import check_writable
@@ -69,7 +69,7 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
 def _differences(config: dict, cache: FeatureCache, request: dict) -> str:
     """The settings in which an earlier run differs from this request, as 'name: was → now'."""
     was = config.get("request", {})
-    differ = [f"{key}: {was.get(key)!r} → {value!r}" for key, value in request.items() if was.get(key) != value]
+    differ = changed({key: was.get(key) for key in request}, request, show=repr)
     if config.get("cache", {}).get("identity") != cache.identity():
         differ.insert(0, f"feature cache: {config.get('cache', {}).get('path')} → {Path(cache.path).resolve()}")
     return "; ".join(differ)
