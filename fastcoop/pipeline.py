@@ -79,10 +79,8 @@ def _train_held(cache, loaded, recipes, run_dirs, runtime, progress, timings, ov
         if all(result.checkpoint is None for result in exc.results):
             raise KeyboardInterrupt(f"nothing was trained yet in {run_dirs[0]}") from None
         save(exc.results, ["interrupted"] * len(recipes))
-        first = exc.results[0]
-        where = (f"{run_dirs[0]} saved after epoch {first.checkpoint.epochs_done} of {first.recipe.epochs}"
-                 if len(run_dirs) == 1 else
-                 f"{len(run_dirs)} runs ({run_dirs[0]}, ...) saved at their last epoch's end")
+        where = (_saved_at(exc.results[0]) + f" in {run_dirs[0]}" if len(run_dirs) == 1 else
+                 f"{len(run_dirs)} runs ({run_dirs[0]}, ...) saved where they were")
         raise KeyboardInterrupt(f"{where}; run the same command again to resume") from None
     done = []
     for run_dir, result, request, resume in zip(run_dirs, trained, requests, resumes):
@@ -91,7 +89,8 @@ def _train_held(cache, loaded, recipes, run_dirs, runtime, progress, timings, ov
         results = {"train_loss": last["loss"], "train_acc": last["train_acc"], "train_seconds": result.seconds,
                    "setup_seconds": result.setup_seconds, "epochs": result.recipe.epochs,
                    "steps": sum(r["steps"] for r in result.history),
-                   "resumed_at_epoch": resume and resume.epochs_done, "trained_with": len(recipes),
+                   "resumed_at_epoch": resume and resume.epochs_done,
+                   "resumed_at_step": resume and resume.steps_into_epoch, "trained_with": len(recipes),
                    "augmentation": result.augmentation}
         if "test" in cache.splits:
             results["test"] = evaluate_split(cache, prompt_classifier(loaded.model, result.learner, result.backends),
@@ -106,6 +105,14 @@ def _train_held(cache, loaded, recipes, run_dirs, runtime, progress, timings, ov
         save_complete(run_dir, result, cache, loaded, request, runtime, results, since=finish_start)
         done.append((result, results))
     return done
+
+
+def _saved_at(result) -> str:
+    """Where an interrupted run's checkpoint stands, in its schedule."""
+    saved, epochs = result.checkpoint, result.recipe.epochs
+    if saved.steps_into_epoch:
+        return f"saved at step {saved.steps_into_epoch} of epoch {saved.epochs_done + 1} of {epochs}"
+    return f"saved after epoch {saved.epochs_done} of {epochs}"
 
 
 def _on_new_classes(loaded, cache: FeatureCache, result):

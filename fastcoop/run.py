@@ -31,6 +31,8 @@ from fastcoop.run_files import (CHECKPOINT_FILE, CONFIG_FILE, CURVE_FILE, EVALUA
                                 read_config, read_evaluations)
 
 MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned tensor
+EPOCH_END = "epoch_end."  # inside an epoch: a learned tensor as it was at the end of the last one
+PROGRESS = ("epochs_done", "steps_into_epoch", "partial_loss", "partial_correct")  # a checkpoint's counters
 
 
 def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: bool) -> str:
@@ -82,14 +84,19 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def read_checkpoint(run_dir: Path) -> dict:
-    """The state an unfinished run saved: the learned tensors, their momentum, epochs done and their metrics."""
+    """The state an unfinished run saved (train.Checkpoint's fields): the learned tensors and their momentum, the
+    epochs done and their metrics, and inside an epoch how far into it, its loss and hits so far and the tensors
+    at the end of the last epoch."""
     tensors = load_file(Path(run_dir) / CHECKPOINT_FILE)
-    epochs_done = int(tensors.pop("epochs_done").item())
+    counters = {name: tensors.pop(name).item() for name in PROGRESS if name in tensors}
     lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
-    momentum = {name.removeprefix(MOMENTUM): t for name, t in tensors.items() if name.startswith(MOMENTUM)}
-    return {"epochs_done": epochs_done, "momentum": momentum,
-            "params": {name: t for name, t in tensors.items() if not name.startswith(MOMENTUM)},
-            "history": [json.loads(line) for line in lines[:epochs_done]]}
+
+    def named(prefix):
+        return {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
+
+    return {**counters, "momentum": named(MOMENTUM), "epoch_params": named(EPOCH_END) or None,
+            "params": {name: t for name, t in tensors.items() if not name.startswith((MOMENTUM, EPOCH_END))},
+            "history": [json.loads(line) for line in lines[:int(counters["epochs_done"])]]}
 
 
 def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedModel, request: dict, runtime,
@@ -104,7 +111,8 @@ def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
             _atomic(run_dir / CHECKPOINT_FILE, lambda path: save_file({
                 **{name: _host(t) for name, t in checkpoint.params.items()},
                 **{MOMENTUM + name: _host(t) for name, t in checkpoint.momentum.items()},
-                "epochs_done": torch.tensor(checkpoint.epochs_done)}, path))
+                **{EPOCH_END + name: _host(t) for name, t in (checkpoint.epoch_params or {}).items()},
+                **{name: torch.tensor(getattr(checkpoint, name)) for name in PROGRESS}}, path))
         _write_prompt(run_dir, result.learner, checkpoint.params)
     _write_config(run_dir, result, cache, loaded, request, runtime, state,
                   checkpoint.epochs_done if checkpoint else 0)

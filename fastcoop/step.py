@@ -114,10 +114,11 @@ class TrainStep:
         self.active_index = torch.tensor(self.active, dtype=torch.long, device=self.labels.device)
         self.active_position = self.position.index_select(0, self.active_index)
 
-    def start_at_epoch(self, run: int, epoch: int) -> None:
-        """Make `run` (active) train from the start of `epoch` (a resumed run)."""
+    def start_at_epoch(self, run: int, epoch: int, steps_into_epoch: int = 0) -> None:
+        """Make `run` (active) train from step `steps_into_epoch` of `epoch` (a resumed run)."""
         longest = len(self.step_rows) // len(self.labels)
-        self.active_position[self.active.index(run)] = run * longest + epoch * self.steps_per_epoch[run]
+        self.active_position[self.active.index(run)] = (run * longest + epoch * self.steps_per_epoch[run]
+                                                        + steps_into_epoch)
 
     def load_view(self, run: int, features: torch.Tensor) -> None:
         """A run's view of its images for this epoch (n_run × D, on the host or the device, any float dtype) into

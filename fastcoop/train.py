@@ -53,38 +53,55 @@ class TrainResult:
     first_epoch_seconds: float = 0.0  # the loop's first epoch, graph capture and kernel compilation included
     kernels_seconds: float = 0.0  # of the first epoch: compiling (or finding) the graphed step's Triton kernels
     capture_seconds: float = 0.0  # of the first epoch: the graphed step's warm-up and capture
-    checkpoint: "Checkpoint | None" = None  # the state after the last epoch the host has seen
+    checkpoint: "Checkpoint | None" = None  # the state at the host's last look (inside an epoch, or at its end)
 
 
 @dataclass
 class Checkpoint:
-    """A run after `epochs_done` epochs: with the same options and cache, training goes on from it exactly as if it
-    had not stopped (the batch orders are drawn again from the seed; the learned tensors and SGD's momentum for
-    each, by the learner's names, are here)."""
+    """A run after `epochs_done` epochs and `steps_into_epoch` steps of the next: with the same options and cache,
+    training goes on from it exactly as if it had not stopped (the batch orders are drawn again from the seed; the
+    learned tensors and SGD's momentum for each, by the learner's names, are here). Inside an epoch it also holds
+    that epoch's loss and hits so far, and the tensors at the end of the last epoch (the context kept should the
+    loss turn non-finite)."""
 
     epochs_done: int
     params: dict[str, torch.Tensor]
     momentum: dict[str, torch.Tensor]
     history: list[dict]
+    steps_into_epoch: int = 0
+    epoch_params: dict[str, torch.Tensor] | None = None
+    partial_loss: float = 0.0
+    partial_correct: int = 0
 
     @classmethod
-    def of(cls, step, run: int, history: list[dict]) -> "Checkpoint":
-        """The run as it was at the end of its last epoch (the step may be inside the next one)."""
-        names = step.learners[run].trainable()
-        return cls(len(history), {n: p.clone() for n, p in zip(names, step.good_params[run])},
-                   {n: b.clone() for n, b in zip(names, step.epoch_end_momentum[run])}, list(history))
+    def of(cls, step, run: int, history: list[dict], steps_into_epoch: int = 0) -> "Checkpoint":
+        """The run as the step holds it now, `steps_into_epoch` steps after the end of its last epoch."""
+        names = list(step.learners[run].trainable())
+        good = {n: p.clone() for n, p in zip(names, step.good_params[run])}
+        if not steps_into_epoch:
+            return cls(len(history), good, {n: b.clone() for n, b in zip(names, step.epoch_end_momentum[run])},
+                       list(history))
+        epoch = len(history)
+        return cls(epoch, {n: p.detach().clone() for n, p in zip(names, step.params[run])},
+                   {n: b.clone() for n, b in zip(names, step.momentum_buffers[run])}, list(history),
+                   steps_into_epoch, good, step.loss_sums[run, epoch].item(), int(step.correct[run, epoch].item()))
 
     def restore(self, step, run: int) -> None:
-        """Load into a fresh TrainStep's run, which then trains from epoch `epochs_done`."""
+        """Load into a fresh TrainStep's run, which then trains from step `steps_into_epoch` of epoch
+        `epochs_done`."""
         names = step.learners[run].trainable()
+        kept_params = self.epoch_params or self.params
         with torch.no_grad():
             for name, param, good, buffer, kept in zip(names, step.params[run], step.good_params[run],
                                                        step.momentum_buffers[run], step.epoch_end_momentum[run]):
                 param.copy_(self.params[name])
-                good.copy_(self.params[name])
+                good.copy_(kept_params[name])
                 buffer.copy_(self.momentum[name])
                 kept.copy_(self.momentum[name])
-            step.start_at_epoch(run, self.epochs_done)
+            if self.steps_into_epoch:
+                step.loss_sums[run, self.epochs_done] = self.partial_loss
+                step.correct[run, self.epochs_done] = self.partial_correct
+            step.start_at_epoch(run, self.epochs_done, self.steps_into_epoch)
 
 
 def epoch_views(cached_views: int, epochs: int) -> tuple[slice, dict]:
@@ -127,11 +144,11 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe],
     loss, momentum, step counter and schedule, and ends exactly where it would alone. A run whose schedule is over
     leaves the stack. `resumes`: each run's checkpoint, or None.
 
-    The host enqueues steps without waiting for them and looks at the results after the first epoch that ends,
-    then every REPORT_SECONDS and at the end; `on_report(results)` is called then, each `result.checkpoint` the
-    run's state after its last epoch seen. `profile`: a file for a PyTorch profiler trace (Chrome's format) of up
-    to PROFILE_STEPS steps after the first epoch (the graph captured, the kernels compiled); training is
-    otherwise the same."""
+    The host enqueues steps without waiting for them and looks at the results after the first span of steps,
+    then every REPORT_SECONDS (inside an epoch if need be) and at the end; `on_report(results)` is called then,
+    each `result.checkpoint` the run's state at that look. `profile`: a file for a PyTorch profiler trace
+    (Chrome's format) of up to PROFILE_STEPS steps after the first look (the graph captured, the kernels
+    compiled); training is otherwise the same."""
     setup_start = time.perf_counter()
     stack = prepare_stack(cache, loaded, recipes, runtime, resumes)
     start = time.perf_counter()
@@ -233,12 +250,14 @@ def _read_views(cache: FeatureCache, rows: list[np.ndarray], used: list[slice], 
 
 
 def run_epochs(stack: Stack, progress: bool = True, on_report=None, profile: str | None = None) -> None:
-    """Run the stack's steps to the end of every run's schedule: the steps up to the next end of some run's
-    epoch, then that run's epoch end (and its next view) on the device; a look at the results as train_stack
-    says. The step is captured (graphed) when first run, and again each time the stack shrinks."""
+    """Run the stack's steps to the end of every run's schedule: the steps up to the next end of some run's epoch
+    (fewer when a look is due first: a long epoch is looked at, and checkpointed, inside it), then that run's
+    epoch end (and its next view) on the device; a look at the results as train_stack says. The step is captured
+    (graphed) when first run, and again each time the stack shrinks."""
     step, results = stack.step, stack.results
     steps = step.steps_per_epoch
-    done = [len(result.history) * s for result, s in zip(results, steps)]  # each run's steps, as the host counts
+    done = [len(result.history) * s + (result.checkpoint.steps_into_epoch if result.checkpoint else 0)
+            for result, s in zip(results, steps)]  # each run's steps, as the host counts them
     total = [result.recipe.epochs * s for result, s in zip(results, steps)]
     for run in range(len(results)):
         if done[run] < total[run]:
@@ -246,7 +265,7 @@ def run_epochs(stack: Stack, progress: bool = True, on_report=None, profile: str
     looks = _Looks(results, progress, PROFILE_STEPS if profile else 0)
     active, run_step = [], None
     try:
-        with _stop_at_epoch_end() as stop_requested:
+        with _stop_at_next_look() as stop_requested:
             while any(d < t for d, t in zip(done, total)):
                 unfinished = [run for run in range(len(results)) if done[run] < total[run]]
                 if active != unfinished:
@@ -254,29 +273,39 @@ def run_epochs(stack: Stack, progress: bool = True, on_report=None, profile: str
                     step.set_active(active)  # the stack shrinks when runs finish: capture it again
                     run_step = _captured(step, results) if results[0].backends.step == "graph" else step
                 span = min(steps[run] - done[run] % steps[run] for run in active)  # to the next end of an epoch
-                traced = looks.steps_to_trace(span, all(done[run] + span == total[run] for run in active))
-                if traced:
-                    with _profiled(profile, stack.device):
-                        for _ in range(traced):
-                            run_step()
-                for _ in range(span - traced):
-                    run_step()
+                ran = _run_span(run_step, span, looks, profile, stack.device,
+                                all(done[run] + span == total[run] for run in active))
                 for run in active:
-                    done[run] += span
+                    done[run] += ran
                     if done[run] % steps[run] == 0:
                         step.end_epoch(run, done[run] // steps[run] - 1)
                         if done[run] < total[run]:
                             _load_epoch_view(stack, run, done[run] // steps[run])
-                if looks.due(span, all(d == t for d, t in zip(done, total)) or stop_requested):
-                    looks.look(step, [d // s for d, s in zip(done, steps)])
+                if looks.due(ran, all(d == t for d, t in zip(done, total)) or stop_requested):
+                    looks.look(step, done)
                     if stop_requested:
                         raise KeyboardInterrupt
                     if on_report:
                         on_report(results)
-    except KeyboardInterrupt:  # the caller saves each result.checkpoint, the state after the last epoch seen
+    except KeyboardInterrupt:  # the caller saves each result.checkpoint, the state at the last look
         raise TrainingInterrupted(results) from None
     finally:
         looks.bar.close()
+
+
+def _run_span(run_step, span: int, looks: "_Looks", profile: str | None, device: str, last_span: bool) -> int:
+    """Up to `span` steps (the first few traced by the profiler when it is their turn), stopping early when a look
+    is overdue; the steps run."""
+    traced = looks.steps_to_trace(span, last_span)
+    if traced:
+        with _profiled(profile, device):
+            for _ in range(traced):
+                run_step()
+    for ran in range(traced + 1, span + 1):
+        run_step()
+        if ran < span and looks.overdue():
+            return ran
+    return span
 
 
 def _load_epoch_view(stack: Stack, run: int, epoch: int) -> None:
@@ -285,12 +314,14 @@ def _load_epoch_view(stack: Stack, run: int, epoch: int) -> None:
 
 
 class _Looks:
-    """When the loop looks at the results (after the first epoch that ends, then every REPORT_SECONDS and at the
-    end), what it does then (reads them back, moves the progress bar), and when the profiler traces."""
+    """When the loop looks at the results (after the first span, then every REPORT_SECONDS, inside an epoch if
+    need be, and at the end), what it does then (reads them back, checkpoints, moves the progress bar), and when
+    the profiler traces."""
 
     def __init__(self, results: list[TrainResult], progress: bool, to_trace: int):
         self.results, self.to_trace = results, to_trace
         self.seen = [len(result.history) for result in results]
+        self.first_epochs = sum(self.seen) + 1  # the loop's first epoch has ended when the runs have done these
         self.start = self.seen_at = time.perf_counter()
         self.steps_since = 0  # the stack's steps since the last look
         self.bar = tqdm(total=sum(r.recipe.epochs for r in results), initial=sum(self.seen), unit="epoch",
@@ -304,21 +335,28 @@ class _Looks:
             self.to_trace = 0
         return traced
 
+    def overdue(self) -> bool:
+        return time.perf_counter() - self.seen_at >= REPORT_SECONDS
+
     def due(self, span: int, now_anyway: bool) -> bool:
         self.steps_since += span
-        return self.seen_at == self.start or now_anyway or time.perf_counter() - self.seen_at >= REPORT_SECONDS
+        return self.seen_at == self.start or now_anyway or self.overdue()
 
-    def look(self, step: TrainStep, epochs_now: list[int]) -> None:
+    def look(self, step: TrainStep, done: list[int]) -> None:
         now = time.perf_counter()
-        _read_back(step, self.results, self.seen, epochs_now, now - self.seen_at)  # waits for the device
+        epochs_now = [d // s for d, s in zip(done, step.steps_per_epoch)]
+        into = [d % s for d, s in zip(done, step.steps_per_epoch)]
+        _read_back(step, self.results, self.seen, epochs_now, into, now - self.seen_at)  # waits for the device
         self.bar.update(sum(epochs_now) - sum(self.seen))
-        if self.seen_at == self.start:
+        if self.first_epochs and sum(epochs_now) >= self.first_epochs:
             for result in self.results:
                 result.first_epoch_seconds = time.perf_counter() - self.start
+            self.first_epochs = 0
         training = [r for r in self.results if r.history and len(r.history) < r.recipe.epochs]
-        last = (training or [r for r in self.results if r.history])[0].history[-1]  # a run still training
-        self.bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.1%}",
-                             steps_s=f"{self.steps_since / (now - self.seen_at):.0f}")
+        if training or any(r.history for r in self.results):
+            last = (training or [r for r in self.results if r.history])[0].history[-1]  # a run still training
+            self.bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.1%}",
+                                 steps_s=f"{self.steps_since / (now - self.seen_at):.0f}")
         self.seen, self.seen_at, self.steps_since = epochs_now, time.perf_counter(), 0
 
 
@@ -347,9 +385,9 @@ def _profiled(path: str, device: str):
 
 
 @contextmanager
-def _stop_at_epoch_end():
-    """While training, Ctrl-C and SIGTERM ask the loop to stop at the next end of a run's epoch (each run is saved
-    as it was at the end of its last epoch); a second one stops at once."""
+def _stop_at_next_look():
+    """While training, Ctrl-C and SIGTERM ask the loop to stop at its next look (within REPORT_SECONDS; each run is
+    saved as it is then, inside an epoch or at its end); a second one stops at once."""
     requested = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -379,11 +417,11 @@ def schedule_tables(n: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]
     return orders.view(recipe.epochs, steps, batch_size), lrs
 
 
-def _read_back(step: TrainStep, results: list[TrainResult], first: list[int], end: list[int],
+def _read_back(step: TrainStep, results: list[TrainResult], first: list[int], end: list[int], into: list[int],
                seconds: float) -> None:
     """Each run's epochs first[run]..end[run]-1 into its history (the time shared evenly among its epochs read),
-    and a checkpoint after them; when a run had a non-finite epoch, its last good context is restored and
-    NonFiniteLoss raised (the others keep the state after their last epoch)."""
+    and a checkpoint of its state now, into[run] steps into its next epoch; when a run had a non-finite epoch, its
+    last good context is restored and NonFiniteLoss raised (the others keep their state now)."""
     loss_sums, correct, finite = (t.tolist() for t in (step.loss_sums, step.correct, step.epoch_finite))
     failed = {}
     for run, result in enumerate(results):
@@ -400,15 +438,15 @@ def _read_back(step: TrainStep, results: list[TrainResult], first: list[int], en
             result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[run][epoch] / steps,
                                    "train_acc": correct[run][epoch] / (steps * batch), "steps": steps,
                                    "seconds": seconds / (end[run] - first[run])})
-        if result.history:
-            result.checkpoint = Checkpoint.of(step, run, result.history)
+        mid = 0 if run in failed else into[run]
+        if result.history or mid:
+            result.checkpoint = Checkpoint.of(step, run, result.history, mid)
     if failed:
         raise NonFiniteLoss(failed, results)
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C (or SIGTERM) during training; each `results[i].checkpoint` is that run's state after the last epoch
-    seen."""
+    """Ctrl-C (or SIGTERM) during training; each `results[i].checkpoint` is that run's state at the last look."""
 
     def __init__(self, results: list[TrainResult]):
         super().__init__("training interrupted")

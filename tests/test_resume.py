@@ -78,6 +78,42 @@ def test_the_loop_equals_a_plain_per_epoch_host_loop(cache_path, tiny_vit, monke
     assert (ours.detach() - theirs).norm() <= 1e-5 * theirs.norm()
 
 
+@pytest.mark.parametrize("method", ["cocoop", "coop"])
+def test_ctrl_c_inside_an_epoch_saves_there_and_resumes_bit_for_bit(tmp_path, capsys, cache_path, monkeypatch,
+                                                                    method):
+    """A look, and so a checkpoint, is due every REPORT_SECONDS even inside an epoch (CoCoOp's batch-1 epochs are
+    thousands of steps, minutes under load): Ctrl-C is answered at the next look, inside the epoch, and the same
+    command resumes from that step and ends bit for bit where the uninterrupted run ends."""
+    import fastcoop.train as train_module
+
+    args = ["--method", method, "--shots", "4", "--seed", "1", "--batch-size", "4", "--epochs", "2", "--lr", "0.05",
+            "--device", "cpu"] + (["--n-ctx", "2"] if method == "coop" else [])
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli(capsys, "train", cache_path, "--out", whole, *args)[0] == 0
+    calls, real_call = [0], TrainStep.__call__
+
+    def ctrl_c_at_step_17(self):  # 48 images, batches of 4: step 5 of the second epoch
+        real_call(self)
+        calls[0] += 1
+        if calls[0] == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "REPORT_SECONDS", 0.0)  # a look after every step
+        patch.setattr(TrainStep, "__call__", ctrl_c_at_step_17)
+        code, _, err = run_cli(capsys, "train", cache_path, "--out", resumed, *args, "--save-every", "1000")
+    assert code == 130 and "saved at step 5 of epoch 2 of 2 in " in err
+    checkpoint = load_file(resumed / "checkpoint.safetensors")
+    assert (int(checkpoint["epochs_done"]), int(checkpoint["steps_into_epoch"])) == (1, 5)
+    code, out, err = run_cli(capsys, "train", cache_path, "--out", resumed, *args)
+    assert code == 0 and "resuming" in out and "trained 7 steps" in out, err
+    for name, theirs in load_file(whole / "prompt.safetensors").items():
+        assert torch.equal(load_file(resumed / "prompt.safetensors")[name], theirs), name
+    metrics = [[json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (whole, resumed) for key in ("loss", "train_acc")]
+    assert metrics[0] == metrics[2] and metrics[1] == metrics[3]  # the split epoch's loss and accuracy too
+
+
 def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(tmp_path, capsys, cache_path,
                                                                                monkeypatch):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -87,7 +123,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
         code, _, err = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN, "--save-every", "1000")
     config = json.loads((resumed / "config.json").read_text())
     assert code == 130 and config["state"] == "interrupted" and config["epochs_done"] == 6  # saved on the way out
-    assert "saved after epoch 6 of 8; run the same command again to resume" in err
+    assert "saved after epoch 6 of 8 in " in err and "; run the same command again to resume" in err
     assert not (resumed / "results.json").exists() and (resumed / "checkpoint.safetensors").exists()
     for command in (["eval", resumed, cache_path], ["interpret", resumed], ["report", resumed]):
         code, _, err = run_cli(capsys, *command)
