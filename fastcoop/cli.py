@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from fastcoop import machine
-from fastcoop.config import Recipe, Runtime, option_fields, parse_impl_detail
+from fastcoop.config import BASELINES, Recipe, Runtime, option_fields, parse_impl_detail
 from fastcoop.datasets import DATASETS
 from fastcoop.errors import FastCoopError
 
@@ -358,7 +358,8 @@ def _say_trained(result, results: dict, run_dir: Path, profile: Path | None, ver
     """What `train` did: steps, accuracies, where it went; with --verbose what ran (the record config.json keeps)
     and where the time went."""
     last, resumed_at = result.history[-1], results["resumed_at_epoch"] or 0
-    steps = sum(epoch["steps"] for epoch in result.history[resumed_at:])  # what this command trained
+    steps = (sum(epoch["steps"] for epoch in result.history[resumed_at:])  # what this command trained
+             - (results.get("resumed_at_step") or 0))
     click.echo(f"trained {steps} steps in {result.seconds:.1f} s"
                + (f" (epochs {resumed_at + 1}–{len(result.history)})" if resumed_at else "")
                + f": train acc {last['train_acc']:.1%}"
@@ -532,12 +533,16 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
 @_field_options(Recipe, ("epochs", "lr", "precision", "kg_weight"))
+@click.option("--baselines", default="linear-probe", show_default=True,
+              help="Beside the runs, on the same few-shot images (comma-separated; needs val and test splits): "
+                   "linear-probe (CoOp's), tip-adapter, tip-adapter-f (Tip-Adapter and its fine-tuned keys), or "
+                   "none.")
 @click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's runs.")
 @click.option("--eval-on", default=None,
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")
 @_field_options(Runtime, ("device", "impl", "impl_detail", "threads"))
-def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, no_stack, eval_on, **options):
+def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_stack, eval_on, **options):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
     base-to-new protocol (base, new and H). Rerun to finish an interrupted
@@ -558,6 +563,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, no_stack, eval_on
     runtime = _from_options(Runtime, options)
     cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
     check_classes(len(cache.classnames), base.classes)
+    baseline_list = _baselines(baselines, base.classes)
     others = [FeatureCache(Path(p.strip())) for p in eval_on.split(",") if p.strip()] if eval_on else []
     for other in others:
         if "test" not in other.splits:
@@ -571,7 +577,10 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, no_stack, eval_on
         from fastcoop.models import load_model
         from fastcoop.outputs import check_writable, held
         from fastcoop.sweep import Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
+        from fastcoop.tip_adapter import check_cache
 
+    if any(b.startswith("tip-adapter") for b in baseline_list):
+        check_cache(cache)  # val, test and the views its keys average: before any run trains
     for other in others:
         check_same_model(other, cache.model, cache.pretrained)
     variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
@@ -593,10 +602,23 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, no_stack, eval_on
             click.echo(f"{len(runs)} runs: {len(variants)} variant(s) × shots {shots} × seeds {seeds}")
         run_sweep(cache, loaded, out, shot_list, seed_list, variants, base, runtime, progress=world.is_writer,
                   echo=click.echo if world.is_writer else lambda _: None, world=world, stack=not no_stack,
-                  eval_on=others)
+                  eval_on=others, baselines=baseline_list)
     if world.is_writer:
         click.echo((out / TABLE_FILE).read_text().rstrip())
         click.echo(f"summary, table and figure in {out}")
+
+
+def _baselines(value: str, classes: str) -> tuple[str, ...]:
+    """--baselines: names from config.BASELINES, or none; they are the all-classes protocol's."""
+    names = tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise FastCoopError(f"--baselines takes {', '.join(BASELINES)} or none (comma-separated), not "
+                            f"'{unknown[0]}'")
+    if classes == "base" and names != ("linear-probe",) and names:
+        raise FastCoopError("--baselines run on all classes; the base-to-new table (--classes base) has zero-shot "
+                            "CLIP on each half beside the runs")
+    return names
 
 
 def _choice(value: str, choices: dict, option: str):

@@ -20,6 +20,7 @@ COOP_RECIPE = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None}  # e
 KGCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100, "kg_weight": 8.0}
 RECIPES = {"coop": COOP_RECIPE, "cocoop": COCOOP_RECIPE, "kgcoop": KGCOOP_RECIPE}
 IMPLS = ("fast", "reference")
+BASELINES = ("linear-probe", "tip-adapter", "tip-adapter-f")  # what a sweep may run beside its prompt learners
 # each op's implementations (fastcoop.backends says what each is), the first its reference
 IMPL_CHOICES = {"loss": ("reference", "triton"), "attention": ("grid", "triton", "flex"),
                 "add_norm": ("reference", "triton"), "activation": ("reference", "triton"),

@@ -142,7 +142,7 @@ def read_sweep_summaries(folders: list[Path]) -> list[dict]:
 
 def sweep_curves(summary: dict) -> dict[str, dict[int, list[float]]]:
     """name → shots → test accuracies over seeds: each variant (base-to-new: on base and on new classes), and the
-    linear probe."""
+    baselines the sweep ran (the linear probe, Tip-Adapter, Tip-Adapter-F)."""
     table: dict[str, dict[int, list[float]]] = {}
     base_to_new = summary.get("trained_on") == "base"
     for run in summary["runs"]:
@@ -151,6 +151,10 @@ def sweep_curves(summary: dict) -> dict[str, dict[int, list[float]]]:
                 table.setdefault(run["variant"] + suffix, {}).setdefault(run["shots"], []).append(run[key])
     for probe in summary.get("linear_probe", []):
         table.setdefault("linear probe", {}).setdefault(probe["shots"], []).append(probe["test"]["top1"])
+    for tip in summary.get("tip_adapter", []):
+        for key, name in (("tip_adapter", "Tip-Adapter"), ("tip_adapter_f", "Tip-Adapter-F")):
+            if key in tip:
+                table.setdefault(name, {}).setdefault(tip["shots"], []).append(tip[key]["test"])
     return table
 
 

@@ -34,7 +34,11 @@ from fastcoop.report import sweep_curves, sweep_table
 from fastcoop.run import evaluation_key, load_run, record_evaluation
 from fastcoop.run_files import (CONFIG_FILE, FIGURE_FILE, RESULTS_FILE, RESUMABLE, SUMMARY_FILE, SWEEP_FILE,
                                 TABLE_FILE, read_config, read_evaluations)
+from fastcoop.tip_adapter import run_tip_adapter
 from fastcoop.zeroshot import zeroshot_classifier
+
+BASELINE_NAMES = {"linear-probe": "linear probe", "tip-adapter": "Tip-Adapter", "tip-adapter-f": "Tip-Adapter-F"}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -67,12 +71,13 @@ def check_sweep_dir(out: Path, request: dict) -> None:
 
 def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[int], seeds: list[int],
               variants: list[Variant], base: Recipe, runtime: Runtime = Runtime(), progress: bool = True,
-              echo=print, world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = ()
-              ) -> dict | None:
+              echo=print, world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = (),
+              baselines: tuple[str, ...] = ("linear-probe",)) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
     `stack`: a variant's unfinished runs (they differ in shots and seed) train together, one text-encoder pass
     per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
-    generalisation, cross-dataset transfer), recorded in each run's evaluations and tabulated. Under torchrun
+    generalisation, cross-dataset transfer), recorded in each run's evaluations and tabulated. `baselines`: those of
+    config.BASELINES beside the runs (the all-classes protocol, with val and test splits). Under torchrun
     each rank trains every N-th run and the first writes the summary (None elsewhere)."""
     out = Path(out)
     runs = sweep_runs(cache, shots, seeds, variants)
@@ -120,15 +125,28 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
                "zero_shot": _zero_shot(cache, loaded, device, base.classes)}
     if base.classes == "base":  # the base-to-new protocol: zero-shot CLIP on the new half too
         summary["zero_shot_new"] = _zero_shot(cache, loaded, device, "new")
-    elif "val" in cache.splits and "test" in cache.splits:  # the linear probe is CoOp's baseline, on all classes
-        summary["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
-    elif "test" in cache.splits:
+    elif "val" in cache.splits and "test" in cache.splits:  # the baselines select their settings on val
+        summary.update(_baselines(cache, loaded, shots, seeds, baselines, device))
+    elif "test" in cache.splits and "linear-probe" in baselines:
         warnings.warn(f"{cache.path} has no val split, so the table has no linear probe (CoOp's baseline selects "
                       "its regularisation on val): cache with --splits train,val,test for it")
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (out / TABLE_FILE).write_text(sweep_table([summary], [out.name]) + "\n")
     plot_accuracy(summary, out / FIGURE_FILE, title=Path(cache.path).stem)
     return summary
+
+
+def _baselines(cache: FeatureCache, loaded: LoadedModel, shots: list[int], seeds: list[int],
+               baselines: tuple[str, ...], device: str) -> dict:
+    """The baselines of the all-classes protocol for every (shots, seed): CoOp's linear probe, and Tip-Adapter
+    (with Tip-Adapter-F when asked), each on the runs' own few-shot images."""
+    found = {}
+    if "linear-probe" in baselines:
+        found["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
+    if any(b.startswith("tip-adapter") for b in baselines):
+        found["tip_adapter"] = [run_tip_adapter(cache, loaded, s, seed, "tip-adapter-f" in baselines, device)
+                                for s in shots for seed in seeds]
+    return found
 
 
 def _listed(values) -> str:
@@ -200,7 +218,7 @@ def plot_accuracy(summary: dict, path: Path, title: str) -> None:
         means = [100 * statistics.mean(by_shots[s]) for s in shots]
         errors = [100 * statistics.stdev(by_shots[s]) if len(by_shots[s]) > 1 else 0 for s in shots]
         ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=method,
-                    linestyle="--" if method == "linear probe" else "-")
+                    linestyle="--" if method in BASELINE_NAMES.values() else "-")
     if summary.get("zero_shot") is not None:
         ax.plot([0.5], [100 * summary["zero_shot"]], marker="*", markersize=14, color="tab:red", linestyle="none",
                 label="zero-shot CLIP")

@@ -132,19 +132,26 @@ def finetune(keys: torch.Tensor, values: torch.Tensor, clip_weights: torch.Tenso
     return weight.detach()
 
 
-def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: int, finetuned: bool,
-                    device: str = "cpu") -> dict:
-    """Zero-shot CLIP, Tip-Adapter and (with `finetuned`) Tip-Adapter-F on a cache's (shots, seed) subset: α and β
-    searched on val, accuracies on test. Needs the val and test splits and the recipe's augmented views."""
+def check_cache(cache: FeatureCache) -> None:
+    """What Tip-Adapter needs of a cache, checked before any work: val and test splits, and the augmented views
+    its keys average."""
     for split in ("val", "test"):
         if split not in cache.splits:
             raise FastCoopError(f"Tip-Adapter searches α and β on the val split and tests on test; {cache.path} has "
                                 f"no {split} split: cache it with --splits train,val,test")
+    augmented, needed = cache.num_views("train") - 1, tip_recipe(cache.dataset).augment_epoch
+    if augmented < needed:
+        raise FastCoopError(f"Tip-Adapter averages {needed} augmented views per key; {cache.path} holds "
+                            f"{augmented}: cache it with --views {needed} or more")
+
+
+def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: int, finetuned: bool,
+                    device: str = "cpu") -> dict:
+    """Zero-shot CLIP, Tip-Adapter and (with `finetuned`) Tip-Adapter-F on a cache's (shots, seed) subset: α and β
+    searched on val, accuracies on test. Needs the val and test splits and the recipe's augmented views."""
+    check_cache(cache)
     recipe = tip_recipe(cache.dataset)
     augmented = cache.num_views("train") - 1
-    if augmented < recipe.augment_epoch:
-        raise FastCoopError(f"Tip-Adapter averages {recipe.augment_epoch} augmented views per key; {cache.path} "
-                            f"holds {augmented}: cache it with --views {recipe.augment_epoch} or more")
     rows = cache.rows("train", shots, seed)
     train_labels = cache.labels("train", rows).to(device)
     num_classes = len(cache.classnames)

@@ -128,3 +128,30 @@ def test_the_command_reports_zero_shot_tip_adapter_and_tip_adapter_f(tmp_path, c
         assert chosen["beta"] in betas and chosen["alpha"] in alphas and 0 <= chosen["test"] <= 1
     code, _, err = run_cli(capsys, "tip-adapter", split_cache / "no-val.h5", "--shots", "2", "--device", "cpu")
     assert code == 2 and "has no val split: cache it with --splits train,val,test" in err
+
+
+def test_a_sweep_puts_tip_adapter_beside_its_runs_in_one_table_and_figure(tmp_path, capsys, split_cache):
+    """`sweep --baselines`: Tip-Adapter and -F on each (shots, seed) of the runs, the numbers `fastcoop tip-adapter`
+    gives, rows of the sweep's table and curves of its figure beside CoOp and the linear probe; asked of a cache
+    without val, or with the base-to-new protocol, refused before any run trains."""
+    args = ["--shots", "2", "--seeds", "1", "--epochs", "1", "--n-ctx", "2", "--device", "cpu"]
+    out = tmp_path / "sweep"
+    code, stdout, err = run_cli(capsys, "sweep", split_cache / "f.h5", "--out", out, *args,
+                                "--baselines", "linear-probe,tip-adapter,tip-adapter-f")
+    assert code == 0, err
+    for row in ("| CoOp M2-unified-end |", "| linear probe |", "| Tip-Adapter |", "| Tip-Adapter-F |"):
+        assert row in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    code, _, err = run_cli(capsys, "tip-adapter", split_cache / "f.h5", "--shots", "2", "--finetune", "--device",
+                           "cpu", "--out", tmp_path / "tip.json")
+    alone = json.loads((tmp_path / "tip.json").read_text())
+    tip, = summary["tip_adapter"]
+    assert (tip["shots"], tip["seed"]) == (2, 1)
+    assert tip["tip_adapter"] == alone["tip_adapter"] and tip["tip_adapter_f"] == alone["tip_adapter_f"]
+    assert f"| {100 * tip['tip_adapter_f']['test']:.2f} |" in stdout
+    for refused, message in ((["--baselines", "tip-adapter"], "has no val split"),
+                             (["--baselines", "tip-adaptor"], "--baselines takes linear-probe, tip-adapter"),
+                             (["--baselines", "tip-adapter", "--classes", "base"], "--baselines run on all classes")):
+        cache = split_cache / ("no-val.h5" if "val" in message else "f.h5")
+        code, _, err = run_cli(capsys, "sweep", cache, "--out", tmp_path / "refused", *args, *refused)
+        assert code == 2 and message in err and not (tmp_path / "refused").exists(), err
