@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from fastcoop import machine
-from fastcoop.config import BASELINES, Recipe, Runtime, option_fields, parse_impl_detail
+from fastcoop.config import BASELINES, METHODS, Recipe, Runtime, option_fields, parse_impl_detail
 from fastcoop.datasets import DATASETS
 from fastcoop.errors import FastCoopError
 
@@ -524,7 +524,10 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for every run and the summary.")
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Shot counts (each cached).")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Few-shot sampling seeds (each cached).")
-@_field_options(Recipe, ("method", "classes"), classes={
+@_field_options(Recipe, ("method", "classes"), method={
+    "choices": None,
+    "help": "Methods, comma-separated (coop, cocoop, kgcoop), each with its published recipe: their runs side by "
+            "side in one table and figure."}, classes={
     "choices": ("all", "base"),
     "help": "base: the base-to-new protocol (train on base classes; test on base and new, with H)."})
 @click.option("--n-ctx", default=None,
@@ -558,8 +561,11 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
     positions = [_choice(v, {p: p for p in ("end", "middle", "front")}, "--position") for v in position.split(",")]
     if min(shot_list) < 1 or (n_ctx and min(contexts) < 1):
         raise FastCoopError("--shots and --n-ctx take positive integers")
-    # the published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
-    base = _from_options(Recipe, {**options, "n_ctx": contexts[0]}).with_published_context()
+    methods = [_choice(v.strip(), {m: m for m in METHODS}, "--method") for v in options.pop("method").split(",")]
+    kg_weight = options.pop("kg_weight")
+    if kg_weight is not None and "kgcoop" not in methods:
+        raise FastCoopError("--kg-weight is KgCoOp's option (--method kgcoop)")
+    base = _from_options(Recipe, options)  # what every variant shares: the class subset and the schedule
     runtime = _from_options(Runtime, options)
     cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
     check_classes(len(cache.classnames), base.classes)
@@ -576,15 +582,17 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
         from fastcoop.outputs import check_writable, held
-        from fastcoop.sweep import Variant, check_sweep_dir, run_sweep, sweep_request, sweep_runs
+        from fastcoop.sweep import check_sweep_dir, run_sweep, sweep_request, sweep_runs, variant_for
         from fastcoop.tip_adapter import check_cache
 
     if any(b.startswith("tip-adapter") for b in baseline_list):
         check_cache(cache)  # val, test and the views its keys average: before any run trains
     for other in others:
         check_same_model(other, cache.model, cache.pretrained)
-    variants = [Variant(m or base.n_ctx, c, p) for m, c, p in itertools.product(contexts, flags, positions)]
-    for variant in variants:  # options the method does not have fail here, before any work
+    # each method's published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
+    variants = [variant_for(method, m, c, p, kg_weight)
+                for method, m, c, p in itertools.product(methods, contexts, flags, positions)]
+    for variant in variants:  # options a method does not have fail here, before any work
         dataclasses.replace(base, **dataclasses.asdict(variant))
     world, device = join(resolve_device(runtime.device))
     runtime = _with_threads(dataclasses.replace(runtime, device=device))

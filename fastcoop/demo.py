@@ -81,9 +81,9 @@ def _run_demo(folder: Path, model: str, pretrained: str, device: str, epochs: in
         sweep_dir = folder / "sweep"  # the demo's own sweep, remade each time (its cache is new)
         if (sweep_dir / SWEEP_FILE).is_file():
             shutil.rmtree(sweep_dir)
-        base, runtime = Recipe(init="a photo of a", epochs=epochs), Runtime(device=device)
-        summary = run_sweep(cache, loaded, sweep_dir, list(SHOTS), [1], [Variant(n_ctx=4)], base, runtime,
-                            echo=lambda _: None)
+        base, runtime = Recipe(epochs=epochs), Runtime(device=device)
+        variant = Variant("coop", n_ctx=4, init="a photo of a")
+        summary = run_sweep(cache, loaded, sweep_dir, list(SHOTS), [1], [variant], base, runtime, echo=lambda _: None)
         steps = sum(json.loads((Path(r["run"]) / RESULTS_FILE).read_text())["steps"] for r in summary["runs"])
         stage(f"CoOp at {len(SHOTS)} shot counts ({steps} steps)", start)
 

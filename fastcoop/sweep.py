@@ -1,13 +1,14 @@
-"""`fastcoop sweep`: the paper's protocol for one dataset in one command — every (variant, shots, seed) CoOp run
-from one cache, zero-shot CLIP and the linear probe beside them, a summary, a Markdown table and the paper's
-figure (accuracy against shots). With CoCoOp's protocol (`--method cocoop --classes base`), every run trains on
-the base classes and is tested on base and new, and the table gives base, new and H beside zero-shot CLIP's.
+"""`fastcoop sweep`: the paper's protocol for one dataset in one command — every (variant, shots, seed) run of
+each method asked (CoOp, CoCoOp, KgCoOp) from one cache, zero-shot CLIP and the baselines beside them, a summary,
+a Markdown table and the paper's figure (accuracy against shots). With CoCoOp's protocol (`--classes base`), every
+run trains on the base classes and is tested on base and new, and the table gives base, new and H beside
+zero-shot CLIP's.
 
 The runs go in this process, sharing the model, the cache and the compiled kernels, so no run pays a process's
 start-up; a variant's unfinished runs (every shot count and seed) train stacked, all their prompts in one
 text-encoder pass per step, each on its own schedule, leaving the stack when it ends; under torchrun the runs are
 shared among the processes (GPUs). Each is an ordinary
-run directory (DIR/<variant>/<shots>shot-seed<seed>), so `eval`,
+run directory (DIR/<method>-<variant>/<shots>shot-seed<seed>), so `eval`,
 `predict` and `interpret` work on it; rerunning the same sweep keeps the finished runs and resumes or redoes the
 others. DIR/sweep.json records what the sweep is, so a different sweep never writes into it.
 """
@@ -42,15 +43,37 @@ BASELINE_NAMES = {"linear-probe": "linear probe", "tip-adapter": "Tip-Adapter", 
 
 @dataclass(frozen=True)
 class Variant:
-    """The recipe options a sweep varies; everything else is the published recipe."""
+    """The recipe options a sweep varies (its method, and that method's context); everything else is the sweep's
+    recipe. `variant_for` fills in a method's published context."""
 
+    method: str = "coop"
     n_ctx: int = 16
+    init: str | None = None
     csc: bool = False
     position: str = "end"
+    kg_weight: float | None = None
 
     @property
     def name(self) -> str:
         return f"M{self.n_ctx}-{'csc' if self.csc else 'unified'}-{self.position}"
+
+    @property
+    def label(self) -> str:
+        """As tables and figures name it: the method as its paper writes it, then the context."""
+        return f"{METHOD_NAMES[self.method]} {self.name}"
+
+    @property
+    def folder(self) -> str:
+        return f"{self.method}-{self.name}"
+
+
+def variant_for(method: str, n_ctx: int | None = None, csc: bool = False, position: str = "end",
+                kg_weight: float | None = None) -> Variant:
+    """A method's variant: its published context (M and the words it starts from) when no M is named, a named M
+    starting random (as published); λ for KgCoOp only."""
+    recipe = Recipe(method=method, n_ctx=n_ctx, kg_weight=kg_weight if method == "kgcoop" else None)
+    recipe = recipe.with_published_context()
+    return Variant(method, recipe.n_ctx, recipe.init, csc, position, recipe.kg_weight)
 
 
 def sweep_runs(cache: FeatureCache, shots: list[int], seeds: list[int], variants: list[Variant]):
@@ -91,21 +114,21 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
-        run_dir = out / variant.name / f"{s}shot-seed{seed}"
+        run_dir = out / variant.folder / f"{s}shot-seed{seed}"
         recipe = replace(base, shots=s, seed=seed, **asdict(variant))
         done = read_config(run_dir)
         same = done is not None and done.get("request") == asdict(recipe.published(len(cache.classnames), device))
         if stack and (done is None or done["state"] in RESUMABLE and same):
             groups.setdefault(variant, []).append((recipe, run_dir))
         elif done is None or done["state"] != "complete" or not same:
-            echo(f"[{i}/{len(runs)}] {variant.name}, {s} shots, seed {seed}")
+            echo(f"[{i}/{len(runs)}] {variant.label}, {s} shots, seed {seed}")
             train_to_run_dir(cache, loaded, recipe, run_dir, runtime, progress=progress, overwrite=done is not None
                              and done["state"] == "complete")
     for variant, group in groups.items():
         if len(group) == 1:
-            echo(f"{variant.name}, {group[0][0].shots} shots, seed {group[0][0].seed}")
+            echo(f"{variant.label}, {group[0][0].shots} shots, seed {group[0][0].seed}")
         else:
-            echo(f"{variant.name}: {len(group)} runs stacked ({_listed({c.shots for c, _ in group})} shots, "
+            echo(f"{variant.label}: {len(group)} runs stacked ({_listed({c.shots for c, _ in group})} shots, "
                  f"seeds {_listed({c.seed for c, _ in group})})")
         _train_stacked(cache, loaded, group, runtime, progress, echo)
     world.from_writer(None)  # every rank's runs are finished
@@ -113,14 +136,15 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         return None
     results = []
     for variant, s, seed in runs:
-        run_dir = out / variant.name / f"{s}shot-seed{seed}"
+        run_dir = out / variant.folder / f"{s}shot-seed{seed}"
         scores = json.loads((run_dir / RESULTS_FILE).read_text())
-        results.append({"variant": f"{METHOD_NAMES[base.method]} {variant.name}", "shots": s, "seed": seed,
+        results.append({"variant": variant.label, "shots": s, "seed": seed,
                         "run": str(run_dir),
                         "test": scores.get("test", {}).get("top1"),
                         **({"test_new": scores["test_new"]["top1"]} if "test_new" in scores else {}),
                         **({"transfer": _transfer(run_dir, loaded, eval_on)} if eval_on else {})})
-    summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames), "method": base.method,
+    summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames),
+               "methods": sorted({variant.method for variant in variants}),
                "trained_on": base.classes, "runs": results,
                "zero_shot": _zero_shot(cache, loaded, device, base.classes)}
     if base.classes == "base":  # the base-to-new protocol: zero-shot CLIP on the new half too

@@ -304,7 +304,7 @@ def test_a_sweep_tests_every_run_on_the_caches_it_is_given(tmp_path, capsys, ima
     assert code == 0, err
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     for run in summary["runs"]:
-        evaluations = json.loads((tmp_path / "s" / "M2-unified-end" / f"2shot-seed{run['seed']}" /
+        evaluations = json.loads((tmp_path / "s" / "coop-M2-unified-end" / f"2shot-seed{run['seed']}" /
                                   "evaluations.json").read_text())
         assert run["transfer"] == {"imagenet_a": evaluations["a.h5 test all"]["top1"],
                                    "imagenet_r": evaluations["r.h5 test all"]["top1"]}

@@ -13,7 +13,7 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, capsys):
                              "--device", "cpu")
     assert code == 0, err
     assert "zero-shot test accuracy" in out and "CoOp test accuracy" in out and "meaningless" in out
-    eight_shot = tmp_path / "sweep" / "M4-unified-end" / "8shot-seed1"
+    eight_shot = tmp_path / "sweep" / "coop-M4-unified-end" / "8shot-seed1"
     results = json.loads((eight_shot / "results.json").read_text())
     assert results["steps"] > 0 and f"CoOp test accuracy: {results['test']['top1']:.1%} at 8 shots" in out
     assert (tmp_path / "features.h5").exists() and (eight_shot / "prompt.safetensors").exists()

@@ -52,14 +52,14 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
     code, stdout, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, *SWEEP)
     assert code == 0, err
     runs = sorted(out.glob("*/*shot-seed*"))
-    assert [r.relative_to(out).as_posix() for r in runs] == [f"M2-{c}-end/{s}shot-seed{r}" for c in ("csc", "unified")
+    assert [r.relative_to(out).as_posix() for r in runs] == [f"coop-M2-{c}-end/{s}shot-seed{r}" for c in ("csc", "unified")
                                                              for s in (1, 2) for r in (1, 2)]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 8 and len(summary["linear_probe"]) == 4 and summary["zero_shot"] is not None
     table = (out / "summary.md").read_text()
     assert "| CoOp M2-csc-end |" in table and "| linear probe |" in table and (out / "accuracy.png").stat().st_size > 0
     assert "| CoOp M2-unified-end |" in stdout
-    for variant, csc in (("M2-unified-end", []), ("M2-csc-end", ["--csc"])):  # each equals a separate run
+    for variant, csc in (("coop-M2-unified-end", []), ("coop-M2-csc-end", ["--csc"])):  # each equals a separate run
         alone = tmp_path / f"alone-{variant}"
         code, _, err = run_cli(capsys, "train", split_cache / "s12.h5", "--out", alone, "--shots", "2", "--seed", "2",
                                "--n-ctx", "2", "--epochs", "2", "--device", "cpu", *csc)
@@ -68,7 +68,7 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
         assert (load_file(out / variant / "2shot-seed2" / "prompt.safetensors")["ctx"] - theirs).norm() <= \
             1e-5 * theirs.norm()
     kept = {r: (r / "results.json").stat().st_mtime_ns for r in runs}
-    redo = out / "M2-csc-end" / "2shot-seed1"
+    redo = out / "coop-M2-csc-end" / "2shot-seed1"
     (redo / "results.json").unlink()  # as if it had been killed before finishing
     config = json.loads((redo / "config.json").read_text())
     (redo / "config.json").write_text(json.dumps(config | {"state": "running"}))
@@ -87,7 +87,7 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
     # a report reads JSON alone: in a fresh process it never imports torch, for a sweep or for runs
     code = ("import sys\nfrom fastcoop.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
             "    assert exc.code == 0, exc.code\nassert 'torch' not in sys.modules\n")
-    for folder, row in ((out, f"| {out.name} | CoOp M2-csc-end |"), (out / "M2-csc-end" / "1shot-seed1", "| s12.h5 |")):
+    for folder, row in ((out, f"| {out.name} | CoOp M2-csc-end |"), (out / "coop-M2-csc-end" / "1shot-seed1", "| s12.h5 |")):
         done = subprocess.run([sys.executable, "-c", code, "report", str(folder)], capture_output=True, text=True)
         assert done.returncode == 0 and row in done.stdout, (done.stdout, done.stderr)
 
@@ -129,12 +129,12 @@ def test_a_cocoop_base_to_new_sweep_stacks_seeds_and_reports_base_new_and_h(tmp_
     alone = tmp_path / "alone"
     assert run_cli(capsys, "train", split_cache / "s12.h5", "--out", alone, "--method", "cocoop", "--classes", "base",
                    "--shots", "2", "--seed", "2", "--epochs", "2", "--device", "cpu")[0] == 0
-    ours, theirs = (load_file(d / "prompt.safetensors") for d in (out / "M4-unified-end" / "2shot-seed2", alone))
+    ours, theirs = (load_file(d / "prompt.safetensors") for d in (out / "cocoop-M4-unified-end" / "2shot-seed2", alone))
     assert set(ours) == set(theirs) and "meta_net.linear1.weight" in ours
     for name in theirs:
         assert (ours[name] - theirs[name]).norm() <= 1e-5 * theirs[name].norm(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "cocoop" and "linear_probe" not in summary and summary["zero_shot_new"] is not None
+    assert summary["methods"] == ["cocoop"] and "linear_probe" not in summary and summary["zero_shot_new"] is not None
     base = [r["test"] for r in summary["runs"]]
     new = [r["test_new"] for r in summary["runs"]]
     mean_base, mean_new = sum(base) / 2, sum(new) / 2
@@ -180,3 +180,35 @@ def test_a_stack_too_big_for_the_device_is_split_and_says_so(tmp_path, capsys, s
     for run in runs:
         assert torch.equal(*(load_file(tmp_path / sweep / run / "prompt.safetensors")["ctx"]
                              for sweep in ("whole", "split")))
+
+
+def test_several_methods_sweep_side_by_side_each_with_its_published_context(tmp_path, capsys, split_cache):
+    """`--method coop,kgcoop,cocoop`: each method's runs with its own published context (CoOp's random M, KgCoOp's
+    and CoCoOp's M = 4 from "a photo of a"; --kg-weight reaching KgCoOp only), each run equal to its own `train`,
+    all in one table; a method option given without its method is refused."""
+    import torch
+
+    out = tmp_path / "methods"
+    args = ["--shots", "1", "--seeds", "1", "--epochs", "1", "--device", "cpu"]
+    code, stdout, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, *args,
+                                "--method", "coop,kgcoop,cocoop", "--kg-weight", "2")
+    assert code == 0, err
+    for label in ("CoOp M16-unified-end", "KgCoOp M4-unified-end", "CoCoOp M4-unified-end", "linear probe"):
+        assert f"| {label} |" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"] == ["cocoop", "coop", "kgcoop"] and len(summary["runs"]) == 3
+    for folder, method, extra in (("kgcoop-M4-unified-end", "kgcoop", ["--kg-weight", "2"]),
+                                  ("cocoop-M4-unified-end", "cocoop", [])):
+        trained = json.loads((out / folder / "1shot-seed1" / "config.json").read_text())["train"]
+        assert (trained["method"], trained["n_ctx"], trained["init"]) == (method, 4, "a photo of a")
+        alone = tmp_path / f"alone-{method}"
+        code, _, err = run_cli(capsys, "train", split_cache / "s12.h5", "--out", alone, "--method", method,
+                               "--shots", "1", "--epochs", "1", "--device", "cpu", *extra)
+        assert code == 0, err
+        ours, theirs = (load_file(d / "prompt.safetensors") for d in (out / folder / "1shot-seed1", alone))
+        assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    assert json.loads((out / "coop-M16-unified-end" / "1shot-seed1" / "config.json").read_text())["train"][
+        "kg_weight"] is None
+    code, _, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", tmp_path / "refused", *args,
+                           "--method", "coop,cocoop", "--kg-weight", "2")
+    assert code == 2 and "--kg-weight is KgCoOp's option" in err and not (tmp_path / "refused").exists()
