@@ -32,7 +32,9 @@ from fastcoop.models import LoadedModel
 from fastcoop.zeroshot import zeroshot_classifier
 
 BATCH_SIZE = 256  # Tip-Adapter-F's loader (main.py)
-ELEMENTS_PER_CALL = 1 << 25  # the search's logits (α's × images × classes) and affinities held at once
+# the search's logits (α's × images × classes) and affinities held at once: on a GPU as many as memory allows
+# comfortably; on the CPU a chunk its caches hold, since the search passes over it once per β
+ELEMENTS_PER_CALL = {"cuda": 1 << 25, "cpu": 1 << 22}
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,14 @@ def search(features: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, val
     balanced = bool((per_class == per_class[0]).all())
     scales = torch.tensor(alphas, device=features.device)[:, None, None]
     hits = torch.zeros(len(betas), len(alphas), dtype=torch.long, device=features.device)
-    rows = max(1, ELEMENTS_PER_CALL // (len(keys) + len(alphas) * num_classes))
+    per_call = ELEMENTS_PER_CALL["cuda" if features.is_cuda else "cpu"]
+    rows = max(1, per_call // (len(keys) + len(alphas) * num_classes))
     for start in range(0, len(features), rows):
         chunk, chunk_labels = features[start:start + rows], labels[start:start + rows]
         affinity = chunk @ keys.t()
         clip_logits = 100.0 * chunk @ clip_weights.t()
         for b, beta in enumerate(betas):
-            similarity = torch.exp(-(beta - beta * affinity))
+            similarity = (affinity * beta).sub_(beta).exp_()  # exp(−(β − β·a)), the same value (x − β = −(β − x))
             if balanced:
                 cache_logits = similarity.view(len(chunk), num_classes, -1).sum(dim=-1)
             else:

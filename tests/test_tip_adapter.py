@@ -47,7 +47,11 @@ def test_the_published_recipes():
     assert len(betas) == 200 and len(alphas) == 20 and betas[0] == alphas[0] == 0.1 and betas[-1] < 7
 
 
-def test_keys_logits_and_search_equal_the_published_computation():
+@pytest.mark.parametrize("elements", [1 << 22, 500])  # one chunk of images; chunks of 9 or 10
+def test_keys_logits_and_search_equal_the_published_computation(monkeypatch, elements):
+    import fastcoop.tip_adapter
+
+    monkeypatch.setattr(fastcoop.tip_adapter, "ELEMENTS_PER_CALL", {"cpu": elements, "cuda": elements})
     features, labels, clip_weights = _data()
     views = torch.randn(10, 20, 16)  # 10 augmented views of 20 few-shot images
     shot_labels = torch.arange(20) % 5
