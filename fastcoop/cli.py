@@ -553,6 +553,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
     among N processes (GPUs)."""
     from fastcoop.cache import FeatureCache
     from fastcoop.fewshot import check_classes
+    from fastcoop.outputs import check_writable
     from fastcoop.run_files import TABLE_FILE
 
     shot_list, seed_list = _int_list(shots, "--shots"), _int_list(seeds, "--seeds")
@@ -574,6 +575,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
     for other in others:
         if "test" not in other.splits:
             raise FastCoopError(f"--eval-on {other.path} has no test split to test the runs on")
+    check_writable(out, "sweep folder", folder=True)  # before torch loads
     with _importing():
         from fastcoop.backends import resolve
         from fastcoop.devices import resolve_device
@@ -581,7 +583,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
         from fastcoop.evaluate import check_same_model
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
-        from fastcoop.outputs import check_writable, held
+        from fastcoop.outputs import held
         from fastcoop.sweep import check_sweep_dir, run_sweep, sweep_request, sweep_runs, variant_for
         from fastcoop.tip_adapter import check_cache
 
@@ -597,7 +599,6 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
     world, device = join(resolve_device(runtime.device))
     runtime = _with_threads(dataclasses.replace(runtime, device=device))
     resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
-    check_writable(out, "sweep folder", folder=True)
     if world.is_writer:
         click.get_current_context().with_resource(held(out))  # until the command ends
     hash_triton_in_background(device)

@@ -46,7 +46,7 @@ def run_demo(folder: str | Path, model: str = "ViT-B-32", pretrained: str = "ope
     """Example images → feature cache → zero-shot → the paper's protocol (CoOp at 1–8 shots beside the linear
     probe, with its table and figure) → base-to-new with CoOp and CoCoOp, timing each stage."""
     folder = Path(folder)
-    check_writable(folder, "demo folder", folder=True)
+    check_writable(folder, "demo folder", folder=True, option="--dir")
     device = resolve_device(device)
     resolve_model_name(model)  # an unknown architecture is an error before anything is written
     with held(folder, "--dir"):  # one demo per folder at a time

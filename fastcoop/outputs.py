@@ -12,11 +12,15 @@ from fastcoop.errors import FastCoopError
 _held: set[Path] = set()  # outputs this process holds (holding one again is a no-op)
 
 
-def check_writable(path: str | Path, what: str, folder: bool | None = None) -> None:
-    """`path` (a file or folder to write, maybe not there yet) can be written: its nearest existing ancestor is a
-    writable folder, and what is there already is of the kind written (`folder` True: a folder; False: a file;
-    None: either). `what` names it in the message."""
+def check_writable(path: str | Path, what: str, folder: bool | None = None, option: str = "--out") -> None:
+    """`path` (a file or folder to write, maybe not there yet) can be written: no other command is writing it (a
+    look at its lock, so that a second command is refused before it loads anything; `held` takes the lock), its
+    nearest existing ancestor is a writable folder, and what is there already is of the kind written (`folder`
+    True: a folder; False: a file; None: either). `what` and `option` name it in the messages."""
     path = Path(path)
+    writer = None if path.absolute() in _held else holder(path)
+    if writer is not None:
+        raise FastCoopError(_being_written(path.absolute(), writer, option))
     if folder is True and path.exists() and not path.is_dir():
         raise FastCoopError(f"cannot write {what} {path}: it is a file, not a folder")
     if folder is False and path.is_dir():
@@ -32,6 +36,11 @@ def check_writable(path: str | Path, what: str, folder: bool | None = None) -> N
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
         raise FastCoopError(f"cannot write {what} {path}: {parent} takes no files ({exc.strerror or exc})") from None
+
+
+def _being_written(path: Path, writer: str, option: str) -> str:
+    return (f"{path} is being written by another fastcoop command (process {writer}); wait for it to end, or "
+            f"choose another {option}")
 
 
 def _lock_file(path: Path) -> Path:
@@ -70,10 +79,9 @@ def held(path: str | Path, option: str = "--out"):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            writer = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise FastCoopError(f"{path} is being written by another fastcoop command (process {holder}); wait "
-                                f"for it to end, or choose another {option}") from None
+            raise FastCoopError(_being_written(path, writer, option)) from None
         try:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break

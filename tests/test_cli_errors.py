@@ -210,3 +210,49 @@ def test_cpu_threads_take_the_cores_left_by_other_work(monkeypatch, tmp_path):
     quota.write_text("max 100000\n")
     assert machine.usable_cores() == 4
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "sweep", "cache"])
+def test_two_real_commands_on_one_output_one_finishes_the_other_is_refused(tmp_path, written, example_images,
+                                                                           command):
+    """Two real `fastcoop` processes given one output: the second exits 2 at once (before it loads torch) naming
+    the first's process; the first finishes, and its output equals the same command's run alone."""
+    import subprocess
+    import sys
+    import time
+
+    import h5py
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from fastcoop.outputs import holder
+
+    args = {"train": ["train", written / "f.h5", "--shots", "2", "--n-ctx", "2", "--epochs", "50"],
+            "sweep": ["sweep", written / "f.h5", "--shots", "2", "--seeds", "1", "--n-ctx", "2", "--epochs", "50",
+                      "--baselines", "none"],
+            "cache": ["cache", example_images, "--model", TINY_VIT, "--pretrained", "none", "--shots", "2",
+                      "--seeds", "1", "--views", "40", "--workers", "0"]}[command]
+    command_line = [sys.executable, "-m", "fastcoop", *map(str, args), "--device", "cpu", "--out"]
+    out, alone = (tmp_path / "c.h5", tmp_path / "alone.h5") if command == "cache" else (tmp_path / "out",
+                                                                                          tmp_path / "alone")
+    first = subprocess.Popen(command_line + [str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while holder(out) is None:  # the first holds its output once its checks are done
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        time.sleep(0.02)
+    started = time.monotonic()
+    second = subprocess.run(command_line + [str(out)], capture_output=True, text=True)
+    assert time.monotonic() - started < 2.0  # refused before torch loads
+    assert first.poll() is None, "the first ended before the second was refused: give it more work"
+    assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+        f"error: {out} is being written by another fastcoop command (process {first.pid}); wait for it to end, or "
+        "choose another --out"]
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    subprocess.run(command_line + [str(alone)], check=True, capture_output=True)
+    if command == "cache":
+        with h5py.File(out) as ours, h5py.File(alone) as theirs:
+            assert np.array_equal(ours["train/features"][()], theirs["train/features"][()])
+    else:
+        prompt = "prompt.safetensors" if command == "train" else "coop-M2-unified-end/2shot-seed1/prompt.safetensors"
+        assert all(load_file(out / prompt)[name].equal(tensor) for name, tensor in load_file(alone / prompt).items())
