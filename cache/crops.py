@@ -19,23 +19,25 @@ from torchvision import transforms
 PRECISION_BITS = 22  # PIL's fixed point for 8-bit images: 32 - 8 - 2 bits
 SUPPORT = 2.0  # the bicubic filter's support, in input pixels at no shrink
 BICUBIC_A = -0.5  # PIL's bicubic parameter
+COOP_SCALE = (0.08, 1.0)  # the published augmentation's crop areas, as fractions of the image (Tip-Adapter: 0.5–1)
 VIEW_BYTES = 256 << 20  # the float64 working set of the views cut together from one image, at most about this
 PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 
-def augment_transform(size) -> transforms.Compose:
-    """CoOp's training augmentation on a decoded PIL image: random resized crop (scale 0.08–1, ratio 3/4–4/3,
-    bicubic, which PIL antialiases), then a horizontal flip with p = 0.5."""
+def augment_transform(size, scale: tuple[float, float] = COOP_SCALE) -> transforms.Compose:
+    """CoOp's training augmentation on a decoded PIL image: random resized crop (scale 0.08–1 unless `scale` says
+    otherwise, ratio 3/4–4/3, bicubic, which PIL antialiases), then a horizontal flip with p = 0.5."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
     ])
 
 
-def crop_boxes(height: int, width: int, seeds: list[int], size) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_boxes(height: int, width: int, seeds: list[int], size, scale: tuple[float, float] = COOP_SCALE
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each view's (top, left, height, width) box and flip for an image of this size, as augment_transform draws
     them from the RNG seeded with the view's seed: RandomResizedCrop.get_params, then RandomHorizontalFlip's coin."""
-    crop = augment_transform(size).transforms[0]
+    crop = augment_transform(size, scale).transforms[0]
     size_only = torch.empty(()).expand(3, height, width)  # get_params reads the image's size alone
     boxes, flips = [], []
     with torch.random.fork_rng(devices=[]):

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from fastcoop.cache import writer
+from fastcoop.cache.crops import COOP_SCALE
 from fastcoop.cache.encoder import ImageEncoder
 from fastcoop.cache.plan import auto_views, cache_attrs, crop_engine, dataset_fingerprint, default_workers, plan_rows
 from fastcoop.cache.views import ImageViews, cut_views, split_eval_transform
@@ -46,7 +47,7 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
                      workers: int | None = None, device: str = "cpu", precision: str = "fp32",
                      skip_bad: bool = False, overwrite: bool = False, progress: bool = True,
                      world: World = World(), crops: str = "auto", verbose: bool = False,
-                     encoder: str = "eager") -> Path:
+                     encoder: str = "eager", crop_scale: tuple[float, float] = COOP_SCALE) -> Path:
     """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file.
 
     `shots`: a shot count or several (their subsets share the cached images), None for the whole train split.
@@ -55,7 +56,8 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     `crops`: where the augmented views are cut, 'pil' (in the decoding workers, the published computation) or
     'device' (where the encoder runs, equal to PIL's); 'auto' is 'device' on a GPU. `verbose`: the progress bar
     also shows each stage's share of the time, and the end says where it went. `encoder`: 'graph' replays the
-    image encoder from a CUDA graph (encoder.ImageEncoder)."""
+    image encoder from a CUDA graph (encoder.ImageEncoder). `crop_scale`: the augmented views' crop areas as
+    fractions of the image (CoOp's 0.08–1; Tip-Adapter's own code crops at 0.5–1)."""
     out = Path(out)
     splits = _present(data, splits, world)
     shot_list = None if shots is None or "train" not in splits else sorted({shots} if isinstance(shots, int)
@@ -64,11 +66,11 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         views = auto_views(shot_list, len(data.classnames)) if "train" in splits else 0
     engine = crop_engine(crops, device) if views else "pil"
     rows, subsets, short = plan_rows(data, splits, shot_list, list(seeds))
-    attrs = cache_attrs(data, loaded, splits, shot_list, seeds, views, engine, subsets, short)
+    attrs = cache_attrs(data, loaded, splits, shot_list, seeds, views, engine, subsets, short, crop_scale)
     views_of = {split: 1 + (views if split == "train" else 0) for split in splits}
     job = _Job(loaded, json.loads(attrs["preprocessing"]), views_of, batch_size,
                default_workers(device) if workers is None else workers, device, precision, skip_bad,
-               progress and world.is_writer, world, engine, verbose, encoder)
+               progress and world.is_writer, world, engine, verbose, encoder, crop_scale)
     partial = out.with_name(out.name + ".partial")
     plan, f = None, None
     if world.is_writer:
@@ -114,10 +116,11 @@ class _Job:
     """What every split's extraction shares: the model, its transforms, the batching and the writer."""
 
     def __init__(self, loaded, pre, views_of, batch_size, workers, device, precision, skip_bad, progress, world,
-                 engine="pil", verbose=False, encoder="eager"):
+                 engine="pil", verbose=False, encoder="eager", crop_scale=COOP_SCALE):
         self.loaded, self.pre, self.views_of, self.batch_size = loaded, pre, views_of, batch_size
         self.workers, self.device, self.skip_bad, self.progress, self.world = workers, device, skip_bad, progress, world
         self.engine, self.verbose, self.stages = engine, verbose, Stages(synchronize=verbose)
+        self.crop_scale = crop_scale
         self.eval_image, normalize = split_eval_transform(loaded.preprocess)
         self.encoder = ImageEncoder(loaded.model, normalize, batch_size, device, autocast_dtype(precision),
                                     graph=encoder == "graph")
@@ -166,7 +169,8 @@ class _Job:
         step = self.images_per_batch(split)
         batches = [list(range(lo, min(lo + step, n))) for lo in range(start, n, step)]
         engine = self.engine if per_image > 1 else "pil"  # nothing to cut without augmented views
-        dataset = ImageViews([p for p, _ in items], self.eval_image, per_image - 1, split, self.pre["size"], engine)
+        dataset = ImageViews([p for p, _ in items], self.eval_image, per_image - 1, split, self.pre["size"], engine,
+                             self.crop_scale)
         mine = batches[world.rank::world.size]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=min(self.workers, len(mine)),
                                              collate_fn=dataset.collate, pin_memory=self.device.startswith("cuda"))

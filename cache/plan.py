@@ -11,12 +11,18 @@ import numpy as np
 import open_clip
 
 from fastcoop.cache.store import SCHEMA_VERSION
+from fastcoop.cache.crops import COOP_SCALE
 from fastcoop.cache.views import AUGMENT_SEED, ENGINES
 from fastcoop.data import LabelledImages
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import sample_train_and_val, subset_key
 from fastcoop.models import LoadedModel, preprocess_config
 from fastcoop.schedule import published_epochs
+
+
+def augment_name(scale: tuple[float, float]) -> str:
+    """The augmentation as the cache records it (store.FeatureCache.crop_scale reads the scale back)."""
+    return f"RandomResizedCrop({scale[0]:g}-{scale[1]:g}, bicubic)+HFlip"
 
 
 def auto_views(shots: list[int] | None, num_classes: int) -> int:
@@ -78,11 +84,12 @@ def default_workers(device: str) -> int:
 
 
 def cache_attrs(data: LabelledImages, loaded: LoadedModel, splits: list[str], shot_list: list[int] | None,
-                seeds, views: int, engine: str, subsets: dict, short: dict) -> dict:
+                seeds, views: int, engine: str, subsets: dict, short: dict,
+                scale: tuple[float, float] = COOP_SCALE) -> dict:
     """The file's attributes: what it was made from and how (its identity: store.IDENTITY_ATTRS), and what it
     holds."""
     pre = preprocess_config(loaded.model) | {"views": views, "augment_seed": AUGMENT_SEED,
-                                             "augment": "RandomResizedCrop(0.08-1, bicubic)+HFlip"}
+                                             "augment": augment_name(scale)}
     if engine == "device":  # recorded only where it is not the published computation, PIL's
         pre["crops"] = "device"
     return {

@@ -18,6 +18,7 @@ Layout (schema 1), readable with h5py alone:
 """
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,12 @@ class FeatureCache:
         self.dataset: str = attrs.get("dataset", "")
         self.class_ids: list[str] | None = json.loads(attrs.get("class_ids", "null"))
         self._unreadable: dict[str, np.ndarray | None] = {}
+
+    @property
+    def crop_scale(self) -> tuple[float, float]:
+        """The augmented views' crop areas, as fractions of the image (`fastcoop cache --crop-scale`)."""
+        found = re.search(r"RandomResizedCrop\(([\d.]+)-([\d.]+)", self.preprocessing.get("augment", ""))
+        return (float(found[1]), float(found[2])) if found else (0.08, 1.0)
 
     def identity(self) -> dict:
         """The cache's identity as plain JSON values (run directories and sweeps record it)."""

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from fastcoop.cache.crops import augment_transform, crop_boxes, resized_crops
+from fastcoop.cache.crops import COOP_SCALE, augment_transform, crop_boxes, resized_crops
 from fastcoop.errors import FastCoopError
 
 AUGMENT_SEED = 0
@@ -46,9 +46,11 @@ class ImageViews(torch.utils.data.Dataset):
     image (3, H, W), the views' boxes (views, 4) and flips (views,), row, error), for `cut_views`. An image that
     cannot be decoded gives a blank one's views, and its error."""
 
-    def __init__(self, paths, eval_transform, views: int, split: str, size, engine: str = "pil"):
+    def __init__(self, paths, eval_transform, views: int, split: str, size, engine: str = "pil",
+                 scale: tuple[float, float] = COOP_SCALE):
         self.paths, self.eval_transform, self.views, self.split = paths, eval_transform, views, split
-        self.size, self.engine, self.augment = list(size), engine, augment_transform(list(size))
+        self.size, self.engine, self.scale = list(size), engine, tuple(scale)
+        self.augment = augment_transform(self.size, self.scale)
 
     def __len__(self):
         return len(self.paths)
@@ -64,7 +66,8 @@ class ImageViews(torch.utils.data.Dataset):
         eval_view = TF.pil_to_tensor(self.eval_transform(image))
         if self.engine == "device":
             pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-            return (eval_view[None], pixels, *crop_boxes(image.height, image.width, seeds, self.size), row, error)
+            return (eval_view[None], pixels, *crop_boxes(image.height, image.width, seeds, self.size, self.scale), row,
+                    error)
         views = [eval_view]
         with torch.random.fork_rng(devices=[]):
             for seed in seeds:

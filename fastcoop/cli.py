@@ -146,6 +146,9 @@ def cli():
 @click.option("--crops", default="auto", show_default=True, type=click.Choice(["auto", "pil", "device"]),
               help="Where the augmented views are cut: pil (in the decoding workers) or device (where the encoder "
                    "runs, equal to PIL's to the bit); auto: device on a GPU, pil on the CPU.")
+@click.option("--crop-scale", default="0.08,1", show_default=True,
+              help="The augmented views' crop areas as fractions of the image, 'low,high': CoOp's (the default); "
+                   "Tip-Adapter's own code crops at 0.5,1.")
 @click.option("--encoder", default="eager", show_default=True, type=click.Choice(["eager", "graph"]),
               help="graph: on a GPU, replay the image encoder from a CUDA graph captured for --batch-size views.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (recorded in the file) instead of stopping.")
@@ -154,7 +157,8 @@ def cli():
               help="Show each stage's share of the time (decode, crop, encode, write): the largest is what the "
                    "others wait on.")
 def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_file, shots, seeds, views, splits,
-          split_ratios, batch_size, workers, device, precision, crops, encoder, skip_bad, overwrite, verbose):
+          split_ratios, batch_size, workers, device, precision, crops, crop_scale, encoder, skip_bad, overwrite,
+          verbose):
     """Encode the images under ROOT once with the frozen image encoder into an HDF5 feature file.
 
     Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
@@ -168,6 +172,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     except ValueError as exc:
         raise FastCoopError(str(exc)) from None
     n_views = _views(views)
+    scale = _crop_scale(crop_scale)
     seed_list = _int_list(seeds, "--seeds")
     data = read_dataset(root, layout, image_root, classnames_file, dataset)  # answered before torch loads
     check_writable(out, "feature cache", folder=False)
@@ -202,7 +207,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
                             seeds=seed_list, views=n_views, batch_size=batch_size, workers=workers,
                             device=device, precision=resolve_precision(precision, device, "fp16"),
                             skip_bad=skip_bad, overwrite=overwrite, world=world, crops=crops, verbose=verbose,
-                            encoder=encoder)
+                            encoder=encoder, crop_scale=scale)
     if world.is_writer:
         if new_split is not None:  # saved once the cache is made, so that a refusal leaves no file behind
             from fastcoop.data import write_coop_split
@@ -243,6 +248,18 @@ def _split_flat(data, root, out, ratios, world):
         click.echo(f"{root} has no split folders: split each class {train:.0%} / {val:.0%} / "
                    f"{1 - train - val:.0%} into train / val / test, saved in {path} with the cache")
     return data, path
+
+
+def _crop_scale(value: str) -> tuple[float, float]:
+    """--crop-scale 'low,high': fractions of the image with 0 < low ≤ high ≤ 1."""
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        low = high = -1.0
+    if not 0 < low <= high <= 1:
+        raise FastCoopError(f"--crop-scale takes 'low,high' fractions of the image with 0 < low ≤ high ≤ 1, such as "
+                            f"0.08,1 or 0.5,1, not '{value}'")
+    return low, high
 
 
 def _views(value: str) -> int | str:

@@ -11,14 +11,16 @@ also trains the keys (AdamW, eps 1e-4, cosine schedule per batch, batches of 256
 image each epoch), then searches α and β again. The published code is gaopengcuhk/Tip-Adapter (main.py, utils.py,
 configs/*.yaml); its recipe per dataset is presets/tip_adapter.json.
 
-Where this differs from the published code, on purpose: the augmented views are the cache's (CoOp's crop scale,
-0.08–1, where Tip-Adapter crops at 0.5–1); Tip-Adapter-F keeps its last epoch, where the published code keeps the
+Where this differs from the published code, on purpose: the augmented views are the cache's (by default CoOp's
+crop scale, 0.08–1, where Tip-Adapter crops at 0.5–1: `fastcoop cache --crop-scale 0.5,1` gives its own, and a
+result records the scale); Tip-Adapter-F keeps its last epoch, where the published code keeps the
 epoch with the best *test* accuracy (which selects on the test labels); the search runs on the val split for every
 dataset (the published ImageNet script searches on test, which for CoOp's ImageNet is the same images).
 """
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 
@@ -32,6 +34,7 @@ from fastcoop.models import LoadedModel
 from fastcoop.zeroshot import zeroshot_classifier
 
 BATCH_SIZE = 256  # Tip-Adapter-F's loader (main.py)
+TIP_CROP_SCALE = (0.5, 1.0)  # its training views' RandomResizedCrop (main.py)
 # the search's logits (α's × images × classes) and affinities held at once: on a GPU as many as memory allows
 # comfortably; on the CPU a chunk its caches hold, since the search passes over it once per β
 ELEMENTS_PER_CALL = {"cuda": 1 << 25, "cpu": 1 << 22}
@@ -137,7 +140,11 @@ def finetune(keys: torch.Tensor, values: torch.Tensor, clip_weights: torch.Tenso
 
 def check_cache(cache: FeatureCache) -> None:
     """What Tip-Adapter needs of a cache, checked before any work: val and test splits, and the augmented views
-    its keys average."""
+    its keys average; a warning first when those views are not cropped as its own code crops them."""
+    if cache.crop_scale != TIP_CROP_SCALE:
+        low, high = cache.crop_scale
+        warnings.warn(f"Tip-Adapter's keys average {cache.path}'s views, cropped at scale {low:g}–{high:g}; its "
+                      "published code crops at 0.5–1: cache with --crop-scale 0.5,1 for its own views")
     for split in ("val", "test"):
         if split not in cache.splits:
             raise FastCoopError(f"Tip-Adapter searches α and β on the val split and tests on test; {cache.path} has "
@@ -169,7 +176,7 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: 
         return (logits.argmax(dim=-1) == split_labels).float().mean().item()
 
     result = {"method": "tip-adapter", "shots": shots, "seed": seed, "dataset": cache.dataset,
-              "templates": recipe.templates,
+              "templates": recipe.templates, "crop_scale": list(cache.crop_scale),
               "zero_shot": {"val": accuracy(val[0] @ clip_weights.t(), val[1]),
                             "test": accuracy(test[0] @ clip_weights.t(), test[1])}}
     beta, alpha, val_acc = search(*val, keys, values, clip_weights, recipe)

@@ -114,3 +114,51 @@ def test_a_cache_cut_on_the_device_equals_one_cut_by_pil(tmp_path, capsys, examp
                            *common)
     assert code == 2 and "unfinished cache made with other settings (crops: device → pil)" in err
     assert (tmp_path / "other.h5.partial").exists() and not (tmp_path / "other.h5").exists()
+
+
+def test_the_crop_scale_of_the_views_is_a_cache_option_both_engines_cut_alike(tmp_path, capsys, example_images):
+    """`fastcoop cache --crop-scale 0.5,1` (Tip-Adapter's own augmentation): the views are torchvision's
+    RandomResizedCrop(scale=(0.5, 1)) draws, the 'device' engine's equal to PIL's to the bit; the scale is part of
+    the cache's identity, read back, and checked."""
+    import warnings
+
+    from fastcoop.cache import FeatureCache
+    from fastcoop.errors import FastCoopError
+    from fastcoop.models import load_model, preprocess_config
+    from fastcoop.cache.views import split_eval_transform
+    from fastcoop.tip_adapter import check_cache
+
+    loaded = load_model(TINY_VIT, "none")
+    pre = preprocess_config(loaded.model)
+    eval_image, _ = split_eval_transform(loaded.preprocess)
+    paths = [str(p) for p in sorted((example_images / "train").glob("*/*.jpg"))[:3]]
+    by_pil = ImageViews(paths, eval_image, 4, "train", pre["size"], scale=(0.5, 1.0))
+    by_device = ImageViews(paths, eval_image, 4, "train", pre["size"], engine="device", scale=(0.5, 1.0))
+    pixels, _, _ = by_pil.collate([by_pil[i] for i in range(3)])
+    *parts, _, _ = by_device.collate([by_device[i] for i in range(3)])
+    assert torch.equal(cut_views(*parts, pre["size"], "cpu"), pixels)
+    augment = transforms.Compose([transforms.RandomResizedCrop(pre["size"], scale=(0.5, 1.0),
+                                                               interpolation=transforms.InterpolationMode.BICUBIC),
+                                  transforms.RandomHorizontalFlip()])
+    with Image.open(paths[1]) as image:
+        torch.manual_seed(view_seed("train", 1, 3))
+        assert torch.equal(pixels[1, 3], TF.pil_to_tensor(augment(image.convert("RGB"))))
+    common = ["--model", TINY_VIT, "--pretrained", "none", "--shots", "2", "--seeds", "1", "--views", "2",
+              "--workers", "0"]
+    assert run_cli(capsys, "cache", example_images, "--out", tmp_path / "tip.h5", *common, "--crop-scale",
+                   "0.5,1")[0] == 0
+    assert run_cli(capsys, "cache", example_images, "--out", tmp_path / "coop.h5", *common)[0] == 0
+    with FeatureCache(tmp_path / "tip.h5") as tip, FeatureCache(tmp_path / "coop.h5") as coop:
+        assert (tip.crop_scale, coop.crop_scale) == ((0.5, 1.0), (0.08, 1.0))
+        assert not torch.equal(tip.features("train", view=1), coop.features("train", view=1))
+        for cache, warned in ((coop, True), (tip, False)):
+            with warnings.catch_warnings(record=True) as caught, pytest.raises(FastCoopError, match="no val"):
+                warnings.simplefilter("always")
+                check_cache(cache)  # the example has no val split: refused, after the warning
+            assert any("published code crops at 0.5–1" in str(w.message) for w in caught) == warned
+    code, _, err = run_cli(capsys, "cache", example_images, "--out", tmp_path / "tip.h5", *common)
+    assert code == 2 and "augment: RandomResizedCrop(0.5-1, bicubic)+HFlip → RandomResizedCrop(0.08-1" in err
+    for bad in ("0,1", "1,0.5", "half", "0.5"):
+        code, _, err = run_cli(capsys, "cache", example_images, "--out", tmp_path / "x.h5", *common, "--crop-scale",
+                               bad)
+        assert code == 2 and "--crop-scale takes 'low,high'" in err and not (tmp_path / "x.h5").exists()
