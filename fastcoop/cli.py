@@ -257,8 +257,8 @@ def _crop_scale(value: str) -> tuple[float, float]:
     except ValueError:
         low = high = -1.0
     if not 0 < low <= high <= 1:
-        raise FastCoopError(f"--crop-scale takes 'low,high' fractions of the image with 0 < low ≤ high ≤ 1, such as "
-                            f"0.08,1 or 0.5,1, not '{value}'")
+        raise FastCoopError(f"--crop-scale takes 'low,high' fractions of the image with 0 < low ≤ high ≤ 1, such "
+                            f"as 0.08,1 or 0.5,1, not '{value}'")
     return low, high
 
 

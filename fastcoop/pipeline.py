@@ -20,8 +20,9 @@ from fastcoop.train import Checkpoint, NonFiniteLoss, TrainingInterrupted, Train
 
 
 def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, recipe: Recipe, run_dir: Path,
-                     runtime: Runtime = Runtime(), progress: bool = True, timings: dict | None = None, overwrite: bool = False,
-                     save_every: float = 10.0, profile: str | None = None) -> tuple[TrainResult, dict]:
+                     runtime: Runtime = Runtime(), progress: bool = True, timings: dict | None = None,
+                     overwrite: bool = False, save_every: float = 10.0, profile: str | None = None
+                     ) -> tuple[TrainResult, dict]:
     """Train into `run_dir`, or go on with the unfinished run there made with the same options and cache.
 
     The run is checkpointed every `save_every` seconds (each save costs milliseconds), and on Ctrl-C or SIGTERM
@@ -34,8 +35,9 @@ def train_to_run_dir(cache: FeatureCache, loaded: LoadedModel, recipe: Recipe, r
 
 
 def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], run_dirs: list[Path],
-                      runtime: Runtime = Runtime(), progress: bool = True, timings: dict | None = None, overwrite: bool = False,
-                      save_every: float = 10.0, profile: str | None = None) -> list[tuple[TrainResult, dict]]:
+                      runtime: Runtime = Runtime(), progress: bool = True, timings: dict | None = None,
+                      overwrite: bool = False, save_every: float = 10.0, profile: str | None = None
+                      ) -> list[tuple[TrainResult, dict]]:
     """Runs that differ only in their seed, shots and epochs, trained together (train_stack), each into its own run
     directory with everything train_to_run_dir promises (unfinished ones resumed, each from its own epoch)."""
     with contextlib.ExitStack() as holding:

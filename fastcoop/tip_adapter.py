@@ -102,7 +102,8 @@ def search(features: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, val
         affinity = chunk @ keys.t()
         clip_logits = 100.0 * chunk @ clip_weights.t()
         for b, beta in enumerate(betas):
-            similarity = (affinity * beta).sub_(beta).exp_()  # exp(−(β − β·a)), the same value (x − β = −(β − x))
+            # exp(−(β − β·a)) as exp(β·a − β): the same value (x − β = −(β − x) exactly), in place
+            similarity = (affinity * beta).sub_(beta).exp_()
             if balanced:
                 cache_logits = similarity.view(len(chunk), num_classes, -1).sum(dim=-1)
             else:

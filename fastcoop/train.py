@@ -132,8 +132,8 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 def train(cache: FeatureCache, loaded: LoadedModel, recipe: Recipe, runtime: Runtime = Runtime(),
           progress: bool = True, on_report=None, resume: Checkpoint | None = None) -> TrainResult:
     """Learn the context on `cache`'s (shots, seed) subset, from the start or from `resume` (a stack of one)."""
-    return train_stack(cache, loaded, [recipe], runtime, progress, on_report and (lambda results: on_report(results[0])),
-                       [resume])[0]
+    report = on_report and (lambda results: on_report(results[0]))
+    return train_stack(cache, loaded, [recipe], runtime, progress, report, [resume])[0]
 
 
 def train_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], runtime: Runtime = Runtime(),
