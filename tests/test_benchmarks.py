@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 def test_out_writes_only_inside_the_folder_it_names(tmp_path):
     out = tmp_path / "results"
     out.mkdir()

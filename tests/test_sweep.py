@@ -47,6 +47,7 @@ def test_bad_values_are_one_line_exit_2(tmp_path, capsys, split_cache, option, v
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, split_cache, tiny_vit):
     out = tmp_path / "sweep"
     code, stdout, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, *SWEEP)
