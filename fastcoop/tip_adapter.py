@@ -140,8 +140,8 @@ def finetune(keys: torch.Tensor, values: torch.Tensor, clip_weights: torch.Tenso
 
 
 def check_cache(cache: FeatureCache) -> None:
-    """What Tip-Adapter needs of a cache, checked before any work: val and test splits, and the augmented views
-    its keys average; a warning first when those views are not cropped as its own code crops them."""
+    """What Tip-Adapter needs of a cache, checked before any work: val and test splits; warnings when its keys
+    would average fewer augmented views than published, or views not cropped as its own code crops them."""
     if cache.crop_scale != TIP_CROP_SCALE:
         low, high = cache.crop_scale
         warnings.warn(f"Tip-Adapter's keys average {cache.path}'s views, cropped at scale {low:g}–{high:g}; its "
@@ -152,24 +152,26 @@ def check_cache(cache: FeatureCache) -> None:
                                 f"no {split} split: cache it with --splits train,val,test")
     augmented, needed = cache.num_views("train") - 1, tip_recipe(cache.dataset).augment_epoch
     if augmented < needed:
-        raise FastCoopError(f"Tip-Adapter averages {needed} augmented views per key; {cache.path} holds "
-                            f"{augmented}: cache it with --views {needed} or more")
+        warnings.warn(f"Tip-Adapter averages {needed} augmented views per key; {cache.path} holds {augmented}, so "
+                      f"its keys average {augmented or 'only the un-augmented view'} (recorded in the result): "
+                      f"cache with --views {needed} or more for the published keys")
 
 
 def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: int, finetuned: bool,
                     device: str = "cpu") -> dict:
     """Zero-shot CLIP, Tip-Adapter and (with `finetuned`) Tip-Adapter-F on a cache's (shots, seed) subset: α and β
-    searched on val, accuracies on test. Needs the val and test splits and the recipe's augmented views."""
+    searched on val, accuracies on test. Needs the val and test splits; with fewer augmented views cached than
+    the recipe's, the keys average those there are (the un-augmented view when none), as the result records."""
     check_cache(cache)
     recipe = tip_recipe(cache.dataset)
     augmented = cache.num_views("train") - 1
+    key_views = slice(1, 1 + min(augmented, recipe.augment_epoch)) if augmented else slice(0, 1)
     rows = cache.rows("train", shots, seed)
     train_labels = cache.labels("train", rows).to(device)
     num_classes = len(cache.classnames)
     names = [spoken(name) for name in cache.classnames]
     clip_weights = zeroshot_classifier(loaded, names, recipe.templates, device=device).float()
-    keys, values = cache_model(cache.features("train", rows, slice(1, 1 + recipe.augment_epoch)).to(device),
-                               train_labels, num_classes)
+    keys, values = cache_model(cache.features("train", rows, key_views).to(device), train_labels, num_classes)
     val, test = ((F.normalize(cache.features(s, view=0).float().to(device), dim=-1), cache.labels(s).to(device))
                  for s in ("val", "test"))
 
@@ -178,6 +180,8 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: 
 
     result = {"method": "tip-adapter", "shots": shots, "seed": seed, "dataset": cache.dataset,
               "templates": recipe.templates, "crop_scale": list(cache.crop_scale),
+              "augmentation": {"cached_views": augmented, "key_views": key_views.stop - key_views.start,
+                               "published_key_views": recipe.augment_epoch},
               "zero_shot": {"val": accuracy(val[0] @ clip_weights.t(), val[1]),
                             "test": accuracy(test[0] @ clip_weights.t(), test[1])}}
     beta, alpha, val_acc = search(*val, keys, values, clip_weights, recipe)
@@ -187,11 +191,12 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: 
         # views the keys were not averaged from, while the cache holds enough; else its views in turn
         fresh = 1 + recipe.augment_epoch + recipe.train_epoch <= 1 + augmented
         used = slice(1 + recipe.augment_epoch, 1 + recipe.augment_epoch + recipe.train_epoch) if fresh else \
-            slice(1, 1 + min(augmented, recipe.train_epoch))
+            slice(1, 1 + min(augmented, recipe.train_epoch)) if augmented else slice(0, 1)
         views = cache.features("train", rows, used).to(device)  # only the views the epochs use
         epoch_views = [views[e % len(views)] for e in range(recipe.train_epoch)]
         tuned = finetune(keys, values, clip_weights, epoch_views, train_labels, recipe, seed)
         beta, alpha, val_acc = search(*val, tuned, values, clip_weights, recipe)
+        result["augmentation"]["finetune_views"] = used.stop - used.start  # distinct views over its epochs
         result["tip_adapter_f"] = {"beta": beta, "alpha": alpha, "val": val_acc, "epochs": recipe.train_epoch,
                                    "test": accuracy(tip_logits(test[0], tuned, values, clip_weights, alpha, beta),
                                                     test[1])}

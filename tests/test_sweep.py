@@ -213,3 +213,15 @@ def test_several_methods_sweep_side_by_side_each_with_its_published_context(tmp_
     code, _, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", tmp_path / "refused", *args,
                            "--method", "coop,cocoop", "--kg-weight", "2")
     assert code == 2 and "--kg-weight is KgCoOp's option" in err and not (tmp_path / "refused").exists()
+
+
+def test_tip_adapter_on_fewer_views_than_published_warns_and_records_them(tmp_path, capsys, split_cache):
+    """As CoOp runs do: Tip-Adapter's keys average the 2 views this cache holds (10 published), and -F cycles them;
+    one warning says so and the result records it."""
+    with pytest.warns(UserWarning, match="Tip-Adapter averages 10 augmented views per key.* holds 2, so its keys "
+                      "average 2"):
+        code, _, err = run_cli(capsys, "tip-adapter", split_cache / "s2.h5", "--shots", "2", "--finetune",
+                               "--device", "cpu", "--out", tmp_path / "tip.json")
+    assert code == 0, err
+    augmentation = json.loads((tmp_path / "tip.json").read_text())["augmentation"]
+    assert augmentation == {"cached_views": 2, "key_views": 2, "published_key_views": 10, "finetune_views": 2}
