@@ -24,7 +24,7 @@ from benchmarks.kernel import run_kernel_section
 from benchmarks.protocol import SHAPES, run_protocol_section, startup_seconds
 from benchmarks.launches import device_ops, interpreted_step_device_ops
 from benchmarks.load import run_load_section
-from benchmarks.methods import run_methods_section
+from benchmarks.methods import run_methods_section, run_tip_adapter_row
 from benchmarks.report import write_report
 from benchmarks.sweep import run_sweep_section
 from benchmarks.profile import kernel_profile
@@ -48,14 +48,16 @@ def plan(name: str, device: str) -> dict:
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
                 "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None, True)],
                 "protocol": [("caltech101", False)],
-                "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101"), "methods": ("caltech101", 50)}
+                "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101"), "methods": ("caltech101", 50),
+                "tip_adapter": "imagenet"}
     if name == "quick":
         return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
                 "breakdown": ("ViT-B-16", 100), "device_ops": ("ViT-B-16", 100), "datasets": ["eurosat"],
                 "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
                 "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2, True)], "protocol": [("eurosat", True)],
-                "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat"), "methods": ("eurosat", 3)}
+                "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat"), "methods": ("eurosat", 3),
+                "tip_adapter": "caltech101"}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
@@ -70,7 +72,8 @@ def plan(name: str, device: str) -> dict:
             else [("eurosat", True)],
             "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "imagenet") if device.startswith("cuda")
             else ("ViT-B-16", 37, [1, 4], 256, "eurosat"),
-            "methods": ("caltech101", 50) if device.startswith("cuda") else ("eurosat", 20)}
+            "methods": ("caltech101", 50) if device.startswith("cuda") else ("eurosat", 20),
+            "tip_adapter": "imagenet" if device.startswith("cuda") else "caltech101"}
 
 
 def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> float:
@@ -252,6 +255,7 @@ def main():
         loaded = load_model("ViT-B-16", "none", args.device)
         published = published_step_ms(len(classnames_of(dataset)), args.device, todo["repeats"], loaded)
         result["methods"] = run_methods_section(dataset, args.device, epochs, published)
+        result["tip_adapter"] = [run_tip_adapter_row(todo["tip_adapter"], args.device, todo["repeats"])]
         save("methods")
 
     def run_load():

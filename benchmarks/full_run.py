@@ -27,23 +27,27 @@ FEATURE_DIM = {"ViT-B-16": 512, "RN50": 1024}
 
 
 def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", shots: int | list[int] = 16,
-                          seeds: list[int] = (1, 2, 3), weights: str = "none") -> int:
+                          seeds: list[int] = (1, 2, 3), weights: str = "none", views: int | None = None,
+                          eval_per_class: dict[str, int] | None = None) -> int:
     """A valid feature cache with random features and real class names, shaped as `fastcoop cache` makes it (by
     default for 16 shots and seeds 1, 2, 3), so that a run reads what a default run reads: a subset for every
     (shots, seed), each its own images (as in a dataset with many images per class), and as many augmented views
-    per image as the longest published schedule has epochs; `weights`: the model's weights (a checkpoint path, or
-    'none'). Returns the number of classes."""
+    per image as the longest published schedule has epochs (or `views`); `weights`: the model's weights (a
+    checkpoint path, or 'none'); `eval_per_class`: val and test splits too, this many images per class (their
+    eval view alone). Returns the number of classes."""
     names = classnames_of(dataset)
     shot_list = [shots] if isinstance(shots, int) else list(shots)
     per_class = sum(shot_list) * len(seeds)
     n = len(names) * per_class
-    views = auto_views(shot_list, len(names))
+    views = auto_views(shot_list, len(names)) if views is None else views
+    eval_per_class = eval_per_class or {}
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         f.attrs.update({
             "schema_version": SCHEMA_VERSION, "complete": True, "model": model, "pretrained": weights,
             "open_clip_version": "synthetic", "preprocessing": "{}", "classnames": json.dumps(names),
-            "dataset_fingerprint": f"synthetic-{dataset}", "splits": json.dumps(["train"]), "views": views,
+            "dataset_fingerprint": f"synthetic-{dataset}", "splits": json.dumps(["train", *eval_per_class]),
+            "views": views,
             "subsets_requested": json.dumps({"shots": shots, "seeds": list(seeds)}),
         })
         shape = (1 + views, n, FEATURE_DIM[model])  # chunked as `fastcoop cache` writes its default batches
@@ -60,6 +64,12 @@ def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", sho
             for seed in seeds:
                 f[f"train/subsets/shots{s}_seed{seed}"] = drawn[:, first:first + s].ravel()
                 first += s
+        for split, count in eval_per_class.items():
+            f[f"{split}/features"] = rng.standard_normal((1, len(names) * count, shape[2]), np.float32).astype(
+                np.float16)
+            f[f"{split}/labels"] = np.repeat(np.arange(len(names)), count)
+            f[f"{split}/paths"] = np.array([f"synthetic/{split}/{i}.jpg" for i in range(len(names) * count)],
+                                           dtype=object).astype("S")
     return len(names)
 
 

@@ -26,6 +26,7 @@ autocast on GPU, fp32 on CPU. Each section is stamped with the plan, commit and 
 
 GRAPH_VARIANTS = list(STEP_GRAPH_VARIANTS)
 STEP_KEYS = ("step", "training_memory", "profile", "device_ops")  # measured by the step section
+SECTION_OF = {**{key: "step" for key in STEP_KEYS}, "tip_adapter": "methods"}  # keys measured by another's run
 
 
 def fmt(value, digits=1):
@@ -195,6 +196,17 @@ def methods_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def tip_adapter_table(rows: list[dict]) -> list[str]:
+    lines = ["| dataset | K | keys | val images | `fastcoop tip-adapter --finetune` s (whole command) | published "
+             "search estimate s (one setting × grid × 2) |", "|" + " --- |" * 6]
+    for r in rows:
+        beta, alpha = r["grid"]
+        lines.append(f"| {r['dataset']} | {r['classes']} | {r['keys']:,} | {r['val_images']:,} | "
+                     f"**{fmt(r['process_seconds'])}** | {fmt(r['published_search_estimate_seconds'], 0)} "
+                     f"({fmt(r['published_setting_ms'])} ms × {beta} × {alpha} × 2) |")
+    return lines
+
+
 def protocol_table(rows: list[dict]) -> list[str]:
     lines = ["| dataset | K | runs | JPEGs per class (train / test), size | `fastcoop cache` s | `fastcoop sweep` s | "
              "protocol s | published estimate s (steps × step + start-ups) | published ÷ protocol |",
@@ -321,6 +333,8 @@ def write_report(results_dir: Path, readme: Path) -> None:
                                   ("A CPU run on a shared machine: alone and beside busy processes", "load",
                                    load_table),
                                   ("KgCoOp beside CoOp: whole runs of the same shape", "methods", methods_table),
+                                  ("Tip-Adapter and Tip-Adapter-F: the whole command beside the published search",
+                                   "tip_adapter", tip_adapter_table),
                                   ("CoCoOp: the step (published per-image 77-token prompts from pixels against "
                                    "fastcoop on cached features) and test-set evaluation", "cocoop", cocoop_table),
                                   ("cosine_ce forward + backward (launched: as a program calls it, host overhead "
@@ -329,7 +343,7 @@ def write_report(results_dir: Path, readme: Path) -> None:
                                   ("Exactness (fp32, fast path vs published computation)", "exactness",
                                    exactness_table)):
             if result.get(key):
-                when = result.get("measured", {}).get("step" if key in STEP_KEYS else key, {})
+                when = result.get("measured", {}).get(SECTION_OF.get(key, key), {})
                 source = f"plan `{when['plan']}`, commit {when['commit']}, {when['date']}" if when else ""
                 lines += [f"### {title}", "", source, "", *table(result[key]), ""]
         for name in plots(result, results_dir, slug):
