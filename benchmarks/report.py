@@ -186,25 +186,28 @@ def load_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, a line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
 def methods_table(rows: list[dict]) -> list[str]:
-    lines = ["| dataset | method | epochs | steps | whole process s | loop s | loop ms per step | vs CoOp's step | "
-             "published estimate s (steps × published step) |", "|" + " --- |" * 9]
-    for r in rows:
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['epochs']} | {r['steps']} | {fmt(r['process_seconds'])} | "
-                     f"{fmt(r['loop_seconds'])} | {fmt(r['loop_ms_per_step'])} | {fmt(r['per_step_vs_coop'], 2)}× | "
-                     f"{fmt(r['published_estimate_seconds'], 0)} |")
-    return lines
+    return markdown_table(
+        ["dataset", "method", "epochs", "steps", "whole process s", "loop s", "loop ms per step", "vs CoOp's step",
+         "published estimate s (steps × published step)"],
+        [[r["dataset"], r["method"], r["epochs"], r["steps"], fmt(r["process_seconds"]), fmt(r["loop_seconds"]),
+          fmt(r["loop_ms_per_step"]), f"{fmt(r['per_step_vs_coop'], 2)}×", fmt(r["published_estimate_seconds"], 0)]
+         for r in rows])
 
 
 def tip_adapter_table(rows: list[dict]) -> list[str]:
-    lines = ["| dataset | K | keys | val images | `fastcoop tip-adapter --finetune` s (whole command) | published "
-             "search estimate s (one setting × grid × 2) |", "|" + " --- |" * 6]
-    for r in rows:
-        beta, alpha = r["grid"]
-        lines.append(f"| {r['dataset']} | {r['classes']} | {r['keys']:,} | {r['val_images']:,} | "
-                     f"**{fmt(r['process_seconds'])}** | {fmt(r['published_search_estimate_seconds'], 0)} "
-                     f"({fmt(r['published_setting_ms'])} ms × {beta} × {alpha} × 2) |")
-    return lines
+    return markdown_table(
+        ["dataset", "K", "keys", "val images", "`fastcoop tip-adapter --finetune` s (whole command)",
+         "published search estimate s (one setting × grid × 2)"],
+        [[r["dataset"], r["classes"], f"{r['keys']:,}", f"{r['val_images']:,}", f"**{fmt(r['process_seconds'])}**",
+          f"{fmt(r['published_search_estimate_seconds'], 0)} ({fmt(r['published_setting_ms'])} ms × "
+          f"{r['grid'][0]} × {r['grid'][1]} × 2)"] for r in rows])
 
 
 def protocol_table(rows: list[dict]) -> list[str]:
