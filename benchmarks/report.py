@@ -42,6 +42,12 @@ def device_title(env: dict) -> str:
             f"{env['open_clip']}{extra}, commit {env.get('commit')}")
 
 
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, a line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
 def step_table(rows: list[dict]) -> list[str]:
     lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms | fastcoop graph ms "
              "(triton / grid / flex attention / triton, no fused elementwise kernels / triton, one class per "
@@ -64,10 +70,10 @@ def step_table(rows: list[dict]) -> list[str]:
 
 
 def memory_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | K | M | GPU memory of a graphed 16-shot training run, GB | of it resident before the first "
-             "step (weights, learner, features), GB |", "|" + " --- |" * 5]
-    return lines + [f"| {r['model']} | {r['classes']} | {r['n_ctx']} | {fmt(r['peak_gb'], 3)} | "
-                    f"{fmt(r.get('resident_gb'), 3)} |" for r in rows]
+    return markdown_table(
+        ["model", "K", "M", "GPU memory of a graphed 16-shot training run, GB",
+         "of it resident before the first step (weights, learner, features), GB"],
+        [[r["model"], r["classes"], r["n_ctx"], fmt(r["peak_gb"], 3), fmt(r.get("resident_gb"), 3)] for r in rows])
 
 
 def profile_table(rows: list[dict]) -> list[str]:
@@ -95,9 +101,9 @@ def device_ops_table(rows: list[dict]) -> list[str]:
 
 
 def attention_table(rows: list[dict]) -> list[str]:
-    lines = ["| K | packed rows | heads | implementation | forward + backward, graphed ms |", "|" + " --- |" * 5]
-    return lines + [f"| {r['classes']} | {r['rows']} | {r['heads']} | {r['implementation']} | {r['graph_ms']:.4f} |"
-                    for r in rows]
+    return markdown_table(["K", "packed rows", "heads", "implementation", "forward + backward, graphed ms"],
+                          [[r["classes"], r["rows"], r["heads"], r["implementation"], f"{r['graph_ms']:.4f}"]
+                           for r in rows])
 
 
 def full_run_table(rows: list[dict]) -> list[str]:
@@ -177,19 +183,11 @@ def sweep_table(rows: list[dict]) -> list[str]:
 
 def load_table(rows: list[dict]) -> list[str]:
     kinds = [k for k in rows[0] if k.startswith("beside_")] if rows else []
-    lines = ["| dataset | cores | epochs | alone s | " + " | ".join(
-        k.removeprefix("beside_").removesuffix("_seconds").replace("_", " ") + " busy s" for k in kinds) + " |",
-             "|" + " --- |" * (4 + len(kinds))]
-    for r in rows:
-        lines.append(f"| {r['dataset']} | {r['cores']} | {r['epochs']} | {fmt(r['alone_seconds'])} | " + " | ".join(
-            f"{fmt(r[k])} ({r[k] / r['alone_seconds']:.1f}×)" for k in kinds) + " |")
-    return lines
-
-
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-    """A Markdown table's lines: the header, its rule, a line per row of cells."""
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
-            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+    return markdown_table(
+        ["dataset", "cores", "epochs", "alone s",
+         *(k.removeprefix("beside_").removesuffix("_seconds").replace("_", " ") + " busy s" for k in kinds)],
+        [[r["dataset"], r["cores"], r["epochs"], fmt(r["alone_seconds"]),
+          *(f"{fmt(r[k])} ({r[k] / r['alone_seconds']:.1f}×)" for k in kinds)] for r in rows])
 
 
 def methods_table(rows: list[dict]) -> list[str]:
@@ -211,18 +209,15 @@ def tip_adapter_table(rows: list[dict]) -> list[str]:
 
 
 def protocol_table(rows: list[dict]) -> list[str]:
-    lines = ["| dataset | K | runs | JPEGs per class (train / test), size | `fastcoop cache` s | `fastcoop sweep` s | "
-             "protocol s | published estimate s (steps × step + start-ups) | published ÷ protocol |",
-             "|" + " --- |" * 9]
-    for r in rows:
-        width, height = r["image_size"]
-        lines.append(f"| {r['dataset']}{' (quick)' if r['quick'] else ''} | {r['classes']} | {r['runs']} | "
-                     f"{r['train_images_per_class']} / {r['test_images_per_class']}, {width}×{height} | "
-                     f"{fmt(r['cache_seconds'])} | {fmt(r['sweep_seconds'])} | **{fmt(r['protocol_seconds'])}** | "
-                     f"{fmt(r['published_estimate_seconds'], 0)} ({r['steps']} × {fmt(r['published_step_ms'])} ms + "
-                     f"{r['runs']} × {fmt(r['published_startup_seconds'])} s) | "
-                     f"{r['published_vs_protocol']:.1f}× |")
-    return lines
+    return markdown_table(
+        ["dataset", "K", "runs", "JPEGs per class (train / test), size", "`fastcoop cache` s", "`fastcoop sweep` s",
+         "protocol s", "published estimate s (steps × step + start-ups)", "published ÷ protocol"],
+        [[f"{r['dataset']}{' (quick)' if r['quick'] else ''}", r["classes"], r["runs"],
+          f"{r['train_images_per_class']} / {r['test_images_per_class']}, {r['image_size'][0]}×{r['image_size'][1]}",
+          fmt(r["cache_seconds"]), fmt(r["sweep_seconds"]), f"**{fmt(r['protocol_seconds'])}**",
+          f"{fmt(r['published_estimate_seconds'], 0)} ({r['steps']} × {fmt(r['published_step_ms'])} ms + "
+          f"{r['runs']} × {fmt(r['published_startup_seconds'])} s)", f"{r['published_vs_protocol']:.1f}×"]
+         for r in rows])
 
 
 def kernel_table(rows: list[dict]) -> list[str]:
