@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 
 from fastcoop import machine
-from fastcoop.config import BASELINES, METHODS, Recipe, Runtime, option_fields, parse_impl_detail
+from fastcoop.config import (BASELINES, METHODS, Recipe, Runtime, option_fields, parse_impl_detail,
+                             resolve_precision)
 from fastcoop.datasets import DATASETS
 from fastcoop.errors import FastCoopError
 
@@ -187,7 +188,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         raise FastCoopError(f"--splits takes train, val and test (comma-separated), not {', '.join(unknown)}")
     with _importing():
         from fastcoop.cache import extract_features
-        from fastcoop.devices import resolve_device, resolve_precision
+        from fastcoop.devices import resolve_device
         from fastcoop.distributed import join
         from fastcoop.models import load_model
 

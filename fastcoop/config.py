@@ -28,6 +28,13 @@ IMPL_CHOICES = {"loss": ("reference", "triton"), "attention": ("grid", "triton",
                 "eval_dtype": ("fp32", "bf16")}
 
 
+def resolve_precision(precision: str, device: str, gpu_default: str) -> str:
+    """'auto' → `gpu_default` on a GPU and fp32 on CPU (CPU autocast would only add rounding)."""
+    if precision == "auto":
+        return gpu_default if device.startswith("cuda") else "fp32"
+    return precision
+
+
 def option(help: str, **click_settings) -> dict:
     """A field's command-line option: its help, and choices, is_flag, min/max (a range) or kind (a value the
     command line parses itself: "shots", "impl_detail")."""
@@ -91,12 +98,11 @@ class Recipe:
         on a GPU, fp32 elsewhere). Given words set M: n_ctx stays None, the learner counts them."""
         recipe = RECIPES[self.method]
         filled = {name: recipe[name] for name in ("batch_size", "epochs") if getattr(self, name) is None}
+        if filled.get("epochs", self.epochs) is None:  # CoOp's: by shot count
+            filled["epochs"] = published_epochs(self.shots, num_classes)
         if self.method == "kgcoop" and self.kg_weight is None:
             filled["kg_weight"] = recipe["kg_weight"]
-        if self.epochs is None and filled.get("epochs") is None:
-            filled["epochs"] = published_epochs(self.shots, num_classes)
-        if self.precision == "auto":
-            filled["precision"] = "bf16" if device.startswith("cuda") else "fp32"
+        filled["precision"] = resolve_precision(self.precision, device, "bf16")
         return replace(self.with_published_context(), **filled)
 
     def with_published_context(self) -> "Recipe":

@@ -18,12 +18,5 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_precision(precision: str, device: str, gpu_default: str) -> str:
-    """'auto' → `gpu_default` on a GPU and fp32 on CPU (CPU autocast would only add rounding)."""
-    if precision == "auto":
-        return gpu_default if device.startswith("cuda") else "fp32"
-    return precision
-
-
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

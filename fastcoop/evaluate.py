@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from fastcoop.backends import Backends, resolve
 from fastcoop.cache import FeatureCache
 from fastcoop.cocoop import cocoop_logits
+from fastcoop.devices import autocast_dtype
 from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
@@ -58,7 +59,7 @@ def prompt_classifier(model, learner, backends: Backends | None = None):
         return text_classifier(prompt_text_features(model, learner, backends))
     # backends.eval_dtype: on GPU bf16, as training runs (the published evaluation runs fp16): its work grows with
     # the images
-    dtype = torch.bfloat16 if backends.eval_dtype == "bf16" else None
+    dtype = autocast_dtype(backends.eval_dtype)
     encoder = text_encoder(model, learner, backends, weight_dtype=dtype)
     per_call = max(1, PROMPTS_PER_CALL // learner.num_classes)
 
