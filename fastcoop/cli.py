@@ -510,7 +510,7 @@ def tip_adapter(cache_file, shots, seed, finetune, out, device):
     loaded = load_model(cache.model, cache.pretrained, device, image_tower=False)
     _say_weights(loaded)
     with cache:
-        result = run_tip_adapter(cache, loaded, shots, seed, finetune, device)
+        result, = run_tip_adapter(cache, loaded, [(shots, seed)], finetune, device)
     rows = [("zero-shot CLIP", result["zero_shot"]), ("Tip-Adapter", result["tip_adapter"])] + (
         [("Tip-Adapter-F", result["tip_adapter_f"])] if finetune else [])
     for name, scores in rows:

@@ -168,8 +168,8 @@ def _baselines(cache: FeatureCache, loaded: LoadedModel, shots: list[int], seeds
     if "linear-probe" in baselines:
         found["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
     if any(b.startswith("tip-adapter") for b in baselines):
-        found["tip_adapter"] = [run_tip_adapter(cache, loaded, s, seed, "tip-adapter-f" in baselines, device)
-                                for s in shots for seed in seeds]
+        found["tip_adapter"] = run_tip_adapter(cache, loaded, [(s, seed) for s in shots for seed in seeds],
+                                               "tip-adapter-f" in baselines, device)
     return found
 
 

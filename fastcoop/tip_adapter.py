@@ -157,36 +157,44 @@ def check_cache(cache: FeatureCache) -> None:
                       f"cache with --views {needed} or more for the published keys")
 
 
-def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: int, finetuned: bool,
-                    device: str = "cpu") -> dict:
-    """Zero-shot CLIP, Tip-Adapter and (with `finetuned`) Tip-Adapter-F on a cache's (shots, seed) subset: α and β
-    searched on val, accuracies on test. Needs the val and test splits; with fewer augmented views cached than
-    the recipe's, the keys average those there are (the un-augmented view when none), as the result records."""
+def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, subsets: list[tuple[int, int]], finetuned: bool,
+                    device: str = "cpu") -> list[dict]:
+    """Zero-shot CLIP, Tip-Adapter and (with `finetuned`) Tip-Adapter-F on each of a cache's (shots, seed) subsets:
+    α and β searched on val, accuracies on test; CLIP's classifier and the val and test features made once for all
+    of them. Needs the val and test splits; with fewer augmented views cached than the recipe's, the keys average
+    those there are (the un-augmented view when none), as each result records."""
     check_cache(cache)
     recipe = tip_recipe(cache.dataset)
+    names = [spoken(name) for name in cache.classnames]
+    clip_weights = zeroshot_classifier(loaded, names, recipe.templates, device=device).float()
+    val, test = ((F.normalize(cache.features(s, view=0).float().to(device), dim=-1), cache.labels(s).to(device))
+                 for s in ("val", "test"))
+    zero_shot = {"val": _accuracy(val[0] @ clip_weights.t(), val[1]),
+                 "test": _accuracy(test[0] @ clip_weights.t(), test[1])}
+    return [{**_on_subset(cache, recipe, shots, seed, finetuned, clip_weights, val, test, device),
+             "zero_shot": zero_shot} for shots, seed in subsets]
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def _on_subset(cache: FeatureCache, recipe: TipRecipe, shots: int, seed: int, finetuned: bool,
+               clip_weights: torch.Tensor, val: tuple, test: tuple, device: str) -> dict:
+    """Tip-Adapter (and -F) on one (shots, seed) subset's keys."""
     augmented = cache.num_views("train") - 1
     key_views = slice(1, 1 + min(augmented, recipe.augment_epoch)) if augmented else slice(0, 1)
     rows = cache.rows("train", shots, seed)
     train_labels = cache.labels("train", rows).to(device)
-    num_classes = len(cache.classnames)
-    names = [spoken(name) for name in cache.classnames]
-    clip_weights = zeroshot_classifier(loaded, names, recipe.templates, device=device).float()
-    keys, values = cache_model(cache.features("train", rows, key_views).to(device), train_labels, num_classes)
-    val, test = ((F.normalize(cache.features(s, view=0).float().to(device), dim=-1), cache.labels(s).to(device))
-                 for s in ("val", "test"))
-
-    def accuracy(logits, split_labels):
-        return (logits.argmax(dim=-1) == split_labels).float().mean().item()
-
+    keys, values = cache_model(cache.features("train", rows, key_views).to(device), train_labels,
+                               len(cache.classnames))
     result = {"method": "tip-adapter", "shots": shots, "seed": seed, "dataset": cache.dataset,
               "templates": recipe.templates, "crop_scale": list(cache.crop_scale),
               "augmentation": {"cached_views": augmented, "key_views": key_views.stop - key_views.start,
-                               "published_key_views": recipe.augment_epoch},
-              "zero_shot": {"val": accuracy(val[0] @ clip_weights.t(), val[1]),
-                            "test": accuracy(test[0] @ clip_weights.t(), test[1])}}
+                               "published_key_views": recipe.augment_epoch}}
     beta, alpha, val_acc = search(*val, keys, values, clip_weights, recipe)
     result["tip_adapter"] = {"beta": beta, "alpha": alpha, "val": val_acc,
-                             "test": accuracy(tip_logits(test[0], keys, values, clip_weights, alpha, beta), test[1])}
+                             "test": _accuracy(tip_logits(test[0], keys, values, clip_weights, alpha, beta), test[1])}
     if finetuned:
         # views the keys were not averaged from, while the cache holds enough; else its views in turn
         fresh = 1 + recipe.augment_epoch + recipe.train_epoch <= 1 + augmented
@@ -198,6 +206,6 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, shots: int, seed: 
         beta, alpha, val_acc = search(*val, tuned, values, clip_weights, recipe)
         result["augmentation"]["finetune_views"] = used.stop - used.start  # distinct views over its epochs
         result["tip_adapter_f"] = {"beta": beta, "alpha": alpha, "val": val_acc, "epochs": recipe.train_epoch,
-                                   "test": accuracy(tip_logits(test[0], tuned, values, clip_weights, alpha, beta),
-                                                    test[1])}
+                                   "test": _accuracy(tip_logits(test[0], tuned, values, clip_weights, alpha, beta),
+                                                     test[1])}
     return result
