@@ -168,14 +168,16 @@ def cache_table(rows: list[dict]) -> list[str]:
 
 def sweep_table(rows: list[dict]) -> list[str]:
     lines = ["| dataset | K | runs | epochs | steps | one `fastcoop sweep` s (all runs stacked) | its largest run alone s "
-             "| sweep ÷ largest run | the same, runs one by one s | separate `fastcoop train` processes s | "
-             "separate ÷ sweep | published estimate s |",
-             "|" + " --- |" * 12]
+             "| sweep ÷ largest run | two variants (`--csc no,yes`) s | ÷ sweep | the same, runs one by one s | "
+             "separate `fastcoop train` processes s | separate ÷ sweep | published estimate s |",
+             "|" + " --- |" * 14]
     for r in rows:
         ratio = r.get("separate_vs_sweep")
         lines.append(f"| {r['dataset']} | {r['classes']} | {r['runs']} | {r['epochs'] or 'published'} | {r['steps']} | "
                      f"{fmt(r['sweep_seconds'])} | {fmt(r.get('largest_run_seconds'))} | "
                      f"{fmt(r.get('sweep_vs_largest_run'), 2)}{'×' if r.get('sweep_vs_largest_run') else ''} | "
+                     f"{fmt(r.get('two_variants_seconds'))} | "
+                     f"{fmt(r.get('two_variants_vs_sweep'), 2)}{'×' if r.get('two_variants_vs_sweep') else ''} | "
                      f"{fmt(r.get('unstacked_sweep_seconds'))} | {fmt(r.get('separate_seconds'))} | "
                      f"{f'{ratio:.1f}×' if ratio else '–'} | {fmt(r['published_estimate_seconds'], 0)} |")
     return lines

@@ -1,6 +1,7 @@
 """`fastcoop sweep` (the paper's protocol for one dataset: shot counts × seeds, all in one stack) against its
-largest run alone, the same sweep one run at a time (`--no-stack`), the same runs as separate `fastcoop train`
-processes, and the published estimate, on synthetic caches shaped like the datasets."""
+largest run alone, the same sweep of two variants (`--csc no,yes`: twice the runs, one stack), the same sweep one
+run at a time (`--no-stack`), the same runs as separate `fastcoop train` processes, and the published estimate, on
+synthetic caches shaped like the datasets."""
 
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def run_sweep_section(dataset: str, device: str, shots: list[int], seeds: list[i
         sweep = _timed(["sweep", str(cache), "--out", str(Path(tmp) / "sweep"), *sweep_args])
         largest = _timed(["train", str(cache), "--out", str(Path(tmp) / "largest"), "--shots", str(max(shots)),
                           "--seed", str(seeds[0]), *common])
+        variants = _timed(["sweep", str(cache), "--out", str(Path(tmp) / "variants"), *sweep_args, "--csc", "no,yes"])
         if alone:
             unstacked = _timed(["sweep", str(cache), "--out", str(Path(tmp) / "one-by-one"), *sweep_args,
                                 "--no-stack"])
@@ -36,11 +38,13 @@ def run_sweep_section(dataset: str, device: str, shots: list[int], seeds: list[i
     steps = sum((epochs or published_epochs(s, k)) * batches_per_epoch(k * s, 32) for s in shots) * len(seeds)
     row = {"dataset": dataset, "classes": k, "runs": len(shots) * len(seeds), "steps": steps, "epochs": epochs,
            "sweep_seconds": sweep, "largest_run_seconds": largest, "sweep_vs_largest_run": sweep / largest,
+           "two_variants_seconds": variants, "two_variants_vs_sweep": variants / sweep,
            "unstacked_sweep_seconds": unstacked, "separate_seconds": separate,
            "separate_vs_sweep": separate and separate / sweep,
            "published_estimate_seconds": published_step_ms * steps / 1000}
     print(f"  sweep {dataset}, {row['runs']} runs ({steps} steps): one sweep {sweep:.1f} s = "
-          f"{row['sweep_vs_largest_run']:.2f}× its {max(shots)}-shot run alone ({largest:.1f} s)"
+          f"{row['sweep_vs_largest_run']:.2f}× its {max(shots)}-shot run alone ({largest:.1f} s); two variants "
+          f"{variants:.1f} s ({row['two_variants_vs_sweep']:.2f}×)"
           + (f"; runs one by one {unstacked:.1f} s, separate processes {separate:.1f} s "
              f"({row['separate_vs_sweep']:.1f}×)" if alone else "")
           + f"; published ≈ {row['published_estimate_seconds']:.0f} s", flush=True)

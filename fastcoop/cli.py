@@ -558,7 +558,7 @@ def linear_probe(cache_file, shots, seed):
               help="Beside the runs, on the same few-shot images (comma-separated; needs val and test splits): "
                    "linear-probe (CoOp's), tip-adapter, tip-adapter-f (Tip-Adapter and its fine-tuned keys), or "
                    "none.")
-@click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a variant's runs.")
+@click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a method's runs.")
 @click.option("--eval-on", default=None,
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")

@@ -38,7 +38,7 @@ def train_to_run_dirs(cache: FeatureCache, loaded: LoadedModel, recipes: list[Re
                       runtime: Runtime = Runtime(), progress: bool = True, timings: dict | None = None,
                       overwrite: bool = False, save_every: float = 10.0, profile: str | None = None
                       ) -> list[tuple[TrainResult, dict]]:
-    """Runs that differ only in their seed, shots and epochs, trained together (train_stack), each into its own run
+    """Runs that may train together (train_stack: seeds, shots, epochs, CoOp's prompts), each into its own run
     directory with everything train_to_run_dir promises (unfinished ones resumed, each from its own epoch)."""
     with contextlib.ExitStack() as holding:
         for run_dir in run_dirs:

@@ -81,6 +81,12 @@ class PromptLearner(nn.Module):
         return torch.tensor(token_rows), torch.tensor(slot_rows)
 
     @property
+    def layout(self) -> tuple:
+        """What fixes where the context goes in the prompts (of the same class names): learners alike in it are
+        packed alike, so their contexts can stack."""
+        return self.n_ctx, self.csc, self.position
+
+    @property
     def num_classes(self) -> int:
         return len(self.classnames)
 

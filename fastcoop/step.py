@@ -29,7 +29,8 @@ def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: flo
 
 class CoOpLoss:
     """CoOp's training loss of stacked runs for TrainStep: the runs' contexts through `encoder` in one call
-    (FastTextEncoder or ReferenceTextEncoder: R contexts → R × K × D), then each run's batch against its own text
+    (FastTextEncoder or ReferenceTextEncoder, built for the runs' prompt layouts: R contexts of each layout →
+    R × K × D), then each run's batch against its own text
     features with the fused cosine cross-entropy (`loss_backend`: fastcoop.backends' choice). With `anchor`
     (K × D, the hand-written prompts' features), KgCoOp's loss: plus anchor_weight · knowledge_gap(text, anchor)."""
 
@@ -39,11 +40,19 @@ class CoOpLoss:
         self.loss_backend, self.anchor, self.anchor_weight = loss_backend, anchor, anchor_weight
 
     def __call__(self, learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
+        by_layout = {}  # the encoder's prompt layouts → the runs of each
+        for run, learner in enumerate(learners):
+            by_layout.setdefault(self.encoder.layout_of(learner), []).append(run)
         # one run's context as a view; several stacked
-        contexts = learners[0].ctx[None] if len(learners) == 1 else torch.stack([each.ctx for each in learners])
+        contexts = {layout: learners[runs[0]].ctx[None] if len(runs) == 1 else
+                    torch.stack([learners[run].ctx for run in runs]) for layout, runs in by_layout.items()}
         with torch.autocast(labels[0].device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
-            text = self.encoder(contexts)
+            encoded = self.encoder.encode_each(contexts)
+        text = [None] * len(learners)
+        for layout, runs in by_layout.items():
+            for run, run_text in zip(runs, encoded[layout]):
+                text[run] = run_text
         per_run = [cosine_ce(run_images, run_text, self.logit_scale, run_labels, return_argmax=True,
                              backend=self.loss_backend)
                    for run_images, run_text, run_labels in zip(images, text, labels)]
@@ -59,9 +68,10 @@ class TrainStep:
     e.g. CoOpLoss or CoCoOpLoss: the runs' learners, their B_r × D images and B_r labels → each run's loss and
     predictions) → gradients → each run's SGD update of every tensor its learner trains.
 
-    Runs of a stack share the prompt layout; each has its own images, schedule (epochs, steps per epoch, batch
-    size), order, parameters and learning rates, and its own step counter, so runs of different shot counts, or
-    resumed after different epochs, train side by side and each ends exactly where it would alone. The step
+    Each run of a stack has its own images, schedule (epochs, steps per epoch, batch size), order, parameters
+    (CoOp's may differ in their prompt layout: context length, class position, class-specific) and learning rates,
+    and its own step counter, so runs of different shot counts or variants, or resumed after different epochs,
+    train side by side and each ends exactly where it would alone. The step
     trains the `active` runs (set_active; all at first): a run whose schedule is over leaves the stack, and the
     caller captures the step again.
 

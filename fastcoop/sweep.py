@@ -5,9 +5,9 @@ run trains on the base classes and is tested on base and new, and the table give
 zero-shot CLIP's.
 
 The runs go in this process, sharing the model, the cache and the compiled kernels, so no run pays a process's
-start-up; a variant's unfinished runs (every shot count and seed) train stacked, all their prompts in one
-text-encoder pass per step, each on its own schedule, leaving the stack when it ends; under torchrun the runs are
-shared among the processes (GPUs). Each is an ordinary
+start-up; a method's unfinished runs (every variant, shot count and seed; CoCoOp's per variant) train stacked,
+all their prompts in one text-encoder pass per step, each on its own schedule, leaving the stack when it ends;
+under torchrun the runs are shared among the processes (GPUs). Each is an ordinary
 run directory (DIR/<method>-<variant>/<shots>shot-seed<seed>), so `eval`,
 `predict` and `interpret` work on it; rerunning the same sweep keeps the finished runs and resumes or redoes the
 others. DIR/sweep.json records what the sweep is, so a different sweep never writes into it.
@@ -97,8 +97,8 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
               echo=print, world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = (),
               baselines: tuple[str, ...] = ("linear-probe",)) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
-    `stack`: a variant's unfinished runs (they differ in shots and seed) train together, one text-encoder pass
-    per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
+    `stack`: a method's unfinished runs (they differ in variant, shots and seed; CoCoOp's only in shots and
+    seed) train together, one text-encoder pass per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
     generalisation, cross-dataset transfer), recorded in each run's evaluations and tabulated. `baselines`: those of
     config.BASELINES beside the runs (the all-classes protocol, with val and test splits). Under torchrun
     each rank trains every N-th run and the first writes the summary (None elsewhere)."""
@@ -110,7 +110,7 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
     device = resolve_device(runtime.device)
-    groups: dict[Variant, list] = {}  # variant → this rank's runs to start or resume, trained together if stacked
+    groups: dict = {}  # method (CoCoOp: variant) → this rank's runs to start or resume, trained together if stacked
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
@@ -119,18 +119,22 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         done = read_config(run_dir)
         same = done is not None and done.get("request") == asdict(recipe.published(len(cache.classnames), device))
         if stack and (done is None or done["state"] in RESUMABLE and same):
-            groups.setdefault(variant, []).append((recipe, run_dir))
+            groups.setdefault(variant if variant.method == "cocoop" else variant.method, []).append(
+                (variant, recipe, run_dir))
         elif done is None or done["state"] != "complete" or not same:
             echo(f"[{i}/{len(runs)}] {variant.label}, {s} shots, seed {seed}")
             train_to_run_dir(cache, loaded, recipe, run_dir, runtime, progress=progress, overwrite=done is not None
                              and done["state"] == "complete")
-    for variant, group in groups.items():
+    for group in groups.values():
+        stacked = list(dict.fromkeys(variant for variant, _, _ in group))  # the group's variants
         if len(group) == 1:
-            echo(f"{variant.label}, {group[0][0].shots} shots, seed {group[0][0].seed}")
+            echo(f"{stacked[0].label}, {group[0][1].shots} shots, seed {group[0][1].seed}")
         else:
-            echo(f"{variant.label}: {len(group)} runs stacked ({_listed({c.shots for c, _ in group})} shots, "
-                 f"seeds {_listed({c.seed for c, _ in group})})")
-        _train_stacked(cache, loaded, group, runtime, progress, echo)
+            named = stacked[0].label if len(stacked) == 1 else \
+                f"{METHOD_NAMES[stacked[0].method]} {', '.join(v.name for v in stacked)}"
+            echo(f"{named}: {len(group)} runs stacked ({_listed({c.shots for _, c, _ in group})} shots, "
+                 f"seeds {_listed({c.seed for _, c, _ in group})})")
+        _train_stacked(cache, loaded, [(recipe, run_dir) for _, recipe, run_dir in group], runtime, progress, echo)
     world.from_writer(None)  # every rank's runs are finished
     if not world.is_writer:
         return None

@@ -43,12 +43,14 @@ def encode_prompts(model, learner: PromptLearner, mode: str = "fast") -> torch.T
     return text_encoder(model, learner, Backends(text=mode))()
 
 
-def text_encoder(model, learner: PromptLearner, backends: Backends, weight_dtype: torch.dtype | None = None):
-    """The text encoder `backends.text` names for `learner`: FastTextEncoder, or the published computation behind
-    the same call (ReferenceTextEncoder)."""
+def text_encoder(model, learners: PromptLearner | list[PromptLearner], backends: Backends,
+                 weight_dtype: torch.dtype | None = None):
+    """The text encoder `backends.text` names for one learner, or for learners of different prompt layouts that
+    train together (each one standing for its layout): FastTextEncoder, or the published computation behind the
+    same calls (ReferenceTextEncoder)."""
     if backends.text == "reference":
-        return ReferenceTextEncoder(model, learner)
-    return FastTextEncoder(model, learner, backends, weight_dtype)
+        return ReferenceTextEncoder(model, learners)
+    return FastTextEncoder(model, learners, backends, weight_dtype)
 
 
 def reference_text_features(tower: TextTower, learner: PromptLearner, ctx: torch.Tensor | None = None
@@ -63,24 +65,110 @@ def reference_text_features(tower: TextTower, learner: PromptLearner, ctx: torch
     return tower.project(x[rows, tower.pool_positions(learner.tokens)])
 
 
+def _listed(learners) -> list[PromptLearner]:
+    return list(learners) if isinstance(learners, (list, tuple)) else [learners]
+
+
 class ReferenceTextEncoder:
     """The published computation called as FastTextEncoder is: K × D features of the learner's prompts, or, given R
-    contexts shaped like the learner's, R × K × D (each context's prompts in turn)."""
+    contexts shaped like the learner's, R × K × D (each context's prompts in turn); `encode_each` for several
+    learners' layouts."""
 
-    def __init__(self, model, learner: PromptLearner):
-        self.tower, self.learner = TextTower.of(model), learner
+    def __init__(self, model, learners: PromptLearner | list[PromptLearner]):
+        self.tower, self.learners = TextTower.of(model), _listed(learners)
 
     def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        return self._encode(self.learners[0], ctx)
+
+    def layout_of(self, learner: PromptLearner) -> int:
+        return _layout_of(self.learners, learner)
+
+    def encode_each(self, contexts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Learner i's layout → R_i contexts shaped like its context → their R_i × K × D features."""
+        return {i: self._encode(self.learners[i], ctx) for i, ctx in contexts.items()}
+
+    def _encode(self, learner: PromptLearner, ctx: torch.Tensor | None) -> torch.Tensor:
         if ctx is None:
-            return reference_text_features(self.tower, self.learner)
-        return torch.stack([reference_text_features(self.tower, self.learner, each) for each in ctx])
+            return reference_text_features(self.tower, learner)
+        return torch.stack([reference_text_features(self.tower, learner, each) for each in ctx])
+
+
+class PackedPrompts:
+    """One learner's prompts as the fast path packs them, prepared once: the packed rows' frozen embeddings (the
+    shared prefix once, then each class's own tokens up to its EOS), where the context goes, each class's EOS
+    row, and the attention layout. Prompts of the same layout (a stack's runs) share it."""
+
+    def __init__(self, tower: TextTower, learner: PromptLearner, positional_embedding: torch.Tensor, attention: str,
+                 pack_rows: int | None):
+        """`tower`: the model's (its token embedding is read where it is); `positional_embedding`: on the learner's
+        device."""
+        device = learner.ctx.device
+        eos = tower.pool_positions(learner.tokens).cpu()
+        P = learner.shared_prefix_length()
+        lengths = eos - P + 1  # tokens per class after the shared prefix, EOS included
+        self.layout = layout = PackedLayout.of(lengths, device, prefix_len=P, pack_rows=pack_rows)
+        self.attention = attention
+        # the packed rows: the shared prefix (class 0's first P tokens), then each class's own tokens
+        classes = torch.cat([torch.zeros(P, dtype=torch.long, device=device), layout.classes])
+        positions = torch.cat([torch.arange(P, device=device), P + layout.offsets])
+        slot = learner.ctx_slot[classes, positions]
+        frozen = learner.frozen(tower.token_embedding, classes, positions)  # looked up where the embedding is
+        self.frozen = (frozen + positional_embedding[positions]).detach()
+        self.ctx_rows = (slot >= 0).nonzero()[:, 0]  # rows holding a context vector, and which one
+        index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
+        # None where the rows hold the context in its own order (a shared prefix, or CSC with the name after it)
+        self.ctx_index = None if torch.equal(index, torch.arange(len(learner.flat_ctx()), device=device)) else index
+        self.eos_rows = P + layout.starts + layout.lengths - 1  # each class's EOS row
+        self.block_mask = prefix_class_block_mask(layout) if attention == "flex" else None
+
+    def embed(self, ctx: torch.Tensor | None, learner: PromptLearner) -> torch.Tensor:
+        """Token + positional embeddings of the packed rows, the learned context (learner's, or R stacked contexts
+        shaped like it: R copies of the rows, one after another) added where it goes. Gathers and scatters are
+        index_select and index_add, whose gradients are each other, not indexing, whose gradient sorts its
+        indices on a GPU."""
+        if ctx is None:
+            rows = learner.flat_ctx()
+            if self.ctx_index is not None:
+                rows = rows.index_select(0, self.ctx_index)
+            return self.frozen.index_add(0, self.ctx_rows, rows.to(self.frozen.dtype))
+        rows = ctx.reshape(len(ctx), -1, ctx.shape[-1])
+        if self.ctx_index is not None:
+            rows = rows.index_select(1, self.ctx_index)
+        stacked = self.frozen.expand(len(ctx), -1, -1).index_add(1, self.ctx_rows, rows.to(self.frozen.dtype))
+        return stacked.flatten(0, 1)
+
+    def stacked_eos_rows(self, runs: int) -> torch.Tensor:
+        """Each class's EOS row among `runs` stacked copies of the rows."""
+        if runs == 1:
+            return self.eos_rows
+        return (torch.arange(runs, device=self.eos_rows.device)[:, None] * len(self.frozen) + self.eos_rows).flatten()
+
+    def attend(self, qkv: torch.Tensor, runs: int, heads: int) -> torch.Tensor:
+        """Attention over the packed rows of `runs` stacked contexts: every context's rows share one layout and
+        never attend to another's, so the contexts become more heads of one call. qkv: runs·T × 3·D."""
+        if runs == 1:
+            return self._attend(qkv.unflatten(-1, (3, heads, -1))).flatten(1)
+        T = len(qkv) // runs
+        qkv = qkv.view(runs, T, 3, heads, -1).permute(1, 2, 0, 3, 4).reshape(T, 3, runs * heads, -1)
+        out = self._attend(qkv)  # T × runs·heads × dh
+        return out.view(T, runs, -1).transpose(0, 1).reshape(runs * T, -1)
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        if self.attention == "triton":
+            return prefix_attention_triton(qkv, self.layout)
+        if self.attention == "flex":
+            return prefix_attention_flex(qkv, self.block_mask)
+        return prefix_attention_reference(qkv, self.layout)
 
 
 class FastTextEncoder:
-    """The exact fast path for one learner. Everything static (packing, positions, masks) is prepared here once,
-    so a call is device work only: no host synchronisation, safe to capture in a CUDA graph.
+    """The exact fast path for one learner, or for learners of different prompt layouts (context length, class
+    position, unified or class-specific) that train together: every per-token op (layer norms, projections, MLP)
+    runs once over all their packed rows, the attention once per layout. Everything static (packing, positions,
+    masks) is prepared here once, so a call is device work only: no host synchronisation, safe to capture in a
+    CUDA graph.
 
-    It runs on the learner's device, each op by the implementation `backends` names (fastcoop.backends; default:
+    It runs on the learners' device, each op by the implementation `backends` names (fastcoop.backends; default:
     its choice for that device). The attention over the packed rows: "grid", plain PyTorch on a K × S grid (the
     reference); "triton", the fused kernel; "flex", FlexAttention with a block mask (compiled on GPU).
 
@@ -99,7 +187,7 @@ class FastTextEncoder:
     backends.mlp: each MLP's activation inside Triton matrix products (mlp_kernel.py) instead of passes of its
     own (opt-in: the step benchmark's fastcoop_graph_fused_mlp variant times it)."""
 
-    def __init__(self, model, learner: PromptLearner, backends: Backends = Backends(),
+    def __init__(self, model, learners: PromptLearner | list[PromptLearner], backends: Backends = Backends(),
                  weight_dtype: torch.dtype | None = None, pack_rows: int | None = PACK_ROWS):
         tower = TextTower.of(model)
         problem = tower.fast_path_problem()
@@ -111,58 +199,61 @@ class FastTextEncoder:
             op, why = next(iter(unfit.items()))
             raise ValueError(f"{op}={getattr(backends, op)} cannot run this model ({why}): resolve the backends "
                              "with its tower")
-        self.backends, self.tower, self.learner = backends, tower, learner
-        device = learner.ctx.device
+        self.learners = _listed(learners)
+        self.backends, self.tower = backends, tower
+        device = self.learners[0].ctx.device
         if weight_dtype is not None or tower.positional_embedding.device != device:
             self.tower = tower.copy_to(device, weight_dtype)
-        eos = tower.pool_positions(learner.tokens).cpu()
-        P = learner.shared_prefix_length()
-        lengths = eos - P + 1  # tokens per class after the shared prefix, EOS included
-        self.layout = layout = PackedLayout.of(lengths, device, prefix_len=P, pack_rows=pack_rows)
-        # the packed rows: the shared prefix (class 0's first P tokens), then each class's own tokens
-        classes = torch.cat([torch.zeros(P, dtype=torch.long, device=device), layout.classes])
-        positions = torch.cat([torch.arange(P, device=device), P + layout.offsets])
-        slot = learner.ctx_slot[classes, positions]
-        frozen = learner.frozen(tower.token_embedding, classes, positions)  # looked up where the embedding is
-        self.frozen = (frozen + self.tower.positional_embedding[positions]).detach()
-        self.ctx_rows = (slot >= 0).nonzero()[:, 0]  # rows holding a context vector, and which one
-        index = learner.ctx_index(classes[self.ctx_rows], slot[self.ctx_rows])
-        # None where the rows hold the context in its own order (a shared prefix, or CSC with the name after it)
-        self.ctx_index = None if torch.equal(index, torch.arange(len(learner.flat_ctx()), device=device)) else index
-        self.eos_rows = P + layout.starts + layout.lengths - 1  # each class's EOS row
-        self.block_mask = prefix_class_block_mask(layout) if self.backends.attention == "flex" else None
+        self.packed = [PackedPrompts(tower, learner, self.tower.positional_embedding, backends.attention, pack_rows)
+                       for learner in self.learners]
 
-    def _embed(self, ctx: torch.Tensor | None) -> torch.Tensor:
-        """Token + positional embeddings of the packed rows, the learned context added where it goes (for R stacked
-        contexts, R copies of the rows, one after another). Gathers and scatters are index_select and index_add,
-        whose gradients are each other, not indexing, whose gradient sorts its indices on a GPU."""
-        if ctx is None:
-            rows = self.learner.flat_ctx()
-            if self.ctx_index is not None:
-                rows = rows.index_select(0, self.ctx_index)
-            return self.frozen.index_add(0, self.ctx_rows, rows.to(self.frozen.dtype))
-        rows = ctx.reshape(len(ctx), -1, ctx.shape[-1])
-        if self.ctx_index is not None:
-            rows = rows.index_select(1, self.ctx_index)
-        stacked = self.frozen.expand(len(ctx), -1, -1).index_add(1, self.ctx_rows, rows.to(self.frozen.dtype))
-        return stacked.flatten(0, 1)
+    def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """K × D text features of the (first) learner's prompts; with `ctx`, R contexts shaped like the learner's
+        (R × M × D, or R × K × M × D class-specific), R × K × D: each context's prompts, all in one pass."""
+        return self._encode([0], [ctx])[0]
 
-    def _attend_stacked(self, qkv: torch.Tensor, runs: int, heads: int) -> torch.Tensor:
-        """Attention over the packed rows of `runs` stacked contexts: every context's rows share one layout and
-        never attend to another's, so the contexts become more heads of one call. qkv: runs·T × 3·D."""
-        if runs == 1:
-            return self._attend(qkv.unflatten(-1, (3, heads, -1))).flatten(1)
-        T = len(qkv) // runs
-        qkv = qkv.view(runs, T, 3, heads, -1).permute(1, 2, 0, 3, 4).reshape(T, 3, runs * heads, -1)
-        out = self._attend(qkv)  # T × runs·heads × dh
-        return out.view(T, runs, -1).transpose(0, 1).reshape(runs * T, -1)
+    def layout_of(self, learner: PromptLearner) -> int:
+        return _layout_of(self.learners, learner)
 
-    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        if self.backends.attention == "triton":
-            return prefix_attention_triton(qkv, self.layout)
-        if self.backends.attention == "flex":
-            return prefix_attention_flex(qkv, self.block_mask)
-        return prefix_attention_reference(qkv, self.layout)
+    def encode_each(self, contexts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Learner i's layout → R_i contexts shaped like its context → their R_i × K × D features; all in one
+        pass."""
+        return dict(zip(contexts, self._encode(list(contexts), list(contexts.values()))))
+
+    def _encode(self, layouts: list[int], contexts: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Features of each learner's (layouts[i]) prompts with contexts[i] (None: the learner's own)."""
+        runs = [1 if ctx is None else len(ctx) for ctx in contexts]
+        packed = [self.packed[i] for i in layouts]
+        parts = [p.embed(ctx, self.learners[i]) for p, ctx, i in zip(packed, contexts, layouts)]
+        sizes = [len(part) for part in parts]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)  # the packed rows × D: the residual stream, in fp32
+        eos_rows = packed[0].stacked_eos_rows(runs[0]) if len(parts) == 1 else \
+            torch.cat([p.stacked_eos_rows(r) + start for p, r, start in zip(packed, runs, _starts(sizes))])
+        device = x.device.type
+        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        blocks = list(self.tower.blocks)
+        # each norm's output goes to a GEMM, which would cast it anyway (the final one's only when projected)
+        x, y = self._add_norm(x, None, blocks[0].ln_1, gemm_dtype)
+        final_dtype = x.dtype if self.tower.text_projection is None else gemm_dtype
+        for i, block in enumerate(blocks):
+            last = i == len(blocks) - 1
+            qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
+            heads = block.attn.num_heads
+            if len(parts) == 1:
+                attn = packed[0].attend(qkv, runs[0], heads)
+            else:
+                attn = torch.cat([p.attend(part, r, heads) for p, part, r in zip(packed, qkv.split(sizes), runs)])
+            if last:  # only each class's EOS row is read after the last block
+                x, attn = x.index_select(0, eos_rows), attn.index_select(0, eos_rows)
+            x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
+            next_norm, next_dtype = (self.tower.ln_final, final_dtype) if last else (blocks[i + 1].ln_1, gemm_dtype)
+            x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), next_norm, next_dtype)
+        features = self.tower.project(y)
+        if len(parts) > 1:  # (a split's gradient is a concatenation, even of one part)
+            features = features.split([r * p.layout.num_classes for p, r in zip(packed, runs)])
+        else:
+            features = [features]
+        return [part if ctx is None else part.unflatten(0, (r, -1)) for part, ctx, r in zip(features, contexts, runs)]
 
     def _add_norm(self, x, delta, norm, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x + delta (x without delta), and its norm in out_dtype."""
@@ -177,28 +268,15 @@ class FastTextEncoder:
             return mlp.c_proj(quick_gelu_triton(mlp.c_fc(y)))
         return mlp(y)
 
-    def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
-        """K × D text features of the learner's prompts; with `ctx`, R contexts shaped like the learner's
-        (R × M × D, or R × K × M × D class-specific), R × K × D: each context's prompts, all in one pass."""
-        runs = 1 if ctx is None else len(ctx)
-        eos_rows = self.eos_rows if runs == 1 else \
-            (torch.arange(runs, device=self.eos_rows.device)[:, None] * len(self.frozen) + self.eos_rows).flatten()
-        x = self._embed(ctx)  # runs·T packed rows × D: the residual stream, in fp32
-        device = x.device.type
-        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        blocks = list(self.tower.blocks)
-        # each norm's output goes to a GEMM, which would cast it anyway (the final one's only when projected)
-        x, y = self._add_norm(x, None, blocks[0].ln_1, gemm_dtype)
-        final_dtype = x.dtype if self.tower.text_projection is None else gemm_dtype
-        for i, block in enumerate(blocks):
-            last = i == len(blocks) - 1
-            qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
-            attn = self._attend_stacked(qkv, runs, block.attn.num_heads)
-            if last:  # only each class's EOS row is read after the last block
-                x, attn = x.index_select(0, eos_rows), attn.index_select(0, eos_rows)
-            x, y = self._add_norm(x, block.ls_1(block.attn.out_proj(attn)), block.ln_2, gemm_dtype)
-            next_norm, next_dtype = (self.tower.ln_final, final_dtype) if last else (blocks[i + 1].ln_1, gemm_dtype)
-            x, y = self._add_norm(x, block.ls_2(self._mlp(block.mlp, y)), next_norm, next_dtype)
-        features = self.tower.project(y)
-        return features if ctx is None else features.unflatten(0, (runs, -1))
 
+def _layout_of(learners: list[PromptLearner], learner: PromptLearner) -> int:
+    """Which of `learners` lays its prompts out as `learner` does (the encoders' index of its layout)."""
+    layouts = [each.layout for each in learners]
+    if learner.layout not in layouts:
+        raise ValueError(f"no learner of this encoder has the layout {learner.layout}")
+    return layouts.index(learner.layout)
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Where each of consecutive parts of these sizes starts."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]

@@ -37,6 +37,8 @@ from fastcoop.text_encoder import text_encoder
 from fastcoop.text_tower import TextTower
 
 
+RUN_FIELDS = ("seed", "shots", "epochs")  # what runs of one stack may differ in
+PROMPT_FIELDS = ("n_ctx", "init", "csc", "position")  # and CoOp's and KgCoOp's runs in their prompts
 REPORT_SECONDS = 0.5  # how often the host waits for the device to read the results back
 PROFILE_STEPS = 20  # steps in a --profile trace
 
@@ -140,8 +142,9 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe],
                 progress: bool = True, on_report=None, resumes: list[Checkpoint | None] | None = None,
                 profile: str | None = None) -> list[TrainResult]:
     """Train runs that differ only in their seed, shot count and epochs (so in their images, order, schedule and
-    initial context) together: every step runs all their prompts in one text-encoder pass; each run keeps its own
-    loss, momentum, step counter and schedule, and ends exactly where it would alone. A run whose schedule is over
+    initial context) and, CoOp's and KgCoOp's, in their prompts (context length and words, class position,
+    class-specific context) together: every step runs all their prompts in one text-encoder pass; each run keeps
+    its own loss, momentum, step counter and schedule, and ends exactly where it would alone. A run whose schedule is over
     leaves the stack. `resumes`: each run's checkpoint, or None.
 
     The host enqueues steps without waiting for them and looks at the results after the first span of steps,
@@ -177,8 +180,9 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe
     device = resolve_device(runtime.device)
     recipes = [recipe.published(len(cache.classnames), device) for recipe in recipes]
     base = recipes[0]
-    if any(replace(r, seed=base.seed, shots=base.shots, epochs=base.epochs) != base for r in recipes):
-        raise ValueError("runs trained together may differ only in their seed, shots and epochs")
+    own = RUN_FIELDS + (PROMPT_FIELDS if base.method != "cocoop" else ())  # what the runs may differ in
+    if any(replace(r, **{name: getattr(base, name) for name in own}) != base for r in recipes):
+        raise ValueError(f"runs trained together may differ only in their {', '.join(own)}")
     backends = resolve(device, runtime.impl, runtime.impl_detail, TextTower.of(loaded.model))
     check_classes(len(cache.classnames), base.classes)
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
@@ -191,8 +195,9 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe
     for recipe in recipes:
         torch.manual_seed(recipe.seed)
         learners.append(new_learner(loaded.model, loaded.tokenizer, classnames, recipe).to(device))
-    recipes = [replace(r, n_ctx=learners[0].n_ctx) for r in recipes]  # as the words given set it
-    loss, recipes = _loss(loaded, cache, classnames, learners[0], recipes, backends, device)
+    recipes = [replace(r, n_ctx=learner.n_ctx) for r, learner in zip(recipes, learners)]  # as the words set it
+    layouts = list({learner.layout: learner for learner in learners}.values())  # a learner of each prompt layout
+    loss, recipes = _loss(loaded, cache, classnames, layouts, recipes, backends, device)
     used = [epoch_views(cache.num_views("train"), recipe.epochs) for recipe in recipes]
     views = _read_views(cache, rows, [view_slice for view_slice, _ in used], device)
     most = max(len(subset) for subset in rows)
@@ -220,13 +225,13 @@ def _subset(cache: FeatureCache, recipe: Recipe, kept: list[int]) -> tuple[np.nd
     return subset[in_subset.numpy()], labels
 
 
-def _loss(loaded: LoadedModel, cache: FeatureCache, classnames: list[str], learner, recipes: list[Recipe],
+def _loss(loaded: LoadedModel, cache: FeatureCache, classnames: list[str], layouts: list, recipes: list[Recipe],
           backends: Backends, device: str):
-    """The stack's loss (CoOp's, KgCoOp's or CoCoOp's) with the text encoder the backends name, and the recipes
-    with KgCoOp's hand-written prompt filled in."""
+    """The stack's loss (CoOp's, KgCoOp's or CoCoOp's) with the text encoder the backends name for the runs' prompt
+    layouts (a learner of each), and the recipes with KgCoOp's hand-written prompt filled in."""
     base = recipes[0]
     dtype = autocast_dtype(base.precision)
-    encoder = text_encoder(loaded.model, learner, backends, weight_dtype=dtype)
+    encoder = text_encoder(loaded.model, layouts, backends, weight_dtype=dtype)
     scale = loaded.model.logit_scale.exp().detach().to(device)
     if base.method == "cocoop":
         return CoCoOpLoss(encoder, scale, dtype), recipes

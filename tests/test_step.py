@@ -57,18 +57,21 @@ def test_cuda_graph_equals_eager(tmp_path, tiny_vit, example_images, csc, positi
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", ["coop", "cocoop"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "coop-variants"])
 def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_vit, example_images, method):
     """Runs of two seeds and different shot counts and epochs stacked into one graphed step (their contexts as
     more attention heads of one encoder pass; captured again as runs finish) against each run trained alone
-    without a graph; CoOp, and CoCoOp (per-image contexts, Meta-Net)."""
+    without a graph; CoOp, CoCoOp (per-image contexts, Meta-Net), and CoOp runs of three prompt layouts."""
     from fastcoop.train import train_stack
 
     path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=[1, 4], seeds=[1, 2],
                             views=2, batch_size=32, workers=0, progress=False)
     loaded = copy.deepcopy(tiny_vit)
-    recipes = [Recipe(method=method, shots=shots, seed=seed, epochs=epochs, batch_size=4, lr=0.05, precision="fp32")
-               for shots, seed, epochs in ((4, 1, 3), (1, 2, 2), (4, 2, 4))]
+    layouts = [dict(n_ctx=4), dict(n_ctx=2, csc=True), dict(n_ctx=4, position="middle")] \
+        if method == "coop-variants" else [{}] * 3
+    recipes = [Recipe(method=method.removesuffix("-variants"), shots=shots, seed=seed, epochs=epochs, batch_size=4,
+                      lr=0.05, precision="fp32", **layout)
+               for (shots, seed, epochs), layout in zip(((4, 1, 3), (1, 2, 2), (4, 2, 4)), layouts)]
     with FeatureCache(path) as cache, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stacked = train_stack(cache, loaded, recipes, Runtime(device="cuda"), progress=False)
@@ -81,18 +84,21 @@ def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_
                                        rtol=1e-5, atol=1e-6)
 
 
-def gpu_step(tiny_vit, classnames, images: int = 8) -> TrainStep:
-    """A training step as a GPU runs it (Triton kernels, bf16 weights under autocast), on the tiny ViT."""
+def gpu_step(tiny_vit, classnames, images: int = 8, layouts=((4, False, "end"),)) -> TrainStep:
+    """A training step as a GPU runs it (Triton kernels, bf16 weights under autocast), on the tiny ViT: a run of
+    each prompt layout (n_ctx, csc, position), stacked."""
     model = copy.deepcopy(tiny_vit.model).to(DEVICE)
-    learner = PromptLearner(model, tiny_vit.tokenizer, classnames, n_ctx=4).to(DEVICE)
+    learners = [PromptLearner(model, tiny_vit.tokenizer, classnames, n_ctx=n, csc=csc, position=position).to(DEVICE)
+                for n, csc, position in layouts]
     backends = gpu_backends(model)
-    encode = FastTextEncoder(model, learner, backends, weight_dtype=torch.bfloat16)
-    features = torch.randn(1, images, model.visual.output_dim, device=DEVICE)
-    labels = torch.arange(images, device=DEVICE)[None] % len(classnames)
+    encode = FastTextEncoder(model, learners, backends, weight_dtype=torch.bfloat16)
+    runs = len(learners)
+    features = torch.randn(runs, images, model.visual.output_dim, device=DEVICE)
+    labels = (torch.arange(images, device=DEVICE)[None] % len(classnames)).repeat(runs, 1)
     loss = CoOpLoss(encode, model.logit_scale.exp().detach(), torch.bfloat16, backends.loss)
-    return TrainStep([learner], loss,
-                     features, labels, torch.randperm(images, device=DEVICE).view(1, 1, 2, images // 2),
-                     torch.full((1, 1), 0.002, device=DEVICE), 0.9, 5e-4)
+    return TrainStep(learners, loss, features, labels,
+                     torch.randperm(images, device=DEVICE).view(1, 1, 2, images // 2).repeat(runs, 1, 1, 1),
+                     torch.full((runs, 1), 0.002, device=DEVICE), 0.9, 5e-4)
 
 
 @needs_kernel
@@ -108,6 +114,21 @@ def test_the_gpu_step_stays_within_its_launch_budget(tiny_vit):
     blocks = len(TextTower.of(tiny_vit.model).blocks)
     assert sum(ops.values()) <= 17 * blocks + 31, ops
     assert ops["_to_copy"] <= 2 and not set(ops) & {"index", "index_put", "select_backward", "zeros", "ones_like"}, ops
+
+
+@needs_kernel
+def test_prompt_layouts_stacked_share_every_op_but_the_attention(tiny_vit):
+    """Two runs of other prompt layouts in one step: the blocks' products, norms and activations run once over
+    both runs' rows, as for two runs of one layout; each layout has its own attention (where one layout's runs
+    are more heads of one call) and the attention's outputs are joined each way: about as many operations as two
+    runs of one layout, far from two steps."""
+    classnames = ["dog", "sea lion", "kite (bird of prey)"]
+    same, other = (device_ops(gpu_step(tiny_vit, classnames, layouts=layouts))
+                   for layouts in (((4, False, "end"), (4, False, "end")), ((4, False, "end"), (2, True, "middle"))))
+    alone = device_ops(gpu_step(tiny_vit, classnames))
+    assert sum(other.values()) <= sum(same.values()) + 4 < 2 * sum(alone.values()), (same, other)
+    for op in ("mm", "addmm", "triton _add_layer_norm_forward", "triton _add_layer_norm_backward"):
+        assert other[op] == same[op] == alone[op], op
 
 
 @pytest.mark.slow

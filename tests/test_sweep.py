@@ -60,6 +60,7 @@ def test_sweep_runs_equal_separate_runs_and_survive_reruns(tmp_path, capsys, spl
     table = (out / "summary.md").read_text()
     assert "| CoOp M2-csc-end |" in table and "| linear probe |" in table and (out / "accuracy.png").stat().st_size > 0
     assert "| CoOp M2-unified-end |" in stdout
+    assert "CoOp M2-unified-end, M2-csc-end: 8 runs stacked (1, 2 shots, seeds 1, 2)" in stdout  # both variants
     for variant, csc in (("coop-M2-unified-end", []), ("coop-M2-csc-end", ["--csc"])):  # each equals a separate run
         alone = tmp_path / f"alone-{variant}"
         code, _, err = run_cli(capsys, "train", split_cache / "s12.h5", "--out", alone, "--shots", "2", "--seed", "2",
@@ -154,7 +155,7 @@ def test_a_cocoop_base_to_new_sweep_stacks_seeds_and_reports_base_new_and_h(tmp_
 
 @pytest.mark.slow
 def test_a_stack_too_big_for_the_device_is_split_and_says_so(tmp_path, capsys, split_cache, monkeypatch):
-    """Out of device memory, a variant's stack trains as halves (down to stacks that fit), each run as it would
+    """Out of device memory, a method's stack trains as halves (down to stacks that fit), each run as it would
     have in the one stack."""
     import torch
 

@@ -13,7 +13,7 @@ from fastcoop.kernels import mlp_kernel
 from fastcoop.kernels.mlp_kernel import mlp_triton as fused_mlp_triton
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, encode_prompts, text_encoder
+from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, encode_prompts, reference_text_features, text_encoder
 from fastcoop.text_tower import TextTower
 
 # 1 to 10+ tokens, including names whose last token merges with the '.' in BPE
@@ -228,3 +228,31 @@ def test_stacked_contexts_equal_one_call_each(request, tiny_vit, tiny_rn, csc, p
             alone = encoder()
             alone_grad, = torch.autograd.grad((alone * weights).sum(), learner.ctx)
             assert relative(stacked[r], alone) <= 1e-5 and relative(grad[r], alone_grad) <= 1e-4
+
+
+@pytest.mark.parametrize("backends", [Backends(), Backends(attention="triton", add_norm="triton")],
+                         ids=["grid", "triton"])
+def test_prompt_layouts_in_one_pass_equal_the_published_features(tiny_vit, backends):
+    """Learners of four prompt layouts (context lengths, positions, unified and class-specific) in one encoder: the
+    per-token ops run once over all their rows, the attention once per layout; each layout's stacked contexts give
+    their published features and gradients, and a layout left out of a call is not computed."""
+    if backends.attention == "triton" and not kernels.INTERPRET:
+        pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
+    model, tokenizer = tiny_vit.model, tiny_vit.tokenizer
+    torch.manual_seed(0)
+    learners = [PromptLearner(model, tokenizer, CLASSNAMES, n_ctx=n, csc=csc, position=position)
+                for n, csc, position in [(4, False, "end"), (2, False, "middle"), (4, True, "front"), (3, True, "end")]]
+    encoder = FastTextEncoder(model, learners, backends)
+    contexts = {i: (0.02 * torch.randn(r, *learner.ctx.shape)).requires_grad_()
+                for i, (r, learner) in enumerate(zip([2, 1, 3, 1], learners))}
+    encoded = encoder.encode_each(contexts)
+    weights = {i: torch.linspace(-1, 1, text.numel()).view_as(text) for i, text in encoded.items()}
+    grads = torch.autograd.grad(sum((text * weights[i]).sum() for i, text in encoded.items()), list(contexts.values()))
+    for (i, ctx), grad in zip(contexts.items(), grads):
+        assert encoder.layout_of(learners[i]) == i
+        for r in range(len(ctx)):
+            each = ctx[r].detach().clone().requires_grad_()
+            reference = reference_text_features(TextTower.of(model), learners[i], each)
+            reference_grad, = torch.autograd.grad((reference * weights[i][r]).sum(), each)
+            assert relative(encoded[i][r], reference) <= 1e-5 and relative(grad[r], reference_grad) <= 1e-4
+    assert list(encoder.encode_each({2: contexts[2]})) == [2]

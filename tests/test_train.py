@@ -361,6 +361,38 @@ def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache
         assert together.checkpoint.epochs_done == together.recipe.epochs
 
 
+@pytest.mark.parametrize("method", ["coop", "kgcoop"])
+def test_prompt_variants_stacked_equal_each_run_alone(protocol_cache, tiny_vit, method):
+    """A sweep's variants in one stack: unified and class-specific contexts of two lengths, the class name at the
+    end, the middle and the front, with different shot counts and schedules; every per-token op runs once over
+    all their packed rows, the attention once per layout; each run ends, bit for bit on the CPU, where it would
+    alone."""
+    from fastcoop.train import train_stack
+
+    recipe = dict(method=method, batch_size=5, lr=0.05)
+    configs = [Recipe(shots=4, seed=1, epochs=2, n_ctx=3, **recipe),
+               Recipe(shots=2, seed=2, epochs=3, n_ctx=3, csc=True, **recipe),
+               Recipe(shots=4, seed=2, epochs=1, n_ctx=2, position="middle", **recipe),
+               Recipe(shots=1, seed=1, epochs=3, n_ctx=3, position="front", **recipe),
+               Recipe(shots=4, seed=2, epochs=2, n_ctx=3, **recipe)]  # a second run of the first layout
+    with FeatureCache(protocol_cache) as cache:
+        stacked = train_stack(cache, tiny_vit, configs, progress=False)
+        alone = [train(cache, tiny_vit, config, progress=False) for config in configs]
+    for together, by_itself in zip(stacked, alone):
+        assert together.learner.layout == by_itself.learner.layout
+        assert torch.equal(together.learner.ctx, by_itself.learner.ctx), together.recipe
+        assert [r["loss"] for r in together.history] == [r["loss"] for r in by_itself.history]
+        assert [r["train_acc"] for r in together.history] == [r["train_acc"] for r in by_itself.history]
+
+
+def test_cocoop_runs_of_other_prompts_are_not_stacked(protocol_cache, tiny_vit):
+    from fastcoop.train import train_stack
+
+    configs = [Recipe(method="cocoop", shots=1, seed=1, epochs=1, n_ctx=n) for n in (2, 3)]
+    with FeatureCache(protocol_cache) as cache, pytest.raises(ValueError, match="differ only in their seed"):
+        train_stack(cache, tiny_vit, configs, progress=False)
+
+
 def test_a_stack_resumes_each_run_from_its_own_epoch(protocol_cache, tiny_vit, monkeypatch):
     """Runs of a stack saved at different epochs (an interrupted protocol) go on together, each from its own
     checkpoint, and end equal to the runs trained without a stop."""
