@@ -6,6 +6,7 @@ launch nothing and are not counted; an operator that launches several kernels on
 profile, benchmarks/profile.py, counts kernels).
 
     python -m benchmarks.launches --model ViT-B-16 --classes 100   (on the CPU: with TRITON_INTERPRET=1)
+    python -m benchmarks.launches --model ViT-B-16 --classes 10 --runs 15   (a protocol's stacked step)
 """
 
 import argparse
@@ -24,6 +25,9 @@ from benchmarks.common import real_classnames
 from fastcoop.backends import Backends, resolve
 from fastcoop.kernels import INTERPRET
 from fastcoop.models import load_model
+from fastcoop.prompts import PromptLearner
+from fastcoop.step import CoOpLoss, TrainStep
+from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
 
 # allocations without a fill: no kernel
@@ -146,6 +150,25 @@ def step_device_ops(model_name: str, classes: int, device: str, n_ctx: int = 16)
     return device_ops(step)
 
 
+def stacked_step_device_ops(model_name: str, classes: int, runs: int, device: str, n_ctx: int = 16) -> Counter:
+    """step_device_ops for `runs` runs of one prompt layout stacked in one step (the protocol's shape: each its own
+    batch of 32, loss, metrics and update)."""
+    torch.manual_seed(0)
+    loaded = load_model(model_name, "none", device)
+    model, backends = loaded.model, gpu_backends(loaded.model)
+    learners = [PromptLearner(model, loaded.tokenizer, real_classnames(classes), n_ctx=n_ctx).to(device)
+                for _ in range(runs)]
+    encoder = FastTextEncoder(model, learners[:1], backends, weight_dtype=torch.bfloat16)
+    loss = CoOpLoss(encoder, model.logit_scale.exp().detach().to(device), torch.bfloat16, backends.loss)
+    # one epoch of two steps: the first call (which may do one-off work: casts, compiles) takes the first
+    step = TrainStep(learners, loss, torch.randn(runs, 64, model.visual.output_dim, device=device),
+                     torch.randint(classes, (runs, 64), device=device),
+                     [torch.arange(64, device=device).view(1, 2, 32)] * runs, [torch.full((1,), 0.002)] * runs,
+                     0.9, 5e-4)
+    step()
+    return device_ops(step)
+
+
 def interpreted_step_device_ops(model_name: str, classes: int) -> dict:
     """step_device_ops on the CPU, in a process of its own: Triton reads TRITON_INTERPRET when it is imported."""
     command = [sys.executable, "-m", "benchmarks.launches", "--model", model_name, "--classes", str(classes)]
@@ -158,13 +181,16 @@ def main():
     parser = argparse.ArgumentParser(description="Device operations of one GPU-path training step, counted.")
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=1, help="runs stacked in the step (the protocol's: 15)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not INTERPRET:
         parser.error("without a GPU the step's Triton kernels must run interpreted: set TRITON_INTERPRET=1")
     logging.disable(logging.WARNING)
-    ops = step_device_ops(args.model, args.classes, device)
-    print(json.dumps({"model": args.model, "classes": args.classes, "device_ops_per_step": sum(ops.values()),
+    ops = step_device_ops(args.model, args.classes, device) if args.runs == 1 else \
+        stacked_step_device_ops(args.model, args.classes, args.runs, device)
+    print(json.dumps({"model": args.model, "classes": args.classes, "runs": args.runs,
+                      "device_ops_per_step": sum(ops.values()),
                       "ops": dict(ops.most_common())}))
 
 

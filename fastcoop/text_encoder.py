@@ -145,7 +145,11 @@ class PackedPrompts:
 
     def attend(self, qkv: torch.Tensor, runs: int, heads: int) -> torch.Tensor:
         """Attention over the packed rows of `runs` stacked contexts: every context's rows share one layout and
-        never attend to another's, so the contexts become more heads of one call. qkv: runs·T × 3·D."""
+        never attend to another's, so the contexts become more heads of one call (the Triton kernel addresses
+        each run's heads where they are; the others take them as copies, heads first). qkv: runs·T × 3·D."""
+        if self.attention == "triton":
+            return prefix_attention_triton(qkv.view(runs, -1, 3, heads, qkv.shape[-1] // (3 * heads)),
+                                           self.layout).view(len(qkv), -1)
         if runs == 1:
             return self._attend(qkv.unflatten(-1, (3, heads, -1))).flatten(1)
         T = len(qkv) // runs
@@ -154,8 +158,6 @@ class PackedPrompts:
         return out.view(T, runs, -1).transpose(0, 1).reshape(runs * T, -1)
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        if self.attention == "triton":
-            return prefix_attention_triton(qkv, self.layout)
         if self.attention == "flex":
             return prefix_attention_flex(qkv, self.block_mask)
         return prefix_attention_reference(qkv, self.layout)

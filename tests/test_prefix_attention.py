@@ -73,6 +73,27 @@ def test_triton_matches_reference(lengths, P, H, dh, dtype, group, separate_pref
         assert relative(grad[:, part], ref_grad[:, part]) <= TOLERANCE[dtype]
 
 
+@needs_kernel
+@pytest.mark.parametrize("lengths, P, H, dh", CASES[:2])
+@pytest.mark.parametrize("group, pack_rows", [(1, None), (2, 32)])
+def test_stacked_runs_equal_each_run_alone(lengths, P, H, dh, group, pack_rows):
+    """R runs of one layout in one call (qkv R × T × 3 × heads × dh, run-major heads of the grid, addressed in
+    place): each run's output and q, k, v gradients are, bit for bit, those of the run alone."""
+    layout = PackedLayout.of(torch.tensor(lengths), DEVICE, prefix_len=P, pack_rows=pack_rows)
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.stack([random_qkv(lengths, P, H, dh, seed=run) for run in range(3)]).to(DEVICE).requires_grad_()
+    upstream = torch.randn(3, qkv.shape[1], H, dh, generator=gen).to(DEVICE)
+    out = prefix_attention_triton(qkv, layout, group)
+    grad, = torch.autograd.grad((out * upstream).sum(), qkv)
+    assert out.shape == (3, qkv.shape[1], H, dh)
+    for run in range(3):
+        alone = qkv[run].detach().clone().requires_grad_()
+        out_alone = prefix_attention_triton(alone, layout, group)
+        grad_alone, = torch.autograd.grad((out_alone * upstream[run]).sum(), alone)
+        assert torch.equal(out[run], out_alone) and torch.equal(grad[run], grad_alone), run
+        assert relative(out_alone, prefix_attention_reference(alone, layout)) <= TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("lengths, P, H, dh", CASES[:2])
 def test_flex_forward_matches_reference(lengths, P, H, dh):
     """FlexAttention's backward exists only on GPU (tests/test_text_encoder.py runs it there)."""
@@ -104,7 +125,7 @@ def test_prefix_partials_are_summed_into_the_prefix_keys_and_values(groups, dtyp
     parts = torch.randn(2, groups, P, H, dh, generator=gen).to(DEVICE)
     expected = dqkv.clone()
     expected[:P, 1:] = (expected[:P, 1:].float() + parts.sum(1).transpose(0, 1)).to(dtype)
-    add_prefix_partials_(dqkv, parts)
+    add_prefix_partials_(dqkv[None], parts)  # one run
     # fp32: summation order; bf16: one rounding step (the interpreter casts to bf16 by truncating, GPUs round)
     rtol, atol = (1e-6, 1e-5) if dtype == torch.float32 else (torch.finfo(dtype).eps, 0.0)
     torch.testing.assert_close(dqkv, expected, rtol=rtol, atol=atol)
