@@ -73,7 +73,8 @@ def main():
         print(compile_for_hopper(cosine_ce._cosine_ce_forward_combine, ce, dict(BLOCK=cosine_ce.BLOCK_COMBINE)))
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
                    LENGTHS="*i64", FIRST_ROW="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32",
-                   sm_scale="fp32", stride_t="i32", stride_part="i32", stride_h="i32", DH="i32")
+                   HEADS="i32", sm_scale="fp32", stride_run="i32", stride_t="i32", stride_part="i32",
+                   stride_h="i32", stride_o_run="i32", DH="i32")
         # 64 rows: classes packed four to a tile (PackedLayout's pack_rows)
         for has_prefix, block_s in ((True, 64), (True, 32), (True, 16), (False, 32), (False, 16)):
             tiles = dict(HAS_PREFIX=has_prefix, PACKED=block_s > 32, BLOCK_S=block_s, BLOCK_P=32, BLOCK_DH=64,
@@ -84,8 +85,8 @@ def main():
                     print(compile_for_hopper(fn, att, tiles, num_warps=2))
                 if block_s == 64:  # tall packed tiles may want 8 warps
                     print(compile_for_hopper(fn, att, tiles, num_warps=8))
-        partials = dict(PARTS="*fp32", DQKV=p, GROUPS="i32", PHD="i32", H="i32", DH="i32", stride_t="i32",
-                        stride_part="i32", stride_h="i32")
+        partials = dict(PARTS="*fp32", DQKV=p, GROUPS="i32", PHD="i32", H="i32", HEADS="i32", DH="i32",
+                        stride_run="i32", stride_t="i32", stride_part="i32", stride_h="i32")
         print(compile_for_hopper(attention._add_prefix_partials, partials,
                                  dict(BLOCK_G=16, BLOCK=attention.BLOCK_PARTIALS)))
         # as in the text encoder under autocast: fp32 residual stream, the branch and the normed output in dtype
