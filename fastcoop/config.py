@@ -20,6 +20,8 @@ COOP_RECIPE = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None}  # e
 KGCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100, "kg_weight": 8.0}
 RECIPES = {"coop": COOP_RECIPE, "cocoop": COCOOP_RECIPE, "kgcoop": KGCOOP_RECIPE}
 IMPLS = ("fast", "reference")
+RUN_FIELDS = ("seed", "shots", "epochs")  # what runs trained together (one stack) may differ in
+PROMPT_FIELDS = ("n_ctx", "init", "csc", "position")  # and CoOp's and KgCoOp's runs in their prompts
 BASELINES = ("linear-probe", "tip-adapter", "tip-adapter-f")  # what a sweep may run beside its prompt learners
 # each op's implementations (fastcoop.backends says what each is), the first its reference
 IMPL_CHOICES = {"loss": ("reference", "triton"), "attention": ("grid", "triton", "flex"),
@@ -104,6 +106,16 @@ class Recipe:
             filled["kg_weight"] = recipe["kg_weight"]
         filled["precision"] = resolve_precision(self.precision, device, "bf16")
         return replace(self.with_published_context(), **filled)
+
+    @property
+    def own_fields(self) -> tuple[str, ...]:
+        """What a run may have of its own among runs trained together (one stack): its seed, shots and epochs, and
+        CoOp's and KgCoOp's runs their prompts (CoCoOp's Meta-Net stacks runs of one prompt only)."""
+        return RUN_FIELDS + (PROMPT_FIELDS if self.method != "cocoop" else ())
+
+    def stack_key(self) -> "Recipe":
+        """What runs trained together share: this recipe less what each run may have of its own."""
+        return replace(self, **{f.name: f.default for f in fields(Recipe) if f.name in self.own_fields})
 
     def with_published_context(self) -> "Recipe":
         """The published context (M and the words it starts from) when neither is given; a given M starts random,

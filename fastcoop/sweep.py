@@ -98,9 +98,10 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
               baselines: tuple[str, ...] = ("linear-probe",)) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
     `stack`: a method's unfinished runs (they differ in variant, shots and seed; CoCoOp's only in shots and
-    seed) train together, one text-encoder pass per step for all of them. `eval_on`: other datasets' caches every run is also tested on (domain
-    generalisation, cross-dataset transfer), recorded in each run's evaluations and tabulated. `baselines`: those of
-    config.BASELINES beside the runs (the all-classes protocol, with val and test splits). Under torchrun
+    seed) train together, one text-encoder pass per step for all of them. `eval_on`: other datasets' caches
+    every run is also tested on (domain generalisation, cross-dataset transfer), recorded in each run's
+    evaluations and tabulated. `baselines`: those of config.BASELINES beside the runs (the all-classes protocol,
+    with val and test splits). Under torchrun
     each rank trains every N-th run and the first writes the summary (None elsewhere)."""
     out = Path(out)
     runs = sweep_runs(cache, shots, seeds, variants)
@@ -110,7 +111,7 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
     device = resolve_device(runtime.device)
-    groups: dict = {}  # method (CoCoOp: variant) → this rank's runs to start or resume, trained together if stacked
+    groups: dict = {}  # what runs stacked share (Recipe.stack_key) → this rank's runs to start or resume
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
@@ -119,8 +120,7 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         done = read_config(run_dir)
         same = done is not None and done.get("request") == asdict(recipe.published(len(cache.classnames), device))
         if stack and (done is None or done["state"] in RESUMABLE and same):
-            groups.setdefault(variant if variant.method == "cocoop" else variant.method, []).append(
-                (variant, recipe, run_dir))
+            groups.setdefault(recipe.stack_key(), []).append((variant, recipe, run_dir))
         elif done is None or done["state"] != "complete" or not same:
             echo(f"[{i}/{len(runs)}] {variant.label}, {s} shots, seed {seed}")
             train_to_run_dir(cache, loaded, recipe, run_dir, runtime, progress=progress, overwrite=done is not None

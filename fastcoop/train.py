@@ -37,8 +37,6 @@ from fastcoop.text_encoder import text_encoder
 from fastcoop.text_tower import TextTower
 
 
-RUN_FIELDS = ("seed", "shots", "epochs")  # what runs of one stack may differ in
-PROMPT_FIELDS = ("n_ctx", "init", "csc", "position")  # and CoOp's and KgCoOp's runs in their prompts
 REPORT_SECONDS = 0.5  # how often the host waits for the device to read the results back
 PROFILE_STEPS = 20  # steps in a --profile trace
 
@@ -180,9 +178,8 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe
     device = resolve_device(runtime.device)
     recipes = [recipe.published(len(cache.classnames), device) for recipe in recipes]
     base = recipes[0]
-    own = RUN_FIELDS + (PROMPT_FIELDS if base.method != "cocoop" else ())  # what the runs may differ in
-    if any(replace(r, **{name: getattr(base, name) for name in own}) != base for r in recipes):
-        raise ValueError(f"runs trained together may differ only in their {', '.join(own)}")
+    if len({recipe.stack_key() for recipe in recipes}) > 1:
+        raise ValueError(f"runs trained together may differ only in their {', '.join(base.own_fields)}")
     backends = resolve(device, runtime.impl, runtime.impl_detail, TextTower.of(loaded.model))
     check_classes(len(cache.classnames), base.classes)
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
@@ -196,8 +193,7 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe
         torch.manual_seed(recipe.seed)
         learners.append(new_learner(loaded.model, loaded.tokenizer, classnames, recipe).to(device))
     recipes = [replace(r, n_ctx=learner.n_ctx) for r, learner in zip(recipes, learners)]  # as the words set it
-    layouts = list({learner.layout: learner for learner in learners}.values())  # a learner of each prompt layout
-    loss, recipes = _loss(loaded, cache, classnames, layouts, recipes, backends, device)
+    loss, recipes = _loss(loaded, cache, classnames, learners, recipes, backends, device)
     used = [epoch_views(cache.num_views("train"), recipe.epochs) for recipe in recipes]
     views = _read_views(cache, rows, [view_slice for view_slice, _ in used], device)
     most = max(len(subset) for subset in rows)
@@ -225,13 +221,13 @@ def _subset(cache: FeatureCache, recipe: Recipe, kept: list[int]) -> tuple[np.nd
     return subset[in_subset.numpy()], labels
 
 
-def _loss(loaded: LoadedModel, cache: FeatureCache, classnames: list[str], layouts: list, recipes: list[Recipe],
+def _loss(loaded: LoadedModel, cache: FeatureCache, classnames: list[str], learners: list, recipes: list[Recipe],
           backends: Backends, device: str):
-    """The stack's loss (CoOp's, KgCoOp's or CoCoOp's) with the text encoder the backends name for the runs' prompt
-    layouts (a learner of each), and the recipes with KgCoOp's hand-written prompt filled in."""
+    """The stack's loss (CoOp's, KgCoOp's or CoCoOp's) with the text encoder the backends name for the runs'
+    learners, and the recipes with KgCoOp's hand-written prompt filled in."""
     base = recipes[0]
     dtype = autocast_dtype(base.precision)
-    encoder = text_encoder(loaded.model, layouts, backends, weight_dtype=dtype)
+    encoder = text_encoder(loaded.model, learners, backends, weight_dtype=dtype)
     scale = loaded.model.logit_scale.exp().detach().to(device)
     if base.method == "cocoop":
         return CoCoOpLoss(encoder, scale, dtype), recipes
