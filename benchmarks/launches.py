@@ -158,7 +158,7 @@ def stacked_step_device_ops(model_name: str, classes: int, runs: int, device: st
     model, backends = loaded.model, gpu_backends(loaded.model)
     learners = [PromptLearner(model, loaded.tokenizer, real_classnames(classes), n_ctx=n_ctx).to(device)
                 for _ in range(runs)]
-    encoder = FastTextEncoder(model, learners[:1], backends, weight_dtype=torch.bfloat16)
+    encoder = FastTextEncoder(model, learners, backends, weight_dtype=torch.bfloat16)
     loss = CoOpLoss(encoder, model.logit_scale.exp().detach().to(device), torch.bfloat16, backends.loss)
     # one epoch of two steps: the first call (which may do one-off work: casts, compiles) takes the first
     step = TrainStep(learners, loss, torch.randn(runs, 64, model.visual.output_dim, device=device),

@@ -42,7 +42,7 @@ class CoOpLoss:
     def __call__(self, learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
         by_layout = {}  # the encoder's prompt layouts → the runs of each
         for run, learner in enumerate(learners):
-            by_layout.setdefault(self.encoder.layout_of(learner), []).append(run)
+            by_layout.setdefault(self.encoder.layouts[learner.layout], []).append(run)
         # one run's context as a view; several stacked
         contexts = {layout: learners[runs[0]].ctx[None] if len(runs) == 1 else
                     torch.stack([learners[run].ctx for run in runs]) for layout, runs in by_layout.items()}

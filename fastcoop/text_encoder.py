@@ -45,9 +45,8 @@ def encode_prompts(model, learner: PromptLearner, mode: str = "fast") -> torch.T
 
 def text_encoder(model, learners: PromptLearner | list[PromptLearner], backends: Backends,
                  weight_dtype: torch.dtype | None = None):
-    """The text encoder `backends.text` names for one learner, or for learners of different prompt layouts that
-    train together (each one standing for its layout): FastTextEncoder, or the published computation behind the
-    same calls (ReferenceTextEncoder)."""
+    """The text encoder `backends.text` names for one learner, or for the learners of a stack (of one or more
+    prompt layouts): FastTextEncoder, or the published computation behind the same calls (ReferenceTextEncoder)."""
     if backends.text == "reference":
         return ReferenceTextEncoder(model, learners)
     return FastTextEncoder(model, learners, backends, weight_dtype)
@@ -65,8 +64,17 @@ def reference_text_features(tower: TextTower, learner: PromptLearner, ctx: torch
     return tower.project(x[rows, tower.pool_positions(learner.tokens)])
 
 
-def _listed(learners) -> list[PromptLearner]:
-    return list(learners) if isinstance(learners, (list, tuple)) else [learners]
+def _one_per_layout(learners) -> list[PromptLearner]:
+    """A learner, or the first learner of each prompt layout among several."""
+    first = {}
+    for learner in learners if isinstance(learners, (list, tuple)) else [learners]:
+        first.setdefault(learner.layout, learner)
+    return list(first.values())
+
+
+def _layout_indices(learners: list[PromptLearner]) -> dict[tuple, int]:
+    """Each learner's prompt layout → its index among `learners` (one learner per layout)."""
+    return {learner.layout: i for i, learner in enumerate(learners)}
 
 
 class ReferenceTextEncoder:
@@ -75,13 +83,11 @@ class ReferenceTextEncoder:
     learners' layouts."""
 
     def __init__(self, model, learners: PromptLearner | list[PromptLearner]):
-        self.tower, self.learners = TextTower.of(model), _listed(learners)
+        self.tower, self.learners = TextTower.of(model), _one_per_layout(learners)
+        self.layouts = _layout_indices(self.learners)
 
     def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         return self._encode(self.learners[0], ctx)
-
-    def layout_of(self, learner: PromptLearner) -> int:
-        return _layout_of(self.learners, learner)
 
     def encode_each(self, contexts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Learner i's layout → R_i contexts shaped like its context → their R_i × K × D features."""
@@ -136,12 +142,6 @@ class PackedPrompts:
             rows = rows.index_select(1, self.ctx_index)
         stacked = self.frozen.expand(len(ctx), -1, -1).index_add(1, self.ctx_rows, rows.to(self.frozen.dtype))
         return stacked.flatten(0, 1)
-
-    def stacked_eos_rows(self, runs: int) -> torch.Tensor:
-        """Each class's EOS row among `runs` stacked copies of the rows."""
-        if runs == 1:
-            return self.eos_rows
-        return (torch.arange(runs, device=self.eos_rows.device)[:, None] * len(self.frozen) + self.eos_rows).flatten()
 
     def attend(self, qkv: torch.Tensor, runs: int, heads: int) -> torch.Tensor:
         """Attention over the packed rows of `runs` stacked contexts: every context's rows share one layout and
@@ -201,21 +201,20 @@ class FastTextEncoder:
             op, why = next(iter(unfit.items()))
             raise ValueError(f"{op}={getattr(backends, op)} cannot run this model ({why}): resolve the backends "
                              "with its tower")
-        self.learners = _listed(learners)
+        self.learners = _one_per_layout(learners)
+        self.layouts = _layout_indices(self.learners)  # a layout → its learner's index: what encode_each takes
         self.backends, self.tower = backends, tower
         device = self.learners[0].ctx.device
         if weight_dtype is not None or tower.positional_embedding.device != device:
             self.tower = tower.copy_to(device, weight_dtype)
         self.packed = [PackedPrompts(tower, learner, self.tower.positional_embedding, backends.attention, pack_rows)
                        for learner in self.learners]
+        self._eos_rows = {}  # (layouts, runs of each) → the EOS rows among their packed rows
 
     def __call__(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """K × D text features of the (first) learner's prompts; with `ctx`, R contexts shaped like the learner's
         (R × M × D, or R × K × M × D class-specific), R × K × D: each context's prompts, all in one pass."""
         return self._encode([0], [ctx])[0]
-
-    def layout_of(self, learner: PromptLearner) -> int:
-        return _layout_of(self.learners, learner)
 
     def encode_each(self, contexts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Learner i's layout → R_i contexts shaped like its context → their R_i × K × D features; all in one
@@ -229,8 +228,7 @@ class FastTextEncoder:
         parts = [p.embed(ctx, self.learners[i]) for p, ctx, i in zip(packed, contexts, layouts)]
         sizes = [len(part) for part in parts]
         x = parts[0] if len(parts) == 1 else torch.cat(parts)  # the packed rows × D: the residual stream, in fp32
-        eos_rows = packed[0].stacked_eos_rows(runs[0]) if len(parts) == 1 else \
-            torch.cat([p.stacked_eos_rows(r) + start for p, r, start in zip(packed, runs, _starts(sizes))])
+        eos_rows = self._eos_rows_of(layouts, runs)
         device = x.device.type
         gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         blocks = list(self.tower.blocks)
@@ -257,6 +255,22 @@ class FastTextEncoder:
             features = [features]
         return [part if ctx is None else part.unflatten(0, (r, -1)) for part, ctx, r in zip(features, contexts, runs)]
 
+    def _eos_rows_of(self, layouts: list[int], runs: list[int]) -> torch.Tensor:
+        """Each class's EOS row among the packed rows of these layouts' stacked contexts (each layout's rows, R
+        copies one after another, then the next layout's), made once per shape: a call does no index arithmetic."""
+        if runs == [1]:
+            return self.packed[layouts[0]].eos_rows
+        key = (tuple(layouts), tuple(runs))
+        if key not in self._eos_rows:
+            rows, start = [], 0
+            for i, r in zip(layouts, runs):
+                packed = self.packed[i]
+                copies = torch.arange(r, device=packed.eos_rows.device)[:, None] * len(packed.frozen)
+                rows.append((start + copies + packed.eos_rows).flatten())
+                start += r * len(packed.frozen)
+            self._eos_rows[key] = torch.cat(rows)
+        return self._eos_rows[key]
+
     def _add_norm(self, x, delta, norm, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x + delta (x without delta), and its norm in out_dtype."""
         if self.backends.add_norm == "triton":
@@ -269,16 +283,3 @@ class FastTextEncoder:
         if self.backends.activation == "triton":
             return mlp.c_proj(quick_gelu_triton(mlp.c_fc(y)))
         return mlp(y)
-
-
-def _layout_of(learners: list[PromptLearner], learner: PromptLearner) -> int:
-    """Which of `learners` lays its prompts out as `learner` does (the encoders' index of its layout)."""
-    layouts = [each.layout for each in learners]
-    if learner.layout not in layouts:
-        raise ValueError(f"no learner of this encoder has the layout {learner.layout}")
-    return layouts.index(learner.layout)
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    """Where each of consecutive parts of these sizes starts."""
-    return [sum(sizes[:i]) for i in range(len(sizes))]

@@ -124,8 +124,12 @@ def test_stacked_runs_share_every_op_of_the_blocks(tiny_vit):
     backward, the prefix's partial sums) and the join of the attention's outputs each way, 5 per block."""
     classnames = ["dog", "sea lion", "kite (bird of prey)"]
     end, middle = (4, False, "end"), (2, True, "middle")
-    alone, same, five, other = (sum(device_ops(gpu_step(tiny_vit, classnames, layouts=layouts)).values())
-                                for layouts in ((end,), (end, end), (end,) * 5, (end, middle)))
+
+    def counted(layouts) -> int:
+        step = gpu_step(tiny_vit, classnames, layouts=layouts)
+        step()  # the first call may do one-off work
+        return sum(device_ops(step).values())
+    alone, same, five, other = (counted(layouts) for layouts in ((end,), (end, end), (end,) * 5, (end, middle)))
     blocks = len(TextTower.of(tiny_vit.model).blocks)
     assert five - same <= 3 * 10 and same - alone <= 10 + 6, (alone, same, five)  # 6: the contexts stacked
     assert same < other <= same + 5 * blocks + 4, (same, other)

@@ -249,7 +249,7 @@ def test_prompt_layouts_in_one_pass_equal_the_published_features(tiny_vit, backe
     weights = {i: torch.linspace(-1, 1, text.numel()).view_as(text) for i, text in encoded.items()}
     grads = torch.autograd.grad(sum((text * weights[i]).sum() for i, text in encoded.items()), list(contexts.values()))
     for (i, ctx), grad in zip(contexts.items(), grads):
-        assert encoder.layout_of(learners[i]) == i
+        assert encoder.layouts[learners[i].layout] == i
         for r in range(len(ctx)):
             each = ctx[r].detach().clone().requires_grad_()
             reference = reference_text_features(TextTower.of(model), learners[i], each)
