@@ -175,6 +175,12 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, subsets: list[tupl
              "zero_shot": zero_shot} for shots, seed in subsets]
 
 
+def _first_views(augmented: int, wanted: int) -> slice:
+    """The first `wanted` of a cache's `augmented` views per image (as many as it holds), or its un-augmented view
+    (view 0) when it holds none."""
+    return slice(1, 1 + min(augmented, wanted)) if augmented else slice(0, 1)
+
+
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=-1) == labels).float().mean().item()
 
@@ -183,7 +189,7 @@ def _on_subset(cache: FeatureCache, recipe: TipRecipe, shots: int, seed: int, fi
                clip_weights: torch.Tensor, val: tuple, test: tuple, device: str) -> dict:
     """Tip-Adapter (and -F) on one (shots, seed) subset's keys."""
     augmented = cache.num_views("train") - 1
-    key_views = slice(1, 1 + min(augmented, recipe.augment_epoch)) if augmented else slice(0, 1)
+    key_views = _first_views(augmented, recipe.augment_epoch)
     rows = cache.rows("train", shots, seed)
     train_labels = cache.labels("train", rows).to(device)
     keys, values = cache_model(cache.features("train", rows, key_views).to(device), train_labels,
@@ -199,7 +205,7 @@ def _on_subset(cache: FeatureCache, recipe: TipRecipe, shots: int, seed: int, fi
         # views the keys were not averaged from, while the cache holds enough; else its views in turn
         fresh = 1 + recipe.augment_epoch + recipe.train_epoch <= 1 + augmented
         used = slice(1 + recipe.augment_epoch, 1 + recipe.augment_epoch + recipe.train_epoch) if fresh else \
-            slice(1, 1 + min(augmented, recipe.train_epoch)) if augmented else slice(0, 1)
+            _first_views(augmented, recipe.train_epoch)
         views = cache.features("train", rows, used).to(device)  # only the views the epochs use
         epoch_views = [views[e % len(views)] for e in range(recipe.train_epoch)]
         tuned = finetune(keys, values, clip_weights, epoch_views, train_labels, recipe, seed)
