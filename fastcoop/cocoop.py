@@ -78,20 +78,23 @@ def cocoop_logits(model, learner: CoCoOpLearner, image_features: torch.Tensor, m
 
 
 class CoCoOpLoss:
-    """The CoCoOp training loss of stacked runs for TrainStep: each run's batch of images (B_r × D) gets its own
-    contexts from its learner; all of them go through `encoder` (→ ΣB_r × K × D text features) in one call; each
-    image's logits against its own prompts, cross-entropy averaged over each run's batch as published."""
+    """The CoCoOp training loss of stacked runs for TrainStep: each run's batch of images (its first B_r rows of
+    R × B × D) gets its own contexts from its learner; all of them go through `encoder` (→ ΣB_r × K × D text
+    features) in one call; each image's logits against its own prompts, cross-entropy averaged over each run's
+    batch as published. Returns the runs' losses (R) and hits (R)."""
 
     def __init__(self, encoder, logit_scale, autocast_dtype=None):
         self.encoder, self.logit_scale, self.autocast_dtype = encoder, logit_scale, autocast_dtype
 
-    def __call__(self, learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
-        sizes = [len(run_labels) for run_labels in labels]
-        with torch.autocast(labels[0].device.type, dtype=self.autocast_dtype or torch.float32,
+    def __call__(self, learners, images: torch.Tensor, labels: torch.Tensor, sizes: list[int]):
+        images = [run_images[:size] for run_images, size in zip(images, sizes)]
+        labels = torch.cat([run_labels[:size] for run_labels, size in zip(labels, sizes)])
+        with torch.autocast(labels.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             contexts = torch.cat([learner.contexts(run_images) for learner, run_images in zip(learners, images)])
             text = self.encoder(contexts)
-        images, labels = torch.cat(images), torch.cat(labels)
-        logits = cosine_logits_per_image(images, text, self.logit_scale)
+        logits = cosine_logits_per_image(torch.cat(images), text, self.logit_scale)
         loss = F.cross_entropy(logits, labels, reduction="none")
-        return [run_loss.mean() for run_loss in loss.split(sizes)], list(logits.argmax(dim=-1).split(sizes))
+        hits = logits.argmax(dim=-1) == labels
+        return (torch.stack([run_loss.mean() for run_loss in loss.split(sizes)]),
+                torch.stack([run_hits.sum() for run_hits in hits.split(sizes)]))

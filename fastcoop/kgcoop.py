@@ -37,6 +37,7 @@ def hand_written_features(loaded: LoadedModel, classnames: list[str], template: 
 
 def knowledge_gap(text_features: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """1 − the mean over classes of cos(learned, hand-written) (K × D each), as KgCoOp computes it (both
-    normalised first, CosineSimilarity with eps 1e-7); fp32."""
+    normalised first, CosineSimilarity with eps 1e-7); fp32. Stacked runs' text features (R × K × D) give each
+    run's (R)."""
     learned = F.normalize(text_features.float(), dim=-1)
-    return 1.0 - F.cosine_similarity(learned, F.normalize(anchor.float(), dim=-1), dim=1, eps=1e-7).mean()
+    return 1.0 - F.cosine_similarity(learned, F.normalize(anchor.float(), dim=-1), dim=-1, eps=1e-7).mean(-1)

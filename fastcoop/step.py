@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch.optim.sgd import sgd
 
-from fastcoop.kernels import compiling_in_parallel, cosine_ce
+from fastcoop.kernels import compiling_in_parallel, cosine_ce_runs
 from fastcoop.kgcoop import knowledge_gap
 
 
@@ -30,43 +30,52 @@ def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: flo
 class CoOpLoss:
     """CoOp's training loss of stacked runs for TrainStep: the runs' contexts through `encoder` in one call
     (FastTextEncoder or ReferenceTextEncoder, built for the runs' prompt layouts: R contexts of each layout →
-    R × K × D), then each run's batch against its own text
-    features with the fused cosine cross-entropy (`loss_backend`: fastcoop.backends' choice). With `anchor`
-    (K × D, the hand-written prompts' features), KgCoOp's loss: plus anchor_weight · knowledge_gap(text, anchor)."""
+    R × K × D), then each run's batch against its own text features with the fused cosine cross-entropy of all runs
+    at once (`loss_backend`: fastcoop.backends' choice). With `anchor` (K × D, the hand-written prompts'
+    features), KgCoOp's loss: plus anchor_weight · knowledge_gap(text, anchor)."""
 
     def __init__(self, encoder, logit_scale, autocast_dtype=None, loss_backend: str = "reference",
                  anchor: torch.Tensor | None = None, anchor_weight: float = 0.0):
         self.encoder, self.logit_scale, self.autocast_dtype = encoder, logit_scale, autocast_dtype
         self.loss_backend, self.anchor, self.anchor_weight = loss_backend, anchor, anchor_weight
+        self._run_order = {}  # the runs' order by layout → where each run's text lies in it (device tensors)
 
-    def __call__(self, learners, images: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
+    def __call__(self, learners, images: torch.Tensor, labels: torch.Tensor, sizes: list[int]):
+        """The runs' losses (R) and hits (R) from their batches: images R × B × D, labels R × B, run r's first
+        sizes[r] rows (the rest padding)."""
         by_layout = {}  # the encoder's prompt layouts → the runs of each
         for run, learner in enumerate(learners):
             by_layout.setdefault(self.encoder.layouts[learner.layout], []).append(run)
         # one run's context as a view; several stacked
         contexts = {layout: learners[runs[0]].ctx[None] if len(runs) == 1 else
                     torch.stack([learners[run].ctx for run in runs]) for layout, runs in by_layout.items()}
-        with torch.autocast(labels[0].device.type, dtype=self.autocast_dtype or torch.float32,
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             encoded = self.encoder.encode_each(contexts)
-        text = [None] * len(learners)
-        for layout, runs in by_layout.items():
-            for run, run_text in zip(runs, encoded[layout]):
-                text[run] = run_text
-        per_run = [cosine_ce(run_images, run_text, self.logit_scale, run_labels, return_argmax=True,
-                             backend=self.loss_backend)
-                   for run_images, run_text, run_labels in zip(images, text, labels)]
-        losses = [loss for loss, _ in per_run]
+        text = self._in_run_order([encoded[layout] for layout in by_layout], list(by_layout.values()))
+        losses, hits = cosine_ce_runs(images, text, self.logit_scale, labels, sizes, backend=self.loss_backend)
         if self.anchor is not None:
-            losses = [loss + self.anchor_weight * knowledge_gap(run_text, self.anchor)
-                      for loss, run_text in zip(losses, text)]
-        return losses, [predicted for _, predicted in per_run]
+            losses = losses + self.anchor_weight * knowledge_gap(text, self.anchor)
+        return losses, hits
+
+    def _in_run_order(self, texts: list[torch.Tensor], runs: list[list[int]]) -> torch.Tensor:
+        """The layouts' text features (each R_l × K × D, for the runs in `runs`) as one R × K × D in run order."""
+        if len(texts) == 1:
+            return texts[0]
+        order = tuple(run for layout_runs in runs for run in layout_runs)
+        text = torch.cat(texts)
+        if order == tuple(sorted(order)):
+            return text
+        if order not in self._run_order:
+            self._run_order[order] = torch.tensor(order, device=text.device).argsort()
+        return text.index_select(0, self._run_order[order])
 
 
 class TrainStep:
     """One step of stacked runs on static device tensors: gather each run's batch → the runs' losses (`loss`,
-    e.g. CoOpLoss or CoCoOpLoss: the runs' learners, their B_r × D images and B_r labels → each run's loss and
-    predictions) → gradients → each run's SGD update of every tensor its learner trains.
+    e.g. CoOpLoss or CoCoOpLoss: the runs' learners, their R × B × D images, R × B labels and batch sizes (run r's
+    first B_r rows; the rest padding) → each run's loss and hits, R each) → gradients → each run's SGD update of
+    every tensor its learner trains.
 
     Each run of a stack has its own images, schedule (epochs, steps per epoch, batch size), order, parameters
     (CoOp's may differ in their prompt layout: context length, class position, class-specific) and learning rates,
@@ -103,7 +112,7 @@ class TrainStep:
         self.step_rows, self.step_slot, self.step_lr = (table.flatten(0, 1).to(device) for table in
                                                         (self.step_rows, self.step_slot, self.step_lr))
         self.position = torch.arange(runs, device=device) * longest  # each run's next entry in the tables
-        self.loss_seed = torch.ones((), device=device)  # d(loss)/d(loss), made once rather than at every step
+        self.loss_seed = torch.ones(runs, device=device)  # d(loss)/d(loss) of each run, made once
         self.params = [list(learner.trainable().values()) for learner in self.learners]
         self.momentum_buffers = [[torch.zeros_like(p) for p in params] for params in self.params]
         self.loss_sums = torch.zeros(runs, max(self.epochs), device=device)  # per run and epoch
@@ -139,21 +148,19 @@ class TrainStep:
         rows = self.step_rows.index_select(0, self.active_position)  # active runs × largest batch
         images = self.features.flatten(0, 1).index_select(0, rows.flatten()).view(*rows.shape, -1)
         labels = self.labels.flatten().index_select(0, rows.flatten()).view(rows.shape)
-        sizes = [self.batch_sizes[run] for run in self.active]
-        labels = [labels[i, :b] for i, b in enumerate(sizes)]  # each run's own batch (views, not copies)
-        losses, predicted = self.loss([self.learners[run] for run in self.active],
-                                      [images[i, :b] for i, b in enumerate(sizes)], labels)
+        sizes = [self.batch_sizes[run] for run in self.active]  # each run's batch: its first rows
+        losses, hits = self.loss([self.learners[run] for run in self.active], images, labels, sizes)
         params = [p for run in self.active for p in self.params[run]]
         # the runs' losses together: each reaches only its own run's parameters
-        grads = iter(torch.autograd.grad(losses, params, grad_outputs=[self.loss_seed] * len(losses)))
+        grads = iter(torch.autograd.grad(losses, params, grad_outputs=self.loss_seed[:len(self.active)]))
         with torch.no_grad():
             lrs = self.step_lr.index_select(0, self.active_position)
             for i, run in enumerate(self.active):
                 sgd_update_(self.params[run], [next(grads) for _ in self.params[run]], self.momentum_buffers[run],
                             lrs[i:i + 1], self.momentum, self.weight_decay)
             slots = self.step_slot.index_select(0, self.active_position)
-            self.loss_sums.view(-1).index_add_(0, slots, _joined([loss.detach() for loss in losses]))
-            self.correct.view(-1).index_add_(0, slots, _joined([(p == l).sum() for p, l in zip(predicted, labels)]))
+            self.loss_sums.view(-1).index_add_(0, slots, losses.detach())
+            self.correct.view(-1).index_add_(0, slots, hits)
             self.active_position.add_(1)
 
     def end_epoch(self, run: int, epoch: int) -> None:
@@ -176,11 +183,6 @@ class TrainStep:
         return [*(p.data for run in self.active for p in self.params[run]),
                 *(b for run in self.active for b in self.momentum_buffers[run]), self.loss_sums, self.correct,
                 self.active_position]
-
-
-def _joined(scalars: list[torch.Tensor]) -> torch.Tensor:
-    """One-element tensors as one vector (a view, not a copy, when there is one)."""
-    return scalars[0].view(1) if len(scalars) == 1 else torch.stack(scalars)
 
 
 def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGraph:

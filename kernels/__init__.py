@@ -1,6 +1,7 @@
 """Triton kernels, each with a plain-PyTorch reference beside it and an autograd wrapper.
 
-cosine_ce: fused cosine-logit cross-entropy (cosine_ce_kernel.py; reference cosine_ce_reference.py). It runs the
+cosine_ce: fused cosine-logit cross-entropy (cosine_ce_kernel.py; reference cosine_ce_reference.py), and
+cosine_ce_runs, the same over stacked runs with each run's mean loss and hits. They run the
 Triton kernel on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, for tests), elsewhere the reference.
 prefix attention: the fast text path's packed rows — the shared prefix, then each class's tokens — attending
 within themselves and to the prefix (prefix_attention_kernel.py; reference prefix_attention_reference.py;
@@ -46,6 +47,17 @@ def cosine_ce(image_features, text_features, logit_scale, labels, reduction="mea
         return kernel.cosine_ce_triton(image_features, text_features, logit_scale, labels, reduction, return_argmax)
     return reference.cosine_ce_reference(image_features, text_features, logit_scale, labels, reduction,
                                          return_argmax)
+
+
+def cosine_ce_runs(image_features, text_features, logit_scale, labels, sizes, backend: str | None = None):
+    """cosine_ce of stacked runs in one call: image_features R × B × D and labels R × B (run r's first sizes[r]
+    rows; the rest padding, never read), text_features R × K × D. Returns each run's mean loss (R, fp32) and hits
+    (R, int64: rows whose argmax is the label). The kernel computes each run exactly as it would alone."""
+    if backend is None:
+        backend = "triton" if triton_runs_on(image_features.device) else "reference"
+    if backend == "triton":
+        return kernel.cosine_ce_runs_triton(image_features, text_features, logit_scale, labels, sizes)
+    return reference.cosine_ce_runs_reference(image_features, text_features, logit_scale, labels, sizes)
 
 
 def hash_triton_in_background(device: str) -> threading.Thread | None:

@@ -16,8 +16,15 @@ small to fill the GPU (B = 32 in training: one block of rows), that reduction is
 programs, and their partials are combined afterwards: log-sum-exps by a log-sum-exp, gradients by a sum (each is
 linear in its terms). Tile sizes follow the batch (tiles_for): small tiles and splits for training's B = 32,
 Hopper-sized 64 × 64 tiles once the rows fill the GPU by themselves.
+
+Stacked runs (a training step's runs, each with its own rows, labels and text features) go in one launch of each
+kernel: every program works within one run, and the combine kernel also gives each run its mean loss and hits, so
+a stack's loss and metrics cost the same few launches as one run's. A run's splits are chosen as if it were alone,
+and its rows past its own count (padding up to the stack's largest batch) are never read, so each run's numbers do
+not depend on the runs beside it.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +58,17 @@ def _cos_tile(X, W, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
 
 
 @triton.jit(do_not_specialize=["B", "K", "COLS_PER_SPLIT"])
-def _cosine_ce_forward(X, W, Y, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, B, K, D, COLS_PER_SPLIT,
-                       stride_x, stride_w, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """For BLOCK_B rows and one split of the classes: log-sum-exp of the logits, the label's logit (0 when the
-    label lies in another split), and the best logit with its class."""
+def _cosine_ce_forward(X, W, Y, COUNTS, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, B, K, D,
+                       COLS_PER_SPLIT, stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """For BLOCK_B rows of one run and one split of the classes: log-sum-exp of the logits, the label's logit (0
+    when the label lies in another split), and the best logit with its class."""
+    run, split = tl.program_id(2).to(tl.int64), tl.program_id(1)
+    # the runs' strides (B·D, K·D) stay specialised: multiples of 16 whatever the data when D is, so the offset
+    # pointers keep their alignment and the loads stay vectorised
+    X, W, Y = X + run * stride_xr, W + run * stride_wr, Y + run * B
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    split = tl.program_id(1)
-    row_ok = rows < B
+    row_ok = rows < tl.load(COUNTS + run)
     y = tl.load(Y + rows, mask=row_ok, other=0)
     scale = tl.load(SCALE).to(tl.float32)
     running_max = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
@@ -81,7 +91,7 @@ def _cosine_ce_forward(X, W, Y, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_P
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
         running_max = new_max
         target += tl.sum(tl.where(cols[None, :] == y[:, None], logits, 0.0), 1)
-    part = split * B + rows
+    part = (run * tl.num_programs(1) + split) * B + rows
     tl.store(LSE_PART + part, running_max + tl.log(running_sum), mask=row_ok)
     tl.store(TARGET_PART + part, target, mask=row_ok)
     tl.store(BEST_PART + part, best, mask=row_ok)
@@ -89,31 +99,45 @@ def _cosine_ce_forward(X, W, Y, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_P
 
 
 @triton.jit(do_not_specialize=["B", "SPLITS"])
-def _cosine_ce_forward_combine(LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, LOSS, LSE, ARGMAX, B, SPLITS,
-                               BLOCK: tl.constexpr):
-    """Each row's loss, log-sum-exp and argmax from its splits' partials (splits in class order)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < B
-    running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    target = tl.zeros([BLOCK], dtype=tl.float32)
-    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_index = tl.zeros([BLOCK], dtype=tl.int64)
-    for split in range(SPLITS):
-        part = split * B + rows
-        lse = tl.load(LSE_PART + part, mask=row_ok, other=0.0)
-        new_max = tl.maximum(running_max, lse)
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(lse - new_max)
-        running_max = new_max
-        target += tl.load(TARGET_PART + part, mask=row_ok, other=0.0)
-        split_best = tl.load(BEST_PART + part, mask=row_ok, other=0.0)
-        better = split_best > best  # strict, as in the forward: the first maximal class wins
-        best_index = tl.where(better, tl.load(INDEX_PART + part, mask=row_ok, other=0), best_index)
-        best = tl.where(better, split_best, best)
-    lse = running_max + tl.log(running_sum)
-    tl.store(LOSS + rows, lse - target, mask=row_ok)
-    tl.store(LSE + rows, lse, mask=row_ok)
-    tl.store(ARGMAX + rows, best_index, mask=row_ok)
+def _cosine_ce_forward_combine(LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, Y, COUNTS, LOSS, LSE, ARGMAX,
+                               RUN_LOSS, HITS, B, SPLITS, BLOCK: tl.constexpr):
+    """One run: each row's loss, log-sum-exp and argmax from its splits' partials (splits in class order), then the
+    run's mean loss and its rows whose argmax is the label, in a fixed order (so a run's numbers do not depend on
+    the runs beside it)."""
+    run = tl.program_id(0).to(tl.int64)
+    count = tl.load(COUNTS + run)
+    loss_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    hits = tl.zeros([BLOCK], dtype=tl.int64)
+    for b0 in range(0, count, BLOCK):
+        rows = b0 + tl.arange(0, BLOCK)
+        row_ok = rows < count
+        running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        target = tl.zeros([BLOCK], dtype=tl.float32)
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        best_index = tl.zeros([BLOCK], dtype=tl.int64)
+        for split in range(SPLITS):
+            part = (run * SPLITS + split) * B + rows
+            lse = tl.load(LSE_PART + part, mask=row_ok, other=0.0)
+            new_max = tl.maximum(running_max, lse)
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(lse - new_max)
+            running_max = new_max
+            target += tl.load(TARGET_PART + part, mask=row_ok, other=0.0)
+            split_best = tl.load(BEST_PART + part, mask=row_ok, other=0.0)
+            better = split_best > best  # strict, as in the forward: the first maximal class wins
+            best_index = tl.where(better, tl.load(INDEX_PART + part, mask=row_ok, other=0), best_index)
+            best = tl.where(better, split_best, best)
+        lse = running_max + tl.log(running_sum)
+        loss = lse - target
+        at = run * B + rows
+        tl.store(LOSS + at, loss, mask=row_ok)
+        tl.store(LSE + at, lse, mask=row_ok)
+        tl.store(ARGMAX + at, best_index, mask=row_ok)
+        loss_sum += tl.where(row_ok, loss, 0.0)
+        y = tl.load(Y + at, mask=row_ok, other=-1)
+        hits += tl.where(row_ok & (best_index == y), 1, 0)
+    tl.store(RUN_LOSS + run, tl.sum(loss_sum, 0) / count)
+    tl.store(HITS + run, tl.sum(hits, 0))
 
 
 @triton.jit
@@ -130,25 +154,35 @@ def _dcos_tile(X, W, rows, cols, row_ok, col_ok, y, g, lse, scale, D, stride_x, 
 
 
 @triton.jit
-def _row_stats(Y, G, LSE, rows, row_ok):
-    """Per-row inputs of the backward: label, upstream gradient, log-sum-exp."""
+def _row_stats(Y, G_ROW, G_RUN, LSE, count, rows, row_ok, ROW_GRAD: tl.constexpr, RUN_GRAD: tl.constexpr):
+    """Per-row inputs of the backward (Y, G_ROW, LSE already at the run's rows): label, log-sum-exp, and the
+    upstream gradient: the row's own plus the run's mean's share, 1/count of it."""
     y = tl.load(Y + rows, mask=row_ok, other=0)
-    g = tl.load(G + rows, mask=row_ok, other=0.0)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g = tl.zeros_like(lse)
+    if ROW_GRAD:
+        g += tl.load(G_ROW + rows, mask=row_ok, other=0.0)
+    if RUN_GRAD:
+        g += tl.load(G_RUN) / count
     return y, g, lse
 
 
-@triton.jit(do_not_specialize=["B", "K", "COLS_PER_SPLIT"])
-def _cosine_ce_grad_x(X, W, Y, SCALE, LSE, G, DX_PART, DSCALE_PART, B, K, D, COLS_PER_SPLIT, stride_x, stride_w,
-                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dx for BLOCK_B rows × BLOCK_DC features from one split of the classes, into DX_PART[split], and (from the
-    first feature chunk) each row's ds term into DSCALE_PART[split]."""
+@triton.jit(do_not_specialize=["B", "K", "SPLITS", "COLS_PER_SPLIT"])
+def _cosine_ce_grad_x(X, W, Y, COUNTS, SCALE, LSE, G_ROW, G_RUN, DX_PART, DSCALE_PART, B, K, D, SPLITS,
+                      COLS_PER_SPLIT, stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROW_GRAD: tl.constexpr,
+                      RUN_GRAD: tl.constexpr):
+    """dx for BLOCK_B rows × BLOCK_DC features of one run from one split of the classes, into
+    DX_PART[run, split], and (from the first feature chunk) each row's ds term into DSCALE_PART[run, split]; rows
+    past the run's count get zeros."""
+    run, split = tl.program_id(2).to(tl.int64) // SPLITS, tl.program_id(2) % SPLITS
+    X, W, at = X + run * stride_xr, W + run * stride_wr, run * B
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
-    split = tl.program_id(2)
-    row_ok, dc_ok = rows < B, dc < D
-    y, g, lse = _row_stats(Y, G, LSE, rows, row_ok)
+    count = tl.load(COUNTS + run)
+    row_ok, dc_ok = rows < count, dc < D
+    y, g, lse = _row_stats(Y + at, G_ROW + at, G_RUN + run, LSE + at, count, rows, row_ok, ROW_GRAD, RUN_GRAD)
     scale = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_DC], dtype=tl.float32)
     dcos_cos = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -167,31 +201,36 @@ def _cosine_ce_grad_x(X, W, Y, SCALE, LSE, G, DX_PART, DSCALE_PART, B, K, D, COL
         acc = mma((dcos * rw[None, :]).to(w.dtype), w, acc, PRECISION, UPCAST)
     x = tl.load(X + rows[:, None] * stride_x + dc[None, :], mask=row_ok[:, None] & dc_ok[None, :], other=0.0)
     dx = rx[:, None] * (acc - dcos_cos[:, None] * rx[:, None] * x.to(tl.float32))
-    part = split * B + rows
+    part = (run * SPLITS + split) * B + rows
+    in_bounds = rows < B
     tl.store(DX_PART + part[:, None] * D + dc[None, :], dx.to(DX_PART.dtype.element_ty),
-             mask=row_ok[:, None] & dc_ok[None, :])
+             mask=in_bounds[:, None] & dc_ok[None, :])
     if tl.program_id(1) == 0:
-        tl.store(DSCALE_PART + part, dscale, mask=row_ok)
+        tl.store(DSCALE_PART + part, dscale, mask=in_bounds)
 
 
-@triton.jit(do_not_specialize=["B", "K", "ROWS_PER_SPLIT"])
-def _cosine_ce_grad_w(X, W, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, stride_x, stride_w,
-                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dw for BLOCK_K classes × BLOCK_DC features from one split of the rows, into DW_PART[split]."""
+@triton.jit(do_not_specialize=["B", "K", "SPLITS", "ROWS_PER_SPLIT"])
+def _cosine_ce_grad_w(X, W, Y, COUNTS, SCALE, LSE, G_ROW, G_RUN, DW_PART, B, K, D, SPLITS, ROWS_PER_SPLIT,
+                      stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr, ROW_GRAD: tl.constexpr, RUN_GRAD: tl.constexpr):
+    """dw for BLOCK_K classes × BLOCK_DC features of one run from one split of its rows, into DW_PART[run, split]."""
+    run, split = tl.program_id(2).to(tl.int64) // SPLITS, tl.program_id(2) % SPLITS
+    X, W, at = X + run * stride_xr, W + run * stride_wr, run * B
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
-    split = tl.program_id(2)
+    count = tl.load(COUNTS + run)
     col_ok, dc_ok = cols < K, dc < D
     scale = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_K, BLOCK_DC], dtype=tl.float32)
     dcos_cos = tl.zeros([BLOCK_K], dtype=tl.float32)
     rw = tl.zeros([BLOCK_K], dtype=tl.float32)  # the classes' inverse norms, from the first tile on
     first = split * ROWS_PER_SPLIT
-    for b0 in range(first, tl.minimum(first + ROWS_PER_SPLIT, B), BLOCK_B):
+    for b0 in range(first, tl.minimum(first + ROWS_PER_SPLIT, count), BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        y, g, lse = _row_stats(Y, G, LSE, rows, row_ok)
+        row_ok = rows < count
+        y, g, lse = _row_stats(Y + at, G_ROW + at, G_RUN + run, LSE + at, count, rows, row_ok, ROW_GRAD,
+                               RUN_GRAD)
         cos, dlogits, rx, rw = _dcos_tile(X, W, rows, cols, row_ok, col_ok, y, g, lse, scale, D, stride_x,
                                           stride_w, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION, UPCAST)
         dcos = dlogits * scale
@@ -200,7 +239,7 @@ def _cosine_ce_grad_w(X, W, Y, SCALE, LSE, G, DW_PART, B, K, D, ROWS_PER_SPLIT, 
         acc = mma(tl.trans(dcos * rx[:, None]).to(x.dtype), x, acc, PRECISION, UPCAST)
     w = tl.load(W + cols[:, None] * stride_w + dc[None, :], mask=col_ok[:, None] & dc_ok[None, :], other=0.0)
     dw = rw[:, None] * (acc - dcos_cos[:, None] * rw[:, None] * w.to(tl.float32))
-    part = split * K + cols
+    part = (run * SPLITS + split) * K + cols
     tl.store(DW_PART + part[:, None] * D + dc[None, :], dw.to(DW_PART.dtype.element_ty),
              mask=col_ok[:, None] & dc_ok[None, :])
 
@@ -244,96 +283,120 @@ def _per_split(length: int, block: int, tiles: int, device: torch.device) -> int
     return triton.cdiv(blocks, splits) * block
 
 
-def _partials(splits: int, rows: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _partials(runs: int, splits: int, rows: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Where the splits write: fp32 partials to be summed, or, with one split, the gradient itself in its dtype."""
-    return torch.empty(splits, rows, D, device=device, dtype=torch.float32 if splits > 1 else dtype)
+    return torch.empty(runs, splits, rows, D, device=device, dtype=torch.float32 if splits > 1 else dtype)
 
 
 def _total(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else parts.sum(0).to(dtype)
+    return parts[:, 0] if parts.shape[1] == 1 else parts.sum(1).to(dtype)
+
+
+@functools.cache
+def row_counts(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The runs' row counts as a device tensor, made once per (sizes, device), so that a step captured in a CUDA
+    graph after a first eager call finds it made."""
+    return torch.tensor(sizes, dtype=torch.int32, device=device)
 
 
 class CosineCE(torch.autograd.Function):
-    """Autograd wrapper: forward returns (per-row loss, argmax); backward gives dx, dw and d(scale)."""
+    """Autograd wrapper over stacked runs: x R × B × D, w R × K × D, labels R × B, counts R (each run's rows; the
+    rest of its B are padding, never read). Forward returns the per-row loss and argmax (R × B, defined on the
+    counted rows), each run's mean loss (R) and its hits (R); backward gives dx (zero on padding), dw and
+    d(scale) from the gradients of the per-row losses, of the runs' means, or both."""
 
     @staticmethod
-    def forward(ctx, x, w, scale, labels, tiles):
-        x, w = x.contiguous(), w.contiguous()
+    def forward(ctx, x, w, scale, labels, counts, tiles):
+        x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
         if w.dtype != x.dtype:  # a kernel reading bf16 classes for fp32 rows spills (tests/compile_kernels.py)
             w = w.to(x.dtype)
-        (B, D), K = x.shape, w.shape[0]
+        (R, B, D), K = x.shape, w.shape[1]
         tiles = tiles or tiles_for(B, x.dtype, x.device)
         scale = scale.detach().float().reshape(1)
         row_blocks = triton.cdiv(B, tiles.rows)
-        cols_per_split = _per_split(K, tiles.classes, row_blocks, x.device)
-        splits = triton.cdiv(K, cols_per_split)
-        lse_part, target_part, best_part = torch.empty(3, splits, B, device=x.device, dtype=torch.float32)
-        index_part = torch.empty(splits, B, device=x.device, dtype=torch.int64)
+        cols_per_split = _per_split(K, tiles.classes, row_blocks, x.device)  # as for one run: runs side by side
+        splits = triton.cdiv(K, cols_per_split)                               # split their classes the same
+        lse_part, target_part, best_part = torch.empty(3, R, splits, B, device=x.device, dtype=torch.float32)
+        index_part = torch.empty(R, splits, B, device=x.device, dtype=torch.int64)
         launch_kernel(
-            _cosine_ce_forward, (row_blocks, splits),
-            x, w, labels, scale, lse_part, target_part, best_part, index_part, B, K, D, cols_per_split,
-            x.stride(0), w.stride(0), BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features,
-            PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.forward_warps)
-        loss, lse = torch.empty(2, B, device=x.device, dtype=torch.float32)
-        argmax = torch.empty(B, device=x.device, dtype=torch.int64)
+            _cosine_ce_forward, (row_blocks, splits, R),
+            x, w, labels, counts, scale, lse_part, target_part, best_part, index_part, B, K, D, cols_per_split,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), BLOCK_B=tiles.rows, BLOCK_K=tiles.classes,
+            BLOCK_D=tiles.features, PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.forward_warps)
+        loss, lse = torch.empty(2, R, B, device=x.device, dtype=torch.float32)
+        argmax = torch.empty(R, B, device=x.device, dtype=torch.int64)
+        run_loss = torch.empty(R, device=x.device, dtype=torch.float32)
+        hits = torch.empty(R, device=x.device, dtype=torch.int64)
         launch_kernel(
-            _cosine_ce_forward_combine, (triton.cdiv(B, BLOCK_COMBINE),),
-            lse_part, target_part, best_part, index_part, loss, lse, argmax, B, splits, BLOCK=BLOCK_COMBINE)
-        ctx.save_for_backward(x, w, labels, scale, lse)
+            _cosine_ce_forward_combine, (R,),
+            lse_part, target_part, best_part, index_part, labels, counts, loss, lse, argmax, run_loss, hits, B,
+            splits, BLOCK=BLOCK_COMBINE)
+        ctx.save_for_backward(x, w, labels, counts, scale, lse)
         ctx.tiles = tiles
-        ctx.mark_non_differentiable(argmax)
-        ctx.set_materialize_grads(False)  # argmax gets no gradient: no zero-filled one to pass to backward
-        return loss, argmax
+        ctx.mark_non_differentiable(argmax, hits)
+        ctx.set_materialize_grads(False)  # outputs without a gradient get none: no zero-filled one to pass back
+        return loss, argmax, run_loss, hits
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_argmax):
-        if grad_loss is None:
-            return None, None, None, None, None
-        x, w, labels, scale, lse = ctx.saved_tensors
-        (B, D), K = x.shape, w.shape[0]
+    def backward(ctx, grad_rows, _grad_argmax, grad_runs, _grad_hits):
+        if grad_rows is None and grad_runs is None:
+            return None, None, None, None, None, None
+        x, w, labels, counts, scale, lse = ctx.saved_tensors
+        (R, B, D), K = x.shape, w.shape[1]
         tiles = ctx.tiles
-        g = grad_loss.float().contiguous()
-        args = (x, w, labels, scale, lse, g)
+        g_rows = lse if grad_rows is None else grad_rows.float().contiguous()  # lse: a pointer never read
+        g_runs = lse if grad_runs is None else grad_runs.float().contiguous()
+        args = (x, w, labels, counts, scale, lse, g_rows, g_runs)
         chunks = triton.cdiv(D, tiles.chunk)
         blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, BLOCK_DC=tiles.chunk,
-                      PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.backward_warps)
+                      PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, ROW_GRAD=grad_rows is not None,
+                      RUN_GRAD=grad_runs is not None, num_warps=tiles.backward_warps)
+        strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
         dx = dw = dscale = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             row_blocks = triton.cdiv(B, tiles.rows)
             cols_per_split = _per_split(K, tiles.classes, row_blocks * chunks, x.device)
             splits = triton.cdiv(K, cols_per_split)
-            parts = _partials(splits, B, D, x.dtype, x.device)
-            dscale_parts = torch.empty(splits, B, device=x.device, dtype=torch.float32)
+            parts = _partials(R, splits, B, D, x.dtype, x.device)
+            dscale_parts = torch.empty(R, splits, B, device=x.device, dtype=torch.float32)
             launch_kernel(
-                _cosine_ce_grad_x, (row_blocks, chunks, splits),
-                *args, parts, dscale_parts, B, K, D, cols_per_split, x.stride(0), w.stride(0), **blocks)
+                _cosine_ce_grad_x, (row_blocks, chunks, R * splits),
+                *args, parts, dscale_parts, B, K, D, splits, cols_per_split, *strides, **blocks)
             dx = _total(parts, x.dtype)
             dscale = dscale_parts.sum().reshape(()) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
             class_blocks = triton.cdiv(K, tiles.classes)
             rows_per_split = _per_split(B, tiles.rows, class_blocks * chunks, x.device)
             splits = triton.cdiv(B, rows_per_split)
-            parts = _partials(splits, K, D, w.dtype, x.device)
+            parts = _partials(R, splits, K, D, w.dtype, x.device)
             launch_kernel(
-                _cosine_ce_grad_w, (class_blocks, chunks, splits),
-                *args, parts, B, K, D, rows_per_split, x.stride(0), w.stride(0), **blocks)
+                _cosine_ce_grad_w, (class_blocks, chunks, R * splits),
+                *args, parts, B, K, D, splits, rows_per_split, *strides, **blocks)
             dw = _total(parts, w.dtype)
-        return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None, None
+        return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None, None, None
+
+
+def _scale_on(logit_scale, device) -> torch.Tensor:
+    return (logit_scale if torch.is_tensor(logit_scale) else torch.tensor(float(logit_scale))).to(device)
 
 
 def cosine_ce_triton(image_features, text_features, logit_scale, labels, reduction="mean", return_argmax=False,
                      tiles: Tiles | None = None):
     """The fused kernel; same contract as cosine_ce_reference. tiles: the launch configuration (default:
     tiles_for the batch)."""
-    scale = logit_scale if torch.is_tensor(logit_scale) else torch.tensor(float(logit_scale))
-    scale = scale.to(image_features.device)
-    per_row, argmax = CosineCE.apply(image_features, text_features, scale, labels, tiles)
-    if reduction == "mean":
-        loss = per_row.mean()
-    elif reduction == "sum":
-        loss = per_row.sum()
-    elif reduction == "none":
-        loss = per_row
-    else:
+    if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, not '{reduction}'")
-    return (loss, argmax) if return_argmax else loss
+    counts = row_counts((len(image_features),), image_features.device)
+    per_row, argmax, mean, _ = CosineCE.apply(image_features[None], text_features[None],
+                                              _scale_on(logit_scale, image_features.device), labels[None], counts,
+                                              tiles)
+    loss = {"mean": mean[0], "sum": per_row[0].sum(), "none": per_row[0]}[reduction]
+    return (loss, argmax[0]) if return_argmax else loss
+
+
+def cosine_ce_runs_triton(image_features, text_features, logit_scale, labels, sizes, tiles: Tiles | None = None):
+    """The fused kernel over stacked runs; same contract as cosine_ce_runs_reference."""
+    counts = row_counts(tuple(sizes), image_features.device)
+    _, _, losses, hits = CosineCE.apply(image_features, text_features, _scale_on(logit_scale, image_features.device),
+                                        labels, counts, tiles)
+    return losses, hits

@@ -26,7 +26,8 @@ from fastcoop.kernels import quick_gelu_kernel as quick_gelu
 # integer arguments that are multiples of 16 in the benchmarked shapes (D = 512, head size 64): at run time Triton
 # specialises on that (and on 16-byte aligned pointers) and vectorises the loads, so the report must too; sizes
 # that follow the data (rows, classes, splits) are never specialised (triton_common.py)
-MULTIPLES_OF_16 = {"D", "stride_x", "stride_w", "stride_t", "stride_part", "stride_h", "DH", "HIDDEN", "WIDTH"}
+MULTIPLES_OF_16 = {"D", "stride_x", "stride_w", "stride_xr", "stride_wr", "stride_t", "stride_part", "stride_h", "DH",
+                   "HIDDEN", "WIDTH"}
 
 
 def compile_for_hopper(fn, types: dict, constexprs: dict, num_warps: int = 4) -> str:
@@ -59,17 +60,19 @@ def resources(ptx: str) -> str:
 def main():
     for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
         p = f"*{dtype}"
-        ce = dict(X=p, W=p, Y="*i64", SCALE="*fp32", LSE="*fp32", G="*fp32", B="i32", K="i32", D="i32",
-                  stride_x="i32", stride_w="i32", LSE_PART="*fp32", TARGET_PART="*fp32", BEST_PART="*fp32",
-                  INDEX_PART="*i64", LOSS="*fp32", ARGMAX="*i64", SPLITS="i32", COLS_PER_SPLIT="i32",
+        ce = dict(X=p, W=p, Y="*i64", COUNTS="*i32", SCALE="*fp32", LSE="*fp32", G_ROW="*fp32", G_RUN="*fp32",
+                  B="i32", K="i32", D="i32", stride_xr="i32", stride_x="i32", stride_wr="i32", stride_w="i32",
+                  LSE_PART="*fp32", TARGET_PART="*fp32", BEST_PART="*fp32", INDEX_PART="*i64", LOSS="*fp32",
+                  ARGMAX="*i64", RUN_LOSS="*fp32", HITS="*i64", SPLITS="i32", COLS_PER_SPLIT="i32",
                   ROWS_PER_SPLIT="i32", DX_PART=p, DSCALE_PART="*fp32", DW_PART=p)
         # fp32 runs the small tiles only (cosine_ce_kernel.tiles_for): the large ones spill without tensor cores
         for tiles in (cosine_ce.SMALL, cosine_ce.LARGE) if dtype == "bf16" else (cosine_ce.SMALL,):
             blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, PRECISION=precision,
                           UPCAST=False)
             print(compile_for_hopper(cosine_ce._cosine_ce_forward, ce, blocks, tiles.forward_warps))
-            for fn in (cosine_ce._cosine_ce_grad_x, cosine_ce._cosine_ce_grad_w):
-                print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=tiles.chunk), tiles.backward_warps))
+            for fn in (cosine_ce._cosine_ce_grad_x, cosine_ce._cosine_ce_grad_w):  # as training: the runs' means
+                print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=tiles.chunk, ROW_GRAD=False, RUN_GRAD=True),
+                                         tiles.backward_warps))
         print(compile_for_hopper(cosine_ce._cosine_ce_forward_combine, ce, dict(BLOCK=cosine_ce.BLOCK_COMBINE)))
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
                    LENGTHS="*i64", FIRST_ROW="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32",

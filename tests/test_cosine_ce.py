@@ -10,7 +10,7 @@ from fastcoop import kernels
 from fastcoop.kernels import cosine_ce
 from fastcoop.kernels import cosine_ce_kernel
 from fastcoop.kernels.cosine_ce_kernel import cosine_ce_triton
-from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference
+from fastcoop.kernels.cosine_ce_reference import cosine_ce_reference, cosine_ce_runs_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -168,3 +168,79 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x, w, s))
     # the reference computes exactly that function (in fp32)
     torch.testing.assert_close(cosine_ce_reference(x, w, s, y).double(), f(x, w, s), rtol=1e-6, atol=1e-6)
+
+
+def stacked_runs(sizes, K, D, dtype, seed=0):
+    """Runs padded to the largest batch: padding rows hold NaN features and out-of-range labels, which the kernel
+    must never read."""
+    gen = torch.Generator().manual_seed(seed)
+    B = max(sizes)
+    x = torch.full((len(sizes), B, D), float("nan"))
+    y = torch.full((len(sizes), B), 10 ** 6, dtype=torch.long)
+    for run, size in enumerate(sizes):
+        x[run, :size] = torch.randn(size, D, generator=gen)
+        y[run, :size] = torch.randint(K, (size,), generator=gen)
+    w = torch.randn(len(sizes), K, D, generator=gen)
+    return x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE), y.to(DEVICE)
+
+
+def runs_loss_and_grads(fn, x, w, scale, y, sizes, weighted=True):
+    """Each run's mean loss and hits, and the gradients of a sum of the runs' losses (weighted: by 0.5 … 1.5)."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    s = torch.tensor(scale, requires_grad=True, device=DEVICE)
+    losses, hits = fn(x, w, s, y, sizes)
+    upstream = torch.linspace(0.5, 1.5, len(sizes), device=DEVICE) if weighted else torch.ones(len(sizes))
+    dx, dw, ds = torch.autograd.grad((losses * upstream.to(DEVICE)).sum(), [x, w, s])
+    return losses.detach(), hits, dx, dw, ds
+
+
+@needs_kernel
+@pytest.mark.parametrize("programs", [1, 7, 10_000])  # no splits; uneven splits; one block per split
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_runs_match_the_reference(monkeypatch, programs, dtype):
+    """Runs of different batch sizes in one launch set: each run's mean loss, hits and gradients as the reference
+    computes them run by run; the padding gets no gradient."""
+    monkeypatch.setattr(cosine_ce_kernel, "target_programs", lambda device: programs)
+    sizes = [32, 5, 40, 1]
+    x, w, y = stacked_runs(sizes, 150, 96, dtype)
+    kernel = runs_loss_and_grads(kernels.kernel.cosine_ce_runs_triton, x, w, 14.3, y, sizes)
+    reference = runs_loss_and_grads(cosine_ce_runs_reference, torch.nan_to_num(x), w, 14.3, y, sizes)
+    tol = TOLERANCE[dtype]
+    (loss, hits, dx, dw, ds), (ref_loss, ref_hits, ref_dx, ref_dw, ref_ds) = kernel, reference
+    assert relative(loss, ref_loss) <= tol
+    assert hits.dtype == torch.long and hits.shape == (len(sizes),)
+    if dtype == torch.float32:
+        assert hits.tolist() == ref_hits.tolist()
+    for run, size in enumerate(sizes):
+        assert relative(dx[run, :size], ref_dx[run, :size]) <= tol
+        assert (dx[run, size:] == 0).all()
+        assert relative(dw[run], ref_dw[run]) <= tol
+    assert relative(ds, ref_ds) <= tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("programs", [1, 7])
+def test_a_run_stacked_equals_the_run_alone(monkeypatch, programs):
+    """A run's loss, hits and gradients do not depend on the runs stacked beside it or on their batch sizes: bit
+    for bit the numbers of its own call (what makes a stack of training runs end where each run alone ends)."""
+    monkeypatch.setattr(cosine_ce_kernel, "target_programs", lambda device: programs)
+    sizes = [7, 40, 33]
+    x, w, y = stacked_runs(sizes, 75, 64, torch.float32, seed=1)
+    loss, hits, dx, dw, _ = runs_loss_and_grads(kernels.kernel.cosine_ce_runs_triton, x, w, 30.0, y, sizes,
+                                                weighted=False)
+    for run, size in enumerate(sizes):
+        alone = runs_loss_and_grads(kernels.kernel.cosine_ce_runs_triton, x[run:run + 1, :size], w[run:run + 1],
+                                    30.0, y[run:run + 1, :size], [size], weighted=False)
+        assert torch.equal(loss[run:run + 1], alone[0]) and torch.equal(hits[run:run + 1], alone[1])
+        assert torch.equal(dx[run:run + 1, :size], alone[2]) and torch.equal(dw[run:run + 1], alone[3])
+
+
+def test_reference_runs_are_each_run_alone():
+    """The runs' reference is cosine_ce_reference on each run's own rows (padding not read), with its hits."""
+    sizes = [3, 6]
+    x, w, y = stacked_runs(sizes, 9, 16, torch.float32)
+    losses, hits = cosine_ce_runs_reference(x, w, 5.0, y, sizes)
+    for run, size in enumerate(sizes):
+        loss, predicted = cosine_ce_reference(x[run, :size], w[run], 5.0, y[run, :size], return_argmax=True)
+        assert torch.equal(losses[run], loss)
+        assert hits[run].item() == (predicted == y[run, :size]).sum().item()

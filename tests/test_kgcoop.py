@@ -51,8 +51,7 @@ def test_kgcoop_loss_and_gradient_equal_the_papers_formula(tiny_vit):
     scale = model.logit_scale.exp().detach()
 
     encoder = FastTextEncoder(model, learner)
-    ours, = CoOpLoss(encoder, scale, None, "reference", anchor, 8.0)(
-        [learner], [images], [labels])[0]
+    ours, = CoOpLoss(encoder, scale, None, "reference", anchor, 8.0)([learner], images[None], labels[None], [6])[0]
     our_grad, = torch.autograd.grad(ours, learner.ctx)
 
     text = reference_text_features(TextTower.of(model), learner)
