@@ -224,18 +224,20 @@ def protocol_table(rows: list[dict]) -> list[str]:
 
 def kernel_table(rows: list[dict]) -> list[str]:
     """Launched: one forward + backward timed as a program runs it (host launch overhead included);
-    graphed: the same captured in a CUDA graph, the GPU work alone (how the training step runs it)."""
+    graphed: the same captured in a CUDA graph, the GPU work alone (how the training step runs it). Runs > 1:
+    a training step's stacked runs, each B × K."""
     names = sorted({r["implementation"] for r in rows})
     keys = ("median_ms", "graph_ms") if any(r.get("graph_ms") for r in rows) else ("median_ms",)
     columns = [(n, key) for key in keys for n in names]
     header = " | ".join(f"{n} {'launched' if key == 'median_ms' else 'graphed'} ms" for n, key in columns)
-    lines = [f"| B | K | D | dtype | {header} |", "|" + " --- |" * (4 + len(columns))]
+    lines = [f"| runs | B | K | D | dtype | {header} |", "|" + " --- |" * (5 + len(columns))]
     groups = {}
     for r in rows:
-        groups.setdefault((r["batch"], r["classes"], r["dim"], r["dtype"]), {})[r["implementation"]] = r
-    for (b, k, d, dt), v in groups.items():
-        lines.append(f"| {b} | {k} | {d} | {dt} | " + " | ".join(fmt(v.get(n, {}).get(key), 3) for n, key in columns)
-                     + " |")
+        groups.setdefault((r.get("runs", 1), r["batch"], r["classes"], r["dim"], r["dtype"]), {})[
+            r["implementation"]] = r
+    for (runs, b, k, d, dt), v in groups.items():
+        lines.append(f"| {runs} | {b} | {k} | {d} | {dt} | " +
+                     " | ".join(fmt(v.get(n, {}).get(key), 3) for n, key in columns) + " |")
     return lines
 
 
