@@ -48,8 +48,14 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
+BF16_CPU = "fastcoop_eager_bf16"  # benchmarks.step's CPU step in bf16
+
+
 def step_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms | fastcoop graph ms "
+    """Speed-up: the published step against fastcoop's fastest at the default precision (bf16 on a GPU, fp32 on
+    CPU); a CPU's bf16 step (on request) is shown beside it in parentheses."""
+    lines = ["| model | K | M | context | published ms | cached 77-token ms | fastcoop eager ms (CPU: fp32 (bf16)) | "
+             "fastcoop graph ms "
              "(triton / grid / flex attention / triton, no fused elementwise kernels / triton, one class per "
              "attention tile / triton, activation inside the MLP's products) | speed-up | step's own GB "
              "(published → cached → fastcoop eager) |", "|" + " --- |" * 10]
@@ -59,12 +65,17 @@ def step_table(rows: list[dict]) -> list[str]:
     for (model, k, m, csc), v in groups.items():
         def ms(name, digits=1):
             return fmt(v.get(name, {}).get("median_ms"), digits)
-        best = min(x["median_ms"] for name, x in v.items() if name.startswith("fastcoop"))
+        best = min(x["median_ms"] for name, x in v.items() if name.startswith("fastcoop") and name != BF16_CPU)
         speedup = f"{v['published']['median_ms'] / best:.1f}×" if "published" in v else "–"
+        eager = ms("fastcoop_eager", 2)
+        if BF16_CPU in v:
+            eager += f" ({ms(BF16_CPU, 2)})"
+            if "published" in v:
+                speedup += f" ({v['published']['median_ms'] / v[BF16_CPU]['median_ms']:.1f}×)"
         peaks = " → ".join(fmt(v.get(n, {}).get("peak_gb"), 2) for n in ("published", "cached_77_tokens",
                                                                             "fastcoop_eager"))
         lines.append(f"| {model} | {k} | {m} | {'CSC' if csc else 'unified'} | {ms('published')} | "
-                     f"{ms('cached_77_tokens')} | {ms('fastcoop_eager', 2)} | "
+                     f"{ms('cached_77_tokens')} | {eager} | "
                      f"{' / '.join(ms(n, 2) for n in GRAPH_VARIANTS)} | {speedup} | {peaks} |")
     return lines
 

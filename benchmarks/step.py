@@ -33,7 +33,8 @@ def random_batch(model, num_classes: int, device: str, batch: int = 32):
 def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, precision=None, graph=True,
                   backends=None):
     """name → a function running one step; all share one learner and random batch (speed ignores values).
-    precision: the autocast dtype (None: fp32). The published step always runs fp16 autocast on GPU.
+    precision: the autocast dtype (None: fp32; on CPU a bf16 eager step beside it). The published step always
+    runs fp16 autocast on GPU.
     backends: fastcoop_eager's implementations (default: fastcoop.backends' choice for the device)."""
     model = loaded.model.to(device)
     learner = PromptLearner(model, loaded.tokenizer, classnames, n_ctx=n_ctx, csc=csc).to(device)
@@ -65,6 +66,9 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
     step, eager = make(FastTextEncoder(model, learner, backends, weight_dtype=precision),
                        precision)
     variants["fastcoop_eager"] = eager
+    if precision is None and device == "cpu":  # on request (--precision bf16): CPUs with bf16 units run it faster
+        variants["fastcoop_eager_bf16"] = make(FastTextEncoder(model, learner, backends, weight_dtype=torch.bfloat16),
+                                               torch.bfloat16)[1]
     if graph and device.startswith("cuda"):  # the whole step in a CUDA graph: each attention, norms fused or not
         for name, options in GRAPH_VARIANTS.items():
             try:
