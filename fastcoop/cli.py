@@ -143,7 +143,7 @@ def cli():
                    "one per core, at most 8; torchrun's processes on a node share the cores]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-              help="Autocast precision on GPU (auto: fp16, as published); CPU runs fp32.")
+              help="Autocast precision (auto: fp16 on a GPU, as published; fp32 on CPU, bf16 there on request).")
 @click.option("--crops", default="auto", show_default=True, type=click.Choice(["auto", "pil", "device"]),
               help="Where the augmented views are cut: pil (in the decoding workers) or device (where the encoder "
                    "runs, equal to PIL's to the bit); auto: device on a GPU, pil on the CPU.")

