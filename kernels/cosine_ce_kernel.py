@@ -19,9 +19,9 @@ Hopper-sized 64 × 64 tiles once the rows fill the GPU by themselves.
 
 Stacked runs (a training step's runs, each with its own rows, labels and text features) go in one launch of each
 kernel: every program works within one run, and the combine kernel also gives each run its mean loss and hits, so
-a stack's loss and metrics cost the same few launches as one run's. A run's splits are chosen as if it were alone,
-and its rows past its own count (padding up to the stack's largest batch) are never read, so each run's numbers do
-not depend on the runs beside it.
+a stack's loss and metrics cost the same few launches as one run's. Each run's splits are planned from its own
+rows as if it ran alone (run_plans; programs past them write nothing or zeros), and its rows past its own count
+(padding up to the stack's largest batch) are never read, so a run's numbers do not depend on the runs beside it.
 """
 
 import functools
@@ -33,6 +33,10 @@ import triton.language as tl
 
 from fastcoop.kernels.triton_common import (INTERPRET, dot_precision, launch_kernel, mma, multiprocessors,
                                             target_programs)
+
+
+# run_plans' table, per run: rows, the forward's classes per split, dx's classes per split, dw's rows per split
+PLAN_FIELDS = tl.constexpr(4)
 
 
 @triton.jit
@@ -57,18 +61,20 @@ def _cos_tile(X, W, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
     return acc * rx[:, None] * rw[None, :], rx, rw
 
 
-@triton.jit(do_not_specialize=["B", "K", "COLS_PER_SPLIT"])
-def _cosine_ce_forward(X, W, Y, COUNTS, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, B, K, D,
-                       COLS_PER_SPLIT, stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr,
+@triton.jit(do_not_specialize=["B", "K"])
+def _cosine_ce_forward(X, W, Y, PLAN, SCALE, LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, B, K, D,
+                       stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """For BLOCK_B rows of one run and one split of the classes: log-sum-exp of the logits, the label's logit (0
-    when the label lies in another split), and the best logit with its class."""
+    """For BLOCK_B rows of one run and one split of its classes (the run's PLAN: rows, classes per split): log-sum-exp
+    of the logits, the label's logit (0 when the label lies in another split), and the best logit with its class.
+    Programs past the run's own rows or splits store nothing."""
     run, split = tl.program_id(2).to(tl.int64), tl.program_id(1)
     # the runs' strides (B·D, K·D) stay specialised: multiples of 16 whatever the data when D is, so the offset
     # pointers keep their alignment and the loads stay vectorised
     X, W, Y = X + run * stride_xr, W + run * stride_wr, Y + run * B
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < tl.load(COUNTS + run)
+    row_ok = rows < tl.load(PLAN + run * PLAN_FIELDS)
+    cols_per_split = tl.load(PLAN + run * PLAN_FIELDS + 1)
     y = tl.load(Y + rows, mask=row_ok, other=0)
     scale = tl.load(SCALE).to(tl.float32)
     running_max = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
@@ -76,8 +82,10 @@ def _cosine_ce_forward(X, W, Y, COUNTS, SCALE, LSE_PART, TARGET_PART, BEST_PART,
     target = tl.zeros([BLOCK_B], dtype=tl.float32)
     best = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     best_index = tl.zeros([BLOCK_B], dtype=tl.int64)
-    first = split * COLS_PER_SPLIT
-    for k0 in range(first, tl.minimum(first + COLS_PER_SPLIT, K), BLOCK_K):
+    first = split * cols_per_split
+    if first >= K:  # past the run's own splits
+        return
+    for k0 in range(first, tl.minimum(first + cols_per_split, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         cos, _, _ = _cos_tile(X, W, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
@@ -98,46 +106,49 @@ def _cosine_ce_forward(X, W, Y, COUNTS, SCALE, LSE_PART, TARGET_PART, BEST_PART,
     tl.store(INDEX_PART + part, best_index, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["B", "SPLITS"])
-def _cosine_ce_forward_combine(LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, Y, COUNTS, LOSS, LSE, ARGMAX,
-                               RUN_LOSS, HITS, B, SPLITS, BLOCK: tl.constexpr):
-    """One run: each row's loss, log-sum-exp and argmax from its splits' partials (splits in class order), then the
-    run's mean loss and its rows whose argmax is the label, in a fixed order (so a run's numbers do not depend on
-    the runs beside it)."""
-    run = tl.program_id(0).to(tl.int64)
-    count = tl.load(COUNTS + run)
-    loss_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    hits = tl.zeros([BLOCK], dtype=tl.int64)
-    for b0 in range(0, count, BLOCK):
-        rows = b0 + tl.arange(0, BLOCK)
-        row_ok = rows < count
-        running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        target = tl.zeros([BLOCK], dtype=tl.float32)
-        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        best_index = tl.zeros([BLOCK], dtype=tl.int64)
-        for split in range(SPLITS):
-            part = (run * SPLITS + split) * B + rows
-            lse = tl.load(LSE_PART + part, mask=row_ok, other=0.0)
-            new_max = tl.maximum(running_max, lse)
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(lse - new_max)
-            running_max = new_max
-            target += tl.load(TARGET_PART + part, mask=row_ok, other=0.0)
-            split_best = tl.load(BEST_PART + part, mask=row_ok, other=0.0)
-            better = split_best > best  # strict, as in the forward: the first maximal class wins
-            best_index = tl.where(better, tl.load(INDEX_PART + part, mask=row_ok, other=0), best_index)
-            best = tl.where(better, split_best, best)
-        lse = running_max + tl.log(running_sum)
-        loss = lse - target
-        at = run * B + rows
-        tl.store(LOSS + at, loss, mask=row_ok)
-        tl.store(LSE + at, lse, mask=row_ok)
-        tl.store(ARGMAX + at, best_index, mask=row_ok)
-        loss_sum += tl.where(row_ok, loss, 0.0)
-        y = tl.load(Y + at, mask=row_ok, other=-1)
-        hits += tl.where(row_ok & (best_index == y), 1, 0)
-    tl.store(RUN_LOSS + run, tl.sum(loss_sum, 0) / count)
-    tl.store(HITS + run, tl.sum(hits, 0))
+@triton.jit(do_not_specialize=["B", "K", "SPLITS"])
+def _cosine_ce_forward_combine(LSE_PART, TARGET_PART, BEST_PART, INDEX_PART, Y, PLAN, LOSS, LSE, ARGMAX,
+                               RUN_LOSS, HITS, B, K, SPLITS, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """BLOCK rows of one run: each row's loss, log-sum-exp and argmax from its splits' partials (splits in class
+    order), and the block's sum of losses and its rows whose argmax is the label. ONE_BLOCK (a run's rows fit one
+    block, as a training batch does): the run's mean loss and hits themselves; else the block's sums, which the
+    caller adds up."""
+    block, run = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    count = tl.load(PLAN + run * PLAN_FIELDS)
+    run_splits = tl.cdiv(K, tl.load(PLAN + run * PLAN_FIELDS + 1))
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < count
+    running_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    target = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_index = tl.zeros([BLOCK], dtype=tl.int64)
+    for split in range(run_splits):
+        part = (run * SPLITS + split) * B + rows
+        lse = tl.load(LSE_PART + part, mask=row_ok, other=0.0)
+        new_max = tl.maximum(running_max, lse)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.exp(lse - new_max)
+        running_max = new_max
+        target += tl.load(TARGET_PART + part, mask=row_ok, other=0.0)
+        split_best = tl.load(BEST_PART + part, mask=row_ok, other=0.0)
+        better = split_best > best  # strict, as in the forward: the first maximal class wins
+        best_index = tl.where(better, tl.load(INDEX_PART + part, mask=row_ok, other=0), best_index)
+        best = tl.where(better, split_best, best)
+    lse = running_max + tl.log(running_sum)
+    loss = lse - target
+    at = run * B + rows
+    tl.store(LOSS + at, loss, mask=row_ok)
+    tl.store(LSE + at, lse, mask=row_ok)
+    tl.store(ARGMAX + at, best_index, mask=row_ok)
+    y = tl.load(Y + at, mask=row_ok, other=-1)
+    loss_sum = tl.sum(tl.where(row_ok, loss, 0.0), 0)
+    hits = tl.sum(tl.where(row_ok & (best_index == y), 1, 0).to(tl.int64), 0)
+    if ONE_BLOCK:
+        tl.store(RUN_LOSS + run, tl.math.div_rn(loss_sum, count.to(tl.float32)))  # as torch divides
+        tl.store(HITS + run, hits)
+    else:
+        tl.store(RUN_LOSS + run * tl.num_programs(0) + block, loss_sum)
+        tl.store(HITS + run * tl.num_programs(0) + block, hits)
 
 
 @triton.jit
@@ -167,20 +178,20 @@ def _row_stats(Y, G_ROW, G_RUN, LSE, count, rows, row_ok, ROW_GRAD: tl.constexpr
     return y, g, lse
 
 
-@triton.jit(do_not_specialize=["B", "K", "SPLITS", "COLS_PER_SPLIT"])
-def _cosine_ce_grad_x(X, W, Y, COUNTS, SCALE, LSE, G_ROW, G_RUN, DX_PART, DSCALE_PART, B, K, D, SPLITS,
-                      COLS_PER_SPLIT, stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr,
+@triton.jit(do_not_specialize=["B", "K", "SPLITS"])
+def _cosine_ce_grad_x(X, W, Y, PLAN, SCALE, LSE, G_ROW, G_RUN, DX_PART, DSCALE_PART, B, K, D, SPLITS,
+                      stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROW_GRAD: tl.constexpr,
                       RUN_GRAD: tl.constexpr):
     """dx for BLOCK_B rows × BLOCK_DC features of one run from one split of the classes, into
     DX_PART[run, split], and (from the first feature chunk) each row's ds term into DSCALE_PART[run, split]; rows
-    past the run's count get zeros."""
+    past the run's count, and splits past the run's own, get zeros."""
     run, split = tl.program_id(2).to(tl.int64) // SPLITS, tl.program_id(2) % SPLITS
     X, W, at = X + run * stride_xr, W + run * stride_wr, run * B
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
-    count = tl.load(COUNTS + run)
+    count, cols_per_split = tl.load(PLAN + run * PLAN_FIELDS), tl.load(PLAN + run * PLAN_FIELDS + 2)
     row_ok, dc_ok = rows < count, dc < D
     y, g, lse = _row_stats(Y + at, G_ROW + at, G_RUN + run, LSE + at, count, rows, row_ok, ROW_GRAD, RUN_GRAD)
     scale = tl.load(SCALE).to(tl.float32)
@@ -188,8 +199,8 @@ def _cosine_ce_grad_x(X, W, Y, COUNTS, SCALE, LSE, G_ROW, G_RUN, DX_PART, DSCALE
     dcos_cos = tl.zeros([BLOCK_B], dtype=tl.float32)
     dscale = tl.zeros([BLOCK_B], dtype=tl.float32)
     rx = tl.zeros([BLOCK_B], dtype=tl.float32)  # the rows' inverse norms, from the first tile on
-    first = split * COLS_PER_SPLIT
-    for k0 in range(first, tl.minimum(first + COLS_PER_SPLIT, K), BLOCK_K):
+    first = split * cols_per_split
+    for k0 in range(first, tl.minimum(first + cols_per_split, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         cos, dlogits, rx, rw = _dcos_tile(X, W, rows, cols, row_ok, col_ok, y, g, lse, scale, D, stride_x,
@@ -209,24 +220,25 @@ def _cosine_ce_grad_x(X, W, Y, COUNTS, SCALE, LSE, G_ROW, G_RUN, DX_PART, DSCALE
         tl.store(DSCALE_PART + part, dscale, mask=in_bounds)
 
 
-@triton.jit(do_not_specialize=["B", "K", "SPLITS", "ROWS_PER_SPLIT"])
-def _cosine_ce_grad_w(X, W, Y, COUNTS, SCALE, LSE, G_ROW, G_RUN, DW_PART, B, K, D, SPLITS, ROWS_PER_SPLIT,
-                      stride_xr, stride_x, stride_wr, stride_w, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr, ROW_GRAD: tl.constexpr, RUN_GRAD: tl.constexpr):
-    """dw for BLOCK_K classes × BLOCK_DC features of one run from one split of its rows, into DW_PART[run, split]."""
+@triton.jit(do_not_specialize=["B", "K", "SPLITS"])
+def _cosine_ce_grad_w(X, W, Y, PLAN, SCALE, LSE, G_ROW, G_RUN, DW_PART, B, K, D, SPLITS, stride_xr, stride_x,
+                      stride_wr, stride_w, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_DC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      ROW_GRAD: tl.constexpr, RUN_GRAD: tl.constexpr):
+    """dw for BLOCK_K classes × BLOCK_DC features of one run from one split of its rows, into DW_PART[run, split]
+    (zeros for splits past the run's own)."""
     run, split = tl.program_id(2).to(tl.int64) // SPLITS, tl.program_id(2) % SPLITS
     X, W, at = X + run * stride_xr, W + run * stride_wr, run * B
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     dc = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
-    count = tl.load(COUNTS + run)
+    count, rows_per_split = tl.load(PLAN + run * PLAN_FIELDS), tl.load(PLAN + run * PLAN_FIELDS + 3)
     col_ok, dc_ok = cols < K, dc < D
     scale = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_K, BLOCK_DC], dtype=tl.float32)
     dcos_cos = tl.zeros([BLOCK_K], dtype=tl.float32)
     rw = tl.zeros([BLOCK_K], dtype=tl.float32)  # the classes' inverse norms, from the first tile on
-    first = split * ROWS_PER_SPLIT
-    for b0 in range(first, tl.minimum(first + ROWS_PER_SPLIT, count), BLOCK_B):
+    first = split * rows_per_split
+    for b0 in range(first, tl.minimum(first + rows_per_split, count), BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < count
         y, g, lse = _row_stats(Y + at, G_ROW + at, G_RUN + run, LSE + at, count, rows, row_ok, ROW_GRAD,
@@ -292,47 +304,67 @@ def _total(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return parts[:, 0] if parts.shape[1] == 1 else parts.sum(1).to(dtype)
 
 
+def run_plans(sizes: tuple[int, ...], K: int, D: int, tiles: Tiles, device: torch.device) -> tuple:
+    """How each run's reductions are split, chosen from its own rows as if it ran alone (so a run's numbers do not
+    depend on the runs stacked beside it): a device table R × PLAN_FIELDS (rows; classes per split of the forward
+    and of dx; rows per split of dw) and the most splits of any run for each (the launches' grids)."""
+    return _run_plans(tuple(sizes), K, D, tiles, device, target_programs(device))
+
+
 @functools.cache
-def row_counts(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The runs' row counts as a device tensor, made once per (sizes, device), so that a step captured in a CUDA
-    graph after a first eager call finds it made."""
-    return torch.tensor(sizes, dtype=torch.int32, device=device)
+def _run_plans(sizes, K, D, tiles, device, programs) -> tuple:
+    """run_plans, made once per shape (`programs`: the GPU's target, part of the key), so that a step captured in
+    a CUDA graph after a first eager call finds its table made."""
+    class_blocks, chunks = triton.cdiv(K, tiles.classes), triton.cdiv(D, tiles.chunk)
+    plans = []
+    for rows in sizes:
+        row_blocks = triton.cdiv(max(rows, 1), tiles.rows)
+        plans.append((rows, _per_split(K, tiles.classes, row_blocks, device),
+                      _per_split(K, tiles.classes, row_blocks * chunks, device),
+                      _per_split(max(rows, 1), tiles.rows, class_blocks * chunks, device)))
+    splits = tuple(max(triton.cdiv(max(length, 1), plan[field]) for plan, length in zip(plans, lengths))
+                   for field, lengths in ((1, [K] * len(sizes)), (2, [K] * len(sizes)), (3, sizes)))
+    return torch.tensor(plans, dtype=torch.int32, device=device), splits
 
 
 class CosineCE(torch.autograd.Function):
-    """Autograd wrapper over stacked runs: x R × B × D, w R × K × D, labels R × B, counts R (each run's rows; the
+    """Autograd wrapper over stacked runs: x R × B × D, w R × K × D, labels R × B, sizes (each run's rows; the
     rest of its B are padding, never read). Forward returns the per-row loss and argmax (R × B, defined on the
     counted rows), each run's mean loss (R) and its hits (R); backward gives dx (zero on padding), dw and
     d(scale) from the gradients of the per-row losses, of the runs' means, or both."""
 
     @staticmethod
-    def forward(ctx, x, w, scale, labels, counts, tiles):
+    def forward(ctx, x, w, scale, labels, sizes, tiles):
         x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()
         if w.dtype != x.dtype:  # a kernel reading bf16 classes for fp32 rows spills (tests/compile_kernels.py)
             w = w.to(x.dtype)
         (R, B, D), K = x.shape, w.shape[1]
         tiles = tiles or tiles_for(B, x.dtype, x.device)
+        plan, splits = run_plans(sizes, K, D, tiles, x.device)
         scale = scale.detach().float().reshape(1)
         row_blocks = triton.cdiv(B, tiles.rows)
-        cols_per_split = _per_split(K, tiles.classes, row_blocks, x.device)  # as for one run: runs side by side
-        splits = triton.cdiv(K, cols_per_split)                               # split their classes the same
-        lse_part, target_part, best_part = torch.empty(3, R, splits, B, device=x.device, dtype=torch.float32)
-        index_part = torch.empty(R, splits, B, device=x.device, dtype=torch.int64)
+        lse_part, target_part, best_part = torch.empty(3, R, splits[0], B, device=x.device, dtype=torch.float32)
+        index_part = torch.empty(R, splits[0], B, device=x.device, dtype=torch.int64)
         launch_kernel(
-            _cosine_ce_forward, (row_blocks, splits, R),
-            x, w, labels, counts, scale, lse_part, target_part, best_part, index_part, B, K, D, cols_per_split,
+            _cosine_ce_forward, (row_blocks, splits[0], R),
+            x, w, labels, plan, scale, lse_part, target_part, best_part, index_part, B, K, D,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), BLOCK_B=tiles.rows, BLOCK_K=tiles.classes,
             BLOCK_D=tiles.features, PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, num_warps=tiles.forward_warps)
         loss, lse = torch.empty(2, R, B, device=x.device, dtype=torch.float32)
         argmax = torch.empty(R, B, device=x.device, dtype=torch.int64)
-        run_loss = torch.empty(R, device=x.device, dtype=torch.float32)
-        hits = torch.empty(R, device=x.device, dtype=torch.int64)
+        blocks = triton.cdiv(B, BLOCK_COMBINE)
+        run_loss = torch.empty(R, blocks, device=x.device, dtype=torch.float32)
+        hits = torch.empty(R, blocks, device=x.device, dtype=torch.int64)
         launch_kernel(
-            _cosine_ce_forward_combine, (R,),
-            lse_part, target_part, best_part, index_part, labels, counts, loss, lse, argmax, run_loss, hits, B,
-            splits, BLOCK=BLOCK_COMBINE)
-        ctx.save_for_backward(x, w, labels, counts, scale, lse)
-        ctx.tiles = tiles
+            _cosine_ce_forward_combine, (blocks, R),
+            lse_part, target_part, best_part, index_part, labels, plan, loss, lse, argmax, run_loss, hits, B, K,
+            splits[0], BLOCK=BLOCK_COMBINE, ONE_BLOCK=blocks == 1)
+        if blocks == 1:
+            run_loss, hits = run_loss[:, 0], hits[:, 0]
+        else:  # the blocks' sums, in a fixed order
+            run_loss, hits = run_loss.sum(1) / plan[:, 0], hits.sum(1)
+        ctx.save_for_backward(x, w, labels, plan, scale, lse)
+        ctx.tiles, ctx.splits = tiles, splits
         ctx.mark_non_differentiable(argmax, hits)
         ctx.set_materialize_grads(False)  # outputs without a gradient get none: no zero-filled one to pass back
         return loss, argmax, run_loss, hits
@@ -341,12 +373,12 @@ class CosineCE(torch.autograd.Function):
     def backward(ctx, grad_rows, _grad_argmax, grad_runs, _grad_hits):
         if grad_rows is None and grad_runs is None:
             return None, None, None, None, None, None
-        x, w, labels, counts, scale, lse = ctx.saved_tensors
+        x, w, labels, plan, scale, lse = ctx.saved_tensors
         (R, B, D), K = x.shape, w.shape[1]
-        tiles = ctx.tiles
+        tiles, (_, dx_splits, dw_splits) = ctx.tiles, ctx.splits
         g_rows = lse if grad_rows is None else grad_rows.float().contiguous()  # lse: a pointer never read
         g_runs = lse if grad_runs is None else grad_runs.float().contiguous()
-        args = (x, w, labels, counts, scale, lse, g_rows, g_runs)
+        args = (x, w, labels, plan, scale, lse, g_rows, g_runs)
         chunks = triton.cdiv(D, tiles.chunk)
         blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, BLOCK_DC=tiles.chunk,
                       PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, ROW_GRAD=grad_rows is not None,
@@ -354,24 +386,18 @@ class CosineCE(torch.autograd.Function):
         strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
         dx = dw = dscale = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            row_blocks = triton.cdiv(B, tiles.rows)
-            cols_per_split = _per_split(K, tiles.classes, row_blocks * chunks, x.device)
-            splits = triton.cdiv(K, cols_per_split)
-            parts = _partials(R, splits, B, D, x.dtype, x.device)
-            dscale_parts = torch.empty(R, splits, B, device=x.device, dtype=torch.float32)
+            parts = _partials(R, dx_splits, B, D, x.dtype, x.device)
+            dscale_parts = torch.empty(R, dx_splits, B, device=x.device, dtype=torch.float32)
             launch_kernel(
-                _cosine_ce_grad_x, (row_blocks, chunks, R * splits),
-                *args, parts, dscale_parts, B, K, D, splits, cols_per_split, *strides, **blocks)
+                _cosine_ce_grad_x, (triton.cdiv(B, tiles.rows), chunks, R * dx_splits),
+                *args, parts, dscale_parts, B, K, D, dx_splits, *strides, **blocks)
             dx = _total(parts, x.dtype)
             dscale = dscale_parts.sum().reshape(()) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[1]:
-            class_blocks = triton.cdiv(K, tiles.classes)
-            rows_per_split = _per_split(B, tiles.rows, class_blocks * chunks, x.device)
-            splits = triton.cdiv(B, rows_per_split)
-            parts = _partials(R, splits, K, D, w.dtype, x.device)
+            parts = _partials(R, dw_splits, K, D, w.dtype, x.device)
             launch_kernel(
-                _cosine_ce_grad_w, (class_blocks, chunks, R * splits),
-                *args, parts, B, K, D, splits, rows_per_split, *strides, **blocks)
+                _cosine_ce_grad_w, (triton.cdiv(K, tiles.classes), chunks, R * dw_splits),
+                *args, parts, B, K, D, dw_splits, *strides, **blocks)
             dw = _total(parts, w.dtype)
         return (dx if ctx.needs_input_grad[0] else None), dw, dscale, None, None, None
 
@@ -386,17 +412,15 @@ def cosine_ce_triton(image_features, text_features, logit_scale, labels, reducti
     tiles_for the batch)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, not '{reduction}'")
-    counts = row_counts((len(image_features),), image_features.device)
     per_row, argmax, mean, _ = CosineCE.apply(image_features[None], text_features[None],
-                                              _scale_on(logit_scale, image_features.device), labels[None], counts,
-                                              tiles)
+                                              _scale_on(logit_scale, image_features.device), labels[None],
+                                              (len(image_features),), tiles)
     loss = {"mean": mean[0], "sum": per_row[0].sum(), "none": per_row[0]}[reduction]
     return (loss, argmax[0]) if return_argmax else loss
 
 
 def cosine_ce_runs_triton(image_features, text_features, logit_scale, labels, sizes, tiles: Tiles | None = None):
     """The fused kernel over stacked runs; same contract as cosine_ce_runs_reference."""
-    counts = row_counts(tuple(sizes), image_features.device)
     _, _, losses, hits = CosineCE.apply(image_features, text_features, _scale_on(logit_scale, image_features.device),
-                                        labels, counts, tiles)
+                                        labels, tuple(sizes), tiles)
     return losses, hits

@@ -60,7 +60,7 @@ def resources(ptx: str) -> str:
 def main():
     for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
         p = f"*{dtype}"
-        ce = dict(X=p, W=p, Y="*i64", COUNTS="*i32", SCALE="*fp32", LSE="*fp32", G_ROW="*fp32", G_RUN="*fp32",
+        ce = dict(X=p, W=p, Y="*i64", PLAN="*i32", SCALE="*fp32", LSE="*fp32", G_ROW="*fp32", G_RUN="*fp32",
                   B="i32", K="i32", D="i32", stride_xr="i32", stride_x="i32", stride_wr="i32", stride_w="i32",
                   LSE_PART="*fp32", TARGET_PART="*fp32", BEST_PART="*fp32", INDEX_PART="*i64", LOSS="*fp32",
                   ARGMAX="*i64", RUN_LOSS="*fp32", HITS="*i64", SPLITS="i32", COLS_PER_SPLIT="i32",
@@ -73,7 +73,9 @@ def main():
             for fn in (cosine_ce._cosine_ce_grad_x, cosine_ce._cosine_ce_grad_w):  # as training: the runs' means
                 print(compile_for_hopper(fn, ce, dict(blocks, BLOCK_DC=tiles.chunk, ROW_GRAD=False, RUN_GRAD=True),
                                          tiles.backward_warps))
-        print(compile_for_hopper(cosine_ce._cosine_ce_forward_combine, ce, dict(BLOCK=cosine_ce.BLOCK_COMBINE)))
+        for one_block in (True, False):  # a training batch's rows; evaluation's many
+            print(compile_for_hopper(cosine_ce._cosine_ce_forward_combine, ce,
+                                     dict(BLOCK=cosine_ce.BLOCK_COMBINE, ONE_BLOCK=one_block)))
         att = dict(QKV=p, O=p, DO=p, DQKV=p, LSE="*fp32", DKP_PART="*fp32", DVP_PART="*fp32", STARTS="*i64",
                    LENGTHS="*i64", FIRST_ROW="*i64", FIRST="i32", END="i32", GROUP="i32", P="i32", H="i32",
                    HEADS="i32", sm_scale="fp32", stride_run="i32", stride_t="i32", stride_part="i32",

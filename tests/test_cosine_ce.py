@@ -219,12 +219,12 @@ def test_stacked_runs_match_the_reference(monkeypatch, programs, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("programs", [1, 7])
-def test_a_run_stacked_equals_the_run_alone(monkeypatch, programs):
+@pytest.mark.parametrize("programs, sizes", [(1, [7, 40, 33]), (7, [7, 40, 33]), (7, [7, 200, 130])])
+def test_a_run_stacked_equals_the_run_alone(monkeypatch, programs, sizes):
     """A run's loss, hits and gradients do not depend on the runs stacked beside it or on their batch sizes: bit
-    for bit the numbers of its own call (what makes a stack of training runs end where each run alone ends)."""
+    for bit the numbers of its own call (what makes a stack of training runs end where each run alone ends), also
+    where the stack's rows take more than one combine block and the run's own fit in one."""
     monkeypatch.setattr(cosine_ce_kernel, "target_programs", lambda device: programs)
-    sizes = [7, 40, 33]
     x, w, y = stacked_runs(sizes, 75, 64, torch.float32, seed=1)
     loss, hits, dx, dw, _ = runs_loss_and_grads(kernels.kernel.cosine_ce_runs_triton, x, w, 30.0, y, sizes,
                                                 weighted=False)
