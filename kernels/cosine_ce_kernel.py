@@ -322,8 +322,8 @@ def _run_plans(sizes, K, D, tiles, device, programs) -> tuple:
         plans.append((rows, _per_split(K, tiles.classes, row_blocks, device),
                       _per_split(K, tiles.classes, row_blocks * chunks, device),
                       _per_split(max(rows, 1), tiles.rows, class_blocks * chunks, device)))
-    splits = tuple(max(triton.cdiv(max(length, 1), plan[field]) for plan, length in zip(plans, lengths))
-                   for field, lengths in ((1, [K] * len(sizes)), (2, [K] * len(sizes)), (3, sizes)))
+    splits = (max(triton.cdiv(K, plan[1]) for plan in plans), max(triton.cdiv(K, plan[2]) for plan in plans),
+              max(triton.cdiv(max(plan[0], 1), plan[3]) for plan in plans))
     return torch.tensor(plans, dtype=torch.int32, device=device), splits
 
 

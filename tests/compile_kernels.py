@@ -63,8 +63,8 @@ def main():
         ce = dict(X=p, W=p, Y="*i64", PLAN="*i32", SCALE="*fp32", LSE="*fp32", G_ROW="*fp32", G_RUN="*fp32",
                   B="i32", K="i32", D="i32", stride_xr="i32", stride_x="i32", stride_wr="i32", stride_w="i32",
                   LSE_PART="*fp32", TARGET_PART="*fp32", BEST_PART="*fp32", INDEX_PART="*i64", LOSS="*fp32",
-                  ARGMAX="*i64", RUN_LOSS="*fp32", HITS="*i64", SPLITS="i32", COLS_PER_SPLIT="i32",
-                  ROWS_PER_SPLIT="i32", DX_PART=p, DSCALE_PART="*fp32", DW_PART=p)
+                  ARGMAX="*i64", RUN_LOSS="*fp32", HITS="*i64", SPLITS="i32", DX_PART=p, DSCALE_PART="*fp32",
+                  DW_PART=p)
         # fp32 runs the small tiles only (cosine_ce_kernel.tiles_for): the large ones spill without tensor cores
         for tiles in (cosine_ce.SMALL, cosine_ce.LARGE) if dtype == "bf16" else (cosine_ce.SMALL,):
             blocks = dict(BLOCK_B=tiles.rows, BLOCK_K=tiles.classes, BLOCK_D=tiles.features, PRECISION=precision,
