@@ -21,17 +21,22 @@ def fmt_ms(ms) -> str:
 STACKED_RUNS = 15  # the protocol's runs (5 shot counts × 3 seeds) in one training step
 
 
-def _timed(step, device: str, repeats: int, label: str) -> tuple:
-    """step's median launched ms, peak GB and (on a GPU) graphed ms; Nones where it fails."""
+def _row(step, device: str, repeats: int, runs: int, batch: int, classes: int, dim: int, dtype,
+         implementation: str) -> dict:
+    """One table row for `step`: its median launched ms, peak GB and (on a GPU) graphed ms, Nones where it fails;
+    printed as it is measured."""
     ms = peak = graph_ms = None
+    shape = f"R={runs} B={batch} K={classes}" if runs > 1 else f"B={batch} K={classes}"
     try:
         ms = median_ms(step, device, repeats, warmup=2)
         peak = peak_memory_gb(step, device)
         if device.startswith("cuda"):  # GPU time alone, as inside the training step's graph
             graph_ms = median_ms(graphed(step), device, repeats)
     except Exception as exc:  # e.g. compile unavailable, capture refused, or out of memory
-        print(f"  kernel {label}: failed ({str(exc).splitlines()[0][:120]})")
-    return ms, peak, graph_ms
+        print(f"  kernel {implementation} {shape}: failed ({str(exc).splitlines()[0][:120]})")
+    print(f"  kernel {shape} {implementation}: {fmt_ms(ms)} ms launched, {fmt_ms(graph_ms)} ms graphed", flush=True)
+    return {"runs": runs, "batch": batch, "classes": classes, "dim": dim, "dtype": str(dtype).removeprefix("torch."),
+            "implementation": implementation, "median_ms": ms, "graph_ms": graph_ms, "peak_gb": peak}
 
 
 def run_kernel_section(shapes, device: str, repeats: int, dim: int = 512, dtype=None) -> list[dict]:
@@ -55,10 +60,7 @@ def run_kernel_section(shapes, device: str, repeats: int, dim: int = 512, dtype=
         for name, fn in runs.items():
             def step(fn=fn):
                 torch.autograd.grad(fn(x, w, scale, labels), [x, w])
-            ms, peak, graph_ms = _timed(step, device, repeats, f"{name} B={b} K={k}")
-            rows.append({"batch": b, "classes": k, "dim": dim, "dtype": str(dtype).removeprefix("torch."),
-                         "implementation": name, "median_ms": ms, "graph_ms": graph_ms, "peak_gb": peak})
-            print(f"  kernel B={b} K={k} {name}: {fmt_ms(ms)} ms launched, {fmt_ms(graph_ms)} ms graphed", flush=True)
+            rows.append(_row(step, device, repeats, 1, b, k, dim, dtype, name))
     if triton_runs:
         rows += _stacked_rows(sorted({k for _, k in shapes}), device, repeats, dim, dtype)
     return rows
@@ -79,10 +81,5 @@ def _stacked_rows(classes: list[int], device: str, repeats: int, dim: int, dtype
         def run_by_run():
             torch.autograd.grad([cosine_ce_triton(x[r], w[r], scale, labels[r]) for r in range(runs)], w)
         for name, step in (("fastcoop_triton_stacked", stacked), ("fastcoop_triton_run_by_run", run_by_run)):
-            ms, peak, graph_ms = _timed(step, device, repeats, f"{name} R={runs} K={k}")
-            rows.append({"batch": b, "classes": k, "dim": dim, "dtype": str(dtype).removeprefix("torch."),
-                         "runs": runs, "implementation": name, "median_ms": ms, "graph_ms": graph_ms,
-                         "peak_gb": peak})
-            print(f"  kernel R={runs} B={b} K={k} {name}: {fmt_ms(ms)} ms launched, {fmt_ms(graph_ms)} ms graphed",
-                  flush=True)
+            rows.append(_row(step, device, repeats, runs, b, k, dim, dtype, name))
     return rows
