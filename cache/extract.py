@@ -17,6 +17,7 @@ N-th batch and rank 0 writes them in order: the batches, and so the file, are th
 
 import json
 import os
+import signal
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +113,13 @@ def _present(data: LabelledImages, splits, world: World) -> list[str]:
     return [s for s in splits if s in data.splits]
 
 
+
+def _leave_signals_to_the_command(worker_id: int) -> None:
+    """A decoding worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C, `timeout` and batch schedulers signal the
+    whole process group, and the command, not its workers, decides what ends (it stops them as it exits)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 class _Job:
     """What every split's extraction shares: the model, its transforms, the batching and the writer."""
 
@@ -173,7 +181,8 @@ class _Job:
                              self.crop_scale)
         mine = batches[world.rank::world.size]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=min(self.workers, len(mine)),
-                                             collate_fn=dataset.collate, pin_memory=self.device.startswith("cuda"))
+                                             collate_fn=dataset.collate, pin_memory=self.device.startswith("cuda"),
+                                             worker_init_fn=_leave_signals_to_the_command)
         group = f[split] if f is not None else None
         bar = tqdm(total=n, initial=start, desc=f"encode {split}", unit="img", disable=not self.progress)
         writer = ThreadPoolExecutor(max_workers=1) if group is not None else None  # writes while the next encodes

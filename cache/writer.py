@@ -17,6 +17,13 @@ CHUNK_BYTES = 1 << 20
 STRING = h5py.string_dtype()
 
 
+def _open(path: Path, mode: str, **options) -> h5py.File:
+    """The file as the command writing it opens it: without HDF5's own file lock, an flock that the decoding workers
+    forked while it is open would inherit and hold after a kill -9, failing the resume's open. The command holds
+    the output's lock instead (fastcoop.outputs.held), which no child inherits."""
+    return h5py.File(path, mode, locking=False, **options)
+
+
 def feature_chunks(views: int, n: int, dim: int, images_per_batch: int) -> tuple[int, int, int]:
     """HDF5 chunks of a split's features: whole batches of images with all their views, of at least ~1 MB (fast
     whole-split reads)."""
@@ -43,7 +50,7 @@ def open_for_writing(out: Path, partial: Path, attrs: dict, overwrite: bool, pre
             raise FastCoopError(f"{partial} is an unfinished cache made with other settings ({differ}); run "
                                 "its command again to finish it, or pass --overwrite to start over")
         partial.unlink()
-    f = h5py.File(partial, "a", rdcc_nbytes=64 * CHUNK_BYTES)  # a chunk being filled stays in memory
+    f = _open(partial, "a", rdcc_nbytes=64 * CHUNK_BYTES)  # a chunk being filled stays in memory
     if "schema_version" not in f.attrs:
         f.attrs.update(attrs | {"complete": False})
     return prepare(f), f
@@ -96,7 +103,7 @@ def failure(exc: Exception, partial: Path) -> str:
 def differences(path: Path, attrs: dict) -> str:
     """How an existing file's identity differs from the one asked for, as 'name: file's → asked'."""
     try:
-        with h5py.File(path, "r") as f:
+        with _open(path, "r") as f:
             theirs = identity(f.attrs)
     except OSError:
         return "unreadable"
@@ -118,7 +125,7 @@ def differences(path: Path, attrs: dict) -> str:
 
 def matches(path: Path, attrs: dict) -> bool:
     try:
-        with h5py.File(path, "r") as f:
+        with _open(path, "r") as f:
             return identity(f.attrs) == identity(attrs)
     except OSError:
         return False  # unreadable (e.g. killed mid-write): not a match

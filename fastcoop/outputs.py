@@ -1,6 +1,7 @@
 """Where commands write: checked before any work, so a bad location is one clear line, not a traceback later; and
 held while written, so that two commands never write one output."""
 
+import errno
 import fcntl
 import os
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 from fastcoop.errors import FastCoopError
 
 _held: set[Path] = set()  # outputs this process holds (holding one again is a no-op)
+_BUSY = (errno.EACCES, errno.EAGAIN)  # what a refused non-blocking lockf raises
 
 
 def check_writable(path: str | Path, what: str, folder: bool | None = None, option: str = "--out") -> None:
@@ -50,14 +52,19 @@ def _lock_file(path: Path) -> Path:
 def holder(path: str | Path) -> str | None:
     """The process writing the output `path` now (as its lock file names it), or None when no command holds it.
     Reads only: creates nothing."""
+    path = Path(path).absolute()
+    if path in _held:  # never opened and closed here: closing any descriptor of the file would drop our lock
+        return str(os.getpid())
     try:
-        fd = os.open(_lock_file(Path(path).absolute()), os.O_RDONLY)
+        fd = os.open(_lock_file(path), os.O_RDONLY)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None  # free: closing the file lets go of the lock taken to look
-    except BlockingIOError:
+    except OSError as exc:
+        if exc.errno not in _BUSY:
+            raise
         return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
     finally:
         os.close(fd)
@@ -66,8 +73,9 @@ def holder(path: str | Path) -> str | None:
 @contextmanager
 def held(path: str | Path, option: str = "--out"):
     """Hold the output `path` for this process while it is written: another fastcoop command asking for it fails
-    at once with one line, instead of both writing. An OS lock (flock) on `.NAME.lock` beside it, which the OS
-    releases however the process ends, so a killed command never blocks its own resume."""
+    at once with one line, instead of both writing. A POSIX record lock (lockf) on `.NAME.lock` beside it: the OS
+    releases it however the process ends, and forked children (decoding workers) do not inherit it, as they would
+    an flock, so a killed command never blocks its own resume while its workers wind down."""
     path = Path(path).absolute()
     if path in _held:
         yield
@@ -77,8 +85,10 @@ def held(path: str | Path, option: str = "--out"):
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in _BUSY:
+                raise
             writer = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise FastCoopError(_being_written(path, writer, option)) from None

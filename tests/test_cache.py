@@ -1,5 +1,6 @@
 import itertools
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -583,3 +584,66 @@ def test_out_of_gpu_memory_names_a_batch_size_and_the_smaller_one_resumes(tmp_pa
         for split in ("train", "test"):
             torch.testing.assert_close(a.features(split), b.features(split), atol=2e-3, rtol=2e-3)
         assert a.identity() == b.identity()
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The child processes of `pid` (its decoding workers), from /proc."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM to the group"])
+def test_a_cache_stopped_with_its_workers_busy_resumes_at_once(tmp_path, how):
+    """Decoding workers outlive a kill -9 of their command by seconds (until they notice). They must hold nothing
+    the resume needs: not the output's lock (an flock would be inherited), not HDF5's lock on the partial file.
+    A SIGTERM to the process group (what `timeout` and schedulers send) is a clean 'interrupted', exit 130, as
+    Ctrl-C is, without the workers' deaths as tracebacks. The same command, started at once, resumes the file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fastcoop.example import make_example_images
+    from fastcoop.outputs import holder
+
+    images = make_example_images(tmp_path / "imgs", train_per_class=4, test_per_class=1, size=48)
+    out, partial = tmp_path / "f.h5", tmp_path / "f.h5.partial"
+    command = [sys.executable, "-m", "fastcoop", "cache", str(images), "--out", str(out), "--model", "ViT-B-32",
+               "--pretrained", "none", "--shots", "all", "--views", "3", "--batch-size", "2", "--workers", "2"]
+    env = os.environ | {"HDF5_USE_FILE_LOCKING": "FALSE"}  # this test only: to watch the rows being written
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    done = 0
+    while process.poll() is None and done < 4:
+        time.sleep(0.05)
+        try:
+            with h5py.File(partial, "r") as f:
+                done = int(f["train"].attrs["done"])
+        except (OSError, KeyError):
+            pass
+    time.sleep(0.5)  # the workers have filled their queue and wait for the encoder
+    workers = _workers_of(process.pid)
+    assert workers, "the command ended before its workers started"
+    if how == "kill -9":
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+        assert any(_alive(w) for w in workers)  # what made this a test: the workers still run ...
+        assert holder(out) is None  # ... and hold no lock of the output
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait() == 130
+        err = process.stderr.read()
+        assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err and "killed by" not in err
+    resumed = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"HDF5_USE_FILE_LOCKING": "TRUE"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout + resumed.stderr and out.is_file() and not partial.exists()
