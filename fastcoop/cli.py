@@ -331,18 +331,19 @@ def train(cache_file, run_dir, verbose, overwrite, save_every, profile, **option
         from fastcoop.outputs import held
         from fastcoop.pipeline import train_to_run_dir
         from fastcoop.run import plan_run_dir
+        from fastcoop.run_files import recorded_threads
 
     imported = time.perf_counter()
     device = resolve_device(runtime.device)
     resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
-    runtime = _with_threads(runtime)
-    hash_triton_in_background(device)
     click.get_current_context().with_resource(held(run_dir))  # until the command ends
     request = dataclasses.asdict(recipe.published(len(cache.classnames), device))
     plan = plan_run_dir(run_dir, cache, request, overwrite)  # early, before the model
     if plan == "done":  # as cache and sweep do: a script rerun after a kill goes on
         click.echo(f"{run_dir} holds this run, finished: nothing to do (--overwrite trains it again)")
         return
+    runtime = _with_threads(runtime, recorded_threads([run_dir]) if plan == "resume" else None)
+    hash_triton_in_background(device)
     if plan == "resume":
         click.echo(f"resuming the unfinished run in {run_dir}")
     timings = {"imports_s": imported - start}
@@ -363,12 +364,11 @@ def _others_running() -> float:
     return (click.get_current_context().obj or {}).get("others_running", 0.0)
 
 
-def _with_threads(runtime):
-    """The runtime with torch's CPU threads set: --threads, or chosen from the machine (machine.cpu_threads)."""
-    import torch
-
-    threads = runtime.threads or machine.cpu_threads(_others_running(), machine.usable_cores())
-    torch.set_num_threads(threads)
+def _with_threads(runtime, recorded: int | None = None):
+    """The runtime with its CPU threads in use (torch's and BLAS's): --threads, else the number a resumed run
+    `recorded` (a CPU run's last bits follow the thread count), else chosen from the machine."""
+    threads = runtime.threads or recorded or machine.cpu_threads(_others_running(), machine.usable_cores())
+    machine.use_threads(threads)
     return dataclasses.replace(runtime, threads=threads)
 
 
@@ -602,7 +602,8 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
         from fastcoop.kernels import hash_triton_in_background
         from fastcoop.models import load_model
         from fastcoop.outputs import held
-        from fastcoop.sweep import check_sweep_dir, run_sweep, sweep_request, sweep_runs, variant_for
+        from fastcoop.run_files import recorded_threads
+        from fastcoop.sweep import check_sweep_dir, run_dir_of, run_sweep, sweep_request, sweep_runs, variant_for
         from fastcoop.tip_adapter import check_cache
 
     if any(b.startswith("tip-adapter") for b in baseline_list):
@@ -615,14 +616,15 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
     for variant in variants:  # options a method does not have fail here, before any work
         dataclasses.replace(base, **dataclasses.asdict(variant))
     world, device = join(resolve_device(runtime.device))
-    runtime = _with_threads(dataclasses.replace(runtime, device=device))
     resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
     if world.is_writer:
         click.get_current_context().with_resource(held(out))  # until the command ends
-    hash_triton_in_background(device)
     with cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)
         check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base))
+        runtime = _with_threads(dataclasses.replace(runtime, device=device),
+                                recorded_threads(run_dir_of(out, *run) for run in runs))
+        hash_triton_in_background(device)
         loaded = load_model(cache.model, cache.pretrained, "cpu", image_tower=False)
         if world.is_writer:
             _say_weights(loaded)
@@ -711,6 +713,7 @@ def main(argv: list[str] | None = None):
     others = machine.others_running()
     if "OMP_WAIT_POLICY" not in os.environ:  # read once, when torch loads: decided before any import of it
         os.environ["OMP_WAIT_POLICY"] = machine.wait_policy(others)
+    machine.default_threads_before_loading(machine.cpu_threads(others, machine.usable_cores()))
     logging.basicConfig(level=logging.ERROR)  # our own lines say what open_clip's warnings would
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves like Ctrl-C

@@ -1,5 +1,6 @@
-"""The machine a run shares: the cores this process may use, how much else runs, and so how torch's CPU threads
-should behave. Read before torch loads (OpenMP reads its wait policy then), without importing it."""
+"""The machine a run shares: the cores this process may use, how much else runs, and so how many CPU threads a
+command computes with — torch's and the BLAS libraries' (NumPy's and SciPy's OpenBLAS, under scikit-learn) alike.
+Read before torch loads (OpenMP reads its wait policy then), without importing it."""
 
 import math
 import os
@@ -44,3 +45,26 @@ def cpu_threads(others: float, cores: int) -> int:
     Beside other work, a thread per core makes every op wait for whichever of its threads is descheduled; with
     the cores' share it gets, the run is slowed only by that share."""
     return max(1, min(cores, cores - math.floor(others + 0.5)))
+
+
+# what each threaded library reads, when it loads, for its number of threads
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def default_threads_before_loading(threads: int) -> None:
+    """The thread count for every library this process loads later, where the user set none: OpenBLAS spins
+    a thread per core by default, and beside other work one descheduled spinning thread stalls every product."""
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, str(threads))
+
+
+def use_threads(threads: int) -> None:
+    """Compute with `threads` CPU threads from now on: torch's, the BLAS and OpenMP libraries already loaded
+    (threadpoolctl), and those loaded later (the variables they read when they load)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)

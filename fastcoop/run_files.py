@@ -29,6 +29,16 @@ def read_config(run_dir: Path) -> dict | None:
     return config
 
 
+def recorded_threads(run_dirs) -> int | None:
+    """The CPU threads the first unfinished run among `run_dirs` trained with: its resume goes on with them, as a
+    CPU run's last bits follow the thread count."""
+    for run_dir in run_dirs:
+        config = read_config(run_dir)
+        if config is not None and config["state"] in RESUMABLE:
+            return config.get("runtime", {}).get("threads")
+    return None
+
+
 def check_complete(run_dir: Path, config: dict) -> None:
     """Refuse an unfinished run, saying what became of it: a run still 'running' is being trained now if a command
     holds its directory, else it was killed."""

@@ -15,6 +15,7 @@ others. DIR/sweep.json records what the sweep is, so a different sweep never wri
 
 import json
 import statistics
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -84,6 +85,11 @@ def sweep_runs(cache: FeatureCache, shots: list[int], seeds: list[int], variants
     return [(v, s, seed) for v in variants for s in shots for seed in seeds]
 
 
+def run_dir_of(out: Path, variant: Variant, shots: int, seed: int) -> Path:
+    """Where a sweep keeps one of its runs."""
+    return Path(out) / variant.folder / f"{shots}shot-seed{seed}"
+
+
 def check_sweep_dir(out: Path, request: dict) -> None:
     if (Path(out) / CONFIG_FILE).exists():
         raise FastCoopError(f"{out} holds a run, not a sweep; choose another --out")
@@ -111,11 +117,12 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
     device = resolve_device(runtime.device)
+    started = time.perf_counter()
     groups: dict = {}  # what runs stacked share (Recipe.stack_key) → this rank's runs to start or resume
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
-        run_dir = out / variant.folder / f"{s}shot-seed{seed}"
+        run_dir = run_dir_of(out, variant, s, seed)
         recipe = replace(base, shots=s, seed=seed, **asdict(variant))
         done = read_config(run_dir)
         same = done is not None and done.get("request") == asdict(recipe.published(len(cache.classnames), device))
@@ -140,24 +147,25 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
         return None
     results = []
     for variant, s, seed in runs:
-        run_dir = out / variant.folder / f"{s}shot-seed{seed}"
+        run_dir = run_dir_of(out, variant, s, seed)
         scores = json.loads((run_dir / RESULTS_FILE).read_text())
         results.append({"variant": variant.label, "shots": s, "seed": seed,
                         "run": str(run_dir),
                         "test": scores.get("test", {}).get("top1"),
                         **({"test_new": scores["test_new"]["top1"]} if "test_new" in scores else {}),
                         **({"transfer": _transfer(run_dir, loaded, eval_on)} if eval_on else {})})
+    seconds = {"runs": time.perf_counter() - started}  # trained and tested (on --eval-on's caches too)
+    started = time.perf_counter()
     summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames),
                "methods": sorted({variant.method for variant in variants}),
                "trained_on": base.classes, "runs": results,
                "zero_shot": _zero_shot(cache, loaded, device, base.classes)}
-    if base.classes == "base":  # the base-to-new protocol: zero-shot CLIP on the new half too
+    if base.classes == "base":  # the base-to-new protocol: zero-shot CLIP on the new half too, no baselines
         summary["zero_shot_new"] = _zero_shot(cache, loaded, device, "new")
-    elif "val" in cache.splits and "test" in cache.splits:  # the baselines select their settings on val
-        summary.update(_baselines(cache, loaded, shots, seeds, baselines, device))
-    elif "test" in cache.splits and "linear-probe" in baselines:
-        warnings.warn(f"{cache.path} has no val split, so the table has no linear probe (CoOp's baseline selects "
-                      "its regularisation on val): cache with --splits train,val,test for it")
+    seconds["zero_shot"] = time.perf_counter() - started
+    if base.classes != "base":
+        summary.update(_baselines(cache, loaded, shots, seeds, baselines, device, seconds))
+    summary["seconds"] = seconds
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (out / TABLE_FILE).write_text(sweep_table([summary], [out.name]) + "\n")
     plot_accuracy(summary, out / FIGURE_FILE, title=Path(cache.path).stem)
@@ -165,15 +173,25 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
 
 
 def _baselines(cache: FeatureCache, loaded: LoadedModel, shots: list[int], seeds: list[int],
-               baselines: tuple[str, ...], device: str) -> dict:
+               baselines: tuple[str, ...], device: str, seconds: dict) -> dict:
     """The baselines of the all-classes protocol for every (shots, seed): CoOp's linear probe, and Tip-Adapter
-    (with Tip-Adapter-F when asked), each on the runs' own few-shot images."""
+    (with Tip-Adapter-F when asked), each on the runs' own few-shot images; each one's time into `seconds`. They
+    select their settings on val: without it, none."""
     found = {}
+    if "val" not in cache.splits or "test" not in cache.splits:
+        if "test" in cache.splits and "linear-probe" in baselines:
+            warnings.warn(f"{cache.path} has no val split, so the table has no linear probe (CoOp's baseline "
+                          "selects its regularisation on val): cache with --splits train,val,test for it")
+        return found
     if "linear-probe" in baselines:
+        started = time.perf_counter()
         found["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
+        seconds["linear_probe"] = time.perf_counter() - started
     if any(b.startswith("tip-adapter") for b in baselines):
+        started = time.perf_counter()
         found["tip_adapter"] = run_tip_adapter(cache, loaded, [(s, seed) for s in shots for seed in seeds],
                                                "tip-adapter-f" in baselines, device)
+        seconds["tip_adapter"] = time.perf_counter() - started
     return found
 
 

@@ -1,14 +1,18 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors; must precede their import
+import torch
+
+if not torch.cuda.is_available():  # without a GPU the Triton kernels run interpreted on CPU tensors; on a GPU the
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # suite runs them compiled (read when Triton is imported)
 
 import logging
 from pathlib import Path
 
 import pytest
-import torch
+import threadpoolctl
 
 from fastcoop import kernels
+from fastcoop import machine
 from fastcoop.cli import main
 from fastcoop.example import make_example_images
 from fastcoop.models import load_model
@@ -29,6 +33,22 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip logs a warning for every random-init model
+
+
+@pytest.fixture(autouse=True)
+def threads_restored():
+    """What a command run in this process sets for its CPU threads (torch's, BLAS's, the variables libraries
+    read when they load) is undone after each test, so that no test runs with another's threads."""
+    variables = {name: os.environ.get(name) for name in machine.THREAD_VARIABLES}
+    torch_threads, libraries = torch.get_num_threads(), threadpoolctl.threadpool_info()
+    yield
+    for name, value in variables.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    torch.set_num_threads(torch_threads)
+    threadpoolctl.threadpool_limits(libraries)
 
 
 @pytest.fixture(scope="session")

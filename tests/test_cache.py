@@ -644,6 +644,7 @@ def test_a_cache_stopped_with_its_workers_busy_resumes_at_once(tmp_path, how):
         assert process.wait() == 130
         err = process.stderr.read()
         assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err and "killed by" not in err
-    resumed = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"HDF5_USE_FILE_LOCKING": "TRUE"})
+    locking = os.environ | {"HDF5_USE_FILE_LOCKING": "TRUE"}  # as a user's resume opens files
+    resumed = subprocess.run(command, capture_output=True, text=True, env=locking)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout + resumed.stderr and out.is_file() and not partial.exists()

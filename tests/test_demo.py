@@ -25,6 +25,9 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, capsys):
         assert f"| {method} | base |" in out and f"| {100 * results['test']['top1']:.2f} |" in out
         assert f"| {100 * results['test_new']['top1']:.2f} |" in out
     assert "new top-1 | H |" in out
+    stages = out[out.index("stage times:"):].splitlines()[1:]  # each stage named, the probe apart from CoOp's runs
+    assert [line.split("  ")[1].split(" (")[0].strip() for line in stages[3:6]] == [
+        "CoOp at 4 shot counts", "linear probe at 4 shot counts", "sweep's zero-shot, table, figure"]
 
 
 def test_demo_refuses_a_file_as_its_folder_and_an_unknown_model(tmp_path, capsys):

@@ -106,3 +106,26 @@ def test_its_val_images_are_those_coops_datasets_draw(tmp_path, capsys, example_
                 paths = cache.paths(split)
                 got = [os.path.realpath(paths[i]) for i in cache.rows(split, 2, seed)]
                 assert got == [os.path.realpath(p) for p, _, _ in expected[split]]
+
+
+def test_blas_threads_follow_the_machine_as_torchs_do(split_cache):
+    """The shared-machine rule covers BLAS: beside other work, NumPy's and SciPy's OpenBLAS (under scikit-learn's
+    solver) compute with one thread, not one spinning thread per core (in a fresh process: libraries read their
+    thread count when they load). A user's own OPENBLAS_NUM_THREADS stands."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import atexit, json, threadpoolctl\n"
+              "from fastcoop import cli, machine\n"
+              "machine.others_running, machine.usable_cores = (lambda: 1.0), (lambda: 2)\n"
+              "atexit.register(lambda: print(json.dumps(sorted({i['num_threads'] for i in "
+              "threadpoolctl.threadpool_info() if i['user_api'] == 'blas'}))))\n"
+              f"cli.main(['linear-probe', {str(split_cache)!r}, '--shots', '2', '--seed', '1'])\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                               "MKL_NUM_THREADS")}
+    for env, expected in ((clean, [1]), (clean | {"OPENBLAS_NUM_THREADS": "2"}, [2])):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == expected

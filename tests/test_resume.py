@@ -156,6 +156,27 @@ def test_an_interrupted_run_resumes_with_another_implementation(tmp_path, capsys
                                                          ("fast", [["step", "eager"]]))
 
 
+def test_a_resumed_run_goes_on_with_the_threads_it_recorded(tmp_path, capsys, cache_path, monkeypatch):
+    """A CPU run's last bits follow its thread count, and the default count follows the machine's load: a run
+    interrupted beside other work (one thread) and resumed on an idle machine goes on with the one thread it
+    recorded, ending where an uninterrupted one-thread run ends; --threads, given, still decides."""
+    whole, resumed, asked = tmp_path / "whole", tmp_path / "resumed", tmp_path / "asked"
+    monkeypatch.setattr("fastcoop.machine.usable_cores", lambda: 2)
+    monkeypatch.setattr("fastcoop.machine.others_running", lambda: 5)  # busy: one thread
+    assert run_cli(capsys, "train", cache_path, "--out", whole, *TRAIN)[0] == 0
+    for run_dir in (resumed, asked):
+        with monkeypatch.context() as patch:
+            ctrl_c_after_epoch(patch, 3)
+            assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 130
+    monkeypatch.setattr("fastcoop.machine.others_running", lambda: 0)  # idle: two threads for a new run
+    code, out, err = run_cli(capsys, "train", cache_path, "--out", resumed, *TRAIN)
+    assert code == 0 and "resuming" in out, err
+    assert json.loads((resumed / "config.json").read_text())["runtime"]["threads"] == 1
+    assert torch.equal(_ctx(resumed), _ctx(whole))
+    assert run_cli(capsys, "train", cache_path, "--out", asked, *TRAIN, "--threads", "2")[0] == 0
+    assert json.loads((asked / "config.json").read_text())["runtime"]["threads"] == 2
+
+
 def _train_process(cache_path, run_dir, *extra):
     command = [sys.executable, "-m", "fastcoop", "train", str(cache_path), "--out", str(run_dir), *TRAIN[:-4],
                "--epochs", "60", "--device", "cpu", *extra]
