@@ -189,26 +189,59 @@ def _find_image_root(folder: Path, rows: dict) -> Path:
     raise FastCoopError(f"cannot find the image folder for {first} under {folder}; pass --image-root")
 
 
+SPLITS = ("train", "val", "test")
+
+
+def _csv_rows(csv_file: Path) -> list[tuple[int, str, str, str]]:
+    """The CSV's rows as (line, path, label, split), each checked: a missing field, an unclosed quote or an unknown
+    split is refused naming its line."""
+    rows = []
+    with csv_file.open(newline="") as f:
+        reader = csv.DictReader(f, strict=True)  # strict: an unclosed quote is an error, not the rest of the file
+        try:
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise FastCoopError(f"{csv_file} needs a header with columns path,label[,split]")
+            line = reader.line_num  # where the last row read ends
+            for row in reader:
+                line = reader.line_num
+                if None in row.values() or None in row:
+                    raise FastCoopError(f"{csv_file}:{line}: {'too few' if None in row.values() else 'too many'} "
+                                        f"fields for the header's {','.join(reader.fieldnames)}")
+                path, label, split = row["path"].strip(), row["label"].strip(), (row.get("split") or "train").strip()
+                if not path or not label:
+                    raise FastCoopError(f"{csv_file}:{line}: no {'path' if not path else 'label'}")
+                if split not in SPLITS:
+                    raise FastCoopError(f"{csv_file}:{line}: split '{split}' is not one of {', '.join(SPLITS)}")
+                rows.append((line, path, label, split))
+        except csv.Error as exc:  # the row after the last one read (an unclosed quote runs to the end)
+            raise FastCoopError(f"{csv_file}:{line + 1}: cannot read the row here ({exc}; an unclosed quote?)") \
+                from None
+    if not rows:
+        raise FastCoopError(f"{csv_file} lists no images")
+    return rows
+
+
 def read_csv(csv_file: Path, classnames_file: str | Path | None = None) -> LabelledImages:
     """CSV with header path,label[,split]; paths relative to the CSV; labels are class names or integers."""
     csv_file = Path(csv_file)
-    with csv_file.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise FastCoopError(f"{csv_file} needs a header with columns path,label[,split]")
-        rows = [(r["path"], r["label"].strip(), (r.get("split") or "train").strip()) for r in reader]
-    if not rows:
-        raise FastCoopError(f"{csv_file} lists no images")
+    rows = _csv_rows(csv_file)
     if classnames_file:
         classnames = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
-    elif all(label.isdigit() for _, label, _ in rows):
-        raise FastCoopError(f"{csv_file} has integer labels: pass the class names file (one name per line)")
     else:
-        classnames = sorted({label for _, label, _ in rows})
+        numbered = [label.isdigit() for _, _, label, _ in rows]
+        if all(numbered):
+            raise FastCoopError(f"{csv_file} has integer labels: pass the class names file (one name per line)")
+        if any(numbered):  # a class index among names, or a name among indices: a typo, not a new class
+            line, _, label, _ = rows[numbered.index(sum(numbered) < len(rows) / 2)]
+            raise FastCoopError(f"{csv_file}:{line}: label '{label}' is a class "
+                                f"{'index' if label.isdigit() else 'name'} where the other labels are "
+                                f"{'names' if label.isdigit() else 'indices'}; label every row alike (indices with "
+                                "--classnames)")
+        classnames = sorted({label for _, _, label, _ in rows})
     index = {name: i for i, name in enumerate(classnames)}
     root = str(csv_file.parent.resolve())
     data = LabelledImages([spoken(n) for n in classnames], layout="csv")
-    for line, (rel, label, split) in enumerate(rows, start=2):
+    for line, rel, label, split in rows:
         if label.isdigit() and label not in index:
             number = int(label)
             if number >= len(classnames):

@@ -131,3 +131,22 @@ def test_asking_for_more_shots_than_a_class_has_warns_and_is_recorded(tmp_path, 
     with FeatureCache(path) as cache:
         assert json.loads(cache.file.attrs["short_classes"])["red circle"] == 6
         assert len(cache.rows("train", 8, 1)) == 72  # every image of every class
+
+
+def test_a_csv_row_that_is_wrong_is_refused_naming_its_line(tmp_path, capsys):
+    """Each mistake → `file:line: what is wrong`, exit 2, nothing written: a row without a label, an unclosed
+    quote (which would swallow the rows after it), a class name among indices (it would become a class of its
+    own), a misspelled split (its image would be dropped), a row with more fields than the header."""
+    (tmp_path / "a.jpg").write_bytes(b"")
+    cases = {"path,label\na.jpg,cat\na.jpg\n": "3: too few fields for the header's path,label",
+             'path,label\na.jpg,cat\n"a.jpg,dog\na.jpg,cat\n': "3: cannot read the row here (unexpected end of data",
+             "path,label\na.jpg,0\na.jpg,1\na.jpg,cat\na.jpg,2\n": "4: label 'cat' is a class name where the other "
+                                                                  "labels are indices",
+             "path,label,split\na.jpg,cat,train\na.jpg,dog,trian\n": "3: split 'trian' is not one of train, val, test",
+             "path,label\na.jpg,cat,x\n": "2: too many fields for the header's path,label",
+             "path,label\n ,cat\n": "2: no path"}
+    for i, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"{i}.csv").write_text(text)
+        code, out, err = run_cli(capsys, "cache", tmp_path / f"{i}.csv", "--out", tmp_path / "f.h5")
+        assert code == 2 and err.startswith(f"error: {tmp_path / f'{i}.csv'}:{message}") and not out, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "f.h5").exists()
