@@ -559,11 +559,14 @@ def linear_probe(cache_file, shots, seed):
                    "linear-probe (CoOp's), tip-adapter, tip-adapter-f (Tip-Adapter and its fine-tuned keys), or "
                    "none.")
 @click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a method's runs.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace another sweep in --out (its runs too) and train every run again. Without it a rerun keeps "
+                   "the finished runs, and more --shots or --seeds train only the new runs.")
 @click.option("--eval-on", default=None,
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")
 @_field_options(Runtime, ("device", "impl", "impl_detail", "threads"))
-def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_stack, eval_on, **options):
+def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_stack, overwrite, eval_on, **options):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
     base-to-new protocol (base, new and H). Rerun to finish an interrupted
@@ -621,9 +624,9 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
         click.get_current_context().with_resource(held(out))  # until the command ends
     with cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)
-        check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base))
+        check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base), overwrite)
         runtime = _with_threads(dataclasses.replace(runtime, device=device),
-                                recorded_threads(run_dir_of(out, *run) for run in runs))
+                                None if overwrite else recorded_threads(run_dir_of(out, *run) for run in runs))
         hash_triton_in_background(device)
         loaded = load_model(cache.model, cache.pretrained, "cpu", image_tower=False)
         if world.is_writer:
@@ -631,7 +634,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
             click.echo(f"{len(runs)} runs: {len(variants)} variant(s) × shots {shots} × seeds {seeds}")
         run_sweep(cache, loaded, out, shot_list, seed_list, variants, base, runtime, progress=world.is_writer,
                   echo=click.echo if world.is_writer else lambda _: None, world=world, stack=not no_stack,
-                  eval_on=others, baselines=baseline_list)
+                  eval_on=others, baselines=baseline_list, overwrite=overwrite)
     if world.is_writer:
         click.echo((out / TABLE_FILE).read_text().rstrip())
         click.echo(f"summary, table and figure in {out}")

@@ -1,7 +1,6 @@
 """`fastcoop demo`: the pipeline end to end on the built-in example, with the time of each stage."""
 
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from fastcoop.models import load_model, resolve_model_name
 from fastcoop.outputs import check_writable, held
 from fastcoop.pipeline import train_to_run_dir
 from fastcoop.report import collect, summary_table
-from fastcoop.run_files import FIGURE_FILE, RESULTS_FILE, SWEEP_FILE, TABLE_FILE
+from fastcoop.run_files import FIGURE_FILE, RESULTS_FILE, TABLE_FILE
 from fastcoop.sweep import Variant, run_sweep
 from fastcoop.zeroshot import zeroshot_classifier
 
@@ -79,11 +78,10 @@ def _run_demo(folder: Path, model: str, pretrained: str, device: str, epochs: in
 
         start = time.perf_counter()
         sweep_dir = folder / "sweep"  # the demo's own sweep, remade each time (its cache is new)
-        if (sweep_dir / SWEEP_FILE).is_file():
-            shutil.rmtree(sweep_dir)
         base, runtime = Recipe(epochs=epochs), Runtime(device=device)
         variant = Variant("coop", n_ctx=4, init="a photo of a")
-        summary = run_sweep(cache, loaded, sweep_dir, list(SHOTS), [1], [variant], base, runtime, echo=lambda _: None)
+        summary = run_sweep(cache, loaded, sweep_dir, list(SHOTS), [1], [variant], base, runtime, echo=lambda _: None,
+                            overwrite=True)
         steps = sum(json.loads((Path(r["run"]) / RESULTS_FILE).read_text())["steps"] for r in summary["runs"])
         spent = summary["seconds"]
         times[f"CoOp at {len(SHOTS)} shot counts ({steps} steps)"] = spent["runs"]
@@ -113,4 +111,4 @@ def _run_demo(folder: Path, model: str, pretrained: str, device: str, epochs: in
     click.echo(summary_table(collect(base_to_new)))
     click.echo(f"runs in {sweep_dir} and {folder}/base-to-new-*; stage times:")
     for name, seconds in times.items():
-        click.echo(f"  {name:<32s} {seconds:6.1f} s")
+        click.echo(f"  {name:<34s} {seconds:6.1f} s")

@@ -46,6 +46,10 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
         raise FastCoopError(f"{run_dir} holds a sweep, not a run; choose another --out")
     config = read_config(run_dir)
     if config is None:
+        foreign = _not_a_run(run_dir)
+        if foreign:  # a user's own files, never mixed with a run's (nor removed by --overwrite)
+            raise FastCoopError(f"{run_dir} holds files that are not a fastcoop run ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out")
         return "new"
     if overwrite:
         return "replace"
@@ -66,6 +70,14 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
     if not (run_dir / CHECKPOINT_FILE).is_file():
         return "replace"  # killed before its first checkpoint: nothing to resume
     return "resume"
+
+
+def _not_a_run(run_dir: Path) -> list[str]:
+    """What `run_dir` holds that no run writes (a run's files and, after a kill, their temporary copies)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in RUN_FILES and not any(p.name.startswith(f".{name}.") for name in RUN_FILES))
 
 
 def _differences(config: dict, cache: FeatureCache, request: dict) -> str:

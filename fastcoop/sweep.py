@@ -14,6 +14,7 @@ others. DIR/sweep.json records what the sweep is, so a different sweep never wri
 """
 
 import json
+import shutil
 import statistics
 import time
 import warnings
@@ -26,7 +27,7 @@ from fastcoop.cache import FeatureCache
 from fastcoop.config import METHOD_NAMES, Recipe, Runtime
 from fastcoop.devices import resolve_device
 from fastcoop.distributed import World
-from fastcoop.errors import FastCoopError
+from fastcoop.errors import FastCoopError, changed
 from fastcoop.evaluate import evaluate_split, score_run, text_classifier
 from fastcoop.fewshot import class_subset
 from fastcoop.linear_probe import linear_probe
@@ -90,30 +91,69 @@ def run_dir_of(out: Path, variant: Variant, shots: int, seed: int) -> Path:
     return Path(out) / variant.folder / f"{shots}shot-seed{seed}"
 
 
-def check_sweep_dir(out: Path, request: dict) -> None:
-    if (Path(out) / CONFIG_FILE).exists():
+def check_sweep_dir(out: Path, request: dict, overwrite: bool = False) -> None:
+    """`out` may take this sweep: it is new or empty, or holds this sweep (its shot counts and seeds may grow: only
+    the new runs train), or another sweep to replace with `overwrite`; never a run or a user's own files."""
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
         raise FastCoopError(f"{out} holds a run, not a sweep; choose another --out")
-    path = Path(out) / SWEEP_FILE
-    if path.is_file() and json.loads(path.read_text()) != request:
-        raise FastCoopError(f"{out} holds a different sweep (see its {SWEEP_FILE}); choose another --out")
+    path = out / SWEEP_FILE
+    if not path.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise FastCoopError(f"{out} holds files that are not a fastcoop sweep ({_some(out)}); choose an empty or "
+                                "new --out")
+        return
+    differ = _differences(json.loads(path.read_text()), request)
+    if differ and not overwrite:
+        raise FastCoopError(f"{out} holds a different sweep ({differ}); pass --overwrite to replace it, or choose "
+                            "another --out")
+
+
+def _some(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _differences(was: dict, now: dict) -> str:
+    """What makes two sweeps different, as 'name: was → now': the cache, the variants, the shared recipe (their
+    shot counts and seeds do not: each run is checked on its own)."""
+    parts = [] if was.get("cache") == now["cache"] else ["feature cache: another cache"]
+    if was.get("variants") != now["variants"]:
+        parts += changed({"variants": _labels(was.get("variants", []))}, {"variants": _labels(now["variants"])})
+    return "; ".join(parts + changed(was.get("recipe", {}), now["recipe"], show=repr))
+
+
+def _labels(variants: list[dict]) -> str:
+    return ", ".join(Variant(**v).label for v in variants)
+
+
+def clear_sweep_dir(out: Path) -> None:
+    """Remove what the sweep in `out` wrote (its files and its variants' run folders), and only that."""
+    variants = json.loads((Path(out) / SWEEP_FILE).read_text()).get("variants", [])
+    for variant in variants:
+        shutil.rmtree(Path(out) / Variant(**variant).folder, ignore_errors=True)
+    for name in (SWEEP_FILE, SUMMARY_FILE, TABLE_FILE, FIGURE_FILE):
+        (Path(out) / name).unlink(missing_ok=True)
 
 
 def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[int], seeds: list[int],
               variants: list[Variant], base: Recipe, runtime: Runtime = Runtime(), progress: bool = True,
               echo=print, world: World = World(), stack: bool = True, eval_on: list[FeatureCache] = (),
-              baselines: tuple[str, ...] = ("linear-probe",)) -> dict | None:
+              baselines: tuple[str, ...] = ("linear-probe",), overwrite: bool = False) -> dict | None:
     """Train every run not finished yet, then write the summary, the table and the figure; returns the summary.
     `stack`: a method's unfinished runs (they differ in variant, shots and seed; CoCoOp's only in shots and
     seed) train together, one text-encoder pass per step for all of them. `eval_on`: other datasets' caches
     every run is also tested on (domain generalisation, cross-dataset transfer), recorded in each run's
     evaluations and tabulated. `baselines`: those of config.BASELINES beside the runs (the all-classes protocol,
-    with val and test splits). Under torchrun
+    with val and test splits). `overwrite`: replace another sweep in `out`. Under torchrun
     each rank trains every N-th run and the first writes the summary (None elsewhere)."""
     out = Path(out)
     runs = sweep_runs(cache, shots, seeds, variants)
     request = sweep_request(cache, shots, seeds, variants, base)
-    check_sweep_dir(out, request)
+    check_sweep_dir(out, request, overwrite)
     if world.is_writer:
+        if overwrite and (out / SWEEP_FILE).is_file():
+            clear_sweep_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
     device = resolve_device(runtime.device)

@@ -226,3 +226,35 @@ def test_tip_adapter_on_fewer_views_than_published_warns_and_records_them(tmp_pa
     assert code == 0, err
     augmentation = json.loads((tmp_path / "tip.json").read_text())["augmentation"]
     assert augmentation == {"cached_views": 2, "key_views": 2, "published_key_views": 10, "finetune_views": 2}
+
+
+def test_outputs_never_mix_a_users_files_and_a_sweep_grows_or_is_replaced_by_name(tmp_path, capsys, split_cache):
+    """`train --out` and `sweep --out` refuse a folder holding a user's own files (even with --overwrite: they are
+    not the tool's to remove); a sweep rerun with more shot counts or seeds trains only the new runs; another
+    setting is refused naming what differs, and --overwrite replaces the sweep (its runs) and keeps the rest."""
+    cache = split_cache / "s12.h5"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    quick = ["--n-ctx", "2", "--epochs", "1", "--device", "cpu"]
+    for command in (["train", cache, "--out", mine, "--shots", "1", *quick],
+                    ["train", cache, "--out", mine, "--shots", "1", *quick, "--overwrite"],
+                    ["sweep", cache, "--out", mine, "--shots", "1", "--seeds", "1", *quick]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and "holds files that are not a fastcoop" in err and "(notes.txt)" in err, err
+        assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    out, sweep = tmp_path / "sweep", ["sweep", cache, "--baselines", "none", *quick]
+    assert run_cli(capsys, *sweep, "--out", out, "--shots", "1", "--seeds", "1")[0] == 0
+    first = out / "coop-M2-unified-end" / "1shot-seed1" / "results.json"
+    kept = first.stat().st_mtime_ns
+    code, stdout, err = run_cli(capsys, *sweep, "--out", out, "--shots", "1,2", "--seeds", "1")
+    assert code == 0 and stdout.count("shots, seed") == 1 and "2 shots, seed 1" in stdout, err  # the new run only
+    assert first.stat().st_mtime_ns == kept and len(json.loads((out / "summary.json").read_text())["runs"]) == 2
+    code, _, err = run_cli(capsys, *sweep, "--epochs", "2", "--out", out, "--shots", "1", "--seeds", "1")
+    assert code == 2 and "holds a different sweep (epochs: 1 → 2); pass --overwrite" in err, err
+    (out / "notes.txt").write_text("mine too")
+    code, _, err = run_cli(capsys, *sweep, "--epochs", "2", "--out", out, "--shots", "1", "--seeds", "1",
+                           "--overwrite")
+    assert code == 0, err
+    assert json.loads(first.read_text())["epochs"] == 2 and (out / "notes.txt").read_text() == "mine too"
+    assert not (out / "coop-M2-unified-end" / "2shot-seed1").exists()  # the replaced sweep's runs are gone
