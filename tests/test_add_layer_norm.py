@@ -42,7 +42,7 @@ def assert_matches(shape, x_dtype, delta_dtype, out_dtype, use_h=True, tolerance
         assert (a.float() - b.float()).abs().max() <= bound * b.float().abs().max(), name
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (37, 96), (300, 512), (5, 3, 1280)])
+@pytest.mark.parametrize("shape", [(37, 96), (1, 64), (300, 512), (5, 3, 1280)])  # quick: several rows
 def test_fp32_matches_reference(shape):
     assert_matches(shape, torch.float32, torch.float32, torch.float32)
 

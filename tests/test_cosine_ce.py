@@ -52,8 +52,8 @@ def test_fp32_images_and_bf16_text(B, K, D):
 
 
 @needs_kernel
-@pytest.mark.parametrize("B, K, D", [(1, 1, 64), (5, 7, 33), (32, 100, 512), (70, 45, 100), (33, 130, 65),
-                                     (130, 17, 1280)])
+@pytest.mark.parametrize("B, K, D", [(5, 7, 33), (1, 1, 64), (32, 100, 512), (70, 45, 100), (33, 130, 65),
+                                     (130, 17, 1280)])  # the first (quick) case: loss and gradients far from 0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_matches_reference(B, K, D, dtype):
     compare(B, K, D, dtype)

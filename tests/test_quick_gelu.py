@@ -10,7 +10,7 @@ from fastcoop.kernels.quick_gelu_kernel import quick_gelu_triton
 pytestmark = needs_kernel
 
 
-@pytest.mark.parametrize("shape", [(1,), (7, 33), (390, 2048)])  # 390 × 2048: the MLP of K = 100 prompts
+@pytest.mark.parametrize("shape", [(7, 33), (1,), (390, 2048)])  # 390 × 2048: the MLP of K = 100 prompts
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_open_clip_quick_gelu(shape, dtype):
     gen = torch.Generator().manual_seed(0)
