@@ -48,7 +48,8 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
                      workers: int | None = None, device: str = "cpu", precision: str = "fp32",
                      skip_bad: bool = False, overwrite: bool = False, progress: bool = True,
                      world: World = World(), crops: str = "auto", verbose: bool = False,
-                     encoder: str = "eager", crop_scale: tuple[float, float] = COOP_SCALE) -> Path:
+                     encoder: str = "eager", crop_scale: tuple[float, float] = COOP_SCALE,
+                     on_start=None) -> Path:
     """Encode the chosen splits into `out`; resume an unfinished run; refuse to reuse a mismatched finished file.
 
     `shots`: a shot count or several (their subsets share the cached images), None for the whole train split.
@@ -58,7 +59,9 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
     'device' (where the encoder runs, equal to PIL's); 'auto' is 'device' on a GPU. `verbose`: the progress bar
     also shows each stage's share of the time, and the end says where it went. `encoder`: 'graph' replays the
     image encoder from a CUDA graph (encoder.ImageEncoder). `crop_scale`: the augmented views' crop areas as
-    fractions of the image (CoOp's 0.08–1; Tip-Adapter's own code crops at 0.5–1)."""
+    fractions of the image (CoOp's 0.08–1; Tip-Adapter's own code crops at 0.5–1). `on_start()`: called (by the
+    writing process) once every check has passed and there is work to do, so that what a caller says of it
+    never comes before an error."""
     out = Path(out)
     splits = _present(data, splits, world)
     shot_list = None if shots is None or "train" not in splits else sorted({shots} if isinstance(shots, int)
@@ -85,6 +88,8 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
         raise FastCoopError(plan)
     if plan is None:  # a finished file with these settings exists
         return out
+    if on_start is not None and world.is_writer:
+        on_start()
     if job.progress:
         job.announce(rows, plan)
     try:

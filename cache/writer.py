@@ -31,13 +31,26 @@ def feature_chunks(views: int, n: int, dim: int, images_per_batch: int) -> tuple
     return views, min(n, rows), dim
 
 
+def check_replaceable(out: Path) -> None:
+    """An existing `out` must be a feature cache (kept, or replaced with --overwrite); any other file is a user's,
+    never replaced."""
+    try:
+        with _open(out, "r") as f:
+            if "schema_version" in f.attrs:
+                return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    raise FastCoopError(f"{out} exists and is not a fastcoop feature cache; it is never replaced: choose another "
+                        "--out")
+
+
 def open_for_writing(out: Path, partial: Path, attrs: dict, overwrite: bool, prepare) -> tuple[dict | None, object]:
     """(rows already written per split, the open partial file), or (None, None) when `out` is already done.
     `prepare(f)`: each split's datasets created where new, and how many rows of each are written (create_split)."""
+    check_replaceable(out)
     if out.exists():
-        if differences(out, attrs) == "unreadable":
-            raise FastCoopError(f"{out} exists and is not a fastcoop feature cache; it is never replaced: choose "
-                                "another --out")
         if matches(out, attrs) and not overwrite:
             return None, None
         if not overwrite:

@@ -165,6 +165,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     Under `torchrun --nproc-per-node N -m fastcoop cache ...` each process encodes a share of the batches and the
     first writes the file, the same file as one process makes."""
     from fastcoop import fewshot
+    from fastcoop.cache.writer import check_replaceable
     from fastcoop.datasets import read_dataset
     from fastcoop.outputs import check_writable, held
 
@@ -177,10 +178,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     seed_list = _int_list(seeds, "--seeds")
     data = read_dataset(root, layout, image_root, classnames_file, dataset)  # answered before torch loads
     check_writable(out, "feature cache", folder=False)
-    if data.dataset:
-        sizes = ", ".join("val = test" if split == "val" and items is data.splits.get("test") else
-                          f"{split} {len(items):,}" for split, items in data.splits.items())
-        click.echo(f"{root}: CoOp's {data.dataset}, {len(data.classnames)} classes ({sizes} images)")
+    check_replaceable(out)
     if splits is None:
         splits = "train,test" if "train" in data.splits else ",".join(s for s in ("val", "test") if s in data.splits)
     unknown = [s.strip() for s in splits.split(",") if s.strip() not in ("train", "val", "test")]
@@ -197,24 +195,29 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         click.get_current_context().with_resource(held(out))  # until the command ends
     if encoder == "graph" and not device.startswith("cuda"):
         raise FastCoopError(f"--encoder graph needs a GPU; the device is {device}")
-    new_split = None
+    new_split, said = None, []  # what is said of the work once every check has passed (on_start)
     if data.layout == "flat" and split_ratios != "none":
-        data, new_split = _split_flat(data, root, out, split_ratios, world)
+        data, new_split, split_said = _split_flat(data, root, out, split_ratios)
+        said.append(split_said)
     loaded = load_model(model, pretrained, device)
-    if world.is_writer:
-        _say_weights(loaded)
+    before = _file_version(out)
     start = time.perf_counter()
     path = extract_features(data, out, loaded, splits=[s.strip() for s in splits.split(",")], shots=n_shots,
                             seeds=seed_list, views=n_views, batch_size=batch_size, workers=workers,
                             device=device, precision=resolve_precision(precision, device, "fp16"),
                             skip_bad=skip_bad, overwrite=overwrite, world=world, crops=crops, verbose=verbose,
-                            encoder=encoder, crop_scale=scale)
+                            encoder=encoder, crop_scale=scale,
+                            on_start=lambda: (_say_dataset(root, data), *map(click.echo, said),
+                                              _say_weights(loaded)))
     if world.is_writer:
         if new_split is not None:  # saved once the cache is made, so that a refusal leaves no file behind
             from fastcoop.data import write_coop_split
 
             write_coop_split(data, new_split, root)
-        _describe_cache(path, time.perf_counter() - start)
+        if before is not None and _file_version(out) == before:
+            click.echo(f"{out} holds this cache, finished: nothing to do (--overwrite encodes it again)")
+        else:
+            _describe_cache(path, time.perf_counter() - start)
 
 
 @cli.command()
@@ -229,26 +232,22 @@ def datasets(data, check_images):
     click.echo(survey_table(survey(data, check_images), data))
 
 
-def _split_flat(data, root, out, ratios, world):
+def _split_flat(data, root, out, ratios):
     """Train/val/test for a flat folder: the split saved beside the cache, or made now (the same every time: a
-    fixed seed) with the path to save it at once the cache is made."""
+    fixed seed) with the path to save it at once the cache is made; and what to say of it."""
     from fastcoop.data import read_coop_split, split_flat_folder
 
     path = Path(out).with_suffix(".split.json")
     if path.is_file():
-        if world.is_writer:
-            click.echo(f"{root} has no split folders: using the split in {path}")
-        return read_coop_split(path, root), None
+        return read_coop_split(path, root), None, f"{root} has no split folders: using the split in {path}"
     try:
         train, val = (float(r) for r in ratios.split(","))
     except ValueError:
         raise FastCoopError(f"--split-ratios must be 'train,val' fractions such as 0.5,0.2, or 'none', "
                             f"not '{ratios}'") from None
-    data = split_flat_folder(data, train, val)
-    if world.is_writer:
-        click.echo(f"{root} has no split folders: split each class {train:.0%} / {val:.0%} / "
-                   f"{1 - train - val:.0%} into train / val / test, saved in {path} with the cache")
-    return data, path
+    return split_flat_folder(data, train, val), path, (
+        f"{root} has no split folders: split each class {train:.0%} / {val:.0%} / {1 - train - val:.0%} into "
+        f"train / val / test, saved in {path} with the cache")
 
 
 def _crop_scale(value: str) -> tuple[float, float]:
@@ -270,6 +269,22 @@ def _views(value: str) -> int | str:
     if not value.isdigit():
         raise FastCoopError(f"--views must be a non-negative integer or 'auto', not '{value}'")
     return int(value)
+
+
+def _say_dataset(root, data) -> None:
+    if data.dataset:
+        sizes = ", ".join("val = test" if split == "val" and items is data.splits.get("test") else
+                          f"{split} {len(items):,}" for split, items in data.splits.items())
+        click.echo(f"{root}: CoOp's {data.dataset}, {len(data.classnames)} classes ({sizes} images)")
+
+
+def _file_version(path: Path) -> tuple[int, int] | None:
+    """The file's inode and modification time (a rewritten cache, renamed into place, changes both)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 def _say_weights(loaded):

@@ -72,6 +72,9 @@ def read_dataset(root: str | Path, layout: str = "auto", image_root: str | Path 
             raise FastCoopError(f"--dataset {dataset} reads CoOp's layout; leave --layout out (it is {layout})")
         spec = dataset_named(dataset)
         folder = root / spec.folder if root.name != spec.folder and (root / spec.folder).is_dir() else root
+        if folder == root and root.name != spec.folder and root.is_dir() and not _has_a_mark_of(root, spec):
+            raise FastCoopError(f"{root} has no {spec.folder}/ folder, where CoOp's DATASETS.md puts {spec.name} "
+                                f"(or point at that folder itself)")
         return read_coop_dataset(folder, spec, image_root)
     if layout in ("auto", "coop"):
         spec = recognise(root)
@@ -140,6 +143,20 @@ def _has_a_mark_of(root: Path, spec: CoopDataset) -> bool:
     return any(mark and (root / mark).exists() for mark in marks)
 
 
+# what CoOp's own datasets/*.py do without the split file (each then saves the split it drew), said when it is missing
+_SPLITS_CLASS_FOLDERS = ("CoOp's code would split each class's images 50/20/30 % itself, at random, and save that "
+                         "split; fastcoop reads {images} as a plain folder of class folders the same way (pass it as "
+                         "ROOT), with its own fixed draw, not the published one")
+_SPLITS_TRAIN_LIST = ("CoOp's code would split the dataset's official train list 80/20 into train and val itself, at "
+                      "random; fastcoop does not read those lists: get the split file, so the images are the "
+                      "published ones")
+WITHOUT_SPLIT_FILE = {**dict.fromkeys(("caltech101", "dtd", "eurosat", "food101"), _SPLITS_CLASS_FOLDERS),
+                      "oxford_flowers": ("CoOp's code would split imagelabels.mat's images 50/20/30 % per class "
+                                         "itself, at random; get the split file, so the images are the published "
+                                         "ones"),
+                      **dict.fromkeys(("oxford_pets", "stanford_cars", "sun397", "ucf101"), _SPLITS_TRAIN_LIST)}
+
+
 def read_coop_dataset(folder: Path, spec: CoopDataset, image_root: str | Path | None = None) -> LabelledImages:
     """One of CoOp's datasets from its folder, read as its datasets/<name>.py reads it; incomplete → refused."""
     folder = Path(folder)
@@ -151,7 +168,8 @@ def read_coop_dataset(folder: Path, spec: CoopDataset, image_root: str | Path | 
         split_file = folder / spec.split_file
         if not split_file.is_file():
             raise FastCoopError(f"{folder} has no {spec.split_file}, which holds {spec.name}'s splits (CoOp's "
-                                "DATASETS.md says where to get it)")
+                                f"DATASETS.md says where to get it); "
+                                + WITHOUT_SPLIT_FILE[spec.name].format(images=folder / spec.image_dir))
         data = read_coop_split(split_file, image_root or folder / spec.image_dir)
     else:
         data = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_fgvc_aircraft,

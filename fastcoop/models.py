@@ -125,6 +125,16 @@ def _in_hub_cache(cfg: dict) -> str | None:
     return None
 
 
+def _why_unreadable(exc: Exception) -> str:
+    """What went wrong reading a checkpoint, in a few words: torch's safe loader's refusal says what it met
+    (without its advice to load unsafely); anything else, its first line."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        met = " ".join(text.partition("WeightsUnpickler error:")[2].split("Check the documentation")[0].split())
+        return f"not a file of weights torch loads safely ({met or 'unreadable'})"
+    return textwrap.shorten((text.splitlines() or [type(exc).__name__])[0], 200)
+
+
 def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu",
                image_tower: bool = True) -> LoadedModel:
     """Create the model in fp32 with every parameter frozen, with the activation its weights were trained with;
@@ -139,8 +149,7 @@ def load_model(model: str = "ViT-B-16", pretrained: str | None = "openai", devic
     try:
         net, preprocess = _build(name, tag, file, device, image_tower)
     except Exception as exc:  # a checkpoint that cannot be read becomes one clear line
-        reason = textwrap.shorten((str(exc).splitlines() or [type(exc).__name__])[0], 200)
-        raise FastCoopError(f"could not read checkpoint {file} for {name}: {reason}") from exc
+        raise FastCoopError(f"could not read checkpoint {file} for {name}: {_why_unreadable(exc)}") from exc
     finally:
         logging.disable(muted)
     net.eval().requires_grad_(False)

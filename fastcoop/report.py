@@ -10,7 +10,7 @@ from pathlib import Path
 from fastcoop.datasets import DATASETS, IMAGENET_VARIANTS
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import harmonic_mean
-from fastcoop.run_files import (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, check_complete, read_config,
+from fastcoop.run_files import (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, SWEEP_FILE, check_complete, read_config,
                                 read_evaluations)
 
 GROUP_BY = ("method", "classes", "shots", "n_ctx", "csc", "position", "init", "epochs")
@@ -21,8 +21,10 @@ def collect(run_dirs: list[Path]) -> list[dict]:
     rows = []
     for run_dir in run_dirs:
         config, results_path = read_config(run_dir), Path(run_dir) / RESULTS_FILE
-        if config is None or (config["state"] == "complete" and not results_path.is_file()):
-            raise FastCoopError(f"{run_dir} is not a finished fastcoop run (no {CONFIG_FILE} / {RESULTS_FILE})")
+        if config is None:
+            raise FastCoopError(_not_a_run(Path(run_dir)))
+        if config["state"] == "complete" and not results_path.is_file():
+            raise FastCoopError(f"{run_dir} is not a finished fastcoop run (no {RESULTS_FILE})")
         check_complete(run_dir, config)
         results = json.loads(results_path.read_text())
         rows.append({"run": str(run_dir), "cache": Path(config["cache"]["path"]).name,
@@ -33,6 +35,19 @@ def collect(run_dirs: list[Path]) -> list[dict]:
                      "transfer": _transfer(config, read_evaluations(run_dir)),
                      "train_seconds": results["train_seconds"]})
     return rows
+
+
+def _not_a_run(path: Path) -> str:
+    """Why `path` is no run to report, and what to pass instead where it holds runs."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_dir():
+        return f"{path} is a file, not a run directory"
+    runs = sorted(p.parent for p in path.glob(f"*/{CONFIG_FILE}"))
+    if runs:
+        return (f"{path} is not a run but holds {len(runs)}: pass them ({path}/*), e.g. "
+                + " ".join(str(r) for r in runs[:2]) + (" ..." if len(runs) > 2 else ""))
+    return f"{path} is neither a fastcoop run nor a sweep (no {CONFIG_FILE} or {SWEEP_FILE})"
 
 
 def _transfer(config: dict, evaluations: dict) -> dict:

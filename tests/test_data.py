@@ -116,7 +116,7 @@ def test_a_flat_folder_is_split_as_the_published_code_splits_it(tmp_path, capsys
         assert [len(cache.paths(s)) for s in ("train", "test")] == [12 * 3, 12 * 2]
     before = (tmp_path / "f.split.json").read_text()
     code, out, _ = run_cli(capsys, "cache", flat, "--out", tmp_path / "f.h5", "--model", TINY_VIT,
-                           "--pretrained", "none", "--shots", "all", "--views", "0", "--workers", "0")
+                           "--pretrained", "none", "--shots", "all", "--views", "0", "--workers", "0", "--overwrite")
     assert code == 0 and "using the split in" in out and (tmp_path / "f.split.json").read_text() == before
 
 

@@ -209,8 +209,9 @@ def test_report_averages_seeds_and_interpret_reads_back_the_init_words(capsys, t
     lines = out.splitlines()
     assert code == 0 and "nearest to each context vector" in lines[0] and "distance" in lines[0]
     assert [line.split(": ")[1].split(" (")[0] for line in lines[1:]] == ["a", "photo", "of", "a"]
-    code, _, err = run_cli(capsys, "report", tmp_path)
-    assert code == 2 and "not a finished fastcoop run" in err
+    code, _, err = run_cli(capsys, "report", tmp_path)  # the folder of the runs: say to pass the runs
+    assert code == 2 and f"{tmp_path} is not a run but holds 2: pass them ({tmp_path}/*), e.g. {tmp_path / 's1'} " \
+        f"{tmp_path / 's2'}" in err
 
 
 def _views_per_epoch(cache, tiny_vit, monkeypatch, epochs):
