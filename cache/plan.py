@@ -32,12 +32,20 @@ def auto_views(shots: list[int] | None, num_classes: int) -> int:
 
 
 def dataset_fingerprint(data: LabelledImages) -> str:
-    """sha256 of class names and every (split, path, size, label): changes when any image or label changes."""
+    """sha256 of class names and every (split, path, size, label): changes when any image or label changes (an
+    image listed but not there, which --skip-bad skips, counts as size -1)."""
     digest = hashlib.sha256(json.dumps(data.classnames).encode())
     for split in sorted(data.splits):
         for path, label in data.splits[split]:
-            digest.update(f"{split}\0{path}\0{os.path.getsize(path)}\0{label}\n".encode())
+            digest.update(f"{split}\0{path}\0{_size(path)}\0{label}\n".encode())
     return digest.hexdigest()
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return -1
 
 
 def plan_rows(data: LabelledImages, splits: list[str], shots: list[int] | None, seeds: list[int]):

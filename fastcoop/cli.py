@@ -176,7 +176,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     n_views = _views(views)
     scale = _crop_scale(crop_scale)
     seed_list = _int_list(seeds, "--seeds")
-    data = read_dataset(root, layout, image_root, classnames_file, dataset)  # answered before torch loads
+    data = read_dataset(root, layout, image_root, classnames_file, dataset, skip_missing=skip_bad)  # before torch
     check_writable(out, "feature cache", folder=False)
     check_replaceable(out)
     if splits is None:

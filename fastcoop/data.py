@@ -28,6 +28,18 @@ class LabelledImages:
     layout: str = ""
     dataset: str = ""
     class_ids: list[str] | None = None
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (list file, image) for listed images not there
+
+    def refuse_missing(self) -> None:
+        """Refuse listed images that are not there, naming the first few and counting them (unless they are to be
+        skipped: `fastcoop cache --skip-bad` records them as unreadable)."""
+        if len(self.missing) == 1:
+            raise FastCoopError(f"{self.missing[0][0]} lists {self.missing[0][1]}, which does not exist (--skip-bad "
+                                "skips it)")
+        if self.missing:
+            raise FastCoopError(f"{self.missing[0][0]} lists {len(self.missing)} images that do not exist: "
+                                + ", ".join(path for _, path in self.missing[:3])
+                                + (", ..." if len(self.missing) > 3 else "") + " (--skip-bad skips them)")
 
     def split(self, name: str) -> list[tuple[str, int]]:
         if name not in self.splits:
@@ -124,9 +136,9 @@ def image_files(folder: str | Path) -> list[str]:
     return sorted(filter(IMAGE_NAME.match, os.listdir(folder)))
 
 
-def check_listed(paths: list[str], listed_in: str | Path) -> None:
-    """Refuse a list that names images which are not there, naming the first few and counting them. Existence is
-    read from one listing per folder, far cheaper than a stat per image for a split of a million images."""
+def missing_images(paths: list[str], listed_in: str | Path) -> list[tuple[str, str]]:
+    """(listed_in, path) for each listed image that is not there. Existence is read from one listing per folder,
+    far cheaper than a stat per image for a split of a million images."""
     listings: dict[str, set[str]] = {}
     missing = []
     for path in paths:
@@ -137,12 +149,8 @@ def check_listed(paths: list[str], listed_in: str | Path) -> None:
             except OSError:
                 listings[folder] = set()
         if name not in listings[folder]:
-            missing.append(path)
-    if len(missing) == 1:
-        raise FastCoopError(f"{listed_in} lists {missing[0]}, which does not exist")
-    if missing:
-        raise FastCoopError(f"{listed_in} lists {len(missing)} images that do not exist: "
-                            + ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
+            missing.append((str(listed_in), path))
+    return missing
 
 
 def read_coop_split(split_file: Path, image_root: str | Path | None = None) -> LabelledImages:
@@ -175,7 +183,7 @@ def read_coop_split(split_file: Path, image_root: str | Path | None = None) -> L
     root = str(image_root.resolve())
     for split, entries in rows.items():
         data.splits[split] = [(os.path.normpath(os.path.join(root, rel)), label) for rel, label, _ in entries]
-        check_listed([path for path, _ in data.splits[split]], split_file)
+        data.missing += missing_images([path for path, _ in data.splits[split]], split_file)
     return data
 
 
@@ -252,5 +260,5 @@ def read_csv(csv_file: Path, classnames_file: str | Path | None = None) -> Label
             number = index[label]
         data.splits.setdefault(split, []).append((os.path.normpath(os.path.join(root, rel)), number))
     for items in data.splits.values():
-        check_listed([path for path, _ in items], csv_file)
+        data.missing += missing_images([path for path, _ in items], csv_file)
     return data

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastcoop.classnames import spoken
-from fastcoop.data import (LabelledImages, check_listed, image_files, read_coop_split, read_csv,
+from fastcoop.data import (LabelledImages, missing_images, image_files, read_coop_split, read_csv,
                            named_by_wnids, read_imagefolder, subfolders)
 from fastcoop.errors import FastCoopError
 
@@ -60,11 +60,19 @@ IGNORED_FILES = ("README.txt",)  # ImageNet-A and -R ship one beside their class
 
 
 def read_dataset(root: str | Path, layout: str = "auto", image_root: str | Path | None = None,
-                 classnames_file: str | Path | None = None, dataset: str | None = None) -> LabelledImages:
+                 classnames_file: str | Path | None = None, dataset: str | None = None,
+                 skip_missing: bool = False) -> LabelledImages:
     """Read a dataset: `dataset` names one of CoOp's (ROOT is its folder, or the $DATA folder holding it); else
     by `layout`, or, with 'auto', from what ROOT is: one of CoOp's dataset folders (by its name or the files in
-    it), a split file, a CSV, or a folder of classes."""
-    root = Path(root)
+    it), a split file, a CSV, or a folder of classes. Images a list names that are not there are refused, unless
+    `skip_missing` (then they fail to decode, and `--skip-bad` records them)."""
+    data = _read_dataset(Path(root), layout, image_root, classnames_file, dataset)
+    if not skip_missing:
+        data.refuse_missing()
+    return data
+
+
+def _read_dataset(root: Path, layout: str, image_root, classnames_file, dataset) -> LabelledImages:
     if not root.exists():
         raise FastCoopError(f"dataset path {root} does not exist")
     if dataset is not None:
@@ -75,11 +83,11 @@ def read_dataset(root: str | Path, layout: str = "auto", image_root: str | Path 
         if folder == root and root.name != spec.folder and root.is_dir() and not _has_a_mark_of(root, spec):
             raise FastCoopError(f"{root} has no {spec.folder}/ folder, where CoOp's DATASETS.md puts {spec.name} "
                                 f"(or point at that folder itself)")
-        return read_coop_dataset(folder, spec, image_root)
+        return _read_coop_dataset(folder, spec, image_root)
     if layout in ("auto", "coop"):
         spec = recognise(root)
         if spec is not None and (layout == "auto" or spec.split_file):
-            return read_coop_dataset(root, spec, image_root)
+            return _read_coop_dataset(root, spec, image_root)
     if layout == "auto":
         _refuse_data_folder(root)
         layout = _generic_layout(root)
@@ -157,8 +165,7 @@ WITHOUT_SPLIT_FILE = {**dict.fromkeys(("caltech101", "dtd", "eurosat", "food101"
                       **dict.fromkeys(("oxford_pets", "stanford_cars", "sun397", "ucf101"), _SPLITS_TRAIN_LIST)}
 
 
-def read_coop_dataset(folder: Path, spec: CoopDataset, image_root: str | Path | None = None) -> LabelledImages:
-    """One of CoOp's datasets from its folder, read as its datasets/<name>.py reads it; incomplete → refused."""
+def _read_coop_dataset(folder: Path, spec: CoopDataset, image_root: str | Path | None = None) -> LabelledImages:
     folder = Path(folder)
     if folder.is_file() and spec.split_file:  # the split file itself
         folder = folder.parent
@@ -175,6 +182,13 @@ def read_coop_dataset(folder: Path, spec: CoopDataset, image_root: str | Path | 
         data = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_fgvc_aircraft,
                 "imagenetv2": _read_imagenetv2}.get(spec.name, _read_wnid_folders)(folder, spec)
     data.dataset = spec.name
+    return data
+
+
+def read_coop_dataset(folder: Path, spec: CoopDataset, image_root: str | Path | None = None) -> LabelledImages:
+    """One of CoOp's datasets from its folder, read as its datasets/<name>.py reads it; incomplete → refused."""
+    data = _read_coop_dataset(folder, spec, image_root)
+    data.refuse_missing()
     return data
 
 
@@ -201,7 +215,7 @@ def _read_fgvc_aircraft(folder: Path, spec: CoopDataset) -> LabelledImages:
     label_of = {name: label for label, name in enumerate(variants)}
     images = _required_folder(folder / spec.image_dir, folder)
     root = images.resolve()
-    splits = {}
+    splits, missing = {}, []
     for split, name in FGVC_SPLITS.items():
         items = []
         for number, line in enumerate(_lines(folder / name, folder), start=1):
@@ -210,9 +224,9 @@ def _read_fgvc_aircraft(folder: Path, spec: CoopDataset) -> LabelledImages:
                 raise FastCoopError(f"line {number} of {folder / name} names variant '{variant}', which is not in "
                                     f"{folder / 'variants.txt'}")
             items.append((str(root / f"{image}.jpg"), label_of[variant]))
-        check_listed([path for path, _ in items], folder / name)
+        missing += missing_images([path for path, _ in items], folder / name)
         splits[split] = items
-    return LabelledImages([spoken(v) for v in variants], splits, "coop")
+    return LabelledImages([spoken(v) for v in variants], splits, "coop", missing=missing)
 
 
 def _read_imagenetv2(folder: Path, spec: CoopDataset) -> LabelledImages:

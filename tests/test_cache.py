@@ -151,6 +151,32 @@ def test_corrupt_image_exit_2_or_skipped(tmp_path, capsys, example_images):
         assert [p.decode() for p in cache.file["skipped"][()]] == [str(bad)]
 
 
+def test_an_image_a_split_file_lists_but_is_missing_is_refused_or_skipped(tmp_path, capsys, example_images):
+    """A CoOp split file naming an image that is not there: one line naming it (and --skip-bad); with --skip-bad
+    it is recorded as skipped like an unreadable one, not a crash in the dataset's fingerprint."""
+    import json
+    import shutil
+
+    classes = sorted(p.name for p in (example_images / "train").iterdir())[:2]
+    for c in classes:
+        shutil.copytree(example_images / "train" / c, tmp_path / "eurosat" / "2750" / c)
+    rows = [[f"{c}/{img.name}", i, c] for i, c in enumerate(classes)
+            for img in sorted((tmp_path / "eurosat" / "2750" / c).iterdir())]
+    gone = tmp_path / "eurosat" / "2750" / classes[0] / "gone.jpg"
+    (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(
+        {"train": rows + [[f"{classes[0]}/gone.jpg", 0, classes[0]]], "val": [], "test": rows[:2]}))
+    args = [tmp_path / "eurosat", "--out", tmp_path / "f.h5", "--model", TINY_VIT, "--pretrained", "none", "--shots",
+            "all", "--views", "0", "--workers", "0"]
+    code, out, err = run_cli(capsys, "cache", *args)
+    assert code == 2 and not out and err.strip() == (f"error: {tmp_path / 'eurosat' / 'split_zhou_EuroSAT.json'} "
+                                                      f"lists {gone}, which does not exist (--skip-bad skips it)")
+    code, out, err = run_cli(capsys, "cache", *args, "--skip-bad")
+    assert code == 0 and "skipped 1" in out, err
+    with FeatureCache(tmp_path / "f.h5") as cache:
+        assert [p.decode() for p in cache.file["skipped"][()]] == [str(gone)]
+        assert len(cache.paths("train")) == len(rows)
+
+
 @pytest.mark.slow
 def test_skipped_images_are_rows_every_reader_leaves_out_in_a_clean_caches_layout(tmp_path, capsys, example_images):
     """--skip-bad rewrites nothing: the file has a clean cache's datasets, chunking and size, its unreadable row
