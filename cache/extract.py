@@ -109,14 +109,16 @@ def extract_features(data: LabelledImages, out: str | Path, loaded: LoadedModel,
 
 
 def _present(data: LabelledImages, splits, world: World) -> list[str]:
-    """The asked splits the dataset has (a warning names the others; none at all is an error)."""
-    missing = [s for s in splits if s not in data.splits]
+    """The asked splits the dataset has images in (a warning names the others; none at all is an error)."""
+    missing = [s for s in splits if not data.splits.get(s)]
     if len(missing) == len(splits):
         data.split(missing[0])  # the clear error for a split the dataset lacks
+        raise FastCoopError(f"the dataset's {missing[0]} split holds no images")
+    present = [s for s in splits if s not in missing]
     if missing and world.is_writer:
-        warnings.warn(f"the dataset has no {', '.join(missing)} split; caching {', '.join(data.splits)} only")
-    return [s for s in splits if s in data.splits]
-
+        warnings.warn(f"the dataset has no images in its {', '.join(missing)} split; caching {', '.join(present)} "
+                      "only")
+    return present
 
 
 def _leave_signals_to_the_command(worker_id: int) -> None:

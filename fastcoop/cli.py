@@ -41,7 +41,7 @@ def _importing():
 
 def _int_list(value: str, option: str) -> list[int]:
     try:
-        numbers = [int(v) for v in value.split(",") if v.strip()]
+        numbers = [int(v) for v in value.split(",")]  # an empty item ('1,,2') is a typo, not nothing
     except ValueError:
         numbers = []
     if not numbers:
@@ -519,8 +519,9 @@ def tip_adapter(cache_file, shots, seed, finetune, out, device):
     with _importing():
         from fastcoop.devices import resolve_device
         from fastcoop.models import load_model
-        from fastcoop.tip_adapter import run_tip_adapter
+        from fastcoop.tip_adapter import check_cache, run_tip_adapter
 
+    check_cache(cache)
     device = resolve_device(device)
     loaded = load_model(cache.model, cache.pretrained, device, image_tower=False)
     _say_weights(loaded)

@@ -4,6 +4,7 @@ CUDA graph not even that), so an interrupted run may go on under another runtime
 metadata is its command-line option (help text, choices), declared once here for `train` and `sweep`. Kept apart
 from the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
 
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 from fastcoop.errors import FastCoopError
@@ -35,6 +36,9 @@ def resolve_precision(precision: str, device: str, gpu_default: str) -> str:
     for (faster on CPUs with bf16 units, e.g. AVX512-BF16 or AMX; slower on the others)."""
     if precision == "auto":
         return gpu_default if device.startswith("cuda") else "fp32"
+    if precision == "fp16" and not device.startswith("cuda"):
+        warnings.warn("--precision fp16 on a CPU has no fast kernels: it runs about 14× slower than fp32 there (fp32, "
+                      "or bf16 on CPUs with bf16 units, are the fast choices)")
     return precision
 
 

@@ -140,21 +140,26 @@ def finetune(keys: torch.Tensor, values: torch.Tensor, clip_weights: torch.Tenso
 
 
 def check_cache(cache: FeatureCache) -> None:
-    """What Tip-Adapter needs of a cache, checked before any work: val and test splits; warnings when its keys
-    would average fewer augmented views than published, or views not cropped as its own code crops them."""
+    """What Tip-Adapter needs of a cache, checked by a command before any work: val and test splits; warnings when
+    its keys would average fewer augmented views than published, or views not cropped as its own code crops
+    them (said once, here: run_tip_adapter checks only the splits)."""
+    _check_splits(cache)
     if cache.crop_scale != TIP_CROP_SCALE:
         low, high = cache.crop_scale
         warnings.warn(f"Tip-Adapter's keys average {cache.path}'s views, cropped at scale {low:g}–{high:g}; its "
                       "published code crops at 0.5–1: cache with --crop-scale 0.5,1 for its own views")
-    for split in ("val", "test"):
-        if split not in cache.splits:
-            raise FastCoopError(f"Tip-Adapter searches α and β on the val split and tests on test; {cache.path} has "
-                                f"no {split} split: cache it with --splits train,val,test")
     augmented, needed = cache.num_views("train") - 1, tip_recipe(cache.dataset).augment_epoch
     if augmented < needed:
         warnings.warn(f"Tip-Adapter averages {needed} augmented views per key; {cache.path} holds {augmented}, so "
                       f"its keys average {augmented or 'only the un-augmented view'} (recorded in the result): "
                       f"cache with --views {needed} or more for the published keys")
+
+
+def _check_splits(cache: FeatureCache) -> None:
+    for split in ("val", "test"):
+        if split not in cache.splits:
+            raise FastCoopError(f"Tip-Adapter searches α and β on the val split and tests on test; {cache.path} has "
+                                f"no {split} split: cache it with --splits train,val,test")
 
 
 def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, subsets: list[tuple[int, int]], finetuned: bool,
@@ -163,7 +168,7 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, subsets: list[tupl
     α and β searched on val, accuracies on test; CLIP's classifier and the val and test features made once for all
     of them. Needs the val and test splits; with fewer augmented views cached than the recipe's, the keys average
     those there are (the un-augmented view when none), as each result records."""
-    check_cache(cache)
+    _check_splits(cache)
     recipe = tip_recipe(cache.dataset)
     names = [spoken(name) for name in cache.classnames]
     clip_weights = zeroshot_classifier(loaded, names, recipe.templates, device=device).float()

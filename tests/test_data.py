@@ -150,3 +150,20 @@ def test_a_csv_row_that_is_wrong_is_refused_naming_its_line(tmp_path, capsys):
         code, out, err = run_cli(capsys, "cache", tmp_path / f"{i}.csv", "--out", tmp_path / "f.h5")
         assert code == 2 and err.startswith(f"error: {tmp_path / f'{i}.csv'}:{message}") and not out, err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "f.h5").exists()
+
+
+def test_a_split_left_empty_by_the_flat_split_is_left_out_with_a_warning(tmp_path, capsys, example_images):
+    """Two images per class split 50/20/30 % leave val empty: cached without it, said, not a crash."""
+    import shutil
+
+    for class_dir in (example_images / "train").iterdir():
+        (tmp_path / "flat" / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:2]:
+            shutil.copy(image, tmp_path / "flat" / class_dir.name)
+    with pytest.warns(UserWarning, match="no images in its val split; caching train, test only"):
+        code, _, err = run_cli(capsys, "cache", tmp_path / "flat", "--out", tmp_path / "f.h5", "--model", TINY_VIT,
+                               "--pretrained", "none", "--shots", "1", "--seeds", "1", "--views", "0", "--splits",
+                               "train,val,test", "--workers", "0")
+    assert code == 0, err
+    with FeatureCache(tmp_path / "f.h5") as cache:
+        assert cache.splits == ["train", "test"]

@@ -226,6 +226,13 @@ def test_tip_adapter_on_fewer_views_than_published_warns_and_records_them(tmp_pa
     assert code == 0, err
     augmentation = json.loads((tmp_path / "tip.json").read_text())["augmentation"]
     assert augmentation == {"cached_views": 2, "key_views": 2, "published_key_views": 10, "finetune_views": 2}
+    with pytest.warns(UserWarning) as said:  # in a sweep too, each warning once
+        code, _, err = run_cli(capsys, "sweep", split_cache / "s2.h5", "--out", tmp_path / "s", "--shots", "2",
+                               "--seeds", "1", "--n-ctx", "2", "--epochs", "1", "--baselines", "tip-adapter",
+                               "--device", "cpu")
+    assert code == 0, err
+    tip = [str(w.message) for w in said if "Tip-Adapter" in str(w.message)]
+    assert len(tip) == len(set(tip)) == 2, tip  # the views it averages, and their crop scale
 
 
 def test_outputs_never_mix_a_users_files_and_a_sweep_grows_or_is_replaced_by_name(tmp_path, capsys, split_cache):
