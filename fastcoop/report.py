@@ -93,7 +93,8 @@ def transfer_tables(columns: list[str], groups: list[tuple[list[str], list[dict]
     """The papers' transfer tables: domain generalisation (ImageNet's context on ImageNetV2, -Sketch, -A and -R)
     and cross-dataset transfer (on every other dataset). A row per group of runs (its `columns` cells), with the
     runs' own test top-1 as the source, then each target's and their average (means over the seeds evaluated
-    there); runs are dicts with 'test' and 'transfer' ({dataset: top-1})."""
+    there; a cell from fewer seeds than the row's names them); runs are dicts with 'test', 'seed' and 'transfer'
+    ({dataset: top-1})."""
     targets = {name for _, runs in groups for r in runs for name in r.get("transfer", {})}
     variants = [t for t in _in_paper_order(targets) if t in IMAGENET_VARIANTS]
     others = [t for t in _in_paper_order(targets) if t not in IMAGENET_VARIANTS]
@@ -107,9 +108,19 @@ def transfer_tables(columns: list[str], groups: list[tuple[list[str], list[dict]
         for cells, runs in groups:
             means = [_mean([r.get("transfer", {}).get(t) for r in runs]) for t in targets]
             if any(m is not None for m in means):
+                partial = any(_from_some_seeds(runs, t) for t in targets)
                 lines.append("| " + " | ".join(cells) + f" | {percent([r['test'] for r in runs])} | "
-                             + " | ".join(percent([m]) for m in means) + f" | {percent([_mean(means)])} |")
+                             + " | ".join(percent([m]) + _from_some_seeds(runs, t) for m, t in zip(means, targets))
+                             + f" | {percent([_mean(means)])}{' (partial)' if partial else ''} |")
     return lines
+
+
+def _from_some_seeds(runs: list[dict], target: str) -> str:
+    """' (seed 1)' where only some of a row's runs were tested on `target` (so its mean is over those alone)."""
+    seeds = [str(r.get("seed", "?")) for r in runs if r.get("transfer", {}).get(target) is not None]
+    if not seeds or len(seeds) == len(runs):
+        return ""
+    return f" (seed{'s' if len(seeds) > 1 else ''} {','.join(seeds)})"
 
 
 def _in_paper_order(names: set[str]) -> list[str]:

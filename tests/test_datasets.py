@@ -292,6 +292,11 @@ def test_a_run_on_imagenet_is_tested_on_its_variants_and_reported(tmp_path, caps
     assert code == 0 and expected in again, err
     assert [str(w.message) for w in warned] == [f"{tmp_path / 'copy-of-unified-1'} repeats {tmp_path / 'unified-1'} "
                                                 "(same recipe, cache and seed 1): counted once"]
+    del evaluations[1]["sketch.h5 test all"]  # seed 2 not tested on ImageNet-Sketch: that cell is seed 1's alone
+    (tmp_path / "unified-2" / "evaluations.json").write_text(json.dumps(evaluations[1]))
+    code, out, err = run_cli(capsys, "report", *(tmp_path / f"unified-{s}" for s in (1, 2)))
+    sketch = evaluations[0]["sketch.h5 test all"]["top1"]
+    assert code == 0 and f" | {100 * sketch:.2f} (seed 1) | " in out and " (partial) |" in out, out
 
 
 def test_a_sweep_tests_every_run_on_the_caches_it_is_given(tmp_path, capsys, imagenet_caches):
