@@ -480,21 +480,39 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--classes", "class_names", default=None,
+              help="Classify among these classes instead of the run's own: names, comma-separated, or a file with "
+                   "one per line (the learned context carried over; a class-specific one only to its own classes).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-def predict(run_dir, images, top_k, device):
+def predict(run_dir, images, top_k, class_names, device):
     """Classify image files with a trained prompt."""
+    from fastcoop.classnames import spoken
     from fastcoop.run_files import complete_config
 
     complete_config(run_dir)  # a wrong or unfinished run is answered before torch is imported
+    names = _class_names(class_names) if class_names is not None else None
     with _importing():
         from fastcoop.devices import resolve_device
         from fastcoop.predict import predict_images
-        from fastcoop.run import load_run
+        from fastcoop.run import load_run, with_classnames
 
     device = resolve_device(device)
     run = load_run(run_dir, device)
+    if names is not None:
+        run = with_classnames(run, [spoken(n) for n in names])
     for path, top in zip(images, predict_images(run, [str(p) for p in images], top_k, device)):
         click.echo(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+
+
+def _class_names(value: str) -> list[str]:
+    """--classes: a file of names, one per line, or names separated by commas; at least two, none twice."""
+    path = Path(value)
+    names = ([line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else
+             [name.strip() for name in value.split(",") if name.strip()])
+    if len(names) < 2 or len(set(names)) < len(names):
+        raise FastCoopError(f"--classes takes two or more different class names (comma-separated, or a file with one "
+                            f"per line), not '{value}'")
+    return names
 
 
 @cli.command("tip-adapter")

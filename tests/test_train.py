@@ -8,7 +8,7 @@ from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.datasets import read_dataset
 from fastcoop.evaluate import run_text_features
 from fastcoop.predict import predict_images
-from fastcoop.run import load_run
+from fastcoop.run import load_run, with_classnames
 from fastcoop.schedule import lr_at, published_epochs
 from fastcoop.config import Recipe, Runtime
 from fastcoop.train import batches_per_epoch, train
@@ -92,6 +92,15 @@ def test_cli_train_eval_predict_roundtrip(tmp_path, capsys, cache_path, example_
     assert predict_images(run_a, [image]) == predict_images(run_b, [image])
     code, out, _ = run_cli(capsys, "predict", run_dir, image, "--top-k", "2")
     assert code == 0 and out.count("%") == 2
+    # among other class names: the learned context on them, as a run on those classes computes it
+    names = ["red circle", "zebra", "golden retriever"]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    expected = predict_images(with_classnames(run_a, names), [image], top_k=3)[0]
+    for given in (",".join(names), tmp_path / "names.txt"):
+        code, out, err = run_cli(capsys, "predict", run_dir, image, "--classes", given, "--top-k", "3")
+        assert code == 0 and out.strip() == f"{image}: " + ", ".join(f"{n} {p:.1%}" for n, p in expected), err
+    code, _, err = run_cli(capsys, "predict", run_dir, image, "--classes", "zebra")
+    assert code == 2 and "--classes takes two or more different class names" in err
 
 
 def test_zeroshot_cli(capsys, cache_path, tmp_path):
