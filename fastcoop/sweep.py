@@ -291,23 +291,43 @@ def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str, classes: s
 
 
 def plot_accuracy(summary: dict, path: Path, title: str) -> None:
+    """The paper's figure (accuracy_figure) written to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(summary, title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def accuracy_figure(summary: dict, title: str):
     """The paper's figure: test accuracy against shots (1, 2, 4, 8, 16 on a log axis), a curve per variant and
-    the linear probe, zero-shot CLIP as a star at zero shots."""
+    baseline, each its own colour (a base-to-new variant's new classes dotted in its base curve's colour), zero-shot
+    CLIP as red stars at zero shots (hollow: on the new classes); the legend beside the axes, never over a point."""
     import matplotlib
+    import matplotlib.colors
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    red = "#d62728"  # zero-shot CLIP's, and no curve's
+    palette = [c for c in map(matplotlib.colors.to_hex, plt.rcParams["axes.prop_cycle"].by_key()["color"]) if c != red]
+    colours: dict[str, str] = {}
     for method, by_shots in sweep_curves(summary).items():
+        curve = method.removesuffix(" new").removesuffix(" base")
+        colour = colours.setdefault(curve, palette[len(colours) % len(palette)])
         shots = sorted(by_shots)
         means = [100 * statistics.mean(by_shots[s]) for s in shots]
         errors = [100 * statistics.stdev(by_shots[s]) if len(by_shots[s]) > 1 else 0 for s in shots]
-        ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=method,
-                    linestyle="--" if method in BASELINE_NAMES.values() else "-")
-    if summary.get("zero_shot") is not None:
-        ax.plot([0.5], [100 * summary["zero_shot"]], marker="*", markersize=14, color="tab:red", linestyle="none",
-                label="zero-shot CLIP")
+        new = method.endswith(" new")
+        ax.errorbar(shots, means, yerr=errors, marker="s" if new else "o", capsize=3, label=method, color=colour,
+                    linestyle=":" if new else "--" if method in BASELINE_NAMES.values() else "-",
+                    markerfacecolor="none" if new else colour)
+    for key, label, face in (("zero_shot", "zero-shot CLIP", red), ("zero_shot_new", "zero-shot CLIP new", "none")):
+        if summary.get(key) is not None:
+            ax.plot([0.5], [100 * summary[key]], marker="*", markersize=14, color=red, markerfacecolor=face,
+                    linestyle="none", label=label + (" base" if key == "zero_shot" and "zero_shot_new" in summary
+                                                     else ""))
     ax.set_xscale("log", base=2)
     ticks = [0.5] + sorted({run["shots"] for run in summary["runs"]})
     ax.set_xticks(ticks, ["0"] + [str(t) for t in ticks[1:]])
@@ -315,7 +335,6 @@ def plot_accuracy(summary: dict, path: Path, title: str) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -265,3 +265,29 @@ def test_outputs_never_mix_a_users_files_and_a_sweep_grows_or_is_replaced_by_nam
     assert code == 0, err
     assert json.loads(first.read_text())["epochs"] == 2 and (out / "notes.txt").read_text() == "mine too"
     assert not (out / "coop-M2-unified-end" / "2shot-seed1").exists()  # the replaced sweep's runs are gone
+
+
+def test_the_figure_gives_every_curve_its_colour_and_keeps_the_legend_off_the_points():
+    """Each variant and baseline its own colour, none zero-shot's red; a base-to-new variant's new curve in its base
+    colour but dotted; zero-shot CLIP on the new classes too; the legend outside the axes."""
+    import matplotlib.colors
+
+    from fastcoop.sweep import accuracy_figure
+
+    runs = [{"variant": v, "shots": s, "seed": 1, "test": 0.5, "test_new": 0.4} for v in ("CoOp M4", "CoCoOp M4")
+            for s in (1, 2)]
+    tip = [{"shots": s, "tip_adapter": {"test": 0.6}, "tip_adapter_f": {"test": 0.65}} for s in (1, 2)]
+    summary = {"runs": runs, "trained_on": "base", "zero_shot": 0.55, "zero_shot_new": 0.45,
+               "linear_probe": [{"shots": s, "test": {"top1": 0.3}} for s in (1, 2)], "tip_adapter": tip}
+    fig = accuracy_figure(summary, "t")
+    ax = fig.axes[0]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # the curves (error bars), then the stars
+    lines |= {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    colour = {name: matplotlib.colors.to_hex(line.get_color()) for name, line in lines.items()}
+    curves = ["CoOp M4 base", "CoCoOp M4 base", "linear probe", "Tip-Adapter", "Tip-Adapter-F"]
+    assert len({colour[c] for c in curves} | {colour["zero-shot CLIP base"]}) == len(curves) + 1
+    assert colour["CoOp M4 new"] == colour["CoOp M4 base"] and lines["CoOp M4 new"].get_linestyle() == ":"
+    assert lines["zero-shot CLIP new"].get_markerfacecolor() == "none"
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1  # beside the axes, over no point
