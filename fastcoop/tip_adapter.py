@@ -5,7 +5,7 @@ zero-shot CLIP's,
     logits = 100 · f·Wᵀ + α · exp(−(β − β · f·Kᵀ)) · V,
 
 f the test image's normalised feature, W the classes' hand-written prompt features (Tip-Adapter's templates per
-dataset), K the keys (each few-shot image's features averaged over `augment_epoch` augmented views, then
+dataset, normalised, averaged and normalised again), K the keys (each few-shot image's features averaged over `augment_epoch` augmented views, then
 normalised), V their one-hot labels. α and β are searched on the val split over Tip-Adapter's grid. Tip-Adapter-F
 also trains the keys (AdamW, eps 1e-4, cosine schedule per batch, batches of 256, a fresh augmented view of every
 image each epoch), then searches α and β again. The published code is gaopengcuhk/Tip-Adapter (main.py, utils.py,
@@ -81,7 +81,8 @@ def tip_logits(features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 def search(features: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
            clip_weights: torch.Tensor, recipe: TipRecipe) -> tuple[float, float, float]:
     """(β, α, accuracy) with the best accuracy on (features, labels) over the recipe's grid, the first best in the
-    published order (β outer, α inner, a later one only when strictly better).
+    published order (β outer, α inner, a later one only when strictly better); (0, 0, 0) — CLIP alone — when no
+    setting gets an image right, as the published search starts from β = α = 0 at accuracy 0.
 
     The same numbers as the published loop with less work: images a chunk at a time (memory stays bounded), the
     affinities and CLIP's logits once per chunk, the cache's logits once per β, and its product with the one-hot
@@ -111,6 +112,8 @@ def search(features: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, val
             predicted = (clip_logits + scales * cache_logits).argmax(dim=-1)
             hits[b] += (predicted == chunk_labels).sum(dim=1)
     best = int(hits.flatten().argmax())  # the first of the best, β-major as the published loops run
+    if hits.flatten()[best] == 0:  # no setting gets any image right: the published search keeps CLIP alone
+        return 0.0, 0.0, 0.0
     return betas[best // len(alphas)], alphas[best % len(alphas)], hits.flatten()[best].item() / len(labels)
 
 
@@ -171,13 +174,19 @@ def run_tip_adapter(cache: FeatureCache, loaded: LoadedModel, subsets: list[tupl
     _check_splits(cache)
     recipe = tip_recipe(cache.dataset)
     names = [spoken(name) for name in cache.classnames]
-    clip_weights = zeroshot_classifier(loaded, names, recipe.templates, device=device).float()
+    clip_weights = clip_classifier(loaded, names, recipe.templates, device)
     val, test = ((F.normalize(cache.features(s, view=0).float().to(device), dim=-1), cache.labels(s).to(device))
                  for s in ("val", "test"))
     zero_shot = {"val": _accuracy(val[0] @ clip_weights.t(), val[1]),
                  "test": _accuracy(test[0] @ clip_weights.t(), test[1])}
     return [{**_on_subset(cache, recipe, shots, seed, finetuned, clip_weights, val, test, device),
              "zero_shot": zero_shot} for shots, seed in subsets]
+
+
+def clip_classifier(loaded: LoadedModel, names: list[str], templates: list[str], device: str = "cpu") -> torch.Tensor:
+    """K × D: CLIP's classifier as Tip-Adapter builds it (utils.clip_classifier): each class's template features
+    normalised, averaged, and the mean normalised again (its logits are 100 · f·w, with no cosine to do that)."""
+    return F.normalize(zeroshot_classifier(loaded, names, templates, device=device).float(), dim=-1)
 
 
 def _first_views(augmented: int, wanted: int) -> slice:

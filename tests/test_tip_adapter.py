@@ -70,6 +70,36 @@ def test_keys_logits_and_search_equal_the_published_computation(monkeypatch, ele
                                                    recipe))
 
 
+def test_a_search_that_gets_nothing_right_keeps_clip_alone():
+    """utils.search_hp starts from best_acc = 0, best_beta = best_alpha = 0 and takes a setting only when strictly
+    better: when no setting gets any image right, α = β = 0 (CLIP's logits alone), not the grid's first."""
+    recipe = tip_recipe("caltech101")
+    features, labels, clip_weights = _data()
+    keys, values = cache_model(features[None, :20], labels[:20], 5)
+    never = torch.full_like(labels, 5)  # a class no logit column stands for: no image is ever right
+    assert search(features, never, keys, values, clip_weights, recipe) == (0.0, 0.0, 0.0)
+    assert _published_search(features, never, keys, values, clip_weights, recipe) == (0, 0, 0)
+
+
+def test_clips_classifier_is_renormalised_after_the_template_average(tiny_vit):
+    """utils.clip_classifier: each template's feature normalised, their mean normalised again; Tip-Adapter's logits
+    are 100 · f·w with no cosine after, so with several templates (ImageNet's) the second norm changes them."""
+    from fastcoop.tip_adapter import clip_classifier
+
+    names, templates = ["red circle", "blue square"], ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}."]
+    ours = clip_classifier(tiny_vit, names, templates)
+    published = []
+    with torch.no_grad():
+        for name in names:
+            embeddings = tiny_vit.model.encode_text(tiny_vit.tokenizer([t.format(name) for t in templates])).float()
+            embeddings /= embeddings.norm(dim=-1, keepdim=True)
+            embedding = embeddings.mean(dim=0)
+            embedding /= embedding.norm()
+            published.append(embedding)
+    assert relative(ours, torch.stack(published)) <= 1e-6
+    assert torch.allclose(ours.norm(dim=-1), torch.ones(2))
+
+
 def test_finetuning_equals_the_published_loop():
     """run_tip_adapter_F's loop: nn.Linear(weight = keys), AdamW(lr, eps=1e-4), CosineAnnealingLR over all
     batches stepped per batch, a shuffled loader of 256 without drop_last, fresh features each epoch."""
