@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,8 +19,7 @@ from benchmarks.cache import run_cache_section
 from benchmarks.cocoop import run_cocoop_section
 from benchmarks.common import classnames_of, device_slug, environment, median_ms, real_classnames
 from benchmarks.exactness import run_exactness_section
-from benchmarks.full_run import (DATASETS, help_seconds, import_seconds, run_fastcoop_train, save_checkpoint,
-                                 schedule)
+from benchmarks.full_run import DATASETS, help_seconds, import_seconds, run_fastcoop_train, save_checkpoint
 from benchmarks.kernel import run_kernel_section
 from benchmarks.protocol import SHAPES, run_protocol_section, startup_seconds
 from benchmarks.launches import device_ops, interpreted_step_device_ops
@@ -50,14 +50,14 @@ def plan(name: str, device: str) -> dict:
                 "protocol": [("caltech101", False)],
                 "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101"), "methods": ("caltech101", 50),
                 "tip_adapter": "imagenet"}
-    if name == "quick":
-        return {"step": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 100, 16, False)], "repeats": 2,
-                "breakdown": ("ViT-B-16", 100), "device_ops": ("ViT-B-16", 100), "datasets": ["eurosat"],
-                "kernel": [(32, 100), (1024, 100), (1024, 1000)], "attention": [],
-                "exactness": [("ViT-B-16", 37, 16, False), ("ViT-B-16", 37, 4, True)], "exact_steps": 10,
-                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2, True)], "protocol": [("eurosat", True)],
+    if name == "quick":  # every section once, small: whole runs of a few epochs, no interpreted kernel count
+        return {"step": [("ViT-B-16", 37, 16, False)], "repeats": 1,
+                "breakdown": ("ViT-B-16", 37), "device_ops": None, "datasets": ["eurosat"],
+                "run_epochs": 10, "cocoop_epochs": 2, "kernel": [(32, 100), (1024, 1000)], "attention": [],
+                "exactness": [("ViT-B-16", 37, 4, True)], "exact_steps": 5,
+                "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2, False)], "protocol": [("eurosat", True)],
                 "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat"), "methods": ("eurosat", 3),
-                "tip_adapter": "caltech101"}
+                "tip_adapter": "caltech101", "load": {"busy_counts": (1,), "kinds": ("torch",)}}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
             for csc in (False, True)]
     return {"step": grid, "repeats": 20 if device.startswith("cuda") else 3, "breakdown": ("ViT-B-16", 1000),
@@ -73,12 +73,17 @@ def plan(name: str, device: str) -> dict:
             "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "imagenet") if device.startswith("cuda")
             else ("ViT-B-16", 37, [1, 4], 256, "eurosat"),
             "methods": ("caltech101", 50) if device.startswith("cuda") else ("eurosat", 20),
-            "tip_adapter": "imagenet" if device.startswith("cuda") else "caltech101"}
+            "tip_adapter": "imagenet" if device.startswith("cuda") else "caltech101", "load": {}}
 
 
 def published_step_ms(dataset_k: int, device: str, repeats: int, loaded) -> float:
     variants = step_variants(loaded, real_classnames(dataset_k), device, graph=False)
     return median_ms(variants["published"], device, repeats)
+
+
+def _epochs(todo: dict, key: str = "run_epochs") -> tuple[str, ...]:
+    """`fastcoop train` options for the plan's whole runs: its few epochs (quick), or the published schedule."""
+    return ("--epochs", str(todo[key])) if todo.get(key) else ()
 
 
 def _note(result: dict, note: str) -> None:
@@ -150,6 +155,13 @@ def main():
     result.setdefault("notes", [])
     print(f"benchmarks on {env.get('gpu') or 'CPU'} ({mode})", flush=True)
 
+    published_ms: dict[int, float] = {}  # the published step at K classes, measured once per benchmark run
+
+    def published_step(k: int, loaded) -> float:
+        if k not in published_ms:
+            published_ms[k] = published_step_ms(k, args.device, todo["repeats"], loaded)
+        return published_ms[k]
+
     def save(section: str) -> None:
         """Write after every section, so a run cut short keeps what it measured."""
         result.setdefault("measured", {})[section] = {"commit": env["commit"], "date": env["date"], "plan": mode}
@@ -165,7 +177,7 @@ def main():
         if args.device.startswith("cuda"):
             result["training_memory"], result["profile"] = gpu_memory_and_profile(todo["step"], args.device,
                                                                                   result["step"])
-        else:  # the GPU path's operations, counted with its Triton kernels interpreted
+        elif todo["device_ops"]:  # the GPU path's operations, counted with its Triton kernels interpreted
             model, k = todo["device_ops"]
             result["device_ops"] = [interpreted_step_device_ops(model, k)]
             print(f"  device operations {model} K={k}: {result['device_ops'][0]['device_ops_per_step']} per "
@@ -199,14 +211,16 @@ def main():
             weights = save_checkpoint(loaded.model, kernels)
             for i, dataset in enumerate(todo["datasets"]):
                 # the first run compiles the Triton kernels into an empty cache (cold), later ones reuse them
-                row = run_fastcoop_train(dataset, args.device, kernel_cache=kernels, weights=weights)
+                row = run_fastcoop_train(dataset, args.device, kernel_cache=kernels, weights=weights,
+                                         options=_epochs(todo))
                 row["kernel_cache"] = "cold" if i == 0 else "warm"
                 if i == 0 and args.device.startswith("cuda"):
-                    warm = run_fastcoop_train(dataset, args.device, kernel_cache=kernels, weights=weights)
+                    warm = run_fastcoop_train(dataset, args.device, kernel_cache=kernels, weights=weights,
+                                              options=_epochs(todo))
                     result["full_run"].append(row)
                     row = warm | {"kernel_cache": "warm"}
-                row["published_step_ms"] = published_step_ms(row["classes"], args.device, todo["repeats"], loaded)
-                row["published_estimate_seconds"] = row["published_step_ms"] * schedule(dataset)[1] / 1000
+                row["published_step_ms"] = published_step(row["classes"], loaded)
+                row["published_estimate_seconds"] = row["published_step_ms"] * row["steps"] / 1000
                 result["full_run"].append(row)
                 print(f"  full run {dataset} ({row['kernel_cache']} kernels, {row['kernels_compiled']} compiled): "
                       f"{row['process_seconds']:.1f} s = "
@@ -228,7 +242,7 @@ def main():
         loaded = load_model("ViT-B-16", "none", args.device)
         for dataset, epochs, alone in todo["sweep"]:
             k = len(classnames_of(dataset))
-            step_ms = published_step_ms(k, args.device, todo["repeats"], loaded)
+            step_ms = published_step(k, loaded)
             shots = [1, 2] if epochs else [1, 2, 4, 8, 16]
             seeds = [1, 2] if epochs else [1, 2, 3]
             result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs,
@@ -239,7 +253,7 @@ def main():
         loaded = load_model("ViT-B-16", "none", args.device)
         startup = startup_seconds()
         for dataset, quick in todo["protocol"]:
-            step_ms = published_step_ms(SHAPES[dataset][0], args.device, todo["repeats"], loaded)
+            step_ms = published_step(SHAPES[dataset][0], loaded)
             result["protocol"].append(run_protocol_section(dataset, args.device, step_ms, startup, quick))
             _note(result, "Published protocol times are estimates: the published step time (no data loading) × "
                           "the runs' steps, plus one start-up (importing torch and open_clip) per run; fastcoop's "
@@ -247,26 +261,29 @@ def main():
             save("protocol")
     def run_cocoop():
         model, k, batches, eval_images, dataset = todo["cocoop"]
-        result["cocoop"] = run_cocoop_section(model, k, batches, eval_images, dataset, args.device, todo["repeats"])
+        result["cocoop"] = run_cocoop_section(model, k, batches, eval_images, dataset, args.device, todo["repeats"],
+                                              _epochs(todo, "cocoop_epochs"))
         save("cocoop")
 
     def run_methods():
         dataset, epochs = todo["methods"]
         loaded = load_model("ViT-B-16", "none", args.device)
-        published = published_step_ms(len(classnames_of(dataset)), args.device, todo["repeats"], loaded)
+        published = published_step(len(classnames_of(dataset)), loaded)
         result["methods"] = run_methods_section(dataset, args.device, epochs, published)
         result["tip_adapter"] = [run_tip_adapter_row(todo["tip_adapter"], args.device, todo["repeats"])]
         save("methods")
 
     def run_load():
-        result["load"] = [run_load_section()] if not args.device.startswith("cuda") else []
+        result["load"] = [run_load_section(**todo.get("load", {}))] if not args.device.startswith("cuda") else []
         save("load")
 
     runners = {"load": run_load, "methods": run_methods, "step": run_step, "kernel": run_kernel, "attention": run_attention, "exactness": run_exactness,
                "full_run": run_full_run, "cache": run_cache, "sweep": run_sweep, "cocoop": run_cocoop,
                "protocol": run_protocol}
     for section in sections:  # in the order named: a run cut short keeps the first ones
+        started = time.perf_counter()
         runners[section]()
+        print(f"  section {section}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

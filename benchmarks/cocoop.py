@@ -57,9 +57,10 @@ def fastcoop_cocoop_step(loaded, model, classnames, batch: int, device: str):
 
 
 def run_cocoop_section(model_name: str, k: int, batches: list[int], eval_images: int, dataset: str, device: str,
-                       repeats: int) -> list[dict]:
+                       repeats: int, run_options: tuple[str, ...] = ()) -> list[dict]:
     """Steps at K classes for each batch size, the evaluation of `eval_images` test images, and a whole
-    `fastcoop train --method cocoop --classes base` process on a cache shaped like `dataset` (16 shots)."""
+    `fastcoop train --method cocoop --classes base` process on a cache shaped like `dataset` (16 shots;
+    `run_options`: more of its options, e.g. fewer epochs)."""
     loaded = load_model(model_name, "none", "cpu")
     model = loaded.model.to(device)
     classnames = real_classnames(k)
@@ -84,7 +85,8 @@ def run_cocoop_section(model_name: str, k: int, batches: list[int], eval_images:
     rows.append({"model": model_name, "classes": k, "eval_images": eval_images, "eval_seconds": seconds})
     print(f"  cocoop evaluation {model_name}: {eval_images} test images × {k} classes in {seconds:.1f} s", flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        run = run_fastcoop_train(dataset, device, model_name, options=("--method", "cocoop", "--classes", "base"),
+        run = run_fastcoop_train(dataset, device, model_name,
+                                 options=("--method", "cocoop", "--classes", "base", *run_options),
                                  weights=save_checkpoint(loaded.model, folder))
     base = class_subset(len(classnames_of(dataset)), "base")
     published = median_ms(published_cocoop_step(loaded, model, [classnames_of(dataset)[c] for c in base], 1, device),
