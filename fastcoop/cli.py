@@ -195,20 +195,24 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         click.get_current_context().with_resource(held(out))  # until the command ends
     if encoder == "graph" and not device.startswith("cuda"):
         raise FastCoopError(f"--encoder graph needs a GPU; the device is {device}")
-    new_split, said = None, []  # what is said of the work once every check has passed (on_start)
+    new_split, split_note = None, None
     if data.layout == "flat" and split_ratios != "none":
-        data, new_split, split_said = _split_flat(data, root, out, split_ratios)
-        said.append(split_said)
+        data, new_split, split_note = _split_flat(data, root, out, split_ratios)
     loaded = load_model(model, pretrained, device)
+
+    def announce():  # what the work is, said once every check has passed and there is work to do
+        _say_dataset(root, data)
+        if split_note:
+            click.echo(split_note)
+        _say_weights(loaded)
+
     before = _file_version(out)
     start = time.perf_counter()
     path = extract_features(data, out, loaded, splits=[s.strip() for s in splits.split(",")], shots=n_shots,
                             seeds=seed_list, views=n_views, batch_size=batch_size, workers=workers,
                             device=device, precision=resolve_precision(precision, device, "fp16"),
                             skip_bad=skip_bad, overwrite=overwrite, world=world, crops=crops, verbose=verbose,
-                            encoder=encoder, crop_scale=scale,
-                            on_start=lambda: (_say_dataset(root, data), *map(click.echo, said),
-                                              _say_weights(loaded)))
+                            encoder=encoder, crop_scale=scale, on_start=announce)
     if world.is_writer:
         if new_split is not None:  # saved once the cache is made, so that a refusal leaves no file behind
             from fastcoop.data import write_coop_split

@@ -91,6 +91,7 @@ def test_base_runs_record_new_and_h_and_report_shows_them(tmp_path, capsys, tiny
     assert "| cocoop | base |" in out and f"| {100 * harmonic:.2f} |" in out
 
 
+@pytest.mark.slow
 def test_cross_dataset_and_named_subset_evaluation(tmp_path, capsys, tiny_vit, example_images):
     """Another dataset (the same images under other class names) and a named subset of the run's classes (as
     ImageNet-A and -R are of ImageNet): a shared context carries over to both, a class-specific one to the subset

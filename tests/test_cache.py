@@ -449,6 +449,7 @@ def test_unreadable_partial_file_is_started_over(tmp_path, tiny_vit, example_ima
     _assert_same_file(whole, tmp_path / "again.h5")
 
 
+@pytest.mark.slow
 def test_cli_caches_a_coop_split_file(tmp_path, capsys, example_images):
     """The published code's split file used as it is, with its images under a subfolder."""
     import json

@@ -144,19 +144,24 @@ def test_the_crop_scale_of_the_views_is_a_cache_option_both_engines_cut_alike(tm
         torch.manual_seed(view_seed("train", 1, 3))
         assert torch.equal(pixels[1, 3], TF.pil_to_tensor(augment(image.convert("RGB"))))
     common = ["--model", TINY_VIT, "--pretrained", "none", "--shots", "2", "--seeds", "1", "--views", "2",
-              "--workers", "0"]
-    assert run_cli(capsys, "cache", example_images, "--out", tmp_path / "tip.h5", *common, "--crop-scale",
-                   "0.5,1")[0] == 0
-    assert run_cli(capsys, "cache", example_images, "--out", tmp_path / "coop.h5", *common)[0] == 0
+              "--workers", "0", "--splits", "train,val,test"]  # the train images as a folder of classes, split
+    images = example_images / "train"
+    assert run_cli(capsys, "cache", images, "--out", tmp_path / "tip.h5", *common, "--crop-scale", "0.5,1")[0] == 0
+    assert run_cli(capsys, "cache", images, "--out", tmp_path / "coop.h5", *common)[0] == 0
     with FeatureCache(tmp_path / "tip.h5") as tip, FeatureCache(tmp_path / "coop.h5") as coop:
         assert (tip.crop_scale, coop.crop_scale) == ((0.5, 1.0), (0.08, 1.0))
         assert not torch.equal(tip.features("train", view=1), coop.features("train", view=1))
         for cache, warned in ((coop, True), (tip, False)):
-            with warnings.catch_warnings(record=True) as caught, pytest.raises(FastCoopError, match="no val"):
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                check_cache(cache)  # the example has no val split: refused, after the warning
+                check_cache(cache)
             assert any("published code crops at 0.5–1" in str(w.message) for w in caught) == warned
-    code, _, err = run_cli(capsys, "cache", example_images, "--out", tmp_path / "tip.h5", *common)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(FastCoopError, match="no val"):
+        warnings.simplefilter("always")
+        assert run_cli(capsys, "cache", example_images, "--out", tmp_path / "no-val.h5", *common[:-2])[0] == 0
+        check_cache(FeatureCache(tmp_path / "no-val.h5"))  # refused alone: no warning comes before the refusal
+    assert not any("Tip-Adapter" in str(w.message) for w in caught)
+    code, _, err = run_cli(capsys, "cache", images, "--out", tmp_path / "tip.h5", *common)
     assert code == 2 and "augment: RandomResizedCrop(0.5-1, bicubic)+HFlip → RandomResizedCrop(0.08-1" in err
     for bad in ("0,1", "1,0.5", "half", "0.5"):
         code, _, err = run_cli(capsys, "cache", example_images, "--out", tmp_path / "x.h5", *common, "--crop-scale",

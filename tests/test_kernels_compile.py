@@ -17,6 +17,7 @@ def test_triton_kernels_compile_for_sm90():
     assert done.stdout.count("bytes of sm_90 code") == 69
 
 
+@pytest.mark.slow
 def test_the_kernels_package_stands_alone():
     """kernels/ is the bottom layer: importing it (every kernel module) loads no other part of fastcoop and no
     open_clip; callers pass what they choose."""

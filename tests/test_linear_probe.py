@@ -108,6 +108,7 @@ def test_its_val_images_are_those_coops_datasets_draw(tmp_path, capsys, example_
                 assert got == [os.path.realpath(p) for p, _, _ in expected[split]]
 
 
+@pytest.mark.slow
 def test_blas_threads_follow_the_machine_as_torchs_do(split_cache):
     """The shared-machine rule covers BLAS: beside other work, NumPy's and SciPy's OpenBLAS (under scikit-learn's
     solver) compute with one thread, not one spinning thread per core (in a fresh process: libraries read their

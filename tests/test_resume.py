@@ -138,6 +138,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes_to_the_uninterrupted_context(
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [["--impl-detail", "step=eager"], ["--impl", "reference"]])
 def test_an_interrupted_run_resumes_with_another_implementation(tmp_path, capsys, cache_path, monkeypatch, how):
     """What a run computes (its recipe) is its identity; how (graph, kernels, text path: its runtime) is not: an
@@ -156,6 +157,7 @@ def test_an_interrupted_run_resumes_with_another_implementation(tmp_path, capsys
                                                          ("fast", [["step", "eager"]]))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_goes_on_with_the_threads_it_recorded(tmp_path, capsys, cache_path, monkeypatch):
     """A CPU run's last bits follow its thread count, and the default count follows the machine's load: a run
     interrupted beside other work (one thread) and resumed on an idle machine goes on with the one thread it

@@ -116,6 +116,7 @@ def test_the_gpu_step_stays_within_its_launch_budget(tiny_vit):
     assert ops["_to_copy"] <= 2 and not set(ops) & {"index", "index_put", "select_backward", "zeros", "ones_like"}, ops
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_stacked_runs_share_every_op_of_the_blocks(tiny_vit):
     """Runs stacked in one step: the blocks' products, norms, activations and attention run once for all of them

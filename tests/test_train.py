@@ -386,6 +386,7 @@ def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache
         assert together.checkpoint.epochs_done == together.recipe.epochs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["coop", "kgcoop"])
 def test_prompt_variants_stacked_equal_each_run_alone(protocol_cache, tiny_vit, method):
     """A sweep's variants in one stack: unified and class-specific contexts of two lengths, the class name at the
@@ -418,6 +419,7 @@ def test_cocoop_runs_of_other_prompts_are_not_stacked(protocol_cache, tiny_vit):
         train_stack(cache, tiny_vit, configs, progress=False)
 
 
+@pytest.mark.slow
 def test_a_stack_resumes_each_run_from_its_own_epoch(protocol_cache, tiny_vit, monkeypatch):
     """Runs of a stack saved at different epochs (an interrupted protocol) go on together, each from its own
     checkpoint, and end equal to the runs trained without a stop."""
