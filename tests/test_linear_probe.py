@@ -130,3 +130,25 @@ def test_blas_threads_follow_the_machine_as_torchs_do(split_cache):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_the_search_runs_blas_on_one_thread(monkeypatch):
+    """lbfgs on few-shot features is many small products, which more BLAS threads slow; one thread also makes the
+    chosen C independent of the machine's load."""
+    import threadpoolctl
+
+    from fastcoop import linear_probe as lp
+
+    seen = []
+    fit = lp.fit
+
+    def fit_watching_threads(x, y, c):
+        seen.append({i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"})
+        return fit(x, y, c)
+
+    monkeypatch.setattr(lp, "fit", fit_watching_threads)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 8)), np.arange(20) % 4
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        lp.search(x, y, x, y, steps=1)
+    assert seen and all(threads == {1} for threads in seen)
