@@ -195,12 +195,25 @@ def sweep_table(rows: list[dict]) -> list[str]:
 
 
 def load_table(rows: list[dict]) -> list[str]:
-    kinds = [k for k in rows[0] if k.startswith("beside_")] if rows else []
+    """fastcoop's whole run alone and beside busy processes; beside each, the plain PyTorch loop under the same
+    load, and fastcoop's slowdown as a multiple of the plain loop's (where the row has it)."""
+    kinds = [k.removesuffix("_seconds") for k in rows[0] if k.startswith("beside_") and k.endswith("_seconds")] \
+        if rows else []
+
+    def cell(r: dict, kind: str) -> str:
+        ours = f"{fmt(r[kind + '_seconds'])} ({r[kind + '_seconds'] / r['alone_seconds']:.1f}×)"
+        plain = r.get("plain_" + kind + "_seconds")
+        if plain is None:
+            return ours
+        return (f"{ours}; plain {fmt(plain)} ({plain / r['plain_alone_seconds']:.1f}×); "
+                f"{r[kind + '_excess']:.2f}× its slowdown")
+
     return markdown_table(
-        ["dataset", "cores", "epochs", "alone s",
-         *(k.removeprefix("beside_").removesuffix("_seconds").replace("_", " ") + " busy s" for k in kinds)],
-        [[r["dataset"], r["cores"], r["epochs"], fmt(r["alone_seconds"]),
-          *(f"{fmt(r[k])} ({r[k] / r['alone_seconds']:.1f}×)" for k in kinds)] for r in rows])
+        ["dataset", "cores", "epochs", "alone s (plain loop s)",
+         *(k.removeprefix("beside_").replace("_", " ") + " busy: s" for k in kinds)],
+        [[r["dataset"], r["cores"], r["epochs"],
+          fmt(r["alone_seconds"]) + (f" ({fmt(r['plain_alone_seconds'])})" if "plain_alone_seconds" in r else ""),
+          *(cell(r, k) for k in kinds)] for r in rows])
 
 
 def methods_table(rows: list[dict]) -> list[str]:
