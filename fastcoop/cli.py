@@ -662,7 +662,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
         click.get_current_context().with_resource(held(out))  # until the command ends
     with cache:
         runs = sweep_runs(cache, shot_list, seed_list, variants)
-        check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base), overwrite)
+        check_sweep_dir(out, sweep_request(cache, shot_list, seed_list, variants, base), overwrite, world)
         runtime = _with_threads(dataclasses.replace(runtime, device=device),
                                 None if overwrite else recorded_threads(run_dir_of(out, *run) for run in runs))
         hash_triton_in_background(device)

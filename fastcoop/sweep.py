@@ -91,10 +91,22 @@ def run_dir_of(out: Path, variant: Variant, shots: int, seed: int) -> Path:
     return Path(out) / variant.folder / f"{shots}shot-seed{seed}"
 
 
-def check_sweep_dir(out: Path, request: dict, overwrite: bool = False) -> None:
+def check_sweep_dir(out: Path, request: dict, overwrite: bool = False, world: World = World()) -> None:
     """`out` may take this sweep: it is new or empty, or holds this sweep (its shot counts and seeds may grow: only
-    the new runs train), or another sweep to replace with `overwrite`; never a run or a user's own files."""
-    out = Path(out)
+    the new runs train), or another sweep to replace with `overwrite`; never a run or a user's own files. Under
+    torchrun the writer looks and every rank gets its answer (a rank looking for itself could see another's runs)."""
+    refused = None
+    if world.is_writer:
+        try:
+            _check_sweep_dir(Path(out), request, overwrite)
+        except FastCoopError as exc:
+            refused = str(exc)
+    refused = world.from_writer(refused)
+    if refused:
+        raise FastCoopError(refused)
+
+
+def _check_sweep_dir(out: Path, request: dict, overwrite: bool) -> None:
     if (out / CONFIG_FILE).exists():
         raise FastCoopError(f"{out} holds a run, not a sweep; choose another --out")
     path = out / SWEEP_FILE
@@ -150,12 +162,13 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     out = Path(out)
     runs = sweep_runs(cache, shots, seeds, variants)
     request = sweep_request(cache, shots, seeds, variants, base)
-    check_sweep_dir(out, request, overwrite)
+    check_sweep_dir(out, request, overwrite, world)
     if world.is_writer:
         if overwrite and (out / SWEEP_FILE).is_file():
             clear_sweep_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / SWEEP_FILE).write_text(json.dumps(request, indent=2) + "\n")
+    world.from_writer(None)  # no rank writes a run before the writer has claimed the folder
     device = resolve_device(runtime.device)
     started = time.perf_counter()
     groups: dict = {}  # what runs stacked share (Recipe.stack_key) → this rank's runs to start or resume

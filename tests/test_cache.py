@@ -469,6 +469,21 @@ def test_cli_caches_a_coop_split_file(tmp_path, capsys, example_images):
         assert cache.splits == ["train", "test"] and len(cache.rows("train", 2, 1)) == 24
 
 
+def _wait_for_rows(process, partial, rows: int) -> None:
+    """Until a `fastcoop cache` process has flushed `rows` train rows to its partial file, or has ended (the test
+    process must open the file with HDF5_USE_FILE_LOCKING=FALSE)."""
+    import time
+
+    done = 0
+    while process.poll() is None and done < rows:
+        time.sleep(0.01)
+        try:
+            with h5py.File(partial, "r") as f:
+                done = int(f["train"].attrs["done"])
+        except (OSError, KeyError):
+            pass  # not created yet, or caught mid-write
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """A real SIGKILL of `fastcoop cache` after some batches; the same command then finishes the same file."""
@@ -476,7 +491,6 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     import signal
     import subprocess
     import sys
-    import time
 
     from fastcoop.example import make_example_images
 
@@ -487,14 +501,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     partial = tmp_path / "killed.h5.partial"
     process = subprocess.Popen(command + ["--out", str(tmp_path / "killed.h5")], env=os.environ.copy(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = 0
-    while process.poll() is None and done < 20:
-        time.sleep(0.01)
-        try:
-            with h5py.File(partial, "r") as f:
-                done = int(f["train"].attrs["done"])
-        except (OSError, KeyError):
-            pass  # not created yet, or caught mid-write
+    _wait_for_rows(process, partial, 20)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL and not (tmp_path / "killed.h5").exists()
     for out in ("killed.h5", "whole.h5"):
@@ -650,14 +657,7 @@ def test_a_cache_stopped_with_its_workers_busy_resumes_at_once(tmp_path, how):
     env = os.environ | {"HDF5_USE_FILE_LOCKING": "FALSE"}  # this test only: to watch the rows being written
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
-    done = 0
-    while process.poll() is None and done < 4:
-        time.sleep(0.05)
-        try:
-            with h5py.File(partial, "r") as f:
-                done = int(f["train"].attrs["done"])
-        except (OSError, KeyError):
-            pass
+    _wait_for_rows(process, partial, 4)
     time.sleep(0.5)  # the workers have filled their queue and wait for the encoder
     workers = _workers_of(process.pid)
     assert workers, "the command ended before its workers started"
