@@ -66,15 +66,16 @@ def run_load_section(dataset: str = "eurosat", epochs: int = 6, busy_counts=(1, 
                     for other in others:
                         other.kill()
                         other.wait()
-                row[f"beside_{count}_{kind}_seconds"], row[f"plain_beside_{count}_{kind}_seconds"] = ours, plain
-                row[f"beside_{count}_{kind}_excess"] = (ours / row["alone_seconds"]) / (plain / row["plain_alone_seconds"])
+                what = f"beside_{count}_{kind}"
+                row[f"{what}_seconds"], row[f"plain_{what}_seconds"] = ours, plain
+                row[f"{what}_excess"] = (ours / row["alone_seconds"]) / (plain / row["plain_alone_seconds"])
                 time.sleep(settle)  # the machine quiet again before the next
-    print(f"  load {dataset}: alone fastcoop {row['alone_seconds']:.1f} s, plain loop {row['plain_alone_seconds']:.1f} s",
-          flush=True)
+    alone, plain_alone = row["alone_seconds"], row["plain_alone_seconds"]
+    print(f"  load {dataset}: alone fastcoop {alone:.1f} s, plain loop {plain_alone:.1f} s", flush=True)
     for key in [k for k in row if k.endswith("_excess")]:
         what = key.removeprefix("beside_").removesuffix("_excess")
         ours, plain = row[f"beside_{what}_seconds"], row[f"plain_beside_{what}_seconds"]
-        print(f"    beside {what.replace('_', ' ')}: fastcoop {ours:.1f} s ({ours / row['alone_seconds']:.2f}×), plain "
-              f"loop {plain:.1f} s ({plain / row['plain_alone_seconds']:.2f}×): fastcoop's slowdown "
-              f"{row[key]:.2f}× the plain loop's", flush=True)
+        print(f"    beside {what.replace('_', ' ')}: fastcoop {ours:.1f} s ({ours / alone:.2f}×), plain loop "
+              f"{plain:.1f} s ({plain / plain_alone:.2f}×): fastcoop's slowdown {row[key]:.2f}× the plain loop's",
+              flush=True)
     return row

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcoop.classnames import spoken
-from fastcoop.errors import FastCoopError
+from fastcoop.errors import FastCoopError, first_few
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 IMAGE_NAME = re.compile(r"[^.].*\.(" + "|".join(s[1:] for s in IMAGE_SUFFIXES) + r")\Z", re.IGNORECASE | re.DOTALL)
@@ -38,8 +38,7 @@ class LabelledImages:
                                 "skips it)")
         if self.missing:
             raise FastCoopError(f"{self.missing[0][0]} lists {len(self.missing)} images that do not exist: "
-                                + ", ".join(path for _, path in self.missing[:3])
-                                + (", ..." if len(self.missing) > 3 else "") + " (--skip-bad skips them)")
+                                f"{first_few([path for _, path in self.missing])} (--skip-bad skips them)")
 
     def split(self, name: str) -> list[tuple[str, int]]:
         if name not in self.splits:

@@ -10,3 +10,8 @@ def changed(was: dict, now: dict, show=str) -> list[str]:
     errors that refuse to mix an existing output with a different request."""
     return [f"{key}: {show(was.get(key))} → {show(now.get(key))}" for key in sorted(was.keys() | now.keys())
             if was.get(key) != now.get(key)]
+
+
+def first_few(names: list[str], most: int = 3) -> str:
+    """The first `most` of `names`, comma-separated, with ', ...' where there are more (for messages)."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")

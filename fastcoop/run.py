@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import fastcoop
 from fastcoop.cache import FeatureCache
 from fastcoop.config import METHOD_NAMES, Recipe
-from fastcoop.errors import FastCoopError, changed
+from fastcoop.errors import FastCoopError, changed, first_few
 from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel, load_model
 from fastcoop.outputs import check_writable
@@ -48,8 +48,8 @@ def plan_run_dir(run_dir: Path, cache: FeatureCache, request: dict, overwrite: b
     if config is None:
         foreign = _not_a_run(run_dir)
         if foreign:  # a user's own files, never mixed with a run's (nor removed by --overwrite)
-            raise FastCoopError(f"{run_dir} holds files that are not a fastcoop run ({', '.join(foreign[:3])}"
-                                f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out")
+            raise FastCoopError(f"{run_dir} holds files that are not a fastcoop run ({first_few(foreign)}); choose an "
+                                "empty or new --out")
         return "new"
     if overwrite:
         return "replace"

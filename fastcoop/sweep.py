@@ -27,7 +27,7 @@ from fastcoop.cache import FeatureCache
 from fastcoop.config import METHOD_NAMES, Recipe, Runtime
 from fastcoop.devices import resolve_device
 from fastcoop.distributed import World
-from fastcoop.errors import FastCoopError, changed
+from fastcoop.errors import FastCoopError, changed, first_few
 from fastcoop.evaluate import evaluate_split, score_run, text_classifier
 from fastcoop.fewshot import class_subset
 from fastcoop.linear_probe import linear_probe
@@ -112,18 +112,14 @@ def _check_sweep_dir(out: Path, request: dict, overwrite: bool) -> None:
     path = out / SWEEP_FILE
     if not path.is_file():
         if out.is_dir() and any(out.iterdir()):
-            raise FastCoopError(f"{out} holds files that are not a fastcoop sweep ({_some(out)}); choose an empty or "
-                                "new --out")
+            found = first_few(sorted(p.name for p in out.iterdir()))
+            raise FastCoopError(f"{out} holds files that are not a fastcoop sweep ({found}); choose an empty or new "
+                                "--out")
         return
     differ = _differences(json.loads(path.read_text()), request)
     if differ and not overwrite:
         raise FastCoopError(f"{out} holds a different sweep ({differ}); pass --overwrite to replace it, or choose "
                             "another --out")
-
-
-def _some(folder: Path) -> str:
-    names = sorted(p.name for p in folder.iterdir())
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _differences(was: dict, now: dict) -> str:

@@ -5,11 +5,11 @@ zero-shot CLIP's,
     logits = 100 · f·Wᵀ + α · exp(−(β − β · f·Kᵀ)) · V,
 
 f the test image's normalised feature, W the classes' hand-written prompt features (Tip-Adapter's templates per
-dataset, normalised, averaged and normalised again), K the keys (each few-shot image's features averaged over `augment_epoch` augmented views, then
-normalised), V their one-hot labels. α and β are searched on the val split over Tip-Adapter's grid. Tip-Adapter-F
-also trains the keys (AdamW, eps 1e-4, cosine schedule per batch, batches of 256, a fresh augmented view of every
-image each epoch), then searches α and β again. The published code is gaopengcuhk/Tip-Adapter (main.py, utils.py,
-configs/*.yaml); its recipe per dataset is presets/tip_adapter.json.
+dataset, normalised, averaged and normalised again), K the keys (each few-shot image's features averaged over
+`augment_epoch` augmented views, then normalised), V their one-hot labels. α and β are searched on the val split
+over Tip-Adapter's grid. Tip-Adapter-F also trains the keys (AdamW, eps 1e-4, cosine schedule per batch, batches of
+256, a fresh augmented view of every image each epoch), then searches α and β again. The published code is
+gaopengcuhk/Tip-Adapter (main.py, utils.py, configs/*.yaml); its recipe per dataset is presets/tip_adapter.json.
 
 Where this differs from the published code, on purpose: the augmented views are the cache's (by default CoOp's
 crop scale, 0.08–1, where Tip-Adapter crops at 0.5–1: `fastcoop cache --crop-scale 0.5,1` gives its own, and a
