@@ -166,6 +166,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     first writes the file, the same file as one process makes."""
     from fastcoop import fewshot
     from fastcoop.cache.writer import check_replaceable
+    from fastcoop.data import SPLITS
     from fastcoop.datasets import read_dataset
     from fastcoop.outputs import check_writable, held
 
@@ -181,7 +182,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
     check_replaceable(out)
     if splits is None:
         splits = "train,test" if "train" in data.splits else ",".join(s for s in ("val", "test") if s in data.splits)
-    unknown = [s.strip() for s in splits.split(",") if s.strip() not in ("train", "val", "test")]
+    unknown = [s.strip() for s in splits.split(",") if s.strip() not in SPLITS]
     if unknown:
         raise FastCoopError(f"--splits takes train, val and test (comma-separated), not {', '.join(unknown)}")
     with _importing():
@@ -200,13 +201,15 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
         data, new_split, split_note = _split_flat(data, root, out, split_ratios)
     loaded = load_model(model, pretrained, device)
 
+    announced = []
+
     def announce():  # what the work is, said once every check has passed and there is work to do
         _say_dataset(root, data)
         if split_note:
             click.echo(split_note)
         _say_weights(loaded)
+        announced.append(True)
 
-    before = _file_version(out)
     start = time.perf_counter()
     path = extract_features(data, out, loaded, splits=[s.strip() for s in splits.split(",")], shots=n_shots,
                             seeds=seed_list, views=n_views, batch_size=batch_size, workers=workers,
@@ -218,7 +221,7 @@ def cache(root, out, model, pretrained, layout, dataset, image_root, classnames_
             from fastcoop.data import write_coop_split
 
             write_coop_split(data, new_split, root)
-        if before is not None and _file_version(out) == before:
+        if not announced:  # a finished cache with these settings was there
             click.echo(f"{out} holds this cache, finished: nothing to do (--overwrite encodes it again)")
         else:
             _describe_cache(path, time.perf_counter() - start)
@@ -280,15 +283,6 @@ def _say_dataset(root, data) -> None:
         sizes = ", ".join("val = test" if split == "val" and items is data.splits.get("test") else
                           f"{split} {len(items):,}" for split, items in data.splits.items())
         click.echo(f"{root}: CoOp's {data.dataset}, {len(data.classnames)} classes ({sizes} images)")
-
-
-def _file_version(path: Path) -> tuple[int, int] | None:
-    """The file's inode and modification time (a rewritten cache, renamed into place, changes both)."""
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return found.st_ino, found.st_mtime_ns
 
 
 def _say_weights(loaded):

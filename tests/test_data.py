@@ -118,6 +118,10 @@ def test_a_flat_folder_is_split_as_the_published_code_splits_it(tmp_path, capsys
     code, out, _ = run_cli(capsys, "cache", flat, "--out", tmp_path / "f.h5", "--model", TINY_VIT,
                            "--pretrained", "none", "--shots", "all", "--views", "0", "--workers", "0", "--overwrite")
     assert code == 0 and "using the split in" in out and (tmp_path / "f.split.json").read_text() == before
+    code, out, _ = run_cli(capsys, "cache", flat, "--out", tmp_path / "f.h5", "--model", TINY_VIT,
+                           "--pretrained", "none", "--shots", "all", "--views", "0", "--workers", "0")
+    assert code == 0 and out.strip() == f"{tmp_path / 'f.h5'} holds this cache, finished: nothing to do (--overwrite " \
+        "encodes it again)"
 
 
 def test_asking_for_more_shots_than_a_class_has_warns_and_is_recorded(tmp_path, tiny_vit, example_images):
