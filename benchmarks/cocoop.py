@@ -11,8 +11,7 @@ from benchmarks.common import classnames_of, median_ms, real_classnames
 from benchmarks.full_run import run_fastcoop_train, save_checkpoint
 from benchmarks.step import random_batch
 from fastcoop.backends import resolve
-from fastcoop.cocoop import CoCoOpLearner, CoCoOpLoss, cocoop_logits
-from fastcoop.evaluate import prompt_classifier
+from fastcoop.methods.cocoop import CoCoOpClassifier, CoCoOpLearner, CoCoOpLoss, cocoop_logits
 from fastcoop.fewshot import class_subset
 from fastcoop.models import load_model
 from fastcoop.step import TrainStep, graphed_or_eager
@@ -80,7 +79,7 @@ def run_cocoop_section(model_name: str, k: int, batches: list[int], eval_images:
               f"({published / fast:.1f}×)", flush=True)
     learner = CoCoOpLearner(model, loaded.tokenizer, classnames).to(device)
     test_features = torch.randn(eval_images, model.visual.output_dim)
-    classify = prompt_classifier(model, learner, resolve(device, tower=TextTower.of(model)))
+    classify = CoCoOpClassifier(model, learner, resolve(device, tower=TextTower.of(model))).predict
     seconds = median_ms(lambda: classify(test_features), device, max(1, repeats // 10)) / 1000
     rows.append({"model": model_name, "classes": k, "eval_images": eval_images, "eval_seconds": seconds})
     print(f"  cocoop evaluation {model_name}: {eval_images} test images × {k} classes in {seconds:.1f} s", flush=True)

@@ -6,7 +6,8 @@ from benchmarks.common import real_classnames
 from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import CoOpLoss, TrainStep
+from fastcoop.methods.coop import CoOpLoss
+from fastcoop.step import TrainStep
 from fastcoop.text_encoder import FastTextEncoder, ReferenceTextEncoder
 from fastcoop.text_tower import TextTower
 

@@ -19,7 +19,7 @@ from fastcoop.cache.writer import feature_chunks
 from fastcoop.cache.store import SCHEMA_VERSION
 from fastcoop.run_files import RESULTS_FILE
 from fastcoop.schedule import published_epochs
-from fastcoop.train import batches_per_epoch
+from fastcoop.training import batches_per_epoch
 
 DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
             "sun397", "dtd", "eurosat", "ucf101")

@@ -26,7 +26,8 @@ from fastcoop.backends import Backends, resolve
 from fastcoop.kernels import INTERPRET
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import CoOpLoss, TrainStep
+from fastcoop.methods.coop import CoOpLoss
+from fastcoop.step import TrainStep
 from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import median_ms
 from benchmarks.full_run import FEATURE_DIM, run_fastcoop_train, write_synthetic_cache
-from fastcoop.tip_adapter import tip_recipe
+from fastcoop.methods.tip_adapter import tip_recipe
 
 SAME_SHAPE = ("--init", "a photo of a", "--batch-size", "32")  # KgCoOp's context; CoOp's batch
 

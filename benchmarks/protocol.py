@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.cache import write_jpegs
 from fastcoop.schedule import published_epochs
-from fastcoop.train import batches_per_epoch
+from fastcoop.training import batches_per_epoch
 
 # classes, train and test JPEGs per class, their size: each dataset's shape (train: enough distinct images for the
 # subsets of every shot count and seed; test: the dataset's own test images per class)

@@ -15,7 +15,8 @@ from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
-from fastcoop.step import CoOpLoss, CudaGraphStep, TrainStep
+from fastcoop.methods.coop import CoOpLoss
+from fastcoop.step import CudaGraphStep, TrainStep
 from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, ReferenceTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 

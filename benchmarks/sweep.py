@@ -11,7 +11,7 @@ from pathlib import Path
 
 from benchmarks.full_run import write_synthetic_cache
 from fastcoop.schedule import published_epochs
-from fastcoop.train import batches_per_epoch
+from fastcoop.training import batches_per_epoch
 
 
 def run_sweep_section(dataset: str, device: str, shots: list[int], seeds: list[int], published_step_ms: float,

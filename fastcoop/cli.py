@@ -15,9 +15,8 @@ from pathlib import Path
 
 import click
 
-from fastcoop import machine
-from fastcoop.config import (BASELINES, METHODS, Recipe, Runtime, option_fields, parse_impl_detail,
-                             resolve_precision)
+from fastcoop import machine, methods
+from fastcoop.config import Recipe, Runtime, option_fields, parse_impl_detail, resolve_precision
 from fastcoop.datasets import DATASETS
 from fastcoop.errors import FastCoopError
 
@@ -309,7 +308,11 @@ def _describe_cache(path, seconds):
 @click.argument("cache_file", type=click.Path(path_type=Path))
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @_field_options(Recipe, ("method", "shots", "seed", "classes", "n_ctx", "csc", "position", "init", "epochs",
-                         "batch_size", "lr", "precision", "kg_weight"))
+                         "batch_size", "lr", "precision"), method={"help": (
+    f"Registered: {', '.join(methods.names())} (the README's table); or your own, FILE.py:ClassName. Each with "
+    "its published recipe.")})
+@click.option("-o", "--option", "method_options", multiple=True, metavar="NAME=VALUE",
+              help="One of the method's own options, e.g. -o kg_weight=4 (KgCoOp's λ); repeat for more.")
 @_field_options(Runtime, ("device", "impl", "impl_detail", "threads"))
 @click.option("--verbose", is_flag=True, help="Print which implementation runs each op, and where the time went.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out (finished, or made otherwise).")
@@ -318,8 +321,8 @@ def _describe_cache(path, seconds):
 @click.option("--profile", "profile", type=click.Path(path_type=Path),
               help="Write a PyTorch profiler trace (Chrome's JSON, for chrome://tracing or Perfetto) of 20 steps "
                    "after the first epoch.")
-def train(cache_file, run_dir, verbose, overwrite, save_every, profile, **options):
-    """Learn CoOp, CoCoOp or KgCoOp prompts from a feature cache; writes the learned tensors, config, metrics and a
+def train(cache_file, run_dir, method_options, verbose, overwrite, save_every, profile, **options):
+    """Train a method (CoOp by default) on a feature cache; writes the learned tensors, config, metrics and a
     curve to the run directory --out.
 
     An interrupted run (Ctrl-C, SIGTERM, kill -9) is resumed by the same command, also under another --impl or
@@ -329,6 +332,7 @@ def train(cache_file, run_dir, verbose, overwrite, save_every, profile, **option
     from fastcoop.cache import FeatureCache
     from fastcoop.outputs import check_writable
 
+    options["method"] = methods.check_spec(options["method"])  # a name no method has: before torch is imported
     recipe, runtime = _from_options(Recipe, options), _from_options(Runtime, options)
     cache = FeatureCache(cache_file)
     cache.rows("train", recipe.shots, recipe.seed if recipe.shots else None)  # a clear error before importing torch
@@ -345,31 +349,51 @@ def train(cache_file, run_dir, verbose, overwrite, save_every, profile, **option
         from fastcoop.pipeline import train_to_run_dir
         from fastcoop.run import plan_run_dir
         from fastcoop.run_files import recorded_threads
+        from fastcoop.training import plan_runs
 
     imported = time.perf_counter()
-    device = resolve_device(runtime.device)
-    resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
+    recipe = dataclasses.replace(recipe, options=_method_options(method_options, [methods.get(recipe.method)]))
+    runtime = dataclasses.replace(runtime, device=resolve_device(runtime.device))
+    device = runtime.device
+    resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early (the plan decides)
     click.get_current_context().with_resource(held(run_dir))  # until the command ends
-    request = dataclasses.asdict(recipe.published(len(cache.classnames), device))
-    plan = plan_run_dir(run_dir, cache, request, overwrite)  # early, before the model
-    if plan == "done":  # as cache and sweep do: a script rerun after a kill goes on
+    request = methods.publish(recipe, len(cache.classnames), device, cache.dataset).record()
+    doing = plan_run_dir(run_dir, cache, request, overwrite)  # early, before the model
+    if doing == "done":  # as cache and sweep do: a script rerun after a kill goes on
         click.echo(f"{run_dir} holds this run, finished: nothing to do (--overwrite trains it again)")
         return
-    runtime = _with_threads(runtime, recorded_threads([run_dir]) if plan == "resume" else None)
+    runtime = _with_threads(runtime, recorded_threads([run_dir]) if doing == "resume" else None)
     hash_triton_in_background(device)
-    if plan == "resume":
+    if doing == "resume":
         click.echo(f"resuming the unfinished run in {run_dir}")
     timings = {"imports_s": imported - start}
     loading = time.perf_counter()
     loaded = load_model(cache.model, cache.pretrained, "cpu", image_tower=False)  # the device gets only what runs
     timings["model_s"] = time.perf_counter() - loading
     _say_weights(loaded)
-    result, results = train_to_run_dir(cache, loaded, recipe, run_dir, runtime, timings=timings,
-                                       overwrite=overwrite, save_every=save_every, profile=profile)
+    plan = plan_runs(cache, loaded, [recipe], runtime)  # the method, recipe, device and implementations, decided
+    result, results = train_to_run_dir(cache, loaded, plan, run_dir, timings=timings, overwrite=overwrite,
+                                       save_every=save_every, profile=profile)
     _say_trained(result, results, run_dir, profile, verbose)
     if verbose:
         click.echo(f"CPU threads: {runtime.threads} ({machine.usable_cores()} cores usable, "
                    f"{_others_running():.0f} other thread(s) running at the start)")
+
+
+def _method_options(values: tuple[str, ...], chosen: list) -> tuple[tuple[str, object], ...]:
+    """-o NAME=VALUE pairs, each typed by the declaration of a method of `chosen` that has it (it applies to
+    those); one that none of them declares is refused by name."""
+    parsed = {}
+    for item in values:
+        name, equals, text = item.partition("=")
+        owners = [method for method in chosen if name in method.options]
+        if not equals:
+            raise FastCoopError(f"-o takes NAME=VALUE, not '{item}'")
+        if not owners:
+            have = "; ".join(f"{m.title}'s: {', '.join(m.options) or 'none'}" for m in chosen)
+            raise FastCoopError(f"-o {name} is not an option of {' or '.join(m.title for m in chosen)} ({have})")
+        parsed[name] = owners[0].options[name].parse(name, text, owners[0].title)
+    return tuple(sorted(parsed.items()))
 
 
 def _others_running() -> float:
@@ -458,7 +482,8 @@ def zeroshot(cache_file, template, templates, cupl, split, device):
     cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
     with _importing():
         from fastcoop.devices import resolve_device
-        from fastcoop.evaluate import evaluate_split, text_classifier
+        from fastcoop.classifiers import text_classifier
+        from fastcoop.evaluate import evaluate_split
         from fastcoop.models import load_model
         from fastcoop.zeroshot import check_templates, read_templates, zeroshot_classifier
 
@@ -535,7 +560,7 @@ def tip_adapter(cache_file, shots, seed, finetune, out, device):
     with _importing():
         from fastcoop.devices import resolve_device
         from fastcoop.models import load_model
-        from fastcoop.tip_adapter import check_cache, run_tip_adapter
+        from fastcoop.methods.tip_adapter import check_cache, run_tip_adapter
 
     check_cache(cache)
     device = resolve_device(device)
@@ -563,7 +588,7 @@ def linear_probe(cache_file, shots, seed):
     with FeatureCache(cache_file) as cache:
         cache.rows("train", shots, seed)  # a wrong path or a missing subset is answered before the imports
         with _importing():
-            from fastcoop.linear_probe import linear_probe as probe
+            from fastcoop.methods.linear_probe import linear_probe as probe
         result = probe(cache, shots, seed)
     click.echo(f"linear probe, {shots} shots, seed {seed}: test top-1 {result['test']['top1']:.2%} "
                f"(C = {result['C']:.3g}, chosen on {result['val_top1']:.1%} validation accuracy)")
@@ -575,9 +600,8 @@ def linear_probe(cache_file, shots, seed):
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Shot counts (each cached).")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Few-shot sampling seeds (each cached).")
 @_field_options(Recipe, ("method", "classes"), method={
-    "choices": None,
-    "help": "Methods, comma-separated (coop, cocoop, kgcoop), each with its published recipe: their runs side by "
-            "side in one table and figure."}, classes={
+    "help": f"Methods, comma-separated (registered: {', '.join(methods.names())}; or your own, FILE.py:ClassName), "
+            "each with its published recipe: their runs side by side in one table and figure."}, classes={
     "choices": ("all", "base"),
     "help": "base: the base-to-new protocol (train on base classes; test on base and new, with H)."})
 @click.option("--n-ctx", default=None,
@@ -585,11 +609,12 @@ def linear_probe(cache_file, shots, seed):
                    "KgCoOp 4).")
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
-@_field_options(Recipe, ("epochs", "lr", "precision", "kg_weight"))
+@_field_options(Recipe, ("epochs", "lr", "precision"))
+@click.option("-o", "--option", "method_options", multiple=True, metavar="NAME=VALUE",
+              help="A method's own option, e.g. -o kg_weight=4 (KgCoOp's λ), for the methods that have it.")
 @click.option("--baselines", default="linear-probe", show_default=True,
               help="Beside the runs, on the same few-shot images (comma-separated; needs val and test splits): "
-                   "linear-probe (CoOp's), tip-adapter, tip-adapter-f (Tip-Adapter and its fine-tuned keys), or "
-                   "none.")
+                   f"{', '.join(methods.BASELINES)}, or none.")
 @click.option("--no-stack", is_flag=True, help="Train each run alone instead of stacking a method's runs.")
 @click.option("--overwrite", is_flag=True,
               help="Replace another sweep in --out (its runs too) and train every run again. Without it a rerun keeps "
@@ -598,7 +623,8 @@ def linear_probe(cache_file, shots, seed):
               help="Other datasets' caches (comma-separated) to test every run on too, e.g. ImageNet's four "
                    "variants: the domain-generalisation table (or cross-dataset transfer).")
 @_field_options(Runtime, ("device", "impl", "impl_detail", "threads"))
-def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_stack, overwrite, eval_on, **options):
+def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, method_options, baselines, no_stack, overwrite, eval_on,
+          **options):
     """The paper's protocol on one cache: every (variant, shots, seed) run, zero-shot CLIP, the linear probe (with
     a val split), a summary table and the accuracy-against-shots figure in OUT; with --classes base, CoCoOp's
     base-to-new protocol (base, new and H). Rerun to finish an interrupted
@@ -615,10 +641,7 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
     positions = [_choice(v, {p: p for p in ("end", "middle", "front")}, "--position") for v in position.split(",")]
     if min(shot_list) < 1 or (n_ctx and min(contexts) < 1):
         raise FastCoopError("--shots and --n-ctx take positive integers")
-    methods = [_choice(v.strip(), {m: m for m in METHODS}, "--method") for v in options.pop("method").split(",")]
-    kg_weight = options.pop("kg_weight")
-    if kg_weight is not None and "kgcoop" not in methods:
-        raise FastCoopError("--kg-weight is KgCoOp's option (--method kgcoop)")
+    specs = [methods.check_spec(v.strip()) for v in options.pop("method").split(",")]  # before torch
     base = _from_options(Recipe, options)  # what every variant shares: the class subset and the schedule
     runtime = _from_options(Runtime, options)
     cache = FeatureCache(cache_file)  # a wrong path is answered before torch is imported
@@ -639,18 +662,18 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
         from fastcoop.outputs import held
         from fastcoop.run_files import recorded_threads
         from fastcoop.sweep import check_sweep_dir, run_dir_of, run_sweep, sweep_request, sweep_runs, variant_for
-        from fastcoop.tip_adapter import check_cache
 
-    if any(b.startswith("tip-adapter") for b in baseline_list):
-        check_cache(cache)  # val, test and the views its keys average: before any run trains
+    for name in baseline_list:
+        methods.baseline(name).check(cache)  # e.g. Tip-Adapter's val, test and views: before any run trains
     for other in others:
         check_same_model(other, cache.model, cache.pretrained)
+    chosen = _method_options(method_options, [methods.get(spec) for spec in specs])
     # each method's published context when no M is named (CoCoOp's from "a photo of a"); a named M starts random
-    variants = [variant_for(method, m, c, p, kg_weight)
-                for method, m, c, p in itertools.product(methods, contexts, flags, positions)]
-    for variant in variants:  # options a method does not have fail here, before any work
-        dataclasses.replace(base, **dataclasses.asdict(variant))
+    variants = [variant_for(spec, m, c, p, dict(chosen))
+                for spec, m, c, p in itertools.product(specs, contexts, flags, positions)]
     world, device = join(resolve_device(runtime.device))
+    for variant in variants:  # what a method does not have fails here, before any work
+        methods.publish(dataclasses.replace(base, **dataclasses.asdict(variant)), len(cache.classnames), device)
     resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
     if world.is_writer:
         click.get_current_context().with_resource(held(out))  # until the command ends
@@ -673,11 +696,11 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, baselines, no_sta
 
 
 def _baselines(value: str, classes: str) -> tuple[str, ...]:
-    """--baselines: names from config.BASELINES, or none; they are the all-classes protocol's."""
+    """--baselines: names from fastcoop.methods.BASELINES, or none; they are the all-classes protocol's."""
     names = tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
-    unknown = [n for n in names if n not in BASELINES]
+    unknown = [n for n in names if n not in methods.BASELINES]
     if unknown:
-        raise FastCoopError(f"--baselines takes {', '.join(BASELINES)} or none (comma-separated), not "
+        raise FastCoopError(f"--baselines takes {', '.join(methods.BASELINES)} or none (comma-separated), not "
                             f"'{unknown[0]}'")
     if classes == "base" and names != ("linear-probe",) and names:
         raise FastCoopError("--baselines run on all classes; the base-to-new table (--classes base) has zero-shot "

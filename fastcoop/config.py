@@ -5,25 +5,13 @@ metadata is its command-line option (help text, choices), declared once here for
 from the training loop so that reading a run (evaluation, prediction, reports) does not import it."""
 
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 from fastcoop.errors import FastCoopError
-from fastcoop.schedule import published_epochs
 
-METHODS = ("coop", "cocoop", "kgcoop")
-METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "kgcoop": "KgCoOp"}  # as the papers and tables write them
-# CoCoOp's published recipe where it differs from CoOp's (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1):
-# M = 4 from "a photo of a", batch size 1, 10 epochs whatever the shot count
-COCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 1, "epochs": 10}
-COOP_RECIPE = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None}  # epochs None: by shot count
-# KgCoOp's (configs/trainers/KgCoOp/vit_b16_ep100_ctxv1, scripts/base2new_train.sh): M = 4 from "a photo of a",
-# batch size 128, 100 epochs, λ = 8; CoOp's SGD and schedule
-KGCOOP_RECIPE = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100, "kg_weight": 8.0}
-RECIPES = {"coop": COOP_RECIPE, "cocoop": COCOOP_RECIPE, "kgcoop": KGCOOP_RECIPE}
 IMPLS = ("fast", "reference")
 RUN_FIELDS = ("seed", "shots", "epochs")  # what runs trained together (one stack) may differ in
-PROMPT_FIELDS = ("n_ctx", "init", "csc", "position")  # and CoOp's and KgCoOp's runs in their prompts
-BASELINES = ("linear-probe", "tip-adapter", "tip-adapter-f")  # what a sweep may run beside its prompt learners
+PROMPT_FIELDS = ("n_ctx", "init", "csc", "position")  # and, where their method stacks prompts, in their prompts
 # each op's implementations (fastcoop.backends says what each is), the first its reference
 IMPL_CHOICES = {"loss": ("reference", "triton"), "attention": ("grid", "triton", "flex"),
                 "add_norm": ("reference", "triton"), "activation": ("reference", "triton"),
@@ -50,11 +38,13 @@ def option(help: str, **click_settings) -> dict:
 
 @dataclass(frozen=True)
 class Recipe:
-    """What a run learns; what is left None is the method's published recipe (`published` fills it in)."""
+    """What a run learns; what is left None is the method's published recipe (fastcoop.methods.publish fills it
+    in).
+    `options`: the method's own options (fastcoop.methods.Option), as (name, value) pairs."""
 
     method: str = field(default="coop", metadata=option(
-        "cocoop: each image shifts the context through a Meta-Net (CoCoOp); kgcoop: CoOp kept near the hand-written "
-        "prompt (KgCoOp). Each with its own published recipe.", choices=METHODS))
+        "A registered method (coop, cocoop, kgcoop, ...: the README's table) or your own, FILE.py:ClassName; each "
+        "with its published recipe."))
     shots: int | None = field(default=16, metadata=option("Few-shot subset to train on, or 'all'.", kind="shots"))
     seed: int = field(default=1, metadata=option(
         "Which cached few-shot subset (and the context's initialisation and batch order)."))
@@ -72,8 +62,9 @@ class Recipe:
     epochs: int | None = field(default=None, metadata=option(
         "Default: the published count (CoOp: by shots; CoCoOp 10; KgCoOp 100).", min=1))
     batch_size: int | None = field(default=None, metadata=option("Default: CoOp 32, CoCoOp 1, KgCoOp 128.", min=1))
-    lr: float = field(default=0.002, metadata=option(
-        "SGD's learning rate after the warm-up epoch (cosine decay; published: 0.002).", min=0, min_open=True))
+    lr: float | None = field(default=None, metadata=option(
+        "SGD's learning rate after the warm-up epoch (cosine decay)  [default: the method's, CoOp's 0.002]", min=0,
+        min_open=True))
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
@@ -81,54 +72,30 @@ class Recipe:
     precision: str = field(default="auto", metadata=option(
         "Autocast (auto: bf16 on a GPU, fp32 on CPU; bf16 on a CPU with bf16 units trains ~1.7× faster).",
         choices=("auto", "fp32", "bf16", "fp16")))
-    kg_weight: float | None = field(default=None, metadata=option(
-        "KgCoOp's λ, the weight of the distance to the hand-written prompt (published: 8).", min=0))
-    kg_template: str | None = None  # KgCoOp's hand-written prompt (None: the dataset's, fastcoop.kgcoop)
+    options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise FastCoopError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
-        if self.method == "cocoop" and (self.csc or self.position != "end"):
-            raise FastCoopError("CoCoOp learns one context shared by all classes, before the class name: "
-                                "--csc and --position are CoOp's options")
-        if self.method != "kgcoop" and (self.kg_weight is not None or self.kg_template is not None):
-            raise FastCoopError("--kg-weight is KgCoOp's option (--method kgcoop)")
         if self.n_ctx is not None and self.n_ctx < 1:
             raise FastCoopError(f"--n-ctx must be at least 1, not {self.n_ctx}")
         if self.batch_size is not None and self.batch_size < 1:
             raise FastCoopError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise FastCoopError(f"--lr must be above 0, not {self.lr}")
 
-    def published(self, num_classes: int, device: str) -> "Recipe":
-        """This recipe with the published values where it leaves them None (the context's M and words, batch size,
-        epochs — CoOp's by shot count and class count —, KgCoOp's λ) and its precision for `device` (auto: bf16
-        on a GPU, fp32 elsewhere). Given words set M: n_ctx stays None, the learner counts them."""
-        recipe = RECIPES[self.method]
-        filled = {name: recipe[name] for name in ("batch_size", "epochs") if getattr(self, name) is None}
-        if filled.get("epochs", self.epochs) is None:  # CoOp's: by shot count
-            filled["epochs"] = published_epochs(self.shots, num_classes)
-        if self.method == "kgcoop" and self.kg_weight is None:
-            filled["kg_weight"] = recipe["kg_weight"]
-        filled["precision"] = resolve_precision(self.precision, device, "bf16")
-        return replace(self.with_published_context(), **filled)
+    def option(self, name: str):
+        """The value of one of the method's own options (None when not set)."""
+        return dict(self.options).get(name)
 
-    @property
-    def own_fields(self) -> tuple[str, ...]:
-        """What a run may have of its own among runs trained together (one stack): its seed, shots and epochs, and
-        CoOp's and KgCoOp's runs their prompts (CoCoOp's Meta-Net stacks runs of one prompt only)."""
-        return RUN_FIELDS + (PROMPT_FIELDS if self.method != "cocoop" else ())
+    def record(self) -> dict:
+        """The recipe as run records and requests hold it: its fields, the method's options among them."""
+        fields_ = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {**fields_, **dict(self.options)}
 
-    def stack_key(self) -> "Recipe":
-        """What runs trained together share: this recipe less what each run may have of its own."""
-        return replace(self, **{f.name: f.default for f in fields(Recipe) if f.name in self.own_fields})
-
-    def with_published_context(self) -> "Recipe":
-        """The published context (M and the words it starts from) when neither is given; a given M starts random,
-        as published."""
-        if self.n_ctx is not None or self.init is not None:
-            return self
-        return replace(self, n_ctx=RECIPES[self.method]["n_ctx"], init=RECIPES[self.method]["init"])
+    @classmethod
+    def from_record(cls, record: dict) -> "Recipe":
+        names = {f.name for f in fields(cls)} - {"options"}
+        own = tuple(sorted((k, v) for k, v in record.items() if k not in names and v is not None))
+        return cls(**{k: v for k, v in record.items() if k in names}, options=own)
 
 
 @dataclass(frozen=True)
@@ -144,7 +111,7 @@ class Runtime:
         "comparison).", choices=IMPLS))
     impl_detail: tuple[tuple[str, str], ...] = field(default=(), metadata=option(
         "Expert: single ops' implementations over --impl, e.g. attention=flex,mlp=triton,step=eager (ops and "
-        "choices: the README's implementation table).", kind="impl_detail"))
+        "choices: fastcoop/backends.py).", kind="impl_detail"))
     threads: int | None = field(default=None, metadata=option(
         "torch's CPU threads  [default: one per core this process may use, less one per other busy thread on "
         "the machine]", min=1))

@@ -12,7 +12,8 @@ from fastcoop.config import Recipe, Runtime
 from fastcoop.datasets import read_dataset
 from fastcoop.devices import resolve_device
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import evaluate_split, text_classifier
+from fastcoop.classifiers import text_classifier
+from fastcoop.evaluate import evaluate_split
 from fastcoop.example import make_example_images
 from fastcoop.models import load_model, resolve_model_name
 from fastcoop.outputs import check_writable, held
@@ -85,8 +86,8 @@ def _run_demo(folder: Path, model: str, pretrained: str, device: str, epochs: in
         steps = sum(json.loads((Path(r["run"]) / RESULTS_FILE).read_text())["steps"] for r in summary["runs"])
         spent = summary["seconds"]
         times[f"CoOp at {len(SHOTS)} shot counts ({steps} steps)"] = spent["runs"]
-        times[f"linear probe at {len(SHOTS)} shot counts"] = spent["linear_probe"]
-        times["sweep's zero-shot, table, figure"] = time.perf_counter() - start - spent["runs"] - spent["linear_probe"]
+        times[f"linear probe at {len(SHOTS)} shot counts"] = spent["linear probe"]
+        times["sweep's zero-shot, table, figure"] = time.perf_counter() - start - spent["runs"] - spent["linear probe"]
 
         start = time.perf_counter()  # the base-to-new protocol: CoOp and CoCoOp trained on the first 6 classes
         base_to_new, steps = [], 0

@@ -1,78 +1,13 @@
-"""Accuracy of text classifiers (learned prompts or zero-shot prompts) on cached image features. A classifier is a
-function from image features (n × D) to predicted labels: fixed text features (CoOp, zero-shot) or per-image
-prompts (CoCoOp)."""
+"""Accuracy of classifiers (a run's method's, or zero-shot prompts': fastcoop.classifiers) on cached image features,
+on a run's own classes, the other half of base-to-new, or another dataset's."""
 
 import torch
-import torch.nn.functional as F
 
-from fastcoop.backends import Backends, resolve
 from fastcoop.cache import FeatureCache
-from fastcoop.cocoop import cocoop_logits
-from fastcoop.devices import autocast_dtype
 from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import class_subset, relabel
-from fastcoop.kernels import cosine_ce
 from fastcoop.run import Run, with_classnames
-from fastcoop.text_encoder import text_encoder
-from fastcoop.text_tower import TextTower
-
-
-def evaluation_backends(model, learner) -> Backends:
-    """The implementations for evaluating a learned prompt where its learner is (the resolver's fast choice)."""
-    return resolve(learner.ctx.device, tower=TextTower.of(model))
-
-
-def prompt_text_features(model, learner, backends: Backends | None = None) -> torch.Tensor:
-    """K × D text features of learned prompts, fp32, no autograd graph. `backends`: the training run's, or None
-    for evaluation_backends."""
-    with torch.no_grad():
-        return text_encoder(model, learner, backends or evaluation_backends(model, learner))().float()
-
-
-def run_text_features(run: Run) -> torch.Tensor:
-    return prompt_text_features(run.loaded.model, run.learner)
-
-
-# CoCoOp evaluation: images per text-encoder call × classes stays about this many prompts, so that memory does not
-# grow with the test set (50,000 images × 1,000 classes would be 50 M prompts)
-PROMPTS_PER_CALL = 16384
-
-
-def text_classifier(text_features: torch.Tensor, chunk: int = 65536):
-    """Predictions against fixed K × D text features (the highest cosine), computed in chunks of images."""
-    dummy_scale = torch.ones((), device=text_features.device)
-
-    def predict(image_features: torch.Tensor) -> torch.Tensor:
-        chunks = [image_features[i:i + chunk].to(text_features.device) for i in range(0, len(image_features), chunk)]
-        return torch.cat([torch.empty(0, dtype=torch.long)] + [
-            cosine_ce(c, text_features, dummy_scale, torch.zeros(len(c), dtype=torch.long, device=c.device),
-                      return_argmax=True)[1].cpu() for c in chunks])
-    return predict
-
-
-def prompt_classifier(model, learner, backends: Backends | None = None):
-    """A learned prompt's predictions: CoOp's K text features are computed once; CoCoOp's prompts depend on each
-    image, so images go through the text encoder a chunk at a time (PROMPTS_PER_CALL prompts per call)."""
-    backends = backends or evaluation_backends(model, learner)
-    if learner.method != "cocoop":
-        return text_classifier(prompt_text_features(model, learner, backends))
-    # backends.eval_dtype: on GPU bf16, as training runs (the published evaluation runs fp16): its work grows with
-    # the images
-    dtype = autocast_dtype(backends.eval_dtype)
-    encoder = text_encoder(model, learner, backends, weight_dtype=dtype)
-    per_call = max(1, PROMPTS_PER_CALL // learner.num_classes)
-
-    def predict(image_features: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
-            return torch.cat([torch.empty(0, dtype=torch.long)] + [
-                cocoop_logits(model, learner, image_features[i:i + per_call].to(learner.ctx.device),
-                              encoder=encoder).argmax(dim=-1).cpu() for i in range(0, len(image_features), per_call)])
-    return predict
-
-
-def run_classifier(run: Run):
-    return prompt_classifier(run.loaded.model, run.learner)
 
 
 def run_on_classes(run: Run, cache: FeatureCache, classes: str | None) -> tuple[Run, str]:
@@ -103,7 +38,7 @@ def score_run(run: Run, cache: FeatureCache, split: str = "test",
     """A run's scores on a cache's split (run_on_classes: its own classes by default, or the cache's), and the
     class subset they are of."""
     run, classes = run_on_classes(run, cache, classes)
-    return evaluate_split(cache, run_classifier(run), split, classes), classes
+    return evaluate_split(cache, run.classifier().predict, split, classes), classes
 
 
 def check_same_model(cache: FeatureCache, model: str, pretrained: str) -> None:
@@ -124,12 +59,7 @@ def scores(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> d
 
 def evaluate_split(cache: FeatureCache, classify, split: str = "test", classes: str = "all") -> dict:
     """Accuracy on a split's images of a class subset (all, or the base-to-new protocol's base or new half),
-    among that subset's classes; `classify` (text_classifier, prompt_classifier) predicts among those classes."""
+    among that subset's classes; `classify` (a classifier's predict) predicts among those classes."""
     kept = class_subset(len(cache.classnames), classes)
     in_subset, labels = relabel(cache.labels(split), kept)
     return scores(classify(cache.features(split, view=0).float()[in_subset]), labels, len(kept))
-
-
-def normalized_mean(features: torch.Tensor) -> torch.Tensor:
-    """CLIP's ensembling: mean of L2-normalised features (renormalised later by the cosine)."""
-    return F.normalize(features.float(), dim=-1).mean(dim=0)

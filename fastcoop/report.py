@@ -168,19 +168,16 @@ def read_sweep_summaries(folders: list[Path]) -> list[dict]:
 
 def sweep_curves(summary: dict) -> dict[str, dict[int, list[float]]]:
     """name → shots → test accuracies over seeds: each variant (base-to-new: on base and on new classes), and the
-    baselines the sweep ran (the linear probe, Tip-Adapter, Tip-Adapter-F)."""
+    baselines the sweep ran (by title: the linear probe, Tip-Adapter, Tip-Adapter-F)."""
     table: dict[str, dict[int, list[float]]] = {}
     base_to_new = summary.get("trained_on") == "base"
     for run in summary["runs"]:
         for key, suffix in (("test", " base" if base_to_new else ""), ("test_new", " new")):
             if run.get(key) is not None:
                 table.setdefault(run["variant"] + suffix, {}).setdefault(run["shots"], []).append(run[key])
-    for probe in summary.get("linear_probe", []):
-        table.setdefault("linear probe", {}).setdefault(probe["shots"], []).append(probe["test"]["top1"])
-    for tip in summary.get("tip_adapter", []):
-        for key, name in (("tip_adapter", "Tip-Adapter"), ("tip_adapter_f", "Tip-Adapter-F")):
-            if key in tip:
-                table.setdefault(name, {}).setdefault(tip["shots"], []).append(tip[key]["test"])
+    for name, rows in summary.get("baselines", {}).items():
+        for row in rows:
+            table.setdefault(name, {}).setdefault(row["shots"], []).append(row["test"])
     return table
 
 

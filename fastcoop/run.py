@@ -18,14 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastcoop
+from fastcoop import methods
 from fastcoop.cache import FeatureCache
-from fastcoop.config import METHOD_NAMES, Recipe
+from fastcoop.config import Recipe
 from fastcoop.errors import FastCoopError, changed, first_few
 from fastcoop.fewshot import class_subset
 from fastcoop.models import LoadedModel, load_model
 from fastcoop.outputs import check_writable
-from fastcoop.cocoop import new_learner
-from fastcoop.prompts import PromptLearner
 from fastcoop.run_files import (CHECKPOINT_FILE, CONFIG_FILE, CURVE_FILE, EVALUATIONS_FILE, METRICS_FILE,
                                 PROMPT_FILE, RESULTS_FILE, RESUMABLE, RUN_FILES, SWEEP_FILE, complete_config,
                                 read_config, read_evaluations)
@@ -125,7 +124,7 @@ def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
                 **{MOMENTUM + name: _host(t) for name, t in checkpoint.momentum.items()},
                 **{EPOCH_END + name: _host(t) for name, t in (checkpoint.epoch_params or {}).items()},
                 **{name: torch.tensor(getattr(checkpoint, name)) for name in PROGRESS}}, path))
-        _write_prompt(run_dir, result.learner, checkpoint.params)
+        _write_prompt(run_dir, result.recipe, checkpoint.params)
     _write_config(run_dir, result, cache, loaded, request, runtime, state,
                   checkpoint.epochs_done if checkpoint else 0)
     if state not in RESUMABLE:
@@ -140,8 +139,8 @@ def save_complete(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_metrics(run_dir, result.history)
-    _write_prompt(run_dir, result.learner, result.learner.trainable())
-    plot_curve(run_dir, result.history, METHOD_NAMES[result.recipe.method])
+    _write_prompt(run_dir, result.recipe, result.learner.trainable())
+    plot_curve(run_dir, result.history, methods.get(result.recipe.method).title)
     if since is not None:
         results["timings"]["save_and_test_s"] = time.perf_counter() - since
     _atomic(run_dir / RESULTS_FILE, lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
@@ -165,12 +164,12 @@ def evaluation_key(cache: FeatureCache, split: str, classes: str) -> str:
     return f"{Path(cache.path).name} {split} {classes}"
 
 
-def _write_prompt(run_dir: Path, learner: PromptLearner, params: dict[str, torch.Tensor]) -> None:
-    """The learned tensors by the published state dict's names (ctx; CoCoOp's meta_net.* too)."""
+def _write_prompt(run_dir: Path, recipe: Recipe, params: dict[str, torch.Tensor]) -> None:
+    """The learned tensors by the learner's names (the published state dict's: ctx; CoCoOp's meta_net.* too)."""
     _atomic(run_dir / PROMPT_FILE, lambda path: save_file(
         {name: _host(t) for name, t in params.items()}, path,
-        metadata={"method": learner.method, "n_ctx": str(learner.n_ctx), "csc": str(learner.csc),
-                  "position": learner.position}))
+        metadata={"method": recipe.method, "n_ctx": str(recipe.n_ctx), "csc": str(recipe.csc),
+                  "position": recipe.position}))
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -184,7 +183,8 @@ def _write_config(run_dir, result, cache, loaded, request, runtime, state, epoch
     config = {
         "fastcoop_version": fastcoop.__version__, "state": state, "epochs_done": epochs_done,
         "model": loaded.name, "pretrained": loaded.pretrained, "classnames": result.learner.classnames,
-        "train": dataclasses.asdict(result.recipe), "request": request, "runtime": dataclasses.asdict(runtime),
+        "method": methods.get(result.recipe.method).title,
+        "train": result.recipe.record(), "request": request, "runtime": dataclasses.asdict(runtime),
         "backends": vars(result.backends),
         "augmentation": result.augmentation,
         "cache": {"path": str(Path(cache.path).resolve()), "identity": cache.identity(), "dataset": cache.dataset},
@@ -237,11 +237,16 @@ def plot_curve(run_dir: Path, history: list[dict], method: str = "CoOp") -> None
 
 @dataclasses.dataclass
 class Run:
-    """A trained prompt loaded back: its config, its model, and the learner holding the learned context."""
+    """A trained run loaded back: its config, its method, its model, and the learner holding what it learned."""
 
     config: dict
+    method: methods.Method
     loaded: LoadedModel
-    learner: PromptLearner
+    learner: torch.nn.Module
+
+    def classifier(self):
+        """The method's classifier of the learned run (fastcoop.methods: logits and predict)."""
+        return self.method.classifier(self.loaded.model, self.learner, None)
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | None = None,
@@ -250,15 +255,19 @@ def load_run(run_dir: str | Path, device: str = "cpu", loaded: LoadedModel | Non
     for work on cached image features (load_model)."""
     run_dir = Path(run_dir)
     config = complete_config(run_dir)
+    method = methods.get(config["train"]["method"])
     loaded = loaded or load_model(config["model"], config["pretrained"], device, image_tower)
-    learner = _learner(loaded, config, config["classnames"], load_file(run_dir / PROMPT_FILE), device)
-    return Run(config, loaded, learner)
+    params = load_file(run_dir / PROMPT_FILE)
+    learner = new_learner(method, loaded, config["classnames"], Recipe.from_record(config["train"]), params, device)
+    return Run(config, method, loaded, learner)
 
 
-def _learner(loaded: LoadedModel, config: dict, classnames: list[str], params: dict[str, torch.Tensor],
-             device) -> PromptLearner:
-    """A learner laid out as the run's, on `classnames`, holding the learned `params`."""
-    return new_learner(loaded.model, loaded.tokenizer, classnames, Recipe(**config["train"]), params).to(device)
+def new_learner(method: methods.Method, loaded: LoadedModel, classnames: list[str], recipe: Recipe,
+                params: dict[str, torch.Tensor], device) -> torch.nn.Module:
+    """The method's learner for `recipe` on `classnames`, holding the learned `params`, on `device`."""
+    learner = method.learner(loaded.model, loaded.tokenizer, classnames, recipe)
+    learner.load_trainable(params)
+    return learner.to(device)
 
 
 def with_classnames(run: Run, classnames: list[str], class_ids: list[str] | None = None) -> Run:
@@ -282,4 +291,6 @@ def with_classnames(run: Run, classnames: list[str], class_ids: list[str] | None
             raise FastCoopError(f"this run learned a context per class (--csc) and has two classes named "
                                 f"'{twice[0]}': which context '{twice[0]}' takes is ambiguous without class ids")
         params = {**params, "ctx": params["ctx"][[known.index(key) for key in wanted]]}
-    return Run(run.config, run.loaded, _learner(run.loaded, run.config, classnames, params, run.learner.ctx.device))
+    learner = new_learner(run.method, run.loaded, classnames, Recipe.from_record(run.config["train"]), params,
+                          run.learner.ctx.device)
+    return Run(run.config, run.method, run.loaded, learner)

@@ -1,6 +1,6 @@
 """The training step as device work only, so that a whole step can be captured once in a CUDA graph; it trains a
-stack of runs at once (one run is a stack of one). The loss is a part: CoOp's here (CoOpLoss), CoCoOp's in
-fastcoop.cocoop (CoCoOpLoss); the step updates every tensor the learners train.
+stack of runs at once (one run is a stack of one). The loss is the method's part (fastcoop.methods); the step
+updates every tensor the learners train.
 
 The whole schedule lives on the device: every run's batch orders (its steps × batch rows) and learning rates are
 tables indexed by the run's own step counter, each step adds each run's loss and hits into the slot of that run's
@@ -15,8 +15,7 @@ import warnings
 import torch
 from torch.optim.sgd import sgd
 
-from fastcoop.kernels import compiling_in_parallel, cosine_ce_runs
-from fastcoop.kgcoop import knowledge_gap
+from fastcoop.kernels import compiling_in_parallel
 
 
 def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
@@ -27,53 +26,9 @@ def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: flo
         dampening=0.0, nesterov=False, maximize=False)
 
 
-class CoOpLoss:
-    """CoOp's training loss of stacked runs for TrainStep: the runs' contexts through `encoder` in one call
-    (FastTextEncoder or ReferenceTextEncoder, built for the runs' prompt layouts: R contexts of each layout →
-    R × K × D), then each run's batch against its own text features with the fused cosine cross-entropy of all runs
-    at once (`loss_backend`: fastcoop.backends' choice). With `anchor` (K × D, the hand-written prompts'
-    features), KgCoOp's loss: plus anchor_weight · knowledge_gap(text, anchor)."""
-
-    def __init__(self, encoder, logit_scale, autocast_dtype=None, loss_backend: str = "reference",
-                 anchor: torch.Tensor | None = None, anchor_weight: float = 0.0):
-        self.encoder, self.logit_scale, self.autocast_dtype = encoder, logit_scale, autocast_dtype
-        self.loss_backend, self.anchor, self.anchor_weight = loss_backend, anchor, anchor_weight
-        self._run_order = {}  # the runs' order by layout → where each run's text lies in it (device tensors)
-
-    def __call__(self, learners, images: torch.Tensor, labels: torch.Tensor, sizes: list[int]):
-        """The runs' losses (R) and hits (R) from their batches: images R × B × D, labels R × B, run r's first
-        sizes[r] rows (the rest padding)."""
-        by_layout = {}  # the encoder's prompt layouts → the runs of each
-        for run, learner in enumerate(learners):
-            by_layout.setdefault(self.encoder.layouts[learner.layout], []).append(run)
-        # one run's context as a view; several stacked
-        contexts = {layout: learners[runs[0]].ctx[None] if len(runs) == 1 else
-                    torch.stack([learners[run].ctx for run in runs]) for layout, runs in by_layout.items()}
-        with torch.autocast(images.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None, cache_enabled=False):
-            encoded = self.encoder.encode_each(contexts)
-        text = self._in_run_order([encoded[layout] for layout in by_layout], list(by_layout.values()))
-        losses, hits = cosine_ce_runs(images, text, self.logit_scale, labels, sizes, backend=self.loss_backend)
-        if self.anchor is not None:
-            losses = losses + self.anchor_weight * knowledge_gap(text, self.anchor)
-        return losses, hits
-
-    def _in_run_order(self, texts: list[torch.Tensor], runs: list[list[int]]) -> torch.Tensor:
-        """The layouts' text features (each R_l × K × D, for the runs in `runs`) as one R × K × D in run order."""
-        if len(texts) == 1:
-            return texts[0]
-        order = tuple(run for layout_runs in runs for run in layout_runs)
-        text = torch.cat(texts)
-        if order == tuple(sorted(order)):
-            return text
-        if order not in self._run_order:
-            self._run_order[order] = torch.tensor(order, device=text.device).argsort()
-        return text.index_select(0, self._run_order[order])
-
-
 class TrainStep:
     """One step of stacked runs on static device tensors: gather each run's batch → the runs' losses (`loss`,
-    e.g. CoOpLoss or CoCoOpLoss: the runs' learners, their R × B × D images, R × B labels and batch sizes (run r's
+    the method's: the runs' learners, their R × B × D images, R × B labels and batch sizes (run r's
     first B_r rows; the rest padding) → each run's loss and hits, R each) → gradients → each run's SGD update of
     every tensor its learner trains.
 
@@ -177,6 +132,30 @@ class TrainStep:
                                                  self.momentum_buffers[run], self.epoch_end_momentum[run]):
                 good.copy_(torch.where(self.all_finite[run], param, good))
                 kept.copy_(buffer)
+
+    def state_dict(self, run: int) -> dict:
+        """A run's state (copies): its learned tensors and their momentum now, both as they were at the end of its
+        last epoch (the tensors: the last good ones), by the learner's names; its loss sums and hits per epoch."""
+        names = list(self.learners[run].trainable())
+
+        def named(tensors):
+            return {name: tensor.detach().clone() for name, tensor in zip(names, tensors)}
+
+        return {"params": named(self.params[run]), "momentum": named(self.momentum_buffers[run]),
+                "epoch_params": named(self.good_params[run]), "epoch_momentum": named(self.epoch_end_momentum[run]),
+                "loss_sums": self.loss_sums[run].clone(), "correct": self.correct[run].clone()}
+
+    def load_state_dict(self, run: int, state: dict) -> None:
+        """Load what `state` holds of a run's state (state_dict's parts) into the run."""
+        names = list(self.learners[run].trainable())
+        with torch.no_grad():
+            for part, tensors in (("params", self.params[run]), ("momentum", self.momentum_buffers[run]),
+                                  ("epoch_params", self.good_params[run]),
+                                  ("epoch_momentum", self.epoch_end_momentum[run])):
+                for name, tensor in zip(names, tensors):
+                    tensor.copy_(state[part][name])
+            self.loss_sums[run].copy_(state["loss_sums"])
+            self.correct[run].copy_(state["correct"])
 
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step writes (to undo the warm-up steps run before capture)."""

@@ -1,5 +1,5 @@
 """`fastcoop sweep`: the paper's protocol for one dataset in one command — every (variant, shots, seed) run of
-each method asked (CoOp, CoCoOp, KgCoOp) from one cache, zero-shot CLIP and the baselines beside them, a summary,
+each method asked (fastcoop.methods) from one cache, zero-shot CLIP and the baselines beside them, a summary,
 a Markdown table and the paper's figure (accuracy against shots). With CoCoOp's protocol (`--classes base`), every
 run trains on the base classes and is tested on base and new, and the table gives base, new and H beside
 zero-shot CLIP's.
@@ -23,37 +23,35 @@ from pathlib import Path
 
 import torch
 
+from fastcoop import methods
 from fastcoop.cache import FeatureCache
-from fastcoop.config import METHOD_NAMES, Recipe, Runtime
+from fastcoop.config import Recipe, Runtime
 from fastcoop.devices import resolve_device
 from fastcoop.distributed import World
 from fastcoop.errors import FastCoopError, changed, first_few
-from fastcoop.evaluate import evaluate_split, score_run, text_classifier
+from fastcoop.classifiers import text_classifier
+from fastcoop.evaluate import evaluate_split, score_run
 from fastcoop.fewshot import class_subset
-from fastcoop.linear_probe import linear_probe
 from fastcoop.models import LoadedModel
 from fastcoop.pipeline import train_to_run_dir, train_to_run_dirs
 from fastcoop.report import sweep_curves, sweep_table
 from fastcoop.run import evaluation_key, load_run, record_evaluation
 from fastcoop.run_files import (CONFIG_FILE, FIGURE_FILE, RESULTS_FILE, RESUMABLE, SUMMARY_FILE, SWEEP_FILE,
                                 TABLE_FILE, read_config, read_evaluations)
-from fastcoop.tip_adapter import run_tip_adapter
 from fastcoop.zeroshot import zeroshot_classifier
-
-BASELINE_NAMES = {"linear-probe": "linear probe", "tip-adapter": "Tip-Adapter", "tip-adapter-f": "Tip-Adapter-F"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """The recipe options a sweep varies (its method, and that method's context); everything else is the sweep's
-    recipe. `variant_for` fills in a method's published context."""
+    """The recipe options a sweep varies (its method, that method's context and own options); everything else is
+    the sweep's recipe. `variant_for` fills in a method's published context."""
 
     method: str = "coop"
     n_ctx: int = 16
     init: str | None = None
     csc: bool = False
     position: str = "end"
-    kg_weight: float | None = None
+    options: tuple[tuple[str, object], ...] = ()
 
     @property
     def name(self) -> str:
@@ -62,20 +60,28 @@ class Variant:
     @property
     def label(self) -> str:
         """As tables and figures name it: the method as its paper writes it, then the context."""
-        return f"{METHOD_NAMES[self.method]} {self.name}"
+        return f"{methods.get(self.method).title} {self.name}"
 
     @property
     def folder(self) -> str:
-        return f"{self.method}-{self.name}"
+        return f"{methods.get(self.method).name}-{self.name}"
+
+    def record(self) -> dict:
+        return {**asdict(self), "options": dict(self.options)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Variant":
+        return cls(**{**record, "options": tuple(sorted(record.get("options", {}).items()))})
 
 
 def variant_for(method: str, n_ctx: int | None = None, csc: bool = False, position: str = "end",
-                kg_weight: float | None = None) -> Variant:
+                options: dict | None = None) -> Variant:
     """A method's variant: its published context (M and the words it starts from) when no M is named, a named M
-    starting random (as published); λ for KgCoOp only."""
-    recipe = Recipe(method=method, n_ctx=n_ctx, kg_weight=kg_weight if method == "kgcoop" else None)
-    recipe = recipe.with_published_context()
-    return Variant(method, recipe.n_ctx, recipe.init, csc, position, recipe.kg_weight)
+    starting random (as published); of `options`, those the method declares."""
+    declared = methods.get(method)
+    recipe = methods.published_context(Recipe(method=method, n_ctx=n_ctx), declared)
+    own = tuple(sorted((k, v) for k, v in (options or {}).items() if k in declared.options))
+    return Variant(method, recipe.n_ctx, recipe.init, csc, position, own)
 
 
 def sweep_runs(cache: FeatureCache, shots: list[int], seeds: list[int], variants: list[Variant]):
@@ -128,18 +134,19 @@ def _differences(was: dict, now: dict) -> str:
     parts = [] if was.get("cache") == now["cache"] else ["feature cache: another cache"]
     if was.get("variants") != now["variants"]:
         parts += changed({"variants": _labels(was.get("variants", []))}, {"variants": _labels(now["variants"])})
+        parts = parts or ["variants: their options"]
     return "; ".join(parts + changed(was.get("recipe", {}), now["recipe"], show=repr))
 
 
 def _labels(variants: list[dict]) -> str:
-    return ", ".join(Variant(**v).label for v in variants)
+    return ", ".join(Variant.from_record(v).label for v in variants)
 
 
 def clear_sweep_dir(out: Path) -> None:
     """Remove what the sweep in `out` wrote (its files and its variants' run folders), and only that."""
     variants = json.loads((Path(out) / SWEEP_FILE).read_text()).get("variants", [])
     for variant in variants:
-        shutil.rmtree(Path(out) / Variant(**variant).folder, ignore_errors=True)
+        shutil.rmtree(Path(out) / Variant.from_record(variant).folder, ignore_errors=True)
     for name in (SWEEP_FILE, SUMMARY_FILE, TABLE_FILE, FIGURE_FILE):
         (Path(out) / name).unlink(missing_ok=True)
 
@@ -152,8 +159,8 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     `stack`: a method's unfinished runs (they differ in variant, shots and seed; CoCoOp's only in shots and
     seed) train together, one text-encoder pass per step for all of them. `eval_on`: other datasets' caches
     every run is also tested on (domain generalisation, cross-dataset transfer), recorded in each run's
-    evaluations and tabulated. `baselines`: those of config.BASELINES beside the runs (the all-classes protocol,
-    with val and test splits). `overwrite`: replace another sweep in `out`. Under torchrun
+    evaluations and tabulated. `baselines`: names of fastcoop.methods.BASELINES to run beside the runs (the
+    all-classes protocol, with val and test splits). `overwrite`: replace another sweep in `out`. Under torchrun
     each rank trains every N-th run and the first writes the summary (None elsewhere)."""
     out = Path(out)
     runs = sweep_runs(cache, shots, seeds, variants)
@@ -167,16 +174,18 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     world.from_writer(None)  # no rank writes a run before the writer has claimed the folder
     device = resolve_device(runtime.device)
     started = time.perf_counter()
-    groups: dict = {}  # what runs stacked share (Recipe.stack_key) → this rank's runs to start or resume
+    groups: dict = {}  # what runs stacked share (methods.stack_key) → this rank's runs to start or resume
     for i, (variant, s, seed) in enumerate(runs, start=1):
         if i % world.size != world.rank % world.size:
             continue
         run_dir = run_dir_of(out, variant, s, seed)
         recipe = replace(base, shots=s, seed=seed, **asdict(variant))
         done = read_config(run_dir)
-        same = done is not None and done.get("request") == asdict(recipe.published(len(cache.classnames), device))
+        same = done is not None and done.get("request") == methods.publish(recipe, len(cache.classnames), device,
+                                                                           cache.dataset).record()
         if stack and (done is None or done["state"] in RESUMABLE and same):
-            groups.setdefault(recipe.stack_key(), []).append((variant, recipe, run_dir))
+            groups.setdefault(methods.stack_key(recipe, methods.get(recipe.method)), []).append((variant, recipe,
+                                                                                                 run_dir))
         elif done is None or done["state"] != "complete" or not same:
             echo(f"[{i}/{len(runs)}] {variant.label}, {s} shots, seed {seed}")
             train_to_run_dir(cache, loaded, recipe, run_dir, runtime, progress=progress, overwrite=done is not None
@@ -187,7 +196,7 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
             echo(f"{stacked[0].label}, {group[0][1].shots} shots, seed {group[0][1].seed}")
         else:
             named = stacked[0].label if len(stacked) == 1 else \
-                f"{METHOD_NAMES[stacked[0].method]} {', '.join(v.name for v in stacked)}"
+                f"{methods.get(stacked[0].method).title} {', '.join(v.name for v in stacked)}"
             echo(f"{named}: {len(group)} runs stacked ({_listed({c.shots for _, c, _ in group})} shots, "
                  f"seeds {_listed({c.seed for _, c, _ in group})})")
         _train_stacked(cache, loaded, [(recipe, run_dir) for _, recipe, run_dir in group], runtime, progress, echo)
@@ -206,7 +215,7 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
     seconds = {"runs": time.perf_counter() - started}  # trained and tested (on --eval-on's caches too)
     started = time.perf_counter()
     summary = {"cache": str(Path(cache.path).resolve()), "classes": len(cache.classnames),
-               "methods": sorted({variant.method for variant in variants}),
+               "methods": sorted({methods.get(variant.method).name for variant in variants}),
                "trained_on": base.classes, "runs": results,
                "zero_shot": _zero_shot(cache, loaded, device, base.classes)}
     if base.classes == "base":  # the base-to-new protocol: zero-shot CLIP on the new half too, no baselines
@@ -223,25 +232,22 @@ def run_sweep(cache: FeatureCache, loaded: LoadedModel, out: Path, shots: list[i
 
 def _baselines(cache: FeatureCache, loaded: LoadedModel, shots: list[int], seeds: list[int],
                baselines: tuple[str, ...], device: str, seconds: dict) -> dict:
-    """The baselines of the all-classes protocol for every (shots, seed): CoOp's linear probe, and Tip-Adapter
-    (with Tip-Adapter-F when asked), each on the runs' own few-shot images; each one's time into `seconds`. They
-    select their settings on val: without it, none."""
+    """The baselines of the all-classes protocol (fastcoop.methods.BASELINES) for every (shots, seed), each on
+    the runs' own few-shot images, as {"baselines": {title: rows}}; each one's time into `seconds`. They select
+    their settings on val: without it, none."""
     found = {}
-    if "val" not in cache.splits or "test" not in cache.splits:
-        if "test" in cache.splits and "linear-probe" in baselines:
-            warnings.warn(f"{cache.path} has no val split, so the table has no linear probe (CoOp's baseline "
-                          "selects its regularisation on val): cache with --splits train,val,test for it")
-        return found
-    if "linear-probe" in baselines:
+    for name in baselines:
+        baseline = methods.baseline(name)
+        missing = [split for split in baseline.needs if split not in cache.splits]
+        if missing:
+            if "test" in cache.splits:
+                warnings.warn(f"{cache.path} has no {' or '.join(missing)} split, so the table has no "
+                              f"{baseline.title} ({baseline.why_val}): cache with --splits train,val,test for it")
+            continue
         started = time.perf_counter()
-        found["linear_probe"] = [linear_probe(cache, s, seed) for s in shots for seed in seeds]
-        seconds["linear_probe"] = time.perf_counter() - started
-    if any(b.startswith("tip-adapter") for b in baselines):
-        started = time.perf_counter()
-        found["tip_adapter"] = run_tip_adapter(cache, loaded, [(s, seed) for s in shots for seed in seeds],
-                                               "tip-adapter-f" in baselines, device)
-        seconds["tip_adapter"] = time.perf_counter() - started
-    return found
+        found[baseline.title] = baseline.run(cache, loaded, [(s, seed) for s in shots for seed in seeds], device)
+        seconds[baseline.title] = time.perf_counter() - started
+    return {"baselines": found} if found else {}
 
 
 def _listed(values) -> str:
@@ -287,7 +293,7 @@ def _transfer(run_dir: Path, loaded: LoadedModel, caches: list[FeatureCache]) ->
 def sweep_request(cache, shots, seeds, variants, base: Recipe) -> dict:
     """What a sweep is (its sweep.json): the cache, the runs and the recipe they share."""
     return {"cache": cache.identity(), "shots": shots, "seeds": seeds,
-            "variants": [asdict(v) for v in variants], "recipe": asdict(replace(base, shots=None, seed=0))}
+            "variants": [v.record() for v in variants], "recipe": replace(base, shots=None, seed=0).record()}
 
 
 def _zero_shot(cache: FeatureCache, loaded: LoadedModel, device: str, classes: str = "all") -> float | None:
@@ -330,7 +336,7 @@ def accuracy_figure(summary: dict, title: str):
         errors = [100 * statistics.stdev(by_shots[s]) if len(by_shots[s]) > 1 else 0 for s in shots]
         new = method.endswith(" new")
         ax.errorbar(shots, means, yerr=errors, marker="s" if new else "o", capsize=3, label=method, color=colour,
-                    linestyle=":" if new else "--" if method in BASELINE_NAMES.values() else "-",
+                    linestyle=":" if new else "--" if method in summary.get("baselines", {}) else "-",
                     markerfacecolor="none" if new else colour)
     for key, label, face in (("zero_shot", "zero-shot CLIP", red), ("zero_shot_new", "zero-shot CLIP new", "none")):
         if summary.get(key) is not None:

@@ -8,7 +8,7 @@ import torch
 
 from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
-from fastcoop.evaluate import normalized_mean
+from fastcoop.classifiers import normalized_mean
 from fastcoop.models import LoadedModel
 
 

@@ -98,7 +98,7 @@ def test_cross_dataset_and_named_subset_evaluation(tmp_path, capsys, tiny_vit, e
     only, with its rows for those classes."""
     from fastcoop.cache import FeatureCache, extract_features
     from fastcoop.datasets import read_dataset
-    from fastcoop.evaluate import evaluate_split, run_classifier
+    from fastcoop.evaluate import evaluate_split
     from fastcoop.run import load_run, with_classnames
 
     other, subset, kept = tmp_path / "other", tmp_path / "subset", (1, 4, 7, 10)
@@ -117,7 +117,7 @@ def test_cross_dataset_and_named_subset_evaluation(tmp_path, capsys, tiny_vit, e
         run = load_run(run_dir)
         with FeatureCache(caches["subset"]) as cache:
             on_subset = with_classnames(run, [n.replace("_", " ") for n in cache.classnames])
-            expected = evaluate_split(cache, run_classifier(on_subset))
+            expected = evaluate_split(cache, on_subset.classifier().predict)
         rows = [run.learner.classnames.index(name) for name in on_subset.learner.classnames]
         assert rows == list(kept) and torch.equal(on_subset.learner.ctx, run.learner.ctx[rows] if context == "csc"
                                                   else run.learner.ctx)

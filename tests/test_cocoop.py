@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 
 from conftest import ctrl_c_after_epoch, relative, run_cli
 from fastcoop.cache import FeatureCache, extract_features
-from fastcoop.cocoop import CoCoOpLearner, cocoop_logits
+from fastcoop.methods.cocoop import CoCoOpLearner, cocoop_logits
 from fastcoop.datasets import read_dataset
 from fastcoop.run import load_run
 from fastcoop.schedule import lr_at
 from fastcoop.config import Recipe
-from fastcoop.train import batches_per_epoch, train
+from fastcoop.methods import publish
+from fastcoop.training import batches_per_epoch, train
 
 NAMES = ["dog", "sea lion", "kite (bird of prey)", "a remarkably long class name of many word tokens", "cat"]
 
@@ -95,7 +96,7 @@ def test_cocoop_training_equals_the_published_loop(cache_path, tiny_vit):
 
 
 def test_cocoop_runs_stacked_equal_runs_alone(cache_path, tiny_vit):
-    from fastcoop.train import train_stack
+    from fastcoop.training import train_stack
 
     configs = [Recipe(method="cocoop", shots=4, seed=seed, epochs=2, batch_size=3, lr=0.05)
                for seed in (1, 2)]
@@ -108,14 +109,14 @@ def test_cocoop_runs_stacked_equal_runs_alone(cache_path, tiny_vit):
 
 
 def test_the_published_cocoop_recipe_is_the_default():
-    config = Recipe(method="cocoop").published(num_classes=10, device="cpu")
+    config = publish(Recipe(method="cocoop"), num_classes=10, device="cpu")
     assert (config.n_ctx, config.init, config.batch_size, config.epochs, config.lr) == (4, "a photo of a", 1, 10,
                                                                                           0.002)
     assert (config.warmup_epochs, config.warmup_lr, config.momentum, config.weight_decay) == (1, 1e-5, 0.9, 5e-4)
-    assert Recipe(method="cocoop", n_ctx=8).published(10, "cpu").init is None  # M = 8 and 16: random init, as published
-    coop = Recipe().published(num_classes=10, device="cpu")
+    assert publish(Recipe(method="cocoop", n_ctx=8), 10, "cpu").init is None  # M = 8 and 16: random, as published
+    coop = publish(Recipe(), num_classes=10, device="cpu")
     assert (coop.n_ctx, coop.init, coop.batch_size, coop.epochs, coop.precision) == (16, None, 32, 200, "fp32")
-    assert Recipe().published(10, "cuda").precision == "bf16"
+    assert publish(Recipe(), 10, "cuda").precision == "bf16"
 
 
 def test_cli_trains_evaluates_predicts_and_resumes_a_cocoop_run(tmp_path, capsys, cache_path, example_images):
@@ -140,22 +141,22 @@ def test_cli_trains_evaluates_predicts_and_resumes_a_cocoop_run(tmp_path, capsys
 
 
 def test_cocoop_evaluation_in_chunks_equals_one_call(cache_path, tiny_vit, monkeypatch):
-    import fastcoop.evaluate
+    import fastcoop.methods.cocoop as cocoop
 
     torch.manual_seed(0)
     with FeatureCache(cache_path) as cache:
         learner = CoCoOpLearner(tiny_vit.model, tiny_vit.tokenizer, cache.classnames)
         images = cache.features("test", view=0).float()
     whole = cocoop_logits(tiny_vit.model, learner, images).argmax(-1)
-    monkeypatch.setattr(fastcoop.evaluate, "PROMPTS_PER_CALL", 2 * learner.num_classes)  # 2 images per call
-    assert torch.equal(fastcoop.evaluate.prompt_classifier(tiny_vit.model, learner)(images), whole)
+    monkeypatch.setattr(cocoop, "PROMPTS_PER_CALL", 2 * learner.num_classes)  # 2 images per call
+    assert torch.equal(cocoop.CoCoOpClassifier(tiny_vit.model, learner, None).predict(images), whole)
 
 
 @pytest.mark.parametrize("option", [["--csc"], ["--position", "front"]])
 def test_cocoop_refuses_coop_only_options_before_any_work(tmp_path, capsys, cache_path, option):
     code, _, err = run_cli(capsys, "train", cache_path, "--out", tmp_path / "run", "--method", "cocoop", *option,
-                           "--device", "cpu")
-    assert code == 2 and "CoCoOp learns one context shared by all classes" in err
+                           "--shots", "4", "--device", "cpu")
+    assert code == 2 and f"CoCoOp has no {option[0]}" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 

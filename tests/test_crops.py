@@ -126,7 +126,7 @@ def test_the_crop_scale_of_the_views_is_a_cache_option_both_engines_cut_alike(tm
     from fastcoop.errors import FastCoopError
     from fastcoop.models import load_model, preprocess_config
     from fastcoop.cache.views import split_eval_transform
-    from fastcoop.tip_adapter import check_cache
+    from fastcoop.methods.tip_adapter import check_cache
 
     loaded = load_model(TINY_VIT, "none")
     pre = preprocess_config(loaded.model)

@@ -18,7 +18,7 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, capsys):
     assert results["steps"] > 0 and f"CoOp test accuracy: {results['test']['top1']:.1%} at 8 shots" in out
     assert (tmp_path / "features.h5").exists() and (eight_shot / "prompt.safetensors").exists()
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())  # the paper's protocol, one seed
-    assert [r["shots"] for r in summary["runs"]] == [1, 2, 4, 8] and len(summary["linear_probe"]) == 4
+    assert [r["shots"] for r in summary["runs"]] == [1, 2, 4, 8] and len(summary["baselines"]["linear probe"]) == 4
     assert (tmp_path / "sweep" / "accuracy.png").stat().st_size > 0 and "| linear probe |" in out
     for method in ("coop", "cocoop"):  # the base-to-new table: both methods, base, new and H
         results = json.loads((tmp_path / f"base-to-new-{method}" / "results.json").read_text())

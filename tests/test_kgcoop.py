@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from conftest import relative, run_cli
 from fastcoop.cache import extract_features
 from fastcoop.config import Recipe
+from fastcoop.methods import publish
 from fastcoop.datasets import read_dataset
 from fastcoop.errors import FastCoopError
-from fastcoop.kgcoop import hand_written_features, hand_written_template
+from fastcoop.methods.kgcoop import hand_written_features, hand_written_template
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import CoOpLoss
+from fastcoop.methods.kgcoop import KgCoOpLoss
 from fastcoop.text_encoder import FastTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -24,15 +25,15 @@ PETS = ["Abyssinian", "american_bulldog", "basset_hound", "Birman"]
 def test_the_published_kgcoop_recipe_is_the_default():
     """scripts/base2new_train.sh with configs/trainers/KgCoOp/vit_b16_ep100_ctxv1: M = 4 from 'a photo of a',
     batch 128, 100 epochs, λ = 8, CoOp's SGD and schedule; its hand-written prompts per dataset."""
-    config = Recipe(method="kgcoop").published(num_classes=10, device="cpu")
-    assert (config.n_ctx, config.init, config.batch_size, config.epochs, config.kg_weight) == (
+    config = publish(Recipe(method="kgcoop"), num_classes=10, device="cpu")
+    assert (config.n_ctx, config.init, config.batch_size, config.epochs, config.option("kg_weight")) == (
         4, "a photo of a", 128, 100, 8.0)
     assert (config.lr, config.momentum, config.weight_decay, config.warmup_epochs) == (0.002, 0.9, 5e-4, 1)
     assert hand_written_template("eurosat") == "a centered satellite photo of {}."
     assert hand_written_template("dtd") == "a photo of a {}, a type of texture."  # KgCoOp's, not CoOp's zsclip
     assert hand_written_template(None) == "a photo of a {}."
-    with pytest.raises(FastCoopError, match="--kg-weight is KgCoOp's option"):
-        Recipe(method="coop", kg_weight=1.0)
+    with pytest.raises(FastCoopError, match="-o kg_weight is not an option of CoOp"):  # declared by KgCoOp only
+        publish(Recipe(method="coop", options=(("kg_weight", 1.0),)), num_classes=10, device="cpu")
 
 
 def test_kgcoop_loss_and_gradient_equal_the_papers_formula(tiny_vit):
@@ -51,7 +52,7 @@ def test_kgcoop_loss_and_gradient_equal_the_papers_formula(tiny_vit):
     scale = model.logit_scale.exp().detach()
 
     encoder = FastTextEncoder(model, learner)
-    ours, = CoOpLoss(encoder, scale, None, "reference", anchor, 8.0)([learner], images[None], labels[None], [6])[0]
+    ours, = KgCoOpLoss(encoder, scale, None, "reference", anchor, 8.0)([learner], images[None], labels[None], [6])[0]
     our_grad, = torch.autograd.grad(ours, learner.ctx)
 
     text = reference_text_features(TextTower.of(model), learner)
@@ -76,5 +77,5 @@ def test_a_kgcoop_run_trains_tests_base_and_new_and_records_its_recipe(tmp_path,
         "kgcoop", 8.0, "a photo of a {}.", 4)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {"test", "test_new", "harmonic_mean"} <= set(results)
-    code, _, err = run_cli(capsys, "train", cache, "--out", tmp_path / "coop", "--kg-weight", "2", "--shots", "4")
-    assert code == 2 and err.strip() == "error: --kg-weight is KgCoOp's option (--method kgcoop)"
+    code, _, err = run_cli(capsys, "train", cache, "--out", tmp_path / "coop", "-o", "kg_weight=2", "--shots", "4")
+    assert code == 2 and err.strip() == "error: -o kg_weight is not an option of CoOp (CoOp's: none)"

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import FeatureCache
-from fastcoop.linear_probe import GRID, fit, linear_probe, search
+from fastcoop.methods.linear_probe import GRID, fit, linear_probe, search
 
 
 def published_search(train_x, train_y, val_x, val_y, steps=8):
@@ -137,7 +137,7 @@ def test_the_search_runs_blas_on_one_thread(monkeypatch):
     chosen C independent of the machine's load."""
     import threadpoolctl
 
-    from fastcoop import linear_probe as lp
+    from fastcoop.methods import linear_probe as lp
 
     seen = []
     fit = lp.fit

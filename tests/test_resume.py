@@ -20,7 +20,7 @@ from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at
 from fastcoop.text_encoder import encode_prompts
 from fastcoop.config import Recipe, Runtime
-from fastcoop.train import TrainStep, batches_per_epoch, train
+from fastcoop.training import TrainStep, batches_per_epoch, train
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,12 @@ TRAIN = ["--shots", "4", "--seed", "1", "--n-ctx", "2", "--batch-size", "16", "-
 def test_the_loop_equals_a_plain_per_epoch_host_loop(cache_path, tiny_vit, monkeypatch):
     """The reference: per epoch a permutation from one seeded generator, the epoch's view, torch.optim.SGD with
     the published schedule, the published text computation and cross-entropy, step by step on the host."""
-    import fastcoop.train
+    import fastcoop.training
 
     config = dict(shots=4, seed=1, n_ctx=2, epochs=6, batch_size=16, lr=0.02)
     contexts = []
     for report_seconds in (0.0, 1e9):  # read back after every epoch, or only after the first and the last
-        monkeypatch.setattr(fastcoop.train, "REPORT_SECONDS", report_seconds)
+        monkeypatch.setattr(fastcoop.training, "REPORT_SECONDS", report_seconds)
         with FeatureCache(cache_path) as cache:
             contexts.append(train(cache, tiny_vit, Recipe(**config), progress=False).learner.ctx.detach())
     assert torch.equal(contexts[0], contexts[1])
@@ -84,7 +84,7 @@ def test_ctrl_c_inside_an_epoch_saves_there_and_resumes_bit_for_bit(tmp_path, ca
     """A look, and so a checkpoint, is due every REPORT_SECONDS even inside an epoch (CoCoOp's batch-1 epochs are
     thousands of steps, minutes under load): Ctrl-C is answered at the next look, inside the epoch, and the same
     command resumes from that step and ends bit for bit where the uninterrupted run ends."""
-    import fastcoop.train as train_module
+    import fastcoop.training as train_module
 
     args = ["--method", method, "--shots", "4", "--seed", "1", "--batch-size", "4", "--epochs", "2", "--lr", "0.05",
             "--device", "cpu"] + (["--n-ctx", "2"] if method == "coop" else [])
@@ -245,7 +245,7 @@ def test_an_unfinished_run_with_other_settings_is_refused_naming_them(tmp_path, 
     assert run_cli(capsys, "train", cache_path, "--out", run_dir, *TRAIN)[0] == 130
     assert not (run_dir / "config.json").exists()  # interrupted before any epoch was seen: nothing to keep
     monkeypatch.undo()
-    monkeypatch.setattr("fastcoop.train.REPORT_SECONDS", 0.0)
+    monkeypatch.setattr("fastcoop.training.REPORT_SECONDS", 0.0)
     end_epoch = TrainStep.end_epoch
     monkeypatch.setattr(TrainStep, "end_epoch", lambda self, run, epoch: end_epoch(self, run, epoch) if epoch < 3 else
                         (_ for _ in ()).throw(KeyboardInterrupt))

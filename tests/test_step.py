@@ -10,11 +10,12 @@ from conftest import DEVICE, needs_kernel
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.datasets import read_dataset
 from fastcoop.prompts import PromptLearner
-from fastcoop.step import CoOpLoss, TrainStep, sgd_update_
+from fastcoop.methods.coop import CoOpLoss
+from fastcoop.step import TrainStep, sgd_update_
 from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
 from fastcoop.config import Recipe, Runtime
-from fastcoop.train import train
+from fastcoop.training import train
 
 
 def test_sgd_update_equals_torch_sgd():
@@ -62,7 +63,7 @@ def test_stacked_runs_in_a_cuda_graph_equal_each_run_alone_eager(tmp_path, tiny_
     """Runs of two seeds and different shot counts and epochs stacked into one graphed step (their contexts as
     more attention heads of one encoder pass; captured again as runs finish) against each run trained alone
     without a graph; CoOp, CoCoOp (per-image contexts, Meta-Net), and CoOp runs of three prompt layouts."""
-    from fastcoop.train import train_stack
+    from fastcoop.training import train_stack
 
     path = extract_features(read_dataset(example_images), tmp_path / "f.h5", tiny_vit, shots=[1, 4], seeds=[1, 2],
                             views=2, batch_size=32, workers=0, progress=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import relative, run_cli
-from fastcoop.tip_adapter import (BATCH_SIZE, TipRecipe, cache_model, finetune, search, tip_logits, tip_recipe)
+from fastcoop.methods.tip_adapter import (BATCH_SIZE, TipRecipe, cache_model, finetune, search, tip_logits, tip_recipe)
 
 
 def _published_search(features, labels, keys, values, clip_weights, recipe):
@@ -49,9 +49,9 @@ def test_the_published_recipes():
 
 @pytest.mark.parametrize("elements", [1 << 22, 500])  # one chunk of images; chunks of 9 or 10
 def test_keys_logits_and_search_equal_the_published_computation(monkeypatch, elements):
-    import fastcoop.tip_adapter
+    import fastcoop.methods.tip_adapter
 
-    monkeypatch.setattr(fastcoop.tip_adapter, "ELEMENTS_PER_CALL", {"cpu": elements, "cuda": elements})
+    monkeypatch.setattr(fastcoop.methods.tip_adapter, "ELEMENTS_PER_CALL", {"cpu": elements, "cuda": elements})
     features, labels, clip_weights = _data()
     views = torch.randn(10, 20, 16)  # 10 augmented views of 20 few-shot images
     shot_labels = torch.arange(20) % 5
@@ -84,7 +84,7 @@ def test_a_search_that_gets_nothing_right_keeps_clip_alone():
 def test_clips_classifier_is_renormalised_after_the_template_average(tiny_vit):
     """utils.clip_classifier: each template's feature normalised, their mean normalised again; Tip-Adapter's logits
     are 100 · f·w with no cosine after, so with several templates (ImageNet's) the second norm changes them."""
-    from fastcoop.tip_adapter import clip_classifier
+    from fastcoop.methods.tip_adapter import clip_classifier
 
     names, templates = ["red circle", "blue square"], ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}."]
     ours = clip_classifier(tiny_vit, names, templates)
@@ -179,10 +179,11 @@ def test_a_sweep_puts_tip_adapter_beside_its_runs_in_one_table_and_figure(tmp_pa
     code, _, err = run_cli(capsys, "tip-adapter", split_cache / "f.h5", "--shots", "2", "--finetune", "--device",
                            "cpu", "--out", tmp_path / "tip.json")
     alone = json.loads((tmp_path / "tip.json").read_text())
-    tip, = summary["tip_adapter"]
-    assert (tip["shots"], tip["seed"]) == (2, 1)
-    assert tip["tip_adapter"] == alone["tip_adapter"] and tip["tip_adapter_f"] == alone["tip_adapter_f"]
-    assert f"| {100 * tip['tip_adapter_f']['test']:.2f} |" in stdout
+    (tip,), (tip_f,) = summary["baselines"]["Tip-Adapter"], summary["baselines"]["Tip-Adapter-F"]
+    assert (tip["shots"], tip["seed"], tip_f["shots"], tip_f["seed"]) == (2, 1, 2, 1)
+    for row, key in ((tip, "tip_adapter"), (tip_f, "tip_adapter_f")):
+        assert {name: row[name] for name in alone[key]} == alone[key]
+    assert f"| {100 * tip_f['test']:.2f} |" in stdout
     for refused, message in ((["--baselines", "tip-adapter"], "has no val split"),
                              (["--baselines", "tip-adaptor"], "--baselines takes linear-probe, tip-adapter"),
                              (["--baselines", "tip-adapter", "--classes", "base"], "--baselines run on all classes")):

@@ -6,12 +6,12 @@ import torch
 from conftest import TINY_VIT, run_cli
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.datasets import read_dataset
-from fastcoop.evaluate import run_text_features
+from fastcoop.classifiers import prompt_text_features
 from fastcoop.predict import predict_images
 from fastcoop.run import load_run, with_classnames
 from fastcoop.schedule import lr_at, published_epochs
 from fastcoop.config import Recipe, Runtime
-from fastcoop.train import batches_per_epoch, train
+from fastcoop.training import batches_per_epoch, train
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_cli_train_eval_predict_roundtrip(tmp_path, capsys, cache_path, example_
     assert code == 0 and f"top-1 {results['test']['top1']:.2%}" in out
     # a saved run reloads to identical predictions
     run_a, run_b = load_run(run_dir), load_run(run_dir)
-    torch.testing.assert_close(run_text_features(run_a), run_text_features(run_b), rtol=0, atol=0)
+    torch.testing.assert_close(*(prompt_text_features(run.loaded.model, run.learner) for run in (run_a, run_b)),
+                               rtol=0, atol=0)
     image = str(next((example_images / "test" / "red_circle").iterdir()))
     assert predict_images(run_a, [image]) == predict_images(run_b, [image])
     code, out, _ = run_cli(capsys, "predict", run_dir, image, "--top-k", "2")
@@ -294,7 +295,7 @@ def test_auto_views_cache_one_view_per_published_epoch(tmp_path, tiny_vit, examp
 def test_runs_trained_stacked_equal_runs_trained_alone(cache_path, tiny_vit, csc, position):
     """Seeds 1 and 2 in one stack (one text-encoder pass per step for both) against each alone: fp32, a short
     full schedule with warm-up and cosine decay."""
-    from fastcoop.train import train_stack
+    from fastcoop.training import train_stack
 
     configs = [Recipe(shots=4, seed=seed, n_ctx=3, csc=csc, position=position, epochs=4, batch_size=16,
                            lr=0.05) for seed in (1, 2)]
@@ -369,7 +370,7 @@ def test_runs_of_different_schedules_stacked_equal_each_run_alone(protocol_cache
     """The protocol's shape in one stack: runs of 1, 2 and 4 shots (other batch sizes and steps per epoch) and two
     seeds, each with its own epochs; each leaves the stack when its schedule is over and ends, bit for bit on the
     CPU, where it would alone."""
-    from fastcoop.train import train_stack
+    from fastcoop.training import train_stack
 
     recipe = dict(method=method, n_ctx=3, batch_size=5 if method == "coop" else 2, lr=0.05)
     configs = [Recipe(shots=4, seed=1, epochs=3, **recipe), Recipe(shots=1, seed=2, epochs=2, **recipe),
@@ -393,7 +394,7 @@ def test_prompt_variants_stacked_equal_each_run_alone(protocol_cache, tiny_vit, 
     end, the middle and the front, with different shot counts and schedules; every per-token op runs once over
     all their packed rows, the attention once per layout; each run ends, bit for bit on the CPU, where it would
     alone."""
-    from fastcoop.train import train_stack
+    from fastcoop.training import train_stack
 
     recipe = dict(method=method, batch_size=5, lr=0.05)
     configs = [Recipe(shots=4, seed=1, epochs=2, n_ctx=3, **recipe),
@@ -412,7 +413,7 @@ def test_prompt_variants_stacked_equal_each_run_alone(protocol_cache, tiny_vit, 
 
 
 def test_cocoop_runs_of_other_prompts_are_not_stacked(protocol_cache, tiny_vit):
-    from fastcoop.train import train_stack
+    from fastcoop.training import train_stack
 
     configs = [Recipe(method="cocoop", shots=1, seed=1, epochs=1, n_ctx=n) for n in (2, 3)]
     with FeatureCache(protocol_cache) as cache, pytest.raises(ValueError, match="differ only in their seed"):
@@ -423,9 +424,9 @@ def test_cocoop_runs_of_other_prompts_are_not_stacked(protocol_cache, tiny_vit):
 def test_a_stack_resumes_each_run_from_its_own_epoch(protocol_cache, tiny_vit, monkeypatch):
     """Runs of a stack saved at different epochs (an interrupted protocol) go on together, each from its own
     checkpoint, and end equal to the runs trained without a stop."""
-    from fastcoop.train import train_stack
+    from fastcoop.training import train_stack
 
-    monkeypatch.setattr("fastcoop.train.REPORT_SECONDS", 0.0)  # a checkpoint after every epoch
+    monkeypatch.setattr("fastcoop.training.REPORT_SECONDS", 0.0)  # a checkpoint after every epoch
     configs = [Recipe(shots=shots, seed=1, n_ctx=3, epochs=4, batch_size=5, lr=0.05)
                for shots in (4, 1)]
     with FeatureCache(protocol_cache) as cache:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from fastcoop.cache import FeatureCache
 from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
+from fastcoop.methods import Baseline
 from fastcoop.models import LoadedModel
 from fastcoop.zeroshot import zeroshot_classifier
 
@@ -229,3 +230,26 @@ def _on_subset(cache: FeatureCache, recipe: TipRecipe, shots: int, seed: int, fi
                                    "test": _accuracy(tip_logits(test[0], tuned, values, clip_weights, alpha, beta),
                                                      test[1])}
     return result
+
+
+class TipAdapter(Baseline):
+    """Tip-Adapter (`finetuned` False) or Tip-Adapter-F beside a sweep's runs: each row its test top-1 and the
+    β and α chosen on val (Tip-Adapter-F's rows the search after its training)."""
+
+    why_val = "it searches α and β on val"
+    paper = "Zhang et al., ECCV 2022"
+
+    def __init__(self, name: str, title: str, finetuned: bool):
+        self.name, self.title, self.finetuned = name, title, finetuned
+
+    def check(self, cache) -> None:
+        check_cache(cache)
+
+    def run(self, cache, loaded, subsets, device):
+        key = "tip_adapter_f" if self.finetuned else "tip_adapter"
+        return [{"shots": row["shots"], "seed": row["seed"], **row[key], "augmentation": row["augmentation"]}
+                for row in run_tip_adapter(cache, loaded, subsets, self.finetuned, device)]
+
+
+TIP_ADAPTER = TipAdapter("tip-adapter", "Tip-Adapter", finetuned=False)
+TIP_ADAPTER_F = TipAdapter("tip-adapter-f", "Tip-Adapter-F", finetuned=True)

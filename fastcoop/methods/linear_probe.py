@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from fastcoop.cache import FeatureCache
 from fastcoop.errors import FastCoopError
+from fastcoop.methods import Baseline
 
 GRID = (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
 STEPS = 8
@@ -77,3 +78,17 @@ def linear_probe(cache: FeatureCache, shots: int, seed: int) -> dict:
 def _arrays(cache: FeatureCache, split: str, rows) -> tuple[np.ndarray, np.ndarray]:
     features = cache.features(split, rows, view=0).double().numpy()  # float64, as the published script's
     return features, cache.labels(split, rows).numpy()
+
+
+class LinearProbe(Baseline):
+    name = "linear-probe"
+    title = "linear probe"
+    paper = "Radford et al., ICML 2021; CoOp's search"
+    why_val = "CoOp's baseline selects its regularisation on val"
+
+    def run(self, cache, loaded, subsets, device):
+        return [{**result, "test": result["test"]["top1"], "test_images": result["test"]["images"]}
+                for result in (linear_probe(cache, shots, seed) for shots, seed in subsets)]
+
+
+LINEAR_PROBE = LinearProbe()

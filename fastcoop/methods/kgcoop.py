@@ -8,17 +8,60 @@ cache of another dataset uses "a photo of a {}.", the template KgCoOp gives Imag
 """
 
 import json
+from dataclasses import replace
 from importlib import resources
 
 import torch
 import torch.nn.functional as F
 
 from fastcoop.classnames import spoken
+from fastcoop.kernels import cosine_ce_runs
+from fastcoop.methods import Option
+from fastcoop.methods.coop import CoOp, CoOpLoss
 from fastcoop.models import LoadedModel
 from fastcoop.text_tower import TextTower
 from fastcoop.zeroshot import zeroshot_classifier
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+class KgCoOp(CoOp):
+    """CoOp's learner, classifier and SGD; its recipe (configs/trainers/KgCoOp/vit_b16_ep100_ctxv1,
+    scripts/base2new_train.sh): M = 4 from "a photo of a", batch size 128, 100 epochs, λ = 8."""
+
+    name = "kgcoop"
+    title = "KgCoOp"
+    paper = "Yao et al., CVPR 2023"
+    recipe = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100}
+    options = {"kg_weight": Option(8.0, "λ, the weight of the distance to the hand-written prompt", min=0),
+               "kg_template": Option(None, "the hand-written prompt, with {} for the class name (default: "
+                                           "KgCoOp's for the dataset)")}
+
+    def published(self, recipe, dataset):
+        if recipe.option("kg_template") is not None:
+            return recipe
+        own = dict(recipe.options) | {"kg_template": hand_written_template(dataset)}
+        return replace(recipe, options=tuple(sorted(own.items())))
+
+    def loss(self, parts):
+        base = parts.recipes[0]
+        anchor = hand_written_features(parts.loaded, parts.classnames, base.option("kg_template"), parts.device)
+        return KgCoOpLoss(parts.text_encoder(), parts.logit_scale, parts.autocast_dtype, parts.backends.loss,
+                          anchor, base.option("kg_weight"))
+
+
+class KgCoOpLoss(CoOpLoss):
+    """CoOp's loss plus λ · knowledge_gap(the runs' text features, `anchor`: K × D, the hand-written prompts')."""
+
+    def __init__(self, encoder, logit_scale, autocast_dtype, loss_backend: str, anchor: torch.Tensor,
+                 weight: float):
+        super().__init__(encoder, logit_scale, autocast_dtype, loss_backend)
+        self.anchor, self.weight = anchor, weight
+
+    def __call__(self, learners, images, labels, sizes):
+        text = self.text_features(learners)
+        losses, hits = cosine_ce_runs(images, text, self.logit_scale, labels, sizes, backend=self.loss_backend)
+        return losses + self.weight * knowledge_gap(text, self.anchor), hits
 
 
 def hand_written_template(dataset: str | None) -> str:

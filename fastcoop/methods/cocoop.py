@@ -14,17 +14,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcoop.backends import Backends
-from fastcoop.errors import FastCoopError
+from fastcoop.devices import autocast_dtype
+from fastcoop.classifiers import evaluation_backends
+from fastcoop.methods.coop import CoOp, check_context
 from fastcoop.prompts import PromptLearner
 from fastcoop.text_encoder import text_encoder
+
+# evaluation: images per text-encoder call × classes stays about this many prompts, so that memory does not grow
+# with the test set (50,000 images × 1,000 classes would be 50 M prompts)
+PROMPTS_PER_CALL = 16384
+
+
+class CoCoOp(CoOp):
+    """Its recipe where it differs from CoOp's (configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1): M = 4 from
+    "a photo of a", batch size 1, 10 epochs whatever the shot count; one context shared by all classes, before
+    the class name. Its runs stack when their prompts are alike (the Meta-Net shifts one layout)."""
+
+    name = "cocoop"
+    title = "CoCoOp"
+    paper = "Zhou et al., CVPR 2022"
+    recipe = {"n_ctx": 4, "init": "a photo of a", "batch_size": 1, "epochs": 10}
+    fixed = {"csc": False, "position": "end"}
+    stacks_prompts = False
+
+    def learner(self, model, tokenizer, classnames, recipe):
+        learner = CoCoOpLearner(model, tokenizer, classnames, recipe.n_ctx, recipe.init)
+        check_context(recipe, learner)
+        return learner
+
+    def loss(self, parts):
+        return CoCoOpLoss(parts.text_encoder(), parts.logit_scale, parts.autocast_dtype)
+
+    def classifier(self, model, learner, backends):
+        return CoCoOpClassifier(model, learner, backends)
 
 
 class CoCoOpLearner(PromptLearner):
     """A unified context before the class name (M = 4 from "a photo of a" by default, as published) and the
     Meta-Net, Linear(vis_dim → vis_dim/16) → ReLU → Linear(→ ctx_dim), with the published layer names, so that a
     published prompt learner's state dict loads."""
-
-    method = "cocoop"
 
     def __init__(self, model, tokenizer, classnames, n_ctx: int = 4, init: str | None = "a photo of a"):
         super().__init__(model, tokenizer, classnames, n_ctx, csc=False, position="end", init=init)
@@ -43,22 +71,6 @@ class CoCoOpLearner(PromptLearner):
         L2-normalised feature."""
         shift = self.meta_net(F.normalize(image_features.float(), dim=-1))
         return self.ctx[None] + shift[:, None, :]
-
-
-def new_learner(model, tokenizer, classnames, config, params: dict[str, torch.Tensor] | None = None
-                ) -> PromptLearner:
-    """The learner a run's options ask for (a Recipe): CoOp's, or CoCoOp's with its Meta-Net; holding the
-    learned `params` (a trained run's, on these class names) when given."""
-    if config.method == "cocoop":
-        learner = CoCoOpLearner(model, tokenizer, classnames, config.n_ctx, config.init)
-    else:
-        learner = PromptLearner(model, tokenizer, classnames, config.n_ctx, config.csc, config.position, config.init)
-    if config.init is not None and config.n_ctx is not None and config.n_ctx != learner.n_ctx:
-        raise FastCoopError(f"--init '{learner.init}' is {learner.n_ctx} token(s), which set M = {learner.n_ctx}; "
-                            f"--n-ctx {config.n_ctx} contradicts it: give one of them")
-    if params is not None:
-        learner.load_trainable(params)
-    return learner
 
 
 def cosine_logits_per_image(image_features: torch.Tensor, text: torch.Tensor, logit_scale) -> torch.Tensor:
@@ -98,3 +110,26 @@ class CoCoOpLoss:
         hits = logits.argmax(dim=-1) == labels
         return (torch.stack([run_loss.mean() for run_loss in loss.split(sizes)]),
                 torch.stack([run_hits.sum() for run_hits in hits.split(sizes)]))
+
+
+class CoCoOpClassifier:
+    """Each image's logits against its own K prompts, the images through the text encoder a chunk at a time
+    (PROMPTS_PER_CALL prompts per call); on a GPU in bf16, as training runs (`backends.eval_dtype`; the published
+    evaluation runs fp16): its work grows with the images."""
+
+    def __init__(self, model, learner: CoCoOpLearner, backends: Backends | None):
+        backends = backends or evaluation_backends(model, learner)
+        self.model, self.learner = model, learner
+        self.dtype = autocast_dtype(backends.eval_dtype)
+        self.encoder = text_encoder(model, learner, backends, weight_dtype=self.dtype)
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        per_call = max(1, PROMPTS_PER_CALL // self.learner.num_classes)
+        device = self.learner.ctx.device
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dtype is not None):
+            return torch.cat([cocoop_logits(self.model, self.learner, image_features[i:i + per_call].to(device),
+                                            encoder=self.encoder).float().cpu()
+                              for i in range(0, len(image_features), per_call)])
+
+    def predict(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.logits(image_features).argmax(dim=-1)

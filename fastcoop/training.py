@@ -21,18 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fastcoop import methods
 from fastcoop.backends import Backends, resolve
 from fastcoop.cache import FeatureCache
-from fastcoop.cocoop import CoCoOpLoss, new_learner
 from fastcoop.config import Recipe, Runtime
 from fastcoop.devices import autocast_dtype, resolve_device
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import check_classes, class_subset, relabel
-from fastcoop.kgcoop import hand_written_features, hand_written_template
 from fastcoop.models import LoadedModel, move_text_tower
-from fastcoop.prompts import PromptLearner
 from fastcoop.schedule import lr_at
-from fastcoop.step import CoOpLoss, CudaGraphStep, TrainStep, graphed_or_eager
+from fastcoop.step import CudaGraphStep, TrainStep, graphed_or_eager
 from fastcoop.text_encoder import text_encoder
 from fastcoop.text_tower import TextTower
 
@@ -41,9 +39,52 @@ REPORT_SECONDS = 0.5  # how often the host waits for the device to read the resu
 PROFILE_STEPS = 20  # steps in a --profile trace
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a command decides once and passes down: the runs' method, their recipes as run (published values
+    filled in), the runtime on its device, and the implementation of each op."""
+
+    method: methods.Method
+    recipes: tuple[Recipe, ...]
+    runtime: Runtime
+    backends: Backends
+
+
+def plan_runs(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], runtime: Runtime = Runtime()) -> Plan:
+    """The plan of runs to train together: one method, recipes that differ only in what a run may have of its own
+    (methods.stack_key)."""
+    device = resolve_device(runtime.device)
+    method = methods.get(recipes[0].method)
+    published = tuple(methods.publish(recipe, len(cache.classnames), device, cache.dataset) for recipe in recipes)
+    if len({methods.stack_key(recipe, method) for recipe in published}) > 1:
+        own = ("seed, shots, epochs" + (" and prompts" if method.stacks_prompts else ""))
+        raise ValueError(f"runs trained together may differ only in their {own}")
+    backends = resolve(device, runtime.impl, runtime.impl_detail, TextTower.of(loaded.model))
+    return Plan(method, published, replace(runtime, device=device), backends)
+
+
+@dataclass
+class LossParts:
+    """What a method's loss is made from (fastcoop.methods' guide): the model, the runs' learners, class names and
+    recipes, the implementations and device, CLIP's logit scale and the autocast dtype."""
+
+    loaded: LoadedModel
+    learners: list
+    classnames: list[str]
+    recipes: list[Recipe]
+    backends: Backends
+    device: str
+    logit_scale: torch.Tensor
+    autocast_dtype: torch.dtype | None
+
+    def text_encoder(self):
+        """The text encoder the backends name, built for the learners' prompt layouts."""
+        return text_encoder(self.loaded.model, self.learners, self.backends, weight_dtype=self.autocast_dtype)
+
+
 @dataclass
 class TrainResult:
-    learner: PromptLearner
+    learner: torch.nn.Module
     recipe: Recipe  # as run: every default resolved
     backends: Backends  # the implementation of each op
     history: list[dict] = field(default_factory=list)
@@ -76,32 +117,23 @@ class Checkpoint:
     @classmethod
     def of(cls, step, run: int, history: list[dict], steps_into_epoch: int = 0) -> "Checkpoint":
         """The run as the step holds it now, `steps_into_epoch` steps after the end of its last epoch."""
-        names = list(step.learners[run].trainable())
-        good = {n: p.clone() for n, p in zip(names, step.good_params[run])}
+        state = step.state_dict(run)
         if not steps_into_epoch:
-            return cls(len(history), good, {n: b.clone() for n, b in zip(names, step.epoch_end_momentum[run])},
-                       list(history))
+            return cls(len(history), state["epoch_params"], state["epoch_momentum"], list(history))
         epoch = len(history)
-        return cls(epoch, {n: p.detach().clone() for n, p in zip(names, step.params[run])},
-                   {n: b.clone() for n, b in zip(names, step.momentum_buffers[run])}, list(history),
-                   steps_into_epoch, good, step.loss_sums[run, epoch].item(), int(step.correct[run, epoch].item()))
+        return cls(epoch, state["params"], state["momentum"], list(history), steps_into_epoch,
+                   state["epoch_params"], state["loss_sums"][epoch].item(), int(state["correct"][epoch].item()))
 
     def restore(self, step, run: int) -> None:
         """Load into a fresh TrainStep's run, which then trains from step `steps_into_epoch` of epoch
         `epochs_done`."""
-        names = step.learners[run].trainable()
-        kept_params = self.epoch_params or self.params
-        with torch.no_grad():
-            for name, param, good, buffer, kept in zip(names, step.params[run], step.good_params[run],
-                                                       step.momentum_buffers[run], step.epoch_end_momentum[run]):
-                param.copy_(self.params[name])
-                good.copy_(kept_params[name])
-                buffer.copy_(self.momentum[name])
-                kept.copy_(self.momentum[name])
-            if self.steps_into_epoch:
-                step.loss_sums[run, self.epochs_done] = self.partial_loss
-                step.correct[run, self.epochs_done] = self.partial_correct
-            step.start_at_epoch(run, self.epochs_done, self.steps_into_epoch)
+        loss_sums, correct = torch.zeros_like(step.loss_sums[run]), torch.zeros_like(step.correct[run])
+        if self.steps_into_epoch:
+            loss_sums[self.epochs_done], correct[self.epochs_done] = self.partial_loss, self.partial_correct
+        step.load_state_dict(run, {"params": self.params, "momentum": self.momentum,
+                                   "epoch_params": self.epoch_params or self.params, "epoch_momentum": self.momentum,
+                                   "loss_sums": loss_sums, "correct": correct})
+        step.start_at_epoch(run, self.epochs_done, self.steps_into_epoch)
 
 
 def epoch_views(cached_views: int, epochs: int) -> tuple[slice, dict]:
@@ -136,14 +168,15 @@ def train(cache: FeatureCache, loaded: LoadedModel, recipe: Recipe, runtime: Run
     return train_stack(cache, loaded, [recipe], runtime, progress, report, [resume])[0]
 
 
-def train_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], runtime: Runtime = Runtime(),
+def train_stack(cache: FeatureCache, loaded: LoadedModel, runs: Plan | list[Recipe], runtime: Runtime = Runtime(),
                 progress: bool = True, on_report=None, resumes: list[Checkpoint | None] | None = None,
                 profile: str | None = None) -> list[TrainResult]:
     """Train runs that differ only in their seed, shot count and epochs (so in their images, order, schedule and
-    initial context) and, CoOp's and KgCoOp's, in their prompts (context length and words, class position,
-    class-specific context) together: every step runs all their prompts in one text-encoder pass; each run keeps
-    its own loss, momentum, step counter and schedule, and ends exactly where it would alone. A run whose schedule is over
-    leaves the stack. `resumes`: each run's checkpoint, or None.
+    initial context) and, where their method stacks prompts, in their prompts (context length and words, class
+    position, class-specific context) together: every step runs all their prompts in one text-encoder pass; each
+    run keeps its own loss, momentum, step counter and schedule, and ends exactly where it would alone. A run whose
+    schedule is over leaves the stack. `runs`: the caller's Plan, or the recipes (planned here, on `runtime`).
+    `resumes`: each run's checkpoint, or None.
 
     The host enqueues steps without waiting for them and looks at the results after the first span of steps,
     then every REPORT_SECONDS (inside an epoch if need be) and at the end; `on_report(results)` is called then,
@@ -151,7 +184,8 @@ def train_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe],
     (Chrome's format) of up to PROFILE_STEPS steps after the first look (the graph captured, the kernels
     compiled); training is otherwise the same."""
     setup_start = time.perf_counter()
-    stack = prepare_stack(cache, loaded, recipes, runtime, resumes)
+    plan = runs if isinstance(runs, Plan) else plan_runs(cache, loaded, runs, runtime)
+    stack = prepare_stack(cache, loaded, plan, resumes)
     start = time.perf_counter()
     for result in stack.results:
         result.setup_seconds = start - setup_start
@@ -171,16 +205,12 @@ class Stack:
     device: str
 
 
-def prepare_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe], runtime: Runtime,
+def prepare_stack(cache: FeatureCache, loaded: LoadedModel, plan: Plan,
                   resumes: list[Checkpoint | None] | None = None) -> Stack:
-    """Everything the runs' loop needs, in reading order: the implementations, the runs' images, their learners
-    and loss, their epoch views and schedules in one step, each resumed run's state."""
-    device = resolve_device(runtime.device)
-    recipes = [recipe.published(len(cache.classnames), device) for recipe in recipes]
+    """Everything the runs' loop needs, in reading order: the runs' images, their learners and the method's loss,
+    their epoch views and schedules in one step, each resumed run's state."""
+    recipes, backends, device = list(plan.recipes), plan.backends, plan.runtime.device
     base = recipes[0]
-    if len({recipe.stack_key() for recipe in recipes}) > 1:
-        raise ValueError(f"runs trained together may differ only in their {', '.join(base.own_fields)}")
-    backends = resolve(device, runtime.impl, runtime.impl_detail, TextTower.of(loaded.model))
     check_classes(len(cache.classnames), base.classes)
     kept = class_subset(len(cache.classnames), base.classes)  # few-shot sampled first, then kept (published)
     classnames = [cache.classnames[k] for k in kept]
@@ -191,9 +221,12 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, recipes: list[Recipe
     learners = []
     for recipe in recipes:
         torch.manual_seed(recipe.seed)
-        learners.append(new_learner(loaded.model, loaded.tokenizer, classnames, recipe).to(device))
-    recipes = [replace(r, n_ctx=learner.n_ctx) for r, learner in zip(recipes, learners)]  # as the words set it
-    loss, recipes = _loss(loaded, cache, classnames, learners, recipes, backends, device)
+        learners.append(plan.method.learner(loaded.model, loaded.tokenizer, classnames, recipe).to(device))
+    # M as the context's words set it
+    recipes = [replace(r, n_ctx=getattr(learner, "n_ctx", r.n_ctx)) for r, learner in zip(recipes, learners)]
+    dtype = autocast_dtype(base.precision)
+    loss = plan.method.loss(LossParts(loaded, learners, classnames, recipes, backends, device,
+                                      loaded.model.logit_scale.exp().detach().to(device), dtype))
     used = [epoch_views(cache.num_views("train"), recipe.epochs) for recipe in recipes]
     views = _read_views(cache, rows, [view_slice for view_slice, _ in used], device)
     most = max(len(subset) for subset in rows)
@@ -219,24 +252,6 @@ def _subset(cache: FeatureCache, recipe: Recipe, kept: list[int]) -> tuple[np.nd
     subset = cache.rows("train", recipe.shots, recipe.seed if recipe.shots else None)
     in_subset, labels = relabel(cache.labels("train", subset), kept)
     return subset[in_subset.numpy()], labels
-
-
-def _loss(loaded: LoadedModel, cache: FeatureCache, classnames: list[str], learners: list, recipes: list[Recipe],
-          backends: Backends, device: str):
-    """The stack's loss (CoOp's, KgCoOp's or CoCoOp's) with the text encoder the backends name for the runs'
-    learners, and the recipes with KgCoOp's hand-written prompt filled in."""
-    base = recipes[0]
-    dtype = autocast_dtype(base.precision)
-    encoder = text_encoder(loaded.model, learners, backends, weight_dtype=dtype)
-    scale = loaded.model.logit_scale.exp().detach().to(device)
-    if base.method == "cocoop":
-        return CoCoOpLoss(encoder, scale, dtype), recipes
-    anchor = None
-    if base.method == "kgcoop":  # the hand-written prompt's features the learned ones are kept near
-        template = base.kg_template or hand_written_template(cache.dataset)
-        anchor = hand_written_features(loaded, classnames, template, device)
-        recipes = [replace(r, kg_template=template) for r in recipes]
-    return CoOpLoss(encoder, scale, dtype, backends.loss, anchor, base.kg_weight or 0.0), recipes
 
 
 def _read_views(cache: FeatureCache, rows: list[np.ndarray], used: list[slice], device: str) -> list[torch.Tensor]:
