@@ -106,7 +106,7 @@ def _from_options(cls, options: dict):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="fastcoop")
 def cli():
-    """Fast, exact CoOp and CoCoOp prompt learning on cached CLIP features."""
+    """Fast, exact few-shot CLIP methods (CoOp, CoCoOp, KgCoOp, Tip-Adapter, your own) on cached CLIP features."""
 
 
 @cli.command()
@@ -605,8 +605,7 @@ def linear_probe(cache_file, shots, seed):
     "choices": ("all", "base"),
     "help": "base: the base-to-new protocol (train on base classes; test on base and new, with H)."})
 @click.option("--n-ctx", default=None,
-              help="Context lengths M, comma-separated (default: the method's published M, CoOp 16, CoCoOp and "
-                   "KgCoOp 4).")
+              help="Context lengths M, comma-separated  [default: each method's published M]")
 @click.option("--csc", default="no", show_default=True, help="Class-specific context: no, yes, or no,yes.")
 @click.option("--position", default="end", show_default=True, help="Class token positions: end, middle, front.")
 @_field_options(Recipe, ("epochs", "lr", "precision"))
@@ -712,6 +711,16 @@ def _choice(value: str, choices: dict, option: str):
     if value not in choices:
         raise FastCoopError(f"{option} takes {', '.join(choices)} (comma-separated), not '{value}'")
     return choices[value]
+
+
+@cli.command("methods")
+@click.argument("name", required=False)
+def list_methods(name):
+    """The methods `--method` takes (the built-in ones, installed packages', or FILE.py:ClassName), and with NAME one
+    method's paper, published recipe and own options (-o)."""
+    spec = methods.check_spec(name) if name else None  # a wrong name is answered before torch is imported
+    with _importing():
+        click.echo(methods.describe(spec) if spec else methods.method_table())
 
 
 @cli.command()

@@ -52,7 +52,7 @@ class Recipe:
         "Train on a class subset of the base-to-new protocol (labels in order; the first half is base; few-shot "
         "sampled first, then kept and relabelled, as published).", choices=("all", "base", "new")))
     n_ctx: int | None = field(default=None, metadata=option(
-        "Context vectors M (published: CoOp 16, random; CoCoOp and KgCoOp 4, from 'a photo of a').", min=1))
+        "Context vectors M  [default: the method's published M and words: the README's table]", min=1))
     csc: bool = field(default=False, metadata=option("Class-specific context (one context per class).",
                                                      is_flag=True))
     position: str = field(default="end", metadata=option("Where the class name goes.",
@@ -60,10 +60,10 @@ class Recipe:
     init: str | None = field(default=None, metadata=option(
         "Initialise the context from words, e.g. 'a photo of a' (sets M)."))
     epochs: int | None = field(default=None, metadata=option(
-        "Default: the published count (CoOp: by shots; CoCoOp 10; KgCoOp 100).", min=1))
-    batch_size: int | None = field(default=None, metadata=option("Default: CoOp 32, CoCoOp 1, KgCoOp 128.", min=1))
+        "[default: the method's published count; CoOp's by shots]", min=1))
+    batch_size: int | None = field(default=None, metadata=option("[default: the method's published batch]", min=1))
     lr: float | None = field(default=None, metadata=option(
-        "SGD's learning rate after the warm-up epoch (cosine decay)  [default: the method's, CoOp's 0.002]", min=0,
+        "SGD's learning rate after the warm-up epoch (cosine decay)  [default: the method's published lr]", min=0,
         min_open=True))
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -1,9 +1,9 @@
-"""CoOp and CoCoOp training on cached image features: only the context vectors (and CoCoOp's Meta-Net) learn,
-every CLIP weight stays frozen.
+"""Training any method (fastcoop.methods) on cached image features: only what its learner trains learns (CoOp's
+context vectors, CoCoOp's Meta-Net too), every CLIP weight stays frozen.
 
-The published loop, per epoch: a permutation of the few-shot rows, batches of 32 (the last partial batch dropped),
-the K prompts through the text encoder every step (CoCoOp: each image's own K prompts, batches of 1), cosine
-cross-entropy, SGD. Here every epoch's permutation and
+The published loop, per epoch: a permutation of the few-shot rows, batches (the last partial batch dropped), the
+method's loss on each (CoOp's: the K prompts through the text encoder, cosine cross-entropy), SGD. Here every
+epoch's permutation and
 learning rate are drawn up front into device tables (the same draws, in the same order, as a per-epoch loop), so
 the host only enqueues steps and reads the results back now and then. Epoch e trains on the
 cache's augmented view e of every image: each view is an independent draw of the published augmentation, so with

@@ -78,6 +78,16 @@ def test_the_registry_names_methods_and_refuses_what_is_no_method(tmp_path):
         methods.get(f"{tmp_path / 'broken.py'}:Broken")
 
 
+def test_fastcoop_methods_lists_the_registry_and_a_methods_declarations(capsys):
+    code, out, _ = run_cli(capsys, "methods")
+    assert code == 0 and out.strip() == methods.method_table()
+    code, out, _ = run_cli(capsys, "methods", "kgcoop")
+    assert code == 0 and "-o kg_weight=VALUE  λ, the weight of the distance to the hand-written prompt (published: " \
+        "8.0)" in out and "batch_size 128, epochs 100" in out
+    code, out, _ = run_cli(capsys, "methods", "cocoop")
+    assert code == 0 and "fixed: csc False, position 'end'" in out
+
+
 def test_bad_method_arguments_are_one_line_before_torch_loads(tmp_path, capsys, cache_path):
     import subprocess
     import sys
@@ -100,6 +110,7 @@ def test_bad_method_arguments_are_one_line_before_torch_loads(tmp_path, capsys, 
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_example_method_trains_stacks_resumes_sweeps_and_reports(tmp_path, capsys, cache_path, monkeypatch):
     """examples/own_method.py through every command, with no change outside its file: `train` (then eval and
     predict read it), a sweep beside CoOp whose runs stack and are resumed after an interrupt, equal to its runs
@@ -162,3 +173,18 @@ def test_the_readme_method_table_is_the_registrys():
     from fastcoop.methods import method_table
 
     assert method_table() in (ROOT / "README.md").read_text()
+
+
+def test_an_installed_package_registers_a_method_by_entry_point(tmp_path, monkeypatch):
+    """A distribution on the path whose entry point in the group fastcoop.methods names a class: its name is
+    registered beside the built-in ones and loads as they do."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "__init__.py").write_text(EXAMPLE.read_text())
+    info = tmp_path / "mine-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mine\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fastcoop.methods]\ncoop-temperature = mine:LearnedTemperature\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert methods.names() == ["coop", "cocoop", "kgcoop", "coop-temperature"]
+    assert methods.check_spec("coop-temperature") == "coop-temperature"
+    assert methods.get("coop-temperature").title == "CoOp + learned temperature"

@@ -55,7 +55,7 @@ REQUIRED = ("learner", "loss", "classifier")  # the parts every method defines
 @dataclass(frozen=True)
 class Option:
     """A method's own option: its published default (None: filled in by the method's `published`), the help
-    `--help-method` shows, and its lowest value."""
+    `fastcoop methods NAME` shows, and its lowest value."""
 
     default: object
     help: str
@@ -226,6 +226,21 @@ def method_table() -> str:
     for name in BASELINES:
         found = baseline(name)
         lines.append(f"| `--baselines {name}` | {found.title}: {found.paper} | – | – | – | – | – |")
+    return "\n".join(lines)
+
+
+def describe(spec: str) -> str:
+    """A method's declarations as `fastcoop methods NAME` prints them: its paper, published recipe, what it keeps
+    fixed, its own options with their help."""
+    method = get(spec)
+    recipe = {**Method.recipe, **method.recipe}
+    lines = [f"{method.title} ({method.name}): {method.paper}",
+             "published recipe: " + ", ".join(f"{k} {v!r}" for k, v in recipe.items() if v is not None)
+             + ("" if recipe["epochs"] else ", epochs by shots as CoOp's")]
+    if method.fixed:
+        lines.append("fixed: " + ", ".join(f"{k} {v!r}" for k, v in method.fixed.items()))
+    lines += [f"-o {name}=VALUE  {option.help}" + (f" (published: {option.default})" if option.default is not None
+                                                   else "") for name, option in method.options.items()]
     return "\n".join(lines)
 
 

@@ -34,8 +34,8 @@ class KgCoOp(CoOp):
     paper = "Yao et al., CVPR 2023"
     recipe = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100}
     options = {"kg_weight": Option(8.0, "λ, the weight of the distance to the hand-written prompt", min=0),
-               "kg_template": Option(None, "the hand-written prompt, with {} for the class name (default: "
-                                           "KgCoOp's for the dataset)")}
+               "kg_template": Option(None, "the hand-written prompt, {} for the class name (published: KgCoOp's "
+                                           "for the dataset)")}
 
     def published(self, recipe, dataset):
         if recipe.option("kg_template") is not None:
