@@ -20,6 +20,7 @@ class LearnedTemperature(CoOp):
     name = "coop-temperature"
     title = "CoOp + learned temperature"
     paper = "fastcoop's example of a method of your own"
+    learns = "CoOp's context and the temperature"
     options = {"temperature_init": Option(0.01, "τ₀, the temperature at the start (CLIP's: 0.01)", min=1e-4)}
 
     def learner(self, model, tokenizer, classnames, recipe):

@@ -66,7 +66,7 @@ class Recipe:
         "SGD's learning rate after the warm-up epoch (cosine decay)  [default: the method's published lr]", min=0,
         min_open=True))
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None  # the method's (CoOp's: 5e-4)
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     precision: str = field(default="auto", metadata=option(

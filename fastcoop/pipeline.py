@@ -102,7 +102,7 @@ def finish_run(run_dir: Path, plan, cache: FeatureCache, loaded: LoadedModel, re
     if "test" in cache.splits:
         classify = plan.method.classifier(loaded.model, result.learner, result.backends)
         results["test"] = evaluate_split(cache, classify.predict, classes=result.recipe.classes)
-        if result.recipe.classes == "base" and not result.recipe.csc:  # the base-to-new protocol's other half
+        if result.recipe.classes == "base" and not plan.method.per_class(result.recipe):  # base-to-new's new half
             classify = plan.method.classifier(loaded.model, _on_new_classes(plan, loaded, cache, result),
                                               result.backends)
             results["test_new"] = evaluate_split(cache, classify.predict, classes="new")

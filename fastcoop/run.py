@@ -271,12 +271,14 @@ def new_learner(method: methods.Method, loaded: LoadedModel, classnames: list[st
 
 
 def with_classnames(run: Run, classnames: list[str], class_ids: list[str] | None = None) -> Run:
-    """The run's learned context on other class names (unseen classes, another dataset): a context shared by all
-    classes carries over to any; a class-specific one only to classes the run has a context for (those rows),
-    matched by class id where both sides have them (ImageNet's wnids: two of its classes share a name), else by
-    name."""
+    """The run's learned tensors on other class names (unseen classes, another dataset): what is shared by all
+    classes carries over to any; what has a row per class (the method's `per_class`: a class-specific context, a
+    linear probe's weights) only to classes the run has a row for (those rows), matched by class id where both
+    sides have them (ImageNet's wnids: two of its classes share a name), else by name."""
     params = run.learner.trainable()
-    if run.learner.csc:
+    recipe = Recipe.from_record(run.config["train"])
+    per_class = run.method.per_class(recipe)
+    if per_class:
         own_ids = run.config.get("class_ids")
         by_id = bool(class_ids and own_ids)
         known, wanted = (own_ids, class_ids) if by_id else (run.learner.classnames, classnames)
@@ -284,13 +286,14 @@ def with_classnames(run: Run, classnames: list[str], class_ids: list[str] | None
         if missing:
             shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
                                                                  else "")
-            raise FastCoopError(f"this run learned a context per class (--csc) and has none for {shown}: it "
-                                "carries over only to a subset of its own classes")
+            raise FastCoopError(f"this run learned a row per class ({', '.join(per_class)}) and has none for "
+                                f"{shown}: it carries over only to a subset of its own classes")
         twice = [key for key in wanted if known.count(key) > 1]
         if twice:
-            raise FastCoopError(f"this run learned a context per class (--csc) and has two classes named "
-                                f"'{twice[0]}': which context '{twice[0]}' takes is ambiguous without class ids")
-        params = {**params, "ctx": params["ctx"][[known.index(key) for key in wanted]]}
-    learner = new_learner(run.method, run.loaded, classnames, Recipe.from_record(run.config["train"]), params,
-                          run.learner.ctx.device)
+            raise FastCoopError(f"this run learned a row per class ({', '.join(per_class)}) and has two classes named "
+                                f"'{twice[0]}': which row '{twice[0]}' takes is ambiguous without class ids")
+        rows = [known.index(key) for key in wanted]
+        params = {**params, **{name: params[name][rows] for name in per_class}}
+    device = next(iter(run.learner.trainable().values())).device
+    learner = new_learner(run.method, run.loaded, classnames, recipe, params, device)
     return Run(run.config, run.method, run.loaded, learner)

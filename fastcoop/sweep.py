@@ -47,7 +47,7 @@ class Variant:
     the sweep's recipe. `variant_for` fills in a method's published context."""
 
     method: str = "coop"
-    n_ctx: int = 16
+    n_ctx: int | None = 16
     init: str | None = None
     csc: bool = False
     position: str = "end"
@@ -55,16 +55,17 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"M{self.n_ctx}-{'csc' if self.csc else 'unified'}-{self.position}"
+        """The prompt's layout (none for a method that learns no prompt)."""
+        return f"M{self.n_ctx}-{'csc' if self.csc else 'unified'}-{self.position}" if self.n_ctx else ""
 
     @property
     def label(self) -> str:
         """As tables and figures name it: the method as its paper writes it, then the context."""
-        return f"{methods.get(self.method).title} {self.name}"
+        return f"{methods.get(self.method).title} {self.name}".strip()
 
     @property
     def folder(self) -> str:
-        return f"{methods.get(self.method).name}-{self.name}"
+        return "-".join(filter(None, (methods.get(self.method).name, self.name)))
 
     def record(self) -> dict:
         return {**asdict(self), "options": dict(self.options)}

@@ -76,6 +76,8 @@ class LossParts:
     device: str
     logit_scale: torch.Tensor
     autocast_dtype: torch.dtype | None
+    train_views: list[torch.Tensor]  # each run's views it trains on (views × rows × D, on the host)
+    train_labels: list[torch.Tensor]  # each run's labels of those rows
 
     def text_encoder(self):
         """The text encoder the backends name, built for the learners' prompt layouts."""
@@ -156,6 +158,18 @@ def epoch_views(cached_views: int, epochs: int) -> tuple[slice, dict]:
     return slice(1, 1 + min(augmented, epochs)), record
 
 
+def pool_of_views(cached_views: int, wanted: int, method: str) -> tuple[slice, dict]:
+    """The views a method that pools them trains on (the cache's first `wanted` augmented views), and what that
+    means for the run; warns when the cache holds fewer."""
+    augmented = cached_views - 1
+    record = {"cached_views": augmented, "pooled_views": min(augmented, wanted) or 1, "published_pool": wanted}
+    if augmented < wanted:
+        warnings.warn(f"{method} pools {wanted} augmented views of every image; the cache holds {augmented}, so its "
+                      f"runs draw from {'the un-augmented view' if not augmented else f'{augmented}'}: recache with "
+                      f"--views {wanted} or more for a faithful run")
+    return (slice(1, 1 + min(augmented, wanted)) if augmented else slice(0, 1)), record
+
+
 def batches_per_epoch(n: int, batch_size: int) -> int:
     """The published loader drops the last partial batch, unless the data is smaller than one batch."""
     return n // batch_size if n >= batch_size else 1
@@ -203,6 +217,7 @@ class Stack:
     views: list[torch.Tensor]
     results: list[TrainResult]
     device: str
+    in_step: list[int | None] = field(default_factory=list)  # which of its views each run's step holds now
 
 
 def prepare_stack(cache: FeatureCache, loaded: LoadedModel, plan: Plan,
@@ -224,17 +239,23 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, plan: Plan,
         learners.append(plan.method.learner(loaded.model, loaded.tokenizer, classnames, recipe).to(device))
     # M as the context's words set it
     recipes = [replace(r, n_ctx=getattr(learner, "n_ctx", r.n_ctx)) for r, learner in zip(recipes, learners)]
+    pooled = plan.method.pooled_views
+    used = [pool_of_views(cache.num_views("train"), pooled, plan.method.title) if pooled else
+            epoch_views(cache.num_views("train"), recipe.epochs) for recipe in recipes]
+    views = _read_views(cache, rows, [view_slice for view_slice, _ in used], device)
+    if pooled:  # one "view" of every pooled view's rows (view-major), the labels repeated to match
+        labels = [run_labels.repeat(len(run_views)) for run_labels, run_views in zip(labels, views)]
+        views = [run_views.reshape(1, -1, run_views.shape[-1]) for run_views in views]
     dtype = autocast_dtype(base.precision)
     loss = plan.method.loss(LossParts(loaded, learners, classnames, recipes, backends, device,
-                                      loaded.model.logit_scale.exp().detach().to(device), dtype))
-    used = [epoch_views(cache.num_views("train"), recipe.epochs) for recipe in recipes]
-    views = _read_views(cache, rows, [view_slice for view_slice, _ in used], device)
-    most = max(len(subset) for subset in rows)
+                                      loaded.model.logit_scale.exp().detach().to(device), dtype, views, labels))
+    most = max(len(run_labels) for run_labels in labels)
     features = torch.zeros(len(recipes), most, views[0].shape[-1], device=device)  # each run's epoch view
     padded_labels = torch.zeros(len(recipes), most, dtype=torch.long)
     for run, run_labels in enumerate(labels):
         padded_labels[run, :len(run_labels)] = run_labels
-    orders, lrs = zip(*(schedule_tables(len(subset), recipe) for subset, recipe in zip(rows, recipes)))
+    orders, lrs = zip(*(schedule_tables(len(run_labels), len(subset), recipe)
+                        for run_labels, subset, recipe in zip(labels, rows, recipes)))
     step = TrainStep(learners, loss, features, padded_labels.to(device), orders, lrs, base.momentum,
                      base.weight_decay)
     results = [TrainResult(learner, recipe, backends, augmentation=record)
@@ -325,8 +346,14 @@ def _run_span(run_step, span: int, looks: "_Looks", profile: str | None, device:
 
 
 def _load_epoch_view(stack: Stack, run: int, epoch: int) -> None:
-    """The view a run's epoch trains on (cycling when the cache holds fewer than its epochs)."""
-    stack.step.load_view(run, stack.views[run][epoch % len(stack.views[run])])
+    """The view a run's epoch trains on (cycling when the cache holds fewer than its epochs), unless the step
+    holds it already (a single view, or a pool of views: loaded once)."""
+    if not stack.in_step:
+        stack.in_step.extend([None] * len(stack.views))
+    view = epoch % len(stack.views[run])
+    if stack.in_step[run] != view:
+        stack.step.load_view(run, stack.views[run][view])
+        stack.in_step[run] = view
 
 
 class _Looks:
@@ -422,10 +449,11 @@ def _stop_at_next_look():
             signal.signal(number, handler)
 
 
-def schedule_tables(n: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+def schedule_tables(n: int, images: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """Every epoch's batch order (epochs × steps × batch, the last partial batch dropped) from one generator
-    seeded with the run's seed, a permutation per epoch in epoch order; and every epoch's learning rate."""
-    batch_size, steps = min(recipe.batch_size, n), batches_per_epoch(n, recipe.batch_size)
+    seeded with the run's seed, a permutation of the epoch's `n` rows per epoch in epoch order, as many batches
+    as the `images` make (n = images, but for a pool of views); and every epoch's learning rate."""
+    batch_size, steps = min(recipe.batch_size, n), batches_per_epoch(images, recipe.batch_size)
     generator = torch.Generator().manual_seed(recipe.seed)
     orders = torch.stack([torch.randperm(n, generator=generator)[:steps * batch_size] for _ in range(recipe.epochs)])
     lrs = torch.tensor([lr_at(e, recipe.epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr)

@@ -62,7 +62,7 @@ def test_train_on_base_then_test_on_base_and_new(tmp_path, capsys, tiny_vit, exa
     assert run_cli(capsys, "train", cache, "--out", csc_dir, "--shots", "4", "--n-ctx", "2", "--epochs", "1",
                    "--classes", "base", "--csc", "--device", "cpu")[0] == 0
     code, _, err = run_cli(capsys, "eval", csc_dir, cache, "--classes", "new")
-    assert code == 2 and "a context per class" in err
+    assert code == 2 and "a row per class (ctx)" in err
 
 
 def test_base_runs_record_new_and_h_and_report_shows_them(tmp_path, capsys, tiny_vit, example_images):

@@ -56,7 +56,7 @@ def test_built_in_runs_equal_the_runs_before_methods_were_plug_ins(tmp_path):
 def test_the_registry_names_methods_and_refuses_what_is_no_method(tmp_path):
     assert methods.names()[:3] == ["coop", "cocoop", "kgcoop"]
     assert [methods.get(name).title for name in ("coop", "cocoop", "kgcoop")] == ["CoOp", "CoCoOp", "KgCoOp"]
-    with pytest.raises(FastCoopError, match="no method 'coopp'; the registered ones are coop, cocoop, kgcoop"):
+    with pytest.raises(FastCoopError, match="no method 'coopp'; the registered ones are coop, cocoop, kgcoop, "):
         methods.check_spec("coopp")
     with pytest.raises(FastCoopError, match="no file"):
         methods.check_spec(str(tmp_path / "mine.py") + ":Mine")
@@ -98,8 +98,9 @@ def test_bad_method_arguments_are_one_line_before_torch_loads(tmp_path, capsys, 
     done = subprocess.run([sys.executable, "-c", code, "train", str(cache_path), "--out", str(tmp_path / "r"),
                            "--method", "coopp"], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == ["error: --method: no method 'coopp'; the registered ones are coop, cocoop, "
-                                        "kgcoop, or give your own as FILE.py:ClassName", "False"]
+    assert done.stderr.splitlines() == [f"error: --method: no method 'coopp'; the registered ones are "
+                                        f"{', '.join(methods.BUILT_IN)}, or give your own as FILE.py:ClassName",
+                                        "False"]
     for args, message in ((["--method", "cocoop", "-o", "kg_weight=2"], "-o kg_weight is not an option of CoCoOp"),
                           (["--method", "kgcoop", "-o", "kg_weight=-1"], "KgCoOp's kg_weight must be at least 0"),
                           (["--method", "kgcoop", "-o", "kg_weight=much"], "KgCoOp's kg_weight takes a float"),
@@ -185,6 +186,6 @@ def test_an_installed_package_registers_a_method_by_entry_point(tmp_path, monkey
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mine\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[fastcoop.methods]\ncoop-temperature = mine:LearnedTemperature\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert methods.names() == ["coop", "cocoop", "kgcoop", "coop-temperature"]
+    assert methods.names() == [*methods.BUILT_IN, "coop-temperature"]
     assert methods.check_spec("coop-temperature") == "coop-temperature"
     assert methods.get("coop-temperature").title == "CoOp + learned temperature"

@@ -7,23 +7,30 @@ through these parts. To write one, subclass a built-in (most prompt learners sta
 fastcoop/methods/coop.py) or `Method` itself:
 
     name      what --method takes and run folders are named by ("coop")
-    title     as tables and figures write it ("CoOp"); paper: its citation
+    title     as tables and figures write it ("CoOp"); paper: its citation; learns: what it learns, in a few words
     recipe    the published values of the recipe's fields it sets: n_ctx and init (the context), batch_size,
               epochs (None: CoOp's by shot count), lr; what it leaves out is CoOp's (Method.recipe)
     options   its own options, {name: Option(published default, help)}: given with `-o name=value`, refused
               for a method that does not declare them
     fixed     recipe fields it does not let vary, {field: the only value} (CoCoOp: csc False)
     stacks_prompts  whether runs of different prompt layouts train in one stack (their text in one pass)
+    pooled_views  None: epoch e trains on the cache's augmented view e of every image (CoOp's fresh crop per
+              epoch); N: every epoch draws its batches from a pool of N views of every image (CLAP's 20 passes
+              of augmented features), as many batches as the images alone make
     learner(model, tokenizer, classnames, recipe) → an nn.Module whose trainable() names the tensors it learns
-              (a run saves and loads them by these names) and whose load_trainable(tensors) loads them
+              (a run saves and loads them by these names), whose load_trainable(tensors) loads them, and whose
+              classnames are the names it was made for
     loss(parts) → a function (learners, images R × B × D, labels R × B, sizes) → each run's loss and hits (R
               each), run r's batch its first sizes[r] rows; `parts` (LossParts) hands it the text encoder
-              built for the learners, CLIP's logit scale, the autocast dtype, the model and the class names.
+              built for the learners, CLIP's logit scale, the autocast dtype, the model, the class names and
+              each run's train features and labels.
               It runs inside the CUDA graph: device work only, no host reads
     classifier(model, learner, backends) → an object with logits(image_features) (n × K) and
               predict(image_features) (n labels), for eval, predict, base-to-new and transfer
     published(recipe, dataset) → the recipe with what its method fills in from the dataset (KgCoOp: its
               hand-written prompt); the default fills nothing more
+    per_class(recipe) → names of the learned tensors with a row per class (they carry over only to the run's
+              own classes; base-to-new's new half is then not tested); the default: CoOp's context with --csc
 
 SGD with momentum and CoOp's warm-up and cosine schedule train every method (the recipe's lr, momentum,
 weight decay). A researcher's own method loads from a file, `--method path/to/file.py:ClassName`, or from an
@@ -43,7 +50,8 @@ from fastcoop.errors import FastCoopError
 from fastcoop.schedule import published_epochs
 
 BUILT_IN = {"coop": "fastcoop.methods.coop:CoOp", "cocoop": "fastcoop.methods.cocoop:CoCoOp",
-            "kgcoop": "fastcoop.methods.kgcoop:KgCoOp"}
+            "kgcoop": "fastcoop.methods.kgcoop:KgCoOp", "zs-lp": "fastcoop.methods.clap:ZSLP",
+            "clap": "fastcoop.methods.clap:CLAP"}
 # what a sweep may run beside its trained methods, on the same few-shot images: name → module:object
 BASELINES = {"linear-probe": "fastcoop.methods.linear_probe:LINEAR_PROBE",
              "tip-adapter": "fastcoop.methods.tip_adapter:TIP_ADAPTER",
@@ -83,11 +91,13 @@ class Method:
     name: str = ""
     title: str = ""
     paper: str = ""
+    learns: str = ""  # for the README's table; {n_ctx} and {init}: the published context's
     # CoOp's recipe, the protocol every method follows where its own declares nothing else
-    recipe: dict = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None, "lr": 0.002}
+    recipe: dict = {"n_ctx": 16, "init": None, "batch_size": 32, "epochs": None, "lr": 0.002, "weight_decay": 5e-4}
     options: dict[str, Option] = {}
     fixed: dict[str, object] = {}
     stacks_prompts: bool = True
+    pooled_views: int | None = None
 
     def learner(self, model, tokenizer, classnames: list[str], recipe):
         raise NotImplementedError
@@ -100,6 +110,11 @@ class Method:
 
     def published(self, recipe, dataset: str | None):
         return recipe
+
+    def per_class(self, recipe) -> tuple[str, ...]:
+        """The learned tensors with a row per class (they carry over only to the run's own classes): CoOp's
+        context with --csc."""
+        return ("ctx",) if recipe.csc else ()
 
 
 class Baseline:
@@ -129,7 +144,8 @@ def publish(recipe: Recipe, num_classes: int, device: str, dataset: str | None =
     method = get(recipe.method)
     check_fields(recipe, method)
     declared = {**Method.recipe, **method.recipe}
-    filled = {name: declared[name] for name in ("batch_size", "epochs", "lr") if getattr(recipe, name) is None}
+    filled = {name: declared[name] for name in ("batch_size", "epochs", "lr", "weight_decay")
+              if getattr(recipe, name) is None}
     if filled.get("epochs", recipe.epochs) is None:  # CoOp's: by shot count
         filled["epochs"] = published_epochs(recipe.shots, num_classes)
     own = {name: option.default for name, option in method.options.items()} | dict(recipe.options)
@@ -212,21 +228,21 @@ def baseline(name: str):
 
 def method_table() -> str:
     """The README's table of the built-in methods and baselines, from their declarations."""
-    lines = ["| `--method` | paper | context | batch | epochs | lr | own options (`-o`) |",
+    lines = ["| `--method` | paper | learns | batch | epochs | lr | own options (`-o`) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in BUILT_IN:
         method = get(name)
         recipe = {**Method.recipe, **method.recipe}
-        context = f"M = {recipe['n_ctx']}" + (f", from '{recipe['init']}'" if recipe["init"] else ", random")
+        learns = method.learns.format(n_ctx=recipe["n_ctx"], init=f"'{recipe['init']}'" if recipe["init"] else
+                                      "random")
         epochs = recipe["epochs"] or "50–200 by shots"
         own = ", ".join(f"`{option}`" + (f" = {declared.default}" if declared.default is not None else "")
                         for option, declared in method.options.items()) or "–"
-        lines.append(f"| `{name}` | {method.title}: {method.paper} | {context} | {recipe['batch_size']} | {epochs} | "
+        lines.append(f"| `{name}` | {method.paper} | {learns} | {recipe['batch_size']} | {epochs} | "
                      f"{recipe['lr']} | {own} |")
-    for name in BASELINES:
-        found = baseline(name)
-        lines.append(f"| `--baselines {name}` | {found.title}: {found.paper} | – | – | – | – | – |")
-    return "\n".join(lines)
+    baselines = [baseline(name) for name in BASELINES]
+    return "\n".join(lines) + "\n\nBeside them, `--baselines` " + "; ".join(
+        f"`{found.name}` ({found.paper})" for found in baselines) + "."
 
 
 def describe(spec: str) -> str:

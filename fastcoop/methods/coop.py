@@ -16,6 +16,7 @@ class CoOp(Method):
     name = "coop"
     title = "CoOp"
     paper = "Zhou et al., IJCV 2022"
+    learns = "M = {n_ctx} context vectors ({init})"
 
     def learner(self, model, tokenizer, classnames, recipe):
         learner = PromptLearner(model, tokenizer, classnames, recipe.n_ctx, recipe.csc, recipe.position,
