@@ -14,7 +14,7 @@ from fastcoop.backends import resolve
 from fastcoop.methods.cocoop import CoCoOpClassifier, CoCoOpLearner, CoCoOpLoss, cocoop_logits
 from fastcoop.fewshot import class_subset
 from fastcoop.models import load_model
-from fastcoop.step import TrainStep, graphed_or_eager
+from fastcoop.step import SGD, TrainStep, graphed_or_eager
 from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
 
@@ -46,7 +46,7 @@ def fastcoop_cocoop_step(loaded, model, classnames, batch: int, device: str):
     loss = CoCoOpLoss(encoder, model.logit_scale.exp().detach(), dtype)
     order = torch.arange(batch, device=device)[None, None, None]
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
-                     0.9, 5e-4)
+                     SGD(0.9, 5e-4))
     run = graphed_or_eager(step) if device.startswith("cuda") else step
 
     def one_step():

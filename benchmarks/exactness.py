@@ -7,7 +7,7 @@ from fastcoop.backends import resolve
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.methods.coop import CoOpLoss
-from fastcoop.step import TrainStep
+from fastcoop.step import SGD, TrainStep
 from fastcoop.text_encoder import FastTextEncoder, ReferenceTextEncoder
 from fastcoop.text_tower import TextTower
 
@@ -36,7 +36,7 @@ def run_exactness_section(configs, device: str, steps: int) -> list[dict]:
             orders = torch.stack([torch.randperm(128, generator=generator) for _ in range(epochs)]).view(epochs, 4, 32)
             step = TrainStep([learner], CoOpLoss(encode, model.logit_scale.exp().detach(), None, backends.loss),
                              features[None], labels[None], orders[None].to(device),
-                             torch.full((1, epochs), 0.002, device=device), 0.9, 5e-4)
+                             torch.full((1, epochs), 0.002, device=device), SGD(0.9, 5e-4))
             for _ in range(steps):
                 step()
             contexts.append(learner.ctx.detach().float())

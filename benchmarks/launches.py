@@ -27,7 +27,7 @@ from fastcoop.kernels import INTERPRET
 from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.methods.coop import CoOpLoss
-from fastcoop.step import TrainStep
+from fastcoop.step import SGD, TrainStep
 from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
 
@@ -165,7 +165,7 @@ def stacked_step_device_ops(model_name: str, classes: int, runs: int, device: st
     step = TrainStep(learners, loss, torch.randn(runs, 64, model.visual.output_dim, device=device),
                      torch.randint(classes, (runs, 64), device=device),
                      [torch.arange(64, device=device).view(1, 2, 32)] * runs, [torch.full((1,), 0.002)] * runs,
-                     0.9, 5e-4)
+                     SGD(0.9, 5e-4))
     step()
     return device_ops(step)
 

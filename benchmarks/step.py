@@ -16,7 +16,7 @@ from fastcoop.models import load_model
 from fastcoop.prompts import PromptLearner
 from fastcoop.reference import published_step
 from fastcoop.methods.coop import CoOpLoss
-from fastcoop.step import CudaGraphStep, TrainStep
+from fastcoop.step import SGD, CudaGraphStep, TrainStep
 from fastcoop.text_encoder import PACK_ROWS, FastTextEncoder, ReferenceTextEncoder, reference_text_features
 from fastcoop.text_tower import TextTower
 
@@ -55,7 +55,7 @@ def step_variants(loaded, classnames, device, batch=32, n_ctx=16, csc=False, pre
     def make(encoder, dtype):
         step = TrainStep([learner], CoOpLoss(encoder, scale, dtype, loss_backend), features[None],
                          labels[None], torch.arange(batch, device=device)[None, None, None],
-                         torch.full((1, 1), 0.002, device=device), 0.9, 5e-4)
+                         torch.full((1, 1), 0.002, device=device), SGD(0.9, 5e-4))
 
         def run():
             step.start_at_epoch(0, 0)
@@ -146,7 +146,7 @@ def training_memory_gb(model_name: str, classnames, device: str, precision, batc
     order = torch.randperm(n, device=device)[:n // batch * batch].view(1, 1, n // batch, batch)
     loss = CoOpLoss(encode, model.logit_scale.exp().detach().to(device), precision, backends.loss)
     step = TrainStep([learner], loss, features[None], labels[None], order, torch.full((1, 1), 0.002, device=device),
-                     0.9, 5e-4)
+                     SGD(0.9, 5e-4))
     resident = torch.cuda.memory_allocated() - before
     graphed = CudaGraphStep(step)
     for _ in range(3):

@@ -54,7 +54,9 @@ def _train_held(cache, loaded, plan, run_dirs, progress, timings, overwrite, sav
     if "done" in doing:
         raise FastCoopError(f"{run_dirs[doing.index('done')]} holds this run, finished; pass --overwrite to train it "
                             "again")
-    resumes = [Checkpoint(**read_checkpoint(d)) if what == "resume" else None for d, what in zip(run_dirs, doing)]
+    state_names = plan.method.optimizer(plan.recipes[0]).state_names
+    resumes = [Checkpoint(**read_checkpoint(d, state_names)) if what == "resume" else None
+               for d, what in zip(run_dirs, doing)]
     for run_dir, what in zip(run_dirs, doing):
         if what == "replace":
             clear_run_dir(run_dir)

@@ -29,7 +29,6 @@ from fastcoop.run_files import (CHECKPOINT_FILE, CONFIG_FILE, CURVE_FILE, EVALUA
                                 PROMPT_FILE, RESULTS_FILE, RESUMABLE, RUN_FILES, SWEEP_FILE, complete_config,
                                 read_config, read_evaluations)
 
-MOMENTUM = "momentum."  # a checkpoint's name for the SGD momentum of a learned tensor
 EPOCH_END = "epoch_end."  # inside an epoch: a learned tensor as it was at the end of the last one
 PROGRESS = ("epochs_done", "steps_into_epoch", "partial_loss", "partial_correct")  # a checkpoint's counters
 
@@ -94,10 +93,11 @@ def clear_run_dir(run_dir: Path) -> None:
         (Path(run_dir) / name).unlink(missing_ok=True)
 
 
-def read_checkpoint(run_dir: Path) -> dict:
-    """The state an unfinished run saved (train.Checkpoint's fields): the learned tensors and their momentum, the
-    epochs done and their metrics, and inside an epoch how far into it, its loss and hits so far and the tensors
-    at the end of the last epoch."""
+def read_checkpoint(run_dir: Path, state_names: tuple[str, ...]) -> dict:
+    """The state an unfinished run saved (training.Checkpoint's fields): the learned tensors and the optimizer's
+    state of each (`state_names`: the optimizer's, each a prefix of the file's names: "momentum.ctx"), the epochs
+    done and their metrics, and inside an epoch how far into it, its loss and hits so far and the tensors at the
+    end of the last epoch."""
     tensors = load_file(Path(run_dir) / CHECKPOINT_FILE)
     counters = {name: tensors.pop(name).item() for name in PROGRESS if name in tensors}
     lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
@@ -105,8 +105,10 @@ def read_checkpoint(run_dir: Path) -> dict:
     def named(prefix):
         return {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
 
-    return {**counters, "momentum": named(MOMENTUM), "epoch_params": named(EPOCH_END) or None,
-            "params": {name: t for name, t in tensors.items() if not name.startswith((MOMENTUM, EPOCH_END))},
+    prefixes = tuple(f"{name}." for name in state_names) + (EPOCH_END,)
+    return {**counters, "optimizer": {name: named(f"{name}.") for name in state_names},
+            "epoch_params": named(EPOCH_END) or None,
+            "params": {name: t for name, t in tensors.items() if not name.startswith(prefixes)},
             "history": [json.loads(line) for line in lines[:int(counters["epochs_done"])]]}
 
 
@@ -121,7 +123,8 @@ def save_progress(run_dir: Path, result, cache: FeatureCache, loaded: LoadedMode
         if state in RESUMABLE:
             _atomic(run_dir / CHECKPOINT_FILE, lambda path: save_file({
                 **{name: _host(t) for name, t in checkpoint.params.items()},
-                **{MOMENTUM + name: _host(t) for name, t in checkpoint.momentum.items()},
+                **{f"{key}.{name}": _host(t) for key, tensors in checkpoint.optimizer.items()
+                   for name, t in tensors.items()},
                 **{EPOCH_END + name: _host(t) for name, t in (checkpoint.epoch_params or {}).items()},
                 **{name: torch.tensor(getattr(checkpoint, name)) for name in PROGRESS}}, path))
         _write_prompt(run_dir, result.recipe, checkpoint.params)

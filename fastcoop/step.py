@@ -4,7 +4,7 @@ updates every tensor the learners train.
 
 The whole schedule lives on the device: every run's batch orders (its steps × batch rows) and learning rates are
 tables indexed by the run's own step counter, each step adds each run's loss and hits into the slot of that run's
-epoch, and SGD (momentum, weight decay) is PyTorch's fused update. Nothing in a step depends on the host: the
+epoch, and the method's optimizer (SGD, Adam) is PyTorch's fused update. Nothing in a step depends on the host: the
 training loop is replays of the graph, a copy of a run's feature view when its epoch begins, and a look at the
 results now and then.
 """
@@ -13,6 +13,7 @@ import time
 import warnings
 
 import torch
+from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
 from fastcoop.kernels import compiling_in_parallel
@@ -24,6 +25,42 @@ def sgd_update_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: flo
     at 0, so the first step gives buf = d, as SGD's first step does."""
     sgd(params, grads, momentum_buffers, fused=True, lr=lr, momentum=momentum, weight_decay=weight_decay,
         dampening=0.0, nesterov=False, maximize=False)
+
+
+class SGD:
+    """A method's optimizer for TrainStep: torch.optim.SGD's update (sgd_update_), its state each tensor's
+    momentum buffer."""
+
+    state_names = ("momentum",)
+
+    def __init__(self, momentum: float, weight_decay: float):
+        self.momentum, self.weight_decay = momentum, weight_decay
+
+    def new_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"momentum": torch.zeros_like(param)}
+
+    def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor) -> None:
+        sgd_update_(params, grads, state["momentum"], lr, self.momentum, self.weight_decay)
+
+
+class Adam:
+    """torch.optim.Adam's update (weight decay added to the gradient, as Dassl builds it; no AMSGrad) of every
+    tensor in one launch: PyTorch's fused Adam, with lr a one-element device tensor and each tensor's step count
+    a device tensor, so that it runs inside a CUDA graph."""
+
+    state_names = ("exp_avg", "exp_avg_sq", "step")
+
+    def __init__(self, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+
+    def new_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param),
+                "step": torch.zeros((), device=param.device)}
+
+    def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor) -> None:
+        adam(params, grads, state["exp_avg"], state["exp_avg_sq"], [], state["step"], fused=True, amsgrad=False,
+             beta1=self.betas[0], beta2=self.betas[1], lr=lr, weight_decay=self.weight_decay, eps=self.eps,
+             maximize=False)
 
 
 class TrainStep:
@@ -41,12 +78,13 @@ class TrainStep:
 
     `features`: the static R × n × D buffer holding the current epoch's view of each run's images (n: the most
     images of any run); `labels`: R × n; `orders`: each run's epochs × steps × batch rows (a list, or one
-    R × epochs × steps × batch tensor when they share a shape); `lrs`: each run's per-epoch learning rates."""
+    R × epochs × steps × batch tensor when they share a shape); `lrs`: each run's per-epoch learning rates;
+    `optimizer`: the method's (SGD, Adam), its state per learned tensor."""
 
-    def __init__(self, learners, loss, features, labels, orders, lrs, momentum: float, weight_decay: float):
+    def __init__(self, learners, loss, features, labels, orders, lrs, optimizer):
         self.learners, self.loss = list(learners), loss
         self.features, self.labels = features, labels
-        self.momentum, self.weight_decay = momentum, weight_decay
+        self.optimizer = optimizer
         device = labels.device
         runs, n = labels.shape
         self.epochs = [len(order) for order in orders]
@@ -69,16 +107,20 @@ class TrainStep:
         self.position = torch.arange(runs, device=device) * longest  # each run's next entry in the tables
         self.loss_seed = torch.ones(runs, device=device)  # d(loss)/d(loss) of each run, made once
         self.params = [list(learner.trainable().values()) for learner in self.learners]
-        self.momentum_buffers = [[torch.zeros_like(p) for p in params] for params in self.params]
+        self.optimizer_state = [self._new_state(params) for params in self.params]  # per run: name → per tensor
         self.loss_sums = torch.zeros(runs, max(self.epochs), device=device)  # per run and epoch
         self.correct = torch.zeros(runs, max(self.epochs), dtype=torch.long, device=device)
         self.epoch_finite = torch.ones(runs, max(self.epochs), dtype=torch.bool, device=device)
         self.all_finite = torch.ones(runs, dtype=torch.bool, device=device)
-        # each run at the end of its last epoch: its parameters (while all its epochs were finite) and momentum
+        # each run at the end of its last epoch: its parameters (while all its epochs were finite) and optimizer state
         self.good_params = [[p.detach().clone() for p in params] for params in self.params]
-        self.epoch_end_momentum = [[torch.zeros_like(p) for p in params] for params in self.params]
+        self.epoch_end_state = [self._new_state(params) for params in self.params]
         self.active = []
         self.set_active(range(runs))
+
+    def _new_state(self, params) -> dict[str, list[torch.Tensor]]:
+        states = [self.optimizer.new_state(p) for p in params]
+        return {name: [state[name] for state in states] for name in self.optimizer.state_names}
 
     def set_active(self, runs) -> None:
         """Train only `runs` (indices into the stack) from now on; their positions are the step's own tensor."""
@@ -111,8 +153,8 @@ class TrainStep:
         with torch.no_grad():
             lrs = self.step_lr.index_select(0, self.active_position)
             for i, run in enumerate(self.active):
-                sgd_update_(self.params[run], [next(grads) for _ in self.params[run]], self.momentum_buffers[run],
-                            lrs[i:i + 1], self.momentum, self.weight_decay)
+                self.optimizer.update_(self.params[run], [next(grads) for _ in self.params[run]],
+                                       self.optimizer_state[run], lrs[i:i + 1])
             slots = self.step_slot.index_select(0, self.active_position)
             self.loss_sums.view(-1).index_add_(0, slots, losses.detach())
             self.correct.view(-1).index_add_(0, slots, hits)
@@ -121,47 +163,52 @@ class TrainStep:
     def end_epoch(self, run: int, epoch: int) -> None:
         """After a run's epoch, on the device: the epoch is good if its loss and the parameters after it are
         finite (the last update can overflow); while all its epochs have been good, its parameters are the last
-        good ones. The momentum is kept as it is here, for a checkpoint at this epoch's end."""
+        good ones. The optimizer's state is kept as it is here, for a checkpoint at this epoch's end."""
         with torch.no_grad():
             finite = torch.isfinite(self.loss_sums[run, epoch])
             for param in self.params[run]:
                 finite = finite & torch.isfinite(param).all()
             self.epoch_finite[run, epoch] = finite
             self.all_finite[run] &= finite
-            for param, good, buffer, kept in zip(self.params[run], self.good_params[run],
-                                                 self.momentum_buffers[run], self.epoch_end_momentum[run]):
+            for param, good in zip(self.params[run], self.good_params[run]):
                 good.copy_(torch.where(self.all_finite[run], param, good))
-                kept.copy_(buffer)
+            for name in self.optimizer.state_names:
+                for now, kept in zip(self.optimizer_state[run][name], self.epoch_end_state[run][name]):
+                    kept.copy_(now)
 
     def state_dict(self, run: int) -> dict:
-        """A run's state (copies): its learned tensors and their momentum now, both as they were at the end of its
-        last epoch (the tensors: the last good ones), by the learner's names; its loss sums and hits per epoch."""
+        """A run's state (copies): its learned tensors and the optimizer's state of each now, both as they were at
+        the end of its last epoch (the tensors: the last good ones), by the learner's names (the optimizer's state:
+        its name → tensor name → tensor); its loss sums and hits per epoch."""
         names = list(self.learners[run].trainable())
 
         def named(tensors):
             return {name: tensor.detach().clone() for name, tensor in zip(names, tensors)}
 
-        return {"params": named(self.params[run]), "momentum": named(self.momentum_buffers[run]),
-                "epoch_params": named(self.good_params[run]), "epoch_momentum": named(self.epoch_end_momentum[run]),
+        return {"params": named(self.params[run]), "epoch_params": named(self.good_params[run]),
+                "optimizer": {key: named(tensors) for key, tensors in self.optimizer_state[run].items()},
+                "epoch_optimizer": {key: named(tensors) for key, tensors in self.epoch_end_state[run].items()},
                 "loss_sums": self.loss_sums[run].clone(), "correct": self.correct[run].clone()}
 
     def load_state_dict(self, run: int, state: dict) -> None:
         """Load what `state` holds of a run's state (state_dict's parts) into the run."""
         names = list(self.learners[run].trainable())
+        parts = [(state["params"], self.params[run]), (state["epoch_params"], self.good_params[run])]
+        for key in self.optimizer.state_names:
+            parts += [(state["optimizer"][key], self.optimizer_state[run][key]),
+                      (state["epoch_optimizer"][key], self.epoch_end_state[run][key])]
         with torch.no_grad():
-            for part, tensors in (("params", self.params[run]), ("momentum", self.momentum_buffers[run]),
-                                  ("epoch_params", self.good_params[run]),
-                                  ("epoch_momentum", self.epoch_end_momentum[run])):
+            for values, tensors in parts:
                 for name, tensor in zip(names, tensors):
-                    tensor.copy_(state[part][name])
+                    tensor.copy_(values[name])
             self.loss_sums[run].copy_(state["loss_sums"])
             self.correct[run].copy_(state["correct"])
 
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step writes (to undo the warm-up steps run before capture)."""
         return [*(p.data for run in self.active for p in self.params[run]),
-                *(b for run in self.active for b in self.momentum_buffers[run]), self.loss_sums, self.correct,
-                self.active_position]
+                *(t for run in self.active for tensors in self.optimizer_state[run].values() for t in tensors),
+                self.loss_sums, self.correct, self.active_position]
 
 
 def capture_graph(fn, warmup: int = 3, reset=lambda: None) -> torch.cuda.CUDAGraph:

@@ -103,13 +103,14 @@ class TrainResult:
 class Checkpoint:
     """A run after `epochs_done` epochs and `steps_into_epoch` steps of the next: with the same options and cache,
     training goes on from it exactly as if it had not stopped (the batch orders are drawn again from the seed; the
-    learned tensors and SGD's momentum for each, by the learner's names, are here). Inside an epoch it also holds
+    learned tensors by the learner's names and the optimizer's state of each — state name → tensor name → tensor,
+    SGD's momentum, Adam's moments and steps — are here). Inside an epoch it also holds
     that epoch's loss and hits so far, and the tensors at the end of the last epoch (the context kept should the
     loss turn non-finite)."""
 
     epochs_done: int
     params: dict[str, torch.Tensor]
-    momentum: dict[str, torch.Tensor]
+    optimizer: dict[str, dict[str, torch.Tensor]]
     history: list[dict]
     steps_into_epoch: int = 0
     epoch_params: dict[str, torch.Tensor] | None = None
@@ -121,9 +122,9 @@ class Checkpoint:
         """The run as the step holds it now, `steps_into_epoch` steps after the end of its last epoch."""
         state = step.state_dict(run)
         if not steps_into_epoch:
-            return cls(len(history), state["epoch_params"], state["epoch_momentum"], list(history))
+            return cls(len(history), state["epoch_params"], state["epoch_optimizer"], list(history))
         epoch = len(history)
-        return cls(epoch, state["params"], state["momentum"], list(history), steps_into_epoch,
+        return cls(epoch, state["params"], state["optimizer"], list(history), steps_into_epoch,
                    state["epoch_params"], state["loss_sums"][epoch].item(), int(state["correct"][epoch].item()))
 
     def restore(self, step, run: int) -> None:
@@ -132,8 +133,8 @@ class Checkpoint:
         loss_sums, correct = torch.zeros_like(step.loss_sums[run]), torch.zeros_like(step.correct[run])
         if self.steps_into_epoch:
             loss_sums[self.epochs_done], correct[self.epochs_done] = self.partial_loss, self.partial_correct
-        step.load_state_dict(run, {"params": self.params, "momentum": self.momentum,
-                                   "epoch_params": self.epoch_params or self.params, "epoch_momentum": self.momentum,
+        step.load_state_dict(run, {"params": self.params, "optimizer": self.optimizer,
+                                   "epoch_params": self.epoch_params or self.params, "epoch_optimizer": self.optimizer,
                                    "loss_sums": loss_sums, "correct": correct})
         step.start_at_epoch(run, self.epochs_done, self.steps_into_epoch)
 
@@ -256,8 +257,7 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, plan: Plan,
         padded_labels[run, :len(run_labels)] = run_labels
     orders, lrs = zip(*(schedule_tables(len(run_labels), len(subset), recipe)
                         for run_labels, subset, recipe in zip(labels, rows, recipes)))
-    step = TrainStep(learners, loss, features, padded_labels.to(device), orders, lrs, base.momentum,
-                     base.weight_decay)
+    step = TrainStep(learners, loss, features, padded_labels.to(device), orders, lrs, plan.method.optimizer(base))
     results = [TrainResult(learner, recipe, backends, augmentation=record)
                for learner, recipe, (_, record) in zip(learners, recipes, used)]
     for run, resume in enumerate(resumes or [None] * len(recipes)):

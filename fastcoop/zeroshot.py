@@ -5,11 +5,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fastcoop.classnames import spoken
 from fastcoop.errors import FastCoopError
 from fastcoop.classifiers import normalized_mean
 from fastcoop.models import LoadedModel
+from fastcoop.text_tower import TextTower
 
 
 def builtin_templates(name: str) -> list[str]:
@@ -72,3 +74,41 @@ def zeroshot_classifier(loaded: LoadedModel, classnames: list[str], templates: l
         return class_text_features(loaded, read_cupl(cupl, classnames), device)
     templates = check_templates(templates or ["a photo of a {}."])
     return class_text_features(loaded, [[t.format(name) for t in templates] for name in classnames], device)
+
+
+def adapter_templates(key: str | None = None) -> list[str] | dict[str, list[str]]:
+    """The prompts whose text features, averaged, make TaskRes's and CLAP's zero-shot classifier for a dataset
+    (by fastcoop's dataset name; 'default' for another); without a key, the whole table."""
+    table = json.loads(resources.files("fastcoop").joinpath("presets/adapter_templates.json").read_text())
+    if key is None:
+        return table
+    if key not in table:
+        raise FastCoopError(f"-o zs_templates takes a dataset's name ({', '.join(table)}), not '{key}'")
+    return table[key]
+
+
+def zero_shot_prototypes(model, tokenizer, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    """K × D: each class's prompts through the frozen text encoder, averaged, not normalised (fp32; computed
+    where the text tower is)."""
+    where = TextTower.of(model).positional_embedding.device
+    with torch.no_grad():
+        return torch.stack([model.encode_text(tokenizer([t.format(name) for t in templates]).to(where)).float()
+                            .mean(0) for name in classnames])
+
+
+class OnZeroShot(nn.Module):
+    """A learner built on the zero-shot classifier (`base`, K × D: zero_shot_prototypes of `templates`); a
+    subclass adds what it learns and names it in trainable()."""
+
+    def __init__(self, model, tokenizer, classnames: list[str], templates: list[str]):
+        super().__init__()
+        self.classnames = list(classnames)
+        self.register_buffer("base", zero_shot_prototypes(model, tokenizer, classnames, templates))
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.trainable().items():
+                tensor.copy_(tensors[name])

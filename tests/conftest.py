@@ -95,6 +95,25 @@ def ctrl_c_after_epoch(monkeypatch, epochs: int) -> None:
     monkeypatch.setattr(TrainStep, "end_epoch", end_epoch_then_ctrl_c)
 
 
+def trained_whole_and_resumed(capsys, monkeypatch, folder: Path, args: list, tensor: str):
+    """`fastcoop ARGS --out folder/whole`, and the same interrupted after its 2nd epoch and run again into
+    folder/resumed; the learned `tensor` of each (the resumed run recorded as resumed at epoch 2)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    code, _, err = run_cli(capsys, *args, "--out", folder / "whole")
+    assert code == 0, err
+    with monkeypatch.context() as patched:
+        ctrl_c_after_epoch(patched, 2)
+        code, _, err = run_cli(capsys, *args, "--out", folder / "resumed")
+    assert code == 130, err
+    code, _, err = run_cli(capsys, *args, "--out", folder / "resumed")
+    assert code == 0, err
+    assert json.loads((folder / "resumed" / "results.json").read_text())["resumed_at_epoch"] == 2
+    return [load_file(folder / run / "prompt.safetensors")[tensor] for run in ("whole", "resumed")]
+
+
 def pytest_collection_modifyitems(config, items):
     """A parametrized test's first case is quick; its other cases (more shapes, dtypes, layouts of what the first
     already runs) are `slow`, so that `-m "not slow"` still runs every test function once."""

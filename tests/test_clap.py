@@ -3,18 +3,17 @@ prototypes (_get_base_text_features), the class multipliers (init_lagrangian_mul
 gradient (forward_lp, F.cross_entropy, zero_shot_constraint), a whole run against the published loop
 (TrainerXCostume.run_epoch with Dassl's SGD and schedule), the classifier, resume."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ctrl_c_after_epoch, needs_kernel, relative, run_cli
+from conftest import needs_kernel, relative, run_cli, trained_whole_and_resumed
 from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.config import Recipe
 from fastcoop.datasets import read_dataset
 from fastcoop.methods import publish
-from fastcoop.methods.clap import POOLED_VIEWS, ProbeLoss, ZeroShotProbe, class_multipliers, clap_templates
+from fastcoop.methods.clap import POOLED_VIEWS, ProbeLoss, ZeroShotProbe, class_multipliers
+from fastcoop.zeroshot import adapter_templates
 from fastcoop.schedule import lr_at
 from fastcoop.training import batches_per_epoch, train
 
@@ -43,10 +42,11 @@ def test_the_prototypes_start_at_clap_base_text_features(tiny_vit):
     IMAGENET_TEMPLATES_SELECT before it) formatted with the class name as the dataset gives it, encoded, averaged
     with .mean(1) and not normalised."""
     model, tokenizer = tiny_vit.model, tiny_vit.tokenizer
-    assert clap_templates("dtd") == ["{} texture."]  # CLAP's, not KgCoOp's "a photo of a {}, a type of texture."
-    assert clap_templates("imagenet")[0] == "itap of a {}." and clap_templates("imagenet")[-1] == "a photo of a {}."
+    assert adapter_templates("dtd") == ["{} texture."]  # CLAP's, not KgCoOp's "a photo of a {}, a type of texture."
+    imagenet = adapter_templates("imagenet")
+    assert len(imagenet) == 8 and imagenet[0] == "itap of a {}." and imagenet[-1] == "a photo of a {}."
     for key in ("dtd", "imagenet"):
-        templates = clap_templates(key)
+        templates = adapter_templates(key)
         probe = ZeroShotProbe(model, tokenizer, DTD, templates)
         with torch.no_grad():
             expected = torch.stack([_clap_text_encoder(model, tokenizer([t.format(name) for t in templates])).mean(0)
@@ -106,7 +106,7 @@ def _published_run(cache, tiny_vit, recipe, constrained: bool):
     rows = cache.rows("train", recipe.shots, recipe.seed)
     views = cache.features("train", rows, slice(1, 4)).float()
     pool, labels = views.reshape(-1, views.shape[-1]), cache.labels("train", rows).repeat(len(views))
-    probe = ZeroShotProbe(tiny_vit.model, tiny_vit.tokenizer, cache.classnames, clap_templates("default"))
+    probe = ZeroShotProbe(tiny_vit.model, tiny_vit.tokenizer, cache.classnames, adapter_templates("default"))
     scale = tiny_vit.model.logit_scale.exp().detach()
     alpha = _multipliers(pool, labels, probe.base, scale)
     optimizer = torch.optim.SGD([probe.prototypes], lr=recipe.lr, momentum=0.9, weight_decay=0.0)
@@ -140,25 +140,22 @@ def test_a_run_equals_the_published_loop_on_the_pooled_views(cache_path, tiny_vi
 
 @pytest.mark.slow
 def test_clap_through_the_commands_resumes_to_the_uninterrupted_run(tmp_path, capsys, cache_path, tiny_vit,
-                                                                    monkeypatch):
-    """train (interrupted after epoch 2, resumed), eval against forward_lp's argmax on the test features, a run
-    on a subset of its classes (transfer to names it has prototypes for) and on others (refused)."""
-    from safetensors.torch import load_file
-
+                                                                    monkeypatch, example_images):
+    """train (interrupted after epoch 2, resumed), eval against forward_lp's argmax on the test features, predict
+    among a subset of its classes (the prototypes carry over to names they have a row for) and among others
+    (refused)."""
     args = ["train", cache_path, "--method", "clap", "--shots", "4", "--epochs", "5", "--device", "cpu"]
-    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "whole")
-    assert code == 0, err
-    with monkeypatch.context() as patched:
-        ctrl_c_after_epoch(patched, 2)
-        code, _, err = run_cli(capsys, *args, "--out", tmp_path / "resumed")
-    assert code == 130, err
-    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "resumed")
-    assert code == 0, err
-    whole, resumed = (load_file(tmp_path / d / "prompt.safetensors")["prototypes"] for d in ("whole", "resumed"))
+    whole, resumed = trained_whole_and_resumed(capsys, monkeypatch, tmp_path, args, "prototypes")
     assert torch.equal(whole, resumed)
-    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["resumed_at_epoch"] == 2
     code, out, err = run_cli(capsys, "eval", tmp_path / "whole", cache_path)
     with FeatureCache(cache_path) as cache:
         test, labels = cache.features("test", view=0).float(), cache.labels("test")
     top1 = (_forward_lp(test, whole, tiny_vit.model.logit_scale.exp()).argmax(-1) == labels).float().mean().item()
     assert code == 0 and f"top-1 {top1:.2%}" in out, err
+    image = next((example_images / "test").rglob("*.jpg"))
+    with FeatureCache(cache_path) as cache:
+        names = cache.classnames
+    code, out, err = run_cli(capsys, "predict", tmp_path / "whole", image, "--classes", f"{names[3]},{names[1]}")
+    assert code == 0 and out.count("%") == 2, err
+    code, _, err = run_cli(capsys, "predict", tmp_path / "whole", image, "--classes", f"{names[3]},zebra")
+    assert code == 2 and "learned a row per class (prototypes) and has none for 'zebra'" in err

@@ -11,7 +11,7 @@ from fastcoop.cache import FeatureCache, extract_features
 from fastcoop.datasets import read_dataset
 from fastcoop.prompts import PromptLearner
 from fastcoop.methods.coop import CoOpLoss
-from fastcoop.step import TrainStep, sgd_update_
+from fastcoop.step import SGD, Adam, TrainStep, sgd_update_
 from fastcoop.text_encoder import FastTextEncoder
 from fastcoop.text_tower import TextTower
 from fastcoop.config import Recipe, Runtime
@@ -32,6 +32,30 @@ def test_sgd_update_equals_torch_sgd():
         optimizer.step()
         sgd_update_([ours], [grad], [buffer], torch.tensor([lr]), 0.9, 5e-4)
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_adam_update_equals_torch_adam():
+    """Dassl's Adam (torch.optim.Adam, betas 0.9 and 0.999, weight decay added to the gradient) against fastcoop's
+    fused update with the lr a device tensor, over steps of changing lr, for two tensors of a learner."""
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 7), torch.randn(3)]
+    theirs = [torch.nn.Parameter(t.clone()) for t in ours]
+    start = ours[0].clone()
+    optimizer = torch.optim.Adam(theirs, lr=2e-3, weight_decay=5e-4, betas=(0.9, 0.999))
+    adam = Adam(weight_decay=5e-4)
+    states = [adam.new_state(t) for t in ours]
+    state = {name: [s[name] for s in states] for name in Adam.state_names}
+    for i in range(20):
+        grads = [torch.randn_like(t) for t in ours]
+        lr = 2e-3 * (1 + i % 3)
+        optimizer.param_groups[0]["lr"] = lr
+        for param, grad in zip(theirs, grads):
+            param.grad = grad.clone()
+        optimizer.step()
+        adam.update_(ours, grads, state, torch.tensor([lr]))
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference.detach(), rtol=1e-5, atol=1e-7)
+    assert state["step"][0].item() == 20 and (ours[0] - start).abs().min() > 1e-4
 
 
 @pytest.mark.gpu
@@ -99,7 +123,7 @@ def gpu_step(tiny_vit, classnames, images: int = 8, layouts=((4, False, "end"),)
     loss = CoOpLoss(encode, model.logit_scale.exp().detach(), torch.bfloat16, backends.loss)
     return TrainStep(learners, loss, features, labels,
                      torch.randperm(images, device=DEVICE).view(1, 1, 2, images // 2).repeat(runs, 1, 1, 1),
-                     torch.full((runs, 1), 0.002, device=DEVICE), 0.9, 5e-4)
+                     torch.full((runs, 1), 0.002, device=DEVICE), SGD(0.9, 5e-4))
 
 
 @needs_kernel

@@ -27,15 +27,20 @@ fastcoop/methods/coop.py) or `Method` itself:
               It runs inside the CUDA graph: device work only, no host reads
     classifier(model, learner, backends) → an object with logits(image_features) (n × K) and
               predict(image_features) (n labels), for eval, predict, base-to-new and transfer
-    published(recipe, dataset) → the recipe with what its method fills in from the dataset (KgCoOp: its
-              hand-written prompt); the default fills nothing more
+    published(recipe, dataset) → the recipe with what the method takes from the dataset where the recipe
+              leaves it None (KgCoOp's hand-written prompt, TaskRes's ImageNet lr); the default: nothing
+    published_epochs(shots, num_classes) → the epochs by shot count when `recipe` declares None (CoOp's)
     per_class(recipe) → names of the learned tensors with a row per class (they carry over only to the run's
               own classes; base-to-new's new half is then not tested); the default: CoOp's context with --csc
 
-SGD with momentum and CoOp's warm-up and cosine schedule train every method (the recipe's lr, momentum,
-weight decay). A researcher's own method loads from a file, `--method path/to/file.py:ClassName`, or from an
-installed package's entry point in the group "fastcoop.methods" (name = "module:ClassName"); examples/own_method.py
-is a complete one. Nothing outside this package names a method.
+    optimizer(recipe) → what updates the learned tensors: fastcoop.step's SGD (the default: the recipe's
+              momentum and weight decay) or Adam, or one's own with the same parts (state_names, new_state,
+              update_, device work only)
+
+CoOp's constant warm-up epoch and cosine schedule set every method's lr per epoch. A researcher's own method
+loads from a file, `--method path/to/file.py:ClassName`, or from an installed package's entry point in the group
+"fastcoop.methods" (name = "module:ClassName"); examples/own_method.py is a complete one. Nothing outside this
+package names a method.
 """
 
 import importlib
@@ -50,8 +55,8 @@ from fastcoop.errors import FastCoopError
 from fastcoop.schedule import published_epochs
 
 BUILT_IN = {"coop": "fastcoop.methods.coop:CoOp", "cocoop": "fastcoop.methods.cocoop:CoCoOp",
-            "kgcoop": "fastcoop.methods.kgcoop:KgCoOp", "zs-lp": "fastcoop.methods.clap:ZSLP",
-            "clap": "fastcoop.methods.clap:CLAP"}
+            "kgcoop": "fastcoop.methods.kgcoop:KgCoOp", "taskres": "fastcoop.methods.taskres:TaskRes",
+            "zs-lp": "fastcoop.methods.clap:ZSLP", "clap": "fastcoop.methods.clap:CLAP"}
 # what a sweep may run beside its trained methods, on the same few-shot images: name → module:object
 BASELINES = {"linear-probe": "fastcoop.methods.linear_probe:LINEAR_PROBE",
              "tip-adapter": "fastcoop.methods.tip_adapter:TIP_ADAPTER",
@@ -111,6 +116,16 @@ class Method:
     def published(self, recipe, dataset: str | None):
         return recipe
 
+    def published_epochs(self, shots: int | None, num_classes: int) -> int:
+        """The epochs by shot count when the recipe declares none: CoOp's (50, 100, 200; ImageNet's 50)."""
+        return published_epochs(shots, num_classes)
+
+    def optimizer(self, recipe):
+        """What updates the learned tensors (fastcoop.step: SGD, Adam); CoOp's SGD by default."""
+        from fastcoop.step import SGD
+
+        return SGD(recipe.momentum, recipe.weight_decay)
+
     def per_class(self, recipe) -> tuple[str, ...]:
         """The learned tensors with a row per class (they carry over only to the run's own classes): CoOp's
         context with --csc."""
@@ -143,15 +158,16 @@ def publish(recipe: Recipe, num_classes: int, device: str, dataset: str | None =
     method's declarations. Given words set M: n_ctx stays None, the learner counts them."""
     method = get(recipe.method)
     check_fields(recipe, method)
+    recipe = method.published(recipe, dataset)  # what the method takes from the dataset, first
     declared = {**Method.recipe, **method.recipe}
     filled = {name: declared[name] for name in ("batch_size", "epochs", "lr", "weight_decay")
               if getattr(recipe, name) is None}
-    if filled.get("epochs", recipe.epochs) is None:  # CoOp's: by shot count
-        filled["epochs"] = published_epochs(recipe.shots, num_classes)
+    if filled.get("epochs", recipe.epochs) is None:  # by shot count
+        filled["epochs"] = method.published_epochs(recipe.shots, num_classes)
     own = {name: option.default for name, option in method.options.items()} | dict(recipe.options)
     filled["options"] = tuple(sorted(own.items()))
     filled["precision"] = resolve_precision(recipe.precision, device, "bf16")
-    return method.published(replace(published_context(recipe, method), **filled), dataset)
+    return replace(published_context(recipe, method), **filled)
 
 
 def published_context(recipe: Recipe, method: Method) -> Recipe:

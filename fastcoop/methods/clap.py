@@ -13,58 +13,30 @@ shuffles the pool and takes as many batches of 256 as the few-shot images alone 
 0.1, momentum 0.9, no weight decay, 300 epochs, CoOp's constant warm-up epoch and cosine schedule.
 """
 
-import json
 from dataclasses import replace
-from importlib import resources
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastcoop.classifiers import TextClassifier
-from fastcoop.errors import FastCoopError
 from fastcoop.kernels import cosine_ce_runs
 from fastcoop.methods import Method, Option
-from fastcoop.text_tower import TextTower
+from fastcoop.zeroshot import OnZeroShot, adapter_templates
 
 POOLED_VIEWS = 20  # the published code's augmented passes over the training images (epochs_aumentation)
 PROBABILITIES_PER_CALL = 1 << 24  # the α's zero-shot softmax over pool rows × classes, a chunk at a time
 
 
-def clap_templates(key: str) -> list[str]:
-    """The prompts whose text features, averaged, make the zero-shot classifier for a dataset (by fastcoop's
-    dataset name; 'default' for another)."""
-    table = json.loads(resources.files("fastcoop").joinpath("presets/clap_templates.json").read_text())
-    if key not in table:
-        raise FastCoopError(f"-o zs_templates takes a dataset's name ({', '.join(table)}), not '{key}'")
-    return table[key]
-
-
-def zero_shot_prototypes(model, tokenizer, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    """K × D: each class's prompts through the frozen text encoder, averaged, not normalised (fp32; computed
-    where the text tower is)."""
-    where = TextTower.of(model).positional_embedding.device
-    with torch.no_grad():
-        return torch.stack([model.encode_text(tokenizer([t.format(name) for t in templates]).to(where)).float()
-                            .mean(0) for name in classnames])
-
-
-class ZeroShotProbe(nn.Module):
+class ZeroShotProbe(OnZeroShot):
     """The probe's prototypes (K × D, learned) and the zero-shot classifier they start from (`base`)."""
 
     def __init__(self, model, tokenizer, classnames: list[str], templates: list[str]):
-        super().__init__()
-        self.classnames = list(classnames)
-        base = zero_shot_prototypes(model, tokenizer, classnames, templates)
-        self.register_buffer("base", base)
-        self.prototypes = nn.Parameter(base.clone())
+        super().__init__(model, tokenizer, classnames, templates)
+        self.prototypes = nn.Parameter(self.base.clone())
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {"prototypes": self.prototypes}
-
-    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.prototypes.copy_(tensors["prototypes"])
 
 
 class ZSLP(Method):
@@ -80,14 +52,13 @@ class ZSLP(Method):
 
     def published(self, recipe, dataset):
         if recipe.option("zs_templates") is not None:
-            clap_templates(recipe.option("zs_templates"))
+            adapter_templates(recipe.option("zs_templates"))
             return recipe
-        table = json.loads(resources.files("fastcoop").joinpath("presets/clap_templates.json").read_text())
-        key = dataset if dataset in table else "default"
+        key = dataset if dataset in adapter_templates() else "default"
         return replace(recipe, options=tuple(sorted((dict(recipe.options) | {"zs_templates": key}).items())))
 
     def learner(self, model, tokenizer, classnames, recipe):
-        return ZeroShotProbe(model, tokenizer, classnames, clap_templates(recipe.option("zs_templates")))
+        return ZeroShotProbe(model, tokenizer, classnames, adapter_templates(recipe.option("zs_templates")))
 
     def loss(self, parts):
         return ProbeLoss(parts.logit_scale, parts.backends.loss)
