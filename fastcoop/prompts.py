@@ -18,8 +18,6 @@ POSITIONS = ("end", "middle", "front")
 class PromptLearner(nn.Module):
     """Holds `ctx` (M × D unified, or K × M × D class-specific) and assembles the K prompt embeddings."""
 
-    method = "coop"
-
     def __init__(self, model, tokenizer, classnames, n_ctx: int | None = 16, csc: bool = False,
                  position: str = "end", init: str | None = None):
         """`init`: words the context starts from; they set M (`n_ctx` is then not used)."""
@@ -33,12 +31,12 @@ class PromptLearner(nn.Module):
         names = [spoken(name) for name in classnames]
         if init is not None:
             init = spoken(init).strip()
-            n_ctx = len(tokenizer.encode(init))
-            if n_ctx == 0:
+            if not tokenizer.encode(init):
                 raise FastCoopError("--init has no words")
+        n_ctx = self.context_length(tokenizer, n_ctx, init)
         if n_ctx < 1:
             raise FastCoopError(f"the context needs at least one vector (--n-ctx {n_ctx})")
-        placeholder = " ".join(["X"] * n_ctx)
+        placeholder = self.placeholder(n_ctx, init)
         context_length = tower.positional_embedding.shape[0]
         for name in names:
             used = len(tokenizer.encode(f"{placeholder} {name}.")) + 2
@@ -49,7 +47,7 @@ class PromptLearner(nn.Module):
         device, width = embed.weight.device, embed.weight.shape[1]
         with torch.no_grad():
             if init:
-                vectors = embed(tokenizer([init]).to(device))[0, 1:1 + n_ctx].float()
+                vectors = self.context_from_words(embed(tokenizer([init]).to(device))[0].float(), n_ctx, init)
                 ctx = vectors.repeat(len(names), 1, 1) if csc else vectors.clone()
             else:
                 ctx = torch.empty(len(names), n_ctx, width) if csc else torch.empty(n_ctx, width)
@@ -64,6 +62,19 @@ class PromptLearner(nn.Module):
         # would be the largest tensor of a training run)
         self.register_buffer("prompt_tokens", tokens.to(device).gather(1, token_index), persistent=False)
         self.register_buffer("ctx_slot", ctx_slot, persistent=False)  # which ctx vector, or -1
+
+    def context_length(self, tokenizer, n_ctx: int | None, init: str | None) -> int:
+        """M: given words' token count (CoOp's: the words set it), else `n_ctx`."""
+        return len(tokenizer.encode(init)) if init is not None else n_ctx
+
+    def placeholder(self, n_ctx: int, init: str | None) -> str:
+        """The text the context stands in for before the class name: M placeholder words (CoOp's)."""
+        return " ".join(["X"] * n_ctx)
+
+    def context_from_words(self, embedded: torch.Tensor, n_ctx: int, init: str) -> torch.Tensor:
+        """M × D: the context starting from the words (their tokenized text's embeddings, SOS first): CoOp's,
+        the words' own token embeddings."""
+        return embedded[1:1 + n_ctx]
 
     def _layout(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per class and position: which token of "[SOS] X.. name . [EOS]" goes there, and which context vector

@@ -85,6 +85,8 @@ class TrainStep:
         self.learners, self.loss = list(learners), loss
         self.features, self.labels = features, labels
         self.optimizer = optimizer
+        # the gradients the update takes: a method's own (ProGrad's projected ones), else the losses'
+        self.gradients = getattr(loss, "gradients", None) or self.loss_gradients
         device = labels.device
         runs, n = labels.shape
         self.epochs = [len(order) for order in orders]
@@ -148,8 +150,7 @@ class TrainStep:
         sizes = [self.batch_sizes[run] for run in self.active]  # each run's batch: its first rows
         losses, hits = self.loss([self.learners[run] for run in self.active], images, labels, sizes)
         params = [p for run in self.active for p in self.params[run]]
-        # the runs' losses together: each reaches only its own run's parameters
-        grads = iter(torch.autograd.grad(losses, params, grad_outputs=self.loss_seed[:len(self.active)]))
+        grads = iter(self.gradients(losses, params, self.loss_seed[:len(self.active)]))
         with torch.no_grad():
             lrs = self.step_lr.index_select(0, self.active_position)
             for i, run in enumerate(self.active):
@@ -159,6 +160,11 @@ class TrainStep:
             self.loss_sums.view(-1).index_add_(0, slots, losses.detach())
             self.correct.view(-1).index_add_(0, slots, hits)
             self.active_position.add_(1)
+
+    @staticmethod
+    def loss_gradients(losses, params, seed) -> tuple[torch.Tensor, ...]:
+        """The runs' losses' gradients, in one pass: each run's loss reaches only its own run's parameters."""
+        return torch.autograd.grad(losses, params, grad_outputs=seed)
 
     def end_epoch(self, run: int, epoch: int) -> None:
         """After a run's epoch, on the device: the epoch is good if its loss and the parameters after it are

@@ -24,7 +24,9 @@ fastcoop/methods/coop.py) or `Method` itself:
               each), run r's batch its first sizes[r] rows; `parts` (LossParts) hands it the text encoder
               built for the learners, CLIP's logit scale, the autocast dtype, the model, the class names and
               each run's train features and labels.
-              It runs inside the CUDA graph: device work only, no host reads
+              It runs inside the CUDA graph: device work only, no host reads. A loss may also define
+              gradients(losses, params, seed) → each parameter's gradient (ProGrad's projection); by default
+              the gradients of the losses
     classifier(model, learner, backends) → an object with logits(image_features) (n × K) and
               predict(image_features) (n labels), for eval, predict, base-to-new and transfer
     published(recipe, dataset) → the recipe with what the method takes from the dataset where the recipe
@@ -55,7 +57,8 @@ from fastcoop.errors import FastCoopError
 from fastcoop.schedule import published_epochs
 
 BUILT_IN = {"coop": "fastcoop.methods.coop:CoOp", "cocoop": "fastcoop.methods.cocoop:CoCoOp",
-            "kgcoop": "fastcoop.methods.kgcoop:KgCoOp", "taskres": "fastcoop.methods.taskres:TaskRes",
+            "kgcoop": "fastcoop.methods.kgcoop:KgCoOp", "prograd": "fastcoop.methods.prograd:ProGrad",
+            "taskres": "fastcoop.methods.taskres:TaskRes",
             "zs-lp": "fastcoop.methods.clap:ZSLP", "clap": "fastcoop.methods.clap:CLAP"}
 # what a sweep may run beside its trained methods, on the same few-shot images: name → module:object
 BASELINES = {"linear-probe": "fastcoop.methods.linear_probe:LINEAR_PROBE",
@@ -252,8 +255,7 @@ def method_table() -> str:
         learns = method.learns.format(n_ctx=recipe["n_ctx"], init=f"'{recipe['init']}'" if recipe["init"] else
                                       "random")
         epochs = recipe["epochs"] or "50–200 by shots"
-        own = ", ".join(f"`{option}`" + (f" = {declared.default}" if declared.default is not None else "")
-                        for option, declared in method.options.items()) or "–"
+        own = ", ".join(f"`{option}`" for option in method.options) or "–"
         lines.append(f"| `{name}` | {method.paper} | {learns} | {recipe['batch_size']} | {epochs} | "
                      f"{recipe['lr']} | {own} |")
     baselines = [baseline(name) for name in BASELINES]

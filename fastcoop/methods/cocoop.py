@@ -33,7 +33,7 @@ class CoCoOp(CoOp):
     name = "cocoop"
     title = "CoCoOp"
     paper = "Zhou et al., CVPR 2022"
-    learns = "M = {n_ctx} context vectors ({init}), a Meta-Net"
+    learns = "M = {n_ctx} vectors ({init}), a Meta-Net"
     recipe = {"n_ctx": 4, "init": "a photo of a", "batch_size": 1, "epochs": 10}
     fixed = {"csc": False, "position": "end"}
     stacks_prompts = False

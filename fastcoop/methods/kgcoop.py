@@ -32,7 +32,7 @@ class KgCoOp(CoOp):
     name = "kgcoop"
     title = "KgCoOp"
     paper = "Yao et al., CVPR 2023"
-    learns = "M = {n_ctx} context vectors ({init}) near a hand-written prompt"
+    learns = "CoOp's context ({init}), near a hand-written prompt"
     recipe = {"n_ctx": 4, "init": "a photo of a", "batch_size": 128, "epochs": 100}
     options = {"kg_weight": Option(8.0, "λ, the weight of the distance to the hand-written prompt", min=0),
                "kg_template": Option(None, "the hand-written prompt, {} for the class name (published: KgCoOp's "
