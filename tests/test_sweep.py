@@ -294,3 +294,24 @@ def test_the_figure_gives_every_curve_its_colour_and_keeps_the_legend_off_the_po
     fig.canvas.draw()
     legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
     assert legend.x0 >= axes.x1  # beside the axes, over no point
+
+
+@pytest.mark.slow
+def test_every_method_side_by_side_in_one_sweep_table_and_figure(tmp_path, capsys, split_cache):
+    """Every registered method and every baseline on one cache of JPEGs (the example's, split with val), its
+    few-shot images and views: one table with a row each, the figure with a curve each."""
+    from fastcoop import methods
+
+    out = tmp_path / "all"
+    with pytest.warns(UserWarning):  # the cache's 2 views, fewer than the methods' epochs and pools
+        code, stdout, err = run_cli(capsys, "sweep", split_cache / "s12.h5", "--out", out, "--method",
+                                    ",".join(methods.BUILT_IN), "--baselines", ",".join(methods.BASELINES),
+                                    "--shots", "1,2", "--seeds", "1", "--epochs", "2", "--device", "cpu")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    labels = {run["variant"] for run in summary["runs"]} | set(summary["baselines"])
+    assert len(labels) == len(methods.BUILT_IN) + len(methods.BASELINES)
+    for label in labels:
+        assert f"| all | {label} |" in stdout, label
+    assert (out / "accuracy.png").is_file() and summary["methods"] == sorted(
+        methods.get(name).name for name in methods.BUILT_IN)
