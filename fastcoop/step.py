@@ -39,7 +39,7 @@ class SGD:
     def new_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"momentum": torch.zeros_like(param)}
 
-    def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor) -> None:
+    def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor, learner=None) -> None:
         sgd_update_(params, grads, state["momentum"], lr, self.momentum, self.weight_decay)
 
 
@@ -57,7 +57,7 @@ class Adam:
         return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param),
                 "step": torch.zeros((), device=param.device)}
 
-    def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor) -> None:
+    def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor, learner=None) -> None:
         adam(params, grads, state["exp_avg"], state["exp_avg_sq"], [], state["step"], fused=True, amsgrad=False,
              beta1=self.betas[0], beta2=self.betas[1], lr=lr, weight_decay=self.weight_decay, eps=self.eps,
              maximize=False)
@@ -155,7 +155,7 @@ class TrainStep:
             lrs = self.step_lr.index_select(0, self.active_position)
             for i, run in enumerate(self.active):
                 self.optimizer.update_(self.params[run], [next(grads) for _ in self.params[run]],
-                                       self.optimizer_state[run], lrs[i:i + 1])
+                                       self.optimizer_state[run], lrs[i:i + 1], self.learners[run])
             slots = self.step_slot.index_select(0, self.active_position)
             self.loss_sums.view(-1).index_add_(0, slots, losses.detach())
             self.correct.view(-1).index_add_(0, slots, hits)

@@ -29,7 +29,6 @@ from fastcoop.devices import autocast_dtype, resolve_device
 from fastcoop.errors import FastCoopError
 from fastcoop.fewshot import check_classes, class_subset, relabel
 from fastcoop.models import LoadedModel, move_text_tower
-from fastcoop.schedule import lr_at
 from fastcoop.step import CudaGraphStep, TrainStep, graphed_or_eager
 from fastcoop.text_encoder import text_encoder
 from fastcoop.text_tower import TextTower
@@ -97,6 +96,7 @@ class TrainResult:
     kernels_seconds: float = 0.0  # of the first epoch: compiling (or finding) the graphed step's Triton kernels
     capture_seconds: float = 0.0  # of the first epoch: the graphed step's warm-up and capture
     checkpoint: "Checkpoint | None" = None  # the state at the host's last look (inside an epoch, or at its end)
+    lrs: list[float] = field(default_factory=list)  # each epoch's learning rate (the method's schedule)
 
 
 @dataclass
@@ -248,18 +248,20 @@ def prepare_stack(cache: FeatureCache, loaded: LoadedModel, plan: Plan,
         labels = [run_labels.repeat(len(run_views)) for run_labels, run_views in zip(labels, views)]
         views = [run_views.reshape(1, -1, run_views.shape[-1]) for run_views in views]
     dtype = autocast_dtype(base.precision)
-    loss = plan.method.loss(LossParts(loaded, learners, classnames, recipes, backends, device,
-                                      loaded.model.logit_scale.exp().detach().to(device), dtype, views, labels))
+    parts = LossParts(loaded, learners, classnames, recipes, backends, device,
+                      loaded.model.logit_scale.exp().detach().to(device), dtype, views, labels)
+    plan.method.prepare(parts)  # what the method derives from the runs' training data
+    loss = plan.method.loss(parts)
     most = max(len(run_labels) for run_labels in labels)
     features = torch.zeros(len(recipes), most, views[0].shape[-1], device=device)  # each run's epoch view
     padded_labels = torch.zeros(len(recipes), most, dtype=torch.long)
     for run, run_labels in enumerate(labels):
         padded_labels[run, :len(run_labels)] = run_labels
-    orders, lrs = zip(*(schedule_tables(len(run_labels), len(subset), recipe)
+    orders, lrs = zip(*(schedule_tables(len(run_labels), len(subset), recipe, plan.method.lr_at)
                         for run_labels, subset, recipe in zip(labels, rows, recipes)))
     step = TrainStep(learners, loss, features, padded_labels.to(device), orders, lrs, plan.method.optimizer(base))
-    results = [TrainResult(learner, recipe, backends, augmentation=record)
-               for learner, recipe, (_, record) in zip(learners, recipes, used)]
+    results = [TrainResult(learner, recipe, backends, augmentation=record, lrs=run_lrs.tolist())
+               for learner, recipe, (_, record), run_lrs in zip(learners, recipes, used, lrs)]
     for run, resume in enumerate(resumes or [None] * len(recipes)):
         if resume is not None:
             resume.restore(step, run)
@@ -449,15 +451,15 @@ def _stop_at_next_look():
             signal.signal(number, handler)
 
 
-def schedule_tables(n: int, images: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+def schedule_tables(n: int, images: int, recipe: Recipe, lr_of) -> tuple[torch.Tensor, torch.Tensor]:
     """Every epoch's batch order (epochs × steps × batch, the last partial batch dropped) from one generator
     seeded with the run's seed, a permutation of the epoch's `n` rows per epoch in epoch order, as many batches
-    as the `images` make (n = images, but for a pool of views); and every epoch's learning rate."""
+    as the `images` make (n = images, but for a pool of views); and every epoch's learning rate (`lr_of(epoch,
+    recipe)`: the method's)."""
     batch_size, steps = min(recipe.batch_size, n), batches_per_epoch(images, recipe.batch_size)
     generator = torch.Generator().manual_seed(recipe.seed)
     orders = torch.stack([torch.randperm(n, generator=generator)[:steps * batch_size] for _ in range(recipe.epochs)])
-    lrs = torch.tensor([lr_at(e, recipe.epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr)
-                        for e in range(recipe.epochs)])
+    lrs = torch.tensor([lr_of(e, recipe) for e in range(recipe.epochs)], dtype=torch.float64)
     return orders.view(recipe.epochs, steps, batch_size), lrs
 
 
@@ -477,9 +479,7 @@ def _read_back(step: TrainStep, results: list[TrainResult], first: list[int], en
                     for param, good in zip(step.params[run], step.good_params[run]):
                         param.copy_(good)
                 break
-            recipe = result.recipe
-            lr = lr_at(epoch, recipe.epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr)
-            result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sums[run][epoch] / steps,
+            result.history.append({"epoch": epoch + 1, "lr": result.lrs[epoch], "loss": loss_sums[run][epoch] / steps,
                                    "train_acc": correct[run][epoch] / (steps * batch), "steps": steps,
                                    "seconds": seconds / (end[run] - first[run])})
         mid = 0 if run in failed else into[run]

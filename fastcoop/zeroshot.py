@@ -57,9 +57,15 @@ def read_cupl(path: str | Path, classnames: list[str]) -> list[list[str]]:
 def class_text_features(loaded: LoadedModel, texts_per_class: list[list[str]], device: str = "cpu",
                         batch: int = 256) -> torch.Tensor:
     """K × D: each class's texts encoded by the frozen text encoder and averaged after L2 normalisation."""
+    return ensemble_features(loaded.model, loaded.tokenizer, texts_per_class, device, batch)
+
+
+def ensemble_features(model, tokenizer, texts_per_class: list[list[str]], device: str = "cpu",
+                      batch: int = 256) -> torch.Tensor:
+    """class_text_features of a model and its tokenizer."""
     flat = [t for texts in texts_per_class for t in texts]
     with torch.no_grad():
-        encoded = torch.cat([loaded.model.encode_text(loaded.tokenizer(flat[i:i + batch]).to(device)).float()
+        encoded = torch.cat([model.encode_text(tokenizer(flat[i:i + batch]).to(device)).float()
                              for i in range(0, len(flat), batch)])
     out, start = [], 0
     for texts in texts_per_class:

@@ -37,9 +37,11 @@ fastcoop/methods/coop.py) or `Method` itself:
 
     optimizer(recipe) → what updates the learned tensors: fastcoop.step's SGD (the default: the recipe's
               momentum and weight decay) or Adam, or one's own with the same parts (state_names, new_state,
-              update_, device work only)
-
-CoOp's constant warm-up epoch and cosine schedule set every method's lr per epoch. A researcher's own method
+              update_(params, grads, state, lr, learner), device work only)
+    prepare(parts) → what it derives from the runs' training data before their first step (kept with each
+              learner: CLAP's multipliers, LP++'s start and step sizes); nothing by default
+    lr_at(epoch, recipe) → each epoch's learning rate: CoOp's constant warm-up epoch and cosine by default
+ A researcher's own method
 loads from a file, `--method path/to/file.py:ClassName`, or from an installed package's entry point in the group
 "fastcoop.methods" (name = "module:ClassName"); examples/own_method.py is a complete one. Nothing outside this
 package names a method.
@@ -54,11 +56,12 @@ from pathlib import Path
 
 from fastcoop.config import PROMPT_FIELDS, RUN_FIELDS, Recipe, resolve_precision
 from fastcoop.errors import FastCoopError
+from fastcoop.schedule import lr_at as published_lr
 from fastcoop.schedule import published_epochs
 
 BUILT_IN = {"coop": "fastcoop.methods.coop:CoOp", "cocoop": "fastcoop.methods.cocoop:CoCoOp",
             "kgcoop": "fastcoop.methods.kgcoop:KgCoOp", "prograd": "fastcoop.methods.prograd:ProGrad",
-            "taskres": "fastcoop.methods.taskres:TaskRes",
+            "taskres": "fastcoop.methods.taskres:TaskRes", "lp++": "fastcoop.methods.lp_plus_plus:LPPlusPlus",
             "zs-lp": "fastcoop.methods.clap:ZSLP", "clap": "fastcoop.methods.clap:CLAP"}
 # what a sweep may run beside its trained methods, on the same few-shot images: name → module:object
 BASELINES = {"linear-probe": "fastcoop.methods.linear_probe:LINEAR_PROBE",
@@ -66,6 +69,7 @@ BASELINES = {"linear-probe": "fastcoop.methods.linear_probe:LINEAR_PROBE",
              "tip-adapter-f": "fastcoop.methods.tip_adapter:TIP_ADAPTER_F"}
 ENTRY_POINT_GROUP = "fastcoop.methods"
 REQUIRED = ("learner", "loss", "classifier")  # the parts every method defines
+WHOLE_SET = 1 << 30  # a batch size larger than any few-shot set: each epoch is one step over every image
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,14 @@ class Method:
     def published_epochs(self, shots: int | None, num_classes: int) -> int:
         """The epochs by shot count when the recipe declares none: CoOp's (50, 100, 200; ImageNet's 50)."""
         return published_epochs(shots, num_classes)
+
+    def prepare(self, parts) -> None:
+        """What the method derives from the runs' training data before their first step (CLAP's multipliers,
+        LP++'s initialisation and step sizes), kept with each run's learner; nothing by default."""
+
+    def lr_at(self, epoch: int, recipe) -> float:
+        """The learning rate of a 0-based epoch: CoOp's constant warm-up epoch, then cosine decay."""
+        return published_lr(epoch, recipe.epochs, recipe.lr, recipe.warmup_epochs, recipe.warmup_lr)
 
     def optimizer(self, recipe):
         """What updates the learned tensors (fastcoop.step: SGD, Adam); CoOp's SGD by default."""
@@ -255,8 +267,9 @@ def method_table() -> str:
         learns = method.learns.format(n_ctx=recipe["n_ctx"], init=f"'{recipe['init']}'" if recipe["init"] else
                                       "random")
         epochs = recipe["epochs"] or "50–200 by shots"
+        batch = "all" if recipe["batch_size"] >= WHOLE_SET else recipe["batch_size"]
         own = ", ".join(f"`{option}`" for option in method.options) or "–"
-        lines.append(f"| `{name}` | {method.paper} | {learns} | {recipe['batch_size']} | {epochs} | "
+        lines.append(f"| `{name}` | {method.paper} | {learns} | {batch} | {epochs} | "
                      f"{recipe['lr']} | {own} |")
     baselines = [baseline(name) for name in BASELINES]
     return "\n".join(lines) + "\n\nBeside them, `--baselines` " + "; ".join(

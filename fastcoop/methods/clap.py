@@ -75,11 +75,13 @@ class CLAP(ZSLP):
     title = "CLAP"
     learns = "ZS-LP, held near the zero-shot classifier"
 
-    def loss(self, parts):
+    def prepare(self, parts):
         for learner, views, labels in zip(parts.learners, parts.train_views, parts.train_labels):
             # each run's α, from its own pool, kept with its probe (a stack trains fewer runs as they end)
             learner.register_buffer("multipliers", class_multipliers(
                 learner.base, views[0].to(parts.device), labels.to(parts.device), parts.logit_scale), persistent=False)
+
+    def loss(self, parts):
         return ProbeLoss(parts.logit_scale, parts.backends.loss, constrained=True)
 
 

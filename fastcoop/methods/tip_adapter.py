@@ -65,6 +65,11 @@ def tip_recipe(dataset: str | None) -> TipRecipe:
     return TipRecipe(**table.get(dataset or "", table["caltech101"]))
 
 
+def tip_datasets() -> list[str]:
+    """The datasets Tip-Adapter has a recipe (and templates) for, by fastcoop's names."""
+    return list(json.loads(resources.files("fastcoop").joinpath("presets/tip_adapter.json").read_text()))
+
+
 def cache_model(views: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (n × D): each image's features averaged over its augmented views (V × n × D), then normalised; values
     (n × K): its one-hot label (build_cache_model)."""
