@@ -61,7 +61,8 @@ from fastcoop.schedule import published_epochs
 
 BUILT_IN = {"coop": "fastcoop.methods.coop:CoOp", "cocoop": "fastcoop.methods.cocoop:CoCoOp",
             "kgcoop": "fastcoop.methods.kgcoop:KgCoOp", "prograd": "fastcoop.methods.prograd:ProGrad",
-            "taskres": "fastcoop.methods.taskres:TaskRes", "lp++": "fastcoop.methods.lp_plus_plus:LPPlusPlus",
+            "clip-adapter": "fastcoop.methods.clip_adapter:CLIPAdapter", "taskres": "fastcoop.methods.taskres:TaskRes",
+            "lp++": "fastcoop.methods.lp_plus_plus:LPPlusPlus",
             "zs-lp": "fastcoop.methods.clap:ZSLP", "clap": "fastcoop.methods.clap:CLAP"}
 # what a sweep may run beside its trained methods, on the same few-shot images: name → module:object
 BASELINES = {"linear-probe": "fastcoop.methods.linear_probe:LINEAR_PROBE",
