@@ -26,14 +26,14 @@ from benchmarks.launches import device_ops, interpreted_step_device_ops
 from benchmarks.load import run_load_section
 from benchmarks.methods import image_encoder_ms, run_methods_section, run_tip_adapter_row
 from benchmarks.report import write_report
-from benchmarks.sweep import run_sweep_section
+from benchmarks.sweep import run_sweep_section, run_table_section
 from benchmarks.profile import kernel_profile
 from benchmarks.step import run_step_section, step_variants, time_breakdown, training_memory_gb
 from fastcoop.models import load_model
 
 # the default order: the most telling first, so that a run cut short keeps them
-SECTIONS = ("step", "exactness", "full_run", "protocol", "cocoop", "cache", "sweep", "kernel", "attention", "load",
-            "methods")
+SECTIONS = ("step", "exactness", "full_run", "protocol", "cocoop", "cache", "sweep", "table", "kernel", "attention",
+            "load", "methods")
 
 
 def plan(name: str, device: str) -> dict:
@@ -47,7 +47,7 @@ def plan(name: str, device: str) -> dict:
                 "kernel": [(b, k) for b in (32, 16384, 131072) for k in (100, 1000)], "attention": [100, 1000],
                 "exactness": [("ViT-B-16", 100, 16, False), ("ViT-B-16", 100, 16, True)], "exact_steps": 100,
                 "cache": ("ViT-B-16", 200, 200, 512), "sweep": [("eurosat", None, True)],
-                "protocol": [("caltech101", False)],
+                "table": ("eurosat", [1, 2, 4, 8, 16], [1, 2, 3]), "protocol": [("caltech101", False)],
                 "cocoop": ("ViT-B-16", 500, [1, 32], 50000, "caltech101"), "methods": ("caltech101", 50),
                 "tip_adapter": "imagenet"}
     if name == "quick":  # every section once, small: whole runs of a few epochs, no interpreted kernel count
@@ -56,6 +56,7 @@ def plan(name: str, device: str) -> dict:
                 "run_epochs": 10, "cocoop_epochs": 2, "kernel": [(32, 100), (1024, 1000)], "attention": [],
                 "exactness": [("ViT-B-16", 37, 4, True)], "exact_steps": 5,
                 "cache": ("ViT-B-16", 8, 7, 32), "sweep": [("eurosat", 2, False)], "protocol": [("eurosat", True)],
+                "table": ("eurosat", [1], [1]),
                 "cocoop": ("ViT-B-16", 37, [1], 64, "eurosat"), "methods": ("eurosat", 3),
                 "tip_adapter": "caltech101", "load": {"busy_counts": (1,), "kinds": ("torch",)}}
     grid = [(m, k, n, csc) for m in ("ViT-B-16", "RN50") for k in (37, 100, 397, 1000) for n in (4, 16)
@@ -66,6 +67,7 @@ def plan(name: str, device: str) -> dict:
             "attention": [37, 100, 397, 1000],
             "exactness": grid, "exact_steps": 100,
             "cache": ("ViT-B-16", 1000, 200, 512) if device.startswith("cuda") else ("ViT-B-16", 32, 15, 64),
+            "table": ("eurosat", [1, 2, 4, 8, 16], [1, 2, 3]),
             "sweep": [(d, None, True) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
             else [("eurosat", None, False), ("eurosat", 2, True)],
             "protocol": [(d, False) for d in ("eurosat", "caltech101", "imagenet")] if device.startswith("cuda")
@@ -248,6 +250,10 @@ def main():
             result["sweep"].append(run_sweep_section(dataset, args.device, shots, seeds, step_ms, epochs,
                                                       alone))
             save("sweep")
+    def run_table():
+        result["table"] = [run_table_section(*todo["table"], args.device)]
+        save("table")
+
     def run_protocol():
         result["protocol"] = []
         loaded = load_model("ViT-B-16", "none", args.device)
@@ -279,7 +285,7 @@ def main():
         save("load")
 
     runners = {"load": run_load, "methods": run_methods, "step": run_step, "kernel": run_kernel, "attention": run_attention, "exactness": run_exactness,
-               "full_run": run_full_run, "cache": run_cache, "sweep": run_sweep, "cocoop": run_cocoop,
+               "full_run": run_full_run, "cache": run_cache, "sweep": run_sweep, "table": run_table, "cocoop": run_cocoop,
                "protocol": run_protocol}
     for section in sections:  # in the order named: a run cut short keeps the first ones
         started = time.perf_counter()

@@ -216,6 +216,14 @@ def load_table(rows: list[dict]) -> list[str]:
           *(cell(r, k) for k in kinds)] for r in rows])
 
 
+def table_table(rows: list[dict]) -> list[str]:
+    return markdown_table(
+        ["dataset", "K", "methods × subsets", "baselines", "one `fastcoop sweep` s", "of it: not prompt learners"],
+        [[r["dataset"], r["classes"], f"{len(r['methods'])} × {r['runs'] // len(r['methods'])}",
+          ", ".join(r["baselines"]), f"**{fmt(r['sweep_seconds'])}**", f"{r['not_prompt_share']:.0%}"]
+         for r in rows])
+
+
 def methods_table(rows: list[dict]) -> list[str]:
     return markdown_table(
         ["dataset", "method", "epochs", "steps", "whole process s", "loop s", "loop ms per step", "vs CoOp's step",
@@ -357,6 +365,8 @@ def write_report(results_dir: Path, readme: Path) -> None:
                                   ("`fastcoop cache`: the whole command against its halves alone", "cache",
                                    cache_table),
                                   ("The protocol: one `fastcoop sweep` against separate runs", "sweep", sweep_table),
+                                  ("A paper's table: every method and baseline in one `fastcoop sweep`", "table",
+                                   table_table),
                                   ("A CPU run on a shared machine: alone and beside busy processes", "load",
                                    load_table),
                                   ("The methods beside CoOp: whole runs (the prompt learners at CoOp's shape, the "

@@ -3,6 +3,7 @@ largest run alone, the same sweep of two variants (`--csc no,yes`: twice the run
 run at a time (`--no-stack`), the same runs as separate `fastcoop train` processes, and the published estimate, on
 synthetic caches shaped like the datasets."""
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,37 @@ def run_sweep_section(dataset: str, device: str, shots: list[int], seeds: list[i
           + (f"; runs one by one {unstacked:.1f} s, separate processes {separate:.1f} s "
              f"({row['separate_vs_sweep']:.1f}×)" if alone else "")
           + f"; published ≈ {row['published_estimate_seconds']:.0f} s", flush=True)
+    return row
+
+
+PROMPT_METHODS = ("coop", "kgcoop", "prograd")  # the methods that run the text encoder every step
+FEATURE_METHODS = ("clip-adapter", "taskres", "zs-lp", "clap", "lp++")
+BASELINES = ("linear-probe", "tip-adapter", "tip-adapter-f")
+
+
+def run_table_section(dataset: str, shots: list[int], seeds: list[int], device: str) -> dict:
+    """A paper's whole table in one `fastcoop sweep` (every method but CoCoOp, whose protocol is base-to-new, and
+    every baseline, each at its published recipe) on a synthetic cache shaped like `dataset` with val and test
+    splits: the whole process; and the share of what is not a prompt learner, from a second sweep of those methods
+    alone and the first sweep's baseline seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / f"{dataset}.h5"
+        k = write_synthetic_cache(cache, dataset, shots=shots, seeds=seeds, eval_per_class={"val": 4, "test": 20})
+        runs = ["--shots", ",".join(map(str, shots)), "--seeds", ",".join(map(str, seeds)), "--device", device]
+        whole = _timed(["sweep", str(cache), "--out", str(Path(tmp) / "table"), *runs, "--method",
+                        ",".join(PROMPT_METHODS + FEATURE_METHODS), "--baselines", ",".join(BASELINES)])
+        seconds = json.loads((Path(tmp) / "table" / "summary.json").read_text())["seconds"]
+        features = _timed(["sweep", str(cache), "--out", str(Path(tmp) / "features"), *runs, "--method",
+                           ",".join(FEATURE_METHODS), "--baselines", "none"])
+    baselines = sum(v for key, v in seconds.items() if key not in ("runs", "zero_shot"))
+    row = {"dataset": dataset, "classes": k, "runs": len(shots) * len(seeds) * (len(PROMPT_METHODS) +
+                                                                                len(FEATURE_METHODS)),
+           "methods": list(PROMPT_METHODS + FEATURE_METHODS), "baselines": list(BASELINES),
+           "sweep_seconds": whole, "summary_seconds": seconds, "feature_methods_sweep_seconds": features,
+           "not_prompt_share": (features + baselines) / whole}
+    print(f"  table {dataset}: {row['runs']} runs and {len(BASELINES)} baselines × {len(shots) * len(seeds)} "
+          f"subsets in one sweep {whole:.1f} s; the feature methods alone {features:.1f} s, the baselines "
+          f"{baselines:.1f} s: {row['not_prompt_share']:.0%} of the sweep", flush=True)
     return row
 
 
