@@ -55,6 +55,14 @@ class TextTower:
                          copy.deepcopy(self.ln_final).to(device), projection,
                          None if self.attn_mask is None else self.attn_mask.to(device), self.pool_type, self.eos_id)
 
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """n × D: token ids (n × 77) through the whole tower, as the model's encode_text (not normalised)."""
+        x = self.token_embedding(tokens) + self.positional_embedding
+        for block in self.blocks:
+            x = block(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        return self.project(x[torch.arange(len(x), device=x.device), self.pool_positions(tokens)])
+
     def pool_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """The position each prompt is pooled at, by the same rule as open_clip's text_global_pool."""
         if self.pool_type == "argmax":

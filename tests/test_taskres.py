@@ -118,3 +118,29 @@ def test_taskres_resumes_to_the_uninterrupted_run_and_evaluates_as_published(tmp
     base = zero_shot_prototypes(tiny_vit.model, tiny_vit.tokenizer, names, adapter_templates("default"))
     logits = _published_logits(test, base, whole, 0.5, tiny_vit.model.logit_scale.exp())
     assert code == 0 and f"top-1 {(logits.argmax(-1) == labels).float().mean().item():.2%}" in out, err
+
+
+def test_the_enhanced_base_is_the_prompts_through_the_trained_projection(tmp_path, tiny_vit):
+    """_get_enhanced_base_text_features: the file's state_dict weight, transposed, in place of text_projection in
+    the TextEncoder; the same prompts (raw class names), averaged, not normalised. A file that is none: one line."""
+    model, tokenizer = tiny_vit.model, tiny_vit.tokenizer
+    torch.manual_seed(0)
+    weight = torch.randn(32, model.text_projection.shape[0])  # the released files' nn.Linear weight: D × width
+    torch.save({"state_dict": {"weight": weight}}, tmp_path / "enhanced.pth")
+    recipe = publish(Recipe(method="taskres", options=(("enhanced_base", str(tmp_path / "enhanced.pth")),)), 5,
+                     "cpu", "oxford_pets")
+    from fastcoop.methods import get
+
+    learner = get("taskres").learner(model, tokenizer, PETS, recipe)
+    templates = adapter_templates("oxford_pets")
+    with torch.no_grad():
+        expected = []
+        for text in PETS:
+            tokens = tokenizer([template.format(text) for template in templates])
+            x = model.token_embedding(tokens) + model.positional_embedding
+            x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+            expected.append((x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ weight.t()).mean(0))
+    torch.testing.assert_close(learner.base, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    (tmp_path / "not.pth").write_text("no")
+    with pytest.raises(FastCoopError, match="not a file of TaskRes's enhanced base"):
+        publish(Recipe(method="taskres", options=(("enhanced_base", str(tmp_path / "not.pth")),)), 5, "cpu")
