@@ -39,6 +39,9 @@ class SGD:
     def new_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"momentum": torch.zeros_like(param)}
 
+    def describe(self, lr: float) -> str:
+        return f"SGD {lr:g}"
+
     def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor, learner=None) -> None:
         sgd_update_(params, grads, state["momentum"], lr, self.momentum, self.weight_decay)
 
@@ -56,6 +59,9 @@ class Adam:
     def new_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param),
                 "step": torch.zeros((), device=param.device)}
+
+    def describe(self, lr: float) -> str:
+        return f"Adam {lr:g}"
 
     def update_(self, params, grads, state: dict[str, list[torch.Tensor]], lr: torch.Tensor, learner=None) -> None:
         adam(params, grads, state["exp_avg"], state["exp_avg_sq"], [], state["step"], fused=True, amsgrad=False,

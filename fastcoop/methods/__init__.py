@@ -37,7 +37,7 @@ fastcoop/methods/coop.py) or `Method` itself:
 
     optimizer(recipe) → what updates the learned tensors: fastcoop.step's SGD (the default: the recipe's
               momentum and weight decay) or Adam, or one's own with the same parts (state_names, new_state,
-              update_(params, grads, state, lr, learner), device work only)
+              update_(params, grads, state, lr, learner), device work only; describe(lr) for the tables)
     prepare(parts) → what it derives from the runs' training data before their first step (kept with each
               learner: CLAP's multipliers, LP++'s start and step sizes); nothing by default
     lr_at(epoch, recipe) → each epoch's learning rate: CoOp's constant warm-up epoch and cosine by default
@@ -50,6 +50,7 @@ package names a method.
 import importlib
 import importlib.util
 import sys
+import textwrap
 from dataclasses import dataclass, fields, replace
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -260,21 +261,21 @@ def baseline(name: str):
 
 def method_table() -> str:
     """The README's table of the built-in methods and baselines, from their declarations."""
-    lines = ["| `--method` | paper | learns | batch | epochs | lr | own options (`-o`) |",
+    lines = ["| `--method` | paper | learns | batch | epochs | optimizer, lr | own options (`-o`) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in BUILT_IN:
         method = get(name)
         recipe = {**Method.recipe, **method.recipe}
         learns = method.learns.format(n_ctx=recipe["n_ctx"], init=f"'{recipe['init']}'" if recipe["init"] else
                                       "random")
-        epochs = recipe["epochs"] or "50–200 by shots"
+        fewest, most = (method.published_epochs(shots, 100) for shots in (1, 16))
+        epochs = recipe["epochs"] or f"{fewest}–{most} by shots"
         batch = "all" if recipe["batch_size"] >= WHOLE_SET else recipe["batch_size"]
+        optimizer = method.optimizer(publish(Recipe(method=name), 100, "cpu")).describe(recipe["lr"])
         own = ", ".join(f"`{option}`" for option in method.options) or "–"
-        lines.append(f"| `{name}` | {method.paper} | {learns} | {batch} | {epochs} | "
-                     f"{recipe['lr']} | {own} |")
-    baselines = [baseline(name) for name in BASELINES]
-    return "\n".join(lines) + "\n\nBeside them, `--baselines` " + "; ".join(
-        f"`{found.name}` ({found.paper})" for found in baselines) + "."
+        lines.append(f"| `{name}` | {method.paper} | {learns} | {batch} | {epochs} | {optimizer} | {own} |")
+    baselines = "; ".join(f"`{found.name}` ({found.paper})" for found in map(baseline, BASELINES))
+    return "\n".join(lines) + "\n\n" + textwrap.fill(f"Beside them, `--baselines`: {baselines}.", 115)
 
 
 def describe(spec: str) -> str:

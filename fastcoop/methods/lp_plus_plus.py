@@ -140,6 +140,9 @@ class BlendedProbeUpdate:
 
     state_names = ("momentum", "grad_sum", "steps")
 
+    def describe(self, lr: float) -> str:
+        return "SGD and GD, steps from the data"
+
     def new_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"momentum": torch.zeros_like(param), "grad_sum": torch.zeros_like(param),
                 "steps": torch.zeros((), device=param.device)}
