@@ -29,12 +29,18 @@ def collect(run_dirs: list[Path]) -> list[dict]:
         results = json.loads(results_path.read_text())
         rows.append({"run": str(run_dir), "cache": Path(config["cache"]["path"]).name,
                      "model": Path(config["model"]).stem, "pretrained": Path(config["pretrained"]).name,
-                     **{k: config["train"][k] for k in GROUP_BY},
+                     **{k: config["train"][k] for k in GROUP_BY}, "method": _method(config["train"]["method"]),
                      "seed": config["train"]["seed"], "test": results.get("test", {}).get("top1"),
                      "test_new": results.get("test_new", {}).get("top1"),
                      "transfer": _transfer(config, read_evaluations(run_dir)),
                      "train_seconds": results["train_seconds"]})
     return rows
+
+
+def _method(spec: str) -> str:
+    """A method as tables name it: its registered name, or FILE.py:Class without the file's folder."""
+    path, colon, cls = spec.rpartition(":")
+    return f"{Path(path).name}:{cls}" if colon and path.endswith(".py") else spec
 
 
 def _not_a_run(path: Path) -> str:
@@ -78,12 +84,14 @@ def summary_table(rows: list[dict]) -> str:
         cache, model, weights, method, classes, shots, n_ctx, csc, position, init, epochs = key
         seconds = statistics.mean(r["train_seconds"] for r in runs)
         new = f"{percent([r['test_new'] for r in runs])} | {_harmonic_of_means(runs)} | "
-        lines.append(f"| {cache} | {model} | {weights} | {method} | {classes} | {shots or 'all'} | {n_ctx} | "
-                     f"{'CSC' if csc else 'unified'} | {position} | {init or 'random'} | {epochs} | "
-                     f"{','.join(str(r['seed']) for r in runs)} | {percent([r['test'] for r in runs])} | "
+        prompt = (f"{n_ctx} | {'CSC' if csc else 'unified'} | {position} | {init or 'random'}" if n_ctx is not None
+                  else "– | – | – | –")  # a method that learns no prompt
+        lines.append(f"| {cache} | {model} | {weights} | {method} | {classes} | {shots or 'all'} | {prompt} | "
+                     f"{epochs} | {','.join(str(r['seed']) for r in runs)} | {percent([r['test'] for r in runs])} | "
                      + (new if base_to_new else "") + f"{seconds:.1f} |")
     columns = ["cache", "model", "method", "context", "classes", "shots", "seeds"]
-    labelled = [([cache, model, method, f"M{n_ctx} {'CSC' if csc else 'unified'}", classes, str(shots or "all"),
+    labelled = [([cache, model, method, f"M{n_ctx} {'CSC' if csc else 'unified'}" if n_ctx is not None else "–",
+                  classes, str(shots or "all"),
                   ",".join(str(r["seed"]) for r in runs)], runs)
                 for (cache, model, _, method, classes, shots, n_ctx, csc, *_), runs in groups.items()]
     return "\n".join(lines + transfer_tables(columns, labelled))

@@ -159,3 +159,11 @@ def test_clap_through_the_commands_resumes_to_the_uninterrupted_run(tmp_path, ca
     assert code == 0 and out.count("%") == 2, err
     code, _, err = run_cli(capsys, "predict", tmp_path / "whole", image, "--classes", f"{names[3]},zebra")
     assert code == 2 and "learned a row per class (prototypes) and has none for 'zebra'" in err
+
+
+def test_report_shows_a_probe_run_without_a_prompt(tmp_path, capsys, cache_path):
+    code, _, err = run_cli(capsys, "train", cache_path, "--method", "zs-lp", "--shots", "4", "--epochs", "2",
+                           "--out", tmp_path / "run", "--device", "cpu")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "report", tmp_path / "run")
+    assert code == 0 and "| zs-lp | all | 4 | – | – | – | – | 2 | 1 |" in out, out
