@@ -67,6 +67,11 @@ def write_synthetic_cache(path: Path, dataset: str, model: str = "ViT-B-16", sho
         for split, count in eval_per_class.items():
             f[f"{split}/features"] = rng.standard_normal((1, len(names) * count, shape[2]), np.float32).astype(
                 np.float16)
+            if split == "val":  # each subset's val images: min(shots, 4) per class, as `fastcoop cache` keeps them
+                for s in shot_list:
+                    for seed in seeds:
+                        f[f"val/subsets/shots{s}_seed{seed}"] = np.concatenate(
+                            [c * count + np.arange(min(s, 4, count)) for c in range(len(names))])
             f[f"{split}/labels"] = np.repeat(np.arange(len(names)), count)
             f[f"{split}/paths"] = np.array([f"synthetic/{split}/{i}.jpg" for i in range(len(names) * count)],
                                            dtype=object).astype("S")

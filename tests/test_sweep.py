@@ -315,3 +315,20 @@ def test_every_method_side_by_side_in_one_sweep_table_and_figure(tmp_path, capsy
         assert f"| all | {label} |" in stdout, label
     assert (out / "accuracy.png").is_file() and summary["methods"] == sorted(
         methods.get(name).name for name in methods.BUILT_IN)
+
+
+def test_a_baseline_the_cache_cannot_serve_is_refused_before_any_run_trains(tmp_path, capsys):
+    """The linear probe needs each subset's few-shot val images: a cache with val and test but not those is
+    refused at the start, not after every run has trained."""
+    import h5py
+
+    from benchmarks.full_run import write_synthetic_cache
+
+    cache = tmp_path / "eurosat.h5"
+    write_synthetic_cache(cache, "eurosat", shots=[1], seeds=[1],
+                          eval_per_class={"val": 4, "test": 4})
+    with h5py.File(cache, "a") as f:
+        del f["val/subsets"]
+    code, _, err = run_cli(capsys, "sweep", cache, "--out", tmp_path / "s", "--shots", "1", "--seeds", "1",
+                           "--device", "cpu", "--baselines", "linear-probe")
+    assert code == 2 and "has no few-shot val subset for 1 shots, seed 1" in err and not (tmp_path / "s").exists()

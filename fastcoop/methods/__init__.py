@@ -152,7 +152,8 @@ class Method:
 class Baseline:
     """A method a sweep runs beside its trained ones, on the same few-shot images, with no run directory: its
     `run(cache, loaded, subsets, device)` gives one row per (shots, seed) of `subsets`, each with "shots", "seed"
-    and "test" (top-1) and what else it chose; `check(cache)` refuses a cache it cannot run on, before any work.
+    and "test" (top-1) and what else it chose; `check(cache, subsets)` refuses a cache it cannot run on, before
+    any work.
     It needs the splits `needs` (it selects its settings on val: `why_val`)."""
 
     name: str = ""
@@ -161,7 +162,7 @@ class Baseline:
     needs: tuple[str, ...] = ("val", "test")
     why_val: str = ""
 
-    def check(self, cache) -> None:
+    def check(self, cache, subsets: list[tuple[int, int]]) -> None:
         return None
 
     def run(self, cache, loaded, subsets: list[tuple[int, int]], device: str) -> list[dict]:

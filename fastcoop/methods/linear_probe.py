@@ -86,6 +86,13 @@ class LinearProbe(Baseline):
     paper = "Radford et al., ICML 2021; CoOp's search"
     why_val = "CoOp's baseline selects its regularisation on val"
 
+    def check(self, cache, subsets) -> None:
+        """Each subset's val images (min(shots, 4) per class, drawn as the published code draws them), where the
+        cache has val and test: without them the sweep leaves the probe out, with a warning."""
+        if "val" in cache.splits and "test" in cache.splits:
+            for shots, seed in subsets:
+                cache.rows("val", shots, seed)
+
     def run(self, cache, loaded, subsets, device):
         return [{**result, "test": result["test"]["top1"], "test_images": result["test"]["images"]}
                 for result in (linear_probe(cache, shots, seed) for shots, seed in subsets)]

@@ -247,7 +247,7 @@ class TipAdapter(Baseline):
     def __init__(self, name: str, title: str, finetuned: bool):
         self.name, self.title, self.finetuned = name, title, finetuned
 
-    def check(self, cache) -> None:
+    def check(self, cache, subsets) -> None:
         check_cache(cache)
 
     def run(self, cache, loaded, subsets, device):
