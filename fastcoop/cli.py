@@ -662,8 +662,6 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, method_options, b
         from fastcoop.run_files import recorded_threads
         from fastcoop.sweep import check_sweep_dir, run_dir_of, run_sweep, sweep_request, sweep_runs, variant_for
 
-    for name in baseline_list:  # e.g. Tip-Adapter's val, test and views: before any run trains
-        methods.baseline(name).check(cache, [(s, seed) for s in shot_list for seed in seed_list])
     for other in others:
         check_same_model(other, cache.model, cache.pretrained)
     chosen = _method_options(method_options, [methods.get(spec) for spec in specs])
@@ -673,6 +671,8 @@ def sweep(cache_file, out, shots, seeds, n_ctx, csc, position, method_options, b
     world, device = join(resolve_device(runtime.device))
     for variant in variants:  # what a method does not have fails here, before any work
         methods.publish(dataclasses.replace(base, **dataclasses.asdict(variant)), len(cache.classnames), device)
+    for name in baseline_list if base.classes == "all" else ():  # e.g. Tip-Adapter's val, test and views
+        methods.baseline(name).check(cache, [(s, seed) for s in shot_list for seed in seed_list])
     resolve(device, runtime.impl, runtime.impl_detail)  # an impossible request fails here, early
     if world.is_writer:
         click.get_current_context().with_resource(held(out))  # until the command ends
