@@ -161,6 +161,7 @@ def test_clap_through_the_commands_resumes_to_the_uninterrupted_run(tmp_path, ca
     assert code == 2 and "learned a row per class (prototypes) and has none for 'zebra'" in err
 
 
+@pytest.mark.slow
 def test_report_shows_a_probe_run_without_a_prompt(tmp_path, capsys, cache_path):
     code, _, err = run_cli(capsys, "train", cache_path, "--method", "zs-lp", "--shots", "4", "--epochs", "2",
                            "--out", tmp_path / "run", "--device", "cpu")

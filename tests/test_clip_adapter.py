@@ -67,6 +67,7 @@ def cache_path(tmp_path_factory, tiny_vit, example_images):
                             batch_size=32, workers=0, progress=False)
 
 
+@pytest.mark.slow
 def test_a_run_equals_the_published_loop_and_carries_to_new_classes(cache_path, tiny_vit):
     """TrainerX: view e of every image, a permutation in batches, CE of CustomCLIP's logits, torch.optim.SGD
     (momentum 0.9, weight decay 5e-4) at the epoch's lr; the adapter, class-agnostic, then scores new classes."""

@@ -120,6 +120,7 @@ def cache_path(tmp_path_factory, tiny_vit, example_images):
                             batch_size=32, workers=0, progress=False)
 
 
+@pytest.mark.slow
 def test_a_prograd_run_equals_the_published_loop(cache_path, tiny_vit):
     """TrainerX's epochs (view e of every image, a permutation in batches), ProGradLoss on the 77-token text,
     prograd_backward_and_update's projected gradient, torch.optim.SGD (momentum 0.9, weight decay 5e-4) at the

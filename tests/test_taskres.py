@@ -75,6 +75,7 @@ def test_taskres_loss_and_gradient_equal_the_published_lines(tiny_vit, backend):
     assert hits.item() == (output.argmax(-1) == labels[0, :7]).sum().item()
 
 
+@pytest.mark.slow
 def test_a_taskres_run_equals_the_published_loop(cache_path, tiny_vit):
     """TrainerX: each epoch a fresh augmentation of every image (the cache's view e), a permutation of the images
     in batches (the last partial batch dropped once there are 256), CE on CustomCLIP's logits, Dassl's Adam at the
@@ -126,7 +127,7 @@ def test_the_enhanced_base_is_the_prompts_through_the_trained_projection(tmp_pat
     the TextEncoder; the same prompts (raw class names), averaged, not normalised. A file that is none: one line."""
     model, tokenizer = tiny_vit.model, tiny_vit.tokenizer
     torch.manual_seed(0)
-    weight = torch.randn(32, model.text_projection.shape[0])  # the released files' nn.Linear weight: D × width
+    weight = torch.randn(32, model.text_projection.shape[0])  # an nn.Linear weight, D × width, as those files hold
     torch.save({"state_dict": {"weight": weight}}, tmp_path / "enhanced.pth")
     recipe = publish(Recipe(method="taskres", options=(("enhanced_base", str(tmp_path / "enhanced.pth")),)), 5,
                      "cpu", "oxford_pets")
